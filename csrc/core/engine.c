@@ -1,0 +1,262 @@
+/* engine.c - request queue, worker thread, completion queue (see engine.h).
+ *
+ * Locking: engine->mutex guards the FIFO, the completion list, next_id and
+ * stopping; each request's own mutex guards its done/status fields. The worker
+ * never holds the engine mutex while running a request.
+ */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../backend/cpu/cpu_backend.h"
+
+struct tk_request {
+    uint64_t id;
+    atomic_int refcount;
+    int notify;
+    tk_request_fn run;
+    tk_payload_free_fn free_payload;
+    void *payload;
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int done;
+    tk_status status;
+    char error[1024];
+    tk_request *next; /* FIFO link, owned by the engine while queued */
+};
+
+struct tk_engine {
+    pthread_t worker;
+    pthread_mutex_t mutex;
+    pthread_cond_t work;
+    tk_request *head, *tail;  /* FIFO of queued requests */
+    uint64_t next_id;
+    int stopping;
+    uint64_t *completed;      /* ids of finished notify requests, not yet drained */
+    size_t n_completed, cap_completed;
+    int wake_fd;
+    tk_exec exec;
+};
+
+/* ---- requests ------------------------------------------------------------ */
+
+tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn free_payload)
+{
+    tk_request *req = calloc(1, sizeof *req);
+    if (!req) return NULL;
+    atomic_init(&req->refcount, 1);
+    req->run = run;
+    req->payload = payload;
+    req->free_payload = free_payload;
+    pthread_mutex_init(&req->mutex, NULL);
+    pthread_cond_init(&req->cond, NULL);
+    return req;
+}
+
+void tk_request_retain(tk_request *req) { atomic_fetch_add(&req->refcount, 1); }
+
+void tk_request_release(tk_request *req)
+{
+    if (!req || atomic_fetch_sub(&req->refcount, 1) != 1) return;
+    if (req->free_payload) req->free_payload(req->payload);
+    pthread_mutex_destroy(&req->mutex);
+    pthread_cond_destroy(&req->cond);
+    free(req);
+}
+
+uint64_t tk_request_id(const tk_request *req) { return req->id; }
+void *tk_request_payload(tk_request *req) { return req->payload; }
+
+int tk_request_done(tk_request *req)
+{
+    pthread_mutex_lock(&req->mutex);
+    int done = req->done;
+    pthread_mutex_unlock(&req->mutex);
+    return done;
+}
+
+int tk_request_wait(tk_request *req, int timeout_ms)
+{
+    pthread_mutex_lock(&req->mutex);
+    if (timeout_ms < 0) {
+        while (!req->done) pthread_cond_wait(&req->cond, &req->mutex);
+    } else if (!req->done) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        while (!req->done && pthread_cond_timedwait(&req->cond, &req->mutex, &until) != ETIMEDOUT) {
+        }
+    }
+    int done = req->done;
+    pthread_mutex_unlock(&req->mutex);
+    return done;
+}
+
+tk_status tk_request_status(const tk_request *req, const char **message)
+{
+    if (message) *message = req->error;
+    return req->status;
+}
+
+/* ---- completion ---------------------------------------------------------- */
+
+static void push_completed(tk_engine *e, uint64_t id)
+{
+    pthread_mutex_lock(&e->mutex);
+    if (e->n_completed == e->cap_completed) {
+        size_t cap = e->cap_completed ? 2 * e->cap_completed : 64;
+        uint64_t *grown = realloc(e->completed, cap * sizeof *grown);
+        if (grown) {
+            e->completed = grown;
+            e->cap_completed = cap;
+        }
+    }
+    /* if even 64 ids cannot be allocated the id is dropped; its waiter still
+     * sees `done` through the slot, only the wake-up is lost */
+    if (e->n_completed < e->cap_completed) e->completed[e->n_completed++] = id;
+    pthread_mutex_unlock(&e->mutex);
+    uint64_t one = 1;
+    ssize_t ignored = write(e->wake_fd, &one, sizeof one); /* EAGAIN: already signalled */
+    (void)ignored;
+}
+
+static void finish(tk_engine *e, tk_request *req, tk_status status, const char *message)
+{
+    pthread_mutex_lock(&req->mutex);
+    req->status = status;
+    if (status != TK_OK) {
+        strncpy(req->error, message, sizeof req->error - 1);
+        req->error[sizeof req->error - 1] = '\0';
+    }
+    req->done = 1;
+    pthread_cond_broadcast(&req->cond);
+    pthread_mutex_unlock(&req->mutex);
+    if (req->notify) push_completed(e, req->id);
+}
+
+size_t tk_engine_drain(tk_engine *e, uint64_t *ids, size_t max)
+{
+    uint64_t counter;
+    ssize_t ignored = read(e->wake_fd, &counter, sizeof counter); /* reset the eventfd */
+    (void)ignored;
+    pthread_mutex_lock(&e->mutex);
+    size_t n = e->n_completed < max ? e->n_completed : max;
+    memcpy(ids, e->completed, n * sizeof *ids);
+    memmove(e->completed, e->completed + n, (e->n_completed - n) * sizeof *ids);
+    e->n_completed -= n;
+    pthread_mutex_unlock(&e->mutex);
+    if (e->n_completed > 0) { /* more than max were waiting: keep the fd readable */
+        uint64_t one = 1;
+        ignored = write(e->wake_fd, &one, sizeof one);
+    }
+    return n;
+}
+
+int tk_engine_wake_fd(const tk_engine *e) { return e->wake_fd; }
+int tk_engine_threads(const tk_engine *e) { return tk_pool_threads(e->exec.pool); }
+
+/* ---- the worker ---------------------------------------------------------- */
+
+static tk_request *pop(tk_engine *e)
+{
+    pthread_mutex_lock(&e->mutex);
+    while (!e->head && !e->stopping) pthread_cond_wait(&e->work, &e->mutex);
+    tk_request *req = e->head;
+    if (req) {
+        e->head = req->next;
+        if (!e->head) e->tail = NULL;
+        req->next = NULL;
+    }
+    pthread_mutex_unlock(&e->mutex);
+    return req;
+}
+
+static void *worker_main(void *arg)
+{
+    tk_engine *e = arg;
+    for (;;) {
+        tk_request *req = pop(e);
+        if (!req) break; /* stopping and the queue is empty */
+        int stopping;
+        pthread_mutex_lock(&e->mutex);
+        stopping = e->stopping;
+        pthread_mutex_unlock(&e->mutex);
+        if (stopping) {
+            finish(e, req, TK_ERR_INVALID, "the engine was shut down before this request ran");
+        } else {
+            tk_status s = req->run(req->payload, &e->exec);
+            finish(e, req, s, s == TK_OK ? "" : tk_last_error());
+        }
+        tk_request_release(req);
+    }
+    return NULL;
+}
+
+uint64_t tk_engine_submit(tk_engine *e, tk_request *req, int notify)
+{
+    tk_request_retain(req);
+    pthread_mutex_lock(&e->mutex);
+    req->id = ++e->next_id;
+    req->notify = notify;
+    if (e->tail) e->tail->next = req; else e->head = req;
+    e->tail = req;
+    pthread_cond_signal(&e->work);
+    pthread_mutex_unlock(&e->mutex);
+    return req->id;
+}
+
+tk_status tk_engine_create(tk_engine **out, int n_threads)
+{
+    *out = NULL;
+    tk_engine *e = calloc(1, sizeof *e);
+    if (!e) return tk_error(TK_ERR_NOMEM, "engine: out of memory");
+    pthread_mutex_init(&e->mutex, NULL);
+    pthread_cond_init(&e->work, NULL);
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    tk_status s = TK_OK;
+    if (e->wake_fd < 0) s = tk_error(TK_ERR_IO, "engine: cannot create the wake eventfd: %s", strerror(errno));
+    if (s == TK_OK) s = tk_pool_create(&e->exec.pool, n_threads);
+    if (s == TK_OK && !(e->exec.backend = tk_cpu_backend_create(e->exec.pool)))
+        s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
+    if (s == TK_OK && pthread_create(&e->worker, NULL, worker_main, e) != 0)
+        s = tk_error(TK_ERR_INTERNAL, "engine: cannot start the worker thread");
+    if (s != TK_OK) {
+        tk_cpu_backend_free(e->exec.backend);
+        tk_pool_free(e->exec.pool);
+        if (e->wake_fd >= 0) close(e->wake_fd);
+        free(e);
+        return s;
+    }
+    *out = e;
+    return TK_OK;
+}
+
+void tk_engine_free(tk_engine *e)
+{
+    if (!e) return;
+    pthread_mutex_lock(&e->mutex);
+    e->stopping = 1;
+    pthread_cond_signal(&e->work);
+    pthread_mutex_unlock(&e->mutex);
+    pthread_join(e->worker, NULL);
+    tk_cpu_backend_free(e->exec.backend);
+    tk_pool_free(e->exec.pool);
+    close(e->wake_fd);
+    free(e->completed);
+    pthread_mutex_destroy(&e->mutex);
+    pthread_cond_destroy(&e->work);
+    free(e);
+}

@@ -1,0 +1,62 @@
+/* engine.h - the request queue, the worker thread and the completion queue.
+ *
+ * Every piece of engine work is a request: the binding builds one (inputs are
+ * copied in, so no Python object outlives the call), submits it and gets its
+ * id back at once. One worker thread runs requests strictly in submission
+ * order. When a request finishes, its slot is marked done and its condition
+ * variable broadcast (for blocking waits), and, if the submitter asked to be
+ * notified, its id is appended to the completion list and the wake fd (an
+ * eventfd) is written so an event loop watching the fd can drain the finished
+ * ids in one go. The list is the source of truth; the fd only wakes.
+ *
+ * The core knows nothing of models: a request carries a run function and an
+ * opaque payload with its destructor (model/requests.c defines the kinds).
+ */
+#ifndef TK_ENGINE_H
+#define TK_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pool.h"
+#include "status.h"
+
+struct tk_backend;
+
+/* What a running request may use: the worker's thread team and backend. */
+typedef struct {
+    tk_pool *pool;
+    struct tk_backend *backend;
+} tk_exec;
+
+typedef tk_status (*tk_request_fn)(void *payload, tk_exec *exec);
+typedef void (*tk_payload_free_fn)(void *payload);
+
+typedef struct tk_engine tk_engine;
+typedef struct tk_request tk_request;
+
+tk_status tk_engine_create(tk_engine **out, int n_threads);
+/* Finishes the request running now, fails the queued ones, joins the worker. */
+void tk_engine_free(tk_engine *engine);
+int tk_engine_threads(const tk_engine *engine);
+int tk_engine_wake_fd(const tk_engine *engine);
+/* Moves up to `max` finished ids (of notify requests) into ids; returns the count. */
+size_t tk_engine_drain(tk_engine *engine, uint64_t *ids, size_t max);
+
+/* A new request owning `payload` (freed with free_payload when the last
+ * reference goes). The caller holds one reference. */
+tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn free_payload);
+void tk_request_retain(tk_request *req);
+void tk_request_release(tk_request *req);
+/* Queues the request (the engine takes its own reference) and returns its id. */
+uint64_t tk_engine_submit(tk_engine *engine, tk_request *req, int notify);
+
+/* Waits up to timeout_ms (< 0: forever); returns 1 when the request is done. */
+int tk_request_wait(tk_request *req, int timeout_ms);
+int tk_request_done(tk_request *req);
+uint64_t tk_request_id(const tk_request *req);
+/* Valid once done: the status and, on failure, the message. */
+tk_status tk_request_status(const tk_request *req, const char **message);
+void *tk_request_payload(tk_request *req);
+
+#endif

@@ -1,0 +1,46 @@
+/* status.c - thread-local error text for tk_status failures (see status.h). */
+#include "status.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+enum { TK_ERROR_TEXT_MAX = 1024 };
+static _Thread_local char tk_error_text[TK_ERROR_TEXT_MAX];
+
+tk_status tk_error(tk_status status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tk_error_text, sizeof tk_error_text, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+tk_status tk_error_prefix(tk_status status, const char *fmt, ...)
+{
+    char prefix[TK_ERROR_TEXT_MAX], old[TK_ERROR_TEXT_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    memcpy(old, tk_error_text, sizeof old);
+    snprintf(tk_error_text, sizeof tk_error_text, "%s%s", prefix, old);
+    return status;
+}
+
+const char *tk_last_error(void) { return tk_error_text; }
+
+const char *tk_status_name(tk_status status)
+{
+    switch (status) {
+    case TK_OK: return "ok";
+    case TK_ERR_IO: return "io error";
+    case TK_ERR_FORMAT: return "format error";
+    case TK_ERR_INVALID: return "invalid argument";
+    case TK_ERR_UNSUPPORTED: return "unsupported";
+    case TK_ERR_NOMEM: return "out of memory";
+    case TK_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}

@@ -1,0 +1,83 @@
+/* model.h - a loaded base model: its config and its float32 weights.
+ *
+ * The config is the blueprint (shape letters used throughout the engine:
+ * T tokens, D model width, H query heads, Hkv kv heads, Dh head dim,
+ * F MLP width, V vocab). Weights are dequantized to float32 once at load into
+ * ONE allocation carved by a size table (weights.c). Row-major, PyTorch order
+ * ([out, in] for projections), with RoPE in Hugging Face's rotate_half
+ * pairing for every architecture: GGUF llama q/k rows are un-permuted at load.
+ * q, k and v (and their biases) sit back to back, so one GEMM computes all
+ * three; gate and up likewise.
+ *
+ * A model is shared by every request and client on it and is immutable after
+ * load; it is reference counted because queued requests keep it alive.
+ */
+#ifndef TK_MODEL_H
+#define TK_MODEL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../core/status.h"
+
+enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 };
+
+typedef struct {
+    int n_layers, d_model, n_heads, n_kv_heads, head_dim, d_ff, vocab_size, max_context;
+    float rms_eps, rope_theta;
+    int tied_embeddings; /* lm_head is the embedding table */
+    int qkv_bias;        /* Qwen2: q, k, v projections have biases */
+    int qk_norm;         /* Qwen3: RMSNorm over Dh on q and k per head, before RoPE */
+    int rope_scaling;    /* tk_rope_scaling */
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_context;
+} tk_model_config;
+
+typedef struct {
+    float *attn_norm;      /* [D] */
+    float *wqkv;           /* [(H + 2 Hkv) Dh, D]: q rows, then k rows, then v rows */
+    float *bqkv;           /* [(H + 2 Hkv) Dh] or NULL */
+    float *q_norm, *k_norm;/* [Dh] or NULL */
+    float *wo;             /* [D, H Dh] */
+    float *mlp_norm;       /* [D] */
+    float *w_gate_up;      /* [2F, D]: gate rows, then up rows */
+    float *w_down;         /* [D, F] */
+} tk_layer_weights;
+
+typedef struct {
+    float *embed;          /* [V, D] */
+    float *final_norm;     /* [D] */
+    float *lm_head;        /* [V, D]; == embed when tied */
+    float *rope_inv_freq;  /* [Dh/2] angle per position of each rotated pair */
+    tk_layer_weights *layers; /* [n_layers] */
+    float *block;          /* the one allocation everything above points into */
+    size_t block_floats;
+} tk_weights;
+
+typedef struct tk_model {
+    tk_model_config cfg;
+    tk_weights w;
+    atomic_int refcount;
+} tk_model;
+
+/* Where one tensor's bytes are, as the Python loader found them (GGUF tensor
+ * info or safetensors header). Shape is in PyTorch order. */
+typedef struct {
+    const char *name;      /* the file's tensor name, for messages */
+    const char *role;      /* "embed", "q", "gate", ... (see weights.c) */
+    int layer;             /* -1 for model-wide tensors */
+    int file;              /* index into the list of mapped files */
+    uint64_t offset, nbytes;
+    int type;              /* ggml type id (safetensors F32/F16/BF16 use the same ids) */
+    int n_dims;
+    int64_t shape[2];
+    int permute_heads;     /* > 0: GGUF llama q/k row order, undo with this many heads */
+} tk_tensor_source;
+
+int tk_model_qkv_rows(const tk_model_config *cfg);
+tk_status tk_model_config_check(const tk_model_config *cfg);
+void tk_model_retain(tk_model *m);
+void tk_model_release(tk_model *m);
+
+#endif

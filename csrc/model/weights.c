@@ -1,0 +1,364 @@
+/* weights.c - loading a model's weights into one float32 block.
+ *
+ * The Python loader names every tensor it found (GGUF or safetensors) with a
+ * role and a layer; this file checks each one against the config (shape, type,
+ * byte count, extent inside its file), maps the files read-only and
+ * dequantizes all tensors in parallel straight from the maps into the block.
+ * Missing, duplicated or misshapen tensors are reported with the file and
+ * tensor name. Nothing is read whole into memory.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/pool.h"
+#include "../io/file.h"
+#include "../io/quant.h"
+#include "weights.h"
+
+enum role {
+    R_EMBED, R_FINAL_NORM, R_LM_HEAD, R_ROPE_FREQS, /* model-wide */
+    R_ATTN_NORM, R_Q, R_K, R_V, R_O, R_Q_BIAS, R_K_BIAS, R_V_BIAS, R_Q_NORM, R_K_NORM,
+    R_MLP_NORM, R_GATE, R_UP, R_DOWN, R_COUNT,
+    R_FIRST_LAYER_ROLE = R_ATTN_NORM,
+};
+
+static const char *const role_names[R_COUNT] = {
+    "embed", "final_norm", "lm_head", "rope_freqs", "attn_norm", "q", "k", "v", "o",
+    "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "mlp_norm", "gate", "up", "down",
+};
+
+static int role_from_name(const char *name)
+{
+    for (int r = 0; r < R_COUNT; r++)
+        if (strcmp(role_names[r], name) == 0) return r;
+    return -1;
+}
+
+/* Where a role's tensor lives in the block and what shape it must have. */
+typedef struct {
+    float *dst;
+    int n_dims;
+    int64_t shape[2];
+    int required;
+} slot;
+
+static slot slot_for(tk_model *m, int role, int layer)
+{
+    const tk_model_config *c = &m->cfg;
+    int64_t D = c->d_model, Dh = c->head_dim, F = c->d_ff, V = c->vocab_size;
+    int64_t q_rows = (int64_t)c->n_heads * Dh, kv_rows = (int64_t)c->n_kv_heads * Dh;
+    slot s = {0};
+    s.required = 1;
+    tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
+#define SHAPE1(a) (s.n_dims = 1, s.shape[0] = (a), s.shape[1] = 1)
+#define SHAPE2(a, b) (s.n_dims = 2, s.shape[0] = (a), s.shape[1] = (b))
+    switch (role) {
+    case R_EMBED: s.dst = m->w.embed; SHAPE2(V, D); break;
+    case R_FINAL_NORM: s.dst = m->w.final_norm; SHAPE1(D); break;
+    case R_LM_HEAD: s.dst = c->tied_embeddings ? NULL : m->w.lm_head; s.required = !c->tied_embeddings;
+        SHAPE2(V, D); break;
+    case R_ROPE_FREQS: s.dst = m->w.rope_inv_freq; s.required = 0; SHAPE1(Dh / 2); break;
+    case R_ATTN_NORM: s.dst = L->attn_norm; SHAPE1(D); break;
+    case R_Q: s.dst = L->wqkv; SHAPE2(q_rows, D); break;
+    case R_K: s.dst = L->wqkv + q_rows * D; SHAPE2(kv_rows, D); break;
+    case R_V: s.dst = L->wqkv + (q_rows + kv_rows) * D; SHAPE2(kv_rows, D); break;
+    case R_O: s.dst = L->wo; SHAPE2(D, q_rows); break;
+    case R_Q_BIAS: s.dst = L->bqkv; s.required = c->qkv_bias; SHAPE1(q_rows); break;
+    case R_K_BIAS: s.dst = L->bqkv ? L->bqkv + q_rows : NULL; s.required = c->qkv_bias; SHAPE1(kv_rows); break;
+    case R_V_BIAS: s.dst = L->bqkv ? L->bqkv + q_rows + kv_rows : NULL; s.required = c->qkv_bias;
+        SHAPE1(kv_rows); break;
+    case R_Q_NORM: s.dst = L->q_norm; s.required = c->qk_norm; SHAPE1(Dh); break;
+    case R_K_NORM: s.dst = L->k_norm; s.required = c->qk_norm; SHAPE1(Dh); break;
+    case R_MLP_NORM: s.dst = L->mlp_norm; SHAPE1(D); break;
+    case R_GATE: s.dst = L->w_gate_up; SHAPE2(F, D); break;
+    case R_UP: s.dst = L->w_gate_up + F * D; SHAPE2(F, D); break;
+    case R_DOWN: s.dst = L->w_down; SHAPE2(D, F); break;
+    }
+#undef SHAPE1
+#undef SHAPE2
+    return s;
+}
+
+/* ---- the size table and the one allocation ---------------------------- */
+
+static size_t padded(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned carving */
+
+/* Walks the layout; with base == NULL it only counts floats. */
+static size_t carve(tk_model *m, float *base)
+{
+    const tk_model_config *c = &m->cfg;
+    size_t D = (size_t)c->d_model, Dh = (size_t)c->head_dim, F = (size_t)c->d_ff, V = (size_t)c->vocab_size;
+    size_t qkv = (size_t)tk_model_qkv_rows(c), q_rows = (size_t)c->n_heads * Dh;
+    size_t at = 0;
+#define TAKE(ptr, n)                                   \
+    do {                                               \
+        if (base) (ptr) = base + at;                   \
+        at += padded(n);                               \
+    } while (0)
+    TAKE(m->w.embed, V * D);
+    TAKE(m->w.final_norm, D);
+    if (c->tied_embeddings) {
+        if (base) m->w.lm_head = m->w.embed;
+    } else {
+        TAKE(m->w.lm_head, V * D);
+    }
+    TAKE(m->w.rope_inv_freq, Dh / 2);
+    for (int l = 0; l < c->n_layers; l++) {
+        tk_layer_weights dummy, *L = base ? &m->w.layers[l] : &dummy;
+        TAKE(L->attn_norm, D);
+        TAKE(L->wqkv, qkv * D);
+        if (c->qkv_bias) TAKE(L->bqkv, qkv); else if (base) L->bqkv = NULL;
+        if (c->qk_norm) {
+            TAKE(L->q_norm, Dh);
+            TAKE(L->k_norm, Dh);
+        } else if (base) {
+            L->q_norm = L->k_norm = NULL;
+        }
+        TAKE(L->wo, D * q_rows);
+        TAKE(L->mlp_norm, D);
+        TAKE(L->w_gate_up, 2 * F * D);
+        TAKE(L->w_down, D * F);
+    }
+#undef TAKE
+    return at;
+}
+
+static tk_status allocate(tk_model *m)
+{
+    m->w.layers = calloc((size_t)m->cfg.n_layers, sizeof *m->w.layers);
+    size_t n = carve(m, NULL);
+    /* size_t products: a 7B model has > 2^31 floats */
+    m->w.block = m->w.layers ? aligned_alloc(64, n * sizeof(float)) : NULL;
+    if (!m->w.block)
+        return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for the model weights",
+                        (double)n * sizeof(float) / 1e6);
+    m->w.block_floats = n;
+    carve(m, m->w.block);
+    return TK_OK;
+}
+
+/* ---- checking the sources ----------------------------------------------- */
+
+typedef struct {
+    const tk_tensor_source *src;
+    const uint8_t *bytes;   /* in the map */
+    float *dst;
+    size_t rows, row_elems, row_bytes;
+    int head_dim;           /* for un-permuting GGUF q/k rows */
+} convert_job;
+
+static tk_status check_source(convert_job *job, tk_model *m, const tk_tensor_source *s,
+                              const tk_mapped_file *files, int n_files, unsigned char *filled)
+{
+    const tk_model_config *c = &m->cfg;
+    int role = role_from_name(s->role);
+    if (role < 0) return tk_error(TK_ERR_INVALID, "tensor '%s': unknown role '%s'", s->name, s->role);
+    int per_layer = role >= R_FIRST_LAYER_ROLE;
+    if (per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1)
+        return tk_error(TK_ERR_INVALID, "tensor '%s': layer %d is out of range (the model has %d layers)",
+                        s->name, s->layer, c->n_layers);
+    if (s->file < 0 || s->file >= n_files)
+        return tk_error(TK_ERR_INVALID, "tensor '%s': file index %d out of range", s->name, s->file);
+    const char *path = files[s->file].path;
+    slot sl = slot_for(m, role, s->layer);
+    if (!sl.dst)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%s) is not used by this configuration (check the config: "
+                        "tied embeddings, qkv bias, q/k norm)", path, s->name, s->role);
+    unsigned char *flag = &filled[(size_t)(s->layer + 1) * R_COUNT + (size_t)role];
+    if (*flag) return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' supplies %s of layer %d a second time", path,
+                               s->name, s->role, s->layer);
+    *flag = 1;
+    int64_t got1 = s->shape[0], got2 = s->n_dims == 2 ? s->shape[1] : 1;
+    if (s->n_dims != sl.n_dims || got1 != sl.shape[0] || got2 != sl.shape[1]) {
+        if (sl.n_dims == 1)
+            return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape [%lld%s%lld], but the config needs [%lld]",
+                            path, s->name, (long long)got1, s->n_dims == 2 ? ", " : "",
+                            s->n_dims == 2 ? (long long)got2 : 0LL, (long long)sl.shape[0]);
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld], but the config needs [%lld, %lld]",
+                        path, s->name, (long long)got1, (long long)got2, (long long)sl.shape[0],
+                        (long long)sl.shape[1]);
+    }
+    if (!tk_quant_is_supported(s->type))
+        return tk_error(TK_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s (ggml id %d), which this engine cannot "
+                        "decode; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K",
+                        path, s->name, tk_quant_type_name(s->type), s->type);
+    size_t row_elems = (size_t)(sl.n_dims == 2 ? sl.shape[1] : 1), rows = (size_t)sl.shape[0];
+    if (sl.n_dims == 1 && s->permute_heads == 0) { row_elems = (size_t)sl.shape[0]; rows = 1; }
+    size_t row_bytes = tk_quant_row_bytes(s->type, row_elems);
+    if (row_bytes == 0)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' of type %s has rows of %zu elements, not a multiple of "
+                        "its block size %d", path, s->name, tk_quant_type_name(s->type), row_elems,
+                        tk_quant_block_elems(s->type));
+    if (s->nbytes != row_bytes * rows)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has %llu bytes, but shape and type %s need %zu", path,
+                        s->name, (unsigned long long)s->nbytes, tk_quant_type_name(s->type), row_bytes * rows);
+    if (s->offset > files[s->file].size || s->nbytes > files[s->file].size - s->offset)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%llu bytes at byte %llu) lies past the end of the file "
+                        "(%zu bytes); the file is truncated or its header is wrong", path, s->name,
+                        (unsigned long long)s->nbytes, (unsigned long long)s->offset, files[s->file].size);
+    if (s->permute_heads > 0 && (rows % (size_t)c->head_dim != 0 || c->head_dim % 2 != 0))
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' cannot be un-permuted with head dim %d", path, s->name,
+                        c->head_dim);
+    job->src = s;
+    job->bytes = files[s->file].data + s->offset;
+    job->dst = sl.dst;
+    job->rows = rows;
+    job->row_elems = row_elems;
+    job->row_bytes = row_bytes;
+    job->head_dim = s->permute_heads > 0 ? c->head_dim : 0;
+    return TK_OK;
+}
+
+static tk_status check_complete(const tk_model *m, const unsigned char *filled)
+{
+    for (int layer = -1; layer < m->cfg.n_layers; layer++) {
+        int first = layer < 0 ? 0 : R_FIRST_LAYER_ROLE, last = layer < 0 ? R_FIRST_LAYER_ROLE : R_COUNT;
+        for (int r = first; r < last; r++) {
+            slot sl = slot_for((tk_model *)m, r, layer);
+            if (sl.required && !filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) {
+                if (layer < 0) return tk_error(TK_ERR_FORMAT, "the model files have no %s tensor", role_names[r]);
+                return tk_error(TK_ERR_FORMAT, "the model files have no %s tensor for layer %d", role_names[r],
+                                layer);
+            }
+        }
+    }
+    return TK_OK;
+}
+
+/* ---- conversion ---------------------------------------------------------- */
+
+/* GGUF llama stores the rotate_half partners (i, i + Dh/2) of each head as
+ * adjacent rows (2i, 2i+1): destination row h*Dh + t*Dh/2 + i comes from
+ * source row h*Dh + 2i + t. */
+static size_t source_row(size_t row, int head_dim)
+{
+    if (!head_dim) return row;
+    size_t hd = (size_t)head_dim, half = hd / 2, within = row % hd;
+    return row - within + 2 * (within % half) + within / half;
+}
+
+static void convert_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    convert_job *job = &((convert_job *)ctx)[task];
+    for (size_t r = 0; r < job->rows; r++)
+        tk_dequantize(job->dst + r * job->row_elems, job->bytes + source_row(r, job->head_dim) * job->row_bytes,
+                      job->src->type, job->row_elems);
+}
+
+/* HF's default inverse frequencies, then its rope_scaling rules; a GGUF
+ * rope_freqs tensor (already loaded into the slot) divides them instead. */
+static void compute_rope(tk_model *m, int have_rope_freqs)
+{
+    const tk_model_config *c = &m->cfg;
+    int half = c->head_dim / 2;
+    float *inv = m->w.rope_inv_freq;
+    for (int i = 0; i < half; i++) {
+        float base = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / (double)c->head_dim));
+        if (have_rope_freqs) {
+            inv[i] = base / inv[i];
+            continue;
+        }
+        if (c->rope_scaling == TK_ROPE_LINEAR) {
+            base /= c->rope_factor;
+        } else if (c->rope_scaling == TK_ROPE_LLAMA3) {
+            double low_wavelen = c->rope_original_context / c->rope_low_freq_factor;
+            double high_wavelen = c->rope_original_context / c->rope_high_freq_factor;
+            double wavelen = 2.0 * 3.14159265358979323846 / base;
+            if (wavelen > low_wavelen) {
+                base = base / c->rope_factor;
+            } else if (wavelen >= high_wavelen) {
+                float smooth = (float)((c->rope_original_context / wavelen - c->rope_low_freq_factor) /
+                                       (c->rope_high_freq_factor - c->rope_low_freq_factor));
+                base = (1.0f - smooth) * base / c->rope_factor + smooth * base;
+            }
+        }
+        inv[i] = base;
+    }
+}
+
+static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths, const tk_tensor_source *src,
+                              int n_src, tk_pool *pool)
+{
+    tk_status s = TK_OK;
+    tk_mapped_file *files = calloc((size_t)(n_paths ? n_paths : 1), sizeof *files);
+    convert_job *jobs = calloc((size_t)(n_src ? n_src : 1), sizeof *jobs);
+    unsigned char *filled = calloc((size_t)(m->cfg.n_layers + 1) * R_COUNT, 1);
+    if (!files || !jobs || !filled) {
+        s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+        goto done;
+    }
+    for (int f = 0; f < n_paths && s == TK_OK; f++) s = tk_file_map(&files[f], paths[f]);
+    for (int i = 0; i < n_src && s == TK_OK; i++) s = check_source(&jobs[i], m, &src[i], files, n_paths, filled);
+    if (s == TK_OK) s = check_complete(m, filled);
+    if (s == TK_OK) {
+        tk_pool_run(pool, n_src, convert_task, jobs);
+        compute_rope(m, filled[R_ROPE_FREQS]);
+    }
+done:
+    for (int f = 0; files && f < n_paths; f++) tk_file_unmap(&files[f]);
+    free(files);
+    free(jobs);
+    free(filled);
+    return s;
+}
+
+tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char *const *paths, int n_paths,
+                          const tk_tensor_source *src, int n_src, tk_pool *pool)
+{
+    *out = NULL;
+    TK_TRY(tk_model_config_check(cfg));
+    tk_model *m = calloc(1, sizeof *m);
+    if (!m) return tk_error(TK_ERR_NOMEM, "out of memory");
+    m->cfg = *cfg;
+    atomic_init(&m->refcount, 1);
+    tk_status s = allocate(m);
+    if (s == TK_OK) s = load_sources(m, paths, n_paths, src, n_src, pool);
+    if (s != TK_OK) {
+        tk_model_release(m);
+        return s;
+    }
+    *out = m;
+    return TK_OK;
+}
+
+/* ---- config and lifetime ------------------------------------------------ */
+
+int tk_model_qkv_rows(const tk_model_config *c) { return (c->n_heads + 2 * c->n_kv_heads) * c->head_dim; }
+
+tk_status tk_model_config_check(const tk_model_config *c)
+{
+#define POSITIVE(field)                                                                      \
+    if (c->field <= 0) return tk_error(TK_ERR_INVALID, "model config: " #field " is %d, expected > 0", c->field)
+    POSITIVE(n_layers); POSITIVE(d_model); POSITIVE(n_heads); POSITIVE(n_kv_heads); POSITIVE(head_dim);
+    POSITIVE(d_ff); POSITIVE(vocab_size); POSITIVE(max_context);
+#undef POSITIVE
+    if (c->n_heads % c->n_kv_heads != 0)
+        return tk_error(TK_ERR_INVALID, "model config: %d query heads are not a multiple of %d kv heads",
+                        c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return tk_error(TK_ERR_INVALID, "model config: head_dim %d is odd; RoPE needs an even head dim", c->head_dim);
+    if (!(c->rms_eps > 0) || !(c->rope_theta > 0) || !isfinite(c->rope_theta))
+        return tk_error(TK_ERR_INVALID, "model config: rms_eps and rope_theta must be positive");
+    if (c->rope_scaling == TK_ROPE_LINEAR && !(c->rope_factor > 0))
+        return tk_error(TK_ERR_INVALID, "model config: linear rope scaling needs factor > 0");
+    if (c->rope_scaling == TK_ROPE_LLAMA3 &&
+        !(c->rope_factor > 0 && c->rope_low_freq_factor > 0 &&
+          c->rope_high_freq_factor > c->rope_low_freq_factor && c->rope_original_context > 0))
+        return tk_error(TK_ERR_INVALID, "model config: llama3 rope scaling needs factor > 0, "
+                        "0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0");
+    if (c->rope_scaling < TK_ROPE_NONE || c->rope_scaling > TK_ROPE_LLAMA3)
+        return tk_error(TK_ERR_INVALID, "model config: unknown rope scaling %d", c->rope_scaling);
+    return TK_OK;
+}
+
+void tk_model_retain(tk_model *m) { atomic_fetch_add(&m->refcount, 1); }
+
+void tk_model_release(tk_model *m)
+{
+    if (!m || atomic_fetch_sub(&m->refcount, 1) != 1) return;
+    free(m->w.block);
+    free(m->w.layers);
+    free(m);
+}

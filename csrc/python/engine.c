@@ -1,0 +1,495 @@
+/* engine.c - the Engine, Model and Request Python types.
+ *
+ * Every binding method follows one shape: parse -> validate -> copy into a C
+ * request -> submit -> return a handle. Request.wait/result block with the
+ * GIL released, waking every 50 ms to run signal handlers so Ctrl-C works.
+ * A finished forward request exports its logits through the buffer protocol
+ * (format "f", shape [T, V]), so numpy.asarray(req.result()) copies nothing;
+ * the exported buffer keeps the Request, and so the logits, alive.
+ */
+#include "binding.h"
+
+#include <math.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    tk_engine *engine;
+} EngineObject;
+
+typedef struct {
+    PyObject_HEAD
+    tk_model *model;
+} ModelObject;
+
+enum request_kind { REQUEST_LOAD, REQUEST_FORWARD };
+
+typedef struct {
+    PyObject_HEAD
+    tk_request *req;
+    int kind;
+    uint64_t id;
+    PyTypeObject *model_type; /* to build the Model of a load request */
+    Py_ssize_t shape[2];
+} RequestObject;
+
+/* ---- Request ------------------------------------------------------------- */
+
+static PyObject *request_new(tk_module_state *state, tk_engine *engine, tk_request *req, int kind, int notify)
+{
+    RequestObject *self = PyObject_GC_New(RequestObject, state->request_type);
+    if (!self) {
+        tk_request_release(req);
+        return NULL;
+    }
+    self->req = req;
+    self->kind = kind;
+    self->model_type = (PyTypeObject *)Py_NewRef(state->model_type);
+    self->id = tk_engine_submit(engine, req, notify);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static void request_dealloc(RequestObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    tk_request_release(self->req);
+    Py_CLEAR(self->model_type);
+    PyObject_GC_Del(self);
+    Py_DECREF(type);
+}
+
+static int request_traverse(RequestObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->model_type);
+    return 0;
+}
+
+/* 1: done, 0: timed out, -1: a signal handler raised */
+static int wait_with_signals(tk_request *req, double timeout)
+{
+    double waited = 0;
+    for (;;) {
+        int slice_ms = 50, done;
+        if (timeout >= 0 && (timeout - waited) * 1000 < slice_ms) slice_ms = (int)ceil((timeout - waited) * 1000);
+        if (slice_ms < 0) slice_ms = 0;
+        Py_BEGIN_ALLOW_THREADS
+        done = tk_request_wait(req, slice_ms);
+        Py_END_ALLOW_THREADS
+        if (done) return 1;
+        if (PyErr_CheckSignals() < 0) return -1;
+        waited += slice_ms / 1000.0;
+        if (timeout >= 0 && waited >= timeout) return 0;
+    }
+}
+
+static PyObject *request_wait(RequestObject *self, PyObject *args)
+{
+    PyObject *timeout_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:wait", &timeout_obj)) return NULL;
+    double timeout = timeout_obj == Py_None ? -1.0 : PyFloat_AsDouble(timeout_obj);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    int done = wait_with_signals(self->req, timeout < 0 && timeout_obj != Py_None ? 0 : timeout);
+    if (done < 0) return NULL;
+    return PyBool_FromLong(done);
+}
+
+static PyObject *request_done(RequestObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(tk_request_done(self->req));
+}
+
+/* Waits, then returns the Model (load) or a [T, V] memoryview (forward). */
+static PyObject *request_result(RequestObject *self, PyObject *unused)
+{
+    (void)unused;
+    int done = wait_with_signals(self->req, -1.0);
+    if (done < 0) return NULL;
+    const char *message;
+    tk_status s = tk_request_status(self->req, &message);
+    if (s != TK_OK) return tk_py_raise(s, message);
+    if (self->kind == REQUEST_LOAD) {
+        ModelObject *m = PyObject_New(ModelObject, self->model_type);
+        if (!m) return NULL;
+        m->model = tk_load_request_model(self->req);
+        return (PyObject *)m;
+    }
+    return PyMemoryView_FromObject((PyObject *)self);
+}
+
+static int request_getbuffer(RequestObject *self, Py_buffer *view, int flags)
+{
+    int rows, cols;
+    const float *logits = self->kind == REQUEST_FORWARD ? tk_forward_request_logits(self->req, &rows, &cols) : NULL;
+    if (!logits) {
+        PyErr_SetString(PyExc_BufferError, "this request has no finished forward result");
+        return -1;
+    }
+    self->shape[0] = rows;
+    self->shape[1] = cols;
+    view->obj = Py_NewRef(self);
+    view->buf = (void *)logits;
+    view->len = (Py_ssize_t)rows * cols * (Py_ssize_t)sizeof(float);
+    view->readonly = 1;
+    view->itemsize = sizeof(float);
+    view->format = (flags & PyBUF_FORMAT) ? "f" : NULL;
+    view->ndim = 2;
+    view->shape = (flags & PyBUF_ND) ? self->shape : NULL;
+    view->strides = NULL;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    if (!(flags & PyBUF_ND)) view->ndim = 1, view->shape = NULL;
+    return 0;
+}
+
+static PyObject *request_get_id(RequestObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->id);
+}
+
+static PyMethodDef request_methods[] = {
+    {"wait", (PyCFunction)request_wait, METH_VARARGS,
+     "wait(timeout=None) -> bool: block (GIL released, Ctrl-C honoured) until done or timeout"},
+    {"done", (PyCFunction)request_done, METH_NOARGS, "done() -> bool"},
+    {"result", (PyCFunction)request_result, METH_NOARGS,
+     "result(): wait, then return the Model (load) or the [T, V] float32 logits (forward); raises on failure"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef request_getset[] = {
+    {"id", (getter)request_get_id, NULL, "the id the engine gave this request at submission", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot request_slots[] = {
+    {Py_tp_dealloc, request_dealloc},
+    {Py_tp_traverse, request_traverse},
+    {Py_tp_methods, request_methods},
+    {Py_tp_getset, request_getset},
+    {Py_bf_getbuffer, request_getbuffer},
+    {Py_tp_doc, "A request submitted to the engine (load or forward)."},
+    {0, NULL},
+};
+
+static PyType_Spec request_spec = {
+    "tinker._C.Request", sizeof(RequestObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION, request_slots,
+};
+
+/* ---- Model -------------------------------------------------------------------- */
+
+static void model_dealloc(ModelObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    tk_model_release(self->model);
+    PyObject_Free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *model_get_config(ModelObject *self, void *closure)
+{
+    (void)closure;
+    const tk_model_config *c = &self->model->cfg;
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "n_layers", c->n_layers, "d_model", c->d_model,
+                         "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim", c->head_dim, "d_ff", c->d_ff,
+                         "vocab_size", c->vocab_size, "max_context", c->max_context);
+}
+
+static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(self->model->w.block_floats * sizeof(float));
+}
+
+static PyGetSetDef model_getset[] = {
+    {"config", (getter)model_get_config, NULL, "the model's dimensions", NULL},
+    {"weight_bytes", (getter)model_get_weight_bytes, NULL, "bytes of float32 weights held", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot model_slots[] = {
+    {Py_tp_dealloc, model_dealloc},
+    {Py_tp_getset, model_getset},
+    {Py_tp_doc, "A base model loaded into the engine (shared by every request on it)."},
+    {0, NULL},
+};
+
+static PyType_Spec model_spec = {
+    "tinker._C.Model", sizeof(ModelObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, model_slots,
+};
+
+/* ---- Engine: parsing the load arguments ------------------------------------------ */
+
+static int dict_int(PyObject *d, const char *key, int *out, int required)
+{
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) PyErr_Format(PyExc_ValueError, "model config is missing '%s'", key);
+        return required ? -1 : 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "model config '%s' is out of range", key);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int dict_float(PyObject *d, const char *key, float *out, int required)
+{
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) PyErr_Format(PyExc_ValueError, "model config is missing '%s'", key);
+        return required ? -1 : 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+static int parse_config(PyObject *d, tk_model_config *c)
+{
+    memset(c, 0, sizeof *c);
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "model config must be a dict");
+        return -1;
+    }
+    if (dict_int(d, "n_layers", &c->n_layers, 1) < 0 || dict_int(d, "d_model", &c->d_model, 1) < 0 ||
+        dict_int(d, "n_heads", &c->n_heads, 1) < 0 || dict_int(d, "n_kv_heads", &c->n_kv_heads, 1) < 0 ||
+        dict_int(d, "head_dim", &c->head_dim, 1) < 0 || dict_int(d, "d_ff", &c->d_ff, 1) < 0 ||
+        dict_int(d, "vocab_size", &c->vocab_size, 1) < 0 || dict_int(d, "max_context", &c->max_context, 1) < 0 ||
+        dict_float(d, "rms_eps", &c->rms_eps, 1) < 0 || dict_float(d, "rope_theta", &c->rope_theta, 1) < 0 ||
+        dict_int(d, "tied_embeddings", &c->tied_embeddings, 1) < 0 || dict_int(d, "qkv_bias", &c->qkv_bias, 1) < 0 ||
+        dict_int(d, "qk_norm", &c->qk_norm, 1) < 0 || dict_int(d, "rope_scaling", &c->rope_scaling, 0) < 0 ||
+        dict_float(d, "rope_factor", &c->rope_factor, 0) < 0 ||
+        dict_float(d, "rope_low_freq_factor", &c->rope_low_freq_factor, 0) < 0 ||
+        dict_float(d, "rope_high_freq_factor", &c->rope_high_freq_factor, 0) < 0 ||
+        dict_int(d, "rope_original_context", &c->rope_original_context, 0) < 0)
+        return -1;
+    return 0;
+}
+
+/* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
+ * shape, permute_heads); names and roles borrow the tuples' strings. */
+static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *shape;
+        unsigned long long offset, nbytes;
+        tk_tensor_source *s = &src[i];
+        if (!PyArg_ParseTuple(item, "ssiiKKiOi;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, permute_heads)", &s->name, &s->role, &s->layer, &s->file, &offset, &nbytes,
+                              &s->type, &shape, &s->permute_heads))
+            return -1;
+        s->offset = offset;
+        s->nbytes = nbytes;
+        PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");
+        if (!dims) return -1;
+        Py_ssize_t nd = PySequence_Fast_GET_SIZE(dims);
+        if (nd < 1 || nd > 2) {
+            Py_DECREF(dims);
+            PyErr_Format(PyExc_ValueError, "tensor '%s' has %zd dimensions; the model uses 1 or 2", s->name, nd);
+            return -1;
+        }
+        s->n_dims = (int)nd;
+        for (Py_ssize_t d = 0; d < nd; d++) s->shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d));
+        Py_DECREF(dims);
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static PyObject *engine_load_model(EngineObject *self, PyObject *args)
+{
+    PyObject *config, *paths_arg, *sources_arg;
+    if (!PyArg_ParseTuple(args, "OOO:load_model", &config, &paths_arg, &sources_arg)) return NULL;
+    tk_model_config cfg;
+    if (parse_config(config, &cfg) < 0) return NULL;
+    PyObject *paths = PySequence_Fast(paths_arg, "paths must be a sequence of file paths");
+    PyObject *sources = paths ? PySequence_Fast(sources_arg, "tensors must be a sequence of tuples") : NULL;
+    PyObject *encoded = sources ? PyList_New(0) : NULL, *result = NULL;
+    Py_ssize_t n_paths = paths ? PySequence_Fast_GET_SIZE(paths) : 0;
+    Py_ssize_t n_src = sources ? PySequence_Fast_GET_SIZE(sources) : 0;
+    const char **path_ptrs = encoded ? PyMem_Calloc((size_t)n_paths + 1, sizeof *path_ptrs) : NULL;
+    tk_tensor_source *src = path_ptrs ? PyMem_Calloc((size_t)n_src + 1, sizeof *src) : NULL;
+    if (!src) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_paths; i++) {
+        PyObject *bytes;
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) goto done;
+        int appended = PyList_Append(encoded, bytes);
+        Py_DECREF(bytes);
+        if (appended < 0) goto done;
+        path_ptrs[i] = PyBytes_AS_STRING(bytes);
+    }
+    if (parse_sources(sources, src, n_src) < 0) goto done;
+    tk_request *req;
+    tk_status s = tk_load_request_create(&req, &cfg, path_ptrs, (int)n_paths, src, (int)n_src);
+    if (s != TK_OK) {
+        tk_py_raise(s, tk_last_error());
+        goto done;
+    }
+    result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_LOAD, 0);
+done:
+    PyMem_Free(src);
+    PyMem_Free(path_ptrs);
+    Py_XDECREF(encoded);
+    Py_XDECREF(sources);
+    Py_XDECREF(paths);
+    return result;
+}
+
+/* ---- Engine: forward ------------------------------------------------------------ */
+
+static int get_int32_buffer(PyObject *obj, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (view->itemsize != 4 || (strcmp(f, "i") != 0 && strcmp(f, "l") != 0)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous int32 buffer (got format '%s', itemsize %zd)", what,
+                     view->format ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", NULL};
+    PyObject *model_obj, *tokens_obj, *lens_obj;
+    int notify = 0;
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|p:forward", kwlist, state->model_type, &model_obj,
+                                     &tokens_obj, &lens_obj, &notify))
+        return NULL;
+    Py_buffer tokens, lens;
+    if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) return NULL;
+    if (get_int32_buffer(lens_obj, &lens, "seq_lens") < 0) {
+        PyBuffer_Release(&tokens);
+        return NULL;
+    }
+    tk_request *req;
+    tk_status s = tk_forward_request_create(&req, ((ModelObject *)model_obj)->model, tokens.buf, (long)(tokens.len / 4),
+                                            lens.buf, (int)(lens.len / 4));
+    PyBuffer_Release(&tokens);
+    PyBuffer_Release(&lens);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(state, self->engine, req, REQUEST_FORWARD, notify);
+}
+
+/* ---- Engine: completions -------------------------------------------------------- */
+
+static PyObject *engine_wake_fd(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(tk_engine_wake_fd(self->engine));
+}
+
+static PyObject *engine_drain(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    uint64_t ids[256];
+    size_t n;
+    while (list && (n = tk_engine_drain(self->engine, ids, 256)) > 0) {
+        for (size_t i = 0; i < n; i++) {
+            PyObject *id = PyLong_FromUnsignedLongLong(ids[i]);
+            if (!id || PyList_Append(list, id) < 0) {
+                Py_XDECREF(id);
+                Py_CLEAR(list);
+                break;
+            }
+            Py_DECREF(id);
+        }
+        if (n < 256) break;
+    }
+    return list;
+}
+
+static PyObject *engine_get_threads(EngineObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(tk_engine_threads(self->engine));
+}
+
+/* ---- Engine: lifetime ----------------------------------------------------------- */
+
+static PyObject *engine_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"n_threads", NULL};
+    int n_threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|i:Engine", kwlist, &n_threads)) return NULL;
+    if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    tk_status s = tk_engine_create(&self->engine, n_threads);
+    if (s != TK_OK) {
+        Py_DECREF(self);
+        return tk_py_raise(s, tk_last_error());
+    }
+    return (PyObject *)self;
+}
+
+static void engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    if (self->engine) {
+        tk_engine *e = self->engine;
+        Py_BEGIN_ALLOW_THREADS
+        tk_engine_free(e); /* waits for the running request */
+        Py_END_ALLOW_THREADS
+    }
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"load_model", (PyCFunction)engine_load_model, METH_VARARGS,
+     "load_model(config: dict, paths: list[str], tensors: list[tuple]) -> Request"},
+    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(model, tokens: int32 buffer, seq_lens: int32 buffer, notify=False) -> Request"},
+    {"wake_fd", (PyCFunction)engine_wake_fd, METH_NOARGS, "wake_fd() -> int: readable when notify requests finish"},
+    {"drain", (PyCFunction)engine_drain, METH_NOARGS, "drain() -> list[int]: ids of finished notify requests"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"threads", (getter)engine_get_threads, NULL, "threads in the engine's compute team", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot engine_slots[] = {
+    {Py_tp_new, engine_tp_new},
+    {Py_tp_dealloc, engine_dealloc},
+    {Py_tp_methods, engine_methods},
+    {Py_tp_getset, engine_getset},
+    {Py_tp_doc, "Engine(n_threads=0): a worker thread running requests in order, with its compute threads."},
+    {0, NULL},
+};
+
+static PyType_Spec engine_spec = {
+    "tinker._C.Engine", sizeof(EngineObject), 0, Py_TPFLAGS_DEFAULT, engine_slots,
+};
+
+int tk_py_add_engine_types(PyObject *module, tk_module_state *state)
+{
+    state->engine_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &engine_spec, NULL);
+    state->model_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &model_spec, NULL);
+    state->request_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &request_spec, NULL);
+    if (!state->engine_type || !state->model_type || !state->request_type) return -1;
+    if (PyModule_AddType(module, state->engine_type) < 0 || PyModule_AddType(module, state->model_type) < 0 ||
+        PyModule_AddType(module, state->request_type) < 0)
+        return -1;
+    return 0;
+}

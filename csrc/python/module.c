@@ -1,0 +1,267 @@
+/* module.c - the tinker._C extension module: multi-phase init, module state
+ * holding the heap types, and the free functions (GGUF reading,
+ * dequantisation, an sgemm timer for the benchmarks).
+ *
+ * Engine status codes map onto Python's built-in exceptions (ValueError for
+ * bad files and arguments, OSError for I/O, MemoryError); the tinker package
+ * turns them into its own exception classes where the API names one.
+ */
+#include "binding.h"
+
+#include <time.h>
+
+#include "../backend/cpu/blas.h"
+
+PyObject *tk_py_raise(tk_status status, const char *message)
+{
+    PyObject *type = PyExc_RuntimeError;
+    switch (status) {
+    case TK_ERR_IO: type = PyExc_OSError; break;
+    case TK_ERR_FORMAT: case TK_ERR_INVALID: case TK_ERR_UNSUPPORTED: type = PyExc_ValueError; break;
+    case TK_ERR_NOMEM: type = PyExc_MemoryError; break;
+    default: break;
+    }
+    PyErr_SetString(type, message);
+    return NULL;
+}
+
+/* ---- GGUF metadata to Python values --------------------------------------- */
+
+static PyObject *gguf_value_to_py(const tk_gguf_value *v, const uint8_t *end, int depth);
+
+static PyObject *gguf_scalar_to_py(uint32_t type, const uint8_t *p)
+{
+    union { uint8_t u8; int8_t i8; uint16_t u16; int16_t i16; uint32_t u32; int32_t i32; float f32;
+            uint64_t u64; int64_t i64; double f64; } u;
+    memcpy(&u, p, tk_gguf_scalar_size(type));
+    switch (type) {
+    case TK_GGUF_UINT8: return PyLong_FromUnsignedLong(u.u8);
+    case TK_GGUF_INT8: return PyLong_FromLong(u.i8);
+    case TK_GGUF_UINT16: return PyLong_FromUnsignedLong(u.u16);
+    case TK_GGUF_INT16: return PyLong_FromLong(u.i16);
+    case TK_GGUF_UINT32: return PyLong_FromUnsignedLong(u.u32);
+    case TK_GGUF_INT32: return PyLong_FromLong(u.i32);
+    case TK_GGUF_FLOAT32: return PyFloat_FromDouble(u.f32);
+    case TK_GGUF_BOOL: return PyBool_FromLong(u.u8);
+    case TK_GGUF_UINT64: return PyLong_FromUnsignedLongLong(u.u64);
+    case TK_GGUF_INT64: return PyLong_FromLongLong(u.i64);
+    case TK_GGUF_FLOAT64: return PyFloat_FromDouble(u.f64);
+    }
+    return tk_py_raise(TK_ERR_FORMAT, "unknown GGUF scalar type");
+}
+
+static PyObject *gguf_array_to_py(const tk_gguf_value *v, const uint8_t *end, int depth)
+{
+    PyObject *list = PyList_New((Py_ssize_t)v->count);
+    if (!list) return NULL;
+    const uint8_t *p = v->payload;
+    for (uint64_t i = 0; i < v->count; i++) {
+        tk_gguf_value item;
+        tk_status s = tk_gguf_parse_value(&item, p, end, v->elem_type, depth + 1);
+        PyObject *obj = s == TK_OK ? gguf_value_to_py(&item, end, depth + 1) : tk_py_raise(s, tk_last_error());
+        if (!obj) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, obj);
+        p += item.size;
+    }
+    return list;
+}
+
+static PyObject *gguf_value_to_py(const tk_gguf_value *v, const uint8_t *end, int depth)
+{
+    if (v->type == TK_GGUF_STRING)
+        /* "replace": a tokenizer vocabulary may hold byte pieces that are not UTF-8 */
+        return PyUnicode_DecodeUTF8((const char *)v->payload, (Py_ssize_t)v->count, "replace");
+    if (v->type == TK_GGUF_ARRAY) return gguf_array_to_py(v, end, depth);
+    return gguf_scalar_to_py(v->type, v->payload);
+}
+
+static PyObject *gguf_tensors_to_py(const tk_gguf *g)
+{
+    PyObject *list = PyList_New((Py_ssize_t)g->n_tensors);
+    if (!list) return NULL;
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        const tk_gguf_tensor *t = &g->tensors[i];
+        PyObject *shape = PyTuple_New(t->n_dims); /* PyTorch order: outermost first */
+        if (!shape) goto error;
+        for (uint32_t d = 0; d < t->n_dims; d++)
+            PyTuple_SET_ITEM(shape, d, PyLong_FromUnsignedLongLong(t->ne[t->n_dims - 1 - d]));
+        PyObject *item = Py_BuildValue("{s:s,s:I,s:s,s:N,s:K,s:K}", "name", t->name, "type", t->type, "type_name",
+                                       tk_quant_type_name((int)t->type), "shape", shape, "offset",
+                                       (unsigned long long)t->offset, "nbytes", (unsigned long long)t->nbytes);
+        if (!item) goto error;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+error:
+    Py_DECREF(list);
+    return NULL;
+}
+
+static PyObject *py_read_gguf(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *path_obj;
+    if (!PyArg_ParseTuple(args, "O&:read_gguf", PyUnicode_FSConverter, &path_obj)) return NULL;
+    tk_gguf *g = NULL;
+    tk_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = tk_gguf_open(&g, PyBytes_AS_STRING(path_obj));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path_obj);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    PyObject *meta = PyDict_New(), *tensors = NULL, *result = NULL;
+    const uint8_t *end = g->file.data + g->file.size;
+    for (uint64_t i = 0; meta && i < g->n_kv; i++) {
+        PyObject *value = gguf_value_to_py(&g->kv[i].value, end, 0);
+        if (!value || PyDict_SetItemString(meta, g->kv[i].key, value) < 0) {
+            Py_XDECREF(value);
+            Py_CLEAR(meta);
+            break;
+        }
+        Py_DECREF(value);
+    }
+    if (meta) tensors = gguf_tensors_to_py(g);
+    if (meta && tensors)
+        result = Py_BuildValue("{s:N,s:N,s:I,s:K,s:K}", "metadata", meta, "tensors", tensors, "version", g->version,
+                               "alignment", (unsigned long long)g->alignment, "data_offset",
+                               (unsigned long long)g->data_offset);
+    else {
+        Py_XDECREF(meta);
+        Py_XDECREF(tensors);
+    }
+    tk_gguf_close(g);
+    return result;
+}
+
+/* ---- dequantisation and the sgemm timer ----------------------------------------- */
+
+static PyObject *py_dequantize(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int type;
+    Py_buffer data;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iy*n:dequantize", &type, &data, &n)) return NULL;
+    PyObject *out = NULL;
+    size_t need = n >= 0 ? tk_quant_row_bytes(type, (size_t)n) : 0;
+    if (!tk_quant_is_supported(type)) {
+        PyErr_Format(PyExc_ValueError, "ggml type %d (%s) is not supported", type, tk_quant_type_name(type));
+    } else if (n < 0 || (n > 0 && need == 0)) {
+        PyErr_Format(PyExc_ValueError, "%zd elements is not a whole number of %s blocks of %d", n,
+                     tk_quant_type_name(type), tk_quant_block_elems(type));
+    } else if ((size_t)data.len < need) {
+        PyErr_Format(PyExc_ValueError, "%zd elements of %s need %zu bytes, got %zd", n, tk_quant_type_name(type), need,
+                     data.len);
+    } else if ((out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(float)))) {
+        float *dst = (float *)PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS
+        tk_dequantize(dst, data.buf, type, (size_t)n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Best time of `reps` runs of C[M,N] = A[M,K] B[N,K]^T, the engine's matmul
+ * shape, with the engine's OpenBLAS; for measuring the machine's peak. */
+static PyObject *py_time_sgemm(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int M, N, K, reps = 5;
+    if (!PyArg_ParseTuple(args, "iii|i:time_sgemm", &M, &N, &K, &reps)) return NULL;
+    if (M < 1 || N < 1 || K < 1 || reps < 1) return tk_py_raise(TK_ERR_INVALID, "time_sgemm: sizes must be >= 1");
+    float *a = calloc((size_t)M * K, sizeof(float)), *b = calloc((size_t)N * K, sizeof(float));
+    float *c = calloc((size_t)M * N, sizeof(float));
+    double best = 1e30;
+    if (a && b && c) {
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < (size_t)M * K; i++) a[i] = (float)(i % 13) * 0.01f;
+        for (size_t i = 0; i < (size_t)N * K; i++) b[i] = (float)(i % 7) * 0.01f;
+        for (int r = 0; r < reps; r++) {
+            double t0 = now_seconds();
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a, K, b, K, 0.0f, c, N);
+            double dt = now_seconds() - t0;
+            if (dt < best) best = dt;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    free(a);
+    free(b);
+    free(c);
+    if (best == 1e30) return PyErr_NoMemory();
+    return PyFloat_FromDouble(best);
+}
+
+/* ---- the module ---------------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+    {"read_gguf", py_read_gguf, METH_VARARGS,
+     "read_gguf(path) -> dict(metadata, tensors, version, alignment, data_offset)\n\n"
+     "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(ggml_type, data, n) -> bytes of n float32 values"},
+    {"time_sgemm", py_time_sgemm, METH_VARARGS,
+     "time_sgemm(M, N, K, reps=5) -> best seconds of one M x N x K sgemm (A . B^T)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *module)
+{
+    tk_module_state *state = PyModule_GetState(module);
+    if (tk_py_add_engine_types(module, state) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "TYPE_F32", TK_GGML_F32) < 0) return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    tk_module_state *state = PyModule_GetState(module);
+    Py_VISIT(state->engine_type);
+    Py_VISIT(state->model_type);
+    Py_VISIT(state->request_type);
+    return 0;
+}
+
+static int module_clear(PyObject *module)
+{
+    tk_module_state *state = PyModule_GetState(module);
+    Py_CLEAR(state->engine_type);
+    Py_CLEAR(state->model_type);
+    Py_CLEAR(state->request_type);
+    return 0;
+}
+
+static void module_free(void *module) { module_clear((PyObject *)module); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#if PY_VERSION_HEX >= 0x030c0000
+    /* the engine owns OS threads; one interpreter at a time */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tinker._C",
+    .m_doc = "The tinker C engine: model loading, the forward pass, requests and completions.",
+    .m_size = sizeof(tk_module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

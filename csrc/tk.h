@@ -1,0 +1,24 @@
+/* tk.h - the engine's C API, as the Python binding (csrc/python/) uses it.
+ *
+ * Opaque handles with create/free (or retain/release) pairs; every fallible
+ * call returns a tk_status and leaves a message in tk_last_error(). Nothing
+ * below csrc/python/ includes Python.h.
+ *
+ *   core/status.h      status codes and error text
+ *   core/engine.h      requests, the worker thread, the completion queue
+ *   io/gguf.h          GGUF metadata and tensor infos
+ *   io/quant.h         ggml block types and dequantisation
+ *   model/model.h      model config, weights, tensor sources
+ *   model/requests.h   load and forward requests
+ */
+#ifndef TK_H
+#define TK_H
+
+#include "core/engine.h"
+#include "core/status.h"
+#include "io/gguf.h"
+#include "io/quant.h"
+#include "model/model.h"
+#include "model/requests.h"
+
+#endif
