@@ -19,13 +19,17 @@ tk_status tk_error(tk_status status, const char *fmt, ...)
 
 tk_status tk_error_prefix(tk_status status, const char *fmt, ...)
 {
-    char prefix[TK_ERROR_TEXT_MAX], old[TK_ERROR_TEXT_MAX];
+    char text[TK_ERROR_TEXT_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    int n = vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    memcpy(old, tk_error_text, sizeof old);
-    snprintf(tk_error_text, sizeof tk_error_text, "%s%s", prefix, old);
+    size_t used = n < 0 ? 0 : (size_t)n < sizeof text ? (size_t)n : sizeof text - 1;
+    /* append the old message after the prefix, truncating at the buffer's end */
+    size_t room = sizeof text - 1 - used, old_len = strlen(tk_error_text);
+    memcpy(text + used, tk_error_text, old_len < room ? old_len : room);
+    text[used + (old_len < room ? old_len : room)] = '\0';
+    memcpy(tk_error_text, text, sizeof text);
     return status;
 }
 

@@ -1,5 +1,4 @@
 /* file.c - read-only memory maps (see file.h). */
-#define _POSIX_C_SOURCE 200809L
 #include "file.h"
 
 #include <errno.h>

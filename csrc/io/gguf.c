@@ -123,7 +123,7 @@ static size_t intern(char *block, size_t *used, const uint8_t *s, uint64_t len)
 
 static tk_status read_header(tk_gguf *g, cursor *c)
 {
-    uint32_t magic;
+    uint32_t magic = 0;
     TK_TRY(read_u32(c, &magic, "magic"));
     if (magic != 0x46554747u) /* "GGUF" */
         return tk_error(TK_ERR_FORMAT, "%s: not a GGUF file (the first 4 bytes are not \"GGUF\")", c->path);
@@ -149,9 +149,9 @@ static tk_status read_header(tk_gguf *g, cursor *c)
 static tk_status walk_infos(tk_gguf *g, cursor *c, char *block, size_t *used)
 {
     for (uint64_t i = 0; i < g->n_kv; i++) {
-        const uint8_t *key;
-        uint64_t key_len;
-        uint32_t type;
+        const uint8_t *key = NULL;
+        uint64_t key_len = 0;
+        uint32_t type = 0;
         TK_TRY(read_string(c, &key, &key_len, "metadata key"));
         TK_TRY(read_u32(c, &type, "metadata value type"));
         tk_gguf_kv *kv = &g->kv[i];
@@ -164,8 +164,8 @@ static tk_status walk_infos(tk_gguf *g, cursor *c, char *block, size_t *used)
     }
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         tk_gguf_tensor *t = &g->tensors[i];
-        const uint8_t *name;
-        uint64_t name_len;
+        const uint8_t *name = NULL;
+        uint64_t name_len = 0;
         TK_TRY(read_string(c, &name, &name_len, "tensor name"));
         if (name_len >= GGUF_MAX_NAME)
             return tk_error(TK_ERR_FORMAT, "%s: tensor %llu has a name of %llu bytes (at most %d allowed)",

@@ -156,7 +156,7 @@ tk_status tk_forward_request_create(tk_request **out, tk_model *m, const int32_t
                                     const int32_t *seq_lens, int n_seqs)
 {
     *out = NULL;
-    int n_tokens;
+    int n_tokens = 0;
     TK_TRY(check_batch(m, tokens, n_given, seq_lens, n_seqs, &n_tokens));
     forward_payload *fp = calloc(1, sizeof *fp);
     if (!fp) return tk_error(TK_ERR_NOMEM, "out of memory");

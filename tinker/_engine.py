@@ -1,0 +1,98 @@
+"""The process-wide engine and the base models loaded into it.
+
+One C engine per process (a worker thread plus its compute threads) and one
+loaded copy of each base model, shared by every client that names it
+(DESIGN.md §4). `load_model(name)` resolves, loads and caches; the returned
+LoadedModel runs forward passes and hands out its tokenizer.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+import numpy as np
+
+from . import _C
+from ._exceptions import BadRequestError, ModelLoadError
+from ._models import ModelSpec, model_spec, resolve_model
+
+_lock = threading.Lock()
+_engine: _C.Engine | None = None
+_models: dict[str, "LoadedModel"] = {}
+
+
+def get_engine() -> _C.Engine:
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = _C.Engine()
+        return _engine
+
+
+class LoadedModel:
+    """A base model in the engine, with its config and (lazily) its tokenizer."""
+
+    def __init__(self, spec: ModelSpec, handle: _C.Model):
+        self.spec = spec
+        self.handle = handle
+        self.name = spec.source.name
+
+    @property
+    def config(self) -> dict:
+        return self.spec.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.config["vocab_size"]
+
+    @property
+    def max_context_length(self) -> int:
+        return self.spec.config["max_context"]
+
+    @cached_property
+    def tokenizer(self):
+        from ._tokenizer import build_gguf_tokenizer, load_hf_tokenizer
+
+        if self.spec.gguf_metadata is not None:
+            return build_gguf_tokenizer(self.spec.gguf_metadata, name_or_path=self.name)
+        return load_hf_tokenizer(str(self.spec.source.path))
+
+    def submit_forward(self, sequences, notify: bool = False) -> _C.Request:
+        """Queues a forward pass over token sequences of any lengths (packed, no padding)."""
+        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
+        if not seqs:
+            raise BadRequestError("forward: no sequences given")
+        for i, s in enumerate(seqs):
+            if s.size and (s.min() < 0 or s.max() >= self.vocab_size):
+                bad = int(s[(s < 0) | (s >= self.vocab_size)][0])
+                raise BadRequestError(f"forward: sequence {i} has token id {bad}, outside the vocabulary "
+                                      f"[0, {self.vocab_size}) of {self.name}")
+        tokens = np.concatenate(seqs).astype(np.int32)
+        lens = np.array([s.size for s in seqs], dtype=np.int32)
+        try:
+            return get_engine().forward(self.handle, tokens, lens, notify=notify)
+        except ValueError as e:
+            raise BadRequestError(str(e)) from e
+
+    def forward_logits(self, sequences) -> list[np.ndarray]:
+        """Logits [len_i, V] (float32) at every position of each sequence."""
+        request = self.submit_forward(sequences)
+        logits = np.asarray(request.result())  # [T, V], a view of the engine's buffer
+        bounds = np.cumsum([0] + [len(s) for s in sequences])
+        return [logits[bounds[i]:bounds[i + 1]] for i in range(len(sequences))]
+
+
+def load_model(name: str) -> LoadedModel:
+    """The loaded base model for `name`, loading it on first use."""
+    with _lock:
+        if name in _models:
+            return _models[name]
+    spec = model_spec(resolve_model(name))
+    try:
+        handle = get_engine().load_model(spec.config, spec.paths, spec.tensors).result()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {name!r}: {e}") from e
+    model = LoadedModel(spec, handle)
+    with _lock:
+        return _models.setdefault(name, model)

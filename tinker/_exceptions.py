@@ -1,0 +1,99 @@
+"""Tinker's exception hierarchy (names and bases as in the Tinker SDK).
+
+The SDK's HTTP-flavoured constructors take an httpx request/response; a local
+engine has none, so those arguments are optional here. The API layer uses these
+classes for every error a user can cause.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError",
+    "PermissionDeniedError", "NotFoundError", "ConflictError", "UnprocessableEntityError",
+    "RateLimitError", "InternalServerError", "APIConnectionError", "APITimeoutError",
+    "APIResponseValidationError", "ModelLoadError",
+]  # fmt: skip
+
+
+class TinkerError(Exception):
+    def __reduce__(self):
+        # Subclass constructors differ; rebuild without calling them (pickling across processes).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj
+
+
+class APIError(TinkerError):
+    def __init__(self, message: str, request=None, *, body=None):
+        super().__init__(message)
+        self.message = message
+        self.request = request
+        self.body = body
+
+
+class APIStatusError(APIError):
+    status_code: int = 0
+
+    def __init__(self, message: str, *, response=None, body=None):
+        super().__init__(message, None, body=body)
+        self.response = response
+
+
+class BadRequestError(APIStatusError):
+    status_code = 400
+
+
+class AuthenticationError(APIStatusError):
+    status_code = 401
+
+
+class PermissionDeniedError(APIStatusError):
+    status_code = 403
+
+
+class NotFoundError(APIStatusError):
+    status_code = 404
+
+
+class ConflictError(APIStatusError):
+    status_code = 409
+
+
+class UnprocessableEntityError(APIStatusError):
+    status_code = 422
+
+
+class RateLimitError(APIStatusError):
+    status_code = 429
+
+
+class InternalServerError(APIStatusError):
+    status_code = 500
+
+
+class APIConnectionError(APIError):
+    def __init__(self, *, message: str = "Connection error.", request=None):
+        super().__init__(message, request, body=None)
+
+
+class APITimeoutError(APIConnectionError):
+    def __init__(self, request=None):
+        super().__init__(message="Request timed out.", request=request)
+
+
+class APIResponseValidationError(APIError):
+    def __init__(self, response=None, body=None, *, message: str | None = None):
+        super().__init__(message or "Data returned by API invalid for expected schema.", None, body=body)
+        self.response = response
+
+
+class ModelLoadError(BadRequestError, ValueError):
+    """A base model could not be found or its files could not be loaded.
+
+    Also a ValueError, so code that guards model names with `except ValueError` keeps working.
+    """
