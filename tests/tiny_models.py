@@ -1,0 +1,419 @@
+"""Tiny random-weight checkpoints of each supported architecture, for tests.
+
+`make_hf_checkpoint(dir, arch, ...)` builds a small transformers model (llama, qwen2 or qwen3)
+with ALL weights randomised at a scale that makes the network clearly non-linear (matrices
+N(0, 1.2²/fan_in), i.e. std 0.15 at fan-in 64; norm weights 1 + N(0, 0.1²); biases N(0, 0.1²);
+HF's own init, std 0.02 with unit norm weights, is nearly linear and would hide bugs), saves it as a Hugging Face
+safetensors checkpoint (optionally sharded, in f32 / bf16 / f16) and returns the float32 reference
+model that holds exactly the saved values.
+
+`write_gguf(path, hf_model, arch, tensor_type)` writes the same model as a GGUF file the way
+llama.cpp's convert_hf_to_gguf would (metadata keys, tensor names, the llama q/k row permutation,
+rope_freqs for llama3 rope scaling, F32 norms and biases) with the 2-D weights stored in
+`tensor_type`, and returns the float32 reference model whose weights are the dequantised values,
+so that an exact engine agrees with it up to float32 summation order.
+
+The K-quants (Q4_K, Q5_K, Q6_K) are not quantisable by the `gguf` package (0.19); this module has
+a simple quantiser for them (`quantize`). The reference is always `gguf.quants.dequantize` of the
+bytes actually written, so the quantiser only has to be plausible, not bit-identical to ggml's.
+
+Dims (defaults): hidden 64, 2 layers, 4 query heads, 2 kv heads (GQA), head_dim 16 (qwen3: 32,
+explicit and != hidden/heads, as in real Qwen3), intermediate 128, vocab 512, 1024 positions.
+Every 2-D weight has rows a multiple of 32 (all block formats); pass hidden=256,
+intermediate=512 etc. for K-quants (256-element blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+# default hyperparameters per architecture (overridable through make_hf_model's keyword arguments)
+_DEFAULTS = {
+    "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-5, head_dim=None),
+    "qwen2": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=None),
+    "qwen3": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=32),
+}
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
+
+
+# ---- Hugging Face models ----------------------------------------------------------------------
+
+
+def tiny_config(arch: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                head_dim: int | None = None, intermediate: int = 128, vocab: int = 512,
+                max_positions: int = 1024, rope_theta: float | None = None, rope_scaling: dict | None = None,
+                rms_norm_eps: float | None = None, tied: bool = False):  # fmt: skip
+    """A transformers config for a tiny `arch` model (eager attention)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    d = _DEFAULTS[arch]
+    head_dim = head_dim or d["head_dim"] or hidden // heads
+    rope = {"rope_type": "default", **(rope_scaling or {})}
+    rope["rope_theta"] = float(rope_theta if rope_theta is not None else d["rope_theta"])
+    kwargs = dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=max_positions,
+        rms_norm_eps=float(rms_norm_eps if rms_norm_eps is not None else d["rms_norm_eps"]),
+        rope_parameters=rope, tie_word_embeddings=tied, hidden_act="silu",
+        bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )  # fmt: skip
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    if arch == "qwen2":
+        kwargs.update(use_sliding_window=False)
+    config = cls(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+@torch.no_grad()
+def randomize_(model, seed: int = 0, *, matrix_gain: float = 1.2, embed_std: float = 1.0,
+               norm_std: float = 0.1, bias_std: float = 0.1):  # fmt: skip
+    """Overwrites every parameter: matrices N(0, (matrix_gain / sqrt(fan_in))²) (0.15 at fan-in 64),
+    embeddings N(0, embed_std²), norm weights 1 + N(0, norm_std²), biases N(0, bias_std²).
+    Deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if "norm" in name:
+            value = 1.0 + norm_std * noise
+        elif name.endswith(".bias"):
+            value = bias_std * noise
+        elif "embed_tokens" in name:
+            value = embed_std * noise
+        else:
+            value = matrix_gain / math.sqrt(p.shape[-1]) * noise
+        p.copy_(value.to(p.dtype))
+    return model
+
+
+def make_hf_model(arch: str, *, seed: int = 0, **config_kwargs):
+    """A tiny float32 transformers CausalLM of `arch` with randomised weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    randomize_(model, seed)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model.eval()
+
+
+def make_hf_checkpoint(directory, arch: str, *, rope_scaling: dict | None = None, tied: bool = False,
+                       max_shard_size: int | str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                       **config_kwargs):  # fmt: skip
+    """Saves a tiny random `arch` checkpoint (config.json + safetensors, sharded with an index when
+    `max_shard_size` is small) in `dtype` under `directory`.
+
+    Returns (path, reference): the reference is a float32 model holding exactly the saved values
+    (for bf16/f16 the rounded weights, widened exactly to float32)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    model = make_hf_model(arch, seed=seed, rope_scaling=rope_scaling, tied=tied, **config_kwargs)
+    model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    hf_logging.disable_progress_bar()  # tests print nothing
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    if dtype == torch.float32:
+        return directory, model.eval()
+    # Reload rather than cast back: bf16/f16 -> f32 is exact for the weights, but model.to(dtype) also
+    # rounded the rotary inv_freq buffer, which a freshly loaded model recomputes in float32.
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    return directory, reference.eval()
+
+
+def shard_files(directory) -> list[Path]:
+    return sorted(Path(directory).glob("*.safetensors"))
+
+
+# ---- GGUF -------------------------------------------------------------------------------------
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: per head, rows (i, i + hd/2) become adjacent."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_qk (transformers' _reverse_permute_weights)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """The `rope_freqs.weight` tensor convert_hf_to_gguf writes for llama3 rope scaling."""
+    rope = config.rope_parameters
+    base = rope["rope_theta"]
+    dim = config.head_dim
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _qtype(t):
+    from gguf import GGMLQuantizationType as QT
+
+    return t if isinstance(t, QT) else QT[t]
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins per block -> the 12-byte K_SCALE layout of Q4_K/Q5_K."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _quantize_q45_k(x: np.ndarray, bits: int) -> np.ndarray:
+    nmax = (1 << bits) - 1
+    b = x.reshape(-1, 8, 32).astype(np.float32)
+    lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), 0)
+    scale, mins = (hi - lo) / nmax, -lo
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (mins.max(-1) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(scale / np.where(df > 0, df, 1)), 0, 63)
+    mn = np.clip(np.rint(mins / np.where(dminf > 0, dminf, 1)), 0, 63)
+    eff_scale, eff_min = (df * sc)[..., None], (dminf * mn)[..., None]
+    q = np.clip(np.rint((b + eff_min) / np.where(eff_scale > 0, eff_scale, 1)), 0, nmax).astype(np.uint8)
+    low = q & 0x0F
+    qs = (low[:, 0::2, :] | (low[:, 1::2, :] << 4)).reshape(-1, 128)
+    parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, mn)]
+    if bits == 5:
+        high = (q >> 4) & 1  # [nb, 8 sub-blocks, 32]
+        qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
+        for j in range(8):
+            qh |= high[:, j, :] << j
+        parts.append(qh)
+    parts.append(qs)
+    return np.concatenate(parts, axis=1)
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    b = x.reshape(-1, 16, 16).astype(np.float32)
+    scale = np.abs(b).max(-1) / 32
+    d = (scale.max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(scale / np.where(df > 0, df, 1)), -128, 127)
+    eff = (df * sc)[..., None]
+    q = (np.clip(np.rint(b / np.where(eff > 0, eff, 1)), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 128)
+    ql = (q[:, :, :64] & 0x0F) | ((q[:, :, 64:] & 0x0F) << 4)  # [nb, 2, 64]
+    qh = np.zeros((q.shape[0], 2, 32), dtype=np.uint8)
+    for s in range(4):
+        qh |= ((q[:, :, s * 32:(s + 1) * 32] >> 4) & 3) << (2 * s)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                           _f16_bytes(d)], axis=1)  # fmt: skip
+
+
+def quantize(data: np.ndarray, qtype) -> np.ndarray:
+    """gguf.quants.quantize, plus simple Q4_K / Q5_K / Q6_K quantisers. Returns the GGUF bytes
+    (uint8, byte shape) or, for F32/F16, the float array."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf import quants
+
+    qtype = _qtype(qtype)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    k = {QT.Q4_K: lambda b: _quantize_q45_k(b, 4), QT.Q5_K: lambda b: _quantize_q45_k(b, 5), QT.Q6_K: _quantize_q6_k}
+    if qtype in k:
+        if data.shape[-1] % 256:
+            raise ValueError(f"{qtype.name} needs rows of a multiple of 256 elements, got {data.shape}")
+        blocks = k[qtype](data.reshape(-1, 256))
+        return blocks.reshape(*data.shape[:-1], data.shape[-1] // 256 * blocks.shape[-1])
+    return quants.quantize(data, qtype)
+
+
+def dequantize(qdata: np.ndarray, qtype) -> np.ndarray:
+    from gguf import quants
+
+    return np.asarray(quants.dequantize(qdata, _qtype(qtype)), dtype=np.float32)
+
+
+def _hf_to_gguf_names(arch: str, config) -> dict[str, str]:
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }  # fmt: skip
+    if arch == "qwen2":
+        per_layer.update({"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                          "self_attn.v_proj.bias": "attn_v.bias"})  # fmt: skip
+    if arch == "qwen3":
+        per_layer.update({"self_attn.q_norm.weight": "attn_q_norm.weight",
+                          "self_attn.k_norm.weight": "attn_k_norm.weight"})  # fmt: skip
+    for i in range(config.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    return names
+
+
+def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
+    """Writes `hf_model` as a GGUF file like convert_hf_to_gguf + llama-quantize would.
+
+    tensor_type: a ggml type name ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q4_K", ...) or
+    GGMLQuantizationType for every 2-D weight, or a callable (gguf_name, shape) -> type for a mix.
+    1-D tensors (norms, biases, rope_freqs) are always F32.
+
+    Returns (path, reference): a float32 copy of hf_model whose weights are the dequantised GGUF
+    values (q/k un-permuted again for llama)."""
+    import gguf
+
+    path = Path(path)
+    config = hf_model.config
+    arch = arch or config.model_type
+    if arch not in ARCHS or arch != config.model_type:
+        raise ValueError(f"arch {arch!r} does not match the model's model_type {config.model_type!r}")
+    choose = tensor_type if callable(tensor_type) else (lambda name, shape: tensor_type)
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    hidden = config.hidden_size
+    rope = config.rope_parameters
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    elif rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported here")
+
+    reference = copy.deepcopy(hf_model).to(torch.float32).eval()
+    ref_params = dict(reference.named_parameters())
+    names = _hf_to_gguf_names(arch, config)
+    state = {k: v for k, v in hf_model.state_dict().items() if k in names}
+    missing = set(names) - set(state)
+    extra = {k for k in hf_model.state_dict() if k not in names and not k.endswith("inv_freq")}
+    if config.tie_word_embeddings:
+        extra.discard("lm_head.weight")
+    if missing or extra:
+        raise ValueError(f"tensor name mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    with torch.no_grad():
+        for hf_name, gguf_name in names.items():
+            data = state[hf_name].detach().to(torch.float32).numpy()
+            permute_heads = 0
+            if arch == "llama" and ".self_attn.q_proj." in hf_name:
+                permute_heads = heads
+            elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+                permute_heads = kv_heads
+            if permute_heads:
+                data = permute_qk(data, permute_heads)
+            if data.ndim == 1:
+                w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+                continue
+            qtype = _qtype(choose(gguf_name, data.shape))
+            qdata = quantize(data, qtype)
+            w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
+            values = dequantize(qdata, qtype).reshape(data.shape)
+            if permute_heads:
+                values = unpermute_qk(values, permute_heads)
+            ref_params[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, reference
+
+
+def kquant_mix(name: str, shape) -> str:
+    """A Q4_K_M-like mix: attn_v / ffn_down / token_embd Q6_K, output and gate Q5_K, the rest Q4_K
+    (falls back to Q8_0 where a row is not a multiple of 256 elements)."""
+    if shape[-1] % 256:
+        return "Q8_0"
+    if any(k in name for k in ("attn_v", "ffn_down", "token_embd")):
+        return "Q6_K"
+    if any(k in name for k in ("output.weight", "ffn_gate")):
+        return "Q5_K"
+    return "Q4_K"
+
+
+def smollm2_mix(name: str, shape) -> str:
+    """The types of the default SmolLM2 GGUF: token_embd Q8_0, other weights Q4_1."""
+    return "Q8_0" if name == "token_embd.weight" else "Q4_1"
+
+
+# ---- reference forward ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_logits(model, tokens) -> np.ndarray:
+    """transformers float32 logits [len, V] of one sequence."""
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+    return model(input_ids=ids, use_cache=False).logits[0].to(torch.float32).numpy()
+
+
+def expected_engine_config(config) -> dict:
+    """The engine config keys (tinker._models) a checkpoint with this transformers config must yield."""
+    rope = config.rope_parameters
+    out = {
+        "n_layers": config.num_hidden_layers, "d_model": config.hidden_size,
+        "n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "d_ff": config.intermediate_size, "vocab_size": config.vocab_size,
+        "max_context": config.max_position_embeddings, "rms_eps": config.rms_norm_eps,
+        "tied_embeddings": int(bool(config.tie_word_embeddings)),
+        "qkv_bias": int(config.model_type == "qwen2"), "qk_norm": int(config.model_type == "qwen3"),
+        "rope_theta": float(rope["rope_theta"]),
+    }  # fmt: skip
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        out["rope_scaling"] = 0
+    elif kind == "linear":
+        out.update(rope_scaling=1, rope_factor=float(rope["factor"]))
+    elif kind == "llama3":
+        out.update(rope_scaling=2, rope_factor=float(rope["factor"]),
+                   rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_context=int(rope["original_max_position_embeddings"]))  # fmt: skip
+    return out
