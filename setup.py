@@ -43,7 +43,8 @@ def blas_settings():
 
 
 def compile_flags():
-    flags = ["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread", "-fvisibility=hidden"]
+    flags = ["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Wno-unused-parameter",
+             "-Werror=implicit-function-declaration", "-pthread", "-fvisibility=hidden"]
     if os.environ.get("TINKER_DEBUG") == "1":
         flags += ["-O0", "-g", "-UNDEBUG"]
     else:

@@ -200,6 +200,15 @@ def write_bytes(directory: Path, stem: str, data: bytes, suffix: str = ".gguf") 
     return path
 
 
+def load_fails(name, *patterns: str) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(name))
+    message = str(info.value)
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+    return message
+
+
 def gguf_fails(path: Path, *patterns: str, exc=ValueError) -> str:
     """read_gguf and load_model both reject `path`; both messages name it and match every pattern."""
     with pytest.raises(exc) as info:
@@ -341,8 +350,6 @@ def test_gguf_tensor_type_the_engine_cannot_decode(tiny_gguf, tmp_path, type_id,
                     r"cannot decode")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a ggml type id >= 2**31 (read as u32 from the file) makes "
-                   "Engine.load_model's 'i' argument parsing raise OverflowError, not a ModelLoadError")
 def test_gguf_tensor_type_id_above_int32(tiny_gguf, tmp_path):
     data, layout = tiny_gguf
     t = layout.tensors["blk.0.ffn_gate.weight"]
@@ -494,13 +501,11 @@ def test_gguf_metadata_disagrees_with_tensors(tmp_path):
     path = write_tiny_gguf(tmp_path / "width.gguf", metadata={"llama.embedding_length": 24})
     gguf_load_fails(path, rf"tensor '[\w.]+' has shape \[\d+(, \d+)?\], but the config needs \[[\d, ]*24[\d, ]*\]")
     path = write_tiny_gguf(tmp_path / "layers.gguf", metadata={"llama.block_count": 3})
-    gguf_load_fails(path, r"no attn_norm tensor for layer 2")
+    gguf_load_fails(path, r"tensor 'blk\.2\.attn_norm\.weight' is missing")
     path = write_tiny_gguf(tmp_path / "fewer_layers.gguf", metadata={"llama.block_count": 1})
-    gguf_load_fails(path, r"tensor 'blk\.1\.[\w.]+': layer 1 is out of range \(the model has 1 layers\)")
+    gguf_load_fails(path, r"tensor 'blk\.1\.[\w.]+' is for layer 1, but the config has 1 layers")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (csrc/model/weights.c check_source): a 1-D shape mismatch "
-                   "prints a stray 0 after the size, e.g. 'has shape [170], but the config needs [16]' for 17")
 def test_gguf_1d_shape_mismatch_message(tmp_path):
     path = write_tiny_gguf(tmp_path / "norm.gguf", shapes={"output_norm.weight": (D + 1,)})
     gguf_load_fails(path, rf"tensor 'output_norm\.weight' has shape \[{D + 1}\], but the config needs \[{D}\]")
@@ -508,29 +513,24 @@ def test_gguf_1d_shape_mismatch_message(tmp_path):
 
 def test_gguf_missing_metadata_and_tensors(tmp_path):
     path = write_tiny_gguf(tmp_path / "no_down.gguf", drop={"blk.1.ffn_down.weight"})
-    gguf_load_fails(path, r"no down tensor for layer 1")
+    gguf_load_fails(path, r"tensor 'blk\.1\.ffn_down\.weight' is missing")
     path = write_tiny_gguf(tmp_path / "no_embd.gguf", drop={"token_embd.weight"})
-    gguf_load_fails(path, r"no embed tensor")
+    gguf_load_fails(path, r"tensor 'token_embd\.weight' is missing")
     path = write_tiny_gguf(tmp_path / "extra.gguf", shapes={"blk.0.mystery.weight": (D,)})
     gguf_load_fails(path, r"tensor 'blk\.0\.mystery\.weight' is not part of the llama architecture")
     path = write_tiny_gguf(tmp_path / "rank3.gguf", shapes={"output_norm.weight": (1, 1, D)})
-    gguf_load_fails(path, r"tensor 'output_norm\.weight' has 3 dimensions; the model uses 1 or 2")
+    gguf_load_fails(path, r"tensor 'output_norm\.weight' has 3 dimensions; the model's tensors have 1 or 2")
     # a metadata key the config needs, renamed away
     data = write_tiny_gguf(tmp_path / "base.gguf").read_bytes()
     kv = GGUFLayout(data).kv["llama.feed_forward_length"]
     path = write_bytes(tmp_path, "no_ff", patched(data, kv.key_off + 8, "<6s", b"llamX."))
-    with pytest.raises(ModelLoadError, match=re.escape(str(path)) + r".*GGUF metadata has no 'llama\.feed_forward_length'"):
-        load_model(str(path))
+    load_fails(path, re.escape(str(path)) + r".*GGUF metadata has no 'llama\.feed_forward_length'")
     # an architecture the engine does not run
     kv = GGUFLayout(data).kv["general.architecture"]
     path = write_bytes(tmp_path, "arch", patched(data, kv.value_off + 8, "<5s", b"gpt2x"))
-    with pytest.raises(ModelLoadError, match=re.escape(str(path)) + r".*GGUF architecture 'gpt2x' is not supported"):
-        load_model(str(path))
+    load_fails(path, re.escape(str(path)) + r".*GGUF architecture 'gpt2x' is not supported")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py _gguf_config: metadata of the wrong value type or "
-                   "zero heads escapes as TypeError / ZeroDivisionError (or a ValueError that does not name the "
-                   "file) instead of a ModelLoadError naming the file and key")
 @pytest.mark.parametrize("key, value", [("llama.attention.head_count", 0), ("llama.block_count", "two"),
                                         ("llama.block_count", [1, 2])])
 def test_gguf_metadata_of_the_wrong_kind(tmp_path, key, value):
@@ -559,20 +559,6 @@ def test_gguf_metadata_of_the_wrong_kind(tmp_path, key, value):
 # ==== 1. GGUF fuzzing ==============================================================================
 
 
-# Engine bugs the fuzz loop currently hits, each pinned by a strict xfail test below: (exception type,
-# message pattern, the xfail test). Delete an entry when its bug is fixed.
-KNOWN_FUZZ_BUGS = [
-    (UnicodeDecodeError, r"codec can't decode", "test_gguf_non_utf8_key_names_the_file"),
-    (MemoryError, r"cannot allocate .* for the model weights", "test_gguf_absurd_dimension_is_a_model_load_error"),
-    (OverflowError, r"signed integer is greater than maximum", "test_gguf_tensor_type_id_above_int32"),
-]
-
-
-def known_fuzz_bug(error: BaseException) -> bool:
-    cause = error.__cause__ if isinstance(error, ModelLoadError) and error.__cause__ is not None else error
-    return any(isinstance(cause, kind) and re.search(pattern, str(cause)) for kind, pattern, _ in KNOWN_FUZZ_BUGS)
-
-
 def test_gguf_fuzz_header_bytes(tiny_gguf, tmp_path):
     """Random byte changes in the header region: only clean exceptions naming the file, or a model that runs."""
     data, layout = tiny_gguf
@@ -595,7 +581,7 @@ def test_gguf_fuzz_header_bytes(tiny_gguf, tmp_path):
             _C.read_gguf(str(path))
             outcomes["read_gguf ok"] += 1
         except CLEAN_ERRORS as e:
-            if str(path) not in str(e) and not known_fuzz_bug(e):
+            if str(path) not in str(e):
                 unclean.append(f"{where}: read_gguf's message does not name the file: {e}")
         except Exception as e:  # noqa: BLE001 - the point is to catch anything unclean
             unclean.append(f"{where}: read_gguf raised {type(e).__name__}: {e}")
@@ -603,20 +589,19 @@ def test_gguf_fuzz_header_bytes(tiny_gguf, tmp_path):
             model = load_model(str(path))
             outcomes["loaded"] += 1
         except ModelLoadError as e:
-            if str(path) not in str(e) and not known_fuzz_bug(e):
+            if str(path) not in str(e):
                 unclean.append(f"{where}: load_model's message does not name the file: {e}")
             continue
         except Exception as e:  # noqa: BLE001
-            if not known_fuzz_bug(e):
-                unclean.append(f"{where}: load_model raised {type(e).__name__}: {e}")
+            unclean.append(f"{where}: load_model raised {type(e).__name__}: {e}")
             continue
         finally:
             path.unlink()
-        try:  # a fuzzed model that loads must run (a fuzzed vocab_size may reject the tokens cleanly)
+        try:  # a fuzzed model that loads must run (a fuzzed vocab or context may reject the tokens cleanly)
             (logits,) = model.forward_logits(TOKENS)
             assert logits.shape == (3, model.vocab_size), where
         except BadRequestError as e:
-            assert "outside the vocabulary" in str(e), (where, repr(e))
+            assert str(e).startswith("forward:"), (where, repr(e))
     assert time.monotonic() - started < 25
     assert not unclean, "\n".join(unclean)
     assert outcomes["loaded"] > 0  # some edits (a float's low bits, a name's letter) leave a loadable model
@@ -624,9 +609,6 @@ def test_gguf_fuzz_header_bytes(tiny_gguf, tmp_path):
     check_runs(load_model(str(write_bytes(tmp_path, "after-fuzz", data))))
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/python/module.c py_read_gguf: a metadata key or tensor name that is "
-                   "not UTF-8 raises a bare UnicodeDecodeError (\"'utf-8' codec can't decode byte 0xff ...\") "
-                   "that names neither the file nor the key/tensor")
 @pytest.mark.parametrize("field", ["key", "tensor"])
 def test_gguf_non_utf8_key_names_the_file(tiny_gguf, tmp_path, field):
     data, layout = tiny_gguf
@@ -635,9 +617,6 @@ def test_gguf_non_utf8_key_names_the_file(tiny_gguf, tmp_path, field):
     gguf_fails(path, r"UTF-8|utf-8")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: csrc/model/weights.c allocates the weight block from the "
-                   "config before checking any tensor, so an absurd embedding_length raises a bare MemoryError "
-                   "('cannot allocate 1e8 MB for the model weights', no file named) instead of the shape mismatch")
 def test_gguf_absurd_dimension_is_a_model_load_error(tiny_gguf, tmp_path):
     data, layout = tiny_gguf
     kv = layout.kv["llama.embedding_length"]
@@ -697,15 +676,6 @@ def edit_tensors(path: Path, edit) -> None:
     safetensors_numpy.save_file(tensors, str(path))
 
 
-def load_fails(name, *patterns: str) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        load_model(str(name))
-    message = str(info.value)
-    for pattern in patterns:
-        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
-    return message
-
-
 SHAPE_MESSAGE = re.compile(r"(?P<file>\S+): tensor '(?P<name>[^']+)' has shape \[(?P<got>[^\]]*)\], "
                            r"but the config needs \[(?P<expected>[^\]]*)\]")
 
@@ -722,6 +692,30 @@ def hf_expected_shape(name: str, cfg: dict) -> tuple:
         "self_attn.v_proj.weight": (hkv * dh, d), "self_attn.o_proj.weight": (d, h * dh),
         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
     }[suffix]  # fmt: skip
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch) -> Path:
+    hub = tmp_path / "hub-cache"
+    hub.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    return hub
+
+
+def make_hf_cache_repo(hub: Path, name: str, checkpoint: Path, *, ref: bool = True) -> Path:
+    repo = hub / ("models--" + name.replace("/", "--"))
+    good = repo / "snapshots" / "a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2"
+    shutil.copytree(checkpoint, good)
+    # a newer snapshot whose config is unusable: refs/main must win over modification time
+    decoy = repo / "snapshots" / "ffffffffffffffffffffffffffffffffffffffff"
+    shutil.copytree(checkpoint, decoy)
+    edit_config(decoy, model_type="gpt2")
+    os.utime(decoy, (time.time() + 100, time.time() + 100))
+    if ref:
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(good.name + "\n")
+    return good
 
 
 def test_hf_checkpoint_loads_and_matches_transformers(hf_checkpoint, hf_copy):
@@ -753,10 +747,18 @@ def test_hf_config_disagrees_with_tensors(hf_copy, changes):
 def test_hf_missing_tensor(hf_copy):
     directory = hf_copy()
     edit_tensors(directory / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    load_fails(directory, re.escape(str(directory)), r"no up tensor for layer 1")
+    load_fails(directory, re.escape(str(directory)), r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing")
     directory = hf_copy()
     edit_tensors(directory / "model.safetensors", lambda t: t.pop("lm_head.weight"))  # untied: required
-    load_fails(directory, re.escape(str(directory)), r"no lm_head tensor")
+    load_fails(directory, re.escape(str(directory)), r"tensor 'lm_head\.weight' is missing")
+
+
+def test_hf_missing_tensor_message_names_the_files(hf_checkpoint, empty_hf_cache):
+    checkpoint, _ = hf_checkpoint
+    name = "tinker-tests/" + unique("missing-tensor")
+    snapshot = make_hf_cache_repo(empty_hf_cache, name, checkpoint)
+    edit_tensors(snapshot / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    load_fails(name, re.escape(str(snapshot)), r"model\.layers\.1\.mlp\.up_proj\.weight")
 
 
 def test_hf_extra_tensors(hf_copy):
@@ -768,8 +770,8 @@ def test_hf_extra_tensors(hf_copy):
     directory = hf_copy()
     edit_tensors(directory / "model.safetensors",
                  lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.zeros((F, D), np.float32)}))
-    load_fails(directory, re.escape(str(directory)), r"'model\.layers\.7\.mlp\.up_proj\.weight': layer 7 is out of "
-                                                     r"range \(the model has 2 layers\)")
+    load_fails(directory, re.escape(str(directory)),
+               r"'model\.layers\.7\.mlp\.up_proj\.weight' is for layer 7, but the config has 2 layers")
 
 
 def test_hf_tied_config_with_stored_lm_head_still_loads(hf_copy, hf_checkpoint):
@@ -810,10 +812,8 @@ def test_hf_sharded_checkpoint(hf_copy, hf_checkpoint):
 
     directory = hf_copy("shard-dup")  # the same tensor in both shards
     files = split_into_shards(directory)
-    edit_tensors(files[1], lambda t: t.update({"model.norm.weight": np.ones(D, np.float32)}))
-    tensors_first = safetensors_numpy.load_file(str(files[0]))
-    assert "model.norm.weight" not in tensors_first or True
-    edit_tensors(files[0], lambda t: t.update({"model.norm.weight": np.ones(D, np.float32)}))
+    for file in files:
+        edit_tensors(file, lambda t: t.update({"model.norm.weight": np.ones(D, np.float32)}))
     load_fails(directory, r"model-0000[12]-of-00002\.safetensors: tensor 'model\.norm\.weight' supplies final_norm "
                           r"of layer -1 a second time")
 
@@ -823,8 +823,6 @@ def test_hf_sharded_checkpoint(hf_copy, hf_checkpoint):
     load_fails(directory, re.escape(str(directory / "model.safetensors.index.json")), r"cannot read the shard index")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py _safetensors_files: a weight_map that is not a dict of "
-                   "strings escapes as AttributeError / TypeError instead of ModelLoadError")
 @pytest.mark.parametrize("weight_map", [[1], {"a": 1}, {"a": 1, "b": "model.safetensors"}])
 def test_hf_shard_index_of_the_wrong_kind(hf_copy, weight_map):
     directory = hf_copy()
@@ -892,7 +890,7 @@ def test_safetensors_bad_entries(hf_copy):
     directory = hf_copy()
     file = directory / "model.safetensors"
     rewrite_header(file, lambda h: h["model.norm.weight"].update(data_offsets=[-4, 60]))
-    load_fails(directory, re.escape(str(file)) + r": tensor 'model\.norm\.weight' data \[-4, 60\) lies outside")
+    load_fails(directory, re.escape(str(file)) + r": tensor 'model\.norm\.weight' has a malformed header entry")
     directory = hf_copy()
     file = directory / "model.safetensors"
     rewrite_header(file, lambda h: h["model.norm.weight"].pop("dtype"))
@@ -905,9 +903,6 @@ def test_safetensors_bad_entries(hf_copy):
                                                  r"F32 need 64")
 
 
-@pytest.mark.xfail(strict=True, reason="a safetensors header whose shape holds non-integers or huge integers, or "
-                   "whose dtype is not a string, escapes as TypeError / OverflowError (tinker/_models.py _hf_spec and "
-                   "csrc/python/engine.c parse_sources) instead of ModelLoadError")
 @pytest.mark.parametrize("entry", [{"shape": ["16"]}, {"shape": [16.0]}, {"shape": [2**70]}, {"dtype": ["F32"]}])
 def test_safetensors_entry_of_the_wrong_kind(hf_copy, entry):
     directory = hf_copy()
@@ -928,24 +923,28 @@ def test_safetensors_unsupported_dtype(hf_copy, dtype, name):
 def test_config_json_missing(hf_copy):
     directory = hf_copy()
     (directory / "config.json").unlink()
-    message = load_fails(directory, rf"Cannot find base model '{re.escape(str(directory))}'", r"config\.json")
-    assert "never downloaded" in message
+    load_fails(directory, re.escape(str(directory)), r"has no config\.json")
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "\xff\xfe"])
+def test_config_json_missing_message_says_so(hf_copy):
+    directory = hf_copy()
+    (directory / "config.json").unlink()
+    message = load_fails(directory, re.escape(str(directory)))
+    assert re.search(r"no config\.json|config\.json.*(missing|not found|does not exist)", message), message
+    assert f"huggingface-cli download {directory}" not in message, message
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"", b"\xff\xfe{", b'{"model_type": "llama",}'])
 def test_config_json_invalid(hf_copy, text):
     directory = hf_copy()
-    (directory / "config.json").write_text(text, errors="surrogateescape") if text != "\xff\xfe" else \
-        (directory / "config.json").write_bytes(b"\xff\xfe{")
+    (directory / "config.json").write_bytes(text)
     config = re.escape(str(directory / "config.json"))
     load_fails(directory, config + r": cannot read the model config")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py _hf_config: a config.json that is valid JSON but not an "
-                   "object, or has num_attention_heads 0, escapes as AttributeError / ZeroDivisionError")
-@pytest.mark.parametrize("text", ["[1, 2]", '"llama"', "null", json.dumps({"model_type": "llama", "num_hidden_layers": 2,
-                                                                   "hidden_size": 16, "num_attention_heads": 0,
-                                                                   "intermediate_size": 32, "vocab_size": 32})])
+@pytest.mark.parametrize("text", ["[1, 2]", '"llama"', "null", json.dumps({
+    "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 0,
+    "intermediate_size": 32, "vocab_size": 32})])
 def test_config_json_of_the_wrong_kind(hf_copy, text):
     directory = hf_copy()
     (directory / "config.json").write_text(text)
@@ -957,8 +956,8 @@ def test_config_json_of_the_wrong_kind(hf_copy, text):
     ({"model_type": None}, r"model_type None is not supported"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
     ({"attention_bias": True}, r"attention_bias / mlp_bias checkpoints are not supported"),
-    ({"num_hidden_layers": None}, r"missing or invalid config field: 'num_hidden_layers'"),
-    ({"hidden_size": "wide"}, r"missing or invalid config field"),
+    ({"num_hidden_layers": None}, r"has no 'num_hidden_layers'"),
+    ({"hidden_size": "wide"}, r"hidden_size must be a positive integer .* got 'wide'"),
     ({"num_key_value_heads": 3}, r"2 query heads are not a multiple of 3 kv heads"),
 ])  # fmt: skip
 def test_config_json_unsupported_or_invalid_fields(hf_copy, changes, pattern):
@@ -984,13 +983,9 @@ def test_config_rope_scaling_unsupported(hf_copy, changes):
 def test_config_rope_scaling_incomplete(hf_copy):
     directory = hf_copy()
     edit_config(directory, rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    load_fails(directory, re.escape(str(directory / "config.json")), r"missing or invalid config field: "
-                                                                     r"'low_freq_factor'")
+    load_fails(directory, re.escape(str(directory / "config.json")), r"low_freq_factor must be a positive number")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py _rope_from_hf merges rope_parameters and rope_scaling "
-                   "and prefers any 'rope_type' over 'type', so a legacy rope_scaling {'type': 'yarn'} next to v5's "
-                   "rope_parameters {'rope_type': 'default'} is silently ignored and the model loads unscaled")
 def test_config_rope_scaling_legacy_type_key_is_not_ignored(hf_copy):
     directory = hf_copy()
     assert "rope_parameters" in json.loads((directory / "config.json").read_text())  # as transformers 5 saves it
@@ -998,8 +993,6 @@ def test_config_rope_scaling_legacy_type_key_is_not_ignored(hf_copy):
     load_fails(directory, re.escape(str(directory / "config.json")), r"rope scaling type 'yarn' is not supported")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py read_safetensors_header: a deeply nested JSON header "
-                   "escapes as RecursionError (a RuntimeError) instead of ModelLoadError")
 def test_safetensors_header_deeply_nested(hf_copy):
     directory = hf_copy()
     file = directory / "model.safetensors"
@@ -1010,8 +1003,6 @@ def test_safetensors_header_deeply_nested(hf_copy):
     load_fails(directory, re.escape(str(file)) + r": the safetensors header is not")
 
 
-@pytest.mark.xfail(strict=True, reason="tinker/_models.py _hf_config catches the ModelLoadError of _rope_from_hf "
-                   "as a ValueError and re-wraps it: 'missing or invalid config field: rope scaling type ...'")
 def test_config_rope_scaling_message_is_not_misleading(hf_copy):
     directory = hf_copy()
     edit_config(directory, rope_scaling={"rope_type": "yarn", "factor": 4.0})
@@ -1020,15 +1011,6 @@ def test_config_rope_scaling_message_is_not_misleading(hf_copy):
 
 
 # ==== 4. Resolution ================================================================================
-
-
-@pytest.fixture
-def empty_hf_cache(tmp_path, monkeypatch) -> Path:
-    hub = tmp_path / "hub-cache"
-    hub.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    return hub
 
 
 def test_unknown_name_lists_what_was_searched(empty_hf_cache, tmp_path):
@@ -1047,21 +1029,6 @@ def test_unknown_name_lists_what_was_searched(empty_hf_cache, tmp_path):
             load_model(bad)
     with pytest.raises(ModelLoadError, match="non-empty string"):
         load_model(None)  # type: ignore[arg-type]
-
-
-def make_hf_cache_repo(hub: Path, name: str, checkpoint: Path, *, ref: bool = True) -> Path:
-    repo = hub / ("models--" + name.replace("/", "--"))
-    good = repo / "snapshots" / "a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2"
-    shutil.copytree(checkpoint, good)
-    # a newer snapshot whose config is unusable: refs/main must win over modification time
-    decoy = repo / "snapshots" / "ffffffffffffffffffffffffffffffffffffffff"
-    shutil.copytree(checkpoint, decoy)
-    edit_config(decoy, model_type="gpt2")
-    os.utime(decoy, (time.time() + 100, time.time() + 100))
-    if ref:
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(good.name + "\n")
-    return good
 
 
 def test_hf_cache_resolves_and_loads(empty_hf_cache, hf_checkpoint):

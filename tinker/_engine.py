@@ -91,8 +91,9 @@ def load_model(name: str) -> LoadedModel:
     spec = model_spec(resolve_model(name))
     try:
         handle = get_engine().load_model(spec.config, spec.paths, spec.tensors).result()
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load {name!r}: {e}") from e
+    except (OSError, ValueError, OverflowError, MemoryError) as e:
+        where = str(spec.source.path)
+        raise ModelLoadError(str(e) if where in str(e) else f"cannot load {name!r} ({where}): {e}") from e
     model = LoadedModel(spec, handle)
     with _lock:
         return _models.setdefault(name, model)

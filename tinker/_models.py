@@ -46,7 +46,7 @@ class ModelSpec:
     arch: str
     config: dict                 # the engine's config keys (see csrc/model/model.h)
     paths: list[str]
-    tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, permute_heads)
+    tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, rope_rows_interleaved)
     gguf_metadata: dict | None = field(default=None, repr=False)
 
 
@@ -100,54 +100,90 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "gguf", local.resolve())
     if local.is_dir() and (local / "config.json").is_file():
         return ModelSource(name, "hf", local.resolve())
+    if local.is_dir():
+        raise ModelLoadError(f"{local}: this directory has no config.json; a Hugging Face checkpoint directory needs "
+                             f"config.json, model.safetensors (or a sharded index) and its tokenizer files")
+    if local.is_file():
+        raise ModelLoadError(f"{local}: not a model: pass a .gguf file or a checkpoint directory")
     searched.append(f"a local path {str(local)!r} (a .gguf file or a directory with config.json)")
-    if "/" in name and not name.startswith(("/", ".", "~")):
+    hub_name = "/" in name and not name.startswith(("/", ".", "~"))
+    if hub_name:
         for cache in _hf_cache_dirs():
             snapshot = _from_hf_cache(name, cache)
             if snapshot is not None:
                 return ModelSource(name, "hf", snapshot)
             searched.append(f"the Hugging Face cache {str(cache)!r}")
+    hint = (f", or put the checkpoint in the Hugging Face cache (e.g. `huggingface-cli download {name}` on a machine "
+            f"with network access)" if hub_name else "")
     raise ModelLoadError(
         f"Cannot find base model {name!r}. Searched: {'; '.join(searched)}. Models are never downloaded: pass the "
         f"path of a local Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer files) or of a "
-        f".gguf file, or put the checkpoint in the Hugging Face cache (e.g. `huggingface-cli download {name}` on a "
-        f"machine with network access). The default model {DEFAULT_MODEL!r} needs no download."
+        f".gguf file{hint}. The default model {DEFAULT_MODEL!r} needs no download."
     )
 
 
 # ---- config --------------------------------------------------------------------------------
 
 
-def _rope_from_hf(cfg: dict) -> dict:
-    """Rope theta and scaling from either the v4 keys (rope_theta, rope_scaling) or v5's rope_parameters."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
-    theta = cfg.get("rope_theta", params.get("rope_theta", scaling.get("rope_theta", 10000.0)))
-    merged = {**params, **scaling}
-    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    out = {"rope_theta": float(theta), "rope_scaling": 0}
-    if kind == "default":
-        return out
-    if kind == "linear":
-        return {**out, "rope_scaling": 1, "rope_factor": float(merged["factor"])}
-    if kind == "llama3":
-        return {
-            **out,
-            "rope_scaling": 2,
-            "rope_factor": float(merged["factor"]),
-            "rope_low_freq_factor": float(merged["low_freq_factor"]),
-            "rope_high_freq_factor": float(merged["high_freq_factor"]),
-            "rope_original_context": int(merged["original_max_position_embeddings"]),
-        }
-    raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+def _positive_int(where: str, key: str, value, limit: int = 1 << 30) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise ModelLoadError(f"{where}: {key} must be a positive integer (at most {limit}), got {value!r}")
+    return value
+
+
+def _positive_float(where: str, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ModelLoadError(f"{where}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _rope_kind(spec) -> str | None:
+    if not spec:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"rope settings must be a JSON object, got {spec!r}")
+    return spec.get("rope_type", spec.get("type")) or "default"
+
+
+def _rope_from_hf(where: str, cfg: dict) -> dict:
+    """Rope theta and scaling from the v4 keys (rope_theta, rope_scaling) or v5's rope_parameters; as in
+    transformers, a legacy rope_scaling entry overrides rope_parameters."""
+    try:
+        params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+        kind = _rope_kind(scaling) or _rope_kind(params) or "default"
+        merged = {**(params or {}), **(scaling or {})}
+        theta = _positive_float(where, "rope_theta", cfg.get("rope_theta", merged.get("rope_theta", 10000.0)))
+        out = {"rope_theta": theta, "rope_scaling": 0}
+        if kind == "default":
+            return out
+        if kind == "linear":
+            return {**out, "rope_scaling": 1, "rope_factor": _positive_float(where, "rope factor", merged.get("factor"))}
+        if kind == "llama3":
+            return {
+                **out,
+                "rope_scaling": 2,
+                "rope_factor": _positive_float(where, "rope factor", merged.get("factor")),
+                "rope_low_freq_factor": _positive_float(where, "low_freq_factor", merged.get("low_freq_factor")),
+                "rope_high_freq_factor": _positive_float(where, "high_freq_factor", merged.get("high_freq_factor")),
+                "rope_original_context": _positive_int(where, "original_max_position_embeddings",
+                                                       merged.get("original_max_position_embeddings")),
+            }
+    except ValueError as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{where}: invalid rope settings: {e}") from e
+    raise ModelLoadError(f"{where}: rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     path = directory / "config.json"
+    where = str(path)
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ModelLoadError(f"{path}: cannot read the model config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: the model config is not a JSON object")
     arch = cfg.get("model_type")
     if arch not in _SUPPORTED_ARCHS:
         raise ModelLoadError(f"{path}: model_type {arch!r} is not supported (supported: {', '.join(_SUPPORTED_ARCHS)})")
@@ -157,59 +193,63 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         raise ModelLoadError(f"{path}: attention_bias / mlp_bias checkpoints are not supported")
     if cfg.get("use_sliding_window"):
         raise ModelLoadError(f"{path}: sliding-window attention (use_sliding_window) is not supported")
-    try:
-        heads = int(cfg["num_attention_heads"])
-        d_model = int(cfg["hidden_size"])
-        config = {
-            "n_layers": int(cfg["num_hidden_layers"]),
-            "d_model": d_model,
-            "n_heads": heads,
-            "n_kv_heads": int(cfg.get("num_key_value_heads") or heads),
-            "head_dim": int(cfg.get("head_dim") or d_model // heads),
-            "d_ff": int(cfg["intermediate_size"]),
-            "vocab_size": int(cfg["vocab_size"]),
-            "max_context": int(cfg.get("max_position_embeddings", 2048)),
-            "rms_eps": float(cfg.get("rms_norm_eps", 1e-6)),
-            "tied_embeddings": int(bool(cfg.get("tie_word_embeddings", False))),
-            "qkv_bias": int(arch == "qwen2"),
-            "qk_norm": int(arch == "qwen3"),
-            **_rope_from_hf(cfg),
-        }
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{path}: missing or invalid config field: {e}") from e
+
+    def need(key):
+        if key not in cfg:
+            raise ModelLoadError(f"{path}: the model config has no {key!r}")
+        return _positive_int(where, key, cfg[key])
+
+    heads, d_model = need("num_attention_heads"), need("hidden_size")
+    config = {
+        "n_layers": need("num_hidden_layers"),
+        "d_model": d_model,
+        "n_heads": heads,
+        "n_kv_heads": _positive_int(where, "num_key_value_heads", cfg.get("num_key_value_heads") or heads),
+        "head_dim": _positive_int(where, "head_dim", cfg.get("head_dim") or d_model // heads),
+        "d_ff": need("intermediate_size"),
+        "vocab_size": need("vocab_size"),
+        "max_context": _positive_int(where, "max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
+        "rms_eps": _positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
+        "tied_embeddings": int(bool(cfg.get("tie_word_embeddings", False))),
+        "qkv_bias": int(arch == "qwen2"),
+        "qk_norm": int(arch == "qwen3"),
+        **_rope_from_hf(where, cfg),
+    }
     return arch, config, bool(config["tied_embeddings"])
 
 
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
+    where = str(path)
     arch = meta.get("general.architecture")
     if arch not in _SUPPORTED_ARCHS:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_SUPPORTED_ARCHS)})")
 
-    def key(name, default=None):
+    def key(name, default=None, kind=_positive_int):
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
             raise ModelLoadError(f"{path}: GGUF metadata has no '{arch}.{name}'")
-        return value
+        return kind(where, f"GGUF metadata '{arch}.{name}'", value)
 
-    heads = int(key("attention.head_count"))
-    d_model = int(key("embedding_length"))
+    heads = key("attention.head_count")
+    d_model = key("embedding_length")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    rope = {"rope_theta": float(key("rope.freq_base", 10000.0)), "rope_scaling": 0}
+    rope = {"rope_theta": key("rope.freq_base", 10000.0, _positive_float), "rope_scaling": 0}
     if scaling == "linear":
-        rope.update(rope_scaling=1, rope_factor=float(key("rope.scaling.factor")))
+        rope.update(rope_scaling=1, rope_factor=key("rope.scaling.factor", kind=_positive_float))
     elif scaling not in ("none", None):
-        raise ModelLoadError(f"{path}: rope scaling type {scaling!r} is not supported (supported: none, linear, llama3)")
+        raise ModelLoadError(f"{path}: rope scaling type {scaling!r} is not supported (supported: none, linear, and "
+                             f"llama3 through a rope_freqs tensor)")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     config = {
-        "n_layers": int(key("block_count")),
+        "n_layers": key("block_count"),
         "d_model": d_model,
         "n_heads": heads,
-        "n_kv_heads": int(key("attention.head_count_kv", heads)),
-        "head_dim": int(key("attention.key_length", d_model // heads)),
-        "d_ff": int(key("feed_forward_length")),
-        "vocab_size": int(vocab),
-        "max_context": int(key("context_length")),
-        "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "n_kv_heads": key("attention.head_count_kv", heads),
+        "head_dim": key("attention.key_length", d_model // heads),
+        "d_ff": key("feed_forward_length"),
+        "vocab_size": _positive_int(where, f"GGUF metadata '{arch}.vocab_size'", vocab),
+        "max_context": key("context_length"),
+        "rms_eps": key("attention.layer_norm_rms_epsilon", kind=_positive_float),
         "tied_embeddings": int("output.weight" not in tensor_names),
         "qkv_bias": int(arch == "qwen2"),
         "qk_norm": int(arch == "qwen3"),
@@ -260,9 +300,15 @@ def _safetensors_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ModelLoadError(f"{index}: cannot read the shard index: {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index}: weight_map must map tensor names to shard file names")
         names = sorted(set(weight_map.values()))
+        root = directory.resolve()
+        for n in names:
+            if (directory / n).resolve().parent != root:
+                raise ModelLoadError(f"{index}: shard {n!r} is not a file inside the checkpoint directory")
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise ModelLoadError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
@@ -272,6 +318,22 @@ def _safetensors_files(directory: Path) -> list[Path]:
         return [single]
     raise ModelLoadError(f"{directory}: no model.safetensors or model.safetensors.index.json (only safetensors "
                          f"checkpoints are supported)")
+
+
+def _header_entry(path: Path, name: str, info, data_start: int, size: int) -> tuple:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry: {e!r}") from e
+    ints = [begin, end, *shape] if isinstance(shape, list) else None
+    if not isinstance(dtype, str) or ints is None or any(
+            isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 1 << 48 for x in ints):
+        raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry (dtype must be a string, shape "
+                             f"and data_offsets lists of non-negative integers)")
+    if not begin <= end or data_start + end > size:
+        raise ModelLoadError(f"{path}: tensor {name!r} data [{begin}, {end}) lies outside the file "
+                             f"({size - data_start} data bytes); the file is truncated or corrupt")
+    return dtype, shape, data_start + begin, end - begin
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -289,28 +351,41 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read: {e}") from e
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path}: the safetensors header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: the safetensors header is not a JSON object")
     data_start = 8 + header_len
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry: {e}") from e
-        if not 0 <= begin <= end or data_start + end > size:
-            raise ModelLoadError(f"{path}: tensor {name!r} data [{begin}, {end}) lies outside the file "
-                                 f"({size - data_start} data bytes); the file is truncated or corrupt")
-        out[name] = (dtype, shape, data_start + begin, end - begin)
-    return out
+    return {name: _header_entry(path, name, info, data_start, size)
+            for name, info in header.items() if name != "__metadata__"}
 
 
 # ---- specs ----------------------------------------------------------------------------------
+
+
+def _required_roles(config: dict) -> list[tuple[str, int]]:
+    """(role, layer) pairs the engine needs for this config; layer -1 for model-wide tensors."""
+    roles = [("embed", -1), ("final_norm", -1)] + ([] if config["tied_embeddings"] else [("lm_head", -1)])
+    per_layer = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
+    per_layer += ["q_bias", "k_bias", "v_bias"] if config["qkv_bias"] else []
+    per_layer += ["q_norm", "k_norm"] if config["qk_norm"] else []
+    return roles + [(r, layer) for layer in range(config["n_layers"]) for r in per_layer]
+
+
+def _check_tensors(where: str, config: dict, tensors: list[tuple], global_map: dict, layer_map: dict,
+                   layer_prefix: str):
+    """Every tensor the config needs is present (named as this file format names it) and 1-D or 2-D."""
+    present = {(t[1], t[2]) for t in tensors}
+    for role, layer in _required_roles(config):
+        if (role, layer) not in present:
+            table = global_map if layer < 0 else layer_map
+            suffix = next(k for k, v in table.items() if v == role)
+            name = suffix if layer < 0 else f"{layer_prefix}{layer}.{suffix}"
+            raise ModelLoadError(f"{where}: tensor {name!r} is missing ({role} of "
+                                 f"{'the model' if layer < 0 else f'layer {layer}'})")
+    for t in tensors:
+        if not 1 <= len(t[7]) <= 2:
+            raise ModelLoadError(f"{where}: tensor {t[0]!r} has {len(t[7])} dimensions; the model's tensors have 1 or 2")
 
 
 def _hf_spec(source: ModelSource) -> ModelSpec:
@@ -327,10 +402,12 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                                      f"runs (unexpected or unsupported weight)")
             if role[0] == "lm_head" and tied:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
-            if dtype not in _SAFETENSORS_TYPES:
+            if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
                 raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
             tensors.append((name, role[0], role[1], file_index, offset, nbytes, _SAFETENSORS_TYPES[dtype],
-                            tuple(shape), 0))
+                            tuple(shape), False))
+    where = str(files[0] if len(files) == 1 else source.path)
+    _check_tensors(where, config, tensors, _HF_GLOBAL, _HF_LAYER, "model.layers.")
     return ModelSpec(source, arch, config, [str(p) for p in files], tensors)
 
 
@@ -348,12 +425,10 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
         if role is None:
             raise ModelLoadError(f"{source.path}: tensor {t['name']!r} is not part of the {arch} architecture "
                                  f"the engine runs")
-        permute = 0
-        if arch == "llama" and role[0] in ("q", "q_bias"):
-            permute = config["n_heads"]  # the converter interleaved the rotate_half halves of each head
-        elif arch == "llama" and role[0] in ("k", "k_bias"):
-            permute = config["n_kv_heads"]
-        tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], permute))
+        # llama.cpp's converter interleaves each head's rotate_half halves in q and k; the engine undoes it
+        interleaved = arch == "llama" and role[0] in ("q", "k", "q_bias", "k_bias")
+        tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved))
+    _check_tensors(str(source.path), config, tensors, _GGUF_GLOBAL, _GGUF_LAYER, "blk.")
     return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta)
 
 

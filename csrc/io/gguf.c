@@ -109,6 +109,21 @@ tk_status tk_gguf_parse_value(tk_gguf_value *out, const uint8_t *p, const uint8_
     return TK_OK;
 }
 
+/* Keys and tensor names must be UTF-8 (they become Python str); values are
+ * decoded leniently by the binding. */
+static int valid_utf8(const uint8_t *s, uint64_t n)
+{
+    for (uint64_t i = 0; i < n;) {
+        uint8_t c = s[i];
+        int extra = c < 0x80 ? 0 : (c & 0xe0) == 0xc0 ? 1 : (c & 0xf0) == 0xe0 ? 2 : (c & 0xf8) == 0xf0 ? 3 : -1;
+        if (extra < 0 || (extra == 1 && c < 0xc2) || i + (uint64_t)extra >= n + (extra == 0)) return 0;
+        for (int k = 1; k <= extra; k++)
+            if ((s[i + (uint64_t)k] & 0xc0) != 0x80) return 0;
+        i += (uint64_t)extra + 1;
+    }
+    return 1;
+}
+
 /* Copies a name into the string block; returns its offset in the block. */
 static size_t intern(char *block, size_t *used, const uint8_t *s, uint64_t len)
 {
@@ -153,6 +168,8 @@ static tk_status walk_infos(tk_gguf *g, cursor *c, char *block, size_t *used)
         uint64_t key_len = 0;
         uint32_t type = 0;
         TK_TRY(read_string(c, &key, &key_len, "metadata key"));
+        if (!valid_utf8(key, key_len))
+            return tk_error(TK_ERR_FORMAT, "%s: metadata key %llu is not valid UTF-8", c->path, (unsigned long long)i);
         TK_TRY(read_u32(c, &type, "metadata value type"));
         tk_gguf_kv *kv = &g->kv[i];
         size_t key_at = intern(block, used, key, key_len);
@@ -167,6 +184,9 @@ static tk_status walk_infos(tk_gguf *g, cursor *c, char *block, size_t *used)
         const uint8_t *name = NULL;
         uint64_t name_len = 0;
         TK_TRY(read_string(c, &name, &name_len, "tensor name"));
+        if (!valid_utf8(name, name_len))
+            return tk_error(TK_ERR_FORMAT, "%s: the name of tensor %llu is not valid UTF-8", c->path,
+                            (unsigned long long)i);
         if (name_len >= GGUF_MAX_NAME)
             return tk_error(TK_ERR_FORMAT, "%s: tensor %llu has a name of %llu bytes (at most %d allowed)",
                             c->path, (unsigned long long)i, (unsigned long long)name_len, GGUF_MAX_NAME - 1);
@@ -238,18 +258,33 @@ static tk_status place_tensors(tk_gguf *g, const char *path, uint64_t end_of_inf
     return TK_OK;
 }
 
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Returns a name that occurs twice in names[n] (sorted in place), or NULL. */
+static const char *find_duplicate(const char **names, uint64_t n)
+{
+    qsort(names, (size_t)n, sizeof *names, compare_names);
+    for (uint64_t i = 1; i < n; i++)
+        if (strcmp(names[i - 1], names[i]) == 0) return names[i];
+    return NULL;
+}
+
 static tk_status check_duplicates(const tk_gguf *g, const char *path)
 {
-    /* quadratic, but only over a few hundred entries and once per load */
-    for (uint64_t i = 0; i < g->n_kv; i++)
-        for (uint64_t j = 0; j < i; j++)
-            if (strcmp(g->kv[i].key, g->kv[j].key) == 0)
-                return tk_error(TK_ERR_FORMAT, "%s: metadata key '%s' appears twice", path, g->kv[i].key);
-    for (uint64_t i = 0; i < g->n_tensors; i++)
-        for (uint64_t j = 0; j < i; j++)
-            if (strcmp(g->tensors[i].name, g->tensors[j].name) == 0)
-                return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' appears twice", path, g->tensors[i].name);
-    return TK_OK;
+    uint64_t most = g->n_kv > g->n_tensors ? g->n_kv : g->n_tensors;
+    const char **names = malloc((size_t)(most ? most : 1) * sizeof *names);
+    if (!names) return tk_error(TK_ERR_NOMEM, "%s: out of memory indexing GGUF", path);
+    for (uint64_t i = 0; i < g->n_kv; i++) names[i] = g->kv[i].key;
+    const char *dup = find_duplicate(names, g->n_kv);
+    tk_status s = dup ? tk_error(TK_ERR_FORMAT, "%s: metadata key '%s' appears twice", path, dup) : TK_OK;
+    for (uint64_t i = 0; s == TK_OK && i < g->n_tensors; i++) names[i] = g->tensors[i].name;
+    if (s == TK_OK && (dup = find_duplicate(names, g->n_tensors)))
+        s = tk_error(TK_ERR_FORMAT, "%s: tensor '%s' appears twice", path, dup);
+    free(names);
+    return s;
 }
 
 static tk_status parse(tk_gguf *g, const char *path)

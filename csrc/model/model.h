@@ -72,7 +72,7 @@ typedef struct {
     int type;              /* ggml type id (safetensors F32/F16/BF16 use the same ids) */
     int n_dims;
     int64_t shape[2];
-    int permute_heads;     /* > 0: GGUF llama q/k row order, undo with this many heads */
+    int rope_rows_interleaved; /* GGUF llama q/k: each head's rotate_half partners are adjacent rows */
 } tk_tensor_source;
 
 int tk_model_qkv_rows(const tk_model_config *cfg);

@@ -8,6 +8,7 @@
  * tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,49 +36,68 @@ static int role_from_name(const char *name)
     return -1;
 }
 
-/* Where a role's tensor lives in the block and what shape it must have. */
+/* What the config asks of a role: its shape, whether this configuration uses
+ * it at all and whether it must be present. */
 typedef struct {
-    float *dst;
-    int n_dims;
+    int used, required, n_dims;
     int64_t shape[2];
-    int required;
 } slot;
 
-static slot slot_for(tk_model *m, int role, int layer)
+static slot slot_for(const tk_model_config *c, int role)
 {
-    const tk_model_config *c = &m->cfg;
     int64_t D = c->d_model, Dh = c->head_dim, F = c->d_ff, V = c->vocab_size;
     int64_t q_rows = (int64_t)c->n_heads * Dh, kv_rows = (int64_t)c->n_kv_heads * Dh;
-    slot s = {0};
-    s.required = 1;
-    tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
+    slot s = {1, 1, 1, {0, 1}};
 #define SHAPE1(a) (s.n_dims = 1, s.shape[0] = (a), s.shape[1] = 1)
 #define SHAPE2(a, b) (s.n_dims = 2, s.shape[0] = (a), s.shape[1] = (b))
     switch (role) {
-    case R_EMBED: s.dst = m->w.embed; SHAPE2(V, D); break;
-    case R_FINAL_NORM: s.dst = m->w.final_norm; SHAPE1(D); break;
-    case R_LM_HEAD: s.dst = c->tied_embeddings ? NULL : m->w.lm_head; s.required = !c->tied_embeddings;
-        SHAPE2(V, D); break;
-    case R_ROPE_FREQS: s.dst = m->w.rope_inv_freq; s.required = 0; SHAPE1(Dh / 2); break;
-    case R_ATTN_NORM: s.dst = L->attn_norm; SHAPE1(D); break;
-    case R_Q: s.dst = L->wqkv; SHAPE2(q_rows, D); break;
-    case R_K: s.dst = L->wqkv + q_rows * D; SHAPE2(kv_rows, D); break;
-    case R_V: s.dst = L->wqkv + (q_rows + kv_rows) * D; SHAPE2(kv_rows, D); break;
-    case R_O: s.dst = L->wo; SHAPE2(D, q_rows); break;
-    case R_Q_BIAS: s.dst = L->bqkv; s.required = c->qkv_bias; SHAPE1(q_rows); break;
-    case R_K_BIAS: s.dst = L->bqkv ? L->bqkv + q_rows : NULL; s.required = c->qkv_bias; SHAPE1(kv_rows); break;
-    case R_V_BIAS: s.dst = L->bqkv ? L->bqkv + q_rows + kv_rows : NULL; s.required = c->qkv_bias;
-        SHAPE1(kv_rows); break;
-    case R_Q_NORM: s.dst = L->q_norm; s.required = c->qk_norm; SHAPE1(Dh); break;
-    case R_K_NORM: s.dst = L->k_norm; s.required = c->qk_norm; SHAPE1(Dh); break;
-    case R_MLP_NORM: s.dst = L->mlp_norm; SHAPE1(D); break;
-    case R_GATE: s.dst = L->w_gate_up; SHAPE2(F, D); break;
-    case R_UP: s.dst = L->w_gate_up + F * D; SHAPE2(F, D); break;
-    case R_DOWN: s.dst = L->w_down; SHAPE2(D, F); break;
+    case R_EMBED: SHAPE2(V, D); break;
+    case R_FINAL_NORM: SHAPE1(D); break;
+    case R_LM_HEAD: s.used = s.required = !c->tied_embeddings; SHAPE2(V, D); break;
+    case R_ROPE_FREQS: s.required = 0; SHAPE1(Dh / 2); break;
+    case R_ATTN_NORM: case R_MLP_NORM: SHAPE1(D); break;
+    case R_Q: SHAPE2(q_rows, D); break;
+    case R_K: case R_V: SHAPE2(kv_rows, D); break;
+    case R_O: SHAPE2(D, q_rows); break;
+    case R_Q_BIAS: s.used = s.required = c->qkv_bias; SHAPE1(q_rows); break;
+    case R_K_BIAS: case R_V_BIAS: s.used = s.required = c->qkv_bias; SHAPE1(kv_rows); break;
+    case R_Q_NORM: case R_K_NORM: s.used = s.required = c->qk_norm; SHAPE1(Dh); break;
+    case R_GATE: case R_UP: SHAPE2(F, D); break;
+    case R_DOWN: SHAPE2(D, F); break;
     }
 #undef SHAPE1
 #undef SHAPE2
     return s;
+}
+
+/* Where a role's tensor goes in the block (after allocate()). */
+static float *slot_dst(tk_model *m, int role, int layer)
+{
+    const tk_model_config *c = &m->cfg;
+    size_t D = (size_t)c->d_model, F = (size_t)c->d_ff;
+    size_t q_rows = (size_t)c->n_heads * c->head_dim, kv_rows = (size_t)c->n_kv_heads * c->head_dim;
+    tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
+    switch (role) {
+    case R_EMBED: return m->w.embed;
+    case R_FINAL_NORM: return m->w.final_norm;
+    case R_LM_HEAD: return m->w.lm_head;
+    case R_ROPE_FREQS: return m->w.rope_inv_freq;
+    case R_ATTN_NORM: return L->attn_norm;
+    case R_Q: return L->wqkv;
+    case R_K: return L->wqkv + q_rows * D;
+    case R_V: return L->wqkv + (q_rows + kv_rows) * D;
+    case R_O: return L->wo;
+    case R_Q_BIAS: return L->bqkv;
+    case R_K_BIAS: return L->bqkv + q_rows;
+    case R_V_BIAS: return L->bqkv + q_rows + kv_rows;
+    case R_Q_NORM: return L->q_norm;
+    case R_K_NORM: return L->k_norm;
+    case R_MLP_NORM: return L->mlp_norm;
+    case R_GATE: return L->w_gate_up;
+    case R_UP: return L->w_gate_up + F * D;
+    case R_DOWN: return L->w_down;
+    }
+    return NULL;
 }
 
 /* ---- the size table and the one allocation ---------------------------- */
@@ -142,49 +162,53 @@ static tk_status allocate(tk_model *m)
 
 typedef struct {
     const tk_tensor_source *src;
+    int role;
     const uint8_t *bytes;   /* in the map */
-    float *dst;
+    float *dst;             /* set once the block is allocated */
     size_t rows, row_elems, row_bytes;
     int head_dim;           /* for un-permuting GGUF q/k rows */
 } convert_job;
 
-static tk_status check_source(convert_job *job, tk_model *m, const tk_tensor_source *s,
+static tk_status shape_error(const char *path, const tk_tensor_source *s, slot sl)
+{
+    char got[64], want[64];
+    if (s->n_dims == 1) snprintf(got, sizeof got, "[%lld]", (long long)s->shape[0]);
+    else snprintf(got, sizeof got, "[%lld, %lld]", (long long)s->shape[0], (long long)s->shape[1]);
+    if (sl.n_dims == 1) snprintf(want, sizeof want, "[%lld]", (long long)sl.shape[0]);
+    else snprintf(want, sizeof want, "[%lld, %lld]", (long long)sl.shape[0], (long long)sl.shape[1]);
+    return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape %s, but the config needs %s", path, s->name, got, want);
+}
+
+/* Validates one source against the config and its file; fills the job
+ * (except dst). Nothing is allocated yet, so a bad file fails fast. */
+static tk_status check_source(convert_job *job, const tk_model_config *c, const tk_tensor_source *s,
                               const tk_mapped_file *files, int n_files, unsigned char *filled)
 {
-    const tk_model_config *c = &m->cfg;
-    int role = role_from_name(s->role);
-    if (role < 0) return tk_error(TK_ERR_INVALID, "tensor '%s': unknown role '%s'", s->name, s->role);
-    int per_layer = role >= R_FIRST_LAYER_ROLE;
-    if (per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1)
-        return tk_error(TK_ERR_INVALID, "tensor '%s': layer %d is out of range (the model has %d layers)",
-                        s->name, s->layer, c->n_layers);
     if (s->file < 0 || s->file >= n_files)
         return tk_error(TK_ERR_INVALID, "tensor '%s': file index %d out of range", s->name, s->file);
     const char *path = files[s->file].path;
-    slot sl = slot_for(m, role, s->layer);
-    if (!sl.dst)
+    int role = role_from_name(s->role);
+    if (role < 0) return tk_error(TK_ERR_INVALID, "%s: tensor '%s': unknown role '%s'", path, s->name, s->role);
+    int per_layer = role >= R_FIRST_LAYER_ROLE;
+    if (per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is for layer %d, but the config has %d layers", path,
+                        s->name, s->layer, c->n_layers);
+    slot sl = slot_for(c, role);
+    if (!sl.used)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%s) is not used by this configuration (check the config: "
                         "tied embeddings, qkv bias, q/k norm)", path, s->name, s->role);
     unsigned char *flag = &filled[(size_t)(s->layer + 1) * R_COUNT + (size_t)role];
     if (*flag) return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' supplies %s of layer %d a second time", path,
                                s->name, s->role, s->layer);
     *flag = 1;
-    int64_t got1 = s->shape[0], got2 = s->n_dims == 2 ? s->shape[1] : 1;
-    if (s->n_dims != sl.n_dims || got1 != sl.shape[0] || got2 != sl.shape[1]) {
-        if (sl.n_dims == 1)
-            return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape [%lld%s%lld], but the config needs [%lld]",
-                            path, s->name, (long long)got1, s->n_dims == 2 ? ", " : "",
-                            s->n_dims == 2 ? (long long)got2 : 0LL, (long long)sl.shape[0]);
-        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld], but the config needs [%lld, %lld]",
-                        path, s->name, (long long)got1, (long long)got2, (long long)sl.shape[0],
-                        (long long)sl.shape[1]);
-    }
+    int64_t got2 = s->n_dims == 2 ? s->shape[1] : 1;
+    if (s->n_dims != sl.n_dims || s->shape[0] != sl.shape[0] || got2 != sl.shape[1]) return shape_error(path, s, sl);
     if (!tk_quant_is_supported(s->type))
-        return tk_error(TK_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s (ggml id %d), which this engine cannot "
+        return tk_error(TK_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s (ggml id %u), which this engine cannot "
                         "decode; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K",
-                        path, s->name, tk_quant_type_name(s->type), s->type);
+                        path, s->name, tk_quant_type_name(s->type), (unsigned)s->type);
     size_t row_elems = (size_t)(sl.n_dims == 2 ? sl.shape[1] : 1), rows = (size_t)sl.shape[0];
-    if (sl.n_dims == 1 && s->permute_heads == 0) { row_elems = (size_t)sl.shape[0]; rows = 1; }
+    if (sl.n_dims == 1 && !s->rope_rows_interleaved) { row_elems = (size_t)sl.shape[0]; rows = 1; }
     size_t row_bytes = tk_quant_row_bytes(s->type, row_elems);
     if (row_bytes == 0)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' of type %s has rows of %zu elements, not a multiple of "
@@ -197,30 +221,28 @@ static tk_status check_source(convert_job *job, tk_model *m, const tk_tensor_sou
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%llu bytes at byte %llu) lies past the end of the file "
                         "(%zu bytes); the file is truncated or its header is wrong", path, s->name,
                         (unsigned long long)s->nbytes, (unsigned long long)s->offset, files[s->file].size);
-    if (s->permute_heads > 0 && (rows % (size_t)c->head_dim != 0 || c->head_dim % 2 != 0))
+    if (s->rope_rows_interleaved && rows % (size_t)c->head_dim != 0)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' cannot be un-permuted with head dim %d", path, s->name,
                         c->head_dim);
     job->src = s;
+    job->role = role;
     job->bytes = files[s->file].data + s->offset;
-    job->dst = sl.dst;
     job->rows = rows;
     job->row_elems = row_elems;
     job->row_bytes = row_bytes;
-    job->head_dim = s->permute_heads > 0 ? c->head_dim : 0;
+    job->head_dim = s->rope_rows_interleaved ? c->head_dim : 0;
     return TK_OK;
 }
 
-static tk_status check_complete(const tk_model *m, const unsigned char *filled)
+static tk_status check_complete(const tk_model_config *c, const unsigned char *filled, const char *path)
 {
-    for (int layer = -1; layer < m->cfg.n_layers; layer++) {
+    for (int layer = -1; layer < c->n_layers; layer++) {
         int first = layer < 0 ? 0 : R_FIRST_LAYER_ROLE, last = layer < 0 ? R_FIRST_LAYER_ROLE : R_COUNT;
         for (int r = first; r < last; r++) {
-            slot sl = slot_for((tk_model *)m, r, layer);
-            if (sl.required && !filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) {
-                if (layer < 0) return tk_error(TK_ERR_FORMAT, "the model files have no %s tensor", role_names[r]);
-                return tk_error(TK_ERR_FORMAT, "the model files have no %s tensor for layer %d", role_names[r],
-                                layer);
-            }
+            if (!slot_for(c, r).required || filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) continue;
+            if (layer < 0) return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor", path, role_names[r]);
+            return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for layer %d", path, role_names[r],
+                            layer);
         }
     }
     return TK_OK;
@@ -278,6 +300,8 @@ static void compute_rope(tk_model *m, int have_rope_freqs)
     }
 }
 
+/* Maps the files, checks every source, then allocates the block and converts
+ * all tensors in parallel; the maps are released before returning. */
 static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths, const tk_tensor_source *src,
                               int n_src, tk_pool *pool)
 {
@@ -289,10 +313,16 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
         s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
         goto done;
     }
+    if (n_paths < 1) {
+        s = tk_error(TK_ERR_INVALID, "no model files given");
+        goto done;
+    }
     for (int f = 0; f < n_paths && s == TK_OK; f++) s = tk_file_map(&files[f], paths[f]);
-    for (int i = 0; i < n_src && s == TK_OK; i++) s = check_source(&jobs[i], m, &src[i], files, n_paths, filled);
-    if (s == TK_OK) s = check_complete(m, filled);
+    for (int i = 0; i < n_src && s == TK_OK; i++) s = check_source(&jobs[i], &m->cfg, &src[i], files, n_paths, filled);
+    if (s == TK_OK) s = check_complete(&m->cfg, filled, paths[0]);
+    if (s == TK_OK) s = allocate(m);
     if (s == TK_OK) {
+        for (int i = 0; i < n_src; i++) jobs[i].dst = slot_dst(m, jobs[i].role, jobs[i].src->layer);
         tk_pool_run(pool, n_src, convert_task, jobs);
         compute_rope(m, filled[R_ROPE_FREQS]);
     }
@@ -313,8 +343,7 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
     if (!m) return tk_error(TK_ERR_NOMEM, "out of memory");
     m->cfg = *cfg;
     atomic_init(&m->refcount, 1);
-    tk_status s = allocate(m);
-    if (s == TK_OK) s = load_sources(m, paths, n_paths, src, n_src, pool);
+    tk_status s = load_sources(m, paths, n_paths, src, n_src, pool);
     if (s != TK_OK) {
         tk_model_release(m);
         return s;

@@ -277,17 +277,19 @@ static int parse_config(PyObject *d, tk_model_config *c)
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
- * shape, permute_heads); names and roles borrow the tuples' strings. */
+ * shape, rope_rows_interleaved); names and roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *shape;
         unsigned long long offset, nbytes;
+        unsigned int type;
         tk_tensor_source *s = &src[i];
-        if (!PyArg_ParseTuple(item, "ssiiKKiOi;tensor source must be (name, role, layer, file, offset, nbytes, "
-                              "type, shape, permute_heads)", &s->name, &s->role, &s->layer, &s->file, &offset, &nbytes,
-                              &s->type, &shape, &s->permute_heads))
+        if (!PyArg_ParseTuple(item, "ssiiKKIOp;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, rope_rows_interleaved)", &s->name, &s->role, &s->layer, &s->file, &offset,
+                              &nbytes, &type, &shape, &s->rope_rows_interleaved))
             return -1;
+        s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;
         s->nbytes = nbytes;
         PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");

@@ -23,7 +23,12 @@ PyObject *tk_py_raise(tk_status status, const char *message)
     case TK_ERR_NOMEM: type = PyExc_MemoryError; break;
     default: break;
     }
-    PyErr_SetString(type, message);
+    /* messages may quote bytes from a corrupt file: decode leniently */
+    PyObject *text = PyUnicode_DecodeUTF8(message, (Py_ssize_t)strlen(message), "replace");
+    if (text) {
+        PyErr_SetObject(type, text);
+        Py_DECREF(text);
+    }
     return NULL;
 }
 
@@ -80,6 +85,11 @@ static PyObject *gguf_value_to_py(const tk_gguf_value *v, const uint8_t *end, in
     return gguf_scalar_to_py(v->type, v->payload);
 }
 
+static PyObject *decode_name(const char *name)
+{
+    return PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "replace");
+}
+
 static PyObject *gguf_tensors_to_py(const tk_gguf *g)
 {
     PyObject *list = PyList_New((Py_ssize_t)g->n_tensors);
@@ -90,7 +100,9 @@ static PyObject *gguf_tensors_to_py(const tk_gguf *g)
         if (!shape) goto error;
         for (uint32_t d = 0; d < t->n_dims; d++)
             PyTuple_SET_ITEM(shape, d, PyLong_FromUnsignedLongLong(t->ne[t->n_dims - 1 - d]));
-        PyObject *item = Py_BuildValue("{s:s,s:I,s:s,s:N,s:K,s:K}", "name", t->name, "type", t->type, "type_name",
+        /* names are bytes in the file: undecodable ones get U+FFFD and fail to match any tensor */
+        PyObject *item = Py_BuildValue("{s:N,s:I,s:s,s:N,s:K,s:K}", "name", decode_name(t->name), "type", t->type,
+                                       "type_name",
                                        tk_quant_type_name((int)t->type), "shape", shape, "offset",
                                        (unsigned long long)t->offset, "nbytes", (unsigned long long)t->nbytes);
         if (!item) goto error;
@@ -117,13 +129,15 @@ static PyObject *py_read_gguf(PyObject *module, PyObject *args)
     PyObject *meta = PyDict_New(), *tensors = NULL, *result = NULL;
     const uint8_t *end = g->file.data + g->file.size;
     for (uint64_t i = 0; meta && i < g->n_kv; i++) {
-        PyObject *value = gguf_value_to_py(&g->kv[i].value, end, 0);
-        if (!value || PyDict_SetItemString(meta, g->kv[i].key, value) < 0) {
+        PyObject *value = gguf_value_to_py(&g->kv[i].value, end, 0), *key = value ? decode_name(g->kv[i].key) : NULL;
+        if (!key || PyDict_SetItem(meta, key, value) < 0) {
             Py_XDECREF(value);
+            Py_XDECREF(key);
             Py_CLEAR(meta);
             break;
         }
         Py_DECREF(value);
+        Py_DECREF(key);
     }
     if (meta) tensors = gguf_tensors_to_py(g);
     if (meta && tensors)
