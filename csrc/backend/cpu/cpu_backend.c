@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "vec_math.h"
 
 typedef struct {
     tk_backend base;
@@ -80,19 +81,6 @@ static void cpu_embed(tk_backend *be, float *x, const float *table, const int32_
     for (int t = 0; t < T; t++) memcpy(x + (size_t)t * D, table + (size_t)tokens[t] * D, (size_t)D * sizeof(float));
 }
 
-/* Sum of squares with 16 independent partial sums: vectorisable without
- * reassociating a single accumulator (which gcc will not do without -ffast-math). */
-static float sum_of_squares(const float *x, int n)
-{
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += x[i + j] * x[i + j];
-    float s = 0;
-    for (; i < n; i++) s += x[i] * x[i];
-    for (int j = 0; j < 16; j++) s += acc[j];
-    return s;
-}
 
 typedef struct {
     float *y;
@@ -111,7 +99,7 @@ static void rmsnorm_task(void *ctx, int task, int thread)
         const float *x = a->x + (size_t)r * a->ldx;
         float *y = a->y + (size_t)r * a->ldy;
         /* as HF: x * rsqrt(mean(x^2) + eps), then times the weight */
-        float inv = 1.0f / sqrtf(sum_of_squares(x, a->n) / (float)a->n + a->eps);
+        float inv = 1.0f / sqrtf(tk_sum_of_squares(x, a->n) / (float)a->n + a->eps);
         for (int i = 0; i < a->n; i++) y[i] = (x[i] * inv) * a->w[i];
     }
 }
@@ -175,14 +163,9 @@ static void causal_softmax(float *S, int rows, int n_keys, int q0)
     for (int p = 0; p < rows; p++) {
         float *s = S + (size_t)p * n_keys;
         int visible = q0 + p + 1;
-        float max = -INFINITY;
-        for (int j = 0; j < visible; j++) max = s[j] > max ? s[j] : max;
-        float sum = 0;
-        for (int j = 0; j < visible; j++) {
-            s[j] = expf(s[j] - max);
-            sum += s[j];
-        }
-        float inv = 1.0f / sum;
+        float max = tk_max(s, visible);
+        for (int j = 0; j < visible; j++) s[j] = tk_expf(s[j] - max);
+        float inv = 1.0f / tk_sum(s, visible);
         for (int j = 0; j < visible; j++) s[j] *= inv;
         for (int j = visible; j < n_keys; j++) s[j] = 0.0f;
     }
@@ -248,7 +231,7 @@ static void swiglu_task(void *ctx, int task, int thread)
     for (int t = begin; t < end; t++) {
         const float *g = a->gate_up + (size_t)t * 2 * a->F, *u = g + a->F;
         float *y = a->act + (size_t)t * a->F;
-        for (int i = 0; i < a->F; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int i = 0; i < a->F; i++) y[i] = g[i] / (1.0f + tk_expf(-g[i])) * u[i];
     }
 }
 
