@@ -142,5 +142,6 @@ def test_shutdown_fails_queued_requests_cleanly(smollm2):
     assert outcomes == sorted(outcomes, key=lambda o: o == "failed") and "failed" in outcomes
 
 
-def test_engine_threads_default_to_the_cpu_count():
-    assert get_engine().threads == os.cpu_count()
+def test_engine_threads_default_to_the_usable_cpus():
+    assert get_engine().threads == len(os.sched_getaffinity(0))
+    assert _C.Engine(n_threads=3).threads == 3

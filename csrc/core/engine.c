@@ -72,7 +72,6 @@ void tk_request_release(tk_request *req)
     free(req);
 }
 
-uint64_t tk_request_id(const tk_request *req) { return req->id; }
 void *tk_request_payload(tk_request *req) { return req->payload; }
 
 int tk_request_done(tk_request *req)

@@ -54,7 +54,6 @@ uint64_t tk_engine_submit(tk_engine *engine, tk_request *req, int notify);
 /* Waits up to timeout_ms (< 0: forever); returns 1 when the request is done. */
 int tk_request_wait(tk_request *req, int timeout_ms);
 int tk_request_done(tk_request *req);
-uint64_t tk_request_id(const tk_request *req);
 /* Valid once done: the status and, on failure, the message. */
 tk_status tk_request_status(const tk_request *req, const char **message);
 void *tk_request_payload(tk_request *req);

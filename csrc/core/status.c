@@ -34,17 +34,3 @@ tk_status tk_error_prefix(tk_status status, const char *fmt, ...)
 }
 
 const char *tk_last_error(void) { return tk_error_text; }
-
-const char *tk_status_name(tk_status status)
-{
-    switch (status) {
-    case TK_OK: return "ok";
-    case TK_ERR_IO: return "io error";
-    case TK_ERR_FORMAT: return "format error";
-    case TK_ERR_INVALID: return "invalid argument";
-    case TK_ERR_UNSUPPORTED: return "unsupported";
-    case TK_ERR_NOMEM: return "out of memory";
-    case TK_ERR_INTERNAL: return "internal error";
-    }
-    return "unknown status";
-}

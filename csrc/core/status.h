@@ -34,7 +34,6 @@ tk_status tk_error(tk_status status, const char *fmt, ...) TK_PRINTF(2, 3);
 tk_status tk_error_prefix(tk_status status, const char *fmt, ...) TK_PRINTF(2, 3);
 
 const char *tk_last_error(void);
-const char *tk_status_name(tk_status status);
 
 #define TK_TRY(expr)                      \
     do {                                  \

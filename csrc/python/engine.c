@@ -7,7 +7,10 @@
  * (format "f", shape [T, V]), so numpy.asarray(req.result()) copies nothing;
  * the exported buffer keeps the Request, and so the logits, alive.
  */
+#define _GNU_SOURCE
 #include "binding.h"
+
+#include <sched.h>
 
 #include <math.h>
 #include <unistd.h>
@@ -427,12 +430,22 @@ static PyObject *engine_get_threads(EngineObject *self, void *closure)
 
 /* ---- Engine: lifetime ----------------------------------------------------------- */
 
+/* The CPUs this process may run on (a container's cpuset), else all online ones. */
+static int usable_cpus(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 static PyObject *engine_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"n_threads", NULL};
     int n_threads = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|i:Engine", kwlist, &n_threads)) return NULL;
-    if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n_threads <= 0) n_threads = usable_cpus();
+    if (n_threads > 256) n_threads = 256;
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     tk_status s = tk_engine_create(&self->engine, n_threads);

@@ -241,7 +241,6 @@ static int module_exec(PyObject *module)
 {
     tk_module_state *state = PyModule_GetState(module);
     if (tk_py_add_engine_types(module, state) < 0) return -1;
-    if (PyModule_AddIntConstant(module, "TYPE_F32", TK_GGML_F32) < 0) return -1;
     return 0;
 }
 

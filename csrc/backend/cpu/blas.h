@@ -13,11 +13,9 @@
 #ifdef TK_BLAS_SCIPY
 #define tk_cblas_sgemm scipy_cblas_sgemm
 #define tk_blas_set_threads scipy_openblas_set_num_threads
-#define tk_blas_get_threads scipy_openblas_get_num_threads
 #else
 #define tk_cblas_sgemm cblas_sgemm
 #define tk_blas_set_threads openblas_set_num_threads
-#define tk_blas_get_threads openblas_get_num_threads
 #endif
 
 #endif
