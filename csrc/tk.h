@@ -9,7 +9,10 @@
  *   io/gguf.h          GGUF metadata and tensor infos
  *   io/quant.h         ggml block types and dequantisation
  *   model/model.h      model config, weights, tensor sources
- *   model/requests.h   load and forward requests
+ *   model/lora.h       LoRA adapters
+ *   model/loss.h       losses
+ *   model/optim.h      AdamW
+ *   model/requests.h   load, forward, forward_backward, optim_step, adapter reads/writes
  */
 #ifndef TK_H
 #define TK_H
@@ -18,6 +21,7 @@
 #include "core/status.h"
 #include "io/gguf.h"
 #include "io/quant.h"
+#include "model/lora.h"
 #include "model/model.h"
 #include "model/requests.h"
 

@@ -164,6 +164,18 @@ size_t tk_engine_drain(tk_engine *e, uint64_t *ids, size_t max)
     return n;
 }
 
+float *tk_exec_scratch(tk_exec *exec, size_t floats)
+{
+    if (floats <= exec->scratch_floats) return exec->scratch;
+    free(exec->scratch);
+    exec->scratch = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+    exec->scratch_floats = exec->scratch ? floats : 0;
+    if (!exec->scratch)
+        tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB of working memory; use fewer or shorter sequences per call",
+                 (double)floats * sizeof(float) / 1e6);
+    return exec->scratch;
+}
+
 int tk_engine_wake_fd(const tk_engine *e) { return e->wake_fd; }
 int tk_engine_threads(const tk_engine *e) { return tk_pool_threads(e->exec.pool); }
 
@@ -253,6 +265,7 @@ void tk_engine_free(tk_engine *e)
     pthread_join(e->worker, NULL);
     tk_cpu_backend_free(e->exec.backend);
     tk_pool_free(e->exec.pool);
+    free(e->exec.scratch);
     close(e->wake_fd);
     free(e->completed);
     pthread_mutex_destroy(&e->mutex);

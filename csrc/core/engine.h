@@ -23,11 +23,19 @@
 
 struct tk_backend;
 
-/* What a running request may use: the worker's thread team and backend. */
+/* What a running request may use: the worker's thread team, its backend and
+ * a scratch block that grows to the largest request seen and is reused from
+ * request to request (activations, workspaces), so steady training does not
+ * allocate. */
 typedef struct {
     tk_pool *pool;
     struct tk_backend *backend;
+    float *scratch;
+    size_t scratch_floats;
 } tk_exec;
+
+/* At least `floats` of scratch (contents undefined), or NULL with an error. */
+float *tk_exec_scratch(tk_exec *exec, size_t floats);
 
 typedef tk_status (*tk_request_fn)(void *payload, tk_exec *exec);
 typedef void (*tk_payload_free_fn)(void *payload);

@@ -1,16 +1,23 @@
-/* requests.c - load and forward requests (see requests.h).
+/* requests.c - model and adapter requests (see requests.h).
  *
  * Payloads own copies of everything they read, so the Python objects that
  * supplied the inputs can go away while the request waits in the queue, and
- * they hold a reference on the model they run against.
+ * they hold references on the model or adapter they run against. Working
+ * memory comes from the engine's reusable scratch block (tk_exec_scratch).
  */
 #include "requests.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "transformer.h"
 #include "weights.h"
+
+/* Training runs datums in groups of at most this many tokens (a longer datum
+ * runs alone): stored activations take ~0.7 MB per token for SmolLM2, so this
+ * bounds a step's memory whatever the batch size. */
+enum { TRAIN_TOKEN_BUDGET = 2048 };
 
 /* ---- load ---------------------------------------------------------------- */
 
@@ -82,14 +89,68 @@ tk_model *tk_load_request_model(tk_request *req)
     return lp->model;
 }
 
-/* ---- forward --------------------------------------------------------------- */
+/* ---- shared: a copied, checked batch of sequences ------------------------------ */
 
 typedef struct {
-    tk_model *model;
     int32_t *tokens;    /* [T] */
     int32_t *seq_start; /* [n_seqs + 1] */
     int n_seqs, n_tokens;
-    float *logits;      /* [T, V] result */
+} packed;
+
+static void packed_free(packed *p)
+{
+    free(p->tokens);
+    free(p->seq_start);
+}
+
+static tk_status pack_sequences(packed *out, const tk_model *m, const int32_t *tokens, long n_given,
+                                const int32_t *seq_lens, int n_seqs, const char *what)
+{
+    memset(out, 0, sizeof *out);
+    if (n_seqs < 1) return tk_error(TK_ERR_INVALID, "%s: no sequences given", what);
+    long total = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if (seq_lens[s] > n_given - total)
+            return tk_error(TK_ERR_INVALID, "%s: the sequence lengths add up to more than the %ld tokens given",
+                            what, n_given);
+        if (seq_lens[s] < 1) return tk_error(TK_ERR_INVALID, "%s: sequence %d is empty", what, s);
+        if (seq_lens[s] > m->cfg.max_context)
+            return tk_error(TK_ERR_INVALID, "%s: sequence %d has %d tokens, more than the model's context "
+                            "length %d", what, s, seq_lens[s], m->cfg.max_context);
+        for (int t = 0; t < seq_lens[s]; t++) {
+            int32_t id = tokens[total + t];
+            if (id < 0 || id >= m->cfg.vocab_size)
+                return tk_error(TK_ERR_INVALID, "%s: sequence %d, position %d: token id %d is outside the "
+                                "vocabulary [0, %d)", what, s, t, id, m->cfg.vocab_size);
+        }
+        total += seq_lens[s];
+        if (total > (1L << 24)) return tk_error(TK_ERR_INVALID, "%s: more than %ld tokens in one batch", what,
+                                                1L << 24);
+    }
+    if (total != n_given)
+        return tk_error(TK_ERR_INVALID, "%s: the sequence lengths add up to %ld, but %ld tokens were given", what,
+                        total, n_given);
+    out->tokens = malloc((size_t)total * sizeof *out->tokens);
+    out->seq_start = malloc(((size_t)n_seqs + 1) * sizeof *out->seq_start);
+    if (!out->tokens || !out->seq_start) {
+        packed_free(out);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    memcpy(out->tokens, tokens, (size_t)total * sizeof *tokens);
+    out->seq_start[0] = 0;
+    for (int s = 0; s < n_seqs; s++) out->seq_start[s + 1] = out->seq_start[s] + seq_lens[s];
+    out->n_seqs = n_seqs;
+    out->n_tokens = (int)total;
+    return TK_OK;
+}
+
+/* ---- forward: logits ------------------------------------------------------------ */
+
+typedef struct {
+    tk_model *model;
+    tk_adapter *adapter; /* or NULL */
+    packed batch;
+    float *logits;       /* [T, V] result */
 } forward_payload;
 
 static void forward_free(void *p)
@@ -97,8 +158,8 @@ static void forward_free(void *p)
     forward_payload *fp = p;
     if (!fp) return;
     tk_model_release(fp->model);
-    free(fp->tokens);
-    free(fp->seq_start);
+    tk_adapter_release(fp->adapter);
+    packed_free(&fp->batch);
     free(fp->logits);
     free(fp);
 }
@@ -106,74 +167,37 @@ static void forward_free(void *p)
 static tk_status forward_run(void *p, tk_exec *exec)
 {
     forward_payload *fp = p;
-    tk_batch batch = {fp->n_seqs, fp->n_tokens, fp->tokens, fp->seq_start};
-    size_t V = (size_t)fp->model->cfg.vocab_size;
-    size_t work_floats = tk_forward_workspace_floats(fp->model, exec->backend, &batch);
-    float *work = malloc(work_floats * sizeof(float));
-    fp->logits = malloc((size_t)fp->n_tokens * V * sizeof(float));
-    if (!work || !fp->logits) {
-        free(work);
-        free(fp->logits);
-        fp->logits = NULL;
-        return tk_error(TK_ERR_NOMEM, "forward: cannot allocate %.1f MB for %d tokens",
-                        (double)(work_floats + (size_t)fp->n_tokens * V) * sizeof(float) / 1e6, fp->n_tokens);
-    }
-    tk_transformer_forward(fp->logits, fp->model, exec->backend, &batch, work);
-    free(work);
+    tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start};
+    size_t T = (size_t)b.n_tokens, D = (size_t)fp->model->cfg.d_model, V = (size_t)fp->model->cfg.vocab_size;
+    size_t body = tk_transformer_workspace(fp->model, fp->adapter, exec->backend, &b, 0);
+    size_t head = tk_head_workspace(fp->model, fp->adapter);
+    float *work = tk_exec_scratch(exec, T * D + (body > head ? body : head));
+    fp->logits = malloc(T * V * sizeof(float));
+    if (!work || !fp->logits)
+        return tk_error(TK_ERR_NOMEM, "forward: cannot allocate memory for %d tokens", b.n_tokens);
+    float *h = work, *rest = work + T * D;
+    tk_transformer_forward(h, fp->model, fp->adapter, exec->backend, &b, NULL, rest);
+    tk_head_logits(fp->logits, fp->model, fp->adapter, exec->backend, h, b.n_tokens, rest);
     return TK_OK;
 }
 
-static tk_status check_batch(const tk_model *m, const int32_t *tokens, long n_given, const int32_t *seq_lens,
-                             int n_seqs, int *n_tokens)
-{
-    if (n_seqs < 1) return tk_error(TK_ERR_INVALID, "forward: no sequences given");
-    long total = 0;
-    for (int s = 0; s < n_seqs; s++) {
-        if (seq_lens[s] > n_given - total)
-            return tk_error(TK_ERR_INVALID, "forward: the sequence lengths add up to more than the %ld tokens given",
-                            n_given);
-        if (seq_lens[s] < 1) return tk_error(TK_ERR_INVALID, "forward: sequence %d is empty", s);
-        if (seq_lens[s] > m->cfg.max_context)
-            return tk_error(TK_ERR_INVALID, "forward: sequence %d has %d tokens, more than the model's context "
-                            "length %d", s, seq_lens[s], m->cfg.max_context);
-        for (int t = 0; t < seq_lens[s]; t++) {
-            int32_t id = tokens[total + t];
-            if (id < 0 || id >= m->cfg.vocab_size)
-                return tk_error(TK_ERR_INVALID, "forward: sequence %d, position %d: token id %d is outside the "
-                                "vocabulary [0, %d)", s, t, id, m->cfg.vocab_size);
-        }
-        total += seq_lens[s];
-        if (total > (1L << 24)) return tk_error(TK_ERR_INVALID, "forward: more than %ld tokens in one batch", 1L << 24);
-    }
-    if (total != n_given)
-        return tk_error(TK_ERR_INVALID, "forward: the sequence lengths add up to %ld, but %ld tokens were given",
-                        total, n_given);
-    *n_tokens = (int)total;
-    return TK_OK;
-}
-
-tk_status tk_forward_request_create(tk_request **out, tk_model *m, const int32_t *tokens, long n_given,
-                                    const int32_t *seq_lens, int n_seqs)
+tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *ad, const int32_t *tokens,
+                                    long n_tokens, const int32_t *seq_lens, int n_seqs)
 {
     *out = NULL;
-    int n_tokens = 0;
-    TK_TRY(check_batch(m, tokens, n_given, seq_lens, n_seqs, &n_tokens));
+    if (ad && ad->model != m) return tk_error(TK_ERR_INVALID, "forward: the adapter belongs to another model");
     forward_payload *fp = calloc(1, sizeof *fp);
     if (!fp) return tk_error(TK_ERR_NOMEM, "out of memory");
-    fp->tokens = malloc((size_t)n_tokens * sizeof *fp->tokens);
-    fp->seq_start = malloc(((size_t)n_seqs + 1) * sizeof *fp->seq_start);
-    tk_request *req = fp->tokens && fp->seq_start ? tk_request_new(forward_run, fp, forward_free) : NULL;
+    tk_status s = pack_sequences(&fp->batch, m, tokens, n_tokens, seq_lens, n_seqs, "forward");
+    tk_request *req = s == TK_OK ? tk_request_new(forward_run, fp, forward_free) : NULL;
     if (!req) {
         forward_free(fp);
-        return tk_error(TK_ERR_NOMEM, "out of memory");
+        return s != TK_OK ? s : tk_error(TK_ERR_NOMEM, "out of memory");
     }
-    memcpy(fp->tokens, tokens, (size_t)n_tokens * sizeof *tokens);
-    fp->seq_start[0] = 0;
-    for (int s = 0; s < n_seqs; s++) fp->seq_start[s + 1] = fp->seq_start[s] + seq_lens[s];
-    fp->n_seqs = n_seqs;
-    fp->n_tokens = n_tokens;
     tk_model_retain(m);
     fp->model = m;
+    if (ad) tk_adapter_retain(ad);
+    fp->adapter = ad;
     *out = req;
     return TK_OK;
 }
@@ -182,7 +206,330 @@ const float *tk_forward_request_logits(tk_request *req, int *rows, int *cols)
 {
     forward_payload *fp = tk_request_payload(req);
     if (!tk_request_done(req) || !fp->logits) return NULL;
-    *rows = fp->n_tokens;
+    *rows = fp->batch.n_tokens;
     *cols = fp->model->cfg.vocab_size;
     return fp->logits;
+}
+
+/* ---- forward / forward_backward with a loss ------------------------------------------ */
+
+typedef struct {
+    tk_adapter *adapter;
+    packed batch;
+    int32_t *tgt_start;  /* [T + 1] */
+    int32_t *targets;    /* [E] */
+    float *arrays[5];    /* weights, advantages, sampler_lp, clip_low, clip_high: [E] or NULL */
+    long n_targets;
+    tk_loss_config loss;
+    int backward;
+    float *logprobs;     /* [E] result */
+    double loss_sum;     /* result */
+} train_payload;
+
+enum { ARR_WEIGHTS, ARR_ADVANTAGES, ARR_SAMPLER_LP, ARR_CLIP_LOW, ARR_CLIP_HIGH, ARR_COUNT };
+static const char *const array_names[ARR_COUNT] = {"weights", "advantages", "logprobs", "clip_low_threshold",
+                                                    "clip_high_threshold"};
+
+static void train_free(void *p)
+{
+    train_payload *tp = p;
+    if (!tp) return;
+    tk_adapter_release(tp->adapter);
+    packed_free(&tp->batch);
+    free(tp->tgt_start);
+    free(tp->targets);
+    for (int a = 0; a < ARR_COUNT; a++) free(tp->arrays[a]);
+    free(tp->logprobs);
+    free(tp);
+}
+
+/* One group of whole datums [first, last): forward with stored activations,
+ * the head and loss, then (training) backward. */
+static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int last)
+{
+    tk_adapter *ad = tp->adapter;
+    const tk_model *m = ad->model;
+    int t0 = tp->batch.seq_start[first], T = tp->batch.seq_start[last] - t0, n_seqs = last - first;
+    int32_t seq_start[n_seqs + 1];
+    for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
+    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start};
+
+    size_t D = (size_t)m->cfg.d_model;
+    size_t store_floats = tp->backward ? tk_activation_floats(m, ad, T) : 0;
+    size_t body = tk_transformer_workspace(m, ad, exec->backend, &b, tp->backward);
+    size_t head = tk_head_workspace(m, ad);
+    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + store_floats + (body > head ? body : head));
+    if (!work) return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
+    float *h = work, *dh = h + (size_t)T * D, *store_mem = dh + (size_t)T * D, *rest = store_mem + store_floats;
+
+    tk_layer_acts layers[m->cfg.n_layers];
+    tk_activations store;
+    if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, ad, T);
+    tk_transformer_forward(h, m, ad, exec->backend, &b, tp->backward ? &store : NULL, rest);
+
+    /* per-target arrays of this group start at the group's first target */
+    long e0 = tp->tgt_start[t0];
+    int32_t local_start[T + 1];
+    for (int t = 0; t <= T; t++) local_start[t] = tp->tgt_start[t0 + t] - (int32_t)e0;
+    tk_loss_inputs in = {local_start, tp->targets + e0, NULL, NULL, NULL, NULL, NULL};
+    const float **fields[ARR_COUNT] = {&in.weights, &in.advantages, &in.sampler_lp, &in.clip_low, &in.clip_high};
+    for (int a = 0; a < ARR_COUNT; a++) *fields[a] = tp->arrays[a] ? tp->arrays[a] + e0 : NULL;
+    double loss = 0;
+    tk_head_loss(tp->logprobs + e0, &loss, m, ad, exec->backend, h, T, &tp->loss, &in, tp->backward ? dh : NULL,
+                 rest);
+    tp->loss_sum += loss;
+
+    int trains_layers = ad->cfg.train_attn || ad->cfg.train_mlp;
+    if (tp->backward && trains_layers) tk_transformer_backward(ad, exec->backend, &b, &store, dh, rest);
+    return TK_OK;
+}
+
+static tk_status train_run(void *p, tk_exec *exec)
+{
+    train_payload *tp = p;
+    tp->loss_sum = 0;
+    for (int first = 0; first < tp->batch.n_seqs;) {
+        int last = first + 1;
+        while (last < tp->batch.n_seqs &&
+               tp->batch.seq_start[last + 1] - tp->batch.seq_start[first] <= TRAIN_TOKEN_BUDGET)
+            last++;
+        TK_TRY(train_group(tp, exec, first, last));
+        first = last;
+    }
+    return TK_OK;
+}
+
+static int loss_uses(int kind, int array)
+{
+    if (array == ARR_WEIGHTS) return kind == TK_LOSS_CROSS_ENTROPY;
+    if (array == ARR_ADVANTAGES || array == ARR_SAMPLER_LP) return kind != TK_LOSS_CROSS_ENTROPY;
+    return kind == TK_LOSS_PPO || kind == TK_LOSS_CISPO; /* clip overrides */
+}
+
+static const char *const loss_names[TK_LOSS_COUNT] = {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"};
+
+/* Checks the targets and the arrays the loss needs, naming the datum, field and position. */
+static tk_status check_targets(const tk_model *m, const tk_train_batch *tb, const tk_loss_config *loss)
+{
+    long e = 0;
+    for (int i = 0; i < tb->n_seqs; i++) {
+        int K = tb->k_per_datum[i];
+        if (K < 1) return tk_error(TK_ERR_INVALID, "datum %d: target_tokens has %d columns; it needs at least 1", i, K);
+        long n = (long)tb->seq_lens[i] * K;
+        if (n > tb->n_targets - e) return tk_error(TK_ERR_INVALID, "the batch has fewer targets than its shapes say");
+        for (long j = 0; j < n; j++) {
+            int32_t id = tb->targets[e + j];
+            if (id < 0 || id >= m->cfg.vocab_size)
+                return tk_error(TK_ERR_INVALID, "datum %d: target_tokens[%ld] = %d is outside the vocabulary [0, %d)",
+                                i, j / K, id, m->cfg.vocab_size);
+        }
+        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high};
+        for (int a = 0; a < ARR_COUNT; a++) {
+            if (!arrays[a] || !loss_uses(loss->kind, a)) continue;
+            for (long j = 0; j < n; j++)
+                if (!isfinite(arrays[a][e + j]))
+                    return tk_error(TK_ERR_INVALID, "datum %d: %s[%ld] is %g; %s must be finite", i, array_names[a],
+                                    j / K, (double)arrays[a][e + j], array_names[a]);
+        }
+        e += n;
+    }
+    if (e != tb->n_targets)
+        return tk_error(TK_ERR_INVALID, "the batch has %ld targets, but its shapes say %ld", tb->n_targets, e);
+    if (loss->kind == TK_LOSS_CROSS_ENTROPY && !tb->weights)
+        return tk_error(TK_ERR_INVALID, "cross_entropy needs loss_fn_inputs 'weights'");
+    if (loss->kind != TK_LOSS_CROSS_ENTROPY && (!tb->advantages || !tb->sampler_lp))
+        return tk_error(TK_ERR_INVALID, "%s needs loss_fn_inputs 'advantages' and 'logprobs'", loss_names[loss->kind]);
+    return TK_OK;
+}
+
+static float *copy_floats(const float *src, long n)
+{
+    float *dst = malloc((size_t)(n > 0 ? n : 1) * sizeof *dst);
+    if (dst && n > 0) memcpy(dst, src, (size_t)n * sizeof *dst);
+    return dst;
+}
+
+tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_train_batch *tb,
+                                  const tk_loss_config *loss, int backward)
+{
+    *out = NULL;
+    const char *what = backward ? "forward_backward" : "forward";
+    if (loss->kind < 0 || loss->kind >= TK_LOSS_COUNT) return tk_error(TK_ERR_INVALID, "unknown loss %d", loss->kind);
+    if (!isfinite(loss->clip_low) || !isfinite(loss->clip_high) || !isfinite(loss->beta))
+        return tk_error(TK_ERR_INVALID, "%s: loss_fn_config values must be finite", what);
+    train_payload *tp = calloc(1, sizeof *tp);
+    if (!tp) return tk_error(TK_ERR_NOMEM, "out of memory");
+    tk_status s = pack_sequences(&tp->batch, ad->model, tb->tokens, tb->n_tokens, tb->seq_lens, tb->n_seqs, what);
+    if (s == TK_OK) s = check_targets(ad->model, tb, loss);
+    if (s == TK_OK) {
+        tp->tgt_start = malloc(((size_t)tp->batch.n_tokens + 1) * sizeof *tp->tgt_start);
+        tp->targets = malloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1) * sizeof *tp->targets);
+        tp->logprobs = calloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1), sizeof *tp->logprobs);
+        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high};
+        int ok = tp->tgt_start && tp->targets && tp->logprobs;
+        for (int a = 0; ok && a < ARR_COUNT; a++)
+            if (arrays[a] && loss_uses(loss->kind, a)) ok = (tp->arrays[a] = copy_floats(arrays[a], tb->n_targets)) != NULL;
+        if (!ok) s = tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    tk_request *req = s == TK_OK ? tk_request_new(train_run, tp, train_free) : NULL;
+    if (!req) {
+        train_free(tp);
+        return s != TK_OK ? s : tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    memcpy(tp->targets, tb->targets, (size_t)tb->n_targets * sizeof *tp->targets);
+    long e = 0;
+    for (int i = 0, t = 0; i < tb->n_seqs; i++)
+        for (int j = 0; j < tb->seq_lens[i]; j++, t++, e += tb->k_per_datum[i]) tp->tgt_start[t] = (int32_t)e;
+    tp->tgt_start[tp->batch.n_tokens] = (int32_t)e;
+    tp->n_targets = tb->n_targets;
+    tp->loss = *loss;
+    tp->backward = backward;
+    tk_adapter_retain(ad);
+    tp->adapter = ad;
+    *out = req;
+    return TK_OK;
+}
+
+const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss)
+{
+    train_payload *tp = tk_request_payload(req);
+    if (!tk_request_done(req)) return NULL;
+    *n_targets = tp->n_targets;
+    *loss = tp->loss_sum;
+    return tp->logprobs;
+}
+
+/* ---- optim_step ------------------------------------------------------------------------ */
+
+typedef struct {
+    tk_adapter *adapter;
+    tk_adam_params params;
+    tk_optim_result result;
+} optim_payload;
+
+static void optim_free(void *p)
+{
+    optim_payload *op = p;
+    if (!op) return;
+    tk_adapter_release(op->adapter);
+    free(op);
+}
+
+static tk_status optim_run(void *p, tk_exec *exec)
+{
+    optim_payload *op = p;
+    tk_adamw_step(&op->result, op->adapter, &op->params, exec->pool);
+    return TK_OK;
+}
+
+tk_status tk_optim_request_create(tk_request **out, tk_adapter *ad, const tk_adam_params *params)
+{
+    *out = NULL;
+    TK_TRY(tk_adam_params_check(params));
+    optim_payload *op = calloc(1, sizeof *op);
+    tk_request *req = op ? tk_request_new(optim_run, op, optim_free) : NULL;
+    if (!req) {
+        free(op);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    op->params = *params;
+    tk_adapter_retain(ad);
+    op->adapter = ad;
+    *out = req;
+    return TK_OK;
+}
+
+const tk_optim_result *tk_optim_request_result(tk_request *req)
+{
+    optim_payload *op = tk_request_payload(req);
+    return tk_request_done(req) ? &op->result : NULL;
+}
+
+/* ---- adapter reads and writes ------------------------------------------------------------- */
+
+typedef struct {
+    tk_adapter *adapter;
+    int parts;
+    float *data;        /* [popcount(parts) * n_params] */
+    size_t n_floats;
+    int64_t step;
+    int write;
+} adapter_io_payload;
+
+static void adapter_io_free(void *p)
+{
+    adapter_io_payload *io = p;
+    if (!io) return;
+    tk_adapter_release(io->adapter);
+    free(io->data);
+    free(io);
+}
+
+static tk_status adapter_io_run(void *p, tk_exec *exec)
+{
+    (void)exec;
+    adapter_io_payload *io = p;
+    tk_adapter *a = io->adapter;
+    size_t n = a->n_params, at = 0;
+    for (int k = 0; k < 4; k++) {
+        if (!(io->parts & (1 << k))) continue;
+        float *array = a->block + (size_t)k * n;
+        if (io->write) memcpy(array, io->data + at, n * sizeof(float));
+        else memcpy(io->data + at, array, n * sizeof(float));
+        at += n;
+    }
+    if (io->write && (io->parts & 4)) a->step = io->step;
+    if (!io->write) io->step = a->step;
+    return TK_OK;
+}
+
+static tk_status adapter_io_create(tk_request **out, tk_adapter *ad, int parts, const float *data, size_t n_floats,
+                                   int64_t step, int write)
+{
+    *out = NULL;
+    if (parts <= 0 || parts > 15) return tk_error(TK_ERR_INVALID, "adapter parts mask %d is invalid", parts);
+    size_t need = (size_t)__builtin_popcount((unsigned)parts) * ad->n_params;
+    if (write && n_floats != need)
+        return tk_error(TK_ERR_INVALID, "adapter state has %zu values, but this adapter needs %zu", n_floats, need);
+    for (size_t i = 0; write && i < n_floats; i++)
+        if (!isfinite(data[i])) return tk_error(TK_ERR_INVALID, "adapter state value %zu is %g; values must be finite",
+                                                i, (double)data[i]);
+    if (write && step < 0) return tk_error(TK_ERR_INVALID, "adapter step %lld is negative", (long long)step);
+    adapter_io_payload *io = calloc(1, sizeof *io);
+    if (io) io->data = malloc((need ? need : 1) * sizeof(float));
+    tk_request *req = io && io->data ? tk_request_new(adapter_io_run, io, adapter_io_free) : NULL;
+    if (!req) {
+        if (io) free(io->data);
+        free(io);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    if (write) memcpy(io->data, data, need * sizeof(float));
+    io->n_floats = need;
+    io->parts = parts;
+    io->step = step;
+    io->write = write;
+    tk_adapter_retain(ad);
+    io->adapter = ad;
+    *out = req;
+    return TK_OK;
+}
+
+tk_status tk_adapter_read_request_create(tk_request **out, tk_adapter *ad, int parts)
+{
+    return adapter_io_create(out, ad, parts, NULL, 0, 0, 0);
+}
+
+tk_status tk_adapter_write_request_create(tk_request **out, tk_adapter *ad, int parts, const float *data,
+                                          size_t n_floats, int64_t step)
+{
+    return adapter_io_create(out, ad, parts, data, n_floats, step, 1);
+}
+
+const float *tk_adapter_read_result(tk_request *req, size_t *n_floats, int64_t *step)
+{
+    adapter_io_payload *io = tk_request_payload(req);
+    if (!tk_request_done(req) || io->write) return NULL;
+    *n_floats = io->n_floats;
+    *step = io->step;
+    return io->data;
 }

@@ -1,28 +1,65 @@
-/* transformer.c - the decoder-only transformer forward pass, as a recipe.
+/* transformer.c - the decoder stack, forward and backward, as recipes.
  *
- * One function reads top to bottom like the math of Llama / Qwen2 / Qwen3
- * (Hugging Face semantics, float32 throughout): embeddings, then per layer
- * x += o(attn(rope(norm(x)))) and x += down(silu(gate(norm(x))) * up(norm(x))),
- * a final norm and the output projection. Architecture deltas are flags in
- * the config: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3),
- * tied embeddings. All ops go through the backend table.
+ * The forward function reads top to bottom like the math of Llama / Qwen2 /
+ * Qwen3 (Hugging Face semantics, float32 throughout): embeddings, then per
+ * layer x += o(attn(rope(norm(x)))) and x += down(silu(gate(h)) * up(h)) with
+ * h = norm(x), and the final norm. Every projection may carry a LoRA term
+ * scale * B (A x). Architecture deltas are config flags: q/k/v biases
+ * (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3).
+ *
+ * Training keeps a few activations per layer (tk_layer_acts, about 24 KB per
+ * token and layer for SmolLM2) and recomputes the rest in the backward pass:
+ * the normed inputs, the roped q/k, SwiGLU's product and, block by block, the
+ * attention probabilities (FlashAttention-2 style, from the stored
+ * log-sum-exp). The backward pass yields gradients for the LoRA tensors only;
+ * the base weights are frozen and get none.
  */
 #include "transformer.h"
 
 #include <math.h>
 #include <string.h>
 
-/* The activations of one forward pass, carved from `work`. */
+typedef struct {
+    int T, D, H, Hkv, Dh, F, QKV, R, n_layers;
+} dims;
+
+static dims dims_of(const tk_model *m, const tk_adapter *ad, int T)
+{
+    const tk_model_config *c = &m->cfg;
+    dims d = {T, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim, c->d_ff, tk_model_qkv_rows(c),
+              ad ? ad->cfg.rank : 0, c->n_layers};
+    return d;
+}
+
+/* Bump allocation over one block; with base == NULL it only counts. */
+typedef struct {
+    float *base;
+    size_t at;
+} arena;
+
+static float *take(arena *a, size_t n)
+{
+    float *p = a->base ? a->base + a->at : NULL;
+    a->at += (n + 15) & ~(size_t)15; /* 64-byte aligned pieces */
+    return p;
+}
+
+/* ---- workspaces ---------------------------------------------------------------- */
+
 typedef struct {
     float *x;        /* [T, D] residual stream */
     float *h;        /* [T, D] normed input of a block */
-    float *qkv;      /* [T, (H + 2 Hkv) Dh] q | k | v per row */
-    float *att;      /* [T, H Dh] attention output before o */
-    float *gate_up;  /* [T, 2F] */
+    float *qkv;      /* [T, QKV] (inference; training writes into the store) */
+    float *qkr;      /* [T, QKV] q and k after q/k norm and RoPE, v copied */
+    float *att;      /* [T, H Dh] (inference) */
+    float *gate_up;  /* [T, 2F] (inference) */
     float *act;      /* [T, F] */
-    float *cos, *sin;/* [T, Dh/2] rotation of each row's position */
+    float *cos, *sin;/* [T, Dh/2] */
+    float *u;        /* [T, 7R] (inference) */
     float *attn_work;
-} activations;
+    /* backward only */
+    float *dx, *dh, *dqkv, *datt, *dgate_up, *dact, *t, *head_out, *head_inv, *attn_bwd_work;
+} scratch;
 
 static int max_seq_len(const tk_batch *b)
 {
@@ -32,34 +69,84 @@ static int max_seq_len(const tk_batch *b)
     return max;
 }
 
-static size_t carve(activations *a, float *work, const tk_model *m, tk_backend *be, const tk_batch *b)
+static size_t carve_scratch(scratch *s, float *work, const tk_model *m, const tk_adapter *ad, tk_backend *be,
+                            const tk_batch *b, int backward)
 {
-    const tk_model_config *c = &m->cfg;
-    size_t T = (size_t)b->n_tokens, at = 0;
-#define TAKE(ptr, n)                   \
-    do {                               \
-        if (work) (ptr) = work + at;   \
-        at += ((n) + 15) & ~(size_t)15;\
-    } while (0)
-    activations dummy;
-    if (!a) a = &dummy;
-    TAKE(a->x, T * c->d_model);
-    TAKE(a->h, T * c->d_model);
-    TAKE(a->qkv, T * (size_t)tk_model_qkv_rows(c));
-    TAKE(a->att, T * c->n_heads * c->head_dim);
-    TAKE(a->gate_up, T * 2 * c->d_ff);
-    TAKE(a->act, T * c->d_ff);
-    TAKE(a->cos, T * (c->head_dim / 2));
-    TAKE(a->sin, T * (c->head_dim / 2));
-    TAKE(a->attn_work, be->attention_workspace(be, max_seq_len(b)));
-#undef TAKE
-    return at;
+    dims d = dims_of(m, ad, b->n_tokens);
+    size_t T = (size_t)d.T;
+    arena a = {work, 0};
+    scratch dummy;
+    if (!s) s = &dummy;
+    s->x = take(&a, T * d.D);
+    s->h = take(&a, T * d.D);
+    s->qkv = take(&a, T * d.QKV);
+    s->qkr = take(&a, T * d.QKV);
+    s->att = take(&a, T * d.H * d.Dh);
+    s->gate_up = take(&a, T * 2 * d.F);
+    s->act = take(&a, T * d.F);
+    s->cos = take(&a, T * (d.Dh / 2));
+    s->sin = take(&a, T * (d.Dh / 2));
+    s->u = take(&a, T * TK_LORA_PER_LAYER * d.R);
+    s->attn_work = take(&a, be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+    if (backward) {
+        s->dx = take(&a, T * d.D);
+        s->dh = take(&a, T * d.D);
+        s->dqkv = take(&a, T * d.QKV);
+        s->datt = take(&a, T * d.H * d.Dh);
+        s->dgate_up = take(&a, T * 2 * d.F);
+        s->dact = take(&a, T * d.F);
+        s->t = take(&a, T * (d.R ? d.R : 1));
+        s->head_out = take(&a, T * d.Dh);
+        s->head_inv = take(&a, T);
+        s->attn_bwd_work = take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+    }
+    return a.at;
 }
 
-size_t tk_forward_workspace_floats(const tk_model *m, tk_backend *be, const tk_batch *batch)
+size_t tk_transformer_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
+                                int backward)
 {
-    return carve(NULL, NULL, m, be, batch);
+    return carve_scratch(NULL, NULL, m, ad, be, b, backward);
 }
+
+static size_t carve_store(tk_activations *st, tk_layer_acts *layers, float *mem, const tk_model *m,
+                          const tk_adapter *ad, int n_tokens)
+{
+    dims d = dims_of(m, ad, n_tokens);
+    size_t T = (size_t)n_tokens;
+    arena a = {mem, 0};
+    for (int l = 0; l < d.n_layers; l++) {
+        tk_layer_acts dummy, *L = layers ? &layers[l] : &dummy;
+        L->x = take(&a, T * d.D);
+        L->inv_rms1 = take(&a, T);
+        L->qkv = take(&a, T * d.QKV);
+        L->att = take(&a, T * d.H * d.Dh);
+        L->lse = take(&a, T * d.H);
+        L->x2 = take(&a, T * d.D);
+        L->inv_rms2 = take(&a, T);
+        L->gate_up = take(&a, T * 2 * d.F);
+        L->u = take(&a, T * TK_LORA_PER_LAYER * d.R);
+    }
+    tk_activations dummy_store;
+    if (!st) st = &dummy_store;
+    st->layers = layers;
+    st->x_final = take(&a, T * d.D);
+    st->inv_rms_final = take(&a, T);
+    return a.at;
+}
+
+size_t tk_activation_floats(const tk_model *m, const tk_adapter *ad, int n_tokens)
+{
+    return carve_store(NULL, NULL, NULL, m, ad, n_tokens);
+}
+
+void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
+                          const tk_adapter *ad, int n_tokens)
+{
+    carve_store(store, layers, mem, m, ad, n_tokens);
+}
+
+/* ---- pieces shared by both passes ------------------------------------------------ */
 
 /* cos/sin of position * inv_freq for every row; positions restart at 0 in each
  * sequence. The angle is rounded to float32 first, as HF computes it. */
@@ -77,41 +164,167 @@ static void rope_tables(float *cos_t, float *sin_t, const tk_model *m, const tk_
         }
 }
 
-void tk_transformer_forward(float *logits, const tk_model *m, tk_backend *be, const tk_batch *b, float *work)
+/* qkr = qkv with q and k normed per head (Qwen3) and rotated. */
+static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, const tk_model *m, tk_backend *be,
+                       const scratch *s, int T)
 {
     const tk_model_config *c = &m->cfg;
-    const int T = b->n_tokens, D = c->d_model, H = c->n_heads, Hkv = c->n_kv_heads, Dh = c->head_dim;
-    const int F = c->d_ff, QKV = tk_model_qkv_rows(c);
-    activations a = {0};
-    carve(&a, work, m, be, b);
-    float *q = a.qkv, *k = a.qkv + H * Dh, *v = a.qkv + (H + Hkv) * Dh; /* column slices, row stride QKV */
+    int QKV = tk_model_qkv_rows(c), Dh = c->head_dim, H = c->n_heads, Hkv = c->n_kv_heads;
+    float *q = qkr, *k = qkr + H * Dh;
+    memcpy(qkr, qkv, (size_t)T * QKV * sizeof(float));
+    if (c->qk_norm) {
+        for (int h = 0; h < H; h++) be->rmsnorm(be, q + h * Dh, QKV, q + h * Dh, QKV, L->q_norm, T, Dh, c->rms_eps, NULL);
+        for (int h = 0; h < Hkv; h++) be->rmsnorm(be, k + h * Dh, QKV, k + h * Dh, QKV, L->k_norm, T, Dh, c->rms_eps, NULL);
+    }
+    be->rope(be, q, QKV, T, H, Dh, s->cos, s->sin, 0);
+    be->rope(be, k, QKV, T, Hkv, Dh, s->cos, s->sin, 0);
+}
 
-    be->embed(be, a.x, m->w.embed, b->tokens, T, D);
-    rope_tables(a.cos, a.sin, m, b);
+/* y[:, :out] += u B^T with u = scale * x A^T [T, R] (kept for the backward pass) */
+static void lora_forward(tk_backend *be, const tk_adapter *ad, const tk_lora_pair *p, float *y, int ldy,
+                         const float *x, int ldx, int T, float *u, int ldu)
+{
+    if (!p->A) return;
+    int R = ad->cfg.rank;
+    be->matmul_nt(be, u, ldu, x, ldx, p->A, T, R, p->in, ad->scale, 0.0f);
+    be->matmul_nt(be, y, ldy, u, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+}
 
-    for (int l = 0; l < c->n_layers; l++) {
+/* Given dy of y = W x + u B^T (u = scale x A^T): dx += scale (dy B) A,
+ * dB += dy^T u, dA += scale (dy B)^T x. The base part of dx is the caller's. */
+static void lora_backward(tk_backend *be, const tk_adapter *ad, const tk_lora_pair *p, const float *dy, int lddy,
+                          const float *x, int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
+{
+    if (!p->A) return;
+    int R = ad->cfg.rank;
+    be->matmul_nn(be, t, R, dy, lddy, p->B, R, T, R, p->out, 1.0f, 0.0f);        /* t[T, R] = dy B */
+    be->matmul_nn(be, dx, lddx, t, R, p->A, p->in, T, p->in, R, ad->scale, 1.0f); /* dx += scale t A */
+    be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, dy, lddy, u, ldu, T, p->out, R, 1.0f);
+    be->matmul_tn_acc(be, tk_adapter_slot(ad, p->A, 1), p->in, t, R, x, ldx, T, R, p->in, ad->scale);
+}
+
+/* ---- the forward pass --------------------------------------------------------------- */
+
+void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
+                            tk_activations *store, float *work)
+{
+    const tk_model_config *c = &m->cfg;
+    const dims d = dims_of(m, ad, b->n_tokens);
+    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
+    const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh; /* column offsets of k and v in a qkv row */
+    scratch s;
+    carve_scratch(&s, work, m, ad, be, b, 0);
+
+    be->embed(be, s.x, m->w.embed, b->tokens, T, D);
+    rope_tables(s.cos, s.sin, m, b);
+
+    for (int l = 0; l < d.n_layers; l++) {
         const tk_layer_weights *L = &m->w.layers[l];
+        tk_layer_acts *st = store ? &store->layers[l] : NULL;
+        float *qkv = st ? st->qkv : s.qkv, *att = st ? st->att : s.att, *gate_up = st ? st->gate_up : s.gate_up;
+        float *u = st ? st->u : s.u;
 
         /* attention block: x += o(attention(rope(q), rope(k), v)) */
-        be->rmsnorm(be, a.h, D, a.x, D, L->attn_norm, T, D, c->rms_eps);
-        be->matmul_nt(be, a.qkv, QKV, a.h, D, L->wqkv, T, QKV, D, 0.0f);
-        if (L->bqkv) be->add_bias(be, a.qkv, QKV, L->bqkv, T, QKV);
-        if (c->qk_norm) { /* Qwen3: RMSNorm over each head's Dh, before RoPE */
-            for (int h = 0; h < H; h++) be->rmsnorm(be, q + h * Dh, QKV, q + h * Dh, QKV, L->q_norm, T, Dh, c->rms_eps);
-            for (int h = 0; h < Hkv; h++) be->rmsnorm(be, k + h * Dh, QKV, k + h * Dh, QKV, L->k_norm, T, Dh, c->rms_eps);
+        if (st) memcpy(st->x, s.x, (size_t)T * D * sizeof(float));
+        be->rmsnorm(be, s.h, D, s.x, D, L->attn_norm, T, D, c->rms_eps, st ? st->inv_rms1 : NULL);
+        be->matmul_nt(be, qkv, QKV, s.h, D, L->wqkv, T, QKV, D, 1.0f, 0.0f);
+        if (L->bqkv) be->add_bias(be, qkv, QKV, L->bqkv, T, QKV);
+        if (ad) {
+            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), qkv, QKV, s.h, D, T, u + TK_LORA_Q * R, U);
+            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_K), qkv + kcol, QKV, s.h, D, T, u + TK_LORA_K * R, U);
+            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_V), qkv + vcol, QKV, s.h, D, T, u + TK_LORA_V * R, U);
         }
-        be->rope(be, q, QKV, T, H, Dh, a.cos, a.sin);
-        be->rope(be, k, QKV, T, Hkv, Dh, a.cos, a.sin);
-        be->attention(be, a.att, H * Dh, q, k, v, QKV, b->seq_start, b->n_seqs, H, Hkv, Dh, a.attn_work);
-        be->matmul_nt(be, a.x, D, a.att, H * Dh, L->wo, T, D, H * Dh, 1.0f);
+        prepare_qk(s.qkr, qkv, L, m, be, &s, T);
+        be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H, d.Hkv,
+                      Dh, st ? st->lse : NULL, s.attn_work);
+        be->matmul_nt(be, s.x, D, att, H * Dh, L->wo, T, D, H * Dh, 1.0f, 1.0f);
+        if (ad) lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_O), s.x, D, att, H * Dh, T, u + TK_LORA_O * R, U);
 
-        /* MLP block: x += down(silu(gate(h)) * up(h)) */
-        be->rmsnorm(be, a.h, D, a.x, D, L->mlp_norm, T, D, c->rms_eps);
-        be->matmul_nt(be, a.gate_up, 2 * F, a.h, D, L->w_gate_up, T, 2 * F, D, 0.0f);
-        be->swiglu(be, a.act, a.gate_up, T, F);
-        be->matmul_nt(be, a.x, D, a.act, F, L->w_down, T, D, F, 1.0f);
+        /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x) */
+        if (st) memcpy(st->x2, s.x, (size_t)T * D * sizeof(float));
+        be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, T, D, c->rms_eps, st ? st->inv_rms2 : NULL);
+        be->matmul_nt(be, gate_up, 2 * F, s.h, D, L->w_gate_up, T, 2 * F, D, 1.0f, 0.0f);
+        if (ad) {
+            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_GATE), gate_up, 2 * F, s.h, D, T, u + TK_LORA_GATE * R, U);
+            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_UP), gate_up + F, 2 * F, s.h, D, T, u + TK_LORA_UP * R, U);
+        }
+        be->swiglu(be, s.act, gate_up, T, F);
+        be->matmul_nt(be, s.x, D, s.act, F, L->w_down, T, D, F, 1.0f, 1.0f);
+        if (ad) lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_DOWN), s.x, D, s.act, F, T, u + TK_LORA_DOWN * R, U);
     }
 
-    be->rmsnorm(be, a.h, D, a.x, D, m->w.final_norm, T, D, c->rms_eps);
-    be->matmul_nt(be, logits, c->vocab_size, a.h, D, m->w.lm_head, T, c->vocab_size, D, 0.0f);
+    if (store) memcpy(store->x_final, s.x, (size_t)T * D * sizeof(float));
+    be->rmsnorm(be, h_out, D, s.x, D, m->w.final_norm, T, D, c->rms_eps, store ? store->inv_rms_final : NULL);
+}
+
+/* ---- the backward pass --------------------------------------------------------------- */
+
+/* dq, dk (in dqkv, before RoPE) back through RoPE and, for Qwen3, the q/k norms. */
+static void qk_backward(float *dqkv, const float *qkv, const tk_layer_weights *L, const tk_model *m, tk_backend *be,
+                        const scratch *s, int T)
+{
+    const tk_model_config *c = &m->cfg;
+    int QKV = tk_model_qkv_rows(c), Dh = c->head_dim, H = c->n_heads, Hkv = c->n_kv_heads;
+    be->rope(be, dqkv, QKV, T, H, Dh, s->cos, s->sin, 1);
+    be->rope(be, dqkv + H * Dh, QKV, T, Hkv, Dh, s->cos, s->sin, 1);
+    if (!c->qk_norm) return;
+    for (int h = 0; h < H + Hkv; h++) { /* q heads, then k heads: contiguous columns */
+        const float *w = h < H ? L->q_norm : L->k_norm;
+        be->rmsnorm(be, s->head_out, Dh, qkv + h * Dh, QKV, w, T, Dh, c->rms_eps, s->head_inv);
+        be->rmsnorm_backward(be, dqkv + h * Dh, QKV, dqkv + h * Dh, QKV, qkv + h * Dh, QKV, w, s->head_inv, T, Dh, 0);
+    }
+}
+
+void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batch *b, const tk_activations *store,
+                             float *dh_final, float *work)
+{
+    const tk_model *m = ad->model;
+    const tk_model_config *c = &m->cfg;
+    const dims d = dims_of(m, ad, b->n_tokens);
+    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
+    const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh;
+    scratch s;
+    carve_scratch(&s, work, m, ad, be, b, 1);
+    rope_tables(s.cos, s.sin, m, b);
+
+    /* through the final norm: dx is the gradient of the residual stream from here down */
+    be->rmsnorm_backward(be, s.dx, D, dh_final, D, store->x_final, D, m->w.final_norm, store->inv_rms_final, T, D, 0);
+
+    for (int l = d.n_layers - 1; l >= 0; l--) {
+        const tk_layer_weights *L = &m->w.layers[l];
+        const tk_layer_acts *st = &store->layers[l];
+
+        /* MLP block, x3 = x2 + down(act), act = silu(g) * u, [g | u] = gate_up(h), h = norm(x2) */
+        be->rmsnorm(be, s.h, D, st->x2, D, L->mlp_norm, T, D, c->rms_eps, NULL);
+        be->swiglu(be, s.act, st->gate_up, T, F);
+        be->matmul_nn(be, s.dact, F, s.dx, D, L->w_down, F, T, F, D, 1.0f, 0.0f);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_DOWN), s.dx, D, s.act, F, st->u + TK_LORA_DOWN * R, U,
+                      s.dact, F, s.t, T);
+        be->swiglu_backward(be, s.dgate_up, s.dact, st->gate_up, T, F);
+        be->matmul_nn(be, s.dh, D, s.dgate_up, 2 * F, L->w_gate_up, D, T, D, 2 * F, 1.0f, 0.0f);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_GATE), s.dgate_up, 2 * F, s.h, D, st->u + TK_LORA_GATE * R,
+                      U, s.dh, D, s.t, T);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_UP), s.dgate_up + F, 2 * F, s.h, D, st->u + TK_LORA_UP * R,
+                      U, s.dh, D, s.t, T);
+        be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x2, D, L->mlp_norm, st->inv_rms2, T, D, 1);
+
+        /* attention block, x2 = x + o(att), att = attention(qkr), qkr = rope(norm(qkv(h))), h = norm(x) */
+        be->matmul_nn(be, s.datt, H * Dh, s.dx, D, L->wo, H * Dh, T, H * Dh, D, 1.0f, 0.0f);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_O), s.dx, D, st->att, H * Dh, st->u + TK_LORA_O * R, U,
+                      s.datt, H * Dh, s.t, T);
+        prepare_qk(s.qkr, st->qkv, L, m, be, &s, T);
+        be->attention_backward(be, s.dqkv, s.dqkv + kcol, s.dqkv + vcol, s.datt, st->att, H * Dh, s.qkr,
+                               s.qkr + kcol, s.qkr + vcol, QKV, st->lse, b->seq_start, b->n_seqs, H, d.Hkv, Dh,
+                               s.attn_bwd_work);
+        qk_backward(s.dqkv, st->qkv, L, m, be, &s, T);
+        be->rmsnorm(be, s.h, D, st->x, D, L->attn_norm, T, D, c->rms_eps, NULL);
+        be->matmul_nn(be, s.dh, D, s.dqkv, QKV, L->wqkv, D, T, D, QKV, 1.0f, 0.0f);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), s.dqkv, QKV, s.h, D, st->u + TK_LORA_Q * R, U, s.dh, D,
+                      s.t, T);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_K), s.dqkv + kcol, QKV, s.h, D, st->u + TK_LORA_K * R, U,
+                      s.dh, D, s.t, T);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_V), s.dqkv + vcol, QKV, s.h, D, st->u + TK_LORA_V * R, U,
+                      s.dh, D, s.t, T);
+        be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
+    }
 }

@@ -1,8 +1,10 @@
-/* transformer.h - the forward pass over a batch of packed sequences. */
+/* transformer.h - the decoder stack's forward and backward passes over a batch
+ * of packed sequences, with an optional LoRA adapter. */
 #ifndef TK_TRANSFORMER_H
 #define TK_TRANSFORMER_H
 
 #include "../backend/backend.h"
+#include "lora.h"
 #include "model.h"
 
 /* Sequences of different lengths packed back to back, without padding:
@@ -14,8 +16,43 @@ typedef struct {
     const int32_t *seq_start;  /* [n_seqs + 1] */
 } tk_batch;
 
-size_t tk_forward_workspace_floats(const tk_model *m, tk_backend *be, const tk_batch *batch);
-/* logits[T, V] for every position; `work` holds tk_forward_workspace_floats. */
-void tk_transformer_forward(float *logits, const tk_model *m, tk_backend *be, const tk_batch *batch, float *work);
+/* What the forward pass keeps for the backward pass, per layer (about 6k
+ * floats per token and layer for SmolLM2; see tk_activation_floats). Every
+ * other intermediate is recomputed from these in the backward pass. */
+typedef struct {
+    float *x;          /* [T, D] layer input (the residual stream) */
+    float *inv_rms1;   /* [T] of the attention norm */
+    float *qkv;        /* [T, (H + 2 Hkv) Dh] projections (+ bias), before q/k norm and RoPE */
+    float *att;        /* [T, H Dh] attention output */
+    float *lse;        /* [T, H] log-sum-exp of each attention row */
+    float *x2;         /* [T, D] after the attention residual */
+    float *inv_rms2;   /* [T] of the MLP norm */
+    float *gate_up;    /* [T, 2F] */
+    float *u;          /* [T, 7R] scale * (x A^T) of q|k|v|o|gate|up|down (unused when untrained) */
+} tk_layer_acts;
+
+typedef struct {
+    tk_layer_acts *layers;  /* [n_layers] */
+    float *x_final;         /* [T, D] input of the final norm */
+    float *inv_rms_final;   /* [T] */
+} tk_activations;
+
+/* Floats of scratch tk_transformer_forward / _backward need (for `store`,
+ * add tk_activation_floats). */
+size_t tk_transformer_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
+                                int backward);
+size_t tk_activation_floats(const tk_model *m, const tk_adapter *ad, int n_tokens);
+/* Points `store` (and its layer array, n_layers entries the caller provides) into mem. */
+void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
+                          const tk_adapter *ad, int n_tokens);
+
+/* h[T, D] = the final-norm output for every position. `ad` may be NULL (base
+ * model); `store` may be NULL (inference). */
+void tk_transformer_forward(float *h, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
+                            tk_activations *store, float *work);
+/* Backward from dh[T, D] (gradient of the final-norm output): accumulates the
+ * adapter's LoRA gradients. dh is clobbered. */
+void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batch *b, const tk_activations *store,
+                             float *dh, float *work);
 
 #endif

@@ -13,6 +13,7 @@ typedef struct {
     PyTypeObject *engine_type;
     PyTypeObject *model_type;
     PyTypeObject *request_type;
+    PyTypeObject *adapter_type;
 } tk_module_state;
 
 /* Raises the Python exception that fits `status`, with the engine's message. */

@@ -1,11 +1,12 @@
-/* engine.c - the Engine, Model and Request Python types.
+/* engine.c - the Engine, Model, Adapter and Request Python types.
  *
  * Every binding method follows one shape: parse -> validate -> copy into a C
  * request -> submit -> return a handle. Request.wait/result block with the
  * GIL released, waking every 50 ms to run signal handlers so Ctrl-C works.
- * A finished forward request exports its logits through the buffer protocol
- * (format "f", shape [T, V]), so numpy.asarray(req.result()) copies nothing;
- * the exported buffer keeps the Request, and so the logits, alive.
+ * A finished request exports its float results through the buffer protocol
+ * (format "f": forward logits [T, V], train logprobs [E], adapter reads [n]),
+ * so numpy.asarray(...) copies nothing; the exported buffer keeps the Request,
+ * and so its results, alive.
  */
 #define _GNU_SOURCE
 #include "binding.h"
@@ -25,7 +26,13 @@ typedef struct {
     tk_model *model;
 } ModelObject;
 
-enum request_kind { REQUEST_LOAD, REQUEST_FORWARD };
+typedef struct {
+    PyObject_HEAD
+    tk_adapter *adapter;
+} AdapterObject;
+
+enum request_kind { REQUEST_LOAD, REQUEST_FORWARD, REQUEST_TRAIN, REQUEST_OPTIM, REQUEST_ADAPTER_READ,
+                    REQUEST_ADAPTER_WRITE };
 
 typedef struct {
     PyObject_HEAD
@@ -105,7 +112,33 @@ static PyObject *request_done(RequestObject *self, PyObject *unused)
     return PyBool_FromLong(tk_request_done(self->req));
 }
 
-/* Waits, then returns the Model (load) or a [T, V] memoryview (forward). */
+/* The float results a finished request exports: pointer, rows, cols. */
+static const float *request_floats(RequestObject *self, Py_ssize_t *rows, Py_ssize_t *cols)
+{
+    int r, c;
+    long n_targets;
+    double loss;
+    size_t n;
+    int64_t step;
+    const float *data = NULL;
+    *cols = 1;
+    switch (self->kind) {
+    case REQUEST_FORWARD:
+        if ((data = tk_forward_request_logits(self->req, &r, &c))) *rows = r, *cols = c;
+        break;
+    case REQUEST_TRAIN:
+        if ((data = tk_train_request_result(self->req, &n_targets, &loss))) *rows = n_targets;
+        break;
+    case REQUEST_ADAPTER_READ:
+        if ((data = tk_adapter_read_result(self->req, &n, &step))) *rows = (Py_ssize_t)n;
+        break;
+    }
+    return data;
+}
+
+/* Waits, then returns the kind's result: the Model (load); the [T, V] logits
+ * (forward); (logprobs [E], loss) (train); a metrics dict (optim);
+ * (floats, step) (adapter read); None (adapter write). */
 static PyObject *request_result(RequestObject *self, PyObject *unused)
 {
     (void)unused;
@@ -114,32 +147,50 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
     const char *message;
     tk_status s = tk_request_status(self->req, &message);
     if (s != TK_OK) return tk_py_raise(s, message);
-    if (self->kind == REQUEST_LOAD) {
+    long n_targets;
+    double loss;
+    size_t n;
+    int64_t step;
+    switch (self->kind) {
+    case REQUEST_LOAD: {
         ModelObject *m = PyObject_New(ModelObject, self->model_type);
-        if (!m) return NULL;
-        m->model = tk_load_request_model(self->req);
+        if (m) m->model = tk_load_request_model(self->req);
         return (PyObject *)m;
+    }
+    case REQUEST_TRAIN:
+        tk_train_request_result(self->req, &n_targets, &loss);
+        return Py_BuildValue("(Nd)", PyMemoryView_FromObject((PyObject *)self), loss);
+    case REQUEST_OPTIM: {
+        const tk_optim_result *r = tk_optim_request_result(self->req);
+        return Py_BuildValue("{s:d,s:d,s:L}", "grad_norm", r->grad_norm, "clip_scale", (double)r->clip_scale, "step",
+                             (long long)r->step);
+    }
+    case REQUEST_ADAPTER_READ:
+        tk_adapter_read_result(self->req, &n, &step);
+        return Py_BuildValue("(NL)", PyMemoryView_FromObject((PyObject *)self), (long long)step);
+    case REQUEST_ADAPTER_WRITE:
+        Py_RETURN_NONE;
     }
     return PyMemoryView_FromObject((PyObject *)self);
 }
 
 static int request_getbuffer(RequestObject *self, Py_buffer *view, int flags)
 {
-    int rows, cols;
-    const float *logits = self->kind == REQUEST_FORWARD ? tk_forward_request_logits(self->req, &rows, &cols) : NULL;
-    if (!logits) {
-        PyErr_SetString(PyExc_BufferError, "this request has no finished forward result");
+    Py_ssize_t rows, cols;
+    const float *data = request_floats(self, &rows, &cols);
+    if (!data) {
+        PyErr_SetString(PyExc_BufferError, "this request has no finished float result");
         return -1;
     }
     self->shape[0] = rows;
     self->shape[1] = cols;
     view->obj = Py_NewRef(self);
-    view->buf = (void *)logits;
-    view->len = (Py_ssize_t)rows * cols * (Py_ssize_t)sizeof(float);
+    view->buf = (void *)data;
+    view->len = rows * cols * (Py_ssize_t)sizeof(float);
     view->readonly = 1;
     view->itemsize = sizeof(float);
     view->format = (flags & PyBUF_FORMAT) ? "f" : NULL;
-    view->ndim = 2;
+    view->ndim = self->kind == REQUEST_FORWARD ? 2 : 1;
     view->shape = (flags & PyBUF_ND) ? self->shape : NULL;
     view->strides = NULL;
     view->suboffsets = NULL;
@@ -223,6 +274,66 @@ static PyType_Slot model_slots[] = {
 
 static PyType_Spec model_spec = {
     "tinker._C.Model", sizeof(ModelObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, model_slots,
+};
+
+/* ---- Adapter ------------------------------------------------------------------------ */
+
+static void adapter_dealloc(AdapterObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    tk_adapter_release(self->adapter);
+    PyObject_Free(self);
+    Py_DECREF(type);
+}
+
+/* [(name, offset, rows, cols)] of every trained tensor in the params array */
+static PyObject *adapter_get_tensors(AdapterObject *self, void *closure)
+{
+    (void)closure;
+    int n = tk_adapter_tensors(self->adapter, NULL, 0);
+    tk_lora_tensor *t = PyMem_Calloc((size_t)n + 1, sizeof *t);
+    if (!t) return PyErr_NoMemory();
+    tk_adapter_tensors(self->adapter, t, n);
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *item = Py_BuildValue("(snii)", t[i].name, (Py_ssize_t)(t[i].data - self->adapter->block), t[i].rows,
+                                       t[i].cols);
+        if (!item) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, item);
+    }
+    PyMem_Free(t);
+    return list;
+}
+
+static PyObject *adapter_get_n_params(AdapterObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(self->adapter->n_params);
+}
+
+static PyObject *adapter_get_scale(AdapterObject *self, void *closure)
+{
+    (void)closure;
+    return PyFloat_FromDouble(self->adapter->scale);
+}
+
+static PyGetSetDef adapter_getset[] = {
+    {"tensors", (getter)adapter_get_tensors, NULL, "[(name, offset, rows, cols)] of the trained LoRA tensors", NULL},
+    {"n_params", (getter)adapter_get_n_params, NULL, "number of trained parameters", NULL},
+    {"scale", (getter)adapter_get_scale, NULL, "alpha / rank", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot adapter_slots[] = {
+    {Py_tp_dealloc, adapter_dealloc},
+    {Py_tp_getset, adapter_getset},
+    {Py_tp_doc, "A LoRA adapter (parameters, gradients, AdamW moments) on a loaded base model."},
+    {0, NULL},
+};
+
+static PyType_Spec adapter_spec = {
+    "tinker._C.Adapter", sizeof(AdapterObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    adapter_slots,
 };
 
 /* ---- Engine: parsing the load arguments ------------------------------------------ */
@@ -371,13 +482,18 @@ static int get_int32_buffer(PyObject *obj, Py_buffer *view, const char *what)
 
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", NULL};
-    PyObject *model_obj, *tokens_obj, *lens_obj;
+    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", "adapter", NULL};
+    PyObject *model_obj, *tokens_obj, *lens_obj, *adapter_obj = Py_None;
     int notify = 0;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|p:forward", kwlist, state->model_type, &model_obj,
-                                     &tokens_obj, &lens_obj, &notify))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|pO:forward", kwlist, state->model_type, &model_obj,
+                                     &tokens_obj, &lens_obj, &notify, &adapter_obj))
         return NULL;
+    if (adapter_obj != Py_None && !PyObject_TypeCheck(adapter_obj, state->adapter_type)) {
+        PyErr_SetString(PyExc_TypeError, "adapter must be an Adapter or None");
+        return NULL;
+    }
+    tk_adapter *ad = adapter_obj == Py_None ? NULL : ((AdapterObject *)adapter_obj)->adapter;
     Py_buffer tokens, lens;
     if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) return NULL;
     if (get_int32_buffer(lens_obj, &lens, "seq_lens") < 0) {
@@ -385,12 +501,174 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
         return NULL;
     }
     tk_request *req;
-    tk_status s = tk_forward_request_create(&req, ((ModelObject *)model_obj)->model, tokens.buf, (long)(tokens.len / 4),
-                                            lens.buf, (int)(lens.len / 4));
+    tk_status s = tk_forward_request_create(&req, ((ModelObject *)model_obj)->model, ad, tokens.buf,
+                                            (long)(tokens.len / 4), lens.buf, (int)(lens.len / 4));
     PyBuffer_Release(&tokens);
     PyBuffer_Release(&lens);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
     return request_new(state, self->engine, req, REQUEST_FORWARD, notify);
+}
+
+/* ---- Engine: adapters and training ------------------------------------------------------ */
+
+static PyObject *engine_create_adapter(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "rank", "seed", "train_attn", "train_mlp", "train_unembed", NULL};
+    PyObject *model_obj;
+    tk_lora_config cfg = {32, 0, 1, 1, 1};
+    unsigned long long seed = 0;
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!|iKppp:create_adapter", kwlist, state->model_type, &model_obj,
+                                     &cfg.rank, &seed, &cfg.train_attn, &cfg.train_mlp, &cfg.train_unembed))
+        return NULL;
+    cfg.seed = seed;
+    tk_adapter *ad;
+    tk_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = tk_adapter_create(&ad, ((ModelObject *)model_obj)->model, &cfg);
+    Py_END_ALLOW_THREADS
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    AdapterObject *obj = PyObject_New(AdapterObject, state->adapter_type);
+    if (!obj) {
+        tk_adapter_release(ad);
+        return NULL;
+    }
+    obj->adapter = ad;
+    return (PyObject *)obj;
+}
+
+static tk_adapter *adapter_arg(EngineObject *self, PyObject *obj)
+{
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyObject_TypeCheck(obj, state->adapter_type)) {
+        PyErr_SetString(PyExc_TypeError, "expected an Adapter");
+        return NULL;
+    }
+    return ((AdapterObject *)obj)->adapter;
+}
+
+/* A C-contiguous float32 buffer of exactly n values, or None (view->buf NULL). */
+static int get_float32_buffer(PyObject *obj, Py_buffer *view, long n, const char *what)
+{
+    memset(view, 0, sizeof *view);
+    if (obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (view->itemsize != 4 || strcmp(f, "f") != 0 || view->len / 4 != n) {
+        PyErr_Format(PyExc_ValueError, "%s must be a contiguous float32 buffer of %ld values (got format '%s', %zd "
+                     "bytes)", what, n, view->format ? view->format : "B", view->len);
+        PyBuffer_Release(view);
+        view->buf = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"adapter", "tokens", "seq_lens", "k_per_datum", "targets", "weights", "advantages",
+                             "logprobs", "clip_low", "clip_high", "loss", "clip_low_threshold",
+                             "clip_high_threshold", "beta", "backward", "notify", NULL};
+    PyObject *adapter_obj, *tokens_obj, *lens_obj, *k_obj, *targets_obj;
+    PyObject *float_objs[5] = {Py_None, Py_None, Py_None, Py_None, Py_None};
+    tk_loss_config loss = {0, 0.8f, 1.2f, 0.0f};
+    int backward = 1, notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|OOOOOifffpp:train", kwlist, &adapter_obj, &tokens_obj,
+                                     &lens_obj, &k_obj, &targets_obj, &float_objs[0], &float_objs[1], &float_objs[2],
+                                     &float_objs[3], &float_objs[4], &loss.kind, &loss.clip_low, &loss.clip_high,
+                                     &loss.beta, &backward, &notify))
+        return NULL;
+    tk_adapter *ad = adapter_arg(self, adapter_obj);
+    if (!ad) return NULL;
+    static const char *float_names[5] = {"weights", "advantages", "logprobs", "clip_low", "clip_high"};
+    Py_buffer tokens, lens, ks, targets, floats[5];
+    int have = 0, n_floats = 0;
+    PyObject *result = NULL;
+    if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) goto done;
+    have = 1;
+    if (get_int32_buffer(lens_obj, &lens, "seq_lens") < 0) goto done;
+    have = 2;
+    if (get_int32_buffer(k_obj, &ks, "k_per_datum") < 0) goto done;
+    have = 3;
+    if (get_int32_buffer(targets_obj, &targets, "targets") < 0) goto done;
+    have = 4;
+    for (; n_floats < 5; n_floats++)
+        if (get_float32_buffer(float_objs[n_floats], &floats[n_floats], (long)(targets.len / 4),
+                               float_names[n_floats]) < 0)
+            goto done;
+    if (lens.len != ks.len) {
+        PyErr_SetString(PyExc_ValueError, "seq_lens and k_per_datum must have one entry per datum");
+        goto done;
+    }
+    tk_train_batch tb = {tokens.buf, (long)(tokens.len / 4), lens.buf, ks.buf, (int)(lens.len / 4), targets.buf,
+                         floats[0].buf, floats[1].buf, floats[2].buf, floats[3].buf, floats[4].buf,
+                         (long)(targets.len / 4)};
+    tk_request *req;
+    tk_status s = tk_train_request_create(&req, ad, &tb, &loss, backward);
+    if (s != TK_OK) tk_py_raise(s, tk_last_error());
+    else result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_TRAIN, notify);
+done:
+    for (int i = 0; i < n_floats; i++)
+        if (floats[i].buf) PyBuffer_Release(&floats[i]);
+    if (have >= 4) PyBuffer_Release(&targets);
+    if (have >= 3) PyBuffer_Release(&ks);
+    if (have >= 2) PyBuffer_Release(&lens);
+    if (have >= 1) PyBuffer_Release(&tokens);
+    return result;
+}
+
+static PyObject *engine_optim_step(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"adapter", "learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm",
+                             "notify", NULL};
+    PyObject *adapter_obj;
+    tk_adam_params p = {1e-4, 0.9, 0.95, 1e-12, 0.0, 0.0};
+    int notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|ddddddp:optim_step", kwlist, &adapter_obj, &p.learning_rate,
+                                     &p.beta1, &p.beta2, &p.eps, &p.weight_decay, &p.grad_clip_norm, &notify))
+        return NULL;
+    tk_adapter *ad = adapter_arg(self, adapter_obj);
+    if (!ad) return NULL;
+    tk_request *req;
+    tk_status s = tk_optim_request_create(&req, ad, &p);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_OPTIM, notify);
+}
+
+static PyObject *engine_read_adapter(EngineObject *self, PyObject *args)
+{
+    PyObject *adapter_obj;
+    int parts;
+    if (!PyArg_ParseTuple(args, "Oi:read_adapter", &adapter_obj, &parts)) return NULL;
+    tk_adapter *ad = adapter_arg(self, adapter_obj);
+    if (!ad) return NULL;
+    tk_request *req;
+    tk_status s = tk_adapter_read_request_create(&req, ad, parts);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_READ, 0);
+}
+
+static PyObject *engine_write_adapter(EngineObject *self, PyObject *args)
+{
+    PyObject *adapter_obj, *data_obj;
+    int parts;
+    long long step = 0;
+    if (!PyArg_ParseTuple(args, "OiO|L:write_adapter", &adapter_obj, &parts, &data_obj, &step)) return NULL;
+    tk_adapter *ad = adapter_arg(self, adapter_obj);
+    if (!ad) return NULL;
+    Py_buffer data;
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (data.itemsize != 4 || !data.format || strchr(data.format, 'f') == NULL) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_TypeError, "adapter data must be a contiguous float32 buffer");
+        return NULL;
+    }
+    tk_request *req;
+    tk_status s = tk_adapter_write_request_create(&req, ad, parts, data.buf, (size_t)(data.len / 4), step);
+    PyBuffer_Release(&data);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_WRITE, 0);
 }
 
 /* ---- Engine: completions -------------------------------------------------------- */
@@ -473,7 +751,20 @@ static PyMethodDef engine_methods[] = {
     {"load_model", (PyCFunction)engine_load_model, METH_VARARGS,
      "load_model(config: dict, paths: list[str], tensors: list[tuple]) -> Request"},
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(model, tokens: int32 buffer, seq_lens: int32 buffer, notify=False) -> Request"},
+     "forward(model, tokens: int32 buffer, seq_lens: int32 buffer, notify=False, adapter=None) -> Request"},
+    {"create_adapter", (PyCFunction)(void (*)(void))engine_create_adapter, METH_VARARGS | METH_KEYWORDS,
+     "create_adapter(model, rank=32, seed=0, train_attn=True, train_mlp=True, train_unembed=True) -> Adapter"},
+    {"train", (PyCFunction)(void (*)(void))engine_train, METH_VARARGS | METH_KEYWORDS,
+     "train(adapter, tokens, seq_lens, k_per_datum, targets, weights=None, advantages=None, logprobs=None,\n"
+     "      clip_low=None, clip_high=None, loss=0, clip_low_threshold=0.8, clip_high_threshold=1.2, beta=0,\n"
+     "      backward=True, notify=False) -> Request; result() -> (logprobs, loss_sum)"},
+    {"optim_step", (PyCFunction)(void (*)(void))engine_optim_step, METH_VARARGS | METH_KEYWORDS,
+     "optim_step(adapter, learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm, notify=False) -> Request"},
+    {"read_adapter", (PyCFunction)engine_read_adapter, METH_VARARGS,
+     "read_adapter(adapter, parts) -> Request; result() -> (floats, step); parts: 1 params, 2 grads, 4 exp_avg, "
+     "8 exp_avg_sq"},
+    {"write_adapter", (PyCFunction)engine_write_adapter, METH_VARARGS,
+     "write_adapter(adapter, parts, float32 data, step=0) -> Request"},
     {"wake_fd", (PyCFunction)engine_wake_fd, METH_NOARGS, "wake_fd() -> int: readable when notify requests finish"},
     {"drain", (PyCFunction)engine_drain, METH_NOARGS, "drain() -> list[int]: ids of finished notify requests"},
     {NULL, NULL, 0, NULL},
@@ -502,9 +793,10 @@ int tk_py_add_engine_types(PyObject *module, tk_module_state *state)
     state->engine_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &engine_spec, NULL);
     state->model_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &model_spec, NULL);
     state->request_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &request_spec, NULL);
-    if (!state->engine_type || !state->model_type || !state->request_type) return -1;
+    state->adapter_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &adapter_spec, NULL);
+    if (!state->engine_type || !state->model_type || !state->request_type || !state->adapter_type) return -1;
     if (PyModule_AddType(module, state->engine_type) < 0 || PyModule_AddType(module, state->model_type) < 0 ||
-        PyModule_AddType(module, state->request_type) < 0)
+        PyModule_AddType(module, state->request_type) < 0 || PyModule_AddType(module, state->adapter_type) < 0)
         return -1;
     return 0;
 }

@@ -209,7 +209,7 @@ static PyObject *py_time_matmul(PyObject *module, PyObject *args)
         for (size_t i = 0; i < (size_t)N * K; i++) b[i] = (float)(i % 7) * 0.01f;
         for (int r = 0; r < reps; r++) {
             double t0 = now_seconds();
-            be->matmul_nt(be, c, N, a, K, b, M, N, K, 0.0f);
+            be->matmul_nt(be, c, N, a, K, b, M, N, K, 1.0f, 0.0f);
             double dt = now_seconds() - t0;
             if (best < 0 || dt < best) best = dt;
         }
@@ -250,6 +250,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->engine_type);
     Py_VISIT(state->model_type);
     Py_VISIT(state->request_type);
+    Py_VISIT(state->adapter_type);
     return 0;
 }
 
@@ -259,6 +260,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(state->engine_type);
     Py_CLEAR(state->model_type);
     Py_CLEAR(state->request_type);
+    Py_CLEAR(state->adapter_type);
     return 0;
 }
 

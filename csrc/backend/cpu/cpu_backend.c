@@ -2,11 +2,10 @@
  * gcc vectorises them, no -ffast-math) for the rest, split over the pool.
  *
  * Threading: one thread team, the engine's pool. OpenBLAS is kept at one
- * thread and the pool splits each GEMM by output columns instead: OpenBLAS's
- * own threads spin-wait after every call and, on a 2-core machine, steal the
- * cores from the pool's element-wise ops (measured: 15% of a 512-token
- * forward spent in blas_thread_server). Attention runs one (sequence, head)
- * per task.
+ * thread and the pool splits each GEMM instead: OpenBLAS's own threads
+ * spin-wait after every call and, on a 2-core machine, steal the cores from
+ * the pool's element-wise ops (measured: 15% of a 512-token forward spent in
+ * blas_thread_server). Attention runs one (sequence, head) per task.
  */
 #include "cpu_backend.h"
 
@@ -40,40 +39,97 @@ static void chunk_range(int task, int n_tasks, int rows, int *begin, int *end)
     *end = (int)((long)rows * (task + 1) / n_tasks);
 }
 
-/* ---- matmul ---------------------------------------------------------------- */
+/* [begin, end) of `n` for one of n_tasks tasks, in multiples of 16 (64-byte aligned starts) */
+static void block16_range(int task, int n_tasks, int n, int *begin, int *end)
+{
+    int blocks = (n + 15) / 16;
+    *begin = (int)((long)blocks * task / n_tasks) * 16;
+    *end = (int)((long)blocks * (task + 1) / n_tasks) * 16;
+    if (*end > n) *end = n;
+}
+
+/* Tasks to split a GEMM of `flops` multiply-adds with an output dimension n. */
+static int gemm_tasks(tk_backend *be, long flops, int n)
+{
+    int threads = tk_pool_threads(pool_of(be));
+    return flops >= (1L << 18) && n >= 32 * threads ? threads : 1;
+}
+
+/* ---- matmuls ------------------------------------------------------------------ */
 
 typedef struct {
     float *y;
     const float *x, *w;
-    int ldy, ldx, T, N, K, n_tasks;
-    float beta;
-} matmul_args;
+    int ldy, ldx, ldw, T, N, K, n_tasks, split_m;
+    float alpha, beta;
+} gemm_args;
 
-/* Columns [n0, n1) of y: rows [n0, n1) of w. Chunk edges are multiples of 16
- * so every task starts on a 64-byte boundary of w. */
-static void matmul_task(void *ctx, int task, int thread)
+/* y[:, n0:n1] = x . w[n0:n1]^T (w rows are output columns) */
+static void nt_task(void *ctx, int task, int thread)
 {
     (void)thread;
-    matmul_args *a = ctx;
-    int blocks = (a->N + 15) / 16;
-    int n0 = (int)((long)blocks * task / a->n_tasks) * 16, n1 = (int)((long)blocks * (task + 1) / a->n_tasks) * 16;
-    if (n1 > a->N) n1 = a->N;
+    gemm_args *a = ctx;
+    int n0, n1;
+    block16_range(task, a->n_tasks, a->N, &n0, &n1);
     if (n1 <= n0) return;
-    tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, 1.0f, a->x, a->ldx,
+    tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
                    a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
 }
 
 static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
-                          int K, float beta)
+                          int K, float alpha, float beta)
 {
-    matmul_args a = {y, x, w, ldy, ldx, T, N, K, 1, beta};
-    long work = (long)T * N * K;
-    int threads = tk_pool_threads(pool_of(be));
-    if (work >= 1L << 18 && N >= 32 * threads) a.n_tasks = threads;
-    tk_pool_run(pool_of(be), a.n_tasks, matmul_task, &a);
+    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta};
+    a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
+    tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
 }
 
-/* ---- embedding, norms, bias ------------------------------------------------- */
+/* y[:, n0:n1] = x . w[:, n0:n1] */
+static void nn_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    gemm_args *a = ctx;
+    int n0, n1;
+    block16_range(task, a->n_tasks, a->N, &n0, &n1);
+    if (n1 <= n0) return;
+    tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
+                   a->w + n0, a->ldw, a->beta, a->y + n0, a->ldy);
+}
+
+static void cpu_matmul_nn(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
+                          int N, int K, float alpha, float beta)
+{
+    gemm_args a = {y, x, w, ldy, ldx, ldw, T, N, K, 1, 0, alpha, beta};
+    a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
+    tk_pool_run(pool_of(be), a.n_tasks, nn_task, &a);
+}
+
+/* g[M, N] += alpha a^T b, split along the larger of M and N.
+ * Fields: y = g, x = a (lda in ldx), w = b (ldb in ldw), T tokens, N = M rows of g, K = N cols of g. */
+static void tn_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    gemm_args *a = ctx;
+    int M = a->N, N = a->K, b0, b1;
+    block16_range(task, a->n_tasks, a->split_m ? M : N, &b0, &b1);
+    if (b1 <= b0) return;
+    if (a->split_m)
+        tk_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, b1 - b0, N, a->T, a->alpha, a->x + b0, a->ldx, a->w,
+                       a->ldw, 1.0f, a->y + (size_t)b0 * a->ldy, a->ldy);
+    else
+        tk_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, b1 - b0, a->T, a->alpha, a->x, a->ldx, a->w + b0,
+                       a->ldw, 1.0f, a->y + b0, a->ldy);
+}
+
+static void cpu_matmul_tn_acc(tk_backend *be, float *g, int ldg, const float *a_, int lda, const float *b, int ldb,
+                              int T, int M, int N, float alpha)
+{
+    gemm_args a = {g, a_, b, ldg, lda, ldb, T, M, N, 1, M >= N, alpha, 1.0f};
+    a.n_tasks = gemm_tasks(be, (long)T * M * N, M >= N ? M : N);
+    tk_pool_run(pool_of(be), a.n_tasks, tn_task, &a);
+}
+
+/* ---- embedding, norms, bias ------------------------------------------------------ */
 
 static void cpu_embed(tk_backend *be, float *x, const float *table, const int32_t *tokens, int T, int D)
 {
@@ -81,18 +137,17 @@ static void cpu_embed(tk_backend *be, float *x, const float *table, const int32_
     for (int t = 0; t < T; t++) memcpy(x + (size_t)t * D, table + (size_t)tokens[t] * D, (size_t)D * sizeof(float));
 }
 
-
 typedef struct {
-    float *y;
-    const float *x, *w;
-    int ldy, ldx, rows, n, n_tasks;
+    float *y, *inv_rms;
+    const float *x, *w, *dy;
+    int ldy, ldx, lddy, rows, n, n_tasks, accumulate;
     float eps;
-} rmsnorm_args;
+} rows_args;
 
 static void rmsnorm_task(void *ctx, int task, int thread)
 {
     (void)thread;
-    rmsnorm_args *a = ctx;
+    rows_args *a = ctx;
     int begin, end;
     chunk_range(task, a->n_tasks, a->rows, &begin, &end);
     for (int r = begin; r < end; r++) {
@@ -100,16 +155,50 @@ static void rmsnorm_task(void *ctx, int task, int thread)
         float *y = a->y + (size_t)r * a->ldy;
         /* as HF: x * rsqrt(mean(x^2) + eps), then times the weight */
         float inv = 1.0f / sqrtf(tk_sum_of_squares(x, a->n) / (float)a->n + a->eps);
+        if (a->inv_rms) a->inv_rms[r] = inv;
         for (int i = 0; i < a->n; i++) y[i] = (x[i] * inv) * a->w[i];
     }
 }
 
 static void cpu_rmsnorm(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int n,
-                        float eps)
+                        float eps, float *inv_rms)
 {
-    rmsnorm_args a = {y, x, w, ldy, ldx, rows, n, 0, eps};
+    rows_args a = {y, inv_rms, x, w, NULL, ldy, ldx, 0, rows, n, 0, 0, eps};
     a.n_tasks = chunks_for(be, rows, (long)rows * n);
     tk_pool_run(pool_of(be), a.n_tasks, rmsnorm_task, &a);
+}
+
+/* y = w x r with r = (mean(x^2) + eps)^-1/2:
+ * dx = r (dy w) - x r^3 mean(dy w x) */
+static void rmsnorm_backward_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    rows_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->rows, &begin, &end);
+    for (int r = begin; r < end; r++) {
+        const float *x = a->x + (size_t)r * a->ldx, *dy = a->dy + (size_t)r * a->lddy;
+        float *dx = a->y + (size_t)r * a->ldy, inv = a->inv_rms[r];
+        float acc[16] = {0}, dot = 0;
+        int i = 0;
+        for (; i + 16 <= a->n; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += dy[i + j] * a->w[i + j] * x[i + j];
+        for (; i < a->n; i++) dot += dy[i] * a->w[i] * x[i];
+        for (int j = 0; j < 16; j++) dot += acc[j];
+        float c = inv * inv * inv * dot / (float)a->n;
+        if (a->accumulate)
+            for (i = 0; i < a->n; i++) dx[i] += inv * dy[i] * a->w[i] - c * x[i];
+        else
+            for (i = 0; i < a->n; i++) dx[i] = inv * dy[i] * a->w[i] - c * x[i];
+    }
+}
+
+static void cpu_rmsnorm_backward(tk_backend *be, float *dx, int lddx, const float *dy, int lddy, const float *x,
+                                 int ldx, const float *w, const float *inv_rms, int rows, int n, int accumulate)
+{
+    rows_args a = {dx, (float *)inv_rms, x, w, dy, lddx, ldx, lddy, rows, n, 0, accumulate, 0};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, rmsnorm_backward_task, &a);
 }
 
 static void cpu_add_bias(tk_backend *be, float *y, int ldy, const float *b, int rows, int n)
@@ -121,104 +210,33 @@ static void cpu_add_bias(tk_backend *be, float *y, int ldy, const float *b, int 
     }
 }
 
-/* ---- RoPE --------------------------------------------------------------------- */
+/* ---- RoPE --------------------------------------------------------------------------- */
 
 static void cpu_rope(tk_backend *be, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos,
-                     const float *sin)
+                     const float *sin, int inverse)
 {
     (void)be;
     int half = head_dim / 2;
+    float sign = inverse ? -1.0f : 1.0f;
     for (int r = 0; r < rows; r++) {
         const float *c = cos + (size_t)r * half, *s = sin + (size_t)r * half;
         for (int h = 0; h < n_heads; h++) {
             float *lo = x + (size_t)r * ldx + (size_t)h * head_dim, *hi = lo + half;
-            /* q * cos + rotate_half(q) * sin, rotate_half(q) = [-q_hi, q_lo] */
+            /* q * cos + rotate_half(q) * sin, rotate_half(q) = [-q_hi, q_lo]; inverse: sin -> -sin */
             for (int i = 0; i < half; i++) {
-                float a = lo[i], b = hi[i];
-                lo[i] = a * c[i] - b * s[i];
-                hi[i] = b * c[i] + a * s[i];
+                float a = lo[i], b = hi[i], sn = sign * s[i];
+                lo[i] = a * c[i] - b * sn;
+                hi[i] = b * c[i] + a * sn;
             }
         }
     }
 }
 
-/* ---- attention ------------------------------------------------------------------ */
-
-enum { ATTN_QUERY_BLOCK = 64 };
+/* ---- SwiGLU ---------------------------------------------------------------------------- */
 
 typedef struct {
     float *out;
-    const float *q, *k, *v;
-    const int32_t *seq_start;
-    int ldo, ldqkv, n_heads, group, head_dim, n_seqs;
-    float scale;
-    float *scores;        /* [threads][ATTN_QUERY_BLOCK * max_len] */
-    size_t scores_per_thread;
-} attention_args;
-
-/* Rows p = 0..rows-1 of S hold query positions q0+p against keys 0..n_keys-1;
- * keys after the query's own position are masked. Softmax in float32. */
-static void causal_softmax(float *S, int rows, int n_keys, int q0)
-{
-    for (int p = 0; p < rows; p++) {
-        float *s = S + (size_t)p * n_keys;
-        int visible = q0 + p + 1;
-        float max = tk_max(s, visible);
-        for (int j = 0; j < visible; j++) s[j] = tk_expf(s[j] - max);
-        float inv = 1.0f / tk_sum(s, visible);
-        for (int j = 0; j < visible; j++) s[j] *= inv;
-        for (int j = visible; j < n_keys; j++) s[j] = 0.0f;
-    }
-}
-
-/* One task is one (sequence, head): query blocks of 64 rows attend to the keys
- * up to their last position only, so the causal half is mostly skipped. */
-static void attention_task(void *ctx, int task, int thread)
-{
-    attention_args *a = ctx;
-    int seq = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim;
-    int start = a->seq_start[seq], len = a->seq_start[seq + 1] - start;
-    float *S = a->scores + (size_t)thread * a->scores_per_thread;
-    const float *q = a->q + (size_t)start * a->ldqkv + (size_t)h * Dh;
-    const float *k = a->k + (size_t)start * a->ldqkv + (size_t)g * Dh;
-    const float *v = a->v + (size_t)start * a->ldqkv + (size_t)g * Dh;
-    float *out = a->out + (size_t)start * a->ldo + (size_t)h * Dh;
-    for (int q0 = 0; q0 < len; q0 += ATTN_QUERY_BLOCK) {
-        int rows = len - q0 < ATTN_QUERY_BLOCK ? len - q0 : ATTN_QUERY_BLOCK;
-        int n_keys = q0 + rows;
-        /* S[rows, n_keys] = scale * q[q0:q0+rows] k[0:n_keys]^T */
-        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, a->scale,
-                       q + (size_t)q0 * a->ldqkv, a->ldqkv, k, a->ldqkv, 0.0f, S, n_keys);
-        causal_softmax(S, rows, n_keys, q0);
-        /* out[q0:q0+rows] = P[rows, n_keys] v[0:n_keys] */
-        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, n_keys, 1.0f, S, n_keys, v, a->ldqkv,
-                       0.0f, out + (size_t)q0 * a->ldo, a->ldo);
-    }
-}
-
-static void cpu_attention(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
-                          int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
-                          float *work)
-{
-    int max_len = 0;
-    for (int s = 0; s < n_seqs; s++)
-        if (seq_start[s + 1] - seq_start[s] > max_len) max_len = seq_start[s + 1] - seq_start[s];
-    attention_args a = {out, q, k, v, seq_start, ldo, ldqkv, n_heads, n_heads / n_kv_heads, head_dim, n_seqs,
-                        1.0f / sqrtf((float)head_dim), work, (size_t)ATTN_QUERY_BLOCK * (size_t)max_len};
-    tk_pool_run(pool_of(be), n_seqs * n_heads, attention_task, &a);
-}
-
-/* one score block per pool thread */
-static size_t cpu_attention_workspace(tk_backend *be, int max_seq_len)
-{
-    return (size_t)tk_pool_threads(pool_of(be)) * ATTN_QUERY_BLOCK * (size_t)max_seq_len;
-}
-
-/* ---- SwiGLU ----------------------------------------------------------------------- */
-
-typedef struct {
-    float *act;
-    const float *gate_up;
+    const float *in, *gate_up;
     int T, F, n_tasks;
 } swiglu_args;
 
@@ -230,19 +248,303 @@ static void swiglu_task(void *ctx, int task, int thread)
     chunk_range(task, a->n_tasks, a->T, &begin, &end);
     for (int t = begin; t < end; t++) {
         const float *g = a->gate_up + (size_t)t * 2 * a->F, *u = g + a->F;
-        float *y = a->act + (size_t)t * a->F;
+        float *y = a->out + (size_t)t * a->F;
         for (int i = 0; i < a->F; i++) y[i] = g[i] / (1.0f + tk_expf(-g[i])) * u[i];
     }
 }
 
 static void cpu_swiglu(tk_backend *be, float *act, const float *gate_up, int T, int F)
 {
-    swiglu_args a = {act, gate_up, T, F, 0};
+    swiglu_args a = {act, NULL, gate_up, T, F, 0};
     a.n_tasks = chunks_for(be, T, (long)T * F);
     tk_pool_run(pool_of(be), a.n_tasks, swiglu_task, &a);
 }
 
-/* ---- the table ---------------------------------------------------------------------- */
+/* silu(g) = g s, s = sigmoid(g); d silu/dg = s (1 + g (1 - s)) */
+static void swiglu_backward_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    swiglu_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->T, &begin, &end);
+    for (int t = begin; t < end; t++) {
+        const float *g = a->gate_up + (size_t)t * 2 * a->F, *u = g + a->F, *da = a->in + (size_t)t * a->F;
+        float *dg = a->out + (size_t)t * 2 * a->F, *du = dg + a->F;
+        for (int i = 0; i < a->F; i++) {
+            float s = 1.0f / (1.0f + tk_expf(-g[i]));
+            dg[i] = da[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+            du[i] = da[i] * g[i] * s;
+        }
+    }
+}
+
+static void cpu_swiglu_backward(tk_backend *be, float *dgate_up, const float *dact, const float *gate_up, int T,
+                                int F)
+{
+    swiglu_args a = {dgate_up, dact, gate_up, T, F, 0};
+    a.n_tasks = chunks_for(be, T, (long)T * F);
+    tk_pool_run(pool_of(be), a.n_tasks, swiglu_backward_task, &a);
+}
+
+/* ---- softmax over the vocabulary ------------------------------------------------------- */
+
+typedef struct {
+    float *x, *lse;
+    const float *g;
+    int ldx, rows, n, n_tasks;
+} softmax_args;
+
+static float row_logsumexp(const float *x, int n)
+{
+    float max = tk_max(x, n);
+    float acc[16] = {0}, sum = 0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += tk_expf(x[i + j] - max);
+    for (; i < n; i++) sum += tk_expf(x[i] - max);
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    return max + logf(sum);
+}
+
+static void logsumexp_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    softmax_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->rows, &begin, &end);
+    for (int r = begin; r < end; r++) a->lse[r] = row_logsumexp(a->x + (size_t)r * a->ldx, a->n);
+}
+
+static void cpu_logsumexp(tk_backend *be, float *lse, const float *x, int ldx, int rows, int n)
+{
+    softmax_args a = {(float *)x, lse, NULL, ldx, rows, n, 0};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, logsumexp_task, &a);
+}
+
+static void softmax_scale_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    softmax_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->rows, &begin, &end);
+    for (int r = begin; r < end; r++) {
+        float *x = a->x + (size_t)r * a->ldx, lse = a->lse[r], g = -a->g[r];
+        for (int i = 0; i < a->n; i++) x[i] = g * tk_expf(x[i] - lse);
+    }
+}
+
+static void cpu_softmax_scale(tk_backend *be, float *x, int ldx, const float *lse, const float *g, int rows, int n)
+{
+    softmax_args a = {x, (float *)lse, g, ldx, rows, n, 0};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, softmax_scale_task, &a);
+}
+
+/* ---- attention ------------------------------------------------------------------------ */
+
+enum { ATTN_QUERY_BLOCK = 64 };
+
+typedef struct {
+    float *out, *lse, *dq, *dk_heads, *dv_heads, *drow;
+    const float *q, *k, *v, *o, *dout;
+    const int32_t *seq_start;
+    int ldo, ldqkv, n_heads, group, head_dim, n_seqs;
+    float scale;
+    float *scratch;       /* [threads][2][ATTN_QUERY_BLOCK * max_len] */
+    size_t scratch_per_thread;
+} attention_args;
+
+static int max_len_of(const int32_t *seq_start, int n_seqs)
+{
+    int max = 0;
+    for (int s = 0; s < n_seqs; s++)
+        if (seq_start[s + 1] - seq_start[s] > max) max = seq_start[s + 1] - seq_start[s];
+    return max;
+}
+
+/* Rows p of S hold query positions q0+p against keys 0..n_keys-1; keys after
+ * the query's own position are masked. Softmax in float32; lse (optional,
+ * stride lse_ld) keeps each row's log-sum-exp. */
+static void causal_softmax(float *S, int rows, int n_keys, int q0, float *lse, int lse_ld)
+{
+    for (int p = 0; p < rows; p++) {
+        float *s = S + (size_t)p * n_keys;
+        int visible = q0 + p + 1;
+        float max = tk_max(s, visible);
+        for (int j = 0; j < visible; j++) s[j] = tk_expf(s[j] - max);
+        float sum = tk_sum(s, visible), inv = 1.0f / sum;
+        for (int j = 0; j < visible; j++) s[j] *= inv;
+        for (int j = visible; j < n_keys; j++) s[j] = 0.0f;
+        if (lse) lse[(size_t)p * lse_ld] = max + logf(sum);
+    }
+}
+
+/* One task is one (sequence, head): query blocks of 64 rows attend to the keys
+ * up to their last position only, so the causal half is mostly skipped. */
+static void attention_task(void *ctx, int task, int thread)
+{
+    attention_args *a = ctx;
+    int seq = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim;
+    int start = a->seq_start[seq], len = a->seq_start[seq + 1] - start;
+    float *S = a->scratch + (size_t)thread * a->scratch_per_thread;
+    const float *q = a->q + (size_t)start * a->ldqkv + (size_t)h * Dh;
+    const float *k = a->k + (size_t)start * a->ldqkv + (size_t)g * Dh;
+    const float *v = a->v + (size_t)start * a->ldqkv + (size_t)g * Dh;
+    float *out = a->out + (size_t)start * a->ldo + (size_t)h * Dh;
+    float *lse = a->lse ? a->lse + (size_t)start * a->n_heads + h : NULL;
+    for (int q0 = 0; q0 < len; q0 += ATTN_QUERY_BLOCK) {
+        int rows = len - q0 < ATTN_QUERY_BLOCK ? len - q0 : ATTN_QUERY_BLOCK;
+        int n_keys = q0 + rows;
+        /* S[rows, n_keys] = scale * q[q0:q0+rows] k[0:n_keys]^T */
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, a->scale,
+                       q + (size_t)q0 * a->ldqkv, a->ldqkv, k, a->ldqkv, 0.0f, S, n_keys);
+        causal_softmax(S, rows, n_keys, q0, lse ? lse + (size_t)q0 * a->n_heads : NULL, a->n_heads);
+        /* out[q0:q0+rows] = P[rows, n_keys] v[0:n_keys] */
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, n_keys, 1.0f, S, n_keys, v, a->ldqkv,
+                       0.0f, out + (size_t)q0 * a->ldo, a->ldo);
+    }
+}
+
+static void cpu_attention(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                          int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                          float *lse, float *work)
+{
+    int max_len = max_len_of(seq_start, n_seqs);
+    attention_args a = {0};
+    a.out = out;
+    a.lse = lse;
+    a.q = q, a.k = k, a.v = v;
+    a.seq_start = seq_start;
+    a.ldo = ldo, a.ldqkv = ldqkv, a.n_heads = n_heads, a.group = n_heads / n_kv_heads, a.head_dim = head_dim;
+    a.n_seqs = n_seqs;
+    a.scale = 1.0f / sqrtf((float)head_dim);
+    a.scratch = work;
+    a.scratch_per_thread = (size_t)ATTN_QUERY_BLOCK * (size_t)max_len;
+    tk_pool_run(pool_of(be), n_seqs * n_heads, attention_task, &a);
+}
+
+/* one score block per pool thread */
+static size_t cpu_attention_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads, int head_dim)
+{
+    (void)n_tokens, (void)n_heads, (void)head_dim;
+    return (size_t)tk_pool_threads(pool_of(be)) * ATTN_QUERY_BLOCK * (size_t)max_seq_len;
+}
+
+/* FlashAttention-2 style backward for one (sequence, head): P is recomputed
+ * from q, k and the stored lse; with D = rowsum(dO . O):
+ *   dS = P (dO v^T - D),  dq = scale dS k,  dk += scale dS^T q,  dv += P^T dO.
+ * dk and dv go to per-head buffers (heads of a kv group would race), summed
+ * over each group afterwards. */
+static void attention_backward_task(void *ctx, int task, int thread)
+{
+    attention_args *a = ctx;
+    int seq = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim, H = a->n_heads;
+    int start = a->seq_start[seq], len = a->seq_start[seq + 1] - start;
+    float *P = a->scratch + (size_t)thread * a->scratch_per_thread, *dP = P + a->scratch_per_thread / 2;
+    const float *q = a->q + (size_t)start * a->ldqkv + (size_t)h * Dh;
+    const float *k = a->k + (size_t)start * a->ldqkv + (size_t)g * Dh;
+    const float *v = a->v + (size_t)start * a->ldqkv + (size_t)g * Dh;
+    const float *o = a->o + (size_t)start * a->ldo + (size_t)h * Dh;
+    const float *dout = a->dout + (size_t)start * a->ldo + (size_t)h * Dh;
+    const float *lse = a->lse + (size_t)start * H + h;
+    float *dq = a->dq + (size_t)start * a->ldqkv + (size_t)h * Dh;
+    float *dk = a->dk_heads + (size_t)start * H * Dh + (size_t)h * Dh;
+    float *dv = a->dv_heads + (size_t)start * H * Dh + (size_t)h * Dh;
+    float *drow = a->drow + (size_t)start * H + h;
+    for (int i = 0; i < len; i++) {
+        const float *oi = o + (size_t)i * a->ldo, *di = dout + (size_t)i * a->ldo;
+        float s = 0;
+        for (int d = 0; d < Dh; d++) s += oi[d] * di[d];
+        drow[(size_t)i * H] = s;
+        memset(dk + (size_t)i * H * Dh, 0, (size_t)Dh * sizeof(float));
+        memset(dv + (size_t)i * H * Dh, 0, (size_t)Dh * sizeof(float));
+    }
+    for (int q0 = 0; q0 < len; q0 += ATTN_QUERY_BLOCK) {
+        int rows = len - q0 < ATTN_QUERY_BLOCK ? len - q0 : ATTN_QUERY_BLOCK;
+        int n_keys = q0 + rows;
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, a->scale,
+                       q + (size_t)q0 * a->ldqkv, a->ldqkv, k, a->ldqkv, 0.0f, P, n_keys);
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, 1.0f,
+                       dout + (size_t)q0 * a->ldo, a->ldo, v, a->ldqkv, 0.0f, dP, n_keys);
+        for (int p = 0; p < rows; p++) {
+            float *pr = P + (size_t)p * n_keys, *dpr = dP + (size_t)p * n_keys;
+            float l = lse[(size_t)(q0 + p) * H], d = drow[(size_t)(q0 + p) * H];
+            int visible = q0 + p + 1;
+            for (int j = 0; j < visible; j++) {
+                pr[j] = tk_expf(pr[j] - l);
+                dpr[j] = pr[j] * (dpr[j] - d);
+            }
+            for (int j = visible; j < n_keys; j++) pr[j] = dpr[j] = 0.0f;
+        }
+        /* dq[q0:] = scale dS k;  dk[0:n_keys] += scale dS^T q[q0:];  dv[0:n_keys] += P^T dout[q0:] */
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, n_keys, a->scale, dP, n_keys, k,
+                       a->ldqkv, 0.0f, dq + (size_t)q0 * a->ldqkv, a->ldqkv);
+        tk_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n_keys, Dh, rows, a->scale, dP, n_keys,
+                       q + (size_t)q0 * a->ldqkv, a->ldqkv, 1.0f, dk, H * Dh);
+        tk_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n_keys, Dh, rows, 1.0f, P, n_keys,
+                       dout + (size_t)q0 * a->ldo, a->ldo, 1.0f, dv, H * Dh);
+    }
+}
+
+typedef struct {
+    float *dk, *dv;
+    const float *dk_heads, *dv_heads;
+    int ldqkv, T, n_heads, group, head_dim, n_tasks;
+} group_sum_args;
+
+/* dk[t, g] = sum of dk_heads[t, h] over the heads h of group g (and dv) */
+static void group_sum_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    group_sum_args *a = ctx;
+    int begin, end, Dh = a->head_dim, Hkv = a->n_heads / a->group;
+    chunk_range(task, a->n_tasks, a->T, &begin, &end);
+    for (int t = begin; t < end; t++)
+        for (int g = 0; g < Hkv; g++) {
+            float *dk = a->dk + (size_t)t * a->ldqkv + (size_t)g * Dh, *dv = a->dv + (size_t)t * a->ldqkv + (size_t)g * Dh;
+            const float *sk = a->dk_heads + ((size_t)t * a->n_heads + (size_t)g * a->group) * Dh;
+            const float *sv = a->dv_heads + ((size_t)t * a->n_heads + (size_t)g * a->group) * Dh;
+            for (int d = 0; d < Dh; d++) dk[d] = sk[d], dv[d] = sv[d];
+            for (int j = 1; j < a->group; j++)
+                for (int d = 0; d < Dh; d++) dk[d] += sk[(size_t)j * Dh + d], dv[d] += sv[(size_t)j * Dh + d];
+        }
+}
+
+static void cpu_attention_backward(tk_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                   const float *out, int ldo, const float *q, const float *k, const float *v,
+                                   int ldqkv, const float *lse, const int32_t *seq_start, int n_seqs, int n_heads,
+                                   int n_kv_heads, int head_dim, float *work)
+{
+    int max_len = max_len_of(seq_start, n_seqs), T = seq_start[n_seqs];
+    size_t per_head = (size_t)T * n_heads * head_dim;
+    attention_args a = {0};
+    a.dq = dq;
+    a.dk_heads = work;
+    a.dv_heads = work + per_head;
+    a.drow = work + 2 * per_head;
+    a.scratch = work + 2 * per_head + (size_t)T * n_heads;
+    a.scratch_per_thread = 2 * (size_t)ATTN_QUERY_BLOCK * (size_t)max_len;
+    a.q = q, a.k = k, a.v = v, a.o = out, a.dout = dout, a.lse = (float *)lse;
+    a.seq_start = seq_start;
+    a.ldo = ldo, a.ldqkv = ldqkv, a.n_heads = n_heads, a.group = n_heads / n_kv_heads, a.head_dim = head_dim;
+    a.n_seqs = n_seqs;
+    a.scale = 1.0f / sqrtf((float)head_dim);
+    tk_pool_run(pool_of(be), n_seqs * n_heads, attention_backward_task, &a);
+    group_sum_args s = {dk, dv, a.dk_heads, a.dv_heads, ldqkv, T, n_heads, a.group, head_dim, 0};
+    s.n_tasks = chunks_for(be, T, (long)T * n_heads * head_dim);
+    tk_pool_run(pool_of(be), s.n_tasks, group_sum_task, &s);
+}
+
+static size_t cpu_attention_backward_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads,
+                                               int head_dim)
+{
+    size_t per_head = (size_t)n_tokens * n_heads * head_dim;
+    return 2 * per_head + (size_t)n_tokens * n_heads +
+           (size_t)tk_pool_threads(pool_of(be)) * 2 * ATTN_QUERY_BLOCK * (size_t)max_seq_len;
+}
+
+/* ---- the table ---------------------------------------------------------------------------- */
 
 tk_backend *tk_cpu_backend_create(tk_pool *pool)
 {
@@ -253,13 +555,21 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
     be->base = (tk_backend){
         .name = "cpu",
         .matmul_nt = cpu_matmul_nt,
+        .matmul_nn = cpu_matmul_nn,
+        .matmul_tn_acc = cpu_matmul_tn_acc,
         .embed = cpu_embed,
         .rmsnorm = cpu_rmsnorm,
+        .rmsnorm_backward = cpu_rmsnorm_backward,
         .add_bias = cpu_add_bias,
         .rope = cpu_rope,
+        .swiglu = cpu_swiglu,
+        .swiglu_backward = cpu_swiglu_backward,
+        .logsumexp = cpu_logsumexp,
+        .softmax_scale = cpu_softmax_scale,
         .attention = cpu_attention,
         .attention_workspace = cpu_attention_workspace,
-        .swiglu = cpu_swiglu,
+        .attention_backward = cpu_attention_backward,
+        .attention_backward_workspace = cpu_attention_backward_workspace,
     };
     return &be->base;
 }

@@ -1,0 +1,148 @@
+/* lora.c - creating LoRA adapters (see lora.h). */
+#include "lora.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const target_names[TK_LORA_PER_LAYER] = {"q", "k", "v", "o", "gate", "up", "down"};
+
+/* [in, out] of each target from the config */
+static void target_dims(const tk_model_config *c, int target, int *in, int *out)
+{
+    int q_rows = c->n_heads * c->head_dim, kv_rows = c->n_kv_heads * c->head_dim;
+    switch (target) {
+    case TK_LORA_Q: *in = c->d_model; *out = q_rows; break;
+    case TK_LORA_K: case TK_LORA_V: *in = c->d_model; *out = kv_rows; break;
+    case TK_LORA_O: *in = q_rows; *out = c->d_model; break;
+    case TK_LORA_GATE: case TK_LORA_UP: *in = c->d_model; *out = c->d_ff; break;
+    default: *in = c->d_ff; *out = c->d_model; break; /* down */
+    }
+}
+
+static int target_trained(const tk_lora_config *cfg, int target)
+{
+    return target <= TK_LORA_O ? cfg->train_attn : cfg->train_mlp;
+}
+
+/* Walks the layout: with base == NULL it only counts floats. */
+static size_t carve(tk_adapter *a, float *base)
+{
+    const tk_model_config *c = &a->model->cfg;
+    size_t R = (size_t)a->cfg.rank, at = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
+            tk_lora_pair *p = &a->layers[(size_t)l * TK_LORA_PER_LAYER + (size_t)t];
+            target_dims(c, t, &p->in, &p->out);
+            if (!target_trained(&a->cfg, t)) continue;
+            if (base) p->A = base + at;
+            at += R * (size_t)p->in;
+            if (base) p->B = base + at;
+            at += (size_t)p->out * R;
+        }
+    a->unembed.in = c->d_model;
+    a->unembed.out = c->vocab_size;
+    if (a->cfg.train_unembed) {
+        if (base) a->unembed.A = base + at;
+        at += R * (size_t)c->d_model;
+        if (base) a->unembed.B = base + at;
+        at += (size_t)c->vocab_size * R;
+    }
+    return at;
+}
+
+/* splitmix64: a small, well-mixed generator; the seed fixes every A */
+static uint64_t next_u64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* A ~ U(-1/sqrt(in), 1/sqrt(in)): peft's kaiming_uniform_(a=sqrt(5)) bound */
+static void init_a(float *A, size_t n, int in, uint64_t *rng)
+{
+    float bound = 1.0f / sqrtf((float)in);
+    for (size_t i = 0; i < n; i++) {
+        double u = (double)(next_u64(rng) >> 11) * (1.0 / 9007199254740992.0); /* [0, 1) */
+        A[i] = (float)((2.0 * u - 1.0) * bound);
+    }
+}
+
+tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config *cfg)
+{
+    *out = NULL;
+    if (cfg->rank < 1 || cfg->rank > 256)
+        return tk_error(TK_ERR_INVALID, "LoRA rank %d is out of range (1 to 256)", cfg->rank);
+    if (!cfg->train_attn && !cfg->train_mlp && !cfg->train_unembed)
+        return tk_error(TK_ERR_INVALID, "LoRA needs at least one of train_attn, train_mlp, train_unembed");
+    tk_adapter *a = calloc(1, sizeof *a);
+    if (!a) return tk_error(TK_ERR_NOMEM, "out of memory");
+    a->model = m;
+    tk_model_retain(m);
+    a->cfg = *cfg;
+    a->scale = TK_LORA_ALPHA / (float)cfg->rank;
+    atomic_init(&a->refcount, 1);
+    a->layers = calloc((size_t)m->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
+    a->n_params = a->layers ? carve(a, NULL) : 0;
+    a->block = a->layers ? calloc(4 * a->n_params + 1, sizeof(float)) : NULL; /* grads, moments and B start at 0 */
+    if (!a->block) {
+        tk_adapter_release(a);
+        return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for a rank-%d LoRA adapter",
+                        4.0 * (double)a->n_params * sizeof(float) / 1e6, cfg->rank);
+    }
+    carve(a, a->block);
+    uint64_t rng = cfg->seed;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
+            const tk_lora_pair *p = tk_lora_at(a, l, t);
+            if (p->A) init_a(p->A, (size_t)cfg->rank * (size_t)p->in, p->in, &rng);
+        }
+    if (a->unembed.A) init_a(a->unembed.A, (size_t)cfg->rank * (size_t)a->unembed.in, a->unembed.in, &rng);
+    *out = a;
+    return TK_OK;
+}
+
+void tk_adapter_retain(tk_adapter *a) { atomic_fetch_add(&a->refcount, 1); }
+
+void tk_adapter_release(tk_adapter *a)
+{
+    if (!a || atomic_fetch_sub(&a->refcount, 1) != 1) return;
+    tk_model_release(a->model);
+    free(a->block);
+    free(a->layers);
+    free(a);
+}
+
+static int add_tensor(tk_lora_tensor *out, int n, int max, const char *name, const float *data, int rows, int cols)
+{
+    if (n < max) {
+        snprintf(out[n].name, sizeof out[n].name, "%s", name);
+        out[n].data = data;
+        out[n].rows = rows;
+        out[n].cols = cols;
+    }
+    return n + 1;
+}
+
+int tk_adapter_tensors(const tk_adapter *a, tk_lora_tensor *out, int max)
+{
+    int n = 0, R = a->cfg.rank;
+    char name[64];
+    for (int l = 0; l < a->model->cfg.n_layers; l++)
+        for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
+            const tk_lora_pair *p = tk_lora_at(a, l, t);
+            if (!p->A) continue;
+            snprintf(name, sizeof name, "layers.%d.%s.lora_A", l, target_names[t]);
+            n = add_tensor(out, n, max, name, p->A, R, p->in);
+            snprintf(name, sizeof name, "layers.%d.%s.lora_B", l, target_names[t]);
+            n = add_tensor(out, n, max, name, p->B, p->out, R);
+        }
+    if (a->unembed.A) {
+        n = add_tensor(out, n, max, "unembed.lora_A", a->unembed.A, R, a->unembed.in);
+        n = add_tensor(out, n, max, "unembed.lora_B", a->unembed.B, a->unembed.out, R);
+    }
+    return n;
+}

@@ -1,0 +1,74 @@
+/* lora.h - a LoRA adapter on a loaded base model: parameters, gradients and
+ * AdamW moments in one allocation.
+ *
+ * y = W x + scale * B (A x), scale = alpha / R, alpha = 32, on q, k, v, o
+ * (train_attn), gate, up, down (train_mlp) and the output projection
+ * (train_unembed; with tied embeddings only the output side changes).
+ * A [R, in] is seeded random (kaiming-uniform, as peft), B [out, R] is zero,
+ * so a fresh adapter leaves the model unchanged. The block holds four arrays
+ * with the same layout - params | grads | exp_avg | exp_avg_sq - so a
+ * parameter's gradient and moments sit at fixed offsets from it. Many
+ * adapters share one base model; the base weights are never copied.
+ */
+#ifndef TK_LORA_H
+#define TK_LORA_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+enum tk_lora_target { TK_LORA_Q, TK_LORA_K, TK_LORA_V, TK_LORA_O, TK_LORA_GATE, TK_LORA_UP, TK_LORA_DOWN,
+                      TK_LORA_PER_LAYER };
+
+typedef struct {
+    int rank;          /* R, 1..256 */
+    uint64_t seed;
+    int train_attn, train_mlp, train_unembed;
+} tk_lora_config;
+
+typedef struct {
+    float *A;          /* [R, in], NULL when this projection is not trained */
+    float *B;          /* [out, R] */
+    int in, out;
+} tk_lora_pair;
+
+typedef struct tk_adapter {
+    tk_model *model;   /* a reference */
+    tk_lora_config cfg;
+    float scale;       /* alpha / R */
+    tk_lora_pair *layers; /* [n_layers * TK_LORA_PER_LAYER] */
+    tk_lora_pair unembed;
+    float *block;      /* [4 * n_params] */
+    size_t n_params;
+    int64_t step;      /* AdamW steps taken */
+    atomic_int refcount;
+} tk_adapter;
+
+#define TK_LORA_ALPHA 32.0f
+
+tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config *cfg);
+void tk_adapter_retain(tk_adapter *a);
+void tk_adapter_release(tk_adapter *a);
+
+static inline const tk_lora_pair *tk_lora_at(const tk_adapter *a, int layer, int target)
+{
+    return &a->layers[(size_t)layer * TK_LORA_PER_LAYER + (size_t)target];
+}
+/* The gradient (k = 1) or a moment (k = 2, 3) of parameter p. */
+static inline float *tk_adapter_slot(const tk_adapter *a, const float *p, int k)
+{
+    return a->block + (size_t)k * a->n_params + (size_t)(p - a->block);
+}
+
+/* Every trained tensor, in a fixed order (the export layout): name
+ * "layers.{l}.{proj}.lora_A" / "...lora_B" / "unembed.lora_A" / "unembed.lora_B". */
+typedef struct {
+    char name[64];
+    const float *data; /* in the params array */
+    int rows, cols;
+} tk_lora_tensor;
+int tk_adapter_tensors(const tk_adapter *a, tk_lora_tensor *out, int max);
+
+#endif
