@@ -58,8 +58,9 @@ class LoadedModel:
             return build_gguf_tokenizer(self.spec.gguf_metadata, name_or_path=self.name)
         return load_hf_tokenizer(str(self.spec.source.path))
 
-    def submit_forward(self, sequences, notify: bool = False) -> _C.Request:
-        """Queues a forward pass over token sequences of any lengths (packed, no padding)."""
+    def submit_forward(self, sequences, notify: bool = False, adapter=None) -> _C.Request:
+        """Queues a forward pass over token sequences of any lengths (packed, no padding), through a
+        LoRA adapter's handle when one is given."""
         seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
         if not seqs:
             raise BadRequestError("forward: no sequences given")
@@ -71,13 +72,13 @@ class LoadedModel:
         tokens = np.concatenate(seqs).astype(np.int32)
         lens = np.array([s.size for s in seqs], dtype=np.int32)
         try:
-            return get_engine().forward(self.handle, tokens, lens, notify=notify)
+            return get_engine().forward(self.handle, tokens, lens, notify=notify, adapter=adapter)
         except ValueError as e:
             raise BadRequestError(str(e)) from e
 
-    def forward_logits(self, sequences) -> list[np.ndarray]:
+    def forward_logits(self, sequences, adapter=None) -> list[np.ndarray]:
         """Logits [len_i, V] (float32) at every position of each sequence."""
-        request = self.submit_forward(sequences)
+        request = self.submit_forward(sequences, adapter=adapter)
         logits = np.asarray(request.result())  # [T, V], a view of the engine's buffer
         bounds = np.cumsum([0] + [len(s) for s in sequences])
         return [logits[bounds[i]:bounds[i + 1]] for i in range(len(sequences))]
