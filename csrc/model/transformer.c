@@ -190,15 +190,16 @@ static void lora_forward(tk_backend *be, const tk_adapter *ad, const tk_lora_pai
     be->matmul_nt(be, y, ldy, u, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
 }
 
-/* Given dy of y = W x + u B^T (u = scale x A^T): dx += scale (dy B) A,
- * dB += dy^T u, dA += scale (dy B)^T x. The base part of dx is the caller's. */
+/* Given dy of y = W x + u B^T (u = scale x A^T): dx += scale (dy B) A (when
+ * dx != NULL), dB += dy^T u, dA += scale (dy B)^T x. The base part of dx is
+ * the caller's. */
 static void lora_backward(tk_backend *be, const tk_adapter *ad, const tk_lora_pair *p, const float *dy, int lddy,
                           const float *x, int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
 {
     if (!p->A) return;
     int R = ad->cfg.rank;
     be->matmul_nn(be, t, R, dy, lddy, p->B, R, T, R, p->out, 1.0f, 0.0f);        /* t[T, R] = dy B */
-    be->matmul_nn(be, dx, lddx, t, R, p->A, p->in, T, p->in, R, ad->scale, 1.0f); /* dx += scale t A */
+    if (dx) be->matmul_nn(be, dx, lddx, t, R, p->A, p->in, T, p->in, R, ad->scale, 1.0f); /* dx += scale t A */
     be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, dy, lddy, u, ldu, T, p->out, R, 1.0f);
     be->matmul_tn_acc(be, tk_adapter_slot(ad, p->A, 1), p->in, t, R, x, ldx, T, R, p->in, ad->scale);
 }
@@ -309,6 +310,8 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x2, D, L->mlp_norm, st->inv_rms2, T, D, 1);
 
         /* attention block, x2 = x + o(att), att = attention(qkr), qkr = rope(norm(qkv(h))), h = norm(x) */
+        /* below layer 0 nothing trains: its attention block only matters for its own LoRA */
+        if (l == 0 && !ad->cfg.train_attn) break;
         be->matmul_nn(be, s.datt, H * Dh, s.dx, D, L->wo, H * Dh, T, H * Dh, D, 1.0f, 0.0f);
         lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_O), s.dx, D, st->att, H * Dh, st->u + TK_LORA_O * R, U,
                       s.datt, H * Dh, s.t, T);
@@ -318,13 +321,14 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
                                s.attn_bwd_work);
         qk_backward(s.dqkv, st->qkv, L, m, be, &s, T);
         be->rmsnorm(be, s.h, D, st->x, D, L->attn_norm, T, D, c->rms_eps, NULL);
-        be->matmul_nn(be, s.dh, D, s.dqkv, QKV, L->wqkv, D, T, D, QKV, 1.0f, 0.0f);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), s.dqkv, QKV, s.h, D, st->u + TK_LORA_Q * R, U, s.dh, D,
+        float *dh = l > 0 ? s.dh : NULL; /* layer 0: no gradient below the embeddings is needed */
+        if (dh) be->matmul_nn(be, dh, D, s.dqkv, QKV, L->wqkv, D, T, D, QKV, 1.0f, 0.0f);
+        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), s.dqkv, QKV, s.h, D, st->u + TK_LORA_Q * R, U, dh, D,
                       s.t, T);
         lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_K), s.dqkv + kcol, QKV, s.h, D, st->u + TK_LORA_K * R, U,
-                      s.dh, D, s.t, T);
+                      dh, D, s.t, T);
         lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_V), s.dqkv + vcol, QKV, s.h, D, st->u + TK_LORA_V * R, U,
-                      s.dh, D, s.t, T);
-        be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
+                      dh, D, s.t, T);
+        if (dh) be->rmsnorm_backward(be, s.dx, D, dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
     }
 }
