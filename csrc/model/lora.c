@@ -26,21 +26,29 @@ static int target_trained(const tk_lora_config *cfg, int target)
     return target <= TK_LORA_O ? cfg->train_attn : cfg->train_mlp;
 }
 
-/* Walks the layout: with base == NULL it only counts floats. */
+/* Walks the layout: with base == NULL it only counts floats. Per layer all
+ * A matrices come first, in target order, then all B matrices: the A's of
+ * q, k, v (and of gate, up) then form one [3R, D] (and [2R, D]) matrix, so the
+ * projections that share an input run as one GEMM. */
 static size_t carve(tk_adapter *a, float *base)
 {
     const tk_model_config *c = &a->model->cfg;
     size_t R = (size_t)a->cfg.rank, at = 0;
-    for (int l = 0; l < c->n_layers; l++)
+    for (int l = 0; l < c->n_layers; l++) {
         for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
             tk_lora_pair *p = &a->layers[(size_t)l * TK_LORA_PER_LAYER + (size_t)t];
             target_dims(c, t, &p->in, &p->out);
             if (!target_trained(&a->cfg, t)) continue;
             if (base) p->A = base + at;
             at += R * (size_t)p->in;
+        }
+        for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
+            tk_lora_pair *p = &a->layers[(size_t)l * TK_LORA_PER_LAYER + (size_t)t];
+            if (!target_trained(&a->cfg, t)) continue;
             if (base) p->B = base + at;
             at += (size_t)p->out * R;
         }
+    }
     a->unembed.in = c->d_model;
     a->unembed.out = c->vocab_size;
     if (a->cfg.train_unembed) {

@@ -5,7 +5,8 @@
  * (train_attn), gate, up, down (train_mlp) and the output projection
  * (train_unembed; with tied embeddings only the output side changes).
  * A [R, in] is seeded random (kaiming-uniform, as peft), B [out, R] is zero,
- * so a fresh adapter leaves the model unchanged. The block holds four arrays
+ * so a fresh adapter leaves the model unchanged. Per layer the A's of q, k, v
+ * (and of gate, up) are adjacent rows of one matrix (see lora.c). The block holds four arrays
  * with the same layout - params | grads | exp_avg | exp_avg_sq - so a
  * parameter's gradient and moments sit at fixed offsets from it. Many
  * adapters share one base model; the base weights are never copied.

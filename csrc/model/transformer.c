@@ -95,7 +95,7 @@ static size_t carve_scratch(scratch *s, float *work, const tk_model *m, const tk
         s->datt = take(&a, T * d.H * d.Dh);
         s->dgate_up = take(&a, T * 2 * d.F);
         s->dact = take(&a, T * d.F);
-        s->t = take(&a, T * (d.R ? d.R : 1));
+        s->t = take(&a, T * (d.R ? 3 * d.R : 1)); /* a group of up to 3 targets */
         s->head_out = take(&a, T * d.Dh);
         s->head_inv = take(&a, T);
         s->attn_bwd_work = take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
@@ -180,28 +180,45 @@ static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, 
     be->rope(be, k, QKV, T, Hkv, Dh, s->cos, s->sin, 0);
 }
 
-/* y[:, :out] += u B^T with u = scale * x A^T [T, R] (kept for the backward pass) */
-static void lora_forward(tk_backend *be, const tk_adapter *ad, const tk_lora_pair *p, float *y, int ldy,
-                         const float *x, int ldx, int T, float *u, int ldu)
+/* LoRA on a group of n targets that share the input x (q, k, v; gate, up; o;
+ * down), whose A's are adjacent rows of one [nR, in] matrix (lora.c): one
+ * GEMM makes u = scale x [A_0; ...; A_n-1]^T [T, nR] (kept for the backward
+ * pass), then y_j += u_j B_j^T for each target j. */
+typedef struct {
+    int first, n;          /* targets first .. first + n - 1 */
+    float *y[3];           /* the targets' outputs (forward) or dy (backward) */
+    int ld;                /* their row stride */
+} lora_group;
+
+static void lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const lora_group *g, const float *x,
+                         int ldx, int T, float *u, int ldu)
 {
-    if (!p->A) return;
+    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
+    if (!p0->A) return;
     int R = ad->cfg.rank;
-    be->matmul_nt(be, u, ldu, x, ldx, p->A, T, R, p->in, ad->scale, 0.0f);
-    be->matmul_nt(be, y, ldy, u, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+    be->matmul_nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
+    for (int j = 0; j < g->n; j++) {
+        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
+        be->matmul_nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+    }
 }
 
-/* Given dy of y = W x + u B^T (u = scale x A^T): dx += scale (dy B) A (when
- * dx != NULL), dB += dy^T u, dA += scale (dy B)^T x. The base part of dx is
- * the caller's. */
-static void lora_backward(tk_backend *be, const tk_adapter *ad, const tk_lora_pair *p, const float *dy, int lddy,
-                          const float *x, int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
+/* Given each target's dy: t_j = dy_j B_j into t [T, nR], dB_j += dy_j^T u_j,
+ * then with the stacked A: dx += scale t A (when dx != NULL) and
+ * dA += scale t^T x. The base part of dx is the caller's. */
+static void lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const lora_group *g, const float *x,
+                          int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
 {
-    if (!p->A) return;
-    int R = ad->cfg.rank;
-    be->matmul_nn(be, t, R, dy, lddy, p->B, R, T, R, p->out, 1.0f, 0.0f);        /* t[T, R] = dy B */
-    if (dx) be->matmul_nn(be, dx, lddx, t, R, p->A, p->in, T, p->in, R, ad->scale, 1.0f); /* dx += scale t A */
-    be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, dy, lddy, u, ldu, T, p->out, R, 1.0f);
-    be->matmul_tn_acc(be, tk_adapter_slot(ad, p->A, 1), p->in, t, R, x, ldx, T, R, p->in, ad->scale);
+    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
+    if (!p0->A) return;
+    int R = ad->cfg.rank, nR = g->n * R;
+    for (int j = 0; j < g->n; j++) {
+        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
+        be->matmul_nn(be, t + j * R, nR, g->y[j], g->ld, p->B, R, T, R, p->out, 1.0f, 0.0f);
+        be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, g->y[j], g->ld, u + j * R, ldu, T, p->out, R, 1.0f);
+    }
+    if (dx) be->matmul_nn(be, dx, lddx, t, nR, p0->A, p0->in, T, p0->in, nR, ad->scale, 1.0f);
+    be->matmul_tn_acc(be, tk_adapter_slot(ad, p0->A, 1), p0->in, t, nR, x, ldx, T, nR, p0->in, ad->scale);
 }
 
 /* ---- the forward pass --------------------------------------------------------------- */
@@ -231,27 +248,32 @@ void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *a
         be->matmul_nt(be, qkv, QKV, s.h, D, L->wqkv, T, QKV, D, 1.0f, 0.0f);
         if (L->bqkv) be->add_bias(be, qkv, QKV, L->bqkv, T, QKV);
         if (ad) {
-            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), qkv, QKV, s.h, D, T, u + TK_LORA_Q * R, U);
-            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_K), qkv + kcol, QKV, s.h, D, T, u + TK_LORA_K * R, U);
-            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_V), qkv + vcol, QKV, s.h, D, T, u + TK_LORA_V * R, U);
+            lora_group qkv_g = {TK_LORA_Q, 3, {qkv, qkv + kcol, qkv + vcol}, QKV};
+            lora_forward(be, ad, l, &qkv_g, s.h, D, T, u + TK_LORA_Q * R, U);
         }
         prepare_qk(s.qkr, qkv, L, m, be, &s, T);
         be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H, d.Hkv,
                       Dh, st ? st->lse : NULL, s.attn_work);
         be->matmul_nt(be, s.x, D, att, H * Dh, L->wo, T, D, H * Dh, 1.0f, 1.0f);
-        if (ad) lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_O), s.x, D, att, H * Dh, T, u + TK_LORA_O * R, U);
+        if (ad) {
+            lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
+            lora_forward(be, ad, l, &o_g, att, H * Dh, T, u + TK_LORA_O * R, U);
+        }
 
         /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x) */
         if (st) memcpy(st->x2, s.x, (size_t)T * D * sizeof(float));
         be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, T, D, c->rms_eps, st ? st->inv_rms2 : NULL);
         be->matmul_nt(be, gate_up, 2 * F, s.h, D, L->w_gate_up, T, 2 * F, D, 1.0f, 0.0f);
         if (ad) {
-            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_GATE), gate_up, 2 * F, s.h, D, T, u + TK_LORA_GATE * R, U);
-            lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_UP), gate_up + F, 2 * F, s.h, D, T, u + TK_LORA_UP * R, U);
+            lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
+            lora_forward(be, ad, l, &gate_up_g, s.h, D, T, u + TK_LORA_GATE * R, U);
         }
         be->swiglu(be, s.act, gate_up, T, F);
         be->matmul_nt(be, s.x, D, s.act, F, L->w_down, T, D, F, 1.0f, 1.0f);
-        if (ad) lora_forward(be, ad, tk_lora_at(ad, l, TK_LORA_DOWN), s.x, D, s.act, F, T, u + TK_LORA_DOWN * R, U);
+        if (ad) {
+            lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
+            lora_forward(be, ad, l, &down_g, s.act, F, T, u + TK_LORA_DOWN * R, U);
+        }
     }
 
     if (store) memcpy(store->x_final, s.x, (size_t)T * D * sizeof(float));
@@ -299,22 +321,20 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         be->rmsnorm(be, s.h, D, st->x2, D, L->mlp_norm, T, D, c->rms_eps, NULL);
         be->swiglu(be, s.act, st->gate_up, T, F);
         be->matmul_nn(be, s.dact, F, s.dx, D, L->w_down, F, T, F, D, 1.0f, 0.0f);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_DOWN), s.dx, D, s.act, F, st->u + TK_LORA_DOWN * R, U,
-                      s.dact, F, s.t, T);
+        lora_group down_g = {TK_LORA_DOWN, 1, {s.dx}, D};
+        lora_backward(be, ad, l, &down_g, s.act, F, st->u + TK_LORA_DOWN * R, U, s.dact, F, s.t, T);
         be->swiglu_backward(be, s.dgate_up, s.dact, st->gate_up, T, F);
         be->matmul_nn(be, s.dh, D, s.dgate_up, 2 * F, L->w_gate_up, D, T, D, 2 * F, 1.0f, 0.0f);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_GATE), s.dgate_up, 2 * F, s.h, D, st->u + TK_LORA_GATE * R,
-                      U, s.dh, D, s.t, T);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_UP), s.dgate_up + F, 2 * F, s.h, D, st->u + TK_LORA_UP * R,
-                      U, s.dh, D, s.t, T);
+        lora_group gate_up_g = {TK_LORA_GATE, 2, {s.dgate_up, s.dgate_up + F}, 2 * F};
+        lora_backward(be, ad, l, &gate_up_g, s.h, D, st->u + TK_LORA_GATE * R, U, s.dh, D, s.t, T);
         be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x2, D, L->mlp_norm, st->inv_rms2, T, D, 1);
 
         /* attention block, x2 = x + o(att), att = attention(qkr), qkr = rope(norm(qkv(h))), h = norm(x) */
         /* below layer 0 nothing trains: its attention block only matters for its own LoRA */
         if (l == 0 && !ad->cfg.train_attn) break;
         be->matmul_nn(be, s.datt, H * Dh, s.dx, D, L->wo, H * Dh, T, H * Dh, D, 1.0f, 0.0f);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_O), s.dx, D, st->att, H * Dh, st->u + TK_LORA_O * R, U,
-                      s.datt, H * Dh, s.t, T);
+        lora_group o_g = {TK_LORA_O, 1, {s.dx}, D};
+        lora_backward(be, ad, l, &o_g, st->att, H * Dh, st->u + TK_LORA_O * R, U, s.datt, H * Dh, s.t, T);
         prepare_qk(s.qkr, st->qkv, L, m, be, &s, T);
         be->attention_backward(be, s.dqkv, s.dqkv + kcol, s.dqkv + vcol, s.datt, st->att, H * Dh, s.qkr,
                                s.qkr + kcol, s.qkr + vcol, QKV, st->lse, b->seq_start, b->n_seqs, H, d.Hkv, Dh,
@@ -323,12 +343,8 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         be->rmsnorm(be, s.h, D, st->x, D, L->attn_norm, T, D, c->rms_eps, NULL);
         float *dh = l > 0 ? s.dh : NULL; /* layer 0: no gradient below the embeddings is needed */
         if (dh) be->matmul_nn(be, dh, D, s.dqkv, QKV, L->wqkv, D, T, D, QKV, 1.0f, 0.0f);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_Q), s.dqkv, QKV, s.h, D, st->u + TK_LORA_Q * R, U, dh, D,
-                      s.t, T);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_K), s.dqkv + kcol, QKV, s.h, D, st->u + TK_LORA_K * R, U,
-                      dh, D, s.t, T);
-        lora_backward(be, ad, tk_lora_at(ad, l, TK_LORA_V), s.dqkv + vcol, QKV, s.h, D, st->u + TK_LORA_V * R, U,
-                      dh, D, s.t, T);
+        lora_group qkv_g = {TK_LORA_Q, 3, {s.dqkv, s.dqkv + kcol, s.dqkv + vcol}, QKV};
+        lora_backward(be, ad, l, &qkv_g, s.h, D, st->u + TK_LORA_Q * R, U, dh, D, s.t, T);
         if (dh) be->rmsnorm_backward(be, s.dx, D, dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
     }
 }
