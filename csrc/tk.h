@@ -24,5 +24,6 @@
 #include "model/lora.h"
 #include "model/model.h"
 #include "model/requests.h"
+#include "model/sample.h"
 
 #endif

@@ -182,6 +182,14 @@ class PendingTrain:
         return self._result
 
 
+@dataclass
+class LoraSnapshot:
+    """Frozen LoRA weights for sampling: later training of the adapter does not change them."""
+
+    model: LoadedModel
+    handle: object
+
+
 class LoraAdapter:
     """A LoRA adapter on a loaded base model: alpha 32, scale 32 / rank, A seeded random, B zero."""
 
@@ -239,6 +247,10 @@ class LoraAdapter:
         out = self.submit_optim_step(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm).result()
         return {"grad_norm:mean": out["grad_norm"], "grad_clip_scale:mean": out["clip_scale"],
                 "learning_rate:mean": float(learning_rate), "step:max": float(out["step"])}
+
+    def snapshot(self) -> "LoraSnapshot":
+        """A frozen copy of the weights as of this call's place in the queue, for sampling."""
+        return LoraSnapshot(self.model, get_engine().snapshot_adapter(self.handle).result())
 
     # ---- tensors --------------------------------------------------------------------------
 

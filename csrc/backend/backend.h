@@ -15,6 +15,14 @@
 
 typedef struct tk_backend tk_backend;
 
+/* The cached keys/values one decoding sequence attends to, for one layer. */
+typedef struct tk_kv_view {
+    const float *k0, *v0; /* [n0, ld_kv] the shared prompt (n0 may be 0) */
+    int n0;
+    const float *k1, *v1; /* [n1, ld_kv] the sequence's own tokens, the new one last */
+    int n1;
+} tk_kv_view;
+
 struct tk_backend {
     const char *name;
 
@@ -68,6 +76,14 @@ struct tk_backend {
                                const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
                                float *work);
     size_t (*attention_backward_workspace)(tk_backend *be, int n_tokens, int max_seq_len, int n_heads, int head_dim);
+    /* One new query per sequence (decoding with a KV cache): out[i, h*Dh:] attends over the keys and
+     * values of views[i] - two spans of rows (a shared prompt, then the sequence's own tokens, the new
+     * one included), rows of ld_kv floats with the kv heads side by side. */
+    void (*attention_decode)(tk_backend *be, float *out, int ldo, const float *q, int ldq,
+                             const tk_kv_view *views, int n, int n_heads, int n_kv_heads, int head_dim,
+                             int ld_kv, float *work);
+    size_t (*attention_decode_workspace)(tk_backend *be, int max_keys);
 };
+
 
 #endif

@@ -23,6 +23,8 @@ struct tk_request {
     atomic_int refcount;
     int notify;
     tk_request_fn run;
+    tk_batch_fn run_batch;   /* with batch_key: runs with its queued neighbours */
+    const void *batch_key;
     tk_payload_free_fn free_payload;
     void *payload;
     pthread_mutex_t mutex;
@@ -58,6 +60,17 @@ tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn 
     req->free_payload = free_payload;
     pthread_mutex_init(&req->mutex, NULL);
     pthread_cond_init(&req->cond, NULL);
+    return req;
+}
+
+tk_request *tk_request_new_batched(tk_batch_fn run_batch, const void *key, void *payload,
+                                   tk_payload_free_fn free_payload)
+{
+    tk_request *req = tk_request_new(NULL, payload, free_payload);
+    if (req) {
+        req->run_batch = run_batch;
+        req->batch_key = key;
+    }
     return req;
 }
 
@@ -181,37 +194,45 @@ int tk_engine_threads(const tk_engine *e) { return tk_pool_threads(e->exec.pool)
 
 /* ---- the worker ---------------------------------------------------------- */
 
-static tk_request *pop(tk_engine *e)
+/* Pops the head of the queue and, for a batched request, the requests with
+ * the same key queued right behind it. Returns how many (0: stopping). */
+static int pop(tk_engine *e, tk_request **out, int *stopping)
 {
     pthread_mutex_lock(&e->mutex);
     while (!e->head && !e->stopping) pthread_cond_wait(&e->work, &e->mutex);
-    tk_request *req = e->head;
-    if (req) {
+    int n = 0;
+    while (e->head && n < (n == 0 || out[0]->batch_key ? TK_MAX_BATCH : 1)) {
+        tk_request *req = e->head;
+        if (n > 0 && (!req->batch_key || req->batch_key != out[0]->batch_key)) break;
         e->head = req->next;
         if (!e->head) e->tail = NULL;
         req->next = NULL;
+        out[n++] = req;
     }
+    *stopping = e->stopping;
     pthread_mutex_unlock(&e->mutex);
-    return req;
+    return n;
 }
 
 static void *worker_main(void *arg)
 {
     tk_engine *e = arg;
+    tk_request *reqs[TK_MAX_BATCH];
+    void *payloads[TK_MAX_BATCH];
     for (;;) {
-        tk_request *req = pop(e);
-        if (!req) break; /* stopping and the queue is empty */
-        int stopping;
-        pthread_mutex_lock(&e->mutex);
-        stopping = e->stopping;
-        pthread_mutex_unlock(&e->mutex);
-        if (stopping) {
-            finish(e, req, TK_ERR_INVALID, "the engine was shut down before this request ran");
-        } else {
-            tk_status s = req->run(req->payload, &e->exec);
-            finish(e, req, s, s == TK_OK ? "" : tk_last_error());
+        int stopping, n = pop(e, reqs, &stopping);
+        if (n == 0) break; /* stopping and the queue is empty */
+        tk_status s = TK_ERR_INVALID;
+        const char *message = "the engine was shut down before this request ran";
+        if (!stopping) {
+            for (int i = 0; i < n; i++) payloads[i] = reqs[i]->payload;
+            s = reqs[0]->run_batch ? reqs[0]->run_batch(payloads, n, &e->exec) : reqs[0]->run(reqs[0]->payload, &e->exec);
+            message = s == TK_OK ? "" : tk_last_error();
         }
-        tk_request_release(req);
+        for (int i = 0; i < n; i++) {
+            finish(e, reqs[i], s, message);
+            tk_request_release(reqs[i]);
+        }
     }
     return NULL;
 }

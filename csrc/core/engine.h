@@ -39,6 +39,8 @@ float *tk_exec_scratch(tk_exec *exec, size_t floats);
 
 typedef tk_status (*tk_request_fn)(void *payload, tk_exec *exec);
 typedef void (*tk_payload_free_fn)(void *payload);
+/* Runs n requests that share a batch key together (one status for all). */
+typedef tk_status (*tk_batch_fn)(void **payloads, int n, tk_exec *exec);
 
 typedef struct tk_engine tk_engine;
 typedef struct tk_request tk_request;
@@ -54,6 +56,12 @@ size_t tk_engine_drain(tk_engine *engine, uint64_t *ids, size_t max);
 /* A new request owning `payload` (freed with free_payload when the last
  * reference goes). The caller holds one reference. */
 tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn free_payload);
+/* A request the worker may run together with the requests queued right
+ * behind it that have the same key (e.g. sampling on one model): up to
+ * TK_MAX_BATCH of them go through run_batch in one go. */
+enum { TK_MAX_BATCH = 128 };
+tk_request *tk_request_new_batched(tk_batch_fn run_batch, const void *key, void *payload,
+                                   tk_payload_free_fn free_payload);
 void tk_request_retain(tk_request *req);
 void tk_request_release(tk_request *req);
 /* Queues the request (the engine takes its own reference) and returns its id. */

@@ -113,6 +113,31 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     return TK_OK;
 }
 
+tk_status tk_adapter_snapshot(tk_adapter **out, const tk_adapter *src)
+{
+    *out = NULL;
+    tk_adapter *a = calloc(1, sizeof *a);
+    if (!a) return tk_error(TK_ERR_NOMEM, "out of memory");
+    a->model = src->model;
+    tk_model_retain(a->model);
+    a->cfg = src->cfg;
+    a->scale = src->scale;
+    a->frozen = 1;
+    atomic_init(&a->refcount, 1);
+    a->layers = calloc((size_t)a->model->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
+    a->n_params = src->n_params;
+    a->block = a->layers ? malloc((a->n_params + 1) * sizeof(float)) : NULL;
+    if (!a->block) {
+        tk_adapter_release(a);
+        return tk_error(TK_ERR_NOMEM, "cannot allocate a snapshot of the adapter");
+    }
+    carve(a, a->block);
+    memcpy(a->block, src->block, a->n_params * sizeof(float));
+    a->step = src->step;
+    *out = a;
+    return TK_OK;
+}
+
 void tk_adapter_retain(tk_adapter *a) { atomic_fetch_add(&a->refcount, 1); }
 
 void tk_adapter_release(tk_adapter *a)

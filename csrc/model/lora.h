@@ -44,12 +44,15 @@ typedef struct tk_adapter {
     float *block;      /* [4 * n_params] */
     size_t n_params;
     int64_t step;      /* AdamW steps taken */
+    int frozen;        /* a snapshot for sampling: params only, no gradients or moments */
     atomic_int refcount;
 } tk_adapter;
 
 #define TK_LORA_ALPHA 32.0f
 
 tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config *cfg);
+/* A frozen copy of src's parameters (for sampling: later training of src does not change it). */
+tk_status tk_adapter_snapshot(tk_adapter **out, const tk_adapter *src);
 void tk_adapter_retain(tk_adapter *a);
 void tk_adapter_release(tk_adapter *a);
 

@@ -55,9 +55,17 @@ typedef struct {
     size_t block_floats;
 } tk_weights;
 
+/* Each token's bytes (for matching stop strings while sampling), set once
+ * from the tokenizer: token t is bytes[offsets[t] .. offsets[t+1]). */
+typedef struct {
+    uint32_t *offsets; /* [V + 1] */
+    char *bytes;
+} tk_vocab_bytes;
+
 typedef struct tk_model {
     tk_model_config cfg;
     tk_weights w;
+    _Atomic(tk_vocab_bytes *) vocab; /* NULL until set */
     atomic_int refcount;
 } tk_model;
 
@@ -77,6 +85,8 @@ typedef struct {
 
 int tk_model_qkv_rows(const tk_model_config *cfg);
 tk_status tk_model_config_check(const tk_model_config *cfg);
+/* Publishes the token byte table (copied); a table already set is kept. */
+tk_status tk_model_set_vocab_bytes(tk_model *m, const uint32_t *offsets, const char *bytes, int n_tokens);
 void tk_model_retain(tk_model *m);
 void tk_model_release(tk_model *m);
 

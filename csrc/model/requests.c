@@ -176,7 +176,7 @@ static tk_status forward_run(void *p, tk_exec *exec)
     if (!work || !fp->logits)
         return tk_error(TK_ERR_NOMEM, "forward: cannot allocate memory for %d tokens", b.n_tokens);
     float *h = work, *rest = work + T * D;
-    tk_transformer_forward(h, fp->model, fp->adapter, exec->backend, &b, NULL, rest);
+    tk_transformer_forward(h, fp->model, fp->adapter, exec->backend, &b, NULL, NULL, rest);
     tk_head_logits(fp->logits, fp->model, fp->adapter, exec->backend, h, b.n_tokens, rest);
     return TK_OK;
 }
@@ -265,7 +265,7 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     tk_layer_acts layers[m->cfg.n_layers];
     tk_activations store;
     if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, ad, T);
-    tk_transformer_forward(h, m, ad, exec->backend, &b, tp->backward ? &store : NULL, rest);
+    tk_transformer_forward(h, m, ad, exec->backend, &b, tp->backward ? &store : NULL, NULL, rest);
 
     /* per-target arrays of this group start at the group's first target */
     long e0 = tp->tgt_start[t0];
@@ -354,6 +354,7 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
 {
     *out = NULL;
     const char *what = backward ? "forward_backward" : "forward";
+    if (ad->frozen) return tk_error(TK_ERR_INVALID, "%s: this adapter is a frozen snapshot for sampling", what);
     if (loss->kind < 0 || loss->kind >= TK_LOSS_COUNT) return tk_error(TK_ERR_INVALID, "unknown loss %d", loss->kind);
     if (!isfinite(loss->clip_low) || !isfinite(loss->clip_high) || !isfinite(loss->beta))
         return tk_error(TK_ERR_INVALID, "%s: loss_fn_config values must be finite", what);
@@ -425,6 +426,7 @@ static tk_status optim_run(void *p, tk_exec *exec)
 tk_status tk_optim_request_create(tk_request **out, tk_adapter *ad, const tk_adam_params *params)
 {
     *out = NULL;
+    if (ad->frozen) return tk_error(TK_ERR_INVALID, "optim_step: this adapter is a frozen snapshot for sampling");
     TK_TRY(tk_adam_params_check(params));
     optim_payload *op = calloc(1, sizeof *op);
     tk_request *req = op ? tk_request_new(optim_run, op, optim_free) : NULL;
@@ -487,7 +489,8 @@ static tk_status adapter_io_create(tk_request **out, tk_adapter *ad, int parts, 
                                    int64_t step, int write)
 {
     *out = NULL;
-    if (parts <= 0 || parts > 15) return tk_error(TK_ERR_INVALID, "adapter parts mask %d is invalid", parts);
+    if (parts <= 0 || parts > 15 || (ad->frozen && parts != 1))
+        return tk_error(TK_ERR_INVALID, "adapter parts mask %d is invalid for this adapter", parts);
     size_t need = (size_t)__builtin_popcount((unsigned)parts) * ad->n_params;
     if (write && n_floats != need)
         return tk_error(TK_ERR_INVALID, "adapter state has %zu values, but this adapter needs %zu", n_floats, need);
@@ -532,4 +535,49 @@ const float *tk_adapter_read_result(tk_request *req, size_t *n_floats, int64_t *
     *n_floats = io->n_floats;
     *step = io->step;
     return io->data;
+}
+
+/* ---- snapshots for sampling ------------------------------------------------------------------ */
+
+typedef struct {
+    tk_adapter *source, *copy;
+} snapshot_payload;
+
+static void snapshot_free(void *p)
+{
+    snapshot_payload *sp = p;
+    if (!sp) return;
+    tk_adapter_release(sp->source);
+    tk_adapter_release(sp->copy);
+    free(sp);
+}
+
+static tk_status snapshot_run(void *p, tk_exec *exec)
+{
+    (void)exec;
+    snapshot_payload *sp = p;
+    return tk_adapter_snapshot(&sp->copy, sp->source);
+}
+
+tk_status tk_snapshot_request_create(tk_request **out, tk_adapter *ad)
+{
+    *out = NULL;
+    snapshot_payload *sp = calloc(1, sizeof *sp);
+    tk_request *req = sp ? tk_request_new(snapshot_run, sp, snapshot_free) : NULL;
+    if (!req) {
+        free(sp);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    tk_adapter_retain(ad);
+    sp->source = ad;
+    *out = req;
+    return TK_OK;
+}
+
+tk_adapter *tk_snapshot_request_adapter(tk_request *req)
+{
+    snapshot_payload *sp = tk_request_payload(req);
+    if (!tk_request_done(req) || !sp->copy) return NULL;
+    tk_adapter_retain(sp->copy);
+    return sp->copy;
 }

@@ -61,4 +61,8 @@ const float *tk_adapter_read_result(tk_request *req, size_t *n_floats, int64_t *
 tk_status tk_adapter_write_request_create(tk_request **out, tk_adapter *ad, int parts, const float *data,
                                           size_t n_floats, int64_t step);
 
+/* A frozen copy of the adapter's parameters at the request's place in the queue. */
+tk_status tk_snapshot_request_create(tk_request **out, tk_adapter *ad);
+tk_adapter *tk_snapshot_request_adapter(tk_request *req); /* a new reference, once done */
+
 #endif

@@ -150,18 +150,22 @@ void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *m
 
 /* cos/sin of position * inv_freq for every row; positions restart at 0 in each
  * sequence. The angle is rounded to float32 first, as HF computes it. */
-static void rope_tables(float *cos_t, float *sin_t, const tk_model *m, const tk_batch *b)
+static void rope_row(float *cos_t, float *sin_t, const tk_model *m, int pos)
 {
     int half = m->cfg.head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * m->w.rope_inv_freq[i];
+        cos_t[i] = cosf(angle);
+        sin_t[i] = sinf(angle);
+    }
+}
+
+static void rope_tables(float *cos_t, float *sin_t, const tk_model *m, const tk_batch *b)
+{
+    size_t half = (size_t)(m->cfg.head_dim / 2);
     for (int s = 0; s < b->n_seqs; s++)
-        for (int t = b->seq_start[s]; t < b->seq_start[s + 1]; t++) {
-            float pos = (float)(t - b->seq_start[s]);
-            for (int i = 0; i < half; i++) {
-                float angle = pos * m->w.rope_inv_freq[i];
-                cos_t[(size_t)t * half + i] = cosf(angle);
-                sin_t[(size_t)t * half + i] = sinf(angle);
-            }
-        }
+        for (int t = b->seq_start[s]; t < b->seq_start[s + 1]; t++)
+            rope_row(cos_t + (size_t)t * half, sin_t + (size_t)t * half, m, t - b->seq_start[s]);
 }
 
 /* qkr = qkv with q and k normed per head (Qwen3) and rotated. */
@@ -223,8 +227,18 @@ static void lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const
 
 /* ---- the forward pass --------------------------------------------------------------- */
 
+/* k and v columns of qkr rows [0, T) into the cache rows of layer l */
+static void write_kv(const tk_kv_out *kv, const float *qkr, int l, int T, int QKV, int kcol, int vcol, int KV)
+{
+    float *k = kv->k + (size_t)l * kv->layer_stride, *v = kv->v + (size_t)l * kv->layer_stride;
+    for (int t = 0; t < T; t++) {
+        memcpy(k + (size_t)t * KV, qkr + (size_t)t * QKV + kcol, (size_t)KV * sizeof(float));
+        memcpy(v + (size_t)t * KV, qkr + (size_t)t * QKV + vcol, (size_t)KV * sizeof(float));
+    }
+}
+
 void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                            tk_activations *store, float *work)
+                            tk_activations *store, const tk_kv_out *kv, float *work)
 {
     const tk_model_config *c = &m->cfg;
     const dims d = dims_of(m, ad, b->n_tokens);
@@ -252,6 +266,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *a
             lora_forward(be, ad, l, &qkv_g, s.h, D, T, u + TK_LORA_Q * R, U);
         }
         prepare_qk(s.qkr, qkv, L, m, be, &s, T);
+        if (kv) write_kv(kv, s.qkr, l, T, QKV, kcol, vcol, d.Hkv * Dh);
         be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H, d.Hkv,
                       Dh, st ? st->lse : NULL, s.attn_work);
         be->matmul_nt(be, s.x, D, att, H * Dh, L->wo, T, D, H * Dh, 1.0f, 1.0f);
@@ -347,4 +362,81 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         lora_backward(be, ad, l, &qkv_g, s.h, D, st->u + TK_LORA_Q * R, U, dh, D, s.t, T);
         if (dh) be->rmsnorm_backward(be, s.dx, D, dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
     }
+}
+
+/* ---- one decoding step ------------------------------------------------------------------- */
+
+/* The forward recipe for one new token per sequence, attending to KV caches
+ * instead of to the batch (see tk_decode_batch). */
+size_t tk_decode_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, int n, int max_keys)
+{
+    int32_t starts[2] = {0, 1};
+    tk_batch one = {1, n, NULL, starts}; /* shapes only: n rows, attention unused */
+    size_t views = ((size_t)n * sizeof(tk_kv_view) + sizeof(float) - 1) / sizeof(float);
+    return carve_scratch(NULL, NULL, m, ad, be, &one, 0) + be->attention_decode_workspace(be, max_keys) + views + 32;
+}
+
+void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be,
+                           const tk_decode_batch *b, float *work)
+{
+    const tk_model_config *c = &m->cfg;
+    const dims d = dims_of(m, ad, b->n);
+    const int n = b->n, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
+    const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh, KV = d.Hkv * Dh;
+    int32_t starts[2] = {0, 1};
+    tk_batch one = {1, n, NULL, starts};
+    scratch s;
+    size_t used = carve_scratch(&s, work, m, ad, be, &one, 0);
+    float *attn_work = work + used;
+    int max_keys = 1;
+    for (int i = 0; i < n; i++)
+        if (b->prompt_len[i] + b->own_len[i] + 1 > max_keys) max_keys = b->prompt_len[i] + b->own_len[i] + 1;
+    tk_kv_view *views = (tk_kv_view *)(attn_work + ((be->attention_decode_workspace(be, max_keys) + 15) & ~(size_t)15));
+
+    be->embed(be, s.x, m->w.embed, b->tokens, n, D);
+    for (int i = 0; i < n; i++) rope_row(s.cos + (size_t)i * (Dh / 2), s.sin + (size_t)i * (Dh / 2), m, b->pos[i]);
+
+    for (int l = 0; l < d.n_layers; l++) {
+        const tk_layer_weights *L = &m->w.layers[l];
+
+        /* attention block over the caches */
+        be->rmsnorm(be, s.h, D, s.x, D, L->attn_norm, n, D, c->rms_eps, NULL);
+        be->matmul_nt(be, s.qkv, QKV, s.h, D, L->wqkv, n, QKV, D, 1.0f, 0.0f);
+        if (L->bqkv) be->add_bias(be, s.qkv, QKV, L->bqkv, n, QKV);
+        if (ad) {
+            lora_group qkv_g = {TK_LORA_Q, 3, {s.qkv, s.qkv + kcol, s.qkv + vcol}, QKV};
+            lora_forward(be, ad, l, &qkv_g, s.h, D, n, s.u + TK_LORA_Q * R, U);
+        }
+        prepare_qk(s.qkr, s.qkv, L, m, be, &s, n);
+        for (int i = 0; i < n; i++) {
+            float *k = b->own_k[i] + (size_t)l * b->own_stride, *v = b->own_v[i] + (size_t)l * b->own_stride;
+            memcpy(k + (size_t)b->own_len[i] * KV, s.qkr + (size_t)i * QKV + kcol, (size_t)KV * sizeof(float));
+            memcpy(v + (size_t)b->own_len[i] * KV, s.qkr + (size_t)i * QKV + vcol, (size_t)KV * sizeof(float));
+            views[i] = (tk_kv_view){
+                b->prompt_len[i] ? b->prompt_k[i] + (size_t)l * b->prompt_stride : NULL,
+                b->prompt_len[i] ? b->prompt_v[i] + (size_t)l * b->prompt_stride : NULL,
+                b->prompt_len[i], k, v, b->own_len[i] + 1};
+        }
+        be->attention_decode(be, s.att, H * Dh, s.qkr, QKV, views, n, H, d.Hkv, Dh, KV, attn_work);
+        be->matmul_nt(be, s.x, D, s.att, H * Dh, L->wo, n, D, H * Dh, 1.0f, 1.0f);
+        if (ad) {
+            lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
+            lora_forward(be, ad, l, &o_g, s.att, H * Dh, n, s.u + TK_LORA_O * R, U);
+        }
+
+        /* MLP block */
+        be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, n, D, c->rms_eps, NULL);
+        be->matmul_nt(be, s.gate_up, 2 * F, s.h, D, L->w_gate_up, n, 2 * F, D, 1.0f, 0.0f);
+        if (ad) {
+            lora_group gate_up_g = {TK_LORA_GATE, 2, {s.gate_up, s.gate_up + F}, 2 * F};
+            lora_forward(be, ad, l, &gate_up_g, s.h, D, n, s.u + TK_LORA_GATE * R, U);
+        }
+        be->swiglu(be, s.act, s.gate_up, n, F);
+        be->matmul_nt(be, s.x, D, s.act, F, L->w_down, n, D, F, 1.0f, 1.0f);
+        if (ad) {
+            lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
+            lora_forward(be, ad, l, &down_g, s.act, F, n, s.u + TK_LORA_DOWN * R, U);
+        }
+    }
+    be->rmsnorm(be, h_out, D, s.x, D, m->w.final_norm, n, D, c->rms_eps, NULL);
 }

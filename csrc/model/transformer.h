@@ -46,10 +46,38 @@ size_t tk_activation_floats(const tk_model *m, const tk_adapter *ad, int n_token
 void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
                           const tk_adapter *ad, int n_tokens);
 
+/* Where a forward pass writes each layer's keys and values (after q/k norm
+ * and RoPE) to fill a KV cache: row t of the batch goes to
+ * k + l * layer_stride + t * (Hkv Dh) for layer l. */
+typedef struct {
+    float *k, *v;
+    size_t layer_stride;
+} tk_kv_out;
+
 /* h[T, D] = the final-norm output for every position. `ad` may be NULL (base
- * model); `store` may be NULL (inference). */
+ * model); `store` may be NULL (inference); `kv` may be NULL (no cache). */
 void tk_transformer_forward(float *h, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                            tk_activations *store, float *work);
+                            tk_activations *store, const tk_kv_out *kv, float *work);
+
+/* One decoding step for n sequences: each has one new token at position
+ * pos[i] and a KV cache in two spans - a prompt it may share with others and
+ * its own tokens (layer l at base + l * stride, rows of Hkv Dh floats). The
+ * new token's keys and values are written to its own span at row own_len[i]. */
+typedef struct {
+    int n;
+    const int32_t *tokens, *pos;        /* [n] */
+    const float *const *prompt_k, *const *prompt_v;
+    const int *prompt_len;
+    size_t prompt_stride;
+    float *const *own_k, *const *own_v;
+    const int *own_len;                 /* rows cached before this step */
+    size_t own_stride;
+} tk_decode_batch;
+
+size_t tk_decode_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, int n, int max_keys);
+/* h[n, D] = the final-norm output of each sequence's new token. */
+void tk_transformer_decode(float *h, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_decode_batch *b,
+                           float *work);
 /* Backward from dh[T, D] (gradient of the final-norm output): accumulates the
  * adapter's LoRA gradients. dh is clobbered. */
 void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batch *b, const tk_activations *store,

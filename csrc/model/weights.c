@@ -382,11 +382,42 @@ tk_status tk_model_config_check(const tk_model_config *c)
     return TK_OK;
 }
 
+tk_status tk_model_set_vocab_bytes(tk_model *m, const uint32_t *offsets, const char *bytes, int n_tokens)
+{
+    if (n_tokens != m->cfg.vocab_size)
+        return tk_error(TK_ERR_INVALID, "token byte table has %d tokens, the model %d", n_tokens, m->cfg.vocab_size);
+    for (int t = 0; t < n_tokens; t++)
+        if (offsets[t + 1] < offsets[t]) return tk_error(TK_ERR_INVALID, "token byte offsets must not decrease");
+    tk_vocab_bytes *v = calloc(1, sizeof *v);
+    if (v) v->offsets = malloc(((size_t)n_tokens + 1) * sizeof *v->offsets);
+    if (v && v->offsets) v->bytes = malloc((size_t)offsets[n_tokens] + 1);
+    if (!v || !v->offsets || !v->bytes) {
+        if (v) free(v->offsets);
+        free(v);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    memcpy(v->offsets, offsets, ((size_t)n_tokens + 1) * sizeof *offsets);
+    memcpy(v->bytes, bytes, offsets[n_tokens]);
+    tk_vocab_bytes *expected = NULL;
+    if (!atomic_compare_exchange_strong(&m->vocab, &expected, v)) { /* someone set it first */
+        free(v->offsets);
+        free(v->bytes);
+        free(v);
+    }
+    return TK_OK;
+}
+
 void tk_model_retain(tk_model *m) { atomic_fetch_add(&m->refcount, 1); }
 
 void tk_model_release(tk_model *m)
 {
     if (!m || atomic_fetch_sub(&m->refcount, 1) != 1) return;
+    tk_vocab_bytes *v = atomic_load(&m->vocab);
+    if (v) {
+        free(v->offsets);
+        free(v->bytes);
+        free(v);
+    }
     free(m->w.block);
     free(m->w.layers);
     free(m);

@@ -32,14 +32,15 @@ typedef struct {
 } AdapterObject;
 
 enum request_kind { REQUEST_LOAD, REQUEST_FORWARD, REQUEST_TRAIN, REQUEST_OPTIM, REQUEST_ADAPTER_READ,
-                    REQUEST_ADAPTER_WRITE };
+                    REQUEST_ADAPTER_WRITE, REQUEST_SAMPLE, REQUEST_SNAPSHOT };
 
 typedef struct {
     PyObject_HEAD
     tk_request *req;
     int kind;
     uint64_t id;
-    PyTypeObject *model_type; /* to build the Model of a load request */
+    PyTypeObject *model_type;   /* to build the Model of a load request */
+    PyTypeObject *adapter_type; /* to build the Adapter of a snapshot request */
     Py_ssize_t shape[2];
 } RequestObject;
 
@@ -55,6 +56,7 @@ static PyObject *request_new(tk_module_state *state, tk_engine *engine, tk_reque
     self->req = req;
     self->kind = kind;
     self->model_type = (PyTypeObject *)Py_NewRef(state->model_type);
+    self->adapter_type = (PyTypeObject *)Py_NewRef(state->adapter_type);
     self->id = tk_engine_submit(engine, req, notify);
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -66,6 +68,7 @@ static void request_dealloc(RequestObject *self)
     PyObject_GC_UnTrack(self);
     tk_request_release(self->req);
     Py_CLEAR(self->model_type);
+    Py_CLEAR(self->adapter_type);
     PyObject_GC_Del(self);
     Py_DECREF(type);
 }
@@ -74,6 +77,7 @@ static int request_traverse(RequestObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->model_type);
+    Py_VISIT(self->adapter_type);
     return 0;
 }
 
@@ -136,6 +140,60 @@ static const float *request_floats(RequestObject *self, Py_ssize_t *rows, Py_ssi
     return data;
 }
 
+static PyObject *int_list(const int32_t *v, int n)
+{
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *x = PyLong_FromLong(v[i]);
+        if (!x) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, x);
+    }
+    return list;
+}
+
+static PyObject *float_list(const float *v, int n)
+{
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *x = PyFloat_FromDouble(v[i]);
+        if (!x) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, x);
+    }
+    return list;
+}
+
+/* {"sequences": [(tokens, logprobs, stopped)], "prompt_logprobs": [P] or None,
+ *  "topk_ids": [P][k] or None, "topk_logprobs": [P][k] or None} */
+static PyObject *sample_result(tk_request *req)
+{
+    PyObject *seqs = PyList_New(0), *out = NULL, *plp = Py_None, *tids = Py_None, *tlps = Py_None;
+    tk_sampled s;
+    for (int i = 0; seqs && tk_sample_request_sample(req, i, &s); i++) {
+        PyObject *item = Py_BuildValue("(NNO)", int_list(s.tokens, s.n), float_list(s.logprobs, s.n),
+                                       s.stopped ? Py_True : Py_False);
+        if (!item || PyList_Append(seqs, item) < 0) Py_CLEAR(seqs);
+        Py_XDECREF(item);
+    }
+    int P, k;
+    const int32_t *topk_ids;
+    const float *topk_lp, *prompt_lp = tk_sample_request_prompt(req, &P, &topk_ids, &topk_lp, &k);
+    Py_INCREF(Py_None), Py_INCREF(Py_None), Py_INCREF(Py_None);
+    if (seqs && prompt_lp) Py_SETREF(plp, float_list(prompt_lp, P));
+    if (seqs && topk_ids) {
+        Py_SETREF(tids, PyList_New(P));
+        Py_SETREF(tlps, PyList_New(P));
+        for (int i = 0; tids && tlps && i < P; i++) {
+            PyList_SET_ITEM(tids, i, int_list(topk_ids + (size_t)i * k, k));
+            PyList_SET_ITEM(tlps, i, float_list(topk_lp + (size_t)i * k, k));
+        }
+    }
+    if (seqs && plp && tids && tlps)
+        out = Py_BuildValue("{s:O,s:O,s:O,s:O}", "sequences", seqs, "prompt_logprobs", plp, "topk_ids", tids,
+                            "topk_logprobs", tlps);
+    Py_XDECREF(seqs), Py_XDECREF(plp), Py_XDECREF(tids), Py_XDECREF(tlps);
+    return out;
+}
+
 /* Waits, then returns the kind's result: the Model (load); the [T, V] logits
  * (forward); (logprobs [E], loss) (train); a metrics dict (optim);
  * (floats, step) (adapter read); None (adapter write). */
@@ -170,6 +228,13 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
         return Py_BuildValue("(NL)", PyMemoryView_FromObject((PyObject *)self), (long long)step);
     case REQUEST_ADAPTER_WRITE:
         Py_RETURN_NONE;
+    case REQUEST_SAMPLE:
+        return sample_result(self->req);
+    case REQUEST_SNAPSHOT: {
+        AdapterObject *a = PyObject_New(AdapterObject, self->adapter_type);
+        if (a) a->adapter = tk_snapshot_request_adapter(self->req);
+        return (PyObject *)a;
+    }
     }
     return PyMemoryView_FromObject((PyObject *)self);
 }
@@ -259,6 +324,51 @@ static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
     return PyLong_FromSize_t(self->model->w.block_floats * sizeof(float));
 }
 
+/* set_token_bytes(list of bytes, one per token id): for stop strings */
+static PyObject *model_set_token_bytes(ModelObject *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "token bytes must be a sequence of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    uint32_t *offsets = PyMem_Malloc(((size_t)n + 1) * sizeof *offsets);
+    char *blob = NULL;
+    PyObject *result = NULL;
+    if (!offsets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(b)) {
+            PyErr_Format(PyExc_TypeError, "token %zd: expected bytes", i);
+            goto done;
+        }
+        offsets[i] = (uint32_t)total;
+        total += PyBytes_GET_SIZE(b);
+    }
+    offsets[n] = (uint32_t)total;
+    if (!(blob = PyMem_Malloc((size_t)total + 1))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy(blob + offsets[i], PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(seq, i)), offsets[i + 1] - offsets[i]);
+    tk_status s = tk_model_set_vocab_bytes(self->model, offsets, blob, (int)n);
+    if (s != TK_OK) tk_py_raise(s, tk_last_error());
+    else result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(offsets);
+    PyMem_Free(blob);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyMethodDef model_methods[] = {
+    {"set_token_bytes", (PyCFunction)model_set_token_bytes, METH_O,
+     "set_token_bytes(list[bytes]): each token's bytes, for matching stop strings (kept from the first call)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyGetSetDef model_getset[] = {
     {"config", (getter)model_get_config, NULL, "the model's dimensions", NULL},
     {"weight_bytes", (getter)model_get_weight_bytes, NULL, "bytes of float32 weights held", NULL},
@@ -268,6 +378,7 @@ static PyGetSetDef model_getset[] = {
 static PyType_Slot model_slots[] = {
     {Py_tp_dealloc, model_dealloc},
     {Py_tp_getset, model_getset},
+    {Py_tp_methods, model_methods},
     {Py_tp_doc, "A base model loaded into the engine (shared by every request on it)."},
     {0, NULL},
 };
@@ -671,6 +782,80 @@ static PyObject *engine_write_adapter(EngineObject *self, PyObject *args)
     return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_WRITE, 0);
 }
 
+/* ---- Engine: sampling ---------------------------------------------------------------- */
+
+static PyObject *engine_sample(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "prompt", "num_samples", "max_tokens", "temperature", "top_k", "top_p", "min_p",
+                             "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop_ids",
+                             "stop_strings", "prompt_logprobs", "topk_prompt_logprobs", "adapter", "notify", NULL};
+    PyObject *model_obj, *prompt_obj, *stop_ids_obj = Py_None, *stop_strings_obj = Py_None, *adapter_obj = Py_None;
+    tk_sample_params p = {1, 16, 1.0, -1, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0};
+    unsigned long long seed = 0;
+    int notify = 0;
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O|iididddddKOOpiOp:sample", kwlist, state->model_type, &model_obj,
+                                     &prompt_obj, &p.num_samples, &p.max_tokens, &p.temperature, &p.top_k, &p.top_p,
+                                     &p.min_p, &p.repetition_penalty, &p.presence_penalty, &p.frequency_penalty,
+                                     &seed, &stop_ids_obj, &stop_strings_obj, &p.prompt_logprobs,
+                                     &p.topk_prompt, &adapter_obj, &notify))
+        return NULL;
+    p.seed = seed;
+    if (adapter_obj != Py_None && !PyObject_TypeCheck(adapter_obj, state->adapter_type)) {
+        PyErr_SetString(PyExc_TypeError, "adapter must be an Adapter or None");
+        return NULL;
+    }
+    tk_adapter *ad = adapter_obj == Py_None ? NULL : ((AdapterObject *)adapter_obj)->adapter;
+    Py_buffer prompt, stops = {0};
+    if (get_int32_buffer(prompt_obj, &prompt, "prompt") < 0) return NULL;
+    if (stop_ids_obj != Py_None && get_int32_buffer(stop_ids_obj, &stops, "stop_ids") < 0) {
+        PyBuffer_Release(&prompt);
+        return NULL;
+    }
+    PyObject *strings = stop_strings_obj == Py_None ? PyList_New(0)
+                                                    : PySequence_Fast(stop_strings_obj, "stop_strings: a list of bytes");
+    Py_ssize_t n_str = strings ? PySequence_Fast_GET_SIZE(strings) : 0;
+    uint32_t *offsets = strings ? PyMem_Calloc((size_t)n_str + 1, sizeof *offsets) : NULL;
+    char *blob = NULL;
+    PyObject *result = NULL;
+    if (!offsets) goto done;
+    for (Py_ssize_t i = 0; i < n_str; i++) {
+        PyObject *b = PySequence_Fast_GET_ITEM(strings, i);
+        if (!PyBytes_Check(b) || PyBytes_GET_SIZE(b) == 0 || PyBytes_GET_SIZE(b) > 4096) {
+            PyErr_SetString(PyExc_ValueError, "each stop string must be 1 to 4096 bytes");
+            goto done;
+        }
+        offsets[i + 1] = offsets[i] + (uint32_t)PyBytes_GET_SIZE(b);
+    }
+    if (!(blob = PyMem_Malloc((size_t)offsets[n_str] + 1))) goto done;
+    for (Py_ssize_t i = 0; i < n_str; i++)
+        memcpy(blob + offsets[i], PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(strings, i)), offsets[i + 1] - offsets[i]);
+    tk_request *req;
+    tk_status s = tk_sample_request_create(&req, ((ModelObject *)model_obj)->model, ad, prompt.buf,
+                                           (int)(prompt.len / 4), &p, stops.buf, (int)(stops.len / 4), blob, offsets,
+                                           (int)n_str);
+    if (s != TK_OK) tk_py_raise(s, tk_last_error());
+    else result = request_new(state, self->engine, req, REQUEST_SAMPLE, notify);
+done:
+    if (!result && !PyErr_Occurred()) PyErr_NoMemory();
+    PyMem_Free(blob);
+    PyMem_Free(offsets);
+    Py_XDECREF(strings);
+    if (stops.buf) PyBuffer_Release(&stops);
+    PyBuffer_Release(&prompt);
+    return result;
+}
+
+static PyObject *engine_snapshot_adapter(EngineObject *self, PyObject *adapter_obj)
+{
+    tk_adapter *ad = adapter_arg(self, adapter_obj);
+    if (!ad) return NULL;
+    tk_request *req;
+    tk_status s = tk_snapshot_request_create(&req, ad);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_SNAPSHOT, 0);
+}
+
 /* ---- Engine: completions -------------------------------------------------------- */
 
 static PyObject *engine_wake_fd(EngineObject *self, PyObject *unused)
@@ -765,6 +950,12 @@ static PyMethodDef engine_methods[] = {
      "8 exp_avg_sq"},
     {"write_adapter", (PyCFunction)engine_write_adapter, METH_VARARGS,
      "write_adapter(adapter, parts, float32 data, step=0) -> Request"},
+    {"sample", (PyCFunction)(void (*)(void))engine_sample, METH_VARARGS | METH_KEYWORDS,
+     "sample(model, prompt, num_samples=1, max_tokens=16, temperature=1, top_k=-1, top_p=1, min_p=0,\n"
+     "       repetition_penalty=1, presence_penalty=0, frequency_penalty=0, seed=0, stop_ids=None,\n"
+     "       stop_strings=None, prompt_logprobs=False, topk_prompt_logprobs=0, adapter=None, notify=False) -> Request"},
+    {"snapshot_adapter", (PyCFunction)engine_snapshot_adapter, METH_O,
+     "snapshot_adapter(adapter) -> Request; result() -> a frozen Adapter copy, taken at its place in the queue"},
     {"wake_fd", (PyCFunction)engine_wake_fd, METH_NOARGS, "wake_fd() -> int: readable when notify requests finish"},
     {"drain", (PyCFunction)engine_drain, METH_NOARGS, "drain() -> list[int]: ids of finished notify requests"},
     {NULL, NULL, 0, NULL},

@@ -544,6 +544,67 @@ static size_t cpu_attention_backward_workspace(tk_backend *be, int n_tokens, int
            (size_t)tk_pool_threads(pool_of(be)) * 2 * ATTN_QUERY_BLOCK * (size_t)max_seq_len;
 }
 
+/* ---- attention while decoding ---------------------------------------------------------------- */
+
+typedef struct {
+    float *out, *scratch;
+    const float *q;
+    const tk_kv_view *views;
+    int ldo, ldq, n_heads, group, head_dim, ld_kv, max_keys;
+    float scale;
+} decode_args;
+
+static float dot(const float *a, const float *b, int n)
+{
+    float acc[16] = {0}, s = 0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int j = 0; j < 16; j++) s += acc[j];
+    return s;
+}
+
+/* One task is one (sequence, head): scores over both spans, softmax, weighted sum of values. */
+static void decode_task(void *ctx, int task, int thread)
+{
+    decode_args *a = ctx;
+    int i = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim;
+    const tk_kv_view *kv = &a->views[i];
+    const float *q = a->q + (size_t)i * a->ldq + (size_t)h * Dh;
+    float *s = a->scratch + (size_t)thread * a->max_keys, *out = a->out + (size_t)i * a->ldo + (size_t)h * Dh;
+    int n = kv->n0 + kv->n1;
+    for (int j = 0; j < kv->n0; j++) s[j] = a->scale * dot(q, kv->k0 + (size_t)j * a->ld_kv + (size_t)g * Dh, Dh);
+    for (int j = 0; j < kv->n1; j++)
+        s[kv->n0 + j] = a->scale * dot(q, kv->k1 + (size_t)j * a->ld_kv + (size_t)g * Dh, Dh);
+    float max = tk_max(s, n);
+    for (int j = 0; j < n; j++) s[j] = tk_expf(s[j] - max);
+    float inv = 1.0f / tk_sum(s, n);
+    for (int d = 0; d < Dh; d++) out[d] = 0;
+    for (int j = 0; j < n; j++) {
+        const float *v = j < kv->n0 ? kv->v0 + (size_t)j * a->ld_kv : kv->v1 + (size_t)(j - kv->n0) * a->ld_kv;
+        float p = s[j] * inv;
+        v += (size_t)g * Dh;
+        for (int d = 0; d < Dh; d++) out[d] += p * v[d];
+    }
+}
+
+static void cpu_attention_decode(tk_backend *be, float *out, int ldo, const float *q, int ldq, const tk_kv_view *views,
+                                 int n, int n_heads, int n_kv_heads, int head_dim, int ld_kv, float *work)
+{
+    int max_keys = 1;
+    for (int i = 0; i < n; i++)
+        if (views[i].n0 + views[i].n1 > max_keys) max_keys = views[i].n0 + views[i].n1;
+    decode_args a = {out, work, q, views, ldo, ldq, n_heads, n_heads / n_kv_heads, head_dim, ld_kv, max_keys,
+                     1.0f / sqrtf((float)head_dim)};
+    tk_pool_run(pool_of(be), n * n_heads, decode_task, &a);
+}
+
+static size_t cpu_attention_decode_workspace(tk_backend *be, int max_keys)
+{
+    return (size_t)tk_pool_threads(pool_of(be)) * (size_t)(max_keys > 0 ? max_keys : 1);
+}
+
 /* ---- the table ---------------------------------------------------------------------------- */
 
 tk_backend *tk_cpu_backend_create(tk_pool *pool)
@@ -570,6 +631,8 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .attention_workspace = cpu_attention_workspace,
         .attention_backward = cpu_attention_backward,
         .attention_backward_workspace = cpu_attention_backward_workspace,
+        .attention_decode = cpu_attention_decode,
+        .attention_decode_workspace = cpu_attention_decode_workspace,
     };
     return &be->base;
 }

@@ -1,0 +1,561 @@
+/* sample.c - generation with a KV cache (see sample.h).
+ *
+ * Choosing a token from a row of logits, as Hugging Face's samplers order it:
+ * penalties (repetition over prompt and output, presence and frequency over
+ * the output), temperature, then top_k, top_p (on the top_k-renormalised
+ * distribution), min_p (relative to the most likely token), and a draw from
+ * the sequence's own xoshiro256** stream, seeded from (seed, sample index) so
+ * a sample does not depend on what else shares its batch. The reported
+ * logprob is the token's under the penalised, temperature-scaled distribution
+ * (temperature 1 when greedy). The vocabulary is never fully sorted: top_k and
+ * top_p take the best candidates by partial selection first.
+ */
+#include "sample.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../backend/backend.h"
+#include "loss.h"
+#include "transformer.h"
+
+typedef struct {
+    tk_model *model;
+    tk_adapter *adapter;      /* or NULL */
+    int32_t *prompt;          /* [P] */
+    int prompt_len;
+    tk_sample_params p;
+    int32_t *stop_ids;
+    int n_stop_ids;
+    char *stop_bytes;
+    uint32_t *stop_offsets;   /* [n_stop_strings + 1] */
+    int n_stop_strings, max_stop_len;
+    /* results */
+    int32_t *tokens;          /* [num_samples, max_tokens] */
+    float *logprobs;          /* [num_samples, max_tokens] */
+    int *n_tokens, *stopped;  /* [num_samples] */
+    float *prompt_lp;         /* [P] or NULL */
+    int32_t *topk_ids;        /* [P, k] or NULL */
+    float *topk_lp;
+} sample_payload;
+
+static void sample_free(void *ptr)
+{
+    sample_payload *sp = ptr;
+    if (!sp) return;
+    tk_model_release(sp->model);
+    tk_adapter_release(sp->adapter);
+    free(sp->prompt);
+    free(sp->stop_ids);
+    free(sp->stop_bytes);
+    free(sp->stop_offsets);
+    free(sp->tokens);
+    free(sp->logprobs);
+    free(sp->n_tokens);
+    free(sp->stopped);
+    free(sp->prompt_lp);
+    free(sp->topk_ids);
+    free(sp->topk_lp);
+    free(sp);
+}
+
+/* ---- random numbers --------------------------------------------------------- */
+
+typedef struct {
+    uint64_t s[4];
+} rng_t;
+
+static uint64_t splitmix(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static rng_t rng_for(uint64_t seed, int sample)
+{
+    uint64_t x = seed ^ (0xd1b54a32d192ed03ull * (uint64_t)(sample + 1));
+    rng_t r;
+    for (int i = 0; i < 4; i++) r.s[i] = splitmix(&x);
+    return r;
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static double uniform(rng_t *r) /* [0, 1) */
+{
+    uint64_t *s = r->s, result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0], s[3] ^= s[1], s[1] ^= s[2], s[0] ^= s[3], s[2] ^= t, s[3] = rotl(s[3], 45);
+    return (double)(result >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* ---- choosing a token --------------------------------------------------------- */
+
+typedef struct {
+    float z;
+    int id;
+} cand;
+
+static int by_z_desc(const void *a, const void *b)
+{
+    float x = ((const cand *)a)->z, y = ((const cand *)b)->z;
+    return x > y ? -1 : x < y ? 1 : ((const cand *)a)->id - ((const cand *)b)->id;
+}
+
+/* Moves the k largest of c[0..n) to the front (unordered), by quickselect. */
+static void select_top(cand *c, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = c[(lo + hi) / 2].z;
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (c[i].z > pivot) i++;
+            while (c[j].z < pivot) j--;
+            if (i <= j) {
+                cand t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+typedef struct {
+    float *z;          /* [V] working logits */
+    cand *c;           /* [V] */
+    int *seen;         /* [V] stamp per token for the penalties */
+    int stamp;
+} chooser;
+
+static void apply_penalties(chooser *ch, const tk_sample_params *p, const int32_t *prompt, int P,
+                            const int32_t *out, int n_out)
+{
+    if (p->repetition_penalty != 1.0) { /* HF: divide positive logits, multiply negative ones, once per token */
+        ch->stamp++;
+        for (int pass = 0; pass < 2; pass++) {
+            const int32_t *ids = pass ? out : prompt;
+            int n = pass ? n_out : P;
+            for (int i = 0; i < n; i++) {
+                int t = ids[i];
+                if (ch->seen[t] == ch->stamp) continue;
+                ch->seen[t] = ch->stamp;
+                ch->z[t] = ch->z[t] > 0 ? ch->z[t] / (float)p->repetition_penalty : ch->z[t] * (float)p->repetition_penalty;
+            }
+        }
+    }
+    if (p->presence_penalty != 0.0 || p->frequency_penalty != 0.0) {
+        ch->stamp++;
+        for (int i = 0; i < n_out; i++) {
+            int t = out[i];
+            ch->z[t] -= (float)p->frequency_penalty;
+            if (ch->seen[t] != ch->stamp) ch->z[t] -= (float)p->presence_penalty;
+            ch->seen[t] = ch->stamp;
+        }
+    }
+}
+
+static double logsumexp(const float *z, int V, float *max_out)
+{
+    float max = z[0];
+    for (int v = 1; v < V; v++) max = z[v] > max ? z[v] : max;
+    double sum = 0;
+    for (int v = 0; v < V; v++) sum += exp((double)(z[v] - max));
+    *max_out = max;
+    return max + log(sum);
+}
+
+/* Draws from c[0..n) with weights exp(z - zmax). */
+static int draw(const cand *c, int n, float zmax, rng_t *rng)
+{
+    double total = 0;
+    for (int i = 0; i < n; i++) total += exp((double)(c[i].z - zmax));
+    double u = uniform(rng) * total, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += exp((double)(c[i].z - zmax));
+        if (u < acc) return c[i].id;
+    }
+    return c[n - 1].id;
+}
+
+static int choose(chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
+                  const int32_t *out, int n_out, rng_t *rng, float *logprob)
+{
+    memcpy(ch->z, logits, (size_t)V * sizeof(float));
+    apply_penalties(ch, p, prompt, P, out, n_out);
+    float zmax;
+    if (p->temperature == 0.0) {
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (ch->z[v] > ch->z[best]) best = v;
+        *logprob = (float)(ch->z[best] - logsumexp(ch->z, V, &zmax));
+        return best;
+    }
+    float inv_t = (float)(1.0 / p->temperature);
+    for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
+    double lse = logsumexp(ch->z, V, &zmax);
+    int n = 0;
+    if (p->top_k <= 0 && p->top_p >= 1.0) {
+        /* min_p only (or nothing): a threshold, no sorting */
+        float floor_z = p->min_p > 0 ? zmax + (float)log(p->min_p) : -INFINITY;
+        for (int v = 0; v < V; v++)
+            if (ch->z[v] >= floor_z) ch->c[n++] = (cand){ch->z[v], v};
+    } else {
+        for (int v = 0; v < V; v++) ch->c[v] = (cand){ch->z[v], v};
+        n = V;
+        int k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
+        int first = k < 1024 ? k : 1024; /* top_p rarely needs more: widen if it does */
+        for (;;) {
+            select_top(ch->c, n, first);
+            qsort(ch->c, (size_t)first, sizeof *ch->c, by_z_desc);
+            if (p->top_p >= 1.0) { n = first; break; }
+            /* top_p over the top_k-renormalised distribution */
+            double norm = 0, acc = 0;
+            if (k < V) {
+                for (int i = 0; i < k; i++) norm += exp((double)(ch->c[i].z - zmax));
+            } else {
+                norm = exp(lse - zmax);
+            }
+            int keep = 0;
+            while (keep < first && acc < p->top_p * norm) acc += exp((double)(ch->c[keep++].z - zmax));
+            if (acc >= p->top_p * norm || first == k) { n = keep > 0 ? keep : 1; break; }
+            first = k; /* the best 1024 did not reach top_p: sort everything allowed */
+        }
+        if (p->min_p > 0) {
+            float floor_z = ch->c[0].z + (float)log(p->min_p);
+            int keep = 0;
+            while (keep < n && ch->c[keep].z >= floor_z) keep++;
+            n = keep > 0 ? keep : 1;
+        }
+    }
+    int token = draw(ch->c, n, zmax, rng);
+    *logprob = (float)(ch->z[token] - lse);
+    return token;
+}
+
+/* ---- stop strings ------------------------------------------------------------------ */
+
+/* Appends token bytes to a sequence's tail and reports whether a stop string
+ * now ends inside the new bytes. tail holds at most max_stop_len - 1 bytes. */
+static int stop_string_hit(const sample_payload *sp, const tk_vocab_bytes *vocab, char *tail, int *tail_len,
+                           int token, char *buf)
+{
+    const char *tb = vocab->bytes + vocab->offsets[token];
+    int tn = (int)(vocab->offsets[token + 1] - vocab->offsets[token]), before = *tail_len;
+    memcpy(buf, tail, (size_t)before);
+    memcpy(buf + before, tb, (size_t)tn);
+    int len = before + tn, hit = 0;
+    for (int s = 0; s < sp->n_stop_strings && !hit; s++) {
+        const char *str = sp->stop_bytes + sp->stop_offsets[s];
+        int sl = (int)(sp->stop_offsets[s + 1] - sp->stop_offsets[s]);
+        for (int end = before + 1; end <= len && !hit; end++) /* occurrences ending in the new bytes */
+            if (end >= sl && memcmp(buf + end - sl, str, (size_t)sl) == 0) hit = 1;
+    }
+    int keep = sp->max_stop_len - 1 < len ? sp->max_stop_len - 1 : len;
+    memcpy(tail, buf + len - keep, (size_t)keep);
+    *tail_len = keep;
+    return hit;
+}
+
+/* ---- the batch run ----------------------------------------------------------------- */
+
+typedef struct {
+    sample_payload *req;
+    int sample;
+    int n;                  /* tokens so far */
+    int done;
+    rng_t rng;
+    float *own_k, *own_v;   /* [L][max_tokens][KV] */
+    char *tail;
+    int tail_len;
+} sequence;
+
+static int is_stop_id(const sample_payload *sp, int token)
+{
+    for (int i = 0; i < sp->n_stop_ids; i++)
+        if (sp->stop_ids[i] == token) return 1;
+    return 0;
+}
+
+/* Records a chosen token; returns 1 when the sequence is finished. */
+static int accept(sequence *s, int token, float logprob, const tk_vocab_bytes *vocab, char *buf)
+{
+    sample_payload *sp = s->req;
+    size_t at = (size_t)s->sample * sp->p.max_tokens + (size_t)s->n;
+    sp->tokens[at] = token;
+    sp->logprobs[at] = logprob;
+    s->n++;
+    sp->n_tokens[s->sample] = s->n;
+    int stop = is_stop_id(sp, token) ||
+               (sp->n_stop_strings && stop_string_hit(sp, vocab, s->tail, &s->tail_len, token, buf));
+    sp->stopped[s->sample] = stop;
+    return stop || s->n >= sp->p.max_tokens;
+}
+
+/* Prompt scores for one request from its prefill hidden states h[P, D], in
+ * chunks: position i gets log p(prompt[i] | prompt[:i]) and the top k. */
+static void prompt_scores(sample_payload *sp, const float *h, tk_backend *be, float *logits, float *lse,
+                          float *head_work, cand *c)
+{
+    const tk_model *m = sp->model;
+    int P = sp->prompt_len, V = m->cfg.vocab_size, D = m->cfg.d_model, k = sp->p.topk_prompt;
+    enum { CHUNK = 64 };
+    for (int r0 = 0; r0 < P - 1; r0 += CHUNK) {
+        int rows = P - 1 - r0 < CHUNK ? P - 1 - r0 : CHUNK;
+        tk_head_logits(logits, m, sp->adapter, be, h + (size_t)r0 * D, rows, head_work);
+        be->logsumexp(be, lse, logits, V, rows, V);
+        for (int r = 0; r < rows; r++) {
+            const float *row = logits + (size_t)r * V;
+            int pos = r0 + r + 1; /* this row predicts prompt[pos] */
+            if (sp->prompt_lp) sp->prompt_lp[pos] = row[sp->prompt[pos]] - lse[r];
+            if (k <= 0) continue;
+            for (int v = 0; v < V; v++) c[v] = (cand){row[v], v};
+            int kk = k < V ? k : V;
+            select_top(c, V, kk);
+            qsort(c, (size_t)kk, sizeof *c, by_z_desc);
+            for (int j = 0; j < kk; j++) {
+                sp->topk_ids[(size_t)pos * k + j] = c[j].id;
+                sp->topk_lp[(size_t)pos * k + j] = c[j].z - lse[r];
+            }
+        }
+    }
+}
+
+static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
+{
+    sample_payload **reqs = (sample_payload **)payloads;
+    const tk_model *m = reqs[0]->model;
+    const tk_adapter *ad = reqs[0]->adapter;
+    tk_backend *be = exec->backend;
+    const tk_model_config *c = &m->cfg;
+    const int V = c->vocab_size, D = c->d_model, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
+    const tk_vocab_bytes *vocab = atomic_load(&((tk_model *)m)->vocab);
+    tk_status status = TK_OK;
+
+    /* sizes: prompts packed, sequences, the longest context */
+    int total_p = 0, n_seq = 0, max_new = 0, max_keys = 1, max_stop = 1;
+    for (int r = 0; r < n_req; r++) {
+        total_p += reqs[r]->prompt_len;
+        n_seq += reqs[r]->p.num_samples;
+        if (reqs[r]->p.max_tokens > max_new) max_new = reqs[r]->p.max_tokens;
+        if (reqs[r]->prompt_len + reqs[r]->p.max_tokens > max_keys) max_keys = reqs[r]->prompt_len + reqs[r]->p.max_tokens;
+        if (reqs[r]->max_stop_len > max_stop) max_stop = reqs[r]->max_stop_len;
+    }
+    int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_req + 1) * sizeof *starts);
+    float *prompt_k = malloc((size_t)L * total_p * KV * sizeof(float));
+    float *prompt_v = malloc((size_t)L * total_p * KV * sizeof(float));
+    size_t own = (size_t)L * (max_new > 1 ? max_new : 1) * KV;
+    float *own_kv = malloc(2 * own * (size_t)n_seq * sizeof(float));
+    sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
+    char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + 4096);
+    chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(cand)), calloc((size_t)V, sizeof(int)), 0};
+    /* per-step arrays for the decode batch */
+    int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_pos = malloc((size_t)n_seq * sizeof(int32_t));
+    /* each sequence's prompt cache (pk, pv, plen), and the live ones' views for one step */
+    const float **pk = malloc((size_t)n_seq * sizeof *pk), **pv = malloc((size_t)n_seq * sizeof *pv);
+    const float **step_pk = malloc((size_t)n_seq * sizeof *pk), **step_pv = malloc((size_t)n_seq * sizeof *pv);
+    float **ok = malloc((size_t)n_seq * sizeof *ok), **ov = malloc((size_t)n_seq * sizeof *ov);
+    int *plen = malloc((size_t)n_seq * sizeof(int)), *step_plen = malloc((size_t)n_seq * sizeof(int));
+    int *olen = malloc((size_t)n_seq * sizeof(int)), *live = malloc((size_t)n_seq * sizeof(int));
+    if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.c ||
+        !ch.seen || !step_tok || !step_pos || !pk || !pv || !step_pk || !step_pv || !ok || !ov || !plen ||
+        !step_plen || !olen || !live) {
+        status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
+        goto done;
+    }
+
+    /* 1. prefill every prompt in one packed forward pass, filling the prompt caches */
+    starts[0] = 0;
+    for (int r = 0; r < n_req; r++) {
+        memcpy(tokens + starts[r], reqs[r]->prompt, (size_t)reqs[r]->prompt_len * sizeof *tokens);
+        starts[r + 1] = starts[r] + reqs[r]->prompt_len;
+    }
+    tk_batch prefill = {n_req, total_p, tokens, starts};
+    size_t body = tk_transformer_workspace(m, ad, be, &prefill, 0), head = tk_head_workspace(m, ad);
+    size_t decode = tk_decode_workspace(m, ad, be, n_seq, max_keys);
+    size_t rows = (size_t)(n_seq > 64 ? n_seq : 64);
+    size_t need = (size_t)total_p * D + rows * D + rows * V + rows + (body > decode ? body : decode) + head + 64;
+    float *work = tk_exec_scratch(exec, need);
+    if (!work) {
+        status = tk_error_prefix(TK_ERR_NOMEM, "sample: ");
+        goto done;
+    }
+    float *h = work, *hs = h + (size_t)total_p * D, *logits = hs + rows * D, *lse = logits + rows * V;
+    float *rest = lse + rows, *head_work = rest + (body > decode ? body : decode);
+    tk_kv_out kv = {prompt_k, prompt_v, (size_t)total_p * KV};
+    tk_transformer_forward(h, m, ad, be, &prefill, NULL, &kv, rest);
+    for (int r = 0; r < n_req; r++)
+        if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
+            prompt_scores(reqs[r], h + (size_t)starts[r] * D, be, logits, lse, head_work, ch.c);
+
+    /* 2. the first token of every sample, from its prompt's last position */
+    for (int r = 0; r < n_req; r++) memcpy(hs + (size_t)r * D, h + (size_t)(starts[r + 1] - 1) * D, (size_t)D * sizeof(float));
+    tk_head_logits(logits, m, ad, be, hs, n_req, head_work);
+    int n_live = 0;
+    for (int r = 0, i = 0; r < n_req; r++)
+        for (int s = 0; s < reqs[r]->p.num_samples; s++, i++) {
+            sequence *q = &seqs[i];
+            q->req = reqs[r];
+            q->sample = s;
+            q->rng = rng_for(reqs[r]->p.seed, s);
+            q->own_k = own_kv + 2 * own * (size_t)i;
+            q->own_v = q->own_k + own;
+            q->tail = tails + (size_t)i * (size_t)max_stop;
+            pk[i] = prompt_k + (size_t)starts[r] * KV;
+            pv[i] = prompt_v + (size_t)starts[r] * KV;
+            plen[i] = reqs[r]->prompt_len;
+            if (reqs[r]->p.max_tokens == 0) continue;
+            float lp;
+            int t = choose(&ch, logits + (size_t)r * V, V, &reqs[r]->p, reqs[r]->prompt, reqs[r]->prompt_len, NULL, 0,
+                           &q->rng, &lp);
+            if (!accept(q, t, lp, vocab, buf)) live[n_live++] = i;
+        }
+
+    /* 3. decode all live sequences together, one token each per step */
+    while (n_live > 0) {
+        for (int j = 0; j < n_live; j++) {
+            int i = live[j];
+            const sequence *q = &seqs[i];
+            step_tok[j] = q->req->tokens[(size_t)q->sample * q->req->p.max_tokens + (size_t)(q->n - 1)];
+            step_pos[j] = q->req->prompt_len + q->n - 1;
+            step_pk[j] = pk[i], step_pv[j] = pv[i], step_plen[j] = plen[i];
+            ok[j] = q->own_k, ov[j] = q->own_v, olen[j] = q->n - 1;
+        }
+        tk_decode_batch db = {n_live, step_tok, step_pos, step_pk, step_pv, step_plen, (size_t)total_p * KV,
+                              ok, ov, olen, (size_t)(max_new > 1 ? max_new : 1) * KV};
+        tk_transformer_decode(hs, m, ad, be, &db, rest);
+        tk_head_logits(logits, m, ad, be, hs, n_live, head_work);
+        int still = 0;
+        for (int j = 0; j < n_live; j++) {
+            sequence *q = &seqs[live[j]];
+            sample_payload *sp = q->req;
+            float lp;
+            int t = choose(&ch, logits + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
+                           sp->tokens + (size_t)q->sample * sp->p.max_tokens, q->n, &q->rng, &lp);
+            if (!accept(q, t, lp, vocab, buf)) live[still++] = live[j];
+        }
+        n_live = still;
+    }
+done:
+    free(tokens), free(starts), free(prompt_k), free(prompt_v), free(own_kv), free(seqs), free(tails), free(buf);
+    free(ch.z), free(ch.c), free(ch.seen), free(step_tok), free(step_pos), free(pk), free(pv), free(step_pk);
+    free(step_pv), free(ok), free(ov), free(plen), free(step_plen), free(olen), free(live);
+    return status;
+}
+
+/* ---- creating requests and reading results -------------------------------------------- */
+
+static tk_status check_params(const tk_model *m, const tk_sample_params *p, int prompt_len)
+{
+    if (p->num_samples < 1 || p->num_samples > 256)
+        return tk_error(TK_ERR_INVALID, "num_samples is %d; it must be from 1 to 256", p->num_samples);
+    if (p->max_tokens < 0) return tk_error(TK_ERR_INVALID, "max_tokens is %d; it must be >= 0", p->max_tokens);
+    if ((long)prompt_len + p->max_tokens > m->cfg.max_context)
+        return tk_error(TK_ERR_INVALID, "the prompt has %d tokens and max_tokens is %d: together more than the "
+                        "model's context length %d", prompt_len, p->max_tokens, m->cfg.max_context);
+    if (!isfinite(p->temperature) || p->temperature < 0)
+        return tk_error(TK_ERR_INVALID, "temperature is %g; it must be >= 0", p->temperature);
+    if (!(p->top_p > 0 && p->top_p <= 1)) return tk_error(TK_ERR_INVALID, "top_p is %g; it must be in (0, 1]", p->top_p);
+    if (!(p->min_p >= 0 && p->min_p < 1)) return tk_error(TK_ERR_INVALID, "min_p is %g; it must be in [0, 1)", p->min_p);
+    if (p->top_k < -1 || p->top_k == 0)
+        return tk_error(TK_ERR_INVALID, "top_k is %d; it must be -1 (off) or >= 1", p->top_k);
+    if (!(p->repetition_penalty > 0) || !isfinite(p->repetition_penalty) || !isfinite(p->presence_penalty) ||
+        !isfinite(p->frequency_penalty))
+        return tk_error(TK_ERR_INVALID, "penalties must be finite and repetition_penalty > 0");
+    if (p->topk_prompt < 0 || p->topk_prompt > 1000)
+        return tk_error(TK_ERR_INVALID, "topk_prompt_logprobs is %d; it must be from 0 to 1000", p->topk_prompt);
+    return TK_OK;
+}
+
+tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad, const int32_t *prompt,
+                                   int prompt_len, const tk_sample_params *p, const int32_t *stop_ids,
+                                   int n_stop_ids, const char *stop_bytes, const uint32_t *stop_offsets,
+                                   int n_stop_strings)
+{
+    *out = NULL;
+    if (ad && ad->model != m) return tk_error(TK_ERR_INVALID, "sample: the adapter belongs to another model");
+    if (prompt_len < 1) return tk_error(TK_ERR_INVALID, "sample: the prompt is empty; it needs at least one token");
+    TK_TRY(check_params(m, p, prompt_len));
+    for (int i = 0; i < prompt_len; i++)
+        if (prompt[i] < 0 || prompt[i] >= m->cfg.vocab_size)
+            return tk_error(TK_ERR_INVALID, "sample: prompt position %d: token id %d is outside the vocabulary [0, %d)",
+                            i, prompt[i], m->cfg.vocab_size);
+    for (int i = 0; i < n_stop_ids; i++)
+        if (stop_ids[i] < 0 || stop_ids[i] >= m->cfg.vocab_size)
+            return tk_error(TK_ERR_INVALID, "sample: stop token id %d is outside the vocabulary", stop_ids[i]);
+    if (n_stop_strings > 0 && !atomic_load(&m->vocab))
+        return tk_error(TK_ERR_INVALID, "sample: stop strings need the model's token bytes (set them first)");
+    sample_payload *sp = calloc(1, sizeof *sp);
+    if (!sp) return tk_error(TK_ERR_NOMEM, "out of memory");
+    size_t S = (size_t)p->num_samples, N = (size_t)(p->max_tokens > 0 ? p->max_tokens : 1), P = (size_t)prompt_len;
+    size_t stop_len = n_stop_strings > 0 ? stop_offsets[n_stop_strings] : 0;
+    sp->prompt = malloc(P * sizeof *sp->prompt);
+    sp->stop_ids = malloc(((size_t)n_stop_ids + 1) * sizeof *sp->stop_ids);
+    sp->stop_bytes = malloc(stop_len + 1);
+    sp->stop_offsets = malloc(((size_t)n_stop_strings + 1) * sizeof *sp->stop_offsets);
+    sp->tokens = malloc(S * N * sizeof *sp->tokens);
+    sp->logprobs = malloc(S * N * sizeof *sp->logprobs);
+    sp->n_tokens = calloc(S, sizeof *sp->n_tokens);
+    sp->stopped = calloc(S, sizeof *sp->stopped);
+    int ok = sp->prompt && sp->stop_ids && sp->stop_bytes && sp->stop_offsets && sp->tokens && sp->logprobs &&
+             sp->n_tokens && sp->stopped;
+    if (ok && p->prompt_logprobs) ok = (sp->prompt_lp = calloc(P, sizeof *sp->prompt_lp)) != NULL;
+    if (ok && p->topk_prompt > 0) {
+        sp->topk_ids = calloc(P * (size_t)p->topk_prompt, sizeof *sp->topk_ids);
+        sp->topk_lp = calloc(P * (size_t)p->topk_prompt, sizeof *sp->topk_lp);
+        ok = sp->topk_ids && sp->topk_lp;
+    }
+    tk_request *req = ok ? tk_request_new_batched(run_batch, ad ? (const void *)ad : (const void *)m, sp, sample_free)
+                         : NULL;
+    if (!req) {
+        sample_free(sp);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    memcpy(sp->prompt, prompt, P * sizeof *prompt);
+    sp->prompt_len = prompt_len;
+    sp->p = *p;
+    memcpy(sp->stop_ids, stop_ids, (size_t)n_stop_ids * sizeof *stop_ids);
+    sp->n_stop_ids = n_stop_ids;
+    if (stop_len) memcpy(sp->stop_bytes, stop_bytes, stop_len);
+    sp->stop_offsets[0] = 0;
+    sp->max_stop_len = 1;
+    for (int i = 0; i < n_stop_strings; i++) {
+        sp->stop_offsets[i + 1] = stop_offsets[i + 1];
+        int len = (int)(stop_offsets[i + 1] - stop_offsets[i]);
+        if (len > sp->max_stop_len) sp->max_stop_len = len;
+    }
+    sp->n_stop_strings = n_stop_strings;
+    tk_model_retain(m);
+    sp->model = m;
+    if (ad) tk_adapter_retain(ad);
+    sp->adapter = ad;
+    *out = req;
+    return TK_OK;
+}
+
+int tk_sample_request_sample(tk_request *req, int i, tk_sampled *out)
+{
+    sample_payload *sp = tk_request_payload(req);
+    if (!tk_request_done(req) || i < 0 || i >= sp->p.num_samples) return 0;
+    out->tokens = sp->tokens + (size_t)i * (size_t)(sp->p.max_tokens > 0 ? sp->p.max_tokens : 1);
+    out->logprobs = sp->logprobs + (size_t)i * (size_t)(sp->p.max_tokens > 0 ? sp->p.max_tokens : 1);
+    out->n = sp->n_tokens[i];
+    out->stopped = sp->stopped[i];
+    return 1;
+}
+
+const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const int32_t **topk_ids,
+                                      const float **topk_logprobs, int *k)
+{
+    sample_payload *sp = tk_request_payload(req);
+    *prompt_len = sp->prompt_len;
+    *topk_ids = sp->topk_ids;
+    *topk_logprobs = sp->topk_lp;
+    *k = sp->p.topk_prompt;
+    return sp->prompt_lp;
+}

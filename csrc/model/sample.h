@@ -1,0 +1,49 @@
+/* sample.h - generation: prefill once, decode samples together with a KV cache.
+ *
+ * A sample request holds one prompt and its SamplingParams. Requests on the
+ * same model and adapter that are queued together run as one batch: their
+ * prompts are prefilled in one packed forward pass, then every sample of
+ * every request decodes in shared steps (one GEMM per projection for all of
+ * them), each attending to its request's prompt cache, shared by its
+ * num_samples sequences, and to its own tokens.
+ */
+#ifndef TK_SAMPLE_H
+#define TK_SAMPLE_H
+
+#include "../core/engine.h"
+#include "lora.h"
+#include "model.h"
+
+typedef struct {
+    int num_samples, max_tokens;
+    double temperature;       /* 0: greedy */
+    int top_k;                /* <= 0: off */
+    double top_p, min_p;
+    double repetition_penalty, presence_penalty, frequency_penalty;
+    uint64_t seed;
+    int prompt_logprobs;      /* also return log p(prompt[i] | prompt[:i]) */
+    int topk_prompt;          /* and the top k (id, logprob) at each prompt position */
+} tk_sample_params;
+
+/* stop_ids[n_stop_ids] end a sequence (the token is kept); stop strings are
+ * byte strings stop_bytes[stop_offsets[i] .. stop_offsets[i+1]), matched
+ * across token boundaries (needs the model's token bytes). */
+tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad, const int32_t *prompt,
+                                   int prompt_len, const tk_sample_params *p, const int32_t *stop_ids,
+                                   int n_stop_ids, const char *stop_bytes, const uint32_t *stop_offsets,
+                                   int n_stop_strings);
+
+typedef struct {
+    const int32_t *tokens;
+    const float *logprobs;
+    int n;
+    int stopped;              /* 1: "stop", 0: "length" */
+} tk_sampled;
+
+/* Results once done: sample i (0 <= i < num_samples), and the prompt scores
+ * (NULL unless asked): logprobs[P] (entry 0 unused), top ids/logprobs [P, k]. */
+int tk_sample_request_sample(tk_request *req, int i, tk_sampled *out);
+const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const int32_t **topk_ids,
+                                      const float **topk_logprobs, int *k);
+
+#endif

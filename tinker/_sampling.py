@@ -1,0 +1,149 @@
+"""Sampling on the engine: Tinker's SamplingParams over a KV-cache generator.
+
+A sample request prefills its prompt once, then decodes its num_samples sequences together; requests
+queued at the same time on the same model and adapter are batched into the same decode steps, so
+throughput grows with the number of requests in flight (the engine does the batching). The matched
+stop token or string is kept at the end of `tokens`; EOS always stops; stop_reason is "stop" or
+"length"; every generated token's logprob under the temperature-scaled distribution is returned.
+
+Beyond Tinker's SamplingParams: min_p and repetition / presence / frequency penalties (Tinker's own
+SamplingParams ignores unknown fields, so code using them stays portable).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ._engine import LoadedModel, get_engine
+from ._exceptions import BadRequestError
+
+
+@dataclass
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: list | None = None
+    topk_prompt_logprobs: list | None = None
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each token id's bytes (byte-level BPE pieces mapped back to bytes; other pieces as UTF-8)."""
+    decoder = _byte_decoder()
+    out = []
+    for piece in tokenizer.convert_ids_to_tokens(list(range(vocab_size))):
+        if piece is None:
+            out.append(b"")
+        elif all(ch in decoder for ch in piece):
+            out.append(bytes(decoder[ch] for ch in piece))
+        else:
+            out.append(tokenizer.convert_tokens_to_string([piece]).encode("utf-8"))
+    return out
+
+
+def _ensure_token_bytes(model: LoadedModel) -> None:
+    if not getattr(model, "_token_bytes_set", False):
+        model.handle.set_token_bytes(token_bytes(model.tokenizer, model.vocab_size))
+        model._token_bytes_set = True
+
+
+def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
+    ids, strings = [], []
+    if stop is None:
+        pass
+    elif isinstance(stop, str):
+        strings = [stop]
+    else:
+        items = list(stop)
+        if all(isinstance(s, str) for s in items):
+            strings = items
+        elif all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in items):
+            ids = [int(s) for s in items]
+        else:
+            raise BadRequestError("stop must be a string, a list of strings or a list of token ids")
+    if any(s == "" for s in strings):
+        raise BadRequestError("stop strings must not be empty")
+    eos = model.tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        ids.append(int(eos))
+    return ids, [s.encode("utf-8") for s in strings]
+
+
+class PendingSample:
+    """A queued sample request: result() waits and unpacks it."""
+
+    def __init__(self, request):
+        self._request = request
+        self._result: SampleResult | None = None
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            try:
+                raw = self._request.result()
+            except ValueError as e:
+                raise BadRequestError(str(e)) from e
+            seqs = [SampledSequence(t, lp, "stop" if stopped else "length") for t, lp, stopped in raw["sequences"]]
+            prompt_lp = raw["prompt_logprobs"]
+            if prompt_lp is not None:
+                prompt_lp = [None] + prompt_lp[1:]
+            topk = None
+            if raw["topk_ids"] is not None:
+                topk = [None] + [list(zip(ids, lps)) for ids, lps in zip(raw["topk_ids"][1:], raw["topk_logprobs"][1:])]
+            self._result = SampleResult(seqs, prompt_lp, topk)
+        return self._result
+
+
+def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: int | None = 16,
+                  temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0,
+                  seed: int | None = None, stop=None, include_prompt_logprobs: bool = False,
+                  topk_prompt_logprobs: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, adapter=None, notify: bool = False) -> PendingSample:
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise BadRequestError("the prompt must be a sequence of token ids")
+    if ids.size == 0:
+        raise BadRequestError("the prompt is empty; it needs at least one token")
+    if max_tokens is None:  # Tinker's default: generate up to the context length
+        max_tokens = model.max_context_length - int(ids.size)
+    stop_ids, stop_strings = _stops(model, stop)
+    if stop_strings:
+        _ensure_token_bytes(model)
+    seed = secrets.randbits(63) if seed is None else int(seed) & ((1 << 64) - 1)
+    try:
+        request = get_engine().sample(
+            model.handle, ids.astype(np.int32), num_samples=int(num_samples), max_tokens=int(max_tokens),
+            temperature=float(temperature), top_k=-1 if top_k == 0 else int(top_k), top_p=float(top_p),
+            min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+            presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty), seed=seed,
+            stop_ids=np.array(stop_ids, dtype=np.int32), stop_strings=stop_strings,
+            prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
+            adapter=None if adapter is None else adapter.handle, notify=notify)
+    except (ValueError, OverflowError) as e:
+        raise BadRequestError(str(e)) from e
+    return PendingSample(request)
+
+
+def sample(model: LoadedModel, prompt, num_samples: int = 1, **params) -> SampleResult:
+    return submit_sample(model, prompt, num_samples, **params).result()
