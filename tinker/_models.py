@@ -48,6 +48,7 @@ class ModelSpec:
     paths: list[str]
     tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, rope_rows_interleaved)
     gguf_metadata: dict | None = field(default=None, repr=False)
+    eos_token_ids: list[int] = field(default_factory=list)  # end generation (from the checkpoint's own files)
 
 
 # ---- resolution ---------------------------------------------------------------------------
@@ -388,6 +389,23 @@ def _check_tensors(where: str, config: dict, tensors: list[tuple], global_map: d
             raise ModelLoadError(f"{where}: tensor {t[0]!r} has {len(t[7])} dimensions; the model's tensors have 1 or 2")
 
 
+def _ids(value) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _hf_eos(directory: Path) -> list[int]:
+    """EOS ids as generation_config.json (else config.json) gives them."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            ids = _ids(json.loads((directory / name).read_text()).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if ids:
+            return ids
+    return []
+
+
 def _hf_spec(source: ModelSource) -> ModelSpec:
     arch, config, tied = _hf_config(source.path)
     files = _safetensors_files(source.path)
@@ -408,7 +426,7 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                             tuple(shape), False))
     where = str(files[0] if len(files) == 1 else source.path)
     _check_tensors(where, config, tensors, _HF_GLOBAL, _HF_LAYER, "model.layers.")
-    return ModelSpec(source, arch, config, [str(p) for p in files], tensors)
+    return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path))
 
 
 def _gguf_spec(source: ModelSource) -> ModelSpec:
@@ -429,7 +447,8 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
         interleaved = arch == "llama" and role[0] in ("q", "k", "q_bias", "k_bias")
         tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved))
     _check_tensors(str(source.path), config, tensors, _GGUF_GLOBAL, _GGUF_LAYER, "blk.")
-    return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta)
+    eos = _ids(meta.get("tokenizer.ggml.eos_token_id"))
+    return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos)
 
 
 def model_spec(source: ModelSource) -> ModelSpec:

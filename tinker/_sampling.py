@@ -85,9 +85,9 @@ def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
             raise BadRequestError("stop must be a string, a list of strings or a list of token ids")
     if any(s == "" for s in strings):
         raise BadRequestError("stop strings must not be empty")
-    eos = model.tokenizer.eos_token_id
-    if eos is not None and eos not in ids:
-        ids.append(int(eos))
+    for eos in model.spec.eos_token_ids:  # the checkpoint's own EOS, tokenizer or not
+        if eos < model.vocab_size and eos not in ids:
+            ids.append(eos)
     return ids, [s.encode("utf-8") for s in strings]
 
 
