@@ -40,6 +40,16 @@ def batch(vocab: int, B: int, T: int, seed: int):
     return ids, rng.random((B, T)).astype(np.float32)
 
 
+def median_step_seconds(step, steps: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_ours(model, rank: int, B: int, T: int, steps: int) -> float:
     from tinker._training import LoraAdapter
 
@@ -51,13 +61,7 @@ def time_ours(model, rank: int, B: int, T: int, steps: int) -> float:
         adapter.forward_backward(data)
         adapter.optim_step(learning_rate=1e-4)
 
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_step_seconds(step, steps)
 
 
 def time_peft(hf_model, rank: int, vocab: int, B: int, T: int, steps: int) -> float:
@@ -76,14 +80,9 @@ def time_peft(hf_model, rank: int, vocab: int, B: int, T: int, steps: int) -> fl
         optim.step()
         optim.zero_grad()
 
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    seconds = median_step_seconds(step, steps)
     model.unload()  # restore the base model for the next shape
-    return statistics.median(times)
+    return seconds
 
 
 def main():

@@ -1,6 +1,8 @@
 /* lora.c - creating LoRA adapters (see lora.h). */
 #include "lora.h"
 
+#include "../core/rng.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,21 +62,12 @@ static size_t carve(tk_adapter *a, float *base)
     return at;
 }
 
-/* splitmix64: a small, well-mixed generator; the seed fixes every A */
-static uint64_t next_u64(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* A ~ U(-1/sqrt(in), 1/sqrt(in)): peft's kaiming_uniform_(a=sqrt(5)) bound */
 static void init_a(float *A, size_t n, int in, uint64_t *rng)
 {
     float bound = 1.0f / sqrtf((float)in);
     for (size_t i = 0; i < n; i++) {
-        double u = (double)(next_u64(rng) >> 11) * (1.0 / 9007199254740992.0); /* [0, 1) */
+        double u = (double)(tk_splitmix64(rng) >> 11) * (1.0 / 9007199254740992.0); /* [0, 1) */
         A[i] = (float)((2.0 * u - 1.0) * bound);
     }
 }

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "../backend/backend.h"
+#include "../core/rng.h"
 #include "loss.h"
 #include "transformer.h"
 
@@ -66,19 +67,11 @@ typedef struct {
     uint64_t s[4];
 } rng_t;
 
-static uint64_t splitmix(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static rng_t rng_for(uint64_t seed, int sample)
 {
     uint64_t x = seed ^ (0xd1b54a32d192ed03ull * (uint64_t)(sample + 1));
     rng_t r;
-    for (int i = 0; i < 4; i++) r.s[i] = splitmix(&x);
+    for (int i = 0; i < 4; i++) r.s[i] = tk_splitmix64(&x);
     return r;
 }
 
