@@ -64,6 +64,30 @@ typedef struct {
     float alpha, beta;
 } gemm_args;
 
+/* Few rows of x (decoding): each weight row is read once from memory and
+ * dotted with every row of x while it sits in L1. A BLAS sgemm would first
+ * copy ("pack") the whole weight matrix for a single token (measured: half of
+ * a decode step in sgemm_incopy). */
+enum { SMALL_M = 8 };
+
+static void small_m_nt(const gemm_args *a, int n0, int n1)
+{
+    for (int n = n0; n < n1; n++) {
+        const float *wn = a->w + (size_t)n * a->K;
+        for (int t = 0; t < a->T; t++) {
+            const float *xt = a->x + (size_t)t * a->ldx;
+            float acc[16] = {0}, s = 0;
+            int k = 0;
+            for (; k + 16 <= a->K; k += 16)
+                for (int j = 0; j < 16; j++) acc[j] += wn[k + j] * xt[k + j];
+            for (; k < a->K; k++) s += wn[k] * xt[k];
+            for (int j = 0; j < 16; j++) s += acc[j];
+            float *yt = a->y + (size_t)t * a->ldy + n;
+            *yt = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *yt;
+        }
+    }
+}
+
 /* y[:, n0:n1] = x . w[n0:n1]^T (w rows are output columns) */
 static void nt_task(void *ctx, int task, int thread)
 {
@@ -72,6 +96,10 @@ static void nt_task(void *ctx, int task, int thread)
     int n0, n1;
     block16_range(task, a->n_tasks, a->N, &n0, &n1);
     if (n1 <= n0) return;
+    if (a->T <= SMALL_M) {
+        small_m_nt(a, n0, n1);
+        return;
+    }
     tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
                    a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
 }
@@ -81,6 +109,7 @@ static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int
 {
     gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta};
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
+    if (T <= SMALL_M && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
     tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
 }
 
