@@ -145,3 +145,13 @@ def test_shutdown_fails_queued_requests_cleanly(smollm2):
 def test_engine_threads_default_to_the_usable_cpus():
     assert get_engine().threads == len(os.sched_getaffinity(0))
     assert _C.Engine(n_threads=3).threads == 3
+
+
+def test_token_byte_table_is_validated(smollm2):
+    """The table behind stop-string matching: wrong sizes or oversized tokens are refused cleanly."""
+    with pytest.raises(ValueError, match="token 0: its bytes must have a length from 0 to 1024"):
+        smollm2.handle.set_token_bytes([b"x" * 2000] + [b"a"] * (smollm2.vocab_size - 1))
+    with pytest.raises(ValueError, match="token byte table has 3 tokens"):
+        smollm2.handle.set_token_bytes([b"a", b"b", b"c"])
+    with pytest.raises(TypeError, match="expected bytes"):
+        smollm2.handle.set_token_bytes(["not bytes"] * smollm2.vocab_size)

@@ -62,6 +62,8 @@ typedef struct {
     char *bytes;
 } tk_vocab_bytes;
 
+enum { TK_MAX_TOKEN_BYTES = 1024 }; /* bounds the stop-string matcher's buffer */
+
 typedef struct tk_model {
     tk_model_config cfg;
     tk_weights w;

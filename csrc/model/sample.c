@@ -345,7 +345,7 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     size_t own = (size_t)L * (max_new > 1 ? max_new : 1) * KV;
     float *own_kv = malloc(2 * own * (size_t)n_seq * sizeof(float));
     sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
-    char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + 4096);
+    char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
     chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(cand)), calloc((size_t)V, sizeof(int)), 0};
     /* per-step arrays for the decode batch */
     int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_pos = malloc((size_t)n_seq * sizeof(int32_t));

@@ -387,7 +387,9 @@ tk_status tk_model_set_vocab_bytes(tk_model *m, const uint32_t *offsets, const c
     if (n_tokens != m->cfg.vocab_size)
         return tk_error(TK_ERR_INVALID, "token byte table has %d tokens, the model %d", n_tokens, m->cfg.vocab_size);
     for (int t = 0; t < n_tokens; t++)
-        if (offsets[t + 1] < offsets[t]) return tk_error(TK_ERR_INVALID, "token byte offsets must not decrease");
+        if (offsets[t + 1] < offsets[t] || offsets[t + 1] - offsets[t] > TK_MAX_TOKEN_BYTES)
+            return tk_error(TK_ERR_INVALID, "token %d: its bytes must have a length from 0 to %d", t,
+                            TK_MAX_TOKEN_BYTES);
     tk_vocab_bytes *v = calloc(1, sizeof *v);
     if (v) v->offsets = malloc(((size_t)n_tokens + 1) * sizeof *v->offsets);
     if (v && v->offsets) v->bytes = malloc((size_t)offsets[n_tokens] + 1);
