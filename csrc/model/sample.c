@@ -319,9 +319,9 @@ static void prompt_scores(sample_payload *sp, const float *h, tk_backend *be, fl
     }
 }
 
-static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
+/* Runs requests reqs[0..n_req) as one group: one prefill, shared decode steps. */
+static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
 {
-    sample_payload **reqs = (sample_payload **)payloads;
     const tk_model *m = reqs[0]->model;
     const tk_adapter *ad = reqs[0]->adapter;
     tk_backend *be = exec->backend;
@@ -438,6 +438,25 @@ done:
     free(tokens), free(starts), free(prompt_k), free(prompt_v), free(own_kv), free(seqs), free(tails), free(buf);
     free(ch.z), free(ch.c), free(ch.seen), free(step_tok), free(step_pos), free(pk), free(pv), free(step_pk);
     free(step_pv), free(ok), free(ov), free(plen), free(step_plen), free(olen), free(live);
+    return status;
+}
+
+/* A batch from the engine runs in groups of at most GROUP_SEQUENCES sequences
+ * (a request with more runs alone), so one step's memory stays bounded and a
+ * large batch cannot starve memory for everyone in it. */
+enum { GROUP_SEQUENCES = 256 };
+
+static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
+{
+    sample_payload **reqs = (sample_payload **)payloads;
+    tk_status status = TK_OK;
+    for (int first = 0; first < n_req;) {
+        int last = first + 1, seqs = reqs[first]->p.num_samples;
+        while (last < n_req && seqs + reqs[last]->p.num_samples <= GROUP_SEQUENCES) seqs += reqs[last++]->p.num_samples;
+        tk_status s = run_group(reqs + first, last - first, exec);
+        if (s != TK_OK) status = s;
+        first = last;
+    }
     return status;
 }
 
