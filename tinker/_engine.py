@@ -58,6 +58,17 @@ class LoadedModel:
             return build_gguf_tokenizer(self.spec.gguf_metadata, name_or_path=self.name)
         return load_hf_tokenizer(str(self.spec.source.path))
 
+    @cached_property
+    def _token_bytes_published(self) -> bool:
+        from ._tokenizer import token_bytes
+
+        self.handle.set_token_bytes(token_bytes(self.tokenizer, self.vocab_size))
+        return True
+
+    def publish_token_bytes(self) -> None:
+        """Hands the engine each token's bytes (once), for matching stop strings while sampling."""
+        self._token_bytes_published  # noqa: B018 - computed once, on first use
+
     def submit_forward(self, sequences, notify: bool = False, adapter=None) -> _C.Request:
         """Queues a forward pass over token sequences of any lengths (packed, no padding), through a
         LoRA adapter's handle when one is given."""

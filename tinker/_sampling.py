@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -34,39 +33,6 @@ class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list | None = None
     topk_prompt_logprobs: list | None = None
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the character standing for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
-    """Each token id's bytes (byte-level BPE pieces mapped back to bytes; other pieces as UTF-8)."""
-    decoder = _byte_decoder()
-    out = []
-    for piece in tokenizer.convert_ids_to_tokens(list(range(vocab_size))):
-        if piece is None:
-            out.append(b"")
-        elif all(ch in decoder for ch in piece):
-            out.append(bytes(decoder[ch] for ch in piece))
-        else:
-            out.append(tokenizer.convert_tokens_to_string([piece]).encode("utf-8"))
-    return out
-
-
-def _ensure_token_bytes(model: LoadedModel) -> None:
-    if not getattr(model, "_token_bytes_set", False):
-        model.handle.set_token_bytes(token_bytes(model.tokenizer, model.vocab_size))
-        model._token_bytes_set = True
 
 
 def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
@@ -129,7 +95,7 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
         max_tokens = model.max_context_length - int(ids.size)
     stop_ids, stop_strings = _stops(model, stop)
     if stop_strings:
-        _ensure_token_bytes(model)
+        model.publish_token_bytes()
     seed = secrets.randbits(63) if seed is None else int(seed) & ((1 << 64) - 1)
     try:
         request = get_engine().sample(

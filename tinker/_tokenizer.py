@@ -13,11 +13,12 @@ its tokenizer files: ``load_hf_tokenizer`` loads them with ``AutoTokenizer``.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-__all__ = ["build_gguf_tokenizer", "load_hf_tokenizer"]
+__all__ = ["build_gguf_tokenizer", "load_hf_tokenizer", "token_bytes"]
 
 _SPECIAL_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
@@ -159,3 +160,30 @@ def load_hf_tokenizer(directory: str):
             "copy the tokenizer files of the checkpoint into that directory"
         )
     return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each token id's bytes (byte-level BPE pieces mapped back to bytes; other pieces as UTF-8)."""
+    decoder = _byte_decoder()
+    out = []
+    for piece in tokenizer.convert_ids_to_tokens(list(range(vocab_size))):
+        if piece is None:
+            out.append(b"")
+        elif all(ch in decoder for ch in piece):
+            out.append(bytes(decoder[ch] for ch in piece))
+        else:
+            out.append(tokenizer.convert_tokens_to_string([piece]).encode("utf-8"))
+    return out
