@@ -1,12 +1,12 @@
 """tinker: a local drop-in engine for the Tinker training API.
 
-The public clients (ServiceClient, TrainingClient, SamplingClient) arrive with
-the API layer; this package currently provides the engine underneath them:
-model resolution and loading (tinker._models), tokenizers (tinker._tokenizer)
-and the C extension (tinker._C).
+`import tinker` gives the Tinker SDK's surface: ServiceClient, TrainingClient, SamplingClient,
+APIFuture, the types (also under `tinker.types`) and the exception classes. Everything runs in
+this process on a C engine (tinker._C): LoRA training, sampling and the futures that report them.
 """
 
 import ctypes as _ctypes
+import logging as _logging
 import os as _os
 
 __title__ = "tinker"
@@ -28,3 +28,42 @@ def _preload_openblas() -> None:
 
 
 _preload_openblas()
+
+if _os.environ.get("TINKER_LOG", "").lower() in ("debug", "info"):
+    _logging.basicConfig()
+    _logging.getLogger("tinker").setLevel(_os.environ["TINKER_LOG"].upper())
+
+from . import types  # noqa: E402
+from ._exceptions import (  # noqa: E402
+    APIConnectionError, APIError, APIResponseValidationError, APIStatusError, APITimeoutError, AuthenticationError,
+    BadRequestError, ConflictError, InternalServerError, NotFoundError, PermissionDeniedError, RateLimitError,
+    RequestFailedError, SidecarDiedError, SidecarError, SidecarIPCError, SidecarStartupError, TinkerError,
+    UnprocessableEntityError,
+)
+from ._options import RequestOptions, Timeout  # noqa: E402
+from .lib.public_interfaces import APIFuture, SamplingClient, ServiceClient, TrainingClient  # noqa: E402
+from .types import (  # noqa: E402
+    AdamParams, Checkpoint, CheckpointType, Datum, DmelChunk, EncodedTextChunk, ForwardBackwardOutput, LoraConfig,
+    ModelID, ModelInput, ModelInputChunk, OptimStepRequest, OptimStepResponse, ParsedCheckpointTinkerPath,
+    SampledSequence, SampleRequest, SampleResponse, SamplingParams, StopReason, TensorData, TensorDtype, TrainingRun,
+)
+
+__all__ = [
+    "ServiceClient", "TrainingClient", "SamplingClient", "APIFuture", "Timeout", "RequestOptions",
+    "AdamParams", "Checkpoint", "CheckpointType", "Datum", "DmelChunk", "EncodedTextChunk", "ForwardBackwardOutput",
+    "LoraConfig", "ModelID", "ModelInput", "ModelInputChunk", "OptimStepRequest", "OptimStepResponse",
+    "ParsedCheckpointTinkerPath", "SampledSequence", "SampleRequest", "SampleResponse", "SamplingParams",
+    "StopReason", "TensorData", "TensorDtype", "TrainingRun",
+    "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError",
+    "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
+    "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
+    "types", "__version__", "__title__",
+]  # fmt: skip
+
+# As in Tinker, the exported classes present themselves as tinker.X (pickles name them so too).
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("tinker."):
+        _obj.__module__ = "tinker"
+del _name, _obj

@@ -18,6 +18,7 @@ from ._exceptions import BadRequestError, ModelLoadError
 from ._models import ModelSpec, model_spec, resolve_model
 
 _lock = threading.Lock()
+_load_lock = threading.Lock()  # held while a model loads (rare): one copy per model
 _engine: _C.Engine | None = None
 _models: dict[str, "LoadedModel"] = {}
 
@@ -96,16 +97,21 @@ class LoadedModel:
 
 
 def load_model(name: str) -> LoadedModel:
-    """The loaded base model for `name`, loading it on first use."""
-    with _lock:
-        if name in _models:
-            return _models[name]
-    spec = model_spec(resolve_model(name))
+    """The loaded base model for `name`, loading it on first use. Names that resolve to the same
+    files share one loaded copy; concurrent first uses load it once."""
+    source = resolve_model(name)
+    key = f"{source.kind}:{source.path}"
+    with _load_lock:
+        if key not in _models:
+            _models[key] = _load(name, source)
+        return _models[key]
+
+
+def _load(name: str, source) -> LoadedModel:
+    spec = model_spec(source)
     try:
         handle = get_engine().load_model(spec.config, spec.paths, spec.tensors).result()
     except (OSError, ValueError, OverflowError, MemoryError) as e:
         where = str(spec.source.path)
         raise ModelLoadError(str(e) if where in str(e) else f"cannot load {name!r} ({where}): {e}") from e
-    model = LoadedModel(spec, handle)
-    with _lock:
-        return _models.setdefault(name, model)
+    return LoadedModel(spec, handle)

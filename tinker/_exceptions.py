@@ -11,7 +11,8 @@ __all__ = [
     "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "UnprocessableEntityError",
     "RateLimitError", "InternalServerError", "APIConnectionError", "APITimeoutError",
-    "APIResponseValidationError", "ModelLoadError",
+    "APIResponseValidationError", "ModelLoadError", "BillingError", "RequestFailedError", "SidecarError",
+    "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
 ]  # fmt: skip
 
 
@@ -50,6 +51,10 @@ class BadRequestError(APIStatusError):
 
 class AuthenticationError(APIStatusError):
     status_code = 401
+
+
+class BillingError(APIStatusError):
+    status_code = 402
 
 
 class PermissionDeniedError(APIStatusError):
@@ -97,3 +102,45 @@ class ModelLoadError(BadRequestError, ValueError):
 
     Also a ValueError, so code that guards model names with `except ValueError` keeps working.
     """
+
+
+class RequestFailedError(TinkerError):
+    """A queued request failed while running (raised by its future's `.result()`).
+
+    `category` is a `tinker.types.RequestErrorCategory`: User for a bad request, Server for an
+    engine failure, Unknown otherwise (a matching string is converted).
+    """
+
+    def __init__(self, message: str, request_id: str | None = None, category=None):
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        self.category = _category(category)
+
+
+def _category(category):
+    from .types.responses import RequestErrorCategory
+
+    if isinstance(category, RequestErrorCategory):
+        return category
+    if isinstance(category, str):
+        for member in RequestErrorCategory:
+            if category.lower() == member.value:
+                return member
+    return RequestErrorCategory.Unknown
+
+
+class SidecarError(TinkerError):
+    """A problem with the subprocess that serves sampling (TINKER_SUBPROCESS_SAMPLING)."""
+
+
+class SidecarStartupError(SidecarError):
+    """The sampling subprocess failed to start."""
+
+
+class SidecarDiedError(SidecarError):
+    """The sampling subprocess exited while requests were pending."""
+
+
+class SidecarIPCError(SidecarError):
+    """Communication with the sampling subprocess failed."""

@@ -453,3 +453,32 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
 
 def model_spec(source: ModelSource) -> ModelSpec:
     return _gguf_spec(source) if source.kind == "gguf" else _hf_spec(source)
+
+
+# ---- what can be served here -----------------------------------------------------------------
+
+
+def available_models() -> list[tuple[str, int]]:
+    """(name, context length) of every base model that loads here without a download: the built-in
+    default model and each Hugging Face cache snapshot of a supported architecture."""
+    found: dict[str, int] = {}
+    if _default_gguf_path() is not None:
+        try:
+            found[DEFAULT_MODEL] = model_spec(resolve_model(DEFAULT_MODEL)).config["max_context"]
+        except ModelLoadError:
+            pass
+    for cache in _hf_cache_dirs():
+        if not cache.is_dir():
+            continue
+        for repo in sorted(cache.glob("models--*--*")):
+            name = repo.name[len("models--"):].replace("--", "/", 1)
+            snapshot = _from_hf_cache(name, cache)
+            if snapshot is None or name in found:
+                continue
+            try:
+                context = _hf_config(snapshot)[1]["max_context"]
+                _safetensors_files(snapshot)  # weights present, not just a config
+            except ModelLoadError:
+                continue  # an architecture the engine does not run, or an incomplete download
+            found[name] = context
+    return sorted(found.items())

@@ -182,12 +182,25 @@ class PendingTrain:
         return self._result
 
 
+def optim_metrics(request, learning_rate) -> dict:
+    """The metrics of a finished optim_step request, with Tinker's `name:reduction` keys."""
+    out = request.result()
+    return {"grad_norm:mean": out["grad_norm"], "grad_clip_scale:mean": out["clip_scale"],
+            "learning_rate:mean": float(learning_rate), "step:max": float(out["step"])}
+
+
 @dataclass
 class LoraSnapshot:
     """Frozen LoRA weights for sampling: later training of the adapter does not change them."""
 
     model: LoadedModel
     handle: object
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        view, _ = get_engine().read_adapter(self.handle, _PARAMS).result()
+        flat = np.asarray(view)
+        return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy()
+                for name, offset, rows, cols in self.handle.tensors}
 
 
 class LoraAdapter:
@@ -244,13 +257,16 @@ class LoraAdapter:
 
     def optim_step(self, learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.0,
                    grad_clip_norm=0.0) -> dict:
-        out = self.submit_optim_step(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm).result()
-        return {"grad_norm:mean": out["grad_norm"], "grad_clip_scale:mean": out["clip_scale"],
-                "learning_rate:mean": float(learning_rate), "step:max": float(out["step"])}
+        request = self.submit_optim_step(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)
+        return optim_metrics(request, learning_rate)
+
+    def submit_snapshot(self, notify: bool = False):
+        """Queues a frozen copy of the weights, taken at this call's place in the queue."""
+        return get_engine().snapshot_adapter(self.handle, notify=notify)
 
     def snapshot(self) -> "LoraSnapshot":
         """A frozen copy of the weights as of this call's place in the queue, for sampling."""
-        return LoraSnapshot(self.model, get_engine().snapshot_adapter(self.handle).result())
+        return LoraSnapshot(self.model, self.submit_snapshot().result())
 
     # ---- tensors --------------------------------------------------------------------------
 

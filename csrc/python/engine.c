@@ -747,25 +747,30 @@ static PyObject *engine_optim_step(EngineObject *self, PyObject *args, PyObject 
     return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_OPTIM, notify);
 }
 
-static PyObject *engine_read_adapter(EngineObject *self, PyObject *args)
+static PyObject *engine_read_adapter(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"adapter", "parts", "notify", NULL};
     PyObject *adapter_obj;
-    int parts;
-    if (!PyArg_ParseTuple(args, "Oi:read_adapter", &adapter_obj, &parts)) return NULL;
+    int parts, notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oi|p:read_adapter", kwlist, &adapter_obj, &parts, &notify))
+        return NULL;
     tk_adapter *ad = adapter_arg(self, adapter_obj);
     if (!ad) return NULL;
     tk_request *req;
     tk_status s = tk_adapter_read_request_create(&req, ad, parts);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
-    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_READ, 0);
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_READ, notify);
 }
 
-static PyObject *engine_write_adapter(EngineObject *self, PyObject *args)
+static PyObject *engine_write_adapter(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"adapter", "parts", "data", "step", "notify", NULL};
     PyObject *adapter_obj, *data_obj;
-    int parts;
+    int parts, notify = 0;
     long long step = 0;
-    if (!PyArg_ParseTuple(args, "OiO|L:write_adapter", &adapter_obj, &parts, &data_obj, &step)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO|Lp:write_adapter", kwlist, &adapter_obj, &parts, &data_obj,
+                                     &step, &notify))
+        return NULL;
     tk_adapter *ad = adapter_arg(self, adapter_obj);
     if (!ad) return NULL;
     Py_buffer data;
@@ -779,7 +784,7 @@ static PyObject *engine_write_adapter(EngineObject *self, PyObject *args)
     tk_status s = tk_adapter_write_request_create(&req, ad, parts, data.buf, (size_t)(data.len / 4), step);
     PyBuffer_Release(&data);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
-    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_WRITE, 0);
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_ADAPTER_WRITE, notify);
 }
 
 /* ---- Engine: sampling ---------------------------------------------------------------- */
@@ -846,14 +851,18 @@ done:
     return result;
 }
 
-static PyObject *engine_snapshot_adapter(EngineObject *self, PyObject *adapter_obj)
+static PyObject *engine_snapshot_adapter(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"adapter", "notify", NULL};
+    PyObject *adapter_obj;
+    int notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:snapshot_adapter", kwlist, &adapter_obj, &notify)) return NULL;
     tk_adapter *ad = adapter_arg(self, adapter_obj);
     if (!ad) return NULL;
     tk_request *req;
     tk_status s = tk_snapshot_request_create(&req, ad);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
-    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_SNAPSHOT, 0);
+    return request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_SNAPSHOT, notify);
 }
 
 /* ---- Engine: completions -------------------------------------------------------- */
@@ -945,17 +954,17 @@ static PyMethodDef engine_methods[] = {
      "      backward=True, notify=False) -> Request; result() -> (logprobs, loss_sum)"},
     {"optim_step", (PyCFunction)(void (*)(void))engine_optim_step, METH_VARARGS | METH_KEYWORDS,
      "optim_step(adapter, learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm, notify=False) -> Request"},
-    {"read_adapter", (PyCFunction)engine_read_adapter, METH_VARARGS,
-     "read_adapter(adapter, parts) -> Request; result() -> (floats, step); parts: 1 params, 2 grads, 4 exp_avg, "
+    {"read_adapter", (PyCFunction)(void (*)(void))engine_read_adapter, METH_VARARGS | METH_KEYWORDS,
+     "read_adapter(adapter, parts, notify=False) -> Request; result() -> (floats, step); parts: 1 params, 2 grads, 4 exp_avg, "
      "8 exp_avg_sq"},
-    {"write_adapter", (PyCFunction)engine_write_adapter, METH_VARARGS,
-     "write_adapter(adapter, parts, float32 data, step=0) -> Request"},
+    {"write_adapter", (PyCFunction)(void (*)(void))engine_write_adapter, METH_VARARGS | METH_KEYWORDS,
+     "write_adapter(adapter, parts, float32 data, step=0, notify=False) -> Request"},
     {"sample", (PyCFunction)(void (*)(void))engine_sample, METH_VARARGS | METH_KEYWORDS,
      "sample(model, prompt, num_samples=1, max_tokens=16, temperature=1, top_k=-1, top_p=1, min_p=0,\n"
      "       repetition_penalty=1, presence_penalty=0, frequency_penalty=0, seed=0, stop_ids=None,\n"
      "       stop_strings=None, prompt_logprobs=False, topk_prompt_logprobs=0, adapter=None, notify=False) -> Request"},
-    {"snapshot_adapter", (PyCFunction)engine_snapshot_adapter, METH_O,
-     "snapshot_adapter(adapter) -> Request; result() -> a frozen Adapter copy, taken at its place in the queue"},
+    {"snapshot_adapter", (PyCFunction)(void (*)(void))engine_snapshot_adapter, METH_VARARGS | METH_KEYWORDS,
+     "snapshot_adapter(adapter, notify=False) -> Request; result() -> a frozen Adapter copy, taken at its place in the queue"},
     {"wake_fd", (PyCFunction)engine_wake_fd, METH_NOARGS, "wake_fd() -> int: readable when notify requests finish"},
     {"drain", (PyCFunction)engine_drain, METH_NOARGS, "drain() -> list[int]: ids of finished notify requests"},
     {NULL, NULL, 0, NULL},

@@ -1,0 +1,75 @@
+"""Tinker's public data types (`tinker.types`)."""
+
+from .checkpoints import (
+    AuditLogEntry,
+    AuditLogResponse,
+    Checkpoint,
+    CheckpointArchiveUrlResponse,
+    CheckpointsListResponse,
+    CheckpointType,
+    Cursor,
+    GetSamplerResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
+    ParsedCheckpointTinkerPath,
+    TrainingRun,
+    TrainingRunsResponse,
+    WeightsInfoResponse,
+    WhoamiResponse,
+)
+from .datum import (
+    Datum,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LossFnInputs,
+    LossFnOutput,
+    LossFnType,
+)
+from .model_input import (
+    DmelChunk,
+    EncodedTextChunk,
+    ImageAssetPointerChunk,
+    ImageChunk,
+    ModelInput,
+    ModelInputChunk,
+)
+from .params import (
+    AdamParams,
+    LoraConfig,
+    OptimStepRequest,
+    SampleRequest,
+    SamplingParams,
+    StopReason,
+)
+from .responses import (
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoadWeightsResponse,
+    ModelData,
+    ModelID,
+    OptimStepResponse,
+    RequestErrorCategory,
+    SampledSequence,
+    SampleResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    SupportedModel,
+    TopkPromptLogprobs,
+)
+from .tensor_data import TensorData, TensorDtype
+
+__all__ = [
+    # inputs
+    "ModelInput", "ModelInputChunk", "EncodedTextChunk", "ImageChunk", "ImageAssetPointerChunk", "DmelChunk",
+    "TensorData", "TensorDtype", "Datum", "LossFnInputs", "LossFnOutput", "LossFnType", "ForwardBackwardInput",
+    # parameters and requests
+    "AdamParams", "LoraConfig", "SamplingParams", "StopReason", "OptimStepRequest", "SampleRequest",
+    # responses
+    "ForwardBackwardOutput", "OptimStepResponse", "SaveWeightsResponse", "SaveWeightsForSamplerResponse",
+    "LoadWeightsResponse", "GetInfoResponse", "ModelData", "ModelID", "GetServerCapabilitiesResponse",
+    "SupportedModel", "SampleResponse", "SampledSequence", "TopkPromptLogprobs", "RequestErrorCategory",
+    # checkpoints and REST
+    "Checkpoint", "CheckpointType", "ParsedCheckpointTinkerPath", "TrainingRun", "Cursor", "TrainingRunsResponse",
+    "CheckpointsListResponse", "CheckpointArchiveUrlResponse", "WeightsInfoResponse", "GetSessionResponse",
+    "ListSessionsResponse", "GetSamplerResponse", "WhoamiResponse", "AuditLogEntry", "AuditLogResponse",
+]  # fmt: skip

@@ -1,0 +1,148 @@
+"""Request parameters: optimizer (AdamParams), LoRA (LoraConfig), sampling (SamplingParams), and the
+optim-step and sample requests."""
+
+import operator
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import field_validator, model_validator
+
+from ._base import BaseModel, StrictBase, _check, _finite
+from .model_input import ModelInput
+
+__all__ = ["AdamParams", "LoraConfig", "SamplingParams", "OptimStepRequest", "SampleRequest", "StopReason"]
+
+StopReason = Literal["length", "stop"]
+
+
+class AdamParams(StrictBase):
+    """AdamW hyperparameters (decoupled weight decay, as torch.optim.AdamW; default decay 0).
+    `grad_clip_norm` > 0 clips the global gradient norm; 0 disables clipping."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    @field_validator("*")
+    @classmethod
+    def _ranges(cls, value: float, info) -> float:
+        name = info.field_name
+        _finite(name, value)
+        if name in ("beta1", "beta2"):
+            return _check(name, value, 0.0 <= value < 1.0, "in [0, 1)")
+        if name == "eps":
+            return _check(name, value, value > 0.0, "> 0")
+        return _check(name, value, value >= 0.0, ">= 0")
+
+
+class LoraConfig(StrictBase):
+    """LoRA adapter settings: rank, init seed, and which parts of the model get adapters."""
+
+    rank: int
+    seed: Optional[int] = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int) -> int:
+        return _check("rank", value, value >= 1, "a positive integer (only LoRA training is supported)")
+
+
+def _stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"stop must be a string, a list of strings or a list of token ids, got {value!r}")
+    items = list(value)
+    if all(isinstance(s, str) for s in items):
+        return items
+    ids = []
+    for s in items:
+        if isinstance(s, (str, bool, np.bool_)) or not hasattr(s, "__index__"):
+            raise ValueError(f"stop must be a string, a list of strings or a list of token ids (not a mix), "
+                             f"got {value!r}")
+        ids.append(operator.index(s))
+    return ids
+
+
+class SamplingParams(BaseModel):
+    """How to sample. Unknown fields are ignored.
+
+    `temperature` 0 is greedy; `top_k` -1 (or 0) and `top_p` 1 disable those filters; `stop` is a
+    stop string, a list of stop strings, or a list of stop token ids (the matched stop is included
+    in the returned tokens).
+
+    `min_p`, `repetition_penalty`, `presence_penalty` and `frequency_penalty` are extensions of
+    this local engine; Tinker's service does not have them and ignores them. Their defaults
+    disable them.
+    """
+
+    max_tokens: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Union[str, Sequence[str], Sequence[int], None] = None
+    temperature: float = 1
+    top_k: int = -1
+    top_p: float = 1
+    # extensions (not in Tinker)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        return _stop(value)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SamplingParams":
+        if self.max_tokens is not None:
+            _check("max_tokens", self.max_tokens, self.max_tokens >= 0, ">= 0 (or None)")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            _finite(name, getattr(self, name))
+        _check("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 samples greedily)")
+        _check("top_k", self.top_k, self.top_k >= -1, "-1 or 0 (no limit) or a positive integer")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables it)")
+        _check("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1] (0 disables it)")
+        _check("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)")
+        return self
+
+
+class OptimStepRequest(StrictBase):
+    adam_params: AdamParams
+    model_id: str  # ModelID
+    seq_id: Optional[int] = None
+    type: Literal["optim_step"] = "optim_step"
+
+
+class SampleRequest(StrictBase):
+    """The wire form of a sample call."""
+
+    num_samples: int = 1
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    base_model: Optional[str] = None
+    model_path: Optional[str] = None
+    sampling_session_id: Optional[str] = None
+    seq_id: Optional[int] = None
+    prompt_logprobs: Optional[bool] = None
+    topk_prompt_logprobs: int = 0
+    type: Literal["sample"] = "sample"
+
+    @field_validator("num_samples")
+    @classmethod
+    def _num_samples(cls, value: int) -> int:
+        return _check("num_samples", value, value >= 1, ">= 1")
+
+    @field_validator("topk_prompt_logprobs")
+    @classmethod
+    def _topk(cls, value: int) -> int:
+        return _check("topk_prompt_logprobs", value, value >= 0, ">= 0")
+
