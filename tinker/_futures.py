@@ -22,6 +22,7 @@ Nothing here is bound to one event loop, so nothing breaks when loops come and g
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import select
 import threading
@@ -261,3 +262,41 @@ def failed_concurrent_future(error: BaseException) -> concurrent.futures.Future:
     out: concurrent.futures.Future = concurrent.futures.Future()
     out.set_exception(error)
     return out
+
+
+class BackgroundFuture(APIFuture[T]):
+    """An APIFuture over a concurrent future that completes without anyone waiting (checkpoint
+    writes: a save happens even if its future is never read)."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._future.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
+
+
+_unfinished: set[concurrent.futures.Future] = set()  # background work to finish before the process exits
+
+
+def background_future(request, convert: Callable[[], T]) -> BackgroundFuture[T]:
+    future = concurrent_future(request, convert)
+    _unfinished.add(future)
+    future.add_done_callback(_unfinished.discard)
+    return BackgroundFuture(future)
+
+
+@atexit.register
+def _finish_background_work() -> None:
+    """A script that ends right after `save_state(...)` without reading the result still gets its
+    checkpoint: exit waits for queued saves (the engine and the completion thread still run)."""
+    for future in list(_unfinished):
+        try:
+            future.result(timeout=300)
+        except BaseException:  # noqa: BLE001 - reported through the future; nothing to do at exit
+            pass

@@ -43,7 +43,7 @@ _OPTIONAL_INPUTS = {"ppo": ("clip_low_threshold", "clip_high_threshold"),
                     "cispo": ("clip_low_threshold", "clip_high_threshold")}
 KNOWN_INPUTS = ("target_tokens", "weights", "advantages", "logprobs", "clip_low_threshold", "clip_high_threshold")
 
-_PARAMS, _GRADS, _EXP_AVG, _EXP_AVG_SQ = 1, 2, 4, 8
+PARAMS, GRADS, EXP_AVG, EXP_AVG_SQ = 1, 2, 4, 8  # parts of the adapter's state block
 
 
 @dataclass
@@ -197,7 +197,7 @@ class LoraSnapshot:
     handle: object
 
     def parameters(self) -> dict[str, np.ndarray]:
-        view, _ = get_engine().read_adapter(self.handle, _PARAMS).result()
+        view, _ = get_engine().read_adapter(self.handle, PARAMS).result()
         flat = np.asarray(view)
         return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy()
                 for name, offset, rows, cols in self.handle.tensors}
@@ -279,18 +279,63 @@ class LoraAdapter:
                 for name, (offset, rows, cols) in self._layout.items()}
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return self._split(self._read(_PARAMS)[0])
+        return self._split(self._read(PARAMS)[0])
 
     def gradients(self) -> dict[str, np.ndarray]:
-        return self._split(self._read(_GRADS)[0])
+        return self._split(self._read(GRADS)[0])
 
     def optimizer_state(self) -> dict:
-        flat, step = self._read(_EXP_AVG | _EXP_AVG_SQ)
+        flat, step = self._read(EXP_AVG | EXP_AVG_SQ)
         n = self.handle.n_params
         return {"step": step, "exp_avg": self._split(flat[:n]), "exp_avg_sq": self._split(flat[n:])}
 
+    # ---- whole-state reads and writes (checkpoints) --------------------------------------
+
+    def submit_read(self, parts: int, notify: bool = False):
+        """Queues a copy of the given parts of the state (PARAMS | EXP_AVG | ...)."""
+        return get_engine().read_adapter(self.handle, parts, notify=notify)
+
+    def unpack_read(self, request, with_optimizer: bool):
+        """(params, (exp_avg, exp_avg_sq) or None, step) from a finished submit_read of PARAMS (and
+        the moments when with_optimizer)."""
+        view, step = request.result()
+        flat = np.asarray(view)
+        n = self.handle.n_params
+        params = self._split(flat[:n])
+        moments = (self._split(flat[n:2 * n]), self._split(flat[2 * n:3 * n])) if with_optimizer else None
+        return params, moments, int(step)
+
+    def flatten(self, tensors: dict[str, np.ndarray], what: str) -> np.ndarray:
+        """The flat float32 vector of a full set of named tensors, checked against this adapter's layout."""
+        missing = sorted(set(self._layout) - set(tensors))
+        unknown = sorted(set(tensors) - set(self._layout))
+        if missing or unknown:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unknown[:3]}"
+            raise BadRequestError(f"{what} does not match this adapter (rank {self.rank}, train_attn={self.train_attn}, "
+                                  f"train_mlp={self.train_mlp}, train_unembed={self.train_unembed}): {detail}")
+        flat = np.empty(self.handle.n_params, dtype=np.float32)
+        for name, (offset, rows, cols) in self._layout.items():
+            array = np.asarray(tensors[name], dtype=np.float32)
+            if array.shape != (rows, cols):
+                raise BadRequestError(f"{what}: tensor {name!r} has shape {array.shape}, this adapter needs "
+                                      f"{(rows, cols)}")
+            flat[offset:offset + rows * cols] = array.reshape(-1)
+        return flat
+
+    def submit_write_all(self, params: np.ndarray, exp_avg: np.ndarray | None, exp_avg_sq: np.ndarray | None,
+                         step: int, notify: bool = False):
+        """Queues replacing the whole state: params, zero gradients, the moments (zero when None) and step."""
+        zeros = np.zeros_like(params)
+        state = np.concatenate([params, zeros, zeros if exp_avg is None else exp_avg,
+                                zeros if exp_avg_sq is None else exp_avg_sq])
+        try:
+            return get_engine().write_adapter(self.handle, PARAMS | GRADS | EXP_AVG | EXP_AVG_SQ, state, int(step),
+                                              notify=notify)
+        except ValueError as e:
+            raise BadRequestError(str(e)) from e
+
     def set_parameters(self, tensors: dict) -> None:
-        flat = self._read(_PARAMS)[0].copy()
+        flat = self._read(PARAMS)[0].copy()
         for name, value in tensors.items():
             if name not in self._layout:
                 raise BadRequestError(f"unknown LoRA tensor {name!r} (this adapter has e.g. {next(iter(self._layout))!r})")
@@ -301,4 +346,4 @@ class LoraAdapter:
             if not np.all(np.isfinite(array)):
                 raise BadRequestError(f"LoRA tensor {name!r} has non-finite values")
             flat[offset:offset + rows * cols] = array.reshape(-1)
-        get_engine().write_adapter(self.handle, _PARAMS, flat).result()
+        get_engine().write_adapter(self.handle, PARAMS, flat).result()

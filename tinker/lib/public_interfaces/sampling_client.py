@@ -20,6 +20,7 @@ import numpy as np
 from ..._engine import LoadedModel, load_model
 from ..._exceptions import BadRequestError
 from ..._futures import completions, concurrent_future, engine_error, failed_concurrent_future
+from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
 from ...types import ModelInput, SampledSequence, SampleResponse, SamplingParams
@@ -64,9 +65,9 @@ class SamplingClient:
         self._model_path = model_path
 
     @classmethod
-    def _for_base(cls, holder, base_model: str, model_path: str | None = None) -> "SamplingClient":
+    def _for_base(cls, holder, base_model: str) -> "SamplingClient":
         return cls(holder, sampling_session_id=_new_sampler_id(holder), base_model=base_model,
-                   model=load_model(base_model), model_path=model_path)
+                   model=load_model(base_model))
 
     @classmethod
     def _for_snapshot(cls, holder, base_model: str, adapter: LoraAdapter, snapshot_handle,
@@ -75,6 +76,12 @@ class SamplingClient:
                   "train_unembed": adapter.train_unembed}
         return cls(holder, sampling_session_id=_new_sampler_id(holder), base_model=base_model, model=adapter.model,
                    snapshot=LoraSnapshot(adapter.model, snapshot_handle), lora_config=config, model_path=model_path)
+
+    @classmethod
+    def _for_path(cls, holder, model_path: str) -> "SamplingClient":
+        """A sampler on weights saved at a tinker:// path (or a PEFT adapter directory)."""
+        base_model, adapter = sampling_adapter(model_path)
+        return cls._for_snapshot(holder, base_model, adapter, adapter.submit_snapshot().result(), model_path)
 
     def __repr__(self) -> str:
         weights = "base weights" if self._snapshot is None else f"LoRA rank {self._lora_config['rank']} snapshot"
@@ -156,7 +163,7 @@ class SamplingClient:
 
     def __reduce__(self):
         weights = None
-        if self._snapshot is not None:
+        if self._snapshot is not None and self._model_path is None:  # an ephemeral snapshot travels by value
             weights = (self._lora_config, self._snapshot.parameters())
         return (_rebuild_sampling_client, (self._base_model, self._model_path, weights))
 
@@ -168,7 +175,9 @@ def _new_sampler_id(holder) -> str:
 
 def _rebuild_sampling_client(base_model: str, model_path: str | None, weights) -> SamplingClient:
     if weights is None:
-        return SamplingClient._for_base(None, base_model, model_path)
+        if model_path is not None:
+            return SamplingClient._for_path(None, model_path)
+        return SamplingClient._for_base(None, base_model)
     config, parameters = weights
     adapter = LoraAdapter(load_model(base_model), rank=config["rank"], seed=0, train_mlp=config["train_mlp"],
                           train_attn=config["train_attn"], train_unembed=config["train_unembed"])

@@ -13,6 +13,7 @@ import uuid
 from ..._engine import load_model
 from ..._exceptions import BadRequestError
 from ..._models import available_models
+from ..._restore import saved_config
 from ..._training import LoraAdapter
 from ...types import GetServerCapabilitiesResponse, SupportedModel
 from .sampling_client import SamplingClient
@@ -74,13 +75,56 @@ class ServiceClient:
             if not isinstance(model_path, str) or not model_path.startswith("tinker://"):
                 raise ValueError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got "
                                  f"{model_path!r}")
-            raise BadRequestError(f"{model_path}: saved checkpoints cannot be loaded yet in this version of the "
-                                  f"local engine; use save_weights_and_get_sampling_client() for now")
+            return SamplingClient._for_path(self, model_path)
         return SamplingClient._for_base(self, base_model)
 
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
                                            retry_config=None) -> SamplingClient:
         return await asyncio.to_thread(self.create_sampling_client, model_path, base_model, retry_config)
+
+    # ---- from saved state ----------------------------------------------------------------
+
+    def _from_state(self, path: str, base_model: str | None, user_metadata, with_optimizer: bool) -> TrainingClient:
+        config = saved_config(path)
+        base = base_model or config.base_model
+        if base is None:
+            raise BadRequestError(f"{path}: the adapter does not name its base model; pass base_model=")
+        client = self.create_lora_training_client(base, rank=config.rank, train_mlp=config.train_mlp,
+                                                  train_attn=config.train_attn, train_unembed=config.train_unembed,
+                                                  user_metadata=user_metadata)
+        load = client.load_state_with_optimizer if with_optimizer else client.load_state
+        load(path).result()
+        return client
+
+    def create_training_client_from_state(self, path: str, base_model: str | None = None,
+                                          user_metadata: dict[str, str] | None = None,
+                                          weights_access_token: str | None = None) -> TrainingClient:
+        """A new training client with the LoRA config and weights saved at `path` (a tinker:// path, or a
+        PEFT adapter directory); the optimizer starts afresh."""
+        return self._from_state(path, base_model, user_metadata, with_optimizer=False)
+
+    async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
+                                                      user_metadata: dict[str, str] | None = None,
+                                                      weights_access_token: str | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self._from_state, path, base_model, user_metadata, False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
+                                                         user_metadata: dict[str, str] | None = None,
+                                                         weights_access_token: str | None = None
+                                                         ) -> TrainingClient:
+        """As create_training_client_from_state, also restoring the Adam moments and step (resuming)."""
+        return self._from_state(path, base_model, user_metadata, with_optimizer=True)
+
+    async def create_training_client_from_state_with_optimizer_async(
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self._from_state, path, base_model, user_metadata, True)
+
+    def create_rest_client(self):
+        """A RestClient over the local checkpoint store: list, inspect and delete runs and checkpoints."""
+        from .rest_client import RestClient
+
+        return RestClient(self)
 
     def get_telemetry(self):
         return None

@@ -9,16 +9,20 @@ coroutines that return the same future (two awaits: queued, then done).
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..._exceptions import BadRequestError
-from ..._futures import APIFuture, DoneFuture, EngineFuture, completions
-from ..._training import LoraAdapter, optim_metrics
+from ... import _checkpoints as ckpt
+from ... import _restore as restore
+from ..._exceptions import BadRequestError, ConflictError, TinkerError
+from ..._futures import APIFuture, DoneFuture, EngineFuture, background_future, completions
+from ..._training import EXP_AVG, EXP_AVG_SQ, PARAMS, LoraAdapter, optim_metrics
 from ...types import (
-    AdamParams, Datum, ForwardBackwardOutput, GetInfoResponse, ModelData, OptimStepResponse, TensorData,
+    AdamParams, Datum, ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, ModelData, OptimStepResponse,
+    SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData,
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -191,6 +195,95 @@ class TrainingClient:
         request = self._adapter.submit_snapshot(notify=True)
         await completions.wait(request)
         return self._sampling_client(request.result())
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def _run_record(self) -> dict:
+        a = self._adapter
+        return {"training_run_id": self.model_id, "base_model": self._base_model, "model_owner": "local",
+                "is_lora": True, "lora_rank": a.rank, "train_attn": a.train_attn, "train_mlp": a.train_mlp,
+                "train_unembed": a.train_unembed, "seed": a.seed, "user_metadata": self._user_metadata}
+
+    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type):
+        try:
+            ckpt.check_component("checkpoint name", name)
+            ttl = ckpt.check_ttl(ttl_seconds)
+            if not overwrite and ckpt.checkpoint_dir(self.model_id, kind, name).exists():
+                raise ConflictError(f"checkpoint {ckpt.tinker_path(self.model_id, kind, name)} already exists; pass "
+                                    f"overwrite=True to replace it or choose another name")
+        except ValueError as e:
+            return DoneFuture(error=BadRequestError(str(e)))
+        except TinkerError as e:
+            return DoneFuture(error=e)
+        with_optimizer = kind == "weights"
+        request = self._adapter.submit_read(PARAMS | (EXP_AVG | EXP_AVG_SQ if with_optimizer else 0), notify=True)
+        run = self._run_record()
+
+        def write():
+            params, moments, step = self._adapter.unpack_read(request, with_optimizer)
+            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite)
+            return response_type(path=path)
+
+        return background_future(request, write)
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                   user_metadata: dict[str, str] | None = None) -> APIFuture[SaveWeightsResponse]:
+        """Saves the adapter, its Adam moments and step at this call's place in the queue:
+        tinker://<model_id>/weights/<name>. Written even if the future is never read."""
+        return self._save("weights", name, ttl_seconds, overwrite, SaveWeightsResponse)
+
+    async def save_state_async(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                               user_metadata: dict[str, str] | None = None) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(name, ttl_seconds, overwrite)
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None
+                                 ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Saves the adapter alone (a PEFT adapter directory): tinker://<model_id>/sampler_weights/<name>.
+        Saving under an existing name replaces it."""
+        return self._save("sampler_weights", name, ttl_seconds, True, SaveWeightsForSamplerResponse)
+
+    async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
+                                             user_metadata: dict[str, str] | None = None
+                                             ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        return self.save_weights_for_sampler(name, ttl_seconds)
+
+    def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        try:
+            state = restore.adapter_state(self._adapter, path, with_optimizer)
+        except ValueError as e:
+            return DoneFuture(error=BadRequestError(str(e)))
+        except TinkerError as e:
+            return DoneFuture(error=e)
+        request = self._adapter.submit_write_all(*state, notify=True)
+        return EngineFuture(request, lambda: LoadWeightsResponse(path=path, model_id=self.model_id))
+
+    def load_state(self, path: str, weights_access_token: str | None = None) -> APIFuture[LoadWeightsResponse]:
+        """Loads the weights saved at `path` (a tinker:// path, or a PEFT adapter directory), at this
+        call's place in the queue. The optimizer starts afresh: zero moments, step 0, no gradients."""
+        return self._load(path, with_optimizer=False)
+
+    async def load_state_async(self, path: str, weights_access_token: str | None = None
+                               ) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(path)
+
+    def load_state_with_optimizer(self, path: str, weights_access_token: str | None = None
+                                  ) -> APIFuture[LoadWeightsResponse]:
+        """Loads the weights and the Adam moments and step saved by save_state at `path`."""
+        return self._load(path, with_optimizer=True)
+
+    async def load_state_with_optimizer_async(self, path: str, weights_access_token: str | None = None
+                                              ) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state_with_optimizer(path)
+
+    def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
+        """A SamplingClient on the weights saved at `model_path`."""
+        from .sampling_client import SamplingClient
+
+        return SamplingClient._for_path(self.holder, model_path)
+
+    async def create_sampling_client_async(self, model_path: str, retry_config=None) -> "SamplingClient":
+        return await asyncio.to_thread(self.create_sampling_client, model_path)
 
     # ---- information -------------------------------------------------------------------
 

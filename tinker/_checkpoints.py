@@ -1,0 +1,422 @@
+"""The local store of training runs and checkpoints.
+
+Layout, under `store_root()` ($TINKER_HOME, else ~/.cache/tinker, or $XDG_CACHE_HOME/tinker):
+
+    runs/<run_id>/run.json                           the run: base model, LoRA config, user metadata
+    runs/<run_id>/weights/<name>/                    save_state: adapter + Adam moments + step
+    runs/<run_id>/sampler_weights/<name>/            save_weights_for_sampler: adapter only
+
+Every checkpoint directory is a standard PEFT LoRA adapter (adapter_config.json and
+adapter_model.safetensors in float32, with PEFT's key names), so peft loads it as it is. Beside it
+sit checkpoint.json (what it is, when it expires, and the size and SHA-256 of every file) and, for
+`weights`, optimizer.safetensors (the Adam moments by the engine's tensor names).
+
+Crash safety: a checkpoint is written into a hidden temporary directory, fsynced, and renamed
+into place in one step. A killed save leaves only the temporary directory, which is never listed
+or loaded and is swept on the next save. Loading checks every file against checkpoint.json, so a
+corrupt or truncated checkpoint raises a clear error instead of loading.
+
+Security: run ids and names are single path components from a small alphabet. Every path is
+resolved and checked to lie inside the store, so `..`, absolute paths, separators and symlinks
+cannot reach outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ._exceptions import BadRequestError, ConflictError, NotFoundError
+from .types import ParsedCheckpointTinkerPath
+
+KINDS = ("weights", "sampler_weights")
+FORMAT = "tinker-local-checkpoint"
+VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+MANIFEST = "checkpoint.json"
+LORA_ALPHA = 32.0
+
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+=-]{0,199}")
+_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_MODULES = {**_ATTN, **_MLP}
+
+
+def store_root() -> Path:
+    if os.environ.get("TINKER_HOME"):
+        return Path(os.environ["TINKER_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "tinker"
+
+
+def check_component(what: str, value) -> str:
+    """A run id or checkpoint name: one path component, letters, digits and `_ . : @ + = -`."""
+    if not isinstance(value, str) or not _SAFE.fullmatch(value) or value.endswith(".") or ".." in value:
+        raise ValueError(f"invalid {what} {value!r}: use 1-200 letters, digits and _ . : @ + = - (not starting "
+                         f"with '.' or '-', no '..', no path separators)")
+    return value
+
+
+def _inside(path: Path, root: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{path} is outside the checkpoint store {root}")
+    return resolved
+
+
+def run_dir(run_id: str) -> Path:
+    root = store_root() / "runs"
+    return _inside(root / check_component("training run id", run_id), root)
+
+
+def checkpoint_dir(run_id: str, kind: str, name: str) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    return _inside(run_dir(run_id) / kind / check_component("checkpoint name", name), store_root() / "runs")
+
+
+def tinker_path(run_id: str, kind: str, name: str) -> str:
+    return f"tinker://{run_id}/{kind}/{name}"
+
+
+def parse_path(path: str) -> tuple[str, str, str]:
+    """(run_id, kind, name) of a tinker:// checkpoint path; ValueError when malformed."""
+    parsed = ParsedCheckpointTinkerPath.from_tinker_path(path)
+    kind, name = parsed.checkpoint_id.split("/", 1)
+    check_component("training run id", parsed.training_run_id)
+    check_component("checkpoint name", name)
+    return parsed.training_run_id, kind, name
+
+
+# ---- PEFT format ---------------------------------------------------------------------------------
+
+
+def peft_key(name: str) -> str:
+    """The PEFT state-dict key of one engine LoRA tensor ("layers.3.q.lora_A" -> ...q_proj.lora_A.weight)."""
+    parts = name.split(".")
+    if parts[0] == "unembed":
+        return f"base_model.model.lm_head.{parts[1]}.weight"
+    layer, proj, ab = parts[1], parts[2], parts[3]
+    return f"base_model.model.model.layers.{layer}.{_MODULES[proj]}.{ab}.weight"
+
+
+def engine_name(key: str) -> str | None:
+    """The engine tensor name of a PEFT key, or None when the engine has no such LoRA tensor."""
+    m = re.fullmatch(r"base_model\.model\.lm_head\.(lora_[AB])\.weight", key)
+    if m:
+        return f"unembed.{m.group(1)}"
+    m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight", key)
+    if m:
+        proj = {module: p for p, module in _MODULES.items()}.get(m.group(2))
+        if proj is not None:
+            return f"layers.{int(m.group(1))}.{proj}.{m.group(3)}"
+    return None
+
+
+def target_modules(train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    modules = []
+    if train_attn:
+        modules += ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if train_mlp:
+        modules += ["gate_proj", "up_proj", "down_proj"]
+    if train_unembed:
+        modules.append("lm_head")
+    return modules
+
+
+def adapter_config(base_model: str, rank: int, train_attn: bool, train_mlp: bool, train_unembed: bool) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "target_modules": target_modules(train_attn, train_mlp, train_unembed), "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }  # fmt: skip
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()})
+
+
+def _write_file(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sweep_temporaries(parent: Path) -> None:
+    """Removes what killed saves left behind (hidden .tmp-* directories older than a minute)."""
+    for tmp in parent.glob(".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > 60:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def write_run(run_id: str, record: dict) -> None:
+    directory = run_dir(run_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "run.json"
+    tmp = directory / f".tmp-run-{uuid.uuid4().hex}.json"
+    _write_file(tmp, json.dumps(record, indent=2).encode())
+    os.replace(tmp, path)
+
+
+def read_run(run_id: str) -> dict:
+    path = run_dir(run_id) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFoundError(f"training run {run_id!r} not found in the checkpoint store {store_root()}") from None
+    except (OSError, ValueError) as e:
+        raise BadRequestError(f"{path}: cannot read the training run record: {e}") from None
+
+
+def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
+                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool) -> str:
+    """Writes one checkpoint atomically and returns its tinker:// path."""
+    run_id = run["training_run_id"]
+    final = checkpoint_dir(run_id, kind, name)
+    if final.exists() and not overwrite:
+        raise ConflictError(f"checkpoint {tinker_path(run_id, kind, name)} already exists; pass overwrite=True "
+                            f"to replace it or choose another name")
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _sweep_temporaries(parent)
+    write_run(run_id, {**run, "last_request_time": _now().isoformat()})
+    tmp = parent / f".tmp-{name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        config = adapter_config(run["base_model"], run["lora_rank"], run["train_attn"], run["train_mlp"],
+                                run["train_unembed"])
+        files = {ADAPTER_CONFIG: _write_file(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2).encode()),
+                 ADAPTER_WEIGHTS: _write_file(tmp / ADAPTER_WEIGHTS,
+                                              _safetensors_bytes({peft_key(k): v for k, v in params.items()}))}
+        if moments is not None:
+            exp_avg, exp_avg_sq = moments
+            tensors = {**{f"exp_avg.{k}": v for k, v in exp_avg.items()},
+                       **{f"exp_avg_sq.{k}": v for k, v in exp_avg_sq.items()}}
+            files[OPTIMIZER] = _write_file(tmp / OPTIMIZER, _safetensors_bytes(tensors))
+        created = _now()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": kind, "name": name, "training_run_id": run_id,
+            "base_model": run["base_model"], "lora_rank": run["lora_rank"], "train_attn": run["train_attn"],
+            "train_mlp": run["train_mlp"], "train_unembed": run["train_unembed"], "step": int(step),
+            "created": created.isoformat(),
+            "expires_at": None if ttl_seconds is None else (created.timestamp() + ttl_seconds),
+            "files": files,
+        }  # fmt: skip
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tinker_path(run_id, kind, name)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(new, final)
+        return
+    old = final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex}"
+    os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_ttl(ttl_seconds) -> int | None:
+    if ttl_seconds is None:
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not ttl_seconds > 0 \
+            or not math.isfinite(ttl_seconds):
+        raise BadRequestError(f"ttl_seconds must be a positive number of seconds or None, got {ttl_seconds!r}")
+    return int(ttl_seconds)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    manifest: dict
+    params: dict[str, np.ndarray]                 # engine tensor names
+    exp_avg: dict[str, np.ndarray] | None = None
+    exp_avg_sq: dict[str, np.ndarray] | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest.get("step", 0))
+
+
+def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise BadRequestError(f"{path}: not a readable safetensors file ({e})") from None
+    for key, value in tensors.items():
+        if value.dtype not in (np.float32, np.float16) and value.dtype.name != "bfloat16":
+            raise BadRequestError(f"{path}: tensor {key!r} has dtype {value.dtype}; expected float32")
+    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+
+
+def _read_verified(directory: Path, name: str, entry: dict) -> bytes:
+    path = directory / name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadRequestError(f"checkpoint {directory}: cannot read {name}: {e}") from None
+    if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise BadRequestError(f"checkpoint {directory} is corrupt: {name} is {len(data)} bytes and does not match "
+                              f"the size and checksum recorded when it was saved ({entry.get('size')} bytes)")
+    return data
+
+
+def read_manifest(directory: Path, path_text: str) -> dict:
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise NotFoundError(f"checkpoint {path_text} not found (no {directory})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadRequestError(f"checkpoint {path_text} is corrupt or incomplete: cannot read {manifest_path}: {e}") \
+            from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BadRequestError(f"checkpoint {path_text}: {manifest_path} is not a tinker checkpoint manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise BadRequestError(f"checkpoint {path_text} was written by a newer version of tinker "
+                              f"(format {manifest['version']}); upgrade tinker to load it")
+    return manifest
+
+
+def expired(manifest: dict) -> bool:
+    expires = manifest.get("expires_at")
+    return expires is not None and time.time() >= float(expires)
+
+
+def load_checkpoint(path: str, with_optimizer: bool = False) -> LoadedCheckpoint:
+    """Reads and verifies the checkpoint at a tinker:// path."""
+    run_id, kind, name = parse_path(path)
+    directory = checkpoint_dir(run_id, kind, name)
+    manifest = read_manifest(directory, path)
+    if expired(manifest):
+        delete_checkpoint(run_id, kind, name)
+        raise NotFoundError(f"checkpoint {path} has expired (its ttl_seconds ran out) and was deleted")
+    files = manifest["files"]
+    if ADAPTER_WEIGHTS not in files:
+        raise BadRequestError(f"checkpoint {path}: the manifest lists no {ADAPTER_WEIGHTS}")
+    peft = _read_safetensors(directory / ADAPTER_WEIGHTS, _read_verified(directory, ADAPTER_WEIGHTS,
+                                                                         files[ADAPTER_WEIGHTS]))
+    params = {}
+    for key, value in peft.items():
+        engine = engine_name(key)
+        if engine is None:
+            raise BadRequestError(f"checkpoint {path}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}")
+        params[engine] = value
+    loaded = LoadedCheckpoint(manifest, params)
+    if with_optimizer:
+        if OPTIMIZER not in files:
+            raise BadRequestError(f"checkpoint {path} holds no optimizer state: it was saved with "
+                                  f"save_weights_for_sampler; load it with load_state, or save with save_state")
+        moments = _read_safetensors(directory / OPTIMIZER, _read_verified(directory, OPTIMIZER, files[OPTIMIZER]))
+        loaded.exp_avg = {k[len("exp_avg."):]: v for k, v in moments.items() if k.startswith("exp_avg.")}
+        loaded.exp_avg_sq = {k[len("exp_avg_sq."):]: v for k, v in moments.items() if k.startswith("exp_avg_sq.")}
+    return loaded
+
+
+def delete_checkpoint(run_id: str, kind: str, name: str) -> None:
+    directory = checkpoint_dir(run_id, kind, name)
+    if not directory.is_dir():
+        raise NotFoundError(f"checkpoint {tinker_path(run_id, kind, name)} not found")
+    trash = directory.parent / f".tmp-del-{name}-{uuid.uuid4().hex}"
+    os.rename(directory, trash)  # atomic: the checkpoint is gone in one step, then the files go
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---- PEFT adapter directories (not made by tinker) ----------------------------------------------------
+
+
+@dataclass
+class PeftAdapter:
+    base_model: str | None
+    rank: int
+    train_attn: bool
+    train_mlp: bool
+    train_unembed: bool
+    params: dict[str, np.ndarray]  # engine tensor names, B rescaled to the engine's alpha 32
+
+
+def read_peft_dir(directory: Path) -> PeftAdapter:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) from any source.
+
+    The engine's scale is 32 / r; PEFT's is lora_alpha / r (or lora_alpha / sqrt(r) with rslora),
+    so B is multiplied by the ratio and the adapter computes the same function. q/k/v/o go together
+    (train_attn) and gate/up/down (train_mlp): a module the adapter lacks starts with B = 0, and so
+    changes nothing until trained."""
+    config_path = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadRequestError(f"{directory}: not a PEFT adapter directory: cannot read {ADAPTER_CONFIG}: {e}") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise BadRequestError(f"{config_path}: only LoRA adapters (peft_type LORA) are supported")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
+        raise BadRequestError(f"{config_path}: r must be an integer from 1 to 256, got {rank!r}")
+    if config.get("fan_in_fan_out") or config.get("use_dora") or config.get("bias", "none") != "none":
+        raise BadRequestError(f"{config_path}: fan_in_fan_out, DoRA and LoRA biases are not supported")
+    alpha = float(config.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    weights_path = directory / ADAPTER_WEIGHTS
+    try:
+        data = weights_path.read_bytes()
+    except OSError as e:
+        raise BadRequestError(f"{directory}: cannot read {ADAPTER_WEIGHTS}: {e}") from None
+    params = {}
+    for key, value in _read_safetensors(weights_path, data).items():
+        name = engine_name(key.replace(".default.weight", ".weight"))
+        if name is None:
+            raise BadRequestError(f"{weights_path}: tensor {key!r} is not a LoRA weight of q/k/v/o, gate/up/down or "
+                                  f"lm_head, which is what the engine trains")
+        params[name] = value * np.float32(scale / (LORA_ALPHA / rank)) if name.endswith("lora_B") else value
+    projections = {n.split(".")[-2] if n.startswith("layers.") else "unembed" for n in params}
+    base = config.get("base_model_name_or_path")
+    return PeftAdapter(base if isinstance(base, str) and base else None, rank,
+                       train_attn=bool(projections & set(_ATTN)), train_mlp=bool(projections & set(_MLP)),
+                       train_unembed="unembed" in projections, params=params)
