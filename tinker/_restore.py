@@ -57,6 +57,14 @@ def adapter_state(adapter: LoraAdapter, source, with_optimizer: bool):
         if load_model(base) is not adapter.model:
             raise BadRequestError(f"checkpoint {source} was trained on {base!r}; this client trains "
                                   f"{adapter.model.name!r}")
+        m = loaded.manifest
+        saved = (m["lora_rank"], m["train_attn"], m["train_mlp"], m["train_unembed"])
+        if saved != (adapter.rank, adapter.train_attn, adapter.train_mlp, adapter.train_unembed):
+            raise BadRequestError(
+                f"checkpoint {source} (rank {saved[0]}, train_attn={saved[1]}, train_mlp={saved[2]}, "
+                f"train_unembed={saved[3]}) does not match this adapter (rank {adapter.rank}, train_attn="
+                f"{adapter.train_attn}, train_mlp={adapter.train_mlp}, train_unembed={adapter.train_unembed}); "
+                f"create_training_client_from_state(path) makes a client with the saved config")
         params = adapter.flatten(loaded.params, f"checkpoint {source}")
         if not with_optimizer:
             return params, None, None, 0
