@@ -181,13 +181,22 @@ def _sweep_temporaries(parent: Path) -> None:
             pass
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` in one step: a reader sees the old file or the new one, never a torn one."""
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_run(run_id: str, record: dict) -> None:
     directory = run_dir(run_id)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "run.json"
-    tmp = directory / f".tmp-run-{uuid.uuid4().hex}.json"
-    _write_file(tmp, json.dumps(record, indent=2).encode())
-    os.replace(tmp, path)
+    write_file_atomic(directory / "run.json", json.dumps(record, indent=2).encode())
 
 
 def read_run(run_id: str) -> dict:
@@ -296,7 +305,10 @@ def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
-def _read_verified(directory: Path, name: str, entry: dict) -> bytes:
+def read_verified(directory: Path, name: str, entry) -> bytes:
+    """A checkpoint file's bytes, checked against the size and SHA-256 its manifest recorded."""
+    if not isinstance(entry, dict):
+        raise BadRequestError(f"checkpoint {directory}: the manifest lists no {name}")
     path = directory / name
     try:
         data = path.read_bytes()
@@ -327,7 +339,11 @@ def read_manifest(directory: Path, path_text: str) -> dict:
 
 def expired(manifest: dict) -> bool:
     expires = manifest.get("expires_at")
-    return expires is not None and time.time() >= float(expires)
+    if expires is None:
+        return False
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise BadRequestError(f"checkpoint manifest has an invalid expires_at {expires!r} (a unix time or null)")
+    return time.time() >= expires
 
 
 def load_checkpoint(path: str, with_optimizer: bool = False) -> LoadedCheckpoint:
@@ -341,7 +357,7 @@ def load_checkpoint(path: str, with_optimizer: bool = False) -> LoadedCheckpoint
     files = manifest["files"]
     if ADAPTER_WEIGHTS not in files:
         raise BadRequestError(f"checkpoint {path}: the manifest lists no {ADAPTER_WEIGHTS}")
-    peft = _read_safetensors(directory / ADAPTER_WEIGHTS, _read_verified(directory, ADAPTER_WEIGHTS,
+    peft = _read_safetensors(directory / ADAPTER_WEIGHTS, read_verified(directory, ADAPTER_WEIGHTS,
                                                                          files[ADAPTER_WEIGHTS]))
     params = {}
     for key, value in peft.items():
@@ -354,19 +370,28 @@ def load_checkpoint(path: str, with_optimizer: bool = False) -> LoadedCheckpoint
         if OPTIMIZER not in files:
             raise BadRequestError(f"checkpoint {path} holds no optimizer state: it was saved with "
                                   f"save_weights_for_sampler; load it with load_state, or save with save_state")
-        moments = _read_safetensors(directory / OPTIMIZER, _read_verified(directory, OPTIMIZER, files[OPTIMIZER]))
+        moments = _read_safetensors(directory / OPTIMIZER, read_verified(directory, OPTIMIZER, files[OPTIMIZER]))
         loaded.exp_avg = {k[len("exp_avg."):]: v for k, v in moments.items() if k.startswith("exp_avg.")}
         loaded.exp_avg_sq = {k[len("exp_avg_sq."):]: v for k, v in moments.items() if k.startswith("exp_avg_sq.")}
     return loaded
 
 
+def archive_dir(run_id: str, kind: str, name: str) -> Path:
+    """Where the RestClient keeps a checkpoint's download archives."""
+    checkpoint_dir(run_id, kind, name)  # validates all three
+    root = store_root() / "archives"
+    return _inside(root / run_id / kind / name, root)
+
+
 def delete_checkpoint(run_id: str, kind: str, name: str) -> None:
+    """Deletes a checkpoint (atomically: gone in one rename, then the files go) and its archives."""
     directory = checkpoint_dir(run_id, kind, name)
     if not directory.is_dir():
         raise NotFoundError(f"checkpoint {tinker_path(run_id, kind, name)} not found")
     trash = directory.parent / f".tmp-del-{name}-{uuid.uuid4().hex}"
-    os.rename(directory, trash)  # atomic: the checkpoint is gone in one step, then the files go
+    os.rename(directory, trash)
     shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(archive_dir(run_id, kind, name), ignore_errors=True)
 
 
 # ---- PEFT adapter directories (not made by tinker) ----------------------------------------------------
