@@ -49,7 +49,7 @@ def batch(rng, n=4, length=24, vocab=200):
     return [datum(rng.integers(0, vocab, size=length)) for _ in range(n)]
 
 
-def long_batch(n=4, length=512):
+def long_batch(n=2, length=512):
     """SmolLM2 forward_backward of n x length tokens: a few seconds of engine work."""
     rng = np.random.default_rng(0)
     return [datum(rng.integers(0, 49152, size=length)) for _ in range(n)]
@@ -205,7 +205,7 @@ def test_ctrl_c_while_waiting(service):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread")
     tc = service.create_lora_training_client(DEFAULT_MODEL, rank=4, seed=0)
-    fut = tc.forward_backward(long_batch(n=6), "cross_entropy")
+    fut = tc.forward_backward(long_batch(n=3), "cross_entropy")
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
