@@ -6,6 +6,8 @@ What is checked, and how:
    tiny random llama / qwen2 / qwen3 checkpoints, with and without a LoRA adapter holding random
    non-zero A and B (reference: peft with the same values). Both sides stop only on the model's EOS
    (SmolLM2: <|im_end|>, the tiny checkpoints: config eos_token_id 2), which is included in tokens.
+   SmolLM2 and tiny Q4_0 / Q4_1 / Q8_0 GGUF files (no tokenizer, so no EOS: 64 tokens) decode
+   through the quantized weight copies (test_decode_kernel.py), 1 to 11 sequences a step.
    A divergence is accepted only where the reference's top-2 logit gap is <= 1e-3 (reported as a
    warning), and every later engine token must still be a reference argmax (within 1e-3) given the
    engine's own prefix. Greedy logprobs are under the temperature-1 distribution, within 1e-3.
@@ -77,6 +79,16 @@ SMOL_LORA_RANK, SMOL_LORA_GAIN = 8, 0.1
 DIST_PROMPT = "My favorite color is"  # next-token entropy ~4.4 nats on SmolLM2: many bins
 
 TINY_SEEDS = {"llama": 41, "qwen2": 42, "qwen3": 43}
+# tiny GGUF files whose projections decode through the quantized kernel (Q4_0 / Q4_1 / Q8_0 blocks), one
+# where the fused q|k|v cannot (q Q8_0, k and v Q4_1) and decodes through float32 beside the others:
+# name -> (arch, seed, make_hf_model keyword arguments, tensor type or mix)
+TINY_GGUF = {
+    "gguf_llama_Q4_1": ("llama", 45, dict(vocab=500), "Q4_1"),  # lm_head rows not a multiple of 16
+    "gguf_llama_tied_smollm2_mix": ("llama", 46, dict(tied=True), tm.smollm2_mix),  # Q8_0 head = embedding
+    "gguf_qwen2_Q4_0": ("qwen2", 47, {}, "Q4_0"),
+    "gguf_qwen3_Q8_0": ("qwen3", 48, {}, "Q8_0"),
+    "gguf_llama_q_apart": ("llama", 49, {}, lambda name, shape: "Q8_0" if "attn_q" in name else "Q4_1"),
+}
 TINY_EOS = 2  # tiny_models.tiny_config
 TINY_LORA_RANK, TINY_LORA_GAIN = 4, 0.3
 SHORT_CONTEXT = 32
@@ -193,6 +205,12 @@ class TinyModels:
         self.loras = {}
 
     def get(self, name: str):
+        if name not in self.models and name in TINY_GGUF:
+            arch, seed, kwargs, tensor_type = TINY_GGUF[name]
+            path, ref = tm.write_gguf(self.root / f"{name}.gguf", tm.make_hf_model(arch, seed=seed, **kwargs), arch,
+                                      tensor_type)  # fmt: skip
+            ref.generation_config.eos_token_id = None  # the file has no tokenizer, so no EOS: neither side stops
+            self.models[name] = (load_model(str(path)), ref)
         if name not in self.models:
             if name == "short":
                 path, ref = tm.make_hf_checkpoint(self.root / name, "llama", seed=44, max_positions=SHORT_CONTEXT)
@@ -287,6 +305,22 @@ def test_greedy_tiny_equals_transformers(tiny, arch, lora):
         prompt = tiny.prompt(arch, length)
         check_greedy_run(f"tiny {arch}{' + LoRA' if lora else ''}, prompt of {length}", engine, ref, prompt, TINY_EOS,
                          adapter=adapter, num_samples=2 if length == 7 else 1)  # fmt: skip
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("name", list(TINY_GGUF))
+def test_greedy_tiny_gguf_equals_transformers(tiny, name, lora):
+    """Decoding through the quantized weight copies (and the float32 LoRA terms beside them); 11 samples
+    decode 11 rows per step."""
+    engine, ref = tiny.get(name)
+    assert engine.handle.quantized_bytes > 0, f"{name}: the model has no quantized copy to decode with"
+    adapter = None
+    if lora:
+        pair = tiny.lora(name)
+        ref, adapter = pair.peft, pair.adapter
+    for length, num_samples in ((1, 1), (7, 2), (40, 11)):
+        check_greedy_run(f"tiny {name}{' + LoRA' if lora else ''}, prompt of {length}", engine, ref,
+                         tiny.prompt(name, length), None, adapter=adapter, num_samples=num_samples)  # fmt: skip
 
 
 # ---- 2. prompt logprobs -----------------------------------------------------------------------------

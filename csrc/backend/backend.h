@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qmatrix.h"
+
 typedef struct tk_backend tk_backend;
 
 /* The cached keys/values one decoding sequence attends to, for one layer. */
@@ -33,6 +35,13 @@ struct tk_backend {
     /* y[T, N] = alpha * x[T, K] . w[K, N] + beta * y    (input gradients: dx = dy . W) */
     void (*matmul_nn)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                       int N, int K, float alpha, float beta);
+    /* y[T, N] = alpha * x[T, K] . W^T + beta * y with W [N, K] kept as quantized blocks (qmatrix.h), each
+     * weight decoded to exactly its tk_dequantize value; activations and sums stay float32. For decoding
+     * steps: used only up to matmul_nt_q_max_rows rows, where it beats matmul_nt on the float32 copy.
+     * Optional (NULL: the backend has no such kernel). */
+    void (*matmul_nt_q)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_qmatrix *w, int T,
+                        float alpha, float beta);
+    int matmul_nt_q_max_rows;
     /* g[M, N] += alpha * a[T, M]^T . b[T, N]            (weight gradients, summed over tokens) */
     void (*matmul_tn_acc)(tk_backend *be, float *g, int ldg, const float *a, int lda, const float *b, int ldb, int T,
                           int M, int N, float alpha);

@@ -41,12 +41,16 @@ static size_t carve(head_scratch *s, float *work, const tk_model *m, const tk_ad
 
 size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, m, ad); }
 
-/* logits[C, V] = h W^T + u B^T, u = scale h A^T */
+/* logits[C, V] = h W^T + u B^T, u = scale h A^T; `decoding`: W from its quantized copy when the model has one
+ * and the backend's quantized kernel is faster at C rows (see tk_head_logits_decode) */
 static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                         const float *h, int C)
+                         const float *h, int C, int decoding)
 {
     int D = m->cfg.d_model, V = m->cfg.vocab_size;
-    be->matmul_nt(be, logits, V, h, D, m->w.lm_head, C, V, D, 1.0f, 0.0f);
+    if (decoding && m->w.lm_head_q.tiles && be->matmul_nt_q && C <= be->matmul_nt_q_max_rows)
+        be->matmul_nt_q(be, logits, V, h, D, &m->w.lm_head_q, C, 1.0f, 0.0f);
+    else
+        be->matmul_nt(be, logits, V, h, D, m->w.lm_head, C, V, D, 1.0f, 0.0f);
     if (ad && ad->unembed.A) {
         int R = ad->cfg.rank;
         be->matmul_nt(be, u, R, h, D, ad->unembed.A, C, R, D, ad->scale, 0.0f);
@@ -54,16 +58,28 @@ static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_ad
     }
 }
 
-void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
-                    float *work)
+static void head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
+                        int T, float *work, int decoding)
 {
     head_scratch s;
     carve(&s, work, m, ad);
     int D = m->cfg.d_model, V = m->cfg.vocab_size;
     for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
         int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
-        chunk_logits(logits + (size_t)t0 * V, s.u, m, ad, be, h + (size_t)t0 * D, C);
+        chunk_logits(logits + (size_t)t0 * V, s.u, m, ad, be, h + (size_t)t0 * D, C, decoding);
     }
+}
+
+void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
+                    float *work)
+{
+    head_logits(logits, m, ad, be, h, T, work, 0);
+}
+
+void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
+                           int T, float *work)
+{
+    head_logits(logits, m, ad, be, h, T, work, 1);
 }
 
 /* torch.clamp's gradient passes where lo <= x <= hi */
@@ -116,7 +132,7 @@ void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_ada
     for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
         int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
         const float *hc = h + (size_t)t0 * D;
-        chunk_logits(s.logits, s.u, m, ad, be, hc, C);
+        chunk_logits(s.logits, s.u, m, ad, be, hc, C, 0);
         be->logsumexp(be, s.lse, s.logits, V, C, V);
         for (int r = 0; r < C; r++) {
             const float *row = s.logits + (size_t)r * V;

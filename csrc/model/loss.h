@@ -47,5 +47,9 @@ void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_ada
 /* logits[T, V] of h[T, D] (with the unembed LoRA term when ad has one). */
 void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
                     float *work);
+/* The same for the few rows of a decoding step: through the quantized lm_head when the model has one and T
+ * is at most the backend's matmul_nt_q_max_rows (equal to tk_head_logits up to float32 rounding). */
+void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
+                           int T, float *work);
 
 #endif

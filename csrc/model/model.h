@@ -1,4 +1,4 @@
-/* model.h - a loaded base model: its config and its float32 weights.
+/* model.h - a loaded base model: its config and its weights.
  *
  * The config is the blueprint (shape letters used throughout the engine:
  * T tokens, D model width, H query heads, Hkv kv heads, Dh head dim,
@@ -8,6 +8,12 @@
  * pairing for every architecture: GGUF llama q/k rows are un-permuted at load.
  * q, k and v (and their biases) sit back to back, so one GEMM computes all
  * three; gate and up likewise.
+ *
+ * GGUF projections stored as Q4_0, Q4_1 or Q8_0 (and the lm_head, or the tied
+ * embedding) are also kept as their file's quantized blocks, repacked for the
+ * decoding kernel (backend/qmatrix.h), in a second allocation: decoding one
+ * token reads 4.5-8.5 bits per weight instead of 32. Other types (F32, F16,
+ * BF16, k-quants) and safetensors models have no such copy.
  *
  * A model is shared by every request and client on it and is immutable after
  * load; it is reference counted because queued requests keep it alive.
@@ -19,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../backend/qmatrix.h"
 #include "../core/status.h"
 
 enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 };
@@ -43,6 +50,8 @@ typedef struct {
     float *mlp_norm;       /* [D] */
     float *w_gate_up;      /* [2F, D]: gate rows, then up rows */
     float *w_down;         /* [D, F] */
+    /* the same four as quantized blocks (same rows, q/k un-permuted alike); .tiles NULL when absent */
+    tk_qmatrix wqkv_q, wo_q, w_gate_up_q, w_down_q;
 } tk_layer_weights;
 
 typedef struct {
@@ -53,6 +62,9 @@ typedef struct {
     tk_layer_weights *layers; /* [n_layers] */
     float *block;          /* the one allocation everything above points into */
     size_t block_floats;
+    tk_qmatrix lm_head_q;  /* [V, D] quantized (the embedding's blocks when tied); .tiles NULL when absent */
+    uint8_t *qblock;       /* the one allocation every quantized copy points into, or NULL */
+    size_t qblock_bytes;
 } tk_weights;
 
 /* Each token's bytes (for matching stop strings while sampling), set once

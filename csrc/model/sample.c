@@ -388,7 +388,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
 
     /* 2. the first token of every sample, from its prompt's last position */
     for (int r = 0; r < n_req; r++) memcpy(hs + (size_t)r * D, h + (size_t)(starts[r + 1] - 1) * D, (size_t)D * sizeof(float));
-    tk_head_logits(logits, m, ad, be, hs, n_req, head_work);
+    tk_head_logits_decode(logits, m, ad, be, hs, n_req, head_work);
     int n_live = 0;
     for (int r = 0, i = 0; r < n_req; r++)
         for (int s = 0; s < reqs[r]->p.num_samples; s++, i++) {
@@ -422,7 +422,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
         tk_decode_batch db = {n_live, step_tok, step_pos, step_pk, step_pv, step_plen, (size_t)total_p * KV,
                               ok, ov, olen, (size_t)(max_new > 1 ? max_new : 1) * KV};
         tk_transformer_decode(hs, m, ad, be, &db, rest);
-        tk_head_logits(logits, m, ad, be, hs, n_live, head_work);
+        tk_head_logits_decode(logits, m, ad, be, hs, n_live, head_work);
         int still = 0;
         for (int j = 0; j < n_live; j++) {
             sequence *q = &seqs[live[j]];

@@ -376,6 +376,18 @@ size_t tk_decode_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *
     return carve_scratch(NULL, NULL, m, ad, be, &one, 0) + be->attention_decode_workspace(be, max_keys) + views + 32;
 }
 
+/* y[n, N] = x[n, K] . W^T + beta * y for a decoding step: through W's quantized copy when the model has
+ * one and the backend's quantized kernel beats its float32 matmul at n rows (it streams 4-8 bits per
+ * weight instead of 32), else through the float32 W. */
+static void decode_matmul(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w,
+                          const tk_qmatrix *wq, int n, int N, int K, float beta)
+{
+    if (wq->tiles && be->matmul_nt_q && n <= be->matmul_nt_q_max_rows)
+        be->matmul_nt_q(be, y, ldy, x, ldx, wq, n, 1.0f, beta);
+    else
+        be->matmul_nt(be, y, ldy, x, ldx, w, n, N, K, 1.0f, beta);
+}
+
 void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be,
                            const tk_decode_batch *b, float *work)
 {
@@ -401,7 +413,7 @@ void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad
 
         /* attention block over the caches */
         be->rmsnorm(be, s.h, D, s.x, D, L->attn_norm, n, D, c->rms_eps, NULL);
-        be->matmul_nt(be, s.qkv, QKV, s.h, D, L->wqkv, n, QKV, D, 1.0f, 0.0f);
+        decode_matmul(be, s.qkv, QKV, s.h, D, L->wqkv, &L->wqkv_q, n, QKV, D, 0.0f);
         if (L->bqkv) be->add_bias(be, s.qkv, QKV, L->bqkv, n, QKV);
         if (ad) {
             lora_group qkv_g = {TK_LORA_Q, 3, {s.qkv, s.qkv + kcol, s.qkv + vcol}, QKV};
@@ -418,7 +430,7 @@ void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad
                 b->prompt_len[i], k, v, b->own_len[i] + 1};
         }
         be->attention_decode(be, s.att, H * Dh, s.qkr, QKV, views, n, H, d.Hkv, Dh, KV, attn_work);
-        be->matmul_nt(be, s.x, D, s.att, H * Dh, L->wo, n, D, H * Dh, 1.0f, 1.0f);
+        decode_matmul(be, s.x, D, s.att, H * Dh, L->wo, &L->wo_q, n, D, H * Dh, 1.0f);
         if (ad) {
             lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
             lora_forward(be, ad, l, &o_g, s.att, H * Dh, n, s.u + TK_LORA_O * R, U);
@@ -426,13 +438,13 @@ void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad
 
         /* MLP block */
         be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, n, D, c->rms_eps, NULL);
-        be->matmul_nt(be, s.gate_up, 2 * F, s.h, D, L->w_gate_up, n, 2 * F, D, 1.0f, 0.0f);
+        decode_matmul(be, s.gate_up, 2 * F, s.h, D, L->w_gate_up, &L->w_gate_up_q, n, 2 * F, D, 0.0f);
         if (ad) {
             lora_group gate_up_g = {TK_LORA_GATE, 2, {s.gate_up, s.gate_up + F}, 2 * F};
             lora_forward(be, ad, l, &gate_up_g, s.h, D, n, s.u + TK_LORA_GATE * R, U);
         }
         be->swiglu(be, s.act, s.gate_up, n, F);
-        be->matmul_nt(be, s.x, D, s.act, F, L->w_down, n, D, F, 1.0f, 1.0f);
+        decode_matmul(be, s.x, D, s.act, F, L->w_down, &L->w_down_q, n, D, F, 1.0f);
         if (ad) {
             lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
             lora_forward(be, ad, l, &down_g, s.act, F, n, s.u + TK_LORA_DOWN * R, U);

@@ -6,6 +6,11 @@
  * dequantizes all tensors in parallel straight from the maps into the block.
  * Missing, duplicated or misshapen tensors are reported with the file and
  * tensor name. Nothing is read whole into memory.
+ *
+ * The same pass copies the blocks of every projection (and of the lm_head)
+ * whose sources are all one of the types the decoding kernel reads (Q4_0,
+ * Q4_1, Q8_0) into a second, quantized block, row by row in the same order as
+ * the float copy (fused q|k|v and gate|up, GGUF q/k rows un-permuted).
  */
 #include <math.h>
 #include <stdio.h>
@@ -100,6 +105,59 @@ static float *slot_dst(tk_model *m, int role, int layer)
     return NULL;
 }
 
+/* ---- quantized copies ------------------------------------------------------ */
+
+/* The matrices that may get a quantized copy, numbered: layer l's are l * Q_PER_LAYER + Q_QKV ... Q_DOWN,
+ * and the lm_head comes last, at n_layers * Q_PER_LAYER. */
+enum { Q_QKV, Q_O, Q_GATE_UP, Q_DOWN, Q_PER_LAYER };
+
+static int n_quantized(const tk_model_config *c) { return c->n_layers * Q_PER_LAYER + 1; }
+
+/* Which quantized matrix a source's rows go to (-1: none), and from which of its rows. The tied
+ * embedding is the lm_head; an untied embedding is only looked up, as float32. */
+static int quantized_index(const tk_model_config *c, int role, int layer, size_t *first_row)
+{
+    size_t q_rows = (size_t)c->n_heads * c->head_dim, kv_rows = (size_t)c->n_kv_heads * c->head_dim;
+    int at = layer * Q_PER_LAYER, head = c->n_layers * Q_PER_LAYER;
+    *first_row = 0;
+    switch (role) {
+    case R_Q: return at + Q_QKV;
+    case R_K: *first_row = q_rows; return at + Q_QKV;
+    case R_V: *first_row = q_rows + kv_rows; return at + Q_QKV;
+    case R_O: return at + Q_O;
+    case R_GATE: return at + Q_GATE_UP;
+    case R_UP: *first_row = (size_t)c->d_ff; return at + Q_GATE_UP;
+    case R_DOWN: return at + Q_DOWN;
+    case R_EMBED: return c->tied_embeddings ? head : -1;
+    case R_LM_HEAD: return head;
+    default: return -1;
+    }
+}
+
+static tk_qmatrix *quantized_at(tk_model *m, int i)
+{
+    if (i == n_quantized(&m->cfg) - 1) return &m->w.lm_head_q;
+    tk_layer_weights *L = &m->w.layers[i / Q_PER_LAYER];
+    tk_qmatrix *by_target[Q_PER_LAYER] = {&L->wqkv_q, &L->wo_q, &L->w_gate_up_q, &L->w_down_q};
+    return by_target[i % Q_PER_LAYER];
+}
+
+/* [rows, cols] of quantized matrix i */
+static void quantized_shape(const tk_model_config *c, int i, int *rows, int *cols)
+{
+    int D = c->d_model, q_rows = c->n_heads * c->head_dim;
+    if (i == n_quantized(c) - 1) {
+        *rows = c->vocab_size, *cols = D;
+        return;
+    }
+    switch (i % Q_PER_LAYER) {
+    case Q_QKV: *rows = tk_model_qkv_rows(c), *cols = D; break;
+    case Q_O: *rows = D, *cols = q_rows; break;
+    case Q_GATE_UP: *rows = 2 * c->d_ff, *cols = D; break;
+    default: *rows = D, *cols = c->d_ff; break; /* down */
+    }
+}
+
 /* ---- the size table and the one allocation ---------------------------- */
 
 static size_t padded(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned carving */
@@ -167,6 +225,8 @@ typedef struct {
     float *dst;             /* set once the block is allocated */
     size_t rows, row_elems, row_bytes;
     int head_dim;           /* for un-permuting GGUF q/k rows */
+    tk_qmatrix *qdst;       /* the quantized copy the rows also go to, or NULL */
+    size_t qrow0;           /* ... starting at this row of it */
 } convert_job;
 
 static tk_status shape_error(const char *path, const tk_tensor_source *s, slot sl)
@@ -264,9 +324,60 @@ static void convert_task(void *ctx, int task, int thread)
 {
     (void)thread;
     convert_job *job = &((convert_job *)ctx)[task];
-    for (size_t r = 0; r < job->rows; r++)
-        tk_dequantize(job->dst + r * job->row_elems, job->bytes + source_row(r, job->head_dim) * job->row_bytes,
-                      job->src->type, job->row_elems);
+    for (size_t r = 0; r < job->rows; r++) {
+        const uint8_t *row = job->bytes + source_row(r, job->head_dim) * job->row_bytes;
+        tk_dequantize(job->dst + r * job->row_elems, row, job->src->type, job->row_elems);
+        if (job->qdst) tk_qmatrix_put_row(job->qdst, (int)(job->qrow0 + r), row);
+    }
+}
+
+/* types[i]: the type every source of quantized matrix i has, or -1 when they differ or one has a type the
+ * kernel cannot read (then that matrix gets no quantized copy). */
+static int *quantized_types(const tk_model_config *c, const convert_job *jobs, int n_jobs)
+{
+    int n = n_quantized(c), *types = malloc((size_t)n * sizeof *types);
+    enum { UNSEEN = -2 };
+    for (int i = 0; types && i < n; i++) types[i] = UNSEEN;
+    for (int j = 0; types && j < n_jobs; j++) {
+        size_t first_row;
+        int i = quantized_index(c, jobs[j].role, jobs[j].src->layer, &first_row), type = (int)jobs[j].src->type;
+        if (i < 0) continue;
+        types[i] = tk_qmatrix_supports(type) && (types[i] == UNSEEN || types[i] == type) ? type : -1;
+    }
+    return types;
+}
+
+/* Walks the quantized matrices of the given types; with base == NULL it only counts bytes. */
+static size_t carve_quantized(tk_model *m, const int *types, uint8_t *base)
+{
+    size_t at = 0;
+    for (int i = 0; i < n_quantized(&m->cfg); i++) {
+        int rows, cols;
+        if (types[i] < 0) continue;
+        quantized_shape(&m->cfg, i, &rows, &cols);
+        if (base) *quantized_at(m, i) = (tk_qmatrix){types[i], rows, cols, base + at};
+        at += (tk_qmatrix_bytes(types[i], rows, cols) + 63) & ~(size_t)63;
+    }
+    return at;
+}
+
+/* Allocates the quantized copies the sources allow and points the jobs at them. Optional: without the
+ * memory the model still works (decoding then reads the float32 weights), so failures are not errors. */
+static void plan_quantized(tk_model *m, convert_job *jobs, int n_jobs)
+{
+    int *types = quantized_types(&m->cfg, jobs, n_jobs);
+    size_t bytes = types ? carve_quantized(m, types, NULL) : 0;
+    m->w.qblock = bytes ? aligned_alloc(64, bytes) : NULL;
+    if (m->w.qblock) {
+        memset(m->w.qblock, 0, bytes); /* the padding rows of each last row group decode to 0 */
+        m->w.qblock_bytes = bytes;
+        carve_quantized(m, types, m->w.qblock);
+        for (int j = 0; j < n_jobs; j++) {
+            int i = quantized_index(&m->cfg, jobs[j].role, jobs[j].src->layer, &jobs[j].qrow0);
+            jobs[j].qdst = i >= 0 && quantized_at(m, i)->tiles ? quantized_at(m, i) : NULL;
+        }
+    }
+    free(types);
 }
 
 /* HF's default inverse frequencies, then its rope_scaling rules; a GGUF
@@ -323,6 +434,7 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     if (s == TK_OK) s = allocate(m);
     if (s == TK_OK) {
         for (int i = 0; i < n_src; i++) jobs[i].dst = slot_dst(m, jobs[i].role, jobs[i].src->layer);
+        plan_quantized(m, jobs, n_src);
         tk_pool_run(pool, n_src, convert_task, jobs);
         compute_rope(m, filled[R_ROPE_FREQS]);
     }
@@ -421,6 +533,7 @@ void tk_model_release(tk_model *m)
         free(v);
     }
     free(m->w.block);
+    free(m->w.qblock);
     free(m->w.layers);
     free(m);
 }

@@ -324,6 +324,12 @@ static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
     return PyLong_FromSize_t(self->model->w.block_floats * sizeof(float));
 }
 
+static PyObject *model_get_quantized_bytes(ModelObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(self->model->w.qblock_bytes);
+}
+
 /* set_token_bytes(list of bytes, one per token id): for stop strings */
 static PyObject *model_set_token_bytes(ModelObject *self, PyObject *arg)
 {
@@ -372,6 +378,8 @@ static PyMethodDef model_methods[] = {
 static PyGetSetDef model_getset[] = {
     {"config", (getter)model_get_config, NULL, "the model's dimensions", NULL},
     {"weight_bytes", (getter)model_get_weight_bytes, NULL, "bytes of float32 weights held", NULL},
+    {"quantized_bytes", (getter)model_get_quantized_bytes, NULL,
+     "bytes of quantized weight copies held for decoding (Q4_0 / Q4_1 / Q8_0 GGUF projections; 0: none)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -1,5 +1,6 @@
 /* cpu_backend.c - CPU ops: OpenBLAS for the matmuls, plain loops (written so
- * gcc vectorises them, no -ffast-math) for the rest, split over the pool.
+ * gcc vectorises them, no -ffast-math) for the rest, split over the pool. The
+ * matmul on quantized weights (decoding) is its own kernel, in qmatmul.c.
  *
  * Threading: one thread team, the engine's pool. OpenBLAS is kept at one
  * thread and the pool splits each GEMM instead: OpenBLAS's own threads
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "qmatmul.h"
 #include "vec_math.h"
 
 typedef struct {
@@ -112,6 +114,12 @@ static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
     if (T <= SMALL_M && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
     tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
+}
+
+static void cpu_matmul_nt_q(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_qmatrix *w, int T,
+                            float alpha, float beta)
+{
+    tk_cpu_matmul_nt_q(pool_of(be), y, ldy, x, ldx, w, T, alpha, beta);
 }
 
 /* y[:, n0:n1] = x . w[:, n0:n1] */
@@ -646,6 +654,12 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
     be->base = (tk_backend){
         .name = "cpu",
         .matmul_nt = cpu_matmul_nt,
+        .matmul_nt_q = cpu_matmul_nt_q,
+        /* measured on SmolLM2's shapes (Q4_1 blocks, the Q8_0 head), 2 threads, weights in cache: the
+         * quantized kernel is 3-10x faster than sgemm on the float32 weights up to 4 rows, 1.2-2.2x at 8-32,
+         * 1.04-1.1x at 64, about even at 96-128; whole decoding steps of 48-64 sequences, with the float32
+         * weights streamed from memory as in real use, 8-15% faster through it */
+        .matmul_nt_q_max_rows = 64,
         .matmul_nn = cpu_matmul_nn,
         .matmul_tn_acc = cpu_matmul_tn_acc,
         .embed = cpu_embed,
