@@ -32,3 +32,19 @@ def smollm2():
     from tinker._engine import load_model
 
     return load_model(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> pathlib.Path:
+    """A fresh checkpoint store ($TINKER_HOME) for one test: nothing touches the user's own."""
+    monkeypatch.setenv("TINKER_HOME", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny random llama checkpoint directory: requests on it take milliseconds."""
+    import tiny_models as tm
+
+    path, _ = tm.make_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3)
+    return str(path)

@@ -23,19 +23,11 @@ from tinker import types
 from tinker._futures import completions
 from tinker._models import DEFAULT_MODEL
 
-import tiny_models as tm
 
 
 @pytest.fixture(scope="module")
 def service():
     return tinker.ServiceClient()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny random llama checkpoint: requests on it take milliseconds."""
-    path, _ = tm.make_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3)
-    return str(path)
 
 
 def datum(tokens, weights=None) -> types.Datum:
@@ -69,8 +61,8 @@ def test_api_future_is_a_subscriptable_generic():
     assert APIFuture is tinker.APIFuture and Pending.__annotations__
 
 
-def test_results_are_cached_and_awaitable_twice(service, tiny_base):
-    tc = service.create_lora_training_client(tiny_base, rank=2, seed=0)
+def test_results_are_cached_and_awaitable_twice(service, tiny_llama):
+    tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
     fut = tc.forward_backward(batch(np.random.default_rng(0)), "cross_entropy")
     first = fut.result()
     assert fut.result() is first
@@ -109,22 +101,22 @@ def test_many_coroutines_sampling_at_once(service):
     assert no_waiters_left()
 
 
-def test_threads_and_event_loops_at_once(service, tiny_base):
+def test_threads_and_event_loops_at_once(service, tiny_llama):
     """Eight threads: half block on .result(), half run their own event loop with asyncio.run."""
     rng = np.random.default_rng(2)
     data = [batch(rng) for _ in range(8)]
     expected = []
     for d in data:
-        tc = service.create_lora_training_client(tiny_base, rank=2, seed=1)
+        tc = service.create_lora_training_client(tiny_llama, rank=2, seed=1)
         expected.append(tc.forward_backward(d, "cross_entropy").result().metrics["loss:sum"])
 
     def blocking(i):
-        tc = service.create_lora_training_client(tiny_base, rank=2, seed=1)
+        tc = service.create_lora_training_client(tiny_llama, rank=2, seed=1)
         return tc.forward_backward(data[i], "cross_entropy").result().metrics["loss:sum"]
 
     def with_loop(i):
         async def run():
-            tc = await service.create_lora_training_client_async(tiny_base, rank=2, seed=1)
+            tc = await service.create_lora_training_client_async(tiny_llama, rank=2, seed=1)
             fut = await tc.forward_backward_async(data[i], "cross_entropy")
             return (await fut).metrics["loss:sum"]
 
@@ -137,9 +129,9 @@ def test_threads_and_event_loops_at_once(service, tiny_base):
     assert no_waiters_left()
 
 
-def test_asyncio_run_again_and_again(service, tiny_base):
-    tc = service.create_lora_training_client(tiny_base, rank=2, seed=0)
-    sc = service.create_sampling_client(base_model=tiny_base)
+def test_asyncio_run_again_and_again(service, tiny_llama):
+    tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
+    sc = service.create_sampling_client(base_model=tiny_llama)
     rng = np.random.default_rng(3)
 
     async def step():
@@ -154,9 +146,9 @@ def test_asyncio_run_again_and_again(service, tiny_base):
     assert no_waiters_left()
 
 
-def test_sync_calls_inside_a_running_loop(service, tiny_base):
+def test_sync_calls_inside_a_running_loop(service, tiny_llama):
     """Jupyter runs cells inside a running loop: blocking calls and awaits both work there."""
-    tc = service.create_lora_training_client(tiny_base, rank=2, seed=0)
+    tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
     sc = tc.save_weights_and_get_sampling_client()
     rng = np.random.default_rng(4)
 
@@ -217,8 +209,8 @@ def test_ctrl_c_while_waiting(service):
     assert tc.forward(long_batch(n=1, length=16), "cross_entropy").result().metrics["loss:sum"] > 0
 
 
-def test_sample_futures_are_stdlib_futures(service, tiny_base):
-    sc = service.create_sampling_client(base_model=tiny_base)
+def test_sample_futures_are_stdlib_futures(service, tiny_llama):
+    sc = service.create_sampling_client(base_model=tiny_llama)
     futures = [sc.sample(types.ModelInput.from_ints([1, i]), 1, types.SamplingParams(max_tokens=2)) for i in range(6)]
     called = []
     futures[0].add_done_callback(lambda f: called.append(f))
@@ -233,9 +225,9 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def test_memory_steady_over_many_requests(service, tiny_base):
-    tc = service.create_lora_training_client(tiny_base, rank=2, seed=0)
-    sc = service.create_sampling_client(base_model=tiny_base)
+def test_memory_steady_over_many_requests(service, tiny_llama):
+    tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
+    sc = service.create_sampling_client(base_model=tiny_llama)
     rng = np.random.default_rng(5)
     data = batch(rng, n=2, length=16)
     prompt = types.ModelInput.from_ints([3, 4, 5])
@@ -281,8 +273,8 @@ def test_engine_failures_map_to_tinker_exceptions():
     assert failed.category == types.RequestErrorCategory.Server and "4 GB" in failed.message
 
 
-def test_custom_loss_without_torch_says_what_to_install(service, tiny_base, monkeypatch):
-    tc = service.create_lora_training_client(tiny_base, rank=2, seed=0)
+def test_custom_loss_without_torch_says_what_to_install(service, tiny_llama, monkeypatch):
+    tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
     data = batch(np.random.default_rng(6), n=1)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(ImportError, match="pip install torch"):

@@ -19,26 +19,14 @@ from tinker import _checkpoints as ckpt
 from tinker import types
 from tinker._models import DEFAULT_MODEL
 
-import tiny_models as tm
 
 ADAM = types.AdamParams(learning_rate=1e-2)
-
-
-@pytest.fixture(autouse=True)
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINKER_HOME", str(tmp_path / "store"))
-    return tmp_path / "store"
+pytestmark = pytest.mark.usefixtures("store")  # each test gets its own checkpoint store
 
 
 @pytest.fixture(scope="module")
 def service():
     return tinker.ServiceClient()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path, _ = tm.make_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=4)
-    return str(path)
 
 
 def data(seed: int, n: int = 3, length: int = 20, vocab: int = 49152) -> list[types.Datum]:
@@ -199,12 +187,12 @@ def test_peft_loads_the_sampler_checkpoint(service, smollm2_gguf_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_continue_training_from_a_peft_directory(service, tiny_base, tmp_path):
+def test_continue_training_from_a_peft_directory(service, tiny_llama, tmp_path):
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager")
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  lora_dropout=0.0))
     torch.manual_seed(0)
@@ -212,7 +200,7 @@ def test_continue_training_from_a_peft_directory(service, tiny_base, tmp_path):
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
     peft_model.save_pretrained(tmp_path / "adapter")
-    tc = service.create_training_client_from_state(str(tmp_path / "adapter"), base_model=tiny_base)
+    tc = service.create_training_client_from_state(str(tmp_path / "adapter"), base_model=tiny_llama)
     info = tc.get_info()
     assert info.lora_rank == 4 and not tc._adapter.train_unembed
     tokens = list(range(3, 40))
@@ -289,12 +277,12 @@ def test_corrupt_checkpoint_raises_a_clear_error(service, damage):
     assert steps(tc, 1)[0][0] > 0  # the client keeps working
 
 
-def test_incompatible_checkpoint(service, tiny_base):
+def test_incompatible_checkpoint(service, tiny_llama):
     path = trained(service).save_state("r4").result().path
     other_rank = service.create_lora_training_client(DEFAULT_MODEL, rank=8)
     with pytest.raises(tinker.BadRequestError, match="does not match this adapter"):
         other_rank.load_state(path).result()
-    other_base = service.create_lora_training_client(tiny_base, rank=4)
+    other_base = service.create_lora_training_client(tiny_llama, rank=4)
     with pytest.raises(tinker.BadRequestError, match="was trained on"):
         other_base.load_state(path).result()
     sampler_only = trained(service).save_weights_for_sampler("s").result().path

@@ -24,21 +24,16 @@ from tinker import _checkpoints as ckpt
 from tinker import types
 from tinker.lib.public_interfaces.rest_client import RestClient, UnsupportedOperationError
 
-import tiny_models as tm
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def store(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("TINKER_HOME", str(tmp_path / "store"))
-    return tmp_path / "store"
+pytestmark = pytest.mark.usefixtures("store")  # each test gets its own checkpoint store
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    path, _ = tm.make_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3)
-    return str(path)
+def base(tiny_llama) -> str:
+    return tiny_llama
 
 
 @pytest.fixture
