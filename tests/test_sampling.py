@@ -88,6 +88,8 @@ TINY_GGUF = {
     "gguf_qwen2_Q4_0": ("qwen2", 47, {}, "Q4_0"),
     "gguf_qwen3_Q8_0": ("qwen3", 48, {}, "Q8_0"),
     "gguf_llama_q_apart": ("llama", 49, {}, lambda name, shape: "Q8_0" if "attn_q" in name else "Q4_1"),
+    # 12 query heads on one kv head: decode attention splits a kv head's query heads into tasks
+    "gguf_llama_gqa12": ("llama", 50, dict(hidden=96, heads=12, kv_heads=1), "Q8_0"),
 }
 TINY_EOS = 2  # tiny_models.tiny_config
 TINY_LORA_RANK, TINY_LORA_GAIN = 4, 0.3

@@ -584,47 +584,76 @@ static size_t cpu_attention_backward_workspace(tk_backend *be, int n_tokens, int
 
 /* ---- attention while decoding ---------------------------------------------------------------- */
 
+/* Query heads that share a kv head are done together, up to this many at a time: each key and
+ * value row is loaded once for all of them (grouped-query attention's whole point). */
+enum { DECODE_HEADS = 8 };
+
 typedef struct {
     float *out, *scratch;
     const float *q;
     const tk_kv_view *views;
     int ldo, ldq, n_heads, group, head_dim, ld_kv, max_keys;
+    int heads_per_task, chunks_per_group; /* a kv head's query heads, split into tasks */
     float scale;
 } decode_args;
 
-static float dot(const float *a, const float *b, int n)
+/* s[h][j] = scale * q[h] . k_j for the G heads of one task (q rows Dh apart), one key at a time. */
+static void decode_scores(float *s, int ld_s, const float *q, int G, const float *k, int n_keys, int ld_kv, int Dh,
+                          float scale)
 {
-    float acc[16] = {0}, s = 0;
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    for (; i < n; i++) s += a[i] * b[i];
-    for (int j = 0; j < 16; j++) s += acc[j];
-    return s;
+    for (int j = 0; j < n_keys; j++) {
+        const float *kj = k + (size_t)j * ld_kv;
+        float acc[DECODE_HEADS][16] = {{0}}, tail[DECODE_HEADS] = {0};
+        int d = 0;
+        for (; d + 16 <= Dh; d += 16)
+            for (int h = 0; h < G; h++)
+                for (int l = 0; l < 16; l++) acc[h][l] += q[(size_t)h * Dh + d + l] * kj[d + l];
+        for (; d < Dh; d++)
+            for (int h = 0; h < G; h++) tail[h] += q[(size_t)h * Dh + d] * kj[d];
+        for (int h = 0; h < G; h++) s[(size_t)h * ld_s + j] = scale * (tail[h] + tk_sum(acc[h], 16));
+    }
 }
 
-/* One task is one (sequence, head): scores over both spans, softmax, weighted sum of values. */
+/* out[h] += sum_j p[h][j] v_j for the G heads of one task (out rows Dh apart). */
+static void decode_values(float *out, const float *p, int ld_p, int G, const float *v, int n_keys, int ld_kv, int Dh)
+{
+    for (int j = 0; j < n_keys; j++) {
+        const float *vj = v + (size_t)j * ld_kv;
+        for (int h = 0; h < G; h++) {
+            float w = p[(size_t)h * ld_p + j];
+            float *o = out + (size_t)h * Dh;
+            for (int d = 0; d < Dh; d++) o[d] += w * vj[d];
+        }
+    }
+}
+
+/* One task is one (sequence, slice of a kv head's query heads): scores over both spans (the shared
+ * prompt, then the sequence's own tokens), softmax per head, weighted sum of values. */
 static void decode_task(void *ctx, int task, int thread)
 {
     decode_args *a = ctx;
-    int i = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim;
+    int per_seq = (a->n_heads / a->group) * a->chunks_per_group;
+    int i = task / per_seq, g = (task % per_seq) / a->chunks_per_group, c = task % a->chunks_per_group;
+    int h0 = g * a->group + c * a->heads_per_task, G = a->group - c * a->heads_per_task, Dh = a->head_dim;
+    if (G > a->heads_per_task) G = a->heads_per_task;
     const tk_kv_view *kv = &a->views[i];
-    const float *q = a->q + (size_t)i * a->ldq + (size_t)h * Dh;
-    float *s = a->scratch + (size_t)thread * a->max_keys, *out = a->out + (size_t)i * a->ldo + (size_t)h * Dh;
-    int n = kv->n0 + kv->n1;
-    for (int j = 0; j < kv->n0; j++) s[j] = a->scale * dot(q, kv->k0 + (size_t)j * a->ld_kv + (size_t)g * Dh, Dh);
-    for (int j = 0; j < kv->n1; j++)
-        s[kv->n0 + j] = a->scale * dot(q, kv->k1 + (size_t)j * a->ld_kv + (size_t)g * Dh, Dh);
-    float max = tk_max(s, n);
-    for (int j = 0; j < n; j++) s[j] = tk_expf(s[j] - max);
-    float inv = 1.0f / tk_sum(s, n);
-    for (int d = 0; d < Dh; d++) out[d] = 0;
-    for (int j = 0; j < n; j++) {
-        const float *v = j < kv->n0 ? kv->v0 + (size_t)j * a->ld_kv : kv->v1 + (size_t)(j - kv->n0) * a->ld_kv;
-        float p = s[j] * inv;
-        v += (size_t)g * Dh;
-        for (int d = 0; d < Dh; d++) out[d] += p * v[d];
+    const float *q = a->q + (size_t)i * a->ldq + (size_t)h0 * Dh;
+    float *out = a->out + (size_t)i * a->ldo + (size_t)h0 * Dh;
+    int n = kv->n0 + kv->n1, ld_s = a->max_keys;
+    float *s = a->scratch + (size_t)thread * DECODE_HEADS * ld_s; /* [G, n] */
+    size_t col = (size_t)g * Dh;
+    if (kv->n0) decode_scores(s, ld_s, q, G, kv->k0 + col, kv->n0, a->ld_kv, Dh, a->scale);
+    decode_scores(s + kv->n0, ld_s, q, G, kv->k1 + col, kv->n1, a->ld_kv, Dh, a->scale);
+    for (int h = 0; h < G; h++) {
+        float *sh = s + (size_t)h * ld_s;
+        float max = tk_max(sh, n);
+        for (int j = 0; j < n; j++) sh[j] = tk_expf(sh[j] - max);
+        float inv = 1.0f / tk_sum(sh, n);
+        for (int j = 0; j < n; j++) sh[j] *= inv;
+        for (int d = 0; d < Dh; d++) out[(size_t)h * Dh + d] = 0;
     }
+    if (kv->n0) decode_values(out, s, ld_s, G, kv->v0 + col, kv->n0, a->ld_kv, Dh);
+    decode_values(out, s + kv->n0, ld_s, G, kv->v1 + col, kv->n1, a->ld_kv, Dh);
 }
 
 static void cpu_attention_decode(tk_backend *be, float *out, int ldo, const float *q, int ldq, const tk_kv_view *views,
@@ -633,14 +662,19 @@ static void cpu_attention_decode(tk_backend *be, float *out, int ldo, const floa
     int max_keys = 1;
     for (int i = 0; i < n; i++)
         if (views[i].n0 + views[i].n1 > max_keys) max_keys = views[i].n0 + views[i].n1;
-    decode_args a = {out, work, q, views, ldo, ldq, n_heads, n_heads / n_kv_heads, head_dim, ld_kv, max_keys,
+    int group = n_heads / n_kv_heads, per_task = group < DECODE_HEADS ? group : DECODE_HEADS;
+    /* few sequences (batch 1: one task per kv head): smaller tasks, so every thread gets a share */
+    while (per_task > 1 && (long)n * n_kv_heads * ((group + per_task - 1) / per_task) < 4L * tk_pool_threads(pool_of(be)))
+        per_task = (per_task + 1) / 2;
+    int chunks = (group + per_task - 1) / per_task;
+    decode_args a = {out, work, q, views, ldo, ldq, n_heads, group, head_dim, ld_kv, max_keys, per_task, chunks,
                      1.0f / sqrtf((float)head_dim)};
-    tk_pool_run(pool_of(be), n * n_heads, decode_task, &a);
+    tk_pool_run(pool_of(be), n * n_kv_heads * chunks, decode_task, &a);
 }
 
 static size_t cpu_attention_decode_workspace(tk_backend *be, int max_keys)
 {
-    return (size_t)tk_pool_threads(pool_of(be)) * (size_t)(max_keys > 0 ? max_keys : 1);
+    return (size_t)tk_pool_threads(pool_of(be)) * DECODE_HEADS * (size_t)(max_keys > 0 ? max_keys : 1);
 }
 
 /* ---- the table ---------------------------------------------------------------------------- */
