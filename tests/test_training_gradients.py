@@ -52,13 +52,7 @@ pytest.importorskip("gguf")
 import reference_training as rt  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 import tiny_models as tm  # noqa: E402
 
-try:
-    from tinker import _training  # noqa: E402
-except ModuleNotFoundError as e:  # pragma: no cover - until the engine's training side lands
-    if e.name != "tinker._training":
-        raise
-    pytest.skip("tinker._training (LoRA training) is not built yet", allow_module_level=True)
-
+from tinker import _training  # noqa: E402
 from tinker._engine import load_model  # noqa: E402
 
 LP_ATOL = 1e-4  # learner logprobs vs the reference, absolute
