@@ -209,14 +209,21 @@ def read_run(run_id: str) -> dict:
         raise BadRequestError(f"{path}: cannot read the training run record: {e}") from None
 
 
-def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
-                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool) -> str:
-    """Writes one checkpoint atomically and returns its tinker:// path."""
-    run_id = run["training_run_id"]
+def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path:
+    """The directory a new checkpoint goes to: ValueError for a bad name, ConflictError when it
+    exists and may not be replaced."""
     final = checkpoint_dir(run_id, kind, name)
     if final.exists() and not overwrite:
         raise ConflictError(f"checkpoint {tinker_path(run_id, kind, name)} already exists; pass overwrite=True "
                             f"to replace it or choose another name")
+    return final
+
+
+def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
+                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool) -> str:
+    """Writes one checkpoint atomically and returns its tinker:// path."""
+    run_id = run["training_run_id"]
+    final = save_destination(run_id, kind, name, overwrite)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     _sweep_temporaries(parent)

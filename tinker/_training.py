@@ -189,6 +189,11 @@ def optim_metrics(request, learning_rate) -> dict:
             "learning_rate:mean": float(learning_rate), "step:max": float(out["step"])}
 
 
+def split_tensors(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
+    """Named copies of an adapter's tensors from its flat state; layout: (name, offset, rows, cols)."""
+    return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy() for name, offset, rows, cols in layout}
+
+
 @dataclass
 class LoraSnapshot:
     """Frozen LoRA weights for sampling: later training of the adapter does not change them."""
@@ -198,9 +203,7 @@ class LoraSnapshot:
 
     def parameters(self) -> dict[str, np.ndarray]:
         view, _ = get_engine().read_adapter(self.handle, PARAMS).result()
-        flat = np.asarray(view)
-        return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy()
-                for name, offset, rows, cols in self.handle.tensors}
+        return split_tensors(np.asarray(view), self.handle.tensors)
 
 
 class LoraAdapter:
@@ -275,8 +278,7 @@ class LoraAdapter:
         return np.asarray(view), step
 
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy()
-                for name, (offset, rows, cols) in self._layout.items()}
+        return split_tensors(flat, self.handle.tensors)
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self._split(self._read(PARAMS)[0])

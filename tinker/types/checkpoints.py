@@ -18,7 +18,7 @@ __all__ = [
 CheckpointType = Literal["training", "sampler"]
 
 TINKER_PREFIX = "tinker://"
-_KINDS = {"weights": "training", "sampler_weights": "sampler"}
+CHECKPOINT_TYPE_OF_KIND = {"weights": "training", "sampler_weights": "sampler"}  # path kind -> CheckpointType
 
 
 class Checkpoint(BaseModel):
@@ -51,14 +51,14 @@ class ParsedCheckpointTinkerPath(BaseModel):
             raise ValueError(f"Invalid tinker path {tinker_path!r}: expected "
                              f"tinker://<training_run_id>/<weights|sampler_weights>/<name>")
         run_id, kind, name = parts
-        if kind not in _KINDS:
+        if kind not in CHECKPOINT_TYPE_OF_KIND:
             raise ValueError(f"Invalid tinker path {tinker_path!r}: the checkpoint kind must be 'weights' or "
                              f"'sampler_weights', got {kind!r}")
         for part in (run_id, name):
             if part in ("", ".", "..") or "\0" in part:
                 raise ValueError(f"Invalid tinker path {tinker_path!r}: {part!r} is not a valid run id or "
                                  f"checkpoint name")
-        return cls(tinker_path=tinker_path, training_run_id=run_id, checkpoint_type=_KINDS[kind],
+        return cls(tinker_path=tinker_path, training_run_id=run_id, checkpoint_type=CHECKPOINT_TYPE_OF_KIND[kind],
                    checkpoint_id=f"{kind}/{name}")
 
 

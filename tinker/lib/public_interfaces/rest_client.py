@@ -36,6 +36,7 @@ from typing import Any, Callable, Literal
 from ... import _checkpoints as ckpt
 from ..._exceptions import BadRequestError, NotFoundError
 from ..._futures import APIFuture, DoneFuture
+from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
 from ...types import (
     Checkpoint, CheckpointArchiveUrlResponse, CheckpointsListResponse, Cursor, GetSamplerResponse,
     GetSessionResponse, ListSessionsResponse, TrainingRun, TrainingRunsResponse, WeightsInfoResponse,
@@ -44,7 +45,6 @@ from ...types import (
 
 logger = logging.getLogger("tinker")
 
-_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 _ARCHIVE_MEMBERS = (ckpt.ADAPTER_CONFIG, ckpt.ADAPTER_WEIGHTS)
 _COMPLETE_MARKER = "checkpoint_complete"
 _ARCHIVE_URL_LIFETIME = timedelta(hours=1)
@@ -158,12 +158,12 @@ def _checkpoint(run_id: str, kind: str, name: str) -> Checkpoint | None:
         logger.warning("%s", e)
         directory = ckpt.checkpoint_dir(run_id, kind, name)
         files = [p for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
-        return Checkpoint(checkpoint_id=f"{kind}/{name}", checkpoint_type=_TYPES[kind],
+        return Checkpoint(checkpoint_id=f"{kind}/{name}", checkpoint_type=CHECKPOINT_TYPE_OF_KIND[kind],
                           time=_time(None, directory), tinker_path=ckpt.tinker_path(run_id, kind, name),
                           size_bytes=sum(p.stat().st_size for p in files))
     expires = manifest.get("expires_at")
     return Checkpoint(
-        checkpoint_id=f"{kind}/{name}", checkpoint_type=_TYPES[kind],
+        checkpoint_id=f"{kind}/{name}", checkpoint_type=CHECKPOINT_TYPE_OF_KIND[kind],
         time=_time(manifest.get("created"), directory / ckpt.MANIFEST),
         tinker_path=ckpt.tinker_path(run_id, kind, name),
         size_bytes=sum(int(f.get("size", 0)) for f in manifest["files"].values()),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..._engine import LoadedModel, load_model
 from ..._exceptions import BadRequestError
-from ..._futures import completions, concurrent_future, engine_error, failed_concurrent_future
+from ..._futures import EngineFuture, concurrent_future, failed_concurrent_future
 from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
@@ -122,11 +122,7 @@ class SamplingClient:
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResponse:
         pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs)
-        await completions.wait(pending._request)
-        try:
-            return _sample_response(pending)
-        except Exception as e:  # noqa: BLE001
-            raise engine_error(e) from None
+        return await EngineFuture(pending._request, lambda: _sample_response(pending)).result_async()
 
     def _submit_logprobs(self, prompt) -> PendingSample:
         # max_tokens 0: the prompt's logprobs come from the prefill alone
@@ -142,11 +138,7 @@ class SamplingClient:
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         pending = self._submit_logprobs(prompt)
-        await completions.wait(pending._request)
-        try:
-            return pending.result().prompt_logprobs
-        except Exception as e:  # noqa: BLE001
-            raise engine_error(e) from None
+        return await EngineFuture(pending._request, lambda: pending.result().prompt_logprobs).result_async()
 
     # ---- information -------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from ... import _checkpoints as ckpt
 from ... import _restore as restore
-from ..._exceptions import BadRequestError, ConflictError, TinkerError
-from ..._futures import APIFuture, DoneFuture, EngineFuture, background_future, completions
+from ..._exceptions import BadRequestError, TinkerError
+from ..._futures import APIFuture, DoneFuture, EngineFuture, background_future
 from ..._training import EXP_AVG, EXP_AVG_SQ, PARAMS, LoraAdapter, optim_metrics
 from ...types import (
     AdamParams, Datum, ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, ModelData, OptimStepResponse,
@@ -193,8 +193,7 @@ class TrainingClient:
                                                          retry_config=None) -> "SamplingClient":
         _warn_name(name)
         request = self._adapter.submit_snapshot(notify=True)
-        await completions.wait(request)
-        return self._sampling_client(request.result())
+        return await EngineFuture(request, lambda: self._sampling_client(request.result())).result_async()
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -206,11 +205,8 @@ class TrainingClient:
 
     def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type):
         try:
-            ckpt.check_component("checkpoint name", name)
+            ckpt.save_destination(self.model_id, kind, name, overwrite)  # fail now, before queueing
             ttl = ckpt.check_ttl(ttl_seconds)
-            if not overwrite and ckpt.checkpoint_dir(self.model_id, kind, name).exists():
-                raise ConflictError(f"checkpoint {ckpt.tinker_path(self.model_id, kind, name)} already exists; pass "
-                                    f"overwrite=True to replace it or choose another name")
         except ValueError as e:
             return DoneFuture(error=BadRequestError(str(e)))
         except TinkerError as e:
