@@ -4,6 +4,7 @@
  * call returns a tk_status and leaves a message in tk_last_error(). Nothing
  * below csrc/python/ includes Python.h.
  *
+ *   backend/cpu/cpu_backend.h  the CPU backend (the engine is created with a backend)
  *   core/status.h      status codes and error text
  *   core/engine.h      requests, the worker thread, the completion queue
  *   io/gguf.h          GGUF metadata and tensor infos
@@ -13,10 +14,12 @@
  *   model/loss.h       losses
  *   model/optim.h      AdamW
  *   model/requests.h   load, forward, forward_backward, optim_step, adapter reads/writes
+ *   model/generate.h   sample requests
  */
 #ifndef TK_H
 #define TK_H
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/engine.h"
 #include "core/status.h"
 #include "io/gguf.h"
@@ -24,6 +27,6 @@
 #include "model/lora.h"
 #include "model/model.h"
 #include "model/requests.h"
-#include "model/sample.h"
+#include "model/generate.h"
 
 #endif

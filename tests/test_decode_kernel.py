@@ -12,11 +12,11 @@ What is checked, and how:
 3. A row's result does not depend on how many rows share the call or on the thread count (bit for
    bit): each output is summed in one fixed order, so a sequence's logits do not depend on its batch.
 4. With beta = 0, y is not read (NaN in, finite out). Bad arguments raise ValueError.
-5. Which models get quantized copies: the default SmolLM2 GGUF keeps exactly its 2-D tensors' bytes;
-   tiny GGUFs keep one copy per projection whose sources share a supported type (a fused q|k|v with
-   mixed types falls back to float32), with the layout's size; F32 / F16 / K-quant GGUFs and
-   safetensors checkpoints keep none. Greedy decoding through the copies is tested against
-   transformers in test_sampling.py (tiny GGUFs) and on SmolLM2 itself.
+5. Every model keeps its matrices in their file's types, once: the default SmolLM2 GGUF holds exactly its
+   2-D tensors' bytes; tiny GGUFs of every type mix hold the layout's size (a stacked q|k|v whose sources
+   differ in type keeps one part per type), and nothing else but the float32 norms and biases; safetensors
+   checkpoints hold their float32 matrices and no quantized bytes. Greedy decoding through them is tested
+   against transformers in test_sampling.py (tiny GGUFs) and on SmolLM2 itself.
 """
 
 from __future__ import annotations
@@ -135,34 +135,58 @@ def test_bad_arguments_raise(type_id, N, K, T, w_bytes):
         _C.matmul_q(3, bytes(16 * 40), bytes(4 * 64 - 1), bytes(4 * 16), 16, 64, 1)  # x short
 
 
-# ---- which models get quantized copies ---------------------------------------------------------------
+# ---- every matrix kept once, in its file's type ------------------------------------------------------
 
 
-def test_smollm2_keeps_its_blocks_once_more(smollm2, smollm2_gguf_path):
-    """Every 2-D tensor of the default GGUF (Q4_1 projections, the tied Q8_0 embedding) is kept, and the
-    repacked copies hold exactly its bytes (all its dimensions are multiples of 16 and tiles of 64 bytes)."""
+def test_smollm2_keeps_its_blocks_once(smollm2, smollm2_gguf_path):
+    """Every 2-D tensor of the default GGUF (Q4_1 projections, the tied Q8_0 embedding) is kept as its
+    blocks, repacked: exactly its bytes (all its dimensions are multiples of 16 and tiles of 64 bytes), and
+    no float32 copy beside them (only the norms are float32)."""
     tensors = _C.read_gguf(str(smollm2_gguf_path))["tensors"]
     assert {t["type_name"] for t in tensors if len(t["shape"]) == 2} == {"Q4_1", "Q8_0"}
     assert smollm2.handle.quantized_bytes == sum(t["nbytes"] for t in tensors if len(t["shape"]) == 2)
+    norms = sum(t["nbytes"] for t in tensors if len(t["shape"]) == 1)
+    assert smollm2.handle.weight_bytes - smollm2.handle.quantized_bytes <= norms + 64 * 1024
 
 
-def expected_quantized_bytes(config, type_of) -> int:
-    """Bytes of the copies backend/qmatrix.h lays out, for a GGUF whose tensor `name` has type_of(name)."""
+# bytes per block, elements per block of the row-kept types (csrc/io/quant.c)
+ROW_TYPES = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q4_K": (144, 256),
+             "Q5_K": (176, 256), "Q6_K": (210, 256)}
+
+
+def expected_matrix_bytes(config, type_of, quantized_only: bool) -> int:
+    """Bytes of the resident matrices (backend/cpu/wmatmul.c) of a GGUF whose tensor `name` has type_of(name):
+    each matrix is cut into parts of one type (stacked q|k|v and gate|up sources merge when their types agree),
+    Q4_0 / Q4_1 / Q8_0 parts as 16-row tiles (qmatrix.h), other types as the file's rows; each part 64-byte
+    aligned. With quantized_only, block-quantized parts only (not F32 / F16 / BF16)."""
     D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    matrices = []  # (source tensor names, rows, cols)
+    matrices = [([("token_embd.weight", V)], D)]  # ([(source tensor name, rows)], cols)
+    if not config.tie_word_embeddings:
+        matrices.append(([("output.weight", V)], D))
     for i in range(L):
-        matrices += [([f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"],
-                      q_rows + 2 * kv_rows, D),
-                     ([f"blk.{i}.attn_output.weight"], D, q_rows),
-                     ([f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"], 2 * F, D),
-                     ([f"blk.{i}.ffn_down.weight"], D, F)]  # fmt: skip
-    matrices.append((["token_embd.weight" if config.tie_word_embeddings else "output.weight"], V, D))
+        matrices += [([(f"blk.{i}.attn_q.weight", q_rows), (f"blk.{i}.attn_k.weight", kv_rows),
+                       (f"blk.{i}.attn_v.weight", kv_rows)], D),
+                     ([(f"blk.{i}.attn_output.weight", D)], q_rows),
+                     ([(f"blk.{i}.ffn_gate.weight", F), (f"blk.{i}.ffn_up.weight", F)], D),
+                     ([(f"blk.{i}.ffn_down.weight", D)], F)]  # fmt: skip
     total = 0
-    for names, rows, cols in matrices:
-        types = {type_of(n) for n in names}
-        if len(types) == 1 and (t := types.pop()) in TILE_BYTES:
-            total += (-(-rows // 16) * (cols // 32) * TILE_BYTES[t] + 63) // 64 * 64
+    for sources, cols in matrices:
+        parts = []  # [type, rows]
+        for name, rows in sources:
+            if parts and parts[-1][0] == type_of(name):
+                parts[-1][1] += rows
+            else:
+                parts.append([type_of(name), rows])
+        for t, rows in parts:
+            if quantized_only and t in ("F32", "F16", "BF16"):
+                continue
+            if t in TILE_BYTES:
+                nbytes = -(-rows // 16) * (cols // 32) * TILE_BYTES[t]
+            else:
+                block_bytes, block_elems = ROW_TYPES[t]
+                nbytes = rows * cols // block_elems * block_bytes
+            total += (nbytes + 63) // 64 * 64
     return total
 
 
@@ -182,7 +206,7 @@ GGUF_CASES = {  # name -> (arch, make_hf_model keyword arguments, tensor type or
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
-def test_tiny_gguf_quantized_copies(tmp_path, case):
+def test_tiny_gguf_matrices_keep_their_types(tmp_path, case):
     tm = pytest.importorskip("tiny_models")
     pytest.importorskip("gguf")
     from tinker._engine import load_model
@@ -192,14 +216,24 @@ def test_tiny_gguf_quantized_copies(tmp_path, case):
     model = tm.make_hf_model(arch, **kwargs)
     path, _ = tm.write_gguf(tmp_path / f"{case}.gguf", model, arch, mix)
     types = {t["name"]: t["type_name"] for t in _C.read_gguf(str(path))["tensors"]}
-    expected = expected_quantized_bytes(model.config, types.__getitem__)
-    assert load_model(str(path)).handle.quantized_bytes == expected
-    assert (expected > 0) == (kind not in ("F16", "kquant_mix"))
+    handle = load_model(str(path)).handle
+    expected = expected_matrix_bytes(model.config, types.__getitem__, quantized_only=True)
+    assert handle.quantized_bytes == expected
+    assert (expected > 0) == (kind != "F16")
+    # everything else held is the float32 vectors (norms, biases): no float32 copy of any matrix
+    matrices = expected_matrix_bytes(model.config, types.__getitem__, quantized_only=False)
+    D, L = model.config.hidden_size, model.config.num_hidden_layers
+    assert matrices <= handle.weight_bytes <= matrices + 4 * (L * 8 * D + 64 * L + 2 * D)
 
 
-def test_safetensors_models_keep_no_copy(tmp_path):
+def test_safetensors_models_keep_their_float32(tmp_path):
     tm = pytest.importorskip("tiny_models")
     from tinker._engine import load_model
 
-    path, _ = tm.make_hf_checkpoint(tmp_path / "llama", "llama", seed=8)
-    assert load_model(str(path)).handle.quantized_bytes == 0
+    path, reference = tm.make_hf_checkpoint(tmp_path / "llama", "llama", seed=8)
+    handle = load_model(str(path)).handle
+    assert handle.quantized_bytes == 0
+    n_matrix_floats = sum(t.numel() for t in reference.state_dict().values() if t.dim() == 2)
+    if reference.config.tie_word_embeddings:
+        n_matrix_floats -= reference.config.vocab_size * reference.config.hidden_size
+    assert 4 * n_matrix_floats <= handle.weight_bytes <= 4 * n_matrix_floats + 200_000

@@ -1,21 +1,47 @@
 /* backend.h - the op table the transformer recipe calls.
  *
- * The forward and backward passes (model/transformer.c, model/head.c) are
+ * The forward and backward passes (model/transformer.c, model/loss.c) are
  * written once against this table; each backend (cpu/ now, cuda/ later)
- * fills it in. All tensors are row-major float32; `ld` arguments are row
- * strides in floats, so ops can work on column slices (one head of q, the k
- * part of a fused qkv buffer) without copies. The CPU backend is the
- * executable specification the others are tested against op by op.
+ * fills it in. Activations, LoRA tensors and gradients are row-major
+ * float32; `ld` arguments are row strides in floats, so ops can work on
+ * column slices (one head of q, the k part of a fused qkv buffer) without
+ * copies. The CPU backend is the executable specification the others are
+ * tested against op by op.
+ *
+ * Base weights are tk_weight handles: each keeps its file's own storage type
+ * (GGUF F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, safetensors
+ * F32/F16/BF16) in a resident form the backend chooses at load, and the ops
+ * that read them (matmul_w, matmul_w_t, embed) decode each weight exactly to
+ * its tk_dequantize value inside the kernel. There is no float32 copy.
  */
 #ifndef TK_BACKEND_H
 #define TK_BACKEND_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#include "qmatrix.h"
+#include "../core/status.h"
+
 
 typedef struct tk_backend tk_backend;
+
+/* A weight matrix W [rows, cols] (PyTorch order: [out, in]) made of up to three row ranges ("parts"), each
+ * stored in its own type: q, k and v (or gate and up) stacked into one matrix keep their file types even
+ * when those differ (k-quant files mix Q4_K and Q6_K); rows of one type are one part. */
+enum { TK_WEIGHT_MAX_PARTS = 3 };
+
+typedef struct {
+    int type;          /* ggml type id of the stored values */
+    int row0, rows;    /* this part's rows of W */
+    void *data;        /* the backend's resident form (weight_bytes of it) */
+} tk_weight_part;
+
+typedef struct tk_weight {
+    int rows, cols;
+    int n_parts;
+    tk_weight_part part[TK_WEIGHT_MAX_PARTS];
+} tk_weight;
 
 /* The cached keys/values one decoding sequence attends to, for one layer. */
 typedef struct tk_kv_view {
@@ -25,30 +51,89 @@ typedef struct tk_kv_view {
     int n1;
 } tk_kv_view;
 
+/* The float32 factors of one AdamW step (computed in double by model/optim.c, as torch does). */
+typedef struct {
+    float clip_scale;   /* the gradients are multiplied by it first (global-norm clipping) */
+    float decay;        /* 1 - lr wd */
+    float step_size;    /* lr / (1 - beta1^t) */
+    float bc2_sqrt;     /* sqrt(1 - beta2^t) */
+    float b1w, b2, b2w; /* 1 - beta1, beta2, 1 - beta2 */
+    float eps;
+} tk_adamw_factors;
+
 struct tk_backend {
     const char *name;
+    /* Device buffers are plain host memory (the CPU backend): a host view of one needs no download. */
+    int host_memory;
+    /* The engine holds one reference, and every model and adapter whose buffers the backend allocated holds
+     * one, so they can free them even after the engine is gone (the backend then only frees memory). */
+    atomic_int refcount;
+    void (*destroy)(tk_backend *be);
 
-    /* ---- matmuls ---- */
+    /* ---- base weights ---- */
+    /* Bytes (a multiple of 64) of the resident form of a [rows, cols] part of `type`; 0 when this backend
+     * cannot hold that type or shape. The caller provides that much zeroed, 64-byte aligned memory. */
+    size_t (*weight_bytes)(tk_backend *be, int type, int rows, int cols);
+    /* Stores row `row` (0 <= row < p->rows) of a part from the file's bytes for that row (cols / block
+     * elements blocks, unaligned). Distinct rows may be stored from different threads. */
+    void (*weight_put_row)(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src);
+    /* y[T, rows] = alpha * x[T, cols] . W^T + beta * y   (projections and the head) */
+    void (*matmul_w)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                     float alpha, float beta);
+    /* The same for the rows of a decoding step (one token per sequence, T small): a kernel that streams W
+     * once for all rows, and in which each output row depends only on its own input row. Prefill and
+     * training use matmul_w whatever their size, so a prompt's logits do not depend on how many other
+     * prompts share its pass. */
+    void (*matmul_w_decode)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                            float alpha, float beta);
+    /* y[T, cols] = alpha * x[T, rows] . W + beta * y     (input gradients: dx = dy . W) */
+    void (*matmul_w_t)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                       float alpha, float beta);
+
+    /* ---- matmuls on float32 tensors (LoRA) ---- */
     /* y[T, N] = alpha * x[T, K] . w[N, K]^T + beta * y   (projections; w rows contiguous) */
     void (*matmul_nt)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
                       int K, float alpha, float beta);
     /* y[T, N] = alpha * x[T, K] . w[K, N] + beta * y    (input gradients: dx = dy . W) */
     void (*matmul_nn)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                       int N, int K, float alpha, float beta);
-    /* y[T, N] = alpha * x[T, K] . W^T + beta * y with W [N, K] kept as quantized blocks (qmatrix.h), each
-     * weight decoded to exactly its tk_dequantize value; activations and sums stay float32. For decoding
-     * steps: used only up to matmul_nt_q_max_rows rows, where it beats matmul_nt on the float32 copy.
-     * Optional (NULL: the backend has no such kernel). */
-    void (*matmul_nt_q)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_qmatrix *w, int T,
-                        float alpha, float beta);
-    int matmul_nt_q_max_rows;
     /* g[M, N] += alpha * a[T, M]^T . b[T, N]            (weight gradients, summed over tokens) */
     void (*matmul_tn_acc)(tk_backend *be, float *g, int ldg, const float *a, int lda, const float *b, int ldb, int T,
                           int M, int N, float alpha);
 
+    /* ---- memory ---- */
+    /* Device buffers: 64-byte aligned and zeroed. NULL when out of memory, with the message recorded
+     * (tk_last_error); the engine reports it and keeps working. */
+    void *(*alloc)(tk_backend *be, size_t bytes);
+    void (*free)(tk_backend *be, void *buffer);
+    /* host <-> device copies of `bytes` (the host side is plain memory, the device side a buffer's) */
+    void (*upload)(tk_backend *be, void *dst, const void *host, size_t bytes);
+    void (*download)(tk_backend *be, void *host, const void *src, size_t bytes);
+    /* dst[i][0 .. n) = src[i][0 .. n) for i < rows, device to device: rows gathered from or scattered to
+     * anywhere (KV-cache writes, replacement embeddings, a stored copy of the residual stream); no row
+     * overlaps another. The pointer arrays themselves are host memory. */
+    void (*copy_rows)(tk_backend *be, float *const *dst, const float *const *src, int rows, int n);
+    /* Waits for the work queued so far; returns TK_OK or the first failure since the last sync (its message
+     * in tk_last_error). The CPU backend runs every op to completion before returning. */
+    tk_status (*sync)(tk_backend *be);
+
+    /* ---- indexing (the loss's targets) ---- */
+    /* out[i] = x[row[i] * ldx + col[i]] for i < n (row, col: host arrays) */
+    void (*gather)(tk_backend *be, float *out, const float *x, int ldx, const int32_t *row, const int32_t *col, int n);
+    /* x[row[i] * ldx + col[i]] += val[i] for i < n, in order (pairs may repeat) */
+    void (*scatter_add)(tk_backend *be, float *x, int ldx, const int32_t *row, const int32_t *col, const float *val,
+                        int n);
+
+    /* ---- the optimizer ---- */
+    /* sum of x[i]^2 over n floats, in double */
+    double (*sum_squares)(tk_backend *be, const float *x, size_t n);
+    /* One AdamW update of n parameters in place, as torch's single-tensor AdamW on float32 (see
+     * model/optim.c for the factors), then g = 0. */
+    void (*adamw)(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f);
+
     /* ---- element-wise and row-wise ---- */
-    /* x[T, D] = table[tokens[t], :] */
-    void (*embed)(tk_backend *be, float *x, const float *table, const int32_t *tokens, int T, int D);
+    /* x[T, cols] = table[tokens[t], :], decoded */
+    void (*embed)(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T);
     /* y[r, :n] = x[r, :n] * rsqrt(mean(x[r]^2) + eps) * w; y may equal x; inv_rms[r] (optional) keeps the rsqrt */
     void (*rmsnorm)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int n,
                     float eps, float *inv_rms);
@@ -57,6 +142,10 @@ struct tk_backend {
                              const float *w, const float *inv_rms, int rows, int n, int accumulate);
     /* y[r, :n] += b */
     void (*add_bias)(tk_backend *be, float *y, int ldy, const float *b, int rows, int n);
+    /* cos[r, i] = cos(angle), sin[r, i] = sin(angle), angle = (float)pos[r] * inv_freq[i] rounded to float32
+     * as Hugging Face computes it; for rows < rows, i < half (pos: host; inv_freq: device) */
+    void (*rope_table)(tk_backend *be, float *cos, float *sin, const int32_t *pos, int rows, const float *inv_freq,
+                       int half);
     /* rotate_half RoPE in place on x[r, h*Dh : (h+1)*Dh] for h < n_heads, with cos/sin [rows, Dh/2] for each
      * row's position; inverse rotates back (the transpose, for the backward pass) */
     void (*rope)(tk_backend *be, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos,
@@ -94,5 +183,21 @@ struct tk_backend {
     size_t (*attention_decode_workspace)(tk_backend *be, int max_keys);
 };
 
+
+static inline void tk_backend_retain(tk_backend *be) { atomic_fetch_add(&be->refcount, 1); }
+
+static inline void tk_backend_release(tk_backend *be)
+{
+    if (be && atomic_fetch_sub(&be->refcount, 1) == 1) be->destroy(be);
+}
+
+/* A host-readable view of `bytes` of device memory: the buffer itself when the device is host memory,
+ * else a download into `host`. */
+static inline const void *tk_host_view(tk_backend *be, void *host, const void *src, size_t bytes)
+{
+    if (be->host_memory) return src;
+    be->download(be, host, src, bytes);
+    return host;
+}
 
 #endif

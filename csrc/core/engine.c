@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../backend/cpu/cpu_backend.h"
+#include "../backend/backend.h"
 
 struct tk_request {
     uint64_t id;
@@ -180,8 +180,8 @@ size_t tk_engine_drain(tk_engine *e, uint64_t *ids, size_t max)
 float *tk_exec_scratch(tk_exec *exec, size_t floats)
 {
     if (floats <= exec->scratch_floats) return exec->scratch;
-    free(exec->scratch);
-    exec->scratch = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+    exec->backend->free(exec->backend, exec->scratch);
+    exec->scratch = exec->backend->alloc(exec->backend, floats * sizeof(float));
     exec->scratch_floats = exec->scratch ? floats : 0;
     if (!exec->scratch)
         tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB of working memory; use fewer or shorter sequences per call",
@@ -227,6 +227,8 @@ static void *worker_main(void *arg)
         if (!stopping) {
             for (int i = 0; i < n; i++) payloads[i] = reqs[i]->payload;
             s = reqs[0]->run_batch ? reqs[0]->run_batch(payloads, n, &e->exec) : reqs[0]->run(reqs[0]->payload, &e->exec);
+            tk_status device = e->exec.backend->sync(e->exec.backend); /* a device's asynchronous failures */
+            if (s == TK_OK) s = device;
             message = s == TK_OK ? "" : tk_last_error();
         }
         for (int i = 0; i < n; i++) {
@@ -250,7 +252,7 @@ uint64_t tk_engine_submit(tk_engine *e, tk_request *req, int notify)
     return req->id;
 }
 
-tk_status tk_engine_create(tk_engine **out, int n_threads)
+tk_status tk_engine_create(tk_engine **out, int n_threads, tk_backend *(*create_backend)(tk_pool *pool))
 {
     *out = NULL;
     tk_engine *e = calloc(1, sizeof *e);
@@ -261,12 +263,12 @@ tk_status tk_engine_create(tk_engine **out, int n_threads)
     tk_status s = TK_OK;
     if (e->wake_fd < 0) s = tk_error(TK_ERR_IO, "engine: cannot create the wake eventfd: %s", strerror(errno));
     if (s == TK_OK) s = tk_pool_create(&e->exec.pool, n_threads);
-    if (s == TK_OK && !(e->exec.backend = tk_cpu_backend_create(e->exec.pool)))
+    if (s == TK_OK && !(e->exec.backend = create_backend(e->exec.pool)))
         s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
     if (s == TK_OK && pthread_create(&e->worker, NULL, worker_main, e) != 0)
         s = tk_error(TK_ERR_INTERNAL, "engine: cannot start the worker thread");
     if (s != TK_OK) {
-        tk_cpu_backend_free(e->exec.backend);
+        tk_backend_release(e->exec.backend);
         tk_pool_free(e->exec.pool);
         if (e->wake_fd >= 0) close(e->wake_fd);
         free(e);
@@ -284,9 +286,9 @@ void tk_engine_free(tk_engine *e)
     pthread_cond_signal(&e->work);
     pthread_mutex_unlock(&e->mutex);
     pthread_join(e->worker, NULL);
-    tk_cpu_backend_free(e->exec.backend);
+    e->exec.backend->free(e->exec.backend, e->exec.scratch);
+    tk_backend_release(e->exec.backend);
     tk_pool_free(e->exec.pool);
-    free(e->exec.scratch);
     close(e->wake_fd);
     free(e->completed);
     pthread_mutex_destroy(&e->mutex);

@@ -45,7 +45,8 @@ typedef tk_status (*tk_batch_fn)(void **payloads, int n, tk_exec *exec);
 typedef struct tk_engine tk_engine;
 typedef struct tk_request tk_request;
 
-tk_status tk_engine_create(tk_engine **out, int n_threads);
+/* An engine whose worker computes on the backend that create_backend makes over its thread pool. */
+tk_status tk_engine_create(tk_engine **out, int n_threads, struct tk_backend *(*create_backend)(tk_pool *pool));
 /* Finishes the request running now, fails the queued ones, joins the worker. */
 void tk_engine_free(tk_engine *engine);
 int tk_engine_threads(const tk_engine *engine);

@@ -1,4 +1,5 @@
-/* lora.c - creating LoRA adapters (see lora.h). */
+/* lora.c - LoRA adapters: their layout, creation, and the LoRA terms of the forward and backward passes
+ * (see lora.h). */
 #include "lora.h"
 
 #include "../core/rng.h"
@@ -88,20 +89,27 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)m->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = a->layers ? carve(a, NULL) : 0;
-    a->block = a->layers ? calloc(4 * a->n_params + 1, sizeof(float)) : NULL; /* grads, moments and B start at 0 */
-    if (!a->block) {
+    /* zeroed: gradients, moments and B start at 0 */
+    a->block = a->layers ? m->be->alloc(m->be, (4 * a->n_params + 1) * sizeof(float)) : NULL;
+    int widest = m->cfg.d_ff > m->cfg.d_model ? m->cfg.d_ff : m->cfg.d_model;
+    if (m->cfg.n_heads * m->cfg.head_dim > widest) widest = m->cfg.n_heads * m->cfg.head_dim;
+    float *host = malloc((size_t)cfg->rank * (size_t)widest * sizeof(float)); /* one A at a time, then uploaded */
+    if (!a->block || !host) {
+        free(host);
         tk_adapter_release(a);
         return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for a rank-%d LoRA adapter",
                         4.0 * (double)a->n_params * sizeof(float) / 1e6, cfg->rank);
     }
     carve(a, a->block);
     uint64_t rng = cfg->seed;
-    for (int l = 0; l < m->cfg.n_layers; l++)
-        for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
-            const tk_lora_pair *p = tk_lora_at(a, l, t);
-            if (p->A) init_a(p->A, (size_t)cfg->rank * (size_t)p->in, p->in, &rng);
-        }
-    if (a->unembed.A) init_a(a->unembed.A, (size_t)cfg->rank * (size_t)a->unembed.in, a->unembed.in, &rng);
+    for (int i = 0; i <= m->cfg.n_layers * TK_LORA_PER_LAYER; i++) { /* every layer's targets, then the unembed */
+        const tk_lora_pair *p = i < m->cfg.n_layers * TK_LORA_PER_LAYER ? &a->layers[i] : &a->unembed;
+        if (!p->A) continue;
+        size_t n = (size_t)cfg->rank * (size_t)p->in;
+        init_a(host, n, p->in, &rng);
+        m->be->upload(m->be, p->A, host, n * sizeof(float));
+    }
+    free(host);
     *out = a;
     return TK_OK;
 }
@@ -119,13 +127,16 @@ tk_status tk_adapter_snapshot(tk_adapter **out, const tk_adapter *src)
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)a->model->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = src->n_params;
-    a->block = a->layers ? malloc((a->n_params + 1) * sizeof(float)) : NULL;
+    tk_backend *be = a->model->be;
+    a->block = a->layers ? be->alloc(be, (a->n_params + 1) * sizeof(float)) : NULL;
     if (!a->block) {
         tk_adapter_release(a);
         return tk_error(TK_ERR_NOMEM, "cannot allocate a snapshot of the adapter");
     }
     carve(a, a->block);
-    memcpy(a->block, src->block, a->n_params * sizeof(float));
+    float *dst[1] = {a->block};
+    const float *from[1] = {src->block};
+    be->copy_rows(be, dst, from, 1, (int)a->n_params);
     a->step = src->step;
     *out = a;
     return TK_OK;
@@ -136,11 +147,43 @@ void tk_adapter_retain(tk_adapter *a) { atomic_fetch_add(&a->refcount, 1); }
 void tk_adapter_release(tk_adapter *a)
 {
     if (!a || atomic_fetch_sub(&a->refcount, 1) != 1) return;
+    if (a->model) a->model->be->free(a->model->be, a->block);
     tk_model_release(a->model);
-    free(a->block);
     free(a->layers);
     free(a);
 }
+
+/* ---- the LoRA math --------------------------------------------------------------------------- */
+
+void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
+                     int ldx, int T, float *u, int ldu)
+{
+    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
+    if (!p0->A) return;
+    int R = ad->cfg.rank;
+    be->matmul_nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
+    for (int j = 0; j < g->n; j++) {
+        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
+        be->matmul_nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+    }
+}
+
+void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
+                      int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
+{
+    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
+    if (!p0->A) return;
+    int R = ad->cfg.rank, nR = g->n * R;
+    for (int j = 0; j < g->n; j++) {
+        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
+        be->matmul_nn(be, t + j * R, nR, g->y[j], g->ld, p->B, R, T, R, p->out, 1.0f, 0.0f);
+        be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, g->y[j], g->ld, u + j * R, ldu, T, p->out, R, 1.0f);
+    }
+    if (dx) be->matmul_nn(be, dx, lddx, t, nR, p0->A, p0->in, T, p0->in, nR, ad->scale, 1.0f);
+    be->matmul_tn_acc(be, tk_adapter_slot(ad, p0->A, 1), p0->in, t, nR, x, ldx, T, nR, p0->in, ad->scale);
+}
+
+/* ---- tensors for export ------------------------------------------------------------------------ */
 
 static int add_tensor(tk_lora_tensor *out, int n, int max, const char *name, const float *data, int rows, int cols)
 {

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../backend/backend.h"
 #include "model.h"
 
 enum tk_lora_target { TK_LORA_Q, TK_LORA_K, TK_LORA_V, TK_LORA_O, TK_LORA_GATE, TK_LORA_UP, TK_LORA_DOWN,
@@ -65,6 +66,25 @@ static inline float *tk_adapter_slot(const tk_adapter *a, const float *p, int k)
 {
     return a->block + (size_t)k * a->n_params + (size_t)(p - a->block);
 }
+
+/* ---- the LoRA math, on the rows of one adapter ---- */
+
+/* A group of n targets that share the input x (q, k, v; gate, up; o; down), whose A's are adjacent rows of
+ * one [nR, in] matrix (see carve in lora.c). */
+typedef struct {
+    int first, n;          /* targets first .. first + n - 1 */
+    float *y[3];           /* the targets' outputs (forward) or dy (backward) */
+    int ld;                /* their row stride */
+} tk_lora_group;
+
+/* y_j += u_j B_j^T for each target j, with u = scale x [A_0; ...; A_n-1]^T [T, nR] kept for the backward
+ * pass (u points at the group's first target's columns). */
+void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
+                     int ldx, int T, float *u, int ldu);
+/* Given each target's dy: t_j = dy_j B_j into t [T, nR] (scratch), dB_j += dy_j^T u_j, then with the
+ * stacked A: dx += scale t A (when dx != NULL) and dA += scale t^T x. The base part of dx is the caller's. */
+void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
+                      int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T);
 
 /* Every trained tensor, in a fixed order (the export layout): name
  * "layers.{l}.{proj}.lora_A" / "...lora_B" / "unembed.lora_A" / "unembed.lora_B". */

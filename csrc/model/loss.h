@@ -1,4 +1,4 @@
-/* loss.h - the output projection, log-probabilities and Tinker's five losses.
+/* loss.h - Tinker's five losses.
  *
  * Position t of a sequence predicts its targets (one, or K per position):
  * lp = logits[target] - logsumexp(logits). Losses are sums over targets and
@@ -12,8 +12,8 @@
 #ifndef TK_LOSS_H
 #define TK_LOSS_H
 
-#include "../backend/backend.h"
-#include "lora.h"
+#include <stddef.h>
+#include <stdint.h>
 
 enum tk_loss_kind { TK_LOSS_CROSS_ENTROPY, TK_LOSS_IMPORTANCE_SAMPLING, TK_LOSS_PPO, TK_LOSS_CISPO, TK_LOSS_DRO,
                     TK_LOSS_COUNT };
@@ -36,20 +36,7 @@ typedef struct {
     const float *clip_high;
 } tk_loss_inputs;
 
-size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad);
-/* logprobs[E] of the targets of h[T, D] (final-norm output) and the summed
- * loss into *loss. With dh != NULL also the backward pass of the head:
- * dh[T, D] = dL/dh and the unembed LoRA gradients accumulate. Logits are
- * built 256 tokens at a time, never for the whole batch. */
-void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work);
-
-/* logits[T, V] of h[T, D] (with the unembed LoRA term when ad has one). */
-void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
-                    float *work);
-/* The same for the few rows of a decoding step: through the quantized lm_head when the model has one and T
- * is at most the backend's matmul_nt_q_max_rows (equal to tk_head_logits up to float32 rounding). */
-void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
-                           int T, float *work);
+/* The loss of target e (log-probability lp) and dL/dlp into *g. */
+double tk_loss_term(const tk_loss_config *c, const tk_loss_inputs *in, size_t e, float lp, float *g);
 
 #endif

@@ -2,18 +2,13 @@
  *
  * The config is the blueprint (shape letters used throughout the engine:
  * T tokens, D model width, H query heads, Hkv kv heads, Dh head dim,
- * F MLP width, V vocab). Weights are dequantized to float32 once at load into
- * ONE allocation carved by a size table (weights.c). Row-major, PyTorch order
- * ([out, in] for projections), with RoPE in Hugging Face's rotate_half
- * pairing for every architecture: GGUF llama q/k rows are un-permuted at load.
- * q, k and v (and their biases) sit back to back, so one GEMM computes all
- * three; gate and up likewise.
- *
- * GGUF projections stored as Q4_0, Q4_1 or Q8_0 (and the lm_head, or the tied
- * embedding) are also kept as their file's quantized blocks, repacked for the
- * decoding kernel (backend/qmatrix.h), in a second allocation: decoding one
- * token reads 4.5-8.5 bits per weight instead of 32. Other types (F32, F16,
- * BF16, k-quants) and safetensors models have no such copy.
+ * F MLP width, V vocab). Every matrix is a tk_weight (backend.h) that keeps
+ * its file's storage type - a Q4_1 GGUF costs about its file size in memory -
+ * and is decoded exactly to float32 inside the matmuls; vectors (norms,
+ * biases) are float32. Row-major, PyTorch order ([out, in] for projections),
+ * with RoPE in Hugging Face's rotate_half pairing for every architecture:
+ * GGUF llama q/k rows are un-permuted at load. q, k and v (and their biases)
+ * sit back to back, so one GEMM computes all three; gate and up likewise.
  *
  * A model is shared by every request and client on it and is immutable after
  * load; it is reference counted because queued requests keep it alive.
@@ -25,7 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../backend/qmatrix.h"
+#include "../backend/backend.h"
 #include "../core/status.h"
 
 enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 };
@@ -43,28 +38,26 @@ typedef struct {
 
 typedef struct {
     float *attn_norm;      /* [D] */
-    float *wqkv;           /* [(H + 2 Hkv) Dh, D]: q rows, then k rows, then v rows */
+    tk_weight wqkv;        /* [(H + 2 Hkv) Dh, D]: q rows, then k rows, then v rows */
     float *bqkv;           /* [(H + 2 Hkv) Dh] or NULL */
     float *q_norm, *k_norm;/* [Dh] or NULL */
-    float *wo;             /* [D, H Dh] */
+    tk_weight wo;          /* [D, H Dh] */
     float *mlp_norm;       /* [D] */
-    float *w_gate_up;      /* [2F, D]: gate rows, then up rows */
-    float *w_down;         /* [D, F] */
-    /* the same four as quantized blocks (same rows, q/k un-permuted alike); .tiles NULL when absent */
-    tk_qmatrix wqkv_q, wo_q, w_gate_up_q, w_down_q;
+    tk_weight w_gate_up;   /* [2F, D]: gate rows, then up rows */
+    tk_weight w_down;      /* [D, F] */
 } tk_layer_weights;
 
 typedef struct {
-    float *embed;          /* [V, D] */
+    tk_weight embed;       /* [V, D] */
     float *final_norm;     /* [D] */
-    float *lm_head;        /* [V, D]; == embed when tied */
+    tk_weight lm_head;     /* [V, D]; the embedding's storage when tied */
     float *rope_inv_freq;  /* [Dh/2] angle per position of each rotated pair */
     tk_layer_weights *layers; /* [n_layers] */
-    float *block;          /* the one allocation everything above points into */
+    float *block;          /* the float32 vectors above point into it */
     size_t block_floats;
-    tk_qmatrix lm_head_q;  /* [V, D] quantized (the embedding's blocks when tied); .tiles NULL when absent */
-    uint8_t *qblock;       /* the one allocation every quantized copy points into, or NULL */
-    size_t qblock_bytes;
+    uint8_t *wblock;       /* the resident storage of every tk_weight above (backend weight_bytes each) */
+    size_t wblock_bytes;
+    size_t quantized_bytes;/* of wblock, in block-quantized types (not F32 / F16 / BF16) */
 } tk_weights;
 
 /* Each token's bytes (for matching stop strings while sampling), set once
@@ -79,6 +72,7 @@ enum { TK_MAX_TOKEN_BYTES = 1024 }; /* bounds the stop-string matcher's buffer *
 typedef struct tk_model {
     tk_model_config cfg;
     tk_weights w;
+    tk_backend *be;        /* holds the weights' buffers (a reference) */
     _Atomic(tk_vocab_bytes *) vocab; /* NULL until set */
     atomic_int refcount;
 } tk_model;

@@ -2,7 +2,7 @@
 #ifndef TK_OPTIM_H
 #define TK_OPTIM_H
 
-#include "../core/pool.h"
+#include "../backend/backend.h"
 #include "lora.h"
 
 /* doubles, as Python hands them over: torch derives its float32 factors
@@ -19,6 +19,6 @@ typedef struct {
 
 tk_status tk_adam_params_check(const tk_adam_params *p);
 /* One AdamW step with the accumulated gradients, then clears them. */
-void tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_pool *pool);
+void tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_backend *be);
 
 #endif

@@ -14,10 +14,12 @@
 #include "transformer.h"
 #include "weights.h"
 
-/* Training runs datums in groups of at most this many tokens (a longer datum
- * runs alone): stored activations take ~0.7 MB per token for SmolLM2, so this
- * bounds a step's memory whatever the batch size. */
+/* Training runs datums in groups whose stored activations fit in
+ * TRAIN_STORE_BYTES, and of at most TRAIN_TOKEN_BUDGET tokens (a longer datum
+ * runs alone): they take ~0.7 MB per token for SmolLM2 and ~1.8 MB for a
+ * 1.1B model, so this bounds a step's memory whatever the batch and model. */
 enum { TRAIN_TOKEN_BUDGET = 2048 };
+#define TRAIN_STORE_BYTES ((size_t)256 << 20)
 
 /* ---- load ---------------------------------------------------------------- */
 
@@ -49,7 +51,7 @@ static tk_status load_run(void *p, tk_exec *exec)
 {
     load_payload *lp = p;
     return tk_weights_load(&lp->model, &lp->cfg, (const char *const *)lp->paths, lp->n_paths, lp->src, lp->n_src,
-                           exec->pool);
+                           exec->pool, exec->backend);
 }
 
 static char *copy_string(const char *s) { return s ? strdup(s) : strdup(""); }
@@ -144,22 +146,27 @@ static tk_status pack_sequences(packed *out, const tk_model *m, const int32_t *t
     return TK_OK;
 }
 
-/* ---- forward: logits ------------------------------------------------------------ */
+/* ---- forward: logits ------------------------------------------------------------------ */
 
 typedef struct {
     tk_model *model;
-    tk_adapter *adapter; /* or NULL */
+    tk_adapter **adapters; /* [n_seqs], entries NULL for the base model; a reference on each */
     packed batch;
-    float *logits;       /* [T, V] result */
+    float *embeds;         /* [n, D] replacement embeddings (host), or NULL */
+    int32_t *embed_row;    /* [T] */
+    float *logits;         /* [T, V] result */
 } forward_payload;
 
 static void forward_free(void *p)
 {
     forward_payload *fp = p;
     if (!fp) return;
+    for (int s = 0; fp->adapters && s < fp->batch.n_seqs; s++) tk_adapter_release(fp->adapters[s]);
     tk_model_release(fp->model);
-    tk_adapter_release(fp->adapter);
+    free(fp->adapters);
     packed_free(&fp->batch);
+    free(fp->embeds);
+    free(fp->embed_row);
     free(fp->logits);
     free(fp);
 }
@@ -167,28 +174,59 @@ static void forward_free(void *p)
 static tk_status forward_run(void *p, tk_exec *exec)
 {
     forward_payload *fp = p;
-    tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start};
-    size_t T = (size_t)b.n_tokens, D = (size_t)fp->model->cfg.d_model, V = (size_t)fp->model->cfg.vocab_size;
-    size_t body = tk_transformer_workspace(fp->model, fp->adapter, exec->backend, &b, 0);
-    size_t head = tk_head_workspace(fp->model, fp->adapter);
-    float *work = tk_exec_scratch(exec, T * D + (body > head ? body : head));
+    const tk_model *m = fp->model;
+    tk_backend *be = exec->backend;
+    tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start, NULL, NULL,
+                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL, 0, 0};
+    size_t T = (size_t)b.n_tokens, D = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab_size;
+    size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_embeds = 0;
+    for (int s = 0; s < b.n_seqs; s++) {
+        size_t need = tk_head_workspace(m, fp->adapters[s]);
+        head = need > head ? need : head;
+    }
+    for (size_t t = 0; fp->embed_row && t < T; t++)
+        if ((size_t)(fp->embed_row[t] + 1) > n_embeds) n_embeds = (size_t)fp->embed_row[t] + 1;
+    /* the logits are the result, in host memory: computed straight into it when that is the device's
+     * memory, else STAGE_ROWS at a time into the scratch and downloaded */
+    enum { STAGE_ROWS = 256 };
+    size_t staging = be->host_memory ? 0 : (size_t)STAGE_ROWS * V;
+    float *work = tk_exec_scratch(exec, T * D + n_embeds * D + staging + (body > head ? body : head));
     fp->logits = malloc(T * V * sizeof(float));
     if (!work || !fp->logits)
         return tk_error(TK_ERR_NOMEM, "forward: cannot allocate memory for %d tokens", b.n_tokens);
-    float *h = work, *rest = work + T * D;
-    tk_transformer_forward(h, fp->model, fp->adapter, exec->backend, &b, NULL, NULL, rest);
-    tk_head_logits(fp->logits, fp->model, fp->adapter, exec->backend, h, b.n_tokens, rest);
-    return TK_OK;
+    float *h = work, *embeds = h + T * D, *stage = embeds + n_embeds * D, *rest = stage + staging;
+    if (n_embeds) { /* replacement embeddings (image features) go to the device first */
+        be->upload(be, embeds, fp->embeds, n_embeds * D * sizeof(float));
+        b.embeds = embeds;
+    }
+    tk_transformer_forward(h, m, be, &b, NULL, rest);
+    for (int s0 = 0; s0 < b.n_seqs;) { /* the head, per run of sequences with one adapter */
+        int s1 = s0 + 1;
+        while (s1 < b.n_seqs && fp->adapters[s1] == fp->adapters[s0]) s1++;
+        int r1 = b.seq_start[s1], step = be->host_memory ? r1 : STAGE_ROWS;
+        for (int r0 = b.seq_start[s0]; r0 < r1; r0 += step) {
+            int rows = r1 - r0 < step ? r1 - r0 : step;
+            float *out = fp->logits + (size_t)r0 * V;
+            tk_head_logits(be->host_memory ? out : stage, m, fp->adapters[s0], be, h + (size_t)r0 * D, rows, rest);
+            if (!be->host_memory) be->download(be, out, stage, (size_t)rows * V * sizeof(float));
+        }
+        s0 = s1;
+    }
+    return be->sync(be);
 }
 
-tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *ad, const int32_t *tokens,
-                                    long n_tokens, const int32_t *seq_lens, int n_seqs)
+tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *const *adapters, int per_sequence,
+                                    const int32_t *tokens, long n_tokens, const int32_t *seq_lens, int n_seqs)
 {
     *out = NULL;
-    if (ad && ad->model != m) return tk_error(TK_ERR_INVALID, "forward: the adapter belongs to another model");
+    for (int s = 0; s < (per_sequence ? n_seqs : 1); s++)
+        if (adapters && adapters[s] && adapters[s]->model != m)
+            return tk_error(TK_ERR_INVALID, "forward: the adapter belongs to another model");
     forward_payload *fp = calloc(1, sizeof *fp);
     if (!fp) return tk_error(TK_ERR_NOMEM, "out of memory");
     tk_status s = pack_sequences(&fp->batch, m, tokens, n_tokens, seq_lens, n_seqs, "forward");
+    if (s == TK_OK && !(fp->adapters = calloc((size_t)n_seqs, sizeof *fp->adapters)))
+        s = tk_error(TK_ERR_NOMEM, "out of memory");
     tk_request *req = s == TK_OK ? tk_request_new(forward_run, fp, forward_free) : NULL;
     if (!req) {
         forward_free(fp);
@@ -196,9 +234,37 @@ tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *a
     }
     tk_model_retain(m);
     fp->model = m;
-    if (ad) tk_adapter_retain(ad);
-    fp->adapter = ad;
+    for (int q = 0; q < n_seqs; q++) {
+        fp->adapters[q] = adapters ? adapters[per_sequence ? q : 0] : NULL;
+        if (fp->adapters[q]) tk_adapter_retain(fp->adapters[q]);
+    }
     *out = req;
+    return TK_OK;
+}
+
+tk_status tk_forward_request_set_embeds(tk_request *req, const float *embeds, int n_embeds, const int32_t *embed_row,
+                                        long n_rows)
+{
+    forward_payload *fp = tk_request_payload(req);
+    size_t D = (size_t)fp->model->cfg.d_model;
+    if (n_rows != fp->batch.n_tokens)
+        return tk_error(TK_ERR_INVALID, "forward: embed_rows has %ld entries for %d tokens", n_rows, fp->batch.n_tokens);
+    for (long t = 0; t < n_rows; t++)
+        if (embed_row[t] < -1 || embed_row[t] >= n_embeds)
+            return tk_error(TK_ERR_INVALID, "forward: embed_rows[%ld] = %d, but there are %d embeddings (-1: the "
+                            "token's own)", t, embed_row[t], n_embeds);
+    for (size_t i = 0; i < (size_t)n_embeds * D; i++)
+        if (!isfinite(embeds[i])) return tk_error(TK_ERR_INVALID, "forward: embedding value %zu is not finite", i);
+    float *e = malloc(((size_t)n_embeds * D + 1) * sizeof *e);
+    int32_t *r = malloc(((size_t)n_rows + 1) * sizeof *r);
+    if (!e || !r) {
+        free(e), free(r);
+        return tk_error(TK_ERR_NOMEM, "out of memory");
+    }
+    memcpy(e, embeds, (size_t)n_embeds * D * sizeof *e);
+    memcpy(r, embed_row, (size_t)n_rows * sizeof *r);
+    free(fp->embeds), free(fp->embed_row);
+    fp->embeds = e, fp->embed_row = r;
     return TK_OK;
 }
 
@@ -251,12 +317,14 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     const tk_model *m = ad->model;
     int t0 = tp->batch.seq_start[first], T = tp->batch.seq_start[last] - t0, n_seqs = last - first;
     int32_t seq_start[n_seqs + 1];
+    const tk_adapter *adapters[n_seqs];
     for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
-    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start};
+    for (int s = 0; s < n_seqs; s++) adapters[s] = ad;
+    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL, 0, 0};
 
     size_t D = (size_t)m->cfg.d_model;
-    size_t store_floats = tp->backward ? tk_activation_floats(m, ad, T) : 0;
-    size_t body = tk_transformer_workspace(m, ad, exec->backend, &b, tp->backward);
+    size_t store_floats = tp->backward ? tk_activation_floats(m, T, ad->cfg.rank) : 0;
+    size_t body = tk_transformer_workspace(m, exec->backend, &b, tp->backward);
     size_t head = tk_head_workspace(m, ad);
     float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + store_floats + (body > head ? body : head));
     if (!work) return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
@@ -264,8 +332,8 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
 
     tk_layer_acts layers[m->cfg.n_layers];
     tk_activations store;
-    if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, ad, T);
-    tk_transformer_forward(h, m, ad, exec->backend, &b, tp->backward ? &store : NULL, NULL, rest);
+    if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, T, ad->cfg.rank);
+    tk_transformer_forward(h, m, exec->backend, &b, tp->backward ? &store : NULL, rest);
 
     /* per-target arrays of this group start at the group's first target */
     long e0 = tp->tgt_start[t0];
@@ -280,18 +348,27 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     tp->loss_sum += loss;
 
     int trains_layers = ad->cfg.train_attn || ad->cfg.train_mlp;
-    if (tp->backward && trains_layers) tk_transformer_backward(ad, exec->backend, &b, &store, dh, rest);
+    if (tp->backward && trains_layers) tk_transformer_backward(m, exec->backend, &b, &store, dh, rest);
     return TK_OK;
+}
+
+/* Tokens per group: the store's floats grow linearly with the tokens (measured at 1024, past the padding). */
+static int group_tokens(const train_payload *tp)
+{
+    if (!tp->backward) return TRAIN_TOKEN_BUDGET;
+    size_t per_token = tk_activation_floats(tp->adapter->model, 1024, tp->adapter->cfg.rank) * sizeof(float) / 1024;
+    size_t tokens = TRAIN_STORE_BYTES / (per_token ? per_token : 1);
+    return tokens < TRAIN_TOKEN_BUDGET ? (int)tokens : TRAIN_TOKEN_BUDGET;
 }
 
 static tk_status train_run(void *p, tk_exec *exec)
 {
     train_payload *tp = p;
+    int budget = group_tokens(tp);
     tp->loss_sum = 0;
     for (int first = 0; first < tp->batch.n_seqs;) {
         int last = first + 1;
-        while (last < tp->batch.n_seqs &&
-               tp->batch.seq_start[last + 1] - tp->batch.seq_start[first] <= TRAIN_TOKEN_BUDGET)
+        while (last < tp->batch.n_seqs && tp->batch.seq_start[last + 1] - tp->batch.seq_start[first] <= budget)
             last++;
         TK_TRY(train_group(tp, exec, first, last));
         first = last;
@@ -419,7 +496,7 @@ static void optim_free(void *p)
 static tk_status optim_run(void *p, tk_exec *exec)
 {
     optim_payload *op = p;
-    tk_adamw_step(&op->result, op->adapter, &op->params, exec->pool);
+    tk_adamw_step(&op->result, op->adapter, &op->params, exec->backend);
     return TK_OK;
 }
 
@@ -469,15 +546,15 @@ static void adapter_io_free(void *p)
 
 static tk_status adapter_io_run(void *p, tk_exec *exec)
 {
-    (void)exec;
     adapter_io_payload *io = p;
     tk_adapter *a = io->adapter;
+    tk_backend *be = exec->backend;
     size_t n = a->n_params, at = 0;
     for (int k = 0; k < 4; k++) {
         if (!(io->parts & (1 << k))) continue;
         float *array = a->block + (size_t)k * n;
-        if (io->write) memcpy(array, io->data + at, n * sizeof(float));
-        else memcpy(io->data + at, array, n * sizeof(float));
+        if (io->write) be->upload(be, array, io->data + at, n * sizeof(float));
+        else be->download(be, io->data + at, array, n * sizeof(float));
         at += n;
     }
     if (io->write && (io->parts & 4)) a->step = io->step;

@@ -10,7 +10,7 @@
 #define TK_REQUESTS_H
 
 #include "../core/engine.h"
-#include "loss.h"
+#include "head.h"
 #include "lora.h"
 #include "model.h"
 #include "optim.h"
@@ -22,9 +22,15 @@ tk_status tk_load_request_create(tk_request **out, const tk_model_config *cfg, c
 tk_model *tk_load_request_model(tk_request *req);
 
 /* Logits at every position of sequences packed back to back: tokens[n_tokens]
- * with n_tokens = sum(seq_lens[0..n_seqs)); through the adapter when ad != NULL. */
-tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *ad, const int32_t *tokens,
-                                    long n_tokens, const int32_t *seq_lens, int n_seqs);
+ * with n_tokens = sum(seq_lens[0..n_seqs)). With per_sequence, adapters[s] is
+ * sequence s's adapter (NULL: the base model), all in one pass over the base;
+ * otherwise adapters[0] is every sequence's (or NULL). */
+tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *const *adapters, int per_sequence,
+                                    const int32_t *tokens, long n_tokens, const int32_t *seq_lens, int n_seqs);
+/* Before submitting: row t of the batch embeds as embeds[embed_row[t]] ([n_embeds, D]) instead of its token
+ * where embed_row[t] >= 0 (image features, computed elsewhere). Copies both arrays. */
+tk_status tk_forward_request_set_embeds(tk_request *req, const float *embeds, int n_embeds, const int32_t *embed_row,
+                                        long n_rows);
 /* logits[rows, cols] = [T, V] once done and ok; NULL otherwise. */
 const float *tk_forward_request_logits(tk_request *req, int *rows, int *cols);
 

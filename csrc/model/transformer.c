@@ -1,50 +1,74 @@
-/* transformer.c - the decoder stack, forward and backward, as recipes.
+/* transformer.c - the decoder stack: one layer recipe, and its backward.
  *
- * The forward function reads top to bottom like the math of Llama / Qwen2 /
- * Qwen3 (Hugging Face semantics, float32 throughout): embeddings, then per
+ * tk_transformer_forward reads top to bottom like the math of Llama / Qwen2 /
+ * Qwen3 (Hugging Face semantics, float32 activations): embeddings, then per
  * layer x += o(attn(rope(norm(x)))) and x += down(silu(gate(h)) * up(h)) with
  * h = norm(x), and the final norm. Every projection may carry a LoRA term
- * scale * B (A x). Architecture deltas are config flags: q/k/v biases
- * (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3).
+ * scale * B (A x), applied per adapter segment of the batch (lora.c), so
+ * sequences of different adapters share one pass over the base weights.
+ * Architecture deltas are config flags: q/k/v biases (Qwen2), per-head q/k
+ * RMSNorm before RoPE (Qwen3).
  *
- * Training keeps a few activations per layer (tk_layer_acts, about 24 KB per
- * token and layer for SmolLM2) and recomputes the rest in the backward pass:
- * the normed inputs, the roped q/k, SwiGLU's product and, block by block, the
- * attention probabilities (FlashAttention-2 style, from the stored
- * log-sum-exp). The backward pass yields gradients for the LoRA tensors only;
- * the base weights are frozen and get none.
+ * The same function is prefill, the training forward and a decoding step;
+ * only the batch differs (transformer.h): positions come from the batch, new
+ * keys and values go to the sequences' caches when they have them, and a
+ * decoding step (one new token per sequence over a cache) attends to the
+ * caches and reads the weights through the backend's streaming kernels.
+ *
+ * Training keeps a few activations per layer (tk_layer_acts) and the backward
+ * pass recomputes the rest: the normed inputs, the roped q/k, SwiGLU's product
+ * and, block by block, the attention probabilities (FlashAttention-2 style,
+ * from the stored log-sum-exp). Gradients go to the LoRA tensors only; the
+ * base weights are frozen.
  */
 #include "transformer.h"
 
 #include <math.h>
-#include <string.h>
+
+#include "../core/arena.h"
 
 typedef struct {
     int T, D, H, Hkv, Dh, F, QKV, R, n_layers;
 } dims;
 
-static dims dims_of(const tk_model *m, const tk_adapter *ad, int T)
+static dims dims_of(const tk_model *m, int T, int R)
 {
     const tk_model_config *c = &m->cfg;
-    dims d = {T, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim, c->d_ff, tk_model_qkv_rows(c),
-              ad ? ad->cfg.rank : 0, c->n_layers};
+    dims d = {T, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim, c->d_ff, tk_model_qkv_rows(c), R, c->n_layers};
     return d;
 }
 
-/* Bump allocation over one block; with base == NULL it only counts. */
-typedef struct {
-    float *base;
-    size_t at;
-} arena;
-
-static float *take(arena *a, size_t n)
+int tk_batch_max_rank(const tk_batch *b)
 {
-    float *p = a->base ? a->base + a->at : NULL;
-    a->at += (n + 15) & ~(size_t)15; /* 64-byte aligned pieces */
-    return p;
+    int R = 0;
+    for (int s = 0; b->adapters && s < b->n_seqs; s++)
+        if (b->adapters[s] && b->adapters[s]->cfg.rank > R) R = b->adapters[s]->cfg.rank;
+    return R;
 }
 
-/* ---- workspaces ---------------------------------------------------------------- */
+int tk_batch_is_decode(const tk_batch *b)
+{
+    return b->kv && b->n_tokens == b->n_seqs;
+}
+
+static int max_seq_len(const tk_batch *b)
+{
+    int max = 0;
+    for (int s = 0; s < b->n_seqs; s++)
+        if (b->seq_start[s + 1] - b->seq_start[s] > max) max = b->seq_start[s + 1] - b->seq_start[s];
+    return max;
+}
+
+/* keys one decoding query attends to at most: its prefix, its cached rows and itself */
+static int max_keys(const tk_batch *b)
+{
+    int max = 1;
+    for (int s = 0; s < b->n_seqs; s++)
+        if (b->kv[s].n0 + b->kv[s].n1 + 1 > max) max = b->kv[s].n0 + b->kv[s].n1 + 1;
+    return max;
+}
+
+/* ---- workspaces ---------------------------------------------------------------------------- */
 
 typedef struct {
     float *x;        /* [T, D] residual stream */
@@ -57,115 +81,137 @@ typedef struct {
     float *cos, *sin;/* [T, Dh/2] */
     float *u;        /* [T, 7R] (inference) */
     float *attn_work;
+    /* index arrays the ops read on the host: */
+    tk_kv_view *views;          /* [n_seqs] a decoding step's caches, one layer at a time */
+    float **dst_rows;           /* [2T] row pointers for copy_rows (KV writes, embedding overrides) */
+    const float **src_rows;     /* [2T] */
+    int32_t *pos;               /* [T] each row's position */
     /* backward only */
     float *dx, *dh, *dqkv, *datt, *dgate_up, *dact, *t, *head_out, *head_inv, *attn_bwd_work;
 } scratch;
 
-static int max_seq_len(const tk_batch *b)
-{
-    int max = 0;
-    for (int s = 0; s < b->n_seqs; s++)
-        if (b->seq_start[s + 1] - b->seq_start[s] > max) max = b->seq_start[s + 1] - b->seq_start[s];
-    return max;
-}
+static size_t floats_for_bytes(size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); }
 
-static size_t carve_scratch(scratch *s, float *work, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                            const tk_batch *b, int backward)
+static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backend *be, const tk_batch *b,
+                            int backward)
 {
-    dims d = dims_of(m, ad, b->n_tokens);
+    dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
     size_t T = (size_t)d.T;
-    arena a = {work, 0};
+    int decode = tk_batch_is_decode(b);
+    tk_arena a = {work, 0};
     scratch dummy;
     if (!s) s = &dummy;
-    s->x = take(&a, T * d.D);
-    s->h = take(&a, T * d.D);
-    s->qkv = take(&a, T * d.QKV);
-    s->qkr = take(&a, T * d.QKV);
-    s->att = take(&a, T * d.H * d.Dh);
-    s->gate_up = take(&a, T * 2 * d.F);
-    s->act = take(&a, T * d.F);
-    s->cos = take(&a, T * (d.Dh / 2));
-    s->sin = take(&a, T * (d.Dh / 2));
-    s->u = take(&a, T * TK_LORA_PER_LAYER * d.R);
-    s->attn_work = take(&a, be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+    s->x = tk_arena_take(&a, T * d.D);
+    s->h = tk_arena_take(&a, T * d.D);
+    s->qkv = tk_arena_take(&a, T * d.QKV);
+    s->qkr = tk_arena_take(&a, T * d.QKV);
+    s->att = tk_arena_take(&a, T * d.H * d.Dh);
+    s->gate_up = tk_arena_take(&a, T * 2 * d.F);
+    s->act = tk_arena_take(&a, T * d.F);
+    s->cos = tk_arena_take(&a, T * (d.Dh / 2));
+    s->sin = tk_arena_take(&a, T * (d.Dh / 2));
+    s->u = tk_arena_take(&a, T * TK_LORA_PER_LAYER * d.R);
+    s->attn_work = tk_arena_take(&a, decode ? be->attention_decode_workspace(be, max_keys(b))
+                                            : be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+    s->views = (tk_kv_view *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_kv_view)));
+    s->dst_rows = (float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
+    s->src_rows = (const float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
+    s->pos = (int32_t *)tk_arena_take(&a, T);
     if (backward) {
-        s->dx = take(&a, T * d.D);
-        s->dh = take(&a, T * d.D);
-        s->dqkv = take(&a, T * d.QKV);
-        s->datt = take(&a, T * d.H * d.Dh);
-        s->dgate_up = take(&a, T * 2 * d.F);
-        s->dact = take(&a, T * d.F);
-        s->t = take(&a, T * (d.R ? 3 * d.R : 1)); /* a group of up to 3 targets */
-        s->head_out = take(&a, T * d.Dh);
-        s->head_inv = take(&a, T);
-        s->attn_bwd_work = take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+        s->dx = tk_arena_take(&a, T * d.D);
+        s->dh = tk_arena_take(&a, T * d.D);
+        s->dqkv = tk_arena_take(&a, T * d.QKV);
+        s->datt = tk_arena_take(&a, T * d.H * d.Dh);
+        s->dgate_up = tk_arena_take(&a, T * 2 * d.F);
+        s->dact = tk_arena_take(&a, T * d.F);
+        s->t = tk_arena_take(&a, T * (d.R ? 3 * d.R : 1)); /* a group of up to 3 targets */
+        s->head_out = tk_arena_take(&a, T * d.Dh);
+        s->head_inv = tk_arena_take(&a, T);
+        s->attn_bwd_work = tk_arena_take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
     }
     return a.at;
 }
 
-size_t tk_transformer_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                                int backward)
+size_t tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward)
 {
-    return carve_scratch(NULL, NULL, m, ad, be, b, backward);
+    return carve_scratch(NULL, NULL, m, be, b, backward);
 }
 
-static size_t carve_store(tk_activations *st, tk_layer_acts *layers, float *mem, const tk_model *m,
-                          const tk_adapter *ad, int n_tokens)
+static size_t carve_store(tk_activations *st, tk_layer_acts *layers, float *mem, const tk_model *m, int n_tokens,
+                          int max_rank)
 {
-    dims d = dims_of(m, ad, n_tokens);
+    dims d = dims_of(m, n_tokens, max_rank);
     size_t T = (size_t)n_tokens;
-    arena a = {mem, 0};
+    tk_arena a = {mem, 0};
     for (int l = 0; l < d.n_layers; l++) {
         tk_layer_acts dummy, *L = layers ? &layers[l] : &dummy;
-        L->x = take(&a, T * d.D);
-        L->inv_rms1 = take(&a, T);
-        L->qkv = take(&a, T * d.QKV);
-        L->att = take(&a, T * d.H * d.Dh);
-        L->lse = take(&a, T * d.H);
-        L->x2 = take(&a, T * d.D);
-        L->inv_rms2 = take(&a, T);
-        L->gate_up = take(&a, T * 2 * d.F);
-        L->u = take(&a, T * TK_LORA_PER_LAYER * d.R);
+        L->x = tk_arena_take(&a, T * d.D);
+        L->inv_rms1 = tk_arena_take(&a, T);
+        L->qkv = tk_arena_take(&a, T * d.QKV);
+        L->att = tk_arena_take(&a, T * d.H * d.Dh);
+        L->lse = tk_arena_take(&a, T * d.H);
+        L->x2 = tk_arena_take(&a, T * d.D);
+        L->inv_rms2 = tk_arena_take(&a, T);
+        L->gate_up = tk_arena_take(&a, T * 2 * d.F);
+        L->u = tk_arena_take(&a, T * TK_LORA_PER_LAYER * d.R);
     }
     tk_activations dummy_store;
     if (!st) st = &dummy_store;
     st->layers = layers;
-    st->x_final = take(&a, T * d.D);
-    st->inv_rms_final = take(&a, T);
+    st->x_final = tk_arena_take(&a, T * d.D);
+    st->inv_rms_final = tk_arena_take(&a, T);
     return a.at;
 }
 
-size_t tk_activation_floats(const tk_model *m, const tk_adapter *ad, int n_tokens)
+size_t tk_activation_floats(const tk_model *m, int n_tokens, int max_rank)
 {
-    return carve_store(NULL, NULL, NULL, m, ad, n_tokens);
+    return carve_store(NULL, NULL, NULL, m, n_tokens, max_rank);
 }
 
-void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
-                          const tk_adapter *ad, int n_tokens)
+void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m, int n_tokens,
+                          int max_rank)
 {
-    carve_store(store, layers, mem, m, ad, n_tokens);
+    carve_store(store, layers, mem, m, n_tokens, max_rank);
 }
 
-/* ---- pieces shared by both passes ------------------------------------------------ */
+/* ---- pieces shared by both passes ------------------------------------------------------------- */
 
-/* cos/sin of position * inv_freq for every row; positions restart at 0 in each
- * sequence. The angle is rounded to float32 first, as HF computes it. */
-static void rope_row(float *cos_t, float *sin_t, const tk_model *m, int pos)
+/* x[T, D]: the token embeddings, with the batch's replacement rows (image features) copied over theirs */
+static void embed_tokens(float *x, const tk_model *m, tk_backend *be, const tk_batch *b, const scratch *s)
 {
-    int half = m->cfg.head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float angle = (float)pos * m->w.rope_inv_freq[i];
-        cos_t[i] = cosf(angle);
-        sin_t[i] = sinf(angle);
-    }
+    int D = m->cfg.d_model, n = 0;
+    be->embed(be, x, &m->w.embed, b->tokens, b->n_tokens);
+    for (int t = 0; b->embed_row && t < b->n_tokens; t++)
+        if (b->embed_row[t] >= 0) {
+            s->dst_rows[n] = x + (size_t)t * D;
+            s->src_rows[n++] = b->embeds + (size_t)b->embed_row[t] * D;
+        }
+    if (n) be->copy_rows(be, s->dst_rows, s->src_rows, n, D);
 }
 
-static void rope_tables(float *cos_t, float *sin_t, const tk_model *m, const tk_batch *b)
+/* Position of row t of sequence s: the batch's (its first component: text; M-RoPE's sections come with
+ * Qwen3-VL), else counted on from what the sequence has cached. */
+static int position(const tk_batch *b, int s, int t)
 {
-    size_t half = (size_t)(m->cfg.head_dim / 2);
-    for (int s = 0; s < b->n_seqs; s++)
-        for (int t = b->seq_start[s]; t < b->seq_start[s + 1]; t++)
-            rope_row(cos_t + (size_t)t * half, sin_t + (size_t)t * half, m, t - b->seq_start[s]);
+    if (b->pos) return b->pos[(size_t)t * TK_POS_DIMS];
+    int cached = b->kv ? b->kv[s].n0 + b->kv[s].n1 : 0;
+    return cached + t - b->seq_start[s];
+}
+
+/* cos/sin of each row's position times the model's inverse frequencies */
+static void rope_tables(const scratch *s, const tk_model *m, tk_backend *be, const tk_batch *b)
+{
+    for (int q = 0; q < b->n_seqs; q++)
+        for (int t = b->seq_start[q]; t < b->seq_start[q + 1]; t++) s->pos[t] = position(b, q, t);
+    be->rope_table(be, s->cos, s->sin, s->pos, b->n_tokens, m->w.rope_inv_freq, m->cfg.head_dim / 2);
+}
+
+/* one contiguous block of floats through the backend (src and dst may not overlap) */
+static void copy_block(tk_backend *be, float *dst, const float *src, size_t n)
+{
+    float *d[1] = {dst};
+    const float *s[1] = {src};
+    be->copy_rows(be, d, s, 1, (int)n);
 }
 
 /* qkr = qkv with q and k normed per head (Qwen3) and rotated. */
@@ -175,7 +221,7 @@ static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, 
     const tk_model_config *c = &m->cfg;
     int QKV = tk_model_qkv_rows(c), Dh = c->head_dim, H = c->n_heads, Hkv = c->n_kv_heads;
     float *q = qkr, *k = qkr + H * Dh;
-    memcpy(qkr, qkv, (size_t)T * QKV * sizeof(float));
+    copy_block(be, qkr, qkv, (size_t)T * QKV);
     if (c->qk_norm) {
         for (int h = 0; h < H; h++) be->rmsnorm(be, q + h * Dh, QKV, q + h * Dh, QKV, L->q_norm, T, Dh, c->rms_eps, NULL);
         for (int h = 0; h < Hkv; h++) be->rmsnorm(be, k + h * Dh, QKV, k + h * Dh, QKV, L->k_norm, T, Dh, c->rms_eps, NULL);
@@ -184,71 +230,88 @@ static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, 
     be->rope(be, k, QKV, T, Hkv, Dh, s->cos, s->sin, 0);
 }
 
-/* LoRA on a group of n targets that share the input x (q, k, v; gate, up; o;
- * down), whose A's are adjacent rows of one [nR, in] matrix (lora.c): one
- * GEMM makes u = scale x [A_0; ...; A_n-1]^T [T, nR] (kept for the backward
- * pass), then y_j += u_j B_j^T for each target j. */
-typedef struct {
-    int first, n;          /* targets first .. first + n - 1 */
-    float *y[3];           /* the targets' outputs (forward) or dy (backward) */
-    int ld;                /* their row stride */
-} lora_group;
+/* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */
+#define FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, body)                                             \
+    for (int seg_s0_ = 0; (b)->adapters && seg_s0_ < (b)->n_seqs;) {                               \
+        const tk_adapter *ad = (b)->adapters[seg_s0_];                                             \
+        int seg_s1_ = seg_s0_ + 1;                                                                 \
+        while (seg_s1_ < (b)->n_seqs && (b)->adapters[seg_s1_] == ad) seg_s1_++;                   \
+        int r0 = (b)->seq_start[seg_s0_], r1 = (b)->seq_start[seg_s1_];                            \
+        if (ad) { body }                                                                           \
+        seg_s0_ = seg_s1_;                                                                         \
+    }
 
-static void lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const lora_group *g, const float *x,
-                         int ldx, int T, float *u, int ldu)
+/* The group's LoRA terms for every adapter segment; u [T, ldu] keeps scale x A^T per target. */
+static void lora_forward(tk_backend *be, const tk_batch *b, int layer, const tk_lora_group *g, const float *x,
+                         int ldx, float *u, int ldu)
 {
-    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
-    if (!p0->A) return;
-    int R = ad->cfg.rank;
-    be->matmul_nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
-    for (int j = 0; j < g->n; j++) {
-        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
-        be->matmul_nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+    FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, {
+        tk_lora_group seg = *g;
+        for (int j = 0; j < g->n; j++) seg.y[j] += (size_t)r0 * g->ld;
+        tk_lora_forward(be, ad, layer, &seg, x + (size_t)r0 * ldx, ldx, r1 - r0,
+                        u + (size_t)r0 * ldu + (size_t)g->first * ad->cfg.rank, ldu);
+    })
+}
+
+/* The same backward: LoRA gradients of each segment's adapter, and its part of dx (when dx != NULL); t is
+ * scratch for one segment [rows, 3R]. */
+static void lora_backward(tk_backend *be, const tk_batch *b, int layer, const tk_lora_group *g, const float *x,
+                          int ldx, const float *u, int ldu, float *dx, int lddx, float *t)
+{
+    FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, {
+        tk_lora_group seg = *g;
+        for (int j = 0; j < g->n; j++) seg.y[j] += (size_t)r0 * g->ld;
+        tk_lora_backward(be, ad, layer, &seg, x + (size_t)r0 * ldx, ldx,
+                         u + (size_t)r0 * ldu + (size_t)g->first * ad->cfg.rank, ldu,
+                         dx ? dx + (size_t)r0 * lddx : NULL, lddx, t, r1 - r0);
+    })
+}
+
+/* New keys and values (columns of qkr) to each sequence's cache, after its cached rows. */
+static void write_kv(tk_backend *be, const tk_batch *b, const scratch *s, int l, int QKV, int kcol, int vcol, int KV)
+{
+    int n = 0;
+    for (int q = 0; q < b->n_seqs; q++) {
+        const tk_kv_seq *kv = &b->kv[q];
+        float *k = kv->k1 + (size_t)l * b->own_stride, *v = kv->v1 + (size_t)l * b->own_stride;
+        for (int t = b->seq_start[q]; t < b->seq_start[q + 1]; t++) {
+            size_t row = (size_t)(kv->n1 + t - b->seq_start[q]) * KV;
+            s->dst_rows[n] = k + row, s->src_rows[n++] = s->qkr + (size_t)t * QKV + kcol;
+            s->dst_rows[n] = v + row, s->src_rows[n++] = s->qkr + (size_t)t * QKV + vcol;
+        }
+    }
+    be->copy_rows(be, s->dst_rows, s->src_rows, n, KV);
+}
+
+/* Each decoding sequence's keys and values in layer l: its prefix, then its own rows, the new one included. */
+static void decode_views(const tk_batch *b, const scratch *s, int l)
+{
+    for (int q = 0; q < b->n_seqs; q++) {
+        const tk_kv_seq *kv = &b->kv[q];
+        s->views[q] = (tk_kv_view){kv->n0 ? kv->k0 + (size_t)l * b->prefix_stride : NULL,
+                                   kv->n0 ? kv->v0 + (size_t)l * b->prefix_stride : NULL, kv->n0,
+                                   kv->k1 + (size_t)l * b->own_stride, kv->v1 + (size_t)l * b->own_stride, kv->n1 + 1};
     }
 }
 
-/* Given each target's dy: t_j = dy_j B_j into t [T, nR], dB_j += dy_j^T u_j,
- * then with the stacked A: dx += scale t A (when dx != NULL) and
- * dA += scale t^T x. The base part of dx is the caller's. */
-static void lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const lora_group *g, const float *x,
-                          int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T)
-{
-    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
-    if (!p0->A) return;
-    int R = ad->cfg.rank, nR = g->n * R;
-    for (int j = 0; j < g->n; j++) {
-        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
-        be->matmul_nn(be, t + j * R, nR, g->y[j], g->ld, p->B, R, T, R, p->out, 1.0f, 0.0f);
-        be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, g->y[j], g->ld, u + j * R, ldu, T, p->out, R, 1.0f);
-    }
-    if (dx) be->matmul_nn(be, dx, lddx, t, nR, p0->A, p0->in, T, p0->in, nR, ad->scale, 1.0f);
-    be->matmul_tn_acc(be, tk_adapter_slot(ad, p0->A, 1), p0->in, t, nR, x, ldx, T, nR, p0->in, ad->scale);
-}
+/* ---- the forward pass ------------------------------------------------------------------------ */
 
-/* ---- the forward pass --------------------------------------------------------------- */
-
-/* k and v columns of qkr rows [0, T) into the cache rows of layer l */
-static void write_kv(const tk_kv_out *kv, const float *qkr, int l, int T, int QKV, int kcol, int vcol, int KV)
-{
-    float *k = kv->k + (size_t)l * kv->layer_stride, *v = kv->v + (size_t)l * kv->layer_stride;
-    for (int t = 0; t < T; t++) {
-        memcpy(k + (size_t)t * KV, qkr + (size_t)t * QKV + kcol, (size_t)KV * sizeof(float));
-        memcpy(v + (size_t)t * KV, qkr + (size_t)t * QKV + vcol, (size_t)KV * sizeof(float));
-    }
-}
-
-void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                            tk_activations *store, const tk_kv_out *kv, float *work)
+void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, const tk_batch *b,
+                            tk_activations *store, float *work)
 {
     const tk_model_config *c = &m->cfg;
-    const dims d = dims_of(m, ad, b->n_tokens);
-    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
+    const dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
+    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, U = TK_LORA_PER_LAYER * d.R;
     const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh; /* column offsets of k and v in a qkv row */
+    const int decode = tk_batch_is_decode(b);
+    /* a decoding step's few rows stream the weights (see backend.h) */
+    void (*const project)(tk_backend *, float *, int, const float *, int, const tk_weight *, int, float, float) =
+        decode ? be->matmul_w_decode : be->matmul_w;
     scratch s;
-    carve_scratch(&s, work, m, ad, be, b, 0);
+    carve_scratch(&s, work, m, be, b, 0);
 
-    be->embed(be, s.x, m->w.embed, b->tokens, T, D);
-    rope_tables(s.cos, s.sin, m, b);
+    embed_tokens(s.x, m, be, b, &s);
+    rope_tables(&s, m, be, b);
 
     for (int l = 0; l < d.n_layers; l++) {
         const tk_layer_weights *L = &m->w.layers[l];
@@ -257,45 +320,42 @@ void tk_transformer_forward(float *h_out, const tk_model *m, const tk_adapter *a
         float *u = st ? st->u : s.u;
 
         /* attention block: x += o(attention(rope(q), rope(k), v)) */
-        if (st) memcpy(st->x, s.x, (size_t)T * D * sizeof(float));
+        if (st) copy_block(be, st->x, s.x, (size_t)T * D);
         be->rmsnorm(be, s.h, D, s.x, D, L->attn_norm, T, D, c->rms_eps, st ? st->inv_rms1 : NULL);
-        be->matmul_nt(be, qkv, QKV, s.h, D, L->wqkv, T, QKV, D, 1.0f, 0.0f);
+        project(be, qkv, QKV, s.h, D, &L->wqkv, T, 1.0f, 0.0f);
         if (L->bqkv) be->add_bias(be, qkv, QKV, L->bqkv, T, QKV);
-        if (ad) {
-            lora_group qkv_g = {TK_LORA_Q, 3, {qkv, qkv + kcol, qkv + vcol}, QKV};
-            lora_forward(be, ad, l, &qkv_g, s.h, D, T, u + TK_LORA_Q * R, U);
-        }
+        tk_lora_group qkv_g = {TK_LORA_Q, 3, {qkv, qkv + kcol, qkv + vcol}, QKV};
+        lora_forward(be, b, l, &qkv_g, s.h, D, u, U);
         prepare_qk(s.qkr, qkv, L, m, be, &s, T);
-        if (kv) write_kv(kv, s.qkr, l, T, QKV, kcol, vcol, d.Hkv * Dh);
-        be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H, d.Hkv,
-                      Dh, st ? st->lse : NULL, s.attn_work);
-        be->matmul_nt(be, s.x, D, att, H * Dh, L->wo, T, D, H * Dh, 1.0f, 1.0f);
-        if (ad) {
-            lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
-            lora_forward(be, ad, l, &o_g, att, H * Dh, T, u + TK_LORA_O * R, U);
+        if (b->kv) write_kv(be, b, &s, l, QKV, kcol, vcol, d.Hkv * Dh);
+        if (decode) {
+            decode_views(b, &s, l);
+            be->attention_decode(be, att, H * Dh, s.qkr, QKV, s.views, T, H, d.Hkv, Dh, d.Hkv * Dh, s.attn_work);
+        } else {
+            be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H,
+                          d.Hkv, Dh, st ? st->lse : NULL, s.attn_work);
         }
+        project(be, s.x, D, att, H * Dh, &L->wo, T, 1.0f, 1.0f);
+        tk_lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
+        lora_forward(be, b, l, &o_g, att, H * Dh, u, U);
 
         /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x) */
-        if (st) memcpy(st->x2, s.x, (size_t)T * D * sizeof(float));
+        if (st) copy_block(be, st->x2, s.x, (size_t)T * D);
         be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, T, D, c->rms_eps, st ? st->inv_rms2 : NULL);
-        be->matmul_nt(be, gate_up, 2 * F, s.h, D, L->w_gate_up, T, 2 * F, D, 1.0f, 0.0f);
-        if (ad) {
-            lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
-            lora_forward(be, ad, l, &gate_up_g, s.h, D, T, u + TK_LORA_GATE * R, U);
-        }
+        project(be, gate_up, 2 * F, s.h, D, &L->w_gate_up, T, 1.0f, 0.0f);
+        tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
+        lora_forward(be, b, l, &gate_up_g, s.h, D, u, U);
         be->swiglu(be, s.act, gate_up, T, F);
-        be->matmul_nt(be, s.x, D, s.act, F, L->w_down, T, D, F, 1.0f, 1.0f);
-        if (ad) {
-            lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
-            lora_forward(be, ad, l, &down_g, s.act, F, T, u + TK_LORA_DOWN * R, U);
-        }
+        project(be, s.x, D, s.act, F, &L->w_down, T, 1.0f, 1.0f);
+        tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
+        lora_forward(be, b, l, &down_g, s.act, F, u, U);
     }
 
-    if (store) memcpy(store->x_final, s.x, (size_t)T * D * sizeof(float));
+    if (store) copy_block(be, store->x_final, s.x, (size_t)T * D);
     be->rmsnorm(be, h_out, D, s.x, D, m->w.final_norm, T, D, c->rms_eps, store ? store->inv_rms_final : NULL);
 }
 
-/* ---- the backward pass --------------------------------------------------------------- */
+/* ---- the backward pass ----------------------------------------------------------------------- */
 
 /* dq, dk (in dqkv, before RoPE) back through RoPE and, for Qwen3, the q/k norms. */
 static void qk_backward(float *dqkv, const float *qkv, const tk_layer_weights *L, const tk_model *m, tk_backend *be,
@@ -313,17 +373,24 @@ static void qk_backward(float *dqkv, const float *qkv, const tk_layer_weights *L
     }
 }
 
-void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batch *b, const tk_activations *store,
+/* 1 when some adapter of the batch trains the attention projections */
+static int trains_attention(const tk_batch *b)
+{
+    for (int s = 0; b->adapters && s < b->n_seqs; s++)
+        if (b->adapters[s] && b->adapters[s]->cfg.train_attn) return 1;
+    return 0;
+}
+
+void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *b, const tk_activations *store,
                              float *dh_final, float *work)
 {
-    const tk_model *m = ad->model;
     const tk_model_config *c = &m->cfg;
-    const dims d = dims_of(m, ad, b->n_tokens);
-    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
+    const dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
+    const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, U = TK_LORA_PER_LAYER * d.R;
     const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh;
     scratch s;
-    carve_scratch(&s, work, m, ad, be, b, 1);
-    rope_tables(s.cos, s.sin, m, b);
+    carve_scratch(&s, work, m, be, b, 1);
+    rope_tables(&s, m, be, b);
 
     /* through the final norm: dx is the gradient of the residual stream from here down */
     be->rmsnorm_backward(be, s.dx, D, dh_final, D, store->x_final, D, m->w.final_norm, store->inv_rms_final, T, D, 0);
@@ -335,21 +402,21 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         /* MLP block, x3 = x2 + down(act), act = silu(g) * u, [g | u] = gate_up(h), h = norm(x2) */
         be->rmsnorm(be, s.h, D, st->x2, D, L->mlp_norm, T, D, c->rms_eps, NULL);
         be->swiglu(be, s.act, st->gate_up, T, F);
-        be->matmul_nn(be, s.dact, F, s.dx, D, L->w_down, F, T, F, D, 1.0f, 0.0f);
-        lora_group down_g = {TK_LORA_DOWN, 1, {s.dx}, D};
-        lora_backward(be, ad, l, &down_g, s.act, F, st->u + TK_LORA_DOWN * R, U, s.dact, F, s.t, T);
+        be->matmul_w_t(be, s.dact, F, s.dx, D, &L->w_down, T, 1.0f, 0.0f);
+        tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.dx}, D};
+        lora_backward(be, b, l, &down_g, s.act, F, st->u, U, s.dact, F, s.t);
         be->swiglu_backward(be, s.dgate_up, s.dact, st->gate_up, T, F);
-        be->matmul_nn(be, s.dh, D, s.dgate_up, 2 * F, L->w_gate_up, D, T, D, 2 * F, 1.0f, 0.0f);
-        lora_group gate_up_g = {TK_LORA_GATE, 2, {s.dgate_up, s.dgate_up + F}, 2 * F};
-        lora_backward(be, ad, l, &gate_up_g, s.h, D, st->u + TK_LORA_GATE * R, U, s.dh, D, s.t, T);
+        be->matmul_w_t(be, s.dh, D, s.dgate_up, 2 * F, &L->w_gate_up, T, 1.0f, 0.0f);
+        tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {s.dgate_up, s.dgate_up + F}, 2 * F};
+        lora_backward(be, b, l, &gate_up_g, s.h, D, st->u, U, s.dh, D, s.t);
         be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x2, D, L->mlp_norm, st->inv_rms2, T, D, 1);
 
         /* attention block, x2 = x + o(att), att = attention(qkr), qkr = rope(norm(qkv(h))), h = norm(x) */
         /* below layer 0 nothing trains: its attention block only matters for its own LoRA */
-        if (l == 0 && !ad->cfg.train_attn) break;
-        be->matmul_nn(be, s.datt, H * Dh, s.dx, D, L->wo, H * Dh, T, H * Dh, D, 1.0f, 0.0f);
-        lora_group o_g = {TK_LORA_O, 1, {s.dx}, D};
-        lora_backward(be, ad, l, &o_g, st->att, H * Dh, st->u + TK_LORA_O * R, U, s.datt, H * Dh, s.t, T);
+        if (l == 0 && !trains_attention(b)) break;
+        be->matmul_w_t(be, s.datt, H * Dh, s.dx, D, &L->wo, T, 1.0f, 0.0f);
+        tk_lora_group o_g = {TK_LORA_O, 1, {s.dx}, D};
+        lora_backward(be, b, l, &o_g, st->att, H * Dh, st->u, U, s.datt, H * Dh, s.t);
         prepare_qk(s.qkr, st->qkv, L, m, be, &s, T);
         be->attention_backward(be, s.dqkv, s.dqkv + kcol, s.dqkv + vcol, s.datt, st->att, H * Dh, s.qkr,
                                s.qkr + kcol, s.qkr + vcol, QKV, st->lse, b->seq_start, b->n_seqs, H, d.Hkv, Dh,
@@ -357,98 +424,9 @@ void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batc
         qk_backward(s.dqkv, st->qkv, L, m, be, &s, T);
         be->rmsnorm(be, s.h, D, st->x, D, L->attn_norm, T, D, c->rms_eps, NULL);
         float *dh = l > 0 ? s.dh : NULL; /* layer 0: no gradient below the embeddings is needed */
-        if (dh) be->matmul_nn(be, dh, D, s.dqkv, QKV, L->wqkv, D, T, D, QKV, 1.0f, 0.0f);
-        lora_group qkv_g = {TK_LORA_Q, 3, {s.dqkv, s.dqkv + kcol, s.dqkv + vcol}, QKV};
-        lora_backward(be, ad, l, &qkv_g, s.h, D, st->u + TK_LORA_Q * R, U, dh, D, s.t, T);
+        if (dh) be->matmul_w_t(be, dh, D, s.dqkv, QKV, &L->wqkv, T, 1.0f, 0.0f);
+        tk_lora_group qkv_g = {TK_LORA_Q, 3, {s.dqkv, s.dqkv + kcol, s.dqkv + vcol}, QKV};
+        lora_backward(be, b, l, &qkv_g, s.h, D, st->u, U, dh, D, s.t);
         if (dh) be->rmsnorm_backward(be, s.dx, D, dh, D, st->x, D, L->attn_norm, st->inv_rms1, T, D, 1);
     }
-}
-
-/* ---- one decoding step ------------------------------------------------------------------- */
-
-/* The forward recipe for one new token per sequence, attending to KV caches
- * instead of to the batch (see tk_decode_batch). */
-size_t tk_decode_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, int n, int max_keys)
-{
-    int32_t starts[2] = {0, 1};
-    tk_batch one = {1, n, NULL, starts}; /* shapes only: n rows, attention unused */
-    size_t views = ((size_t)n * sizeof(tk_kv_view) + sizeof(float) - 1) / sizeof(float);
-    return carve_scratch(NULL, NULL, m, ad, be, &one, 0) + be->attention_decode_workspace(be, max_keys) + views + 32;
-}
-
-/* y[n, N] = x[n, K] . W^T + beta * y for a decoding step: through W's quantized copy when the model has
- * one and the backend's quantized kernel beats its float32 matmul at n rows (it streams 4-8 bits per
- * weight instead of 32), else through the float32 W. */
-static void decode_matmul(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w,
-                          const tk_qmatrix *wq, int n, int N, int K, float beta)
-{
-    if (wq->tiles && be->matmul_nt_q && n <= be->matmul_nt_q_max_rows)
-        be->matmul_nt_q(be, y, ldy, x, ldx, wq, n, 1.0f, beta);
-    else
-        be->matmul_nt(be, y, ldy, x, ldx, w, n, N, K, 1.0f, beta);
-}
-
-void tk_transformer_decode(float *h_out, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                           const tk_decode_batch *b, float *work)
-{
-    const tk_model_config *c = &m->cfg;
-    const dims d = dims_of(m, ad, b->n);
-    const int n = b->n, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, R = d.R, U = TK_LORA_PER_LAYER * d.R;
-    const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh, KV = d.Hkv * Dh;
-    int32_t starts[2] = {0, 1};
-    tk_batch one = {1, n, NULL, starts};
-    scratch s;
-    size_t used = carve_scratch(&s, work, m, ad, be, &one, 0);
-    float *attn_work = work + used;
-    int max_keys = 1;
-    for (int i = 0; i < n; i++)
-        if (b->prompt_len[i] + b->own_len[i] + 1 > max_keys) max_keys = b->prompt_len[i] + b->own_len[i] + 1;
-    tk_kv_view *views = (tk_kv_view *)(attn_work + ((be->attention_decode_workspace(be, max_keys) + 15) & ~(size_t)15));
-
-    be->embed(be, s.x, m->w.embed, b->tokens, n, D);
-    for (int i = 0; i < n; i++) rope_row(s.cos + (size_t)i * (Dh / 2), s.sin + (size_t)i * (Dh / 2), m, b->pos[i]);
-
-    for (int l = 0; l < d.n_layers; l++) {
-        const tk_layer_weights *L = &m->w.layers[l];
-
-        /* attention block over the caches */
-        be->rmsnorm(be, s.h, D, s.x, D, L->attn_norm, n, D, c->rms_eps, NULL);
-        decode_matmul(be, s.qkv, QKV, s.h, D, L->wqkv, &L->wqkv_q, n, QKV, D, 0.0f);
-        if (L->bqkv) be->add_bias(be, s.qkv, QKV, L->bqkv, n, QKV);
-        if (ad) {
-            lora_group qkv_g = {TK_LORA_Q, 3, {s.qkv, s.qkv + kcol, s.qkv + vcol}, QKV};
-            lora_forward(be, ad, l, &qkv_g, s.h, D, n, s.u + TK_LORA_Q * R, U);
-        }
-        prepare_qk(s.qkr, s.qkv, L, m, be, &s, n);
-        for (int i = 0; i < n; i++) {
-            float *k = b->own_k[i] + (size_t)l * b->own_stride, *v = b->own_v[i] + (size_t)l * b->own_stride;
-            memcpy(k + (size_t)b->own_len[i] * KV, s.qkr + (size_t)i * QKV + kcol, (size_t)KV * sizeof(float));
-            memcpy(v + (size_t)b->own_len[i] * KV, s.qkr + (size_t)i * QKV + vcol, (size_t)KV * sizeof(float));
-            views[i] = (tk_kv_view){
-                b->prompt_len[i] ? b->prompt_k[i] + (size_t)l * b->prompt_stride : NULL,
-                b->prompt_len[i] ? b->prompt_v[i] + (size_t)l * b->prompt_stride : NULL,
-                b->prompt_len[i], k, v, b->own_len[i] + 1};
-        }
-        be->attention_decode(be, s.att, H * Dh, s.qkr, QKV, views, n, H, d.Hkv, Dh, KV, attn_work);
-        decode_matmul(be, s.x, D, s.att, H * Dh, L->wo, &L->wo_q, n, D, H * Dh, 1.0f);
-        if (ad) {
-            lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
-            lora_forward(be, ad, l, &o_g, s.att, H * Dh, n, s.u + TK_LORA_O * R, U);
-        }
-
-        /* MLP block */
-        be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, n, D, c->rms_eps, NULL);
-        decode_matmul(be, s.gate_up, 2 * F, s.h, D, L->w_gate_up, &L->w_gate_up_q, n, 2 * F, D, 0.0f);
-        if (ad) {
-            lora_group gate_up_g = {TK_LORA_GATE, 2, {s.gate_up, s.gate_up + F}, 2 * F};
-            lora_forward(be, ad, l, &gate_up_g, s.h, D, n, s.u + TK_LORA_GATE * R, U);
-        }
-        be->swiglu(be, s.act, s.gate_up, n, F);
-        decode_matmul(be, s.x, D, s.act, F, L->w_down, &L->w_down_q, n, D, F, 1.0f);
-        if (ad) {
-            lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
-            lora_forward(be, ad, l, &down_g, s.act, F, n, s.u + TK_LORA_DOWN * R, U);
-        }
-    }
-    be->rmsnorm(be, h_out, D, s.x, D, m->w.final_norm, n, D, c->rms_eps, NULL);
 }

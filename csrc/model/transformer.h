@@ -1,5 +1,6 @@
-/* transformer.h - the decoder stack's forward and backward passes over a batch
- * of packed sequences, with an optional LoRA adapter. */
+/* transformer.h - the decoder stack as one layer recipe: prefill, training
+ * forward and decoding steps are the same function, given different batches;
+ * the backward pass walks the same blocks in reverse. */
 #ifndef TK_TRANSFORMER_H
 #define TK_TRANSFORMER_H
 
@@ -7,18 +8,41 @@
 #include "lora.h"
 #include "model.h"
 
-/* Sequences of different lengths packed back to back, without padding:
- * sequence s is tokens[seq_start[s] .. seq_start[s+1]). */
+enum { TK_POS_DIMS = 3 }; /* position components per token: (temporal, height, width) for M-RoPE */
+
+/* A sequence's keys and values in a KV cache, rows of Hkv Dh floats; layer l's at base + l * stride (the
+ * strides are the batch's). A prefix it attends to but does not own (a prompt its samples share: n0 rows,
+ * possibly 0), then its own rows, n1 of them cached before this pass: the pass writes its new rows' keys
+ * and values right after those and attends to all of them. */
+typedef struct {
+    const float *k0, *v0;
+    int n0;
+    float *k1, *v1;
+    int n1;
+} tk_kv_seq;
+
+/* What one pass computes: sequences packed back to back without padding, sequence s being rows
+ * seq_start[s] .. seq_start[s+1] (its new tokens). Per token, its position and optionally an embedding that
+ * replaces the token's (image features); per sequence, its adapter and its KV cache. A decoding step is a
+ * batch with a cache and one row per sequence; prefill and training have no cache rows before the pass. */
 typedef struct {
     int n_seqs;
-    int n_tokens;              /* T = seq_start[n_seqs] */
-    const int32_t *tokens;     /* [T] */
-    const int32_t *seq_start;  /* [n_seqs + 1] */
+    int n_tokens;                      /* T = seq_start[n_seqs] */
+    const int32_t *tokens;             /* [T] */
+    const int32_t *seq_start;          /* [n_seqs + 1] */
+    const int32_t *pos;                /* [T][TK_POS_DIMS], or NULL: row i of sequence s is at n0 + n1 + i */
+    const float *embeds;               /* [*, D] replacement embeddings, or NULL */
+    const int32_t *embed_row;          /* [T]: -1 (the token's embedding) or a row of embeds; NULL: none */
+    const tk_adapter *const *adapters; /* [n_seqs], NULL entries: the base model; NULL: no adapter at all */
+    const tk_kv_seq *kv;               /* [n_seqs], or NULL: no cache (each sequence attends to its rows) */
+    size_t prefix_stride, own_stride;  /* layer strides (floats) of the kv prefixes and own rows */
 } tk_batch;
 
-/* What the forward pass keeps for the backward pass, per layer (about 6k
- * floats per token and layer for SmolLM2; see tk_activation_floats). Every
- * other intermediate is recomputed from these in the backward pass. */
+/* 1 when every sequence of the batch is one new token over a cache: a decoding step. */
+int tk_batch_is_decode(const tk_batch *b);
+
+/* What the forward pass keeps for the backward pass, per layer (about 6k floats per token and layer for
+ * SmolLM2; see tk_activation_floats). Every other intermediate is recomputed from these. */
 typedef struct {
     float *x;          /* [T, D] layer input (the residual stream) */
     float *inv_rms1;   /* [T] of the attention norm */
@@ -28,7 +52,7 @@ typedef struct {
     float *x2;         /* [T, D] after the attention residual */
     float *inv_rms2;   /* [T] of the MLP norm */
     float *gate_up;    /* [T, 2F] */
-    float *u;          /* [T, 7R] scale * (x A^T) of q|k|v|o|gate|up|down (unused when untrained) */
+    float *u;          /* [T, 7R] scale * (x A^T) of q|k|v|o|gate|up|down, R the batch's largest rank */
 } tk_layer_acts;
 
 typedef struct {
@@ -37,50 +61,21 @@ typedef struct {
     float *inv_rms_final;   /* [T] */
 } tk_activations;
 
-/* Floats of scratch tk_transformer_forward / _backward need (for `store`,
- * add tk_activation_floats). */
-size_t tk_transformer_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                                int backward);
-size_t tk_activation_floats(const tk_model *m, const tk_adapter *ad, int n_tokens);
+/* Floats of scratch tk_transformer_forward / _backward need (for `store`, add tk_activation_floats). */
+size_t tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward);
+size_t tk_activation_floats(const tk_model *m, int n_tokens, int max_rank);
 /* Points `store` (and its layer array, n_layers entries the caller provides) into mem. */
 void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
-                          const tk_adapter *ad, int n_tokens);
+                          int n_tokens, int max_rank);
+/* The largest LoRA rank among the batch's adapters (0: none). */
+int tk_batch_max_rank(const tk_batch *b);
 
-/* Where a forward pass writes each layer's keys and values (after q/k norm
- * and RoPE) to fill a KV cache: row t of the batch goes to
- * k + l * layer_stride + t * (Hkv Dh) for layer l. */
-typedef struct {
-    float *k, *v;
-    size_t layer_stride;
-} tk_kv_out;
-
-/* h[T, D] = the final-norm output for every position. `ad` may be NULL (base
- * model); `store` may be NULL (inference); `kv` may be NULL (no cache). */
-void tk_transformer_forward(float *h, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_batch *b,
-                            tk_activations *store, const tk_kv_out *kv, float *work);
-
-/* One decoding step for n sequences: each has one new token at position
- * pos[i] and a KV cache in two spans - a prompt it may share with others and
- * its own tokens (layer l at base + l * stride, rows of Hkv Dh floats). The
- * new token's keys and values are written to its own span at row own_len[i]. */
-typedef struct {
-    int n;
-    const int32_t *tokens, *pos;        /* [n] */
-    const float *const *prompt_k, *const *prompt_v;
-    const int *prompt_len;
-    size_t prompt_stride;
-    float *const *own_k, *const *own_v;
-    const int *own_len;                 /* rows cached before this step */
-    size_t own_stride;
-} tk_decode_batch;
-
-size_t tk_decode_workspace(const tk_model *m, const tk_adapter *ad, tk_backend *be, int n, int max_keys);
-/* h[n, D] = the final-norm output of each sequence's new token. */
-void tk_transformer_decode(float *h, const tk_model *m, const tk_adapter *ad, tk_backend *be, const tk_decode_batch *b,
-                           float *work);
-/* Backward from dh[T, D] (gradient of the final-norm output): accumulates the
- * adapter's LoRA gradients. dh is clobbered. */
-void tk_transformer_backward(const tk_adapter *ad, tk_backend *be, const tk_batch *b, const tk_activations *store,
+/* h[T, D] = the final-norm output for every row; `store` may be NULL (inference). */
+void tk_transformer_forward(float *h, const tk_model *m, tk_backend *be, const tk_batch *b, tk_activations *store,
+                            float *work);
+/* Backward from dh[T, D] (gradient of the final-norm output): accumulates the LoRA gradients of the
+ * batch's adapters. dh is clobbered. */
+void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *b, const tk_activations *store,
                              float *dh, float *work);
 
 #endif

@@ -1,22 +1,21 @@
-/* weights.c - loading a model's weights into one float32 block.
+/* weights.c - loading a model's weights, each kept in its file's format.
  *
  * The Python loader names every tensor it found (GGUF or safetensors) with a
  * role and a layer; this file checks each one against the config (shape, type,
- * byte count, extent inside its file), maps the files read-only and
- * dequantizes all tensors in parallel straight from the maps into the block.
- * Missing, duplicated or misshapen tensors are reported with the file and
- * tensor name. Nothing is read whole into memory.
- *
- * The same pass copies the blocks of every projection (and of the lm_head)
- * whose sources are all one of the types the decoding kernel reads (Q4_0,
- * Q4_1, Q8_0) into a second, quantized block, row by row in the same order as
- * the float copy (fused q|k|v and gate|up, GGUF q/k rows un-permuted).
+ * byte count, extent inside its file), maps the files read-only and moves the
+ * tensors in parallel straight from the maps: matrices into tk_weight handles
+ * whose resident form the backend chooses (one allocation for all of them,
+ * the file's own bytes, no float32 copy), vectors (norms, biases) decoded to
+ * float32 into one small block. GGUF llama q/k rows are un-permuted on the
+ * way. Missing, duplicated or misshapen tensors are reported with the file
+ * and tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/arena.h"
 #include "../core/pool.h"
 #include "../io/file.h"
 #include "../io/quant.h"
@@ -75,144 +74,88 @@ static slot slot_for(const tk_model_config *c, int role)
     return s;
 }
 
-/* Where a role's tensor goes in the block (after allocate()). */
-static float *slot_dst(tk_model *m, int role, int layer)
+/* ---- where each tensor goes ------------------------------------------------ */
+
+/* Vectors (norms, biases, RoPE frequencies) are decoded to float32 into one small block; matrices become
+ * tk_weight handles in their file's type. A matrix role's rows start at *row0 of its handle: q, k and v
+ * stack into one [(H + 2 Hkv) Dh, D] weight and gate, up into one [2F, D], so one matmul computes them. */
+static int is_matrix(int role)
+{
+    return role == R_EMBED || role == R_LM_HEAD || role == R_Q || role == R_K || role == R_V || role == R_O ||
+           role == R_GATE || role == R_UP || role == R_DOWN;
+}
+
+static tk_weight *matrix_dst(tk_model *m, int role, int layer, int *row0)
 {
     const tk_model_config *c = &m->cfg;
-    size_t D = (size_t)c->d_model, F = (size_t)c->d_ff;
+    int q_rows = c->n_heads * c->head_dim, kv_rows = c->n_kv_heads * c->head_dim;
+    tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
+    *row0 = 0;
+    switch (role) {
+    case R_EMBED: return &m->w.embed;
+    case R_LM_HEAD: return &m->w.lm_head;
+    case R_Q: return &L->wqkv;
+    case R_K: *row0 = q_rows; return &L->wqkv;
+    case R_V: *row0 = q_rows + kv_rows; return &L->wqkv;
+    case R_O: return &L->wo;
+    case R_GATE: return &L->w_gate_up;
+    case R_UP: *row0 = c->d_ff; return &L->w_gate_up;
+    case R_DOWN: return &L->w_down;
+    }
+    return NULL;
+}
+
+static float *vector_dst(tk_model *m, int role, int layer)
+{
+    const tk_model_config *c = &m->cfg;
     size_t q_rows = (size_t)c->n_heads * c->head_dim, kv_rows = (size_t)c->n_kv_heads * c->head_dim;
     tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
     switch (role) {
-    case R_EMBED: return m->w.embed;
     case R_FINAL_NORM: return m->w.final_norm;
-    case R_LM_HEAD: return m->w.lm_head;
     case R_ROPE_FREQS: return m->w.rope_inv_freq;
     case R_ATTN_NORM: return L->attn_norm;
-    case R_Q: return L->wqkv;
-    case R_K: return L->wqkv + q_rows * D;
-    case R_V: return L->wqkv + (q_rows + kv_rows) * D;
-    case R_O: return L->wo;
     case R_Q_BIAS: return L->bqkv;
     case R_K_BIAS: return L->bqkv + q_rows;
     case R_V_BIAS: return L->bqkv + q_rows + kv_rows;
     case R_Q_NORM: return L->q_norm;
     case R_K_NORM: return L->k_norm;
     case R_MLP_NORM: return L->mlp_norm;
-    case R_GATE: return L->w_gate_up;
-    case R_UP: return L->w_gate_up + F * D;
-    case R_DOWN: return L->w_down;
     }
     return NULL;
 }
 
-/* ---- quantized copies ------------------------------------------------------ */
-
-/* The matrices that may get a quantized copy, numbered: layer l's are l * Q_PER_LAYER + Q_QKV ... Q_DOWN,
- * and the lm_head comes last, at n_layers * Q_PER_LAYER. */
-enum { Q_QKV, Q_O, Q_GATE_UP, Q_DOWN, Q_PER_LAYER };
-
-static int n_quantized(const tk_model_config *c) { return c->n_layers * Q_PER_LAYER + 1; }
-
-/* Which quantized matrix a source's rows go to (-1: none), and from which of its rows. The tied
- * embedding is the lm_head; an untied embedding is only looked up, as float32. */
-static int quantized_index(const tk_model_config *c, int role, int layer, size_t *first_row)
-{
-    size_t q_rows = (size_t)c->n_heads * c->head_dim, kv_rows = (size_t)c->n_kv_heads * c->head_dim;
-    int at = layer * Q_PER_LAYER, head = c->n_layers * Q_PER_LAYER;
-    *first_row = 0;
-    switch (role) {
-    case R_Q: return at + Q_QKV;
-    case R_K: *first_row = q_rows; return at + Q_QKV;
-    case R_V: *first_row = q_rows + kv_rows; return at + Q_QKV;
-    case R_O: return at + Q_O;
-    case R_GATE: return at + Q_GATE_UP;
-    case R_UP: *first_row = (size_t)c->d_ff; return at + Q_GATE_UP;
-    case R_DOWN: return at + Q_DOWN;
-    case R_EMBED: return c->tied_embeddings ? head : -1;
-    case R_LM_HEAD: return head;
-    default: return -1;
-    }
-}
-
-static tk_qmatrix *quantized_at(tk_model *m, int i)
-{
-    if (i == n_quantized(&m->cfg) - 1) return &m->w.lm_head_q;
-    tk_layer_weights *L = &m->w.layers[i / Q_PER_LAYER];
-    tk_qmatrix *by_target[Q_PER_LAYER] = {&L->wqkv_q, &L->wo_q, &L->w_gate_up_q, &L->w_down_q};
-    return by_target[i % Q_PER_LAYER];
-}
-
-/* [rows, cols] of quantized matrix i */
-static void quantized_shape(const tk_model_config *c, int i, int *rows, int *cols)
-{
-    int D = c->d_model, q_rows = c->n_heads * c->head_dim;
-    if (i == n_quantized(c) - 1) {
-        *rows = c->vocab_size, *cols = D;
-        return;
-    }
-    switch (i % Q_PER_LAYER) {
-    case Q_QKV: *rows = tk_model_qkv_rows(c), *cols = D; break;
-    case Q_O: *rows = D, *cols = q_rows; break;
-    case Q_GATE_UP: *rows = 2 * c->d_ff, *cols = D; break;
-    default: *rows = D, *cols = c->d_ff; break; /* down */
-    }
-}
-
-/* ---- the size table and the one allocation ---------------------------- */
-
-static size_t padded(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned carving */
+/* ---- the float32 vectors: a size table and one allocation -------------------- */
 
 /* Walks the layout; with base == NULL it only counts floats. */
-static size_t carve(tk_model *m, float *base)
+static size_t carve_vectors(tk_model *m, float *base)
 {
     const tk_model_config *c = &m->cfg;
-    size_t D = (size_t)c->d_model, Dh = (size_t)c->head_dim, F = (size_t)c->d_ff, V = (size_t)c->vocab_size;
-    size_t qkv = (size_t)tk_model_qkv_rows(c), q_rows = (size_t)c->n_heads * Dh;
-    size_t at = 0;
-#define TAKE(ptr, n)                                   \
-    do {                                               \
-        if (base) (ptr) = base + at;                   \
-        at += padded(n);                               \
-    } while (0)
-    TAKE(m->w.embed, V * D);
-    TAKE(m->w.final_norm, D);
-    if (c->tied_embeddings) {
-        if (base) m->w.lm_head = m->w.embed;
-    } else {
-        TAKE(m->w.lm_head, V * D);
-    }
-    TAKE(m->w.rope_inv_freq, Dh / 2);
+    size_t D = (size_t)c->d_model, Dh = (size_t)c->head_dim, qkv = (size_t)tk_model_qkv_rows(c);
+    tk_arena a = {base, 0};
+    tk_layer_weights dummy;
+    m->w.final_norm = tk_arena_take(&a, D);
+    m->w.rope_inv_freq = tk_arena_take(&a, Dh / 2);
     for (int l = 0; l < c->n_layers; l++) {
-        tk_layer_weights dummy, *L = base ? &m->w.layers[l] : &dummy;
-        TAKE(L->attn_norm, D);
-        TAKE(L->wqkv, qkv * D);
-        if (c->qkv_bias) TAKE(L->bqkv, qkv); else if (base) L->bqkv = NULL;
-        if (c->qk_norm) {
-            TAKE(L->q_norm, Dh);
-            TAKE(L->k_norm, Dh);
-        } else if (base) {
-            L->q_norm = L->k_norm = NULL;
-        }
-        TAKE(L->wo, D * q_rows);
-        TAKE(L->mlp_norm, D);
-        TAKE(L->w_gate_up, 2 * F * D);
-        TAKE(L->w_down, D * F);
+        tk_layer_weights *L = base ? &m->w.layers[l] : &dummy;
+        L->attn_norm = tk_arena_take(&a, D);
+        L->bqkv = c->qkv_bias ? tk_arena_take(&a, qkv) : NULL;
+        L->q_norm = c->qk_norm ? tk_arena_take(&a, Dh) : NULL;
+        L->k_norm = c->qk_norm ? tk_arena_take(&a, Dh) : NULL;
+        L->mlp_norm = tk_arena_take(&a, D);
     }
-#undef TAKE
-    return at;
+    return a.at;
 }
 
-static tk_status allocate(tk_model *m)
+/* The vectors' device block, and a host mirror of it (`host`, freed by the caller) that the loader fills and
+ * uploads in one go. */
+static tk_status allocate_vectors(tk_model *m, float **host)
 {
-    m->w.layers = calloc((size_t)m->cfg.n_layers, sizeof *m->w.layers);
-    size_t n = carve(m, NULL);
-    /* size_t products: a 7B model has > 2^31 floats */
-    m->w.block = m->w.layers ? aligned_alloc(64, n * sizeof(float)) : NULL;
-    if (!m->w.block)
-        return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for the model weights",
-                        (double)n * sizeof(float) / 1e6);
+    size_t n = carve_vectors(m, NULL);
+    m->w.block = m->be->alloc(m->be, n * sizeof(float));
+    *host = calloc(n ? n : 1, sizeof(float));
+    if (!m->w.block || !*host) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
     m->w.block_floats = n;
-    carve(m, m->w.block);
+    carve_vectors(m, m->w.block);
     return TK_OK;
 }
 
@@ -222,11 +165,14 @@ typedef struct {
     const tk_tensor_source *src;
     int role;
     const uint8_t *bytes;   /* in the map */
-    float *dst;             /* set once the block is allocated */
     size_t rows, row_elems, row_bytes;
     int head_dim;           /* for un-permuting GGUF q/k rows */
-    tk_qmatrix *qdst;       /* the quantized copy the rows also go to, or NULL */
-    size_t qrow0;           /* ... starting at this row of it */
+    /* set once memory is allocated: */
+    float *dst;             /* a vector's place in the float block, or NULL for a matrix ... */
+    tk_backend *be;
+    const tk_weight_part *part; /* ... whose rows go to this part of its handle */
+    int part_row;           /* starting at this row of the part */
+    int cols;
 } convert_job;
 
 static tk_status shape_error(const char *path, const tk_tensor_source *s, slot sl)
@@ -326,67 +272,120 @@ static void convert_task(void *ctx, int task, int thread)
     convert_job *job = &((convert_job *)ctx)[task];
     for (size_t r = 0; r < job->rows; r++) {
         const uint8_t *row = job->bytes + source_row(r, job->head_dim) * job->row_bytes;
-        tk_dequantize(job->dst + r * job->row_elems, row, job->src->type, job->row_elems);
-        if (job->qdst) tk_qmatrix_put_row(job->qdst, (int)(job->qrow0 + r), row);
+        if (job->dst)
+            tk_dequantize(job->dst + r * job->row_elems, row, job->src->type, job->row_elems);
+        else
+            job->be->weight_put_row(job->be, job->part, job->cols, job->part_row + (int)r, row);
     }
 }
 
-/* types[i]: the type every source of quantized matrix i has, or -1 when they differ or one has a type the
- * kernel cannot read (then that matrix gets no quantized copy). */
-static int *quantized_types(const tk_model_config *c, const convert_job *jobs, int n_jobs)
+/* ---- the matrices: parts, their resident storage and one allocation ------------------------------- */
+
+/* Every matrix handle of the model (the lm_head only when untied: tied, it is the embedding's). */
+static int matrices(tk_model *m, tk_weight **out)
 {
-    int n = n_quantized(c), *types = malloc((size_t)n * sizeof *types);
-    enum { UNSEEN = -2 };
-    for (int i = 0; types && i < n; i++) types[i] = UNSEEN;
-    for (int j = 0; types && j < n_jobs; j++) {
-        size_t first_row;
-        int i = quantized_index(c, jobs[j].role, jobs[j].src->layer, &first_row), type = (int)jobs[j].src->type;
-        if (i < 0) continue;
-        types[i] = tk_qmatrix_supports(type) && (types[i] == UNSEEN || types[i] == type) ? type : -1;
+    int n = 0;
+    out[n++] = &m->w.embed;
+    if (!m->cfg.tied_embeddings) out[n++] = &m->w.lm_head;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        tk_layer_weights *L = &m->w.layers[l];
+        out[n++] = &L->wqkv;
+        out[n++] = &L->wo;
+        out[n++] = &L->w_gate_up;
+        out[n++] = &L->w_down;
     }
-    return types;
+    return n;
 }
 
-/* Walks the quantized matrices of the given types; with base == NULL it only counts bytes. */
-static size_t carve_quantized(tk_model *m, const int *types, uint8_t *base)
+/* One part per source, in row order; neighbours of the same type merge into one part. */
+static void plan_parts(tk_model *m, const convert_job *jobs, int n_jobs)
 {
-    size_t at = 0;
-    for (int i = 0; i < n_quantized(&m->cfg); i++) {
-        int rows, cols;
-        if (types[i] < 0) continue;
-        quantized_shape(&m->cfg, i, &rows, &cols);
-        if (base) *quantized_at(m, i) = (tk_qmatrix){types[i], rows, cols, base + at};
-        at += (tk_qmatrix_bytes(types[i], rows, cols) + 63) & ~(size_t)63;
+    for (int j = 0; j < n_jobs; j++) {
+        if (!is_matrix(jobs[j].role)) continue;
+        int row0;
+        tk_weight *w = matrix_dst(m, jobs[j].role, jobs[j].src->layer, &row0);
+        w->cols = (int)jobs[j].row_elems;
+        w->rows += (int)jobs[j].rows;
+        w->part[w->n_parts++] = (tk_weight_part){(int)jobs[j].src->type, row0, (int)jobs[j].rows, NULL};
     }
-    return at;
-}
-
-/* Allocates the quantized copies the sources allow and points the jobs at them. Optional: without the
- * memory the model still works (decoding then reads the float32 weights), so failures are not errors. */
-static void plan_quantized(tk_model *m, convert_job *jobs, int n_jobs)
-{
-    int *types = quantized_types(&m->cfg, jobs, n_jobs);
-    size_t bytes = types ? carve_quantized(m, types, NULL) : 0;
-    m->w.qblock = bytes ? aligned_alloc(64, bytes) : NULL;
-    if (m->w.qblock) {
-        memset(m->w.qblock, 0, bytes); /* the padding rows of each last row group decode to 0 */
-        m->w.qblock_bytes = bytes;
-        carve_quantized(m, types, m->w.qblock);
-        for (int j = 0; j < n_jobs; j++) {
-            int i = quantized_index(&m->cfg, jobs[j].role, jobs[j].src->layer, &jobs[j].qrow0);
-            jobs[j].qdst = i >= 0 && quantized_at(m, i)->tiles ? quantized_at(m, i) : NULL;
+    tk_weight *all[2 + 4 * m->cfg.n_layers];
+    int n = matrices(m, all);
+    for (int i = 0; i < n; i++) {
+        tk_weight *w = all[i];
+        for (int a = 1; a < w->n_parts; a++) /* insertion sort by first row: at most 3 parts */
+            for (int b = a; b > 0 && w->part[b].row0 < w->part[b - 1].row0; b--) {
+                tk_weight_part t = w->part[b];
+                w->part[b] = w->part[b - 1];
+                w->part[b - 1] = t;
+            }
+        int kept = 0;
+        for (int a = 0; a < w->n_parts; a++) {
+            if (kept > 0 && w->part[kept - 1].type == w->part[a].type) w->part[kept - 1].rows += w->part[a].rows;
+            else w->part[kept++] = w->part[a];
         }
+        w->n_parts = kept;
     }
-    free(types);
+}
+
+static int is_float_type(int type) { return type == TK_GGML_F32 || type == TK_GGML_F16 || type == TK_GGML_BF16; }
+
+/* Sizes every part through the backend, allocates them as one zeroed block and points the parts into it. */
+static tk_status allocate_matrices(tk_model *m, tk_backend *be, const char *path)
+{
+    tk_weight *all[2 + 4 * m->cfg.n_layers];
+    int n = matrices(m, all);
+    size_t total = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t at = 0;
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < all[i]->n_parts; k++) {
+                tk_weight_part *p = &all[i]->part[k];
+                size_t bytes = be->weight_bytes(be, p->type, p->rows, all[i]->cols);
+                if (!bytes)
+                    return tk_error(TK_ERR_UNSUPPORTED, "%s: the %s backend cannot hold a [%d, %d] weight of type %s",
+                                    path, be->name, p->rows, all[i]->cols, tk_quant_type_name(p->type));
+                if (pass) p->data = m->w.wblock + at;
+                else if (!is_float_type(p->type)) m->w.quantized_bytes += bytes;
+                at += bytes;
+            }
+        if (pass) break;
+        total = at;
+        m->w.wblock = be->alloc(be, total); /* zeroed: padding rows of tiled parts decode to 0 */
+        if (!m->w.wblock)
+            return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for the model weights", (double)total / 1e6);
+        m->w.wblock_bytes = total;
+    }
+    if (m->cfg.tied_embeddings) m->w.lm_head = m->w.embed;
+    return TK_OK;
+}
+
+/* Points each job at its destination: a vector's floats in the host mirror, or a matrix's part and row. */
+static void place_jobs(tk_model *m, tk_backend *be, convert_job *jobs, int n_jobs, float *host)
+{
+    for (int j = 0; j < n_jobs; j++) {
+        convert_job *job = &jobs[j];
+        if (!is_matrix(job->role)) {
+            job->dst = host + (vector_dst(m, job->role, job->src->layer) - m->w.block);
+            continue;
+        }
+        int row0;
+        tk_weight *w = matrix_dst(m, job->role, job->src->layer, &row0);
+        int k = 0;
+        while (k + 1 < w->n_parts && w->part[k + 1].row0 <= row0) k++;
+        job->be = be;
+        job->part = &w->part[k];
+        job->part_row = row0 - w->part[k].row0;
+        job->cols = w->cols;
+    }
 }
 
 /* HF's default inverse frequencies, then its rope_scaling rules; a GGUF
  * rope_freqs tensor (already loaded into the slot) divides them instead. */
-static void compute_rope(tk_model *m, int have_rope_freqs)
+static void compute_rope(tk_model *m, float *host, int have_rope_freqs)
 {
     const tk_model_config *c = &m->cfg;
     int half = c->head_dim / 2;
-    float *inv = m->w.rope_inv_freq;
+    float *inv = host + (m->w.rope_inv_freq - m->w.block);
     for (int i = 0; i < half; i++) {
         float base = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / (double)c->head_dim));
         if (have_rope_freqs) {
@@ -411,16 +410,18 @@ static void compute_rope(tk_model *m, int have_rope_freqs)
     }
 }
 
-/* Maps the files, checks every source, then allocates the block and converts
- * all tensors in parallel; the maps are released before returning. */
+/* Maps the files, checks every source, then allocates and converts all
+ * tensors in parallel; the maps are released before returning. */
 static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths, const tk_tensor_source *src,
-                              int n_src, tk_pool *pool)
+                              int n_src, tk_pool *pool, tk_backend *be)
 {
     tk_status s = TK_OK;
+    float *host = NULL; /* the vectors, before their upload */
     tk_mapped_file *files = calloc((size_t)(n_paths ? n_paths : 1), sizeof *files);
     convert_job *jobs = calloc((size_t)(n_src ? n_src : 1), sizeof *jobs);
     unsigned char *filled = calloc((size_t)(m->cfg.n_layers + 1) * R_COUNT, 1);
-    if (!files || !jobs || !filled) {
+    m->w.layers = calloc((size_t)m->cfg.n_layers, sizeof *m->w.layers);
+    if (!files || !jobs || !filled || !m->w.layers) {
         s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
         goto done;
     }
@@ -431,14 +432,20 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     for (int f = 0; f < n_paths && s == TK_OK; f++) s = tk_file_map(&files[f], paths[f]);
     for (int i = 0; i < n_src && s == TK_OK; i++) s = check_source(&jobs[i], &m->cfg, &src[i], files, n_paths, filled);
     if (s == TK_OK) s = check_complete(&m->cfg, filled, paths[0]);
-    if (s == TK_OK) s = allocate(m);
+    if (s == TK_OK) s = allocate_vectors(m, &host);
     if (s == TK_OK) {
-        for (int i = 0; i < n_src; i++) jobs[i].dst = slot_dst(m, jobs[i].role, jobs[i].src->layer);
-        plan_quantized(m, jobs, n_src);
+        plan_parts(m, jobs, n_src);
+        s = allocate_matrices(m, be, paths[0]);
+    }
+    if (s == TK_OK) {
+        place_jobs(m, be, jobs, n_src, host);
         tk_pool_run(pool, n_src, convert_task, jobs);
-        compute_rope(m, filled[R_ROPE_FREQS]);
+        compute_rope(m, host, filled[R_ROPE_FREQS]);
+        be->upload(be, m->w.block, host, m->w.block_floats * sizeof(float));
+        s = be->sync(be);
     }
 done:
+    free(host);
     for (int f = 0; files && f < n_paths; f++) tk_file_unmap(&files[f]);
     free(files);
     free(jobs);
@@ -447,7 +454,7 @@ done:
 }
 
 tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char *const *paths, int n_paths,
-                          const tk_tensor_source *src, int n_src, tk_pool *pool)
+                          const tk_tensor_source *src, int n_src, tk_pool *pool, tk_backend *be)
 {
     *out = NULL;
     TK_TRY(tk_model_config_check(cfg));
@@ -455,7 +462,9 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
     if (!m) return tk_error(TK_ERR_NOMEM, "out of memory");
     m->cfg = *cfg;
     atomic_init(&m->refcount, 1);
-    tk_status s = load_sources(m, paths, n_paths, src, n_src, pool);
+    tk_backend_retain(be);
+    m->be = be;
+    tk_status s = load_sources(m, paths, n_paths, src, n_src, pool, be);
     if (s != TK_OK) {
         tk_model_release(m);
         return s;
@@ -532,8 +541,11 @@ void tk_model_release(tk_model *m)
         free(v->bytes);
         free(v);
     }
-    free(m->w.block);
-    free(m->w.qblock);
+    if (m->be) {
+        m->be->free(m->be, m->w.block);
+        m->be->free(m->be, m->w.wblock);
+        tk_backend_release(m->be);
+    }
     free(m->w.layers);
     free(m);
 }

@@ -321,13 +321,13 @@ static PyObject *model_get_config(ModelObject *self, void *closure)
 static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromSize_t(self->model->w.block_floats * sizeof(float));
+    return PyLong_FromSize_t(self->model->w.block_floats * sizeof(float) + self->model->w.wblock_bytes);
 }
 
 static PyObject *model_get_quantized_bytes(ModelObject *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromSize_t(self->model->w.qblock_bytes);
+    return PyLong_FromSize_t(self->model->w.quantized_bytes);
 }
 
 /* set_token_bytes(list of bytes, one per token id): for stop strings */
@@ -377,9 +377,10 @@ static PyMethodDef model_methods[] = {
 
 static PyGetSetDef model_getset[] = {
     {"config", (getter)model_get_config, NULL, "the model's dimensions", NULL},
-    {"weight_bytes", (getter)model_get_weight_bytes, NULL, "bytes of float32 weights held", NULL},
+    {"weight_bytes", (getter)model_get_weight_bytes, NULL,
+     "bytes of base weights held: every matrix in its file's type, the vectors in float32", NULL},
     {"quantized_bytes", (getter)model_get_quantized_bytes, NULL,
-     "bytes of quantized weight copies held for decoding (Q4_0 / Q4_1 / Q8_0 GGUF projections; 0: none)", NULL},
+     "bytes of the matrices held in block-quantized types (0 for F32 / F16 / BF16 models)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -599,33 +600,96 @@ static int get_int32_buffer(PyObject *obj, Py_buffer *view, const char *what)
     return 0;
 }
 
+static int get_float32_buffer(PyObject *obj, Py_buffer *view, long n, const char *what);
+
+/* Sets a forward request's replacement embeddings: embed_rows (int32 [T], -1: the token's own) picks rows of
+ * embeds (float32 [n, D]). 0, or -1 with a Python exception set. */
+static int set_embeds(tk_request *req, PyObject *embeds_obj, PyObject *rows_obj, int d_model)
+{
+    Py_buffer rows, embeds;
+    if (PyObject_GetBuffer(embeds_obj, &embeds, PyBUF_SIMPLE) < 0) return -1;
+    long n_values = (long)(embeds.len / 4); /* checked as float32 below */
+    PyBuffer_Release(&embeds);
+    if (n_values % d_model) {
+        tk_py_raise(TK_ERR_INVALID, "forward: embeds must hold whole rows of the model width");
+        return -1;
+    }
+    if (get_float32_buffer(embeds_obj, &embeds, n_values, "embeds") < 0) return -1;
+    if (get_int32_buffer(rows_obj, &rows, "embed_rows") < 0) {
+        PyBuffer_Release(&embeds);
+        return -1;
+    }
+    tk_status s = tk_forward_request_set_embeds(req, embeds.buf, (int)(n_values / d_model), rows.buf,
+                                                (long)(rows.len / 4));
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&embeds);
+    if (s != TK_OK) tk_py_raise(s, tk_last_error());
+    return s == TK_OK ? 0 : -1;
+}
+
+/* adapter=: one Adapter (or None) for every sequence, or a list with one Adapter or None per sequence (a
+ * mixed batch: each sequence through its own adapter in one pass over the base weights). embeds= and
+ * embed_rows= (together): embeddings that replace some tokens' (see set_embeds). */
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", "adapter", NULL};
-    PyObject *model_obj, *tokens_obj, *lens_obj, *adapter_obj = Py_None;
+    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", "adapter", "embeds", "embed_rows", NULL};
+    PyObject *model_obj, *tokens_obj, *lens_obj, *adapter_obj = Py_None, *embeds_obj = Py_None, *rows_obj = Py_None;
     int notify = 0;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|pO:forward", kwlist, state->model_type, &model_obj,
-                                     &tokens_obj, &lens_obj, &notify, &adapter_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|pOOO:forward", kwlist, state->model_type, &model_obj,
+                                     &tokens_obj, &lens_obj, &notify, &adapter_obj, &embeds_obj, &rows_obj))
         return NULL;
-    if (adapter_obj != Py_None && !PyObject_TypeCheck(adapter_obj, state->adapter_type)) {
-        PyErr_SetString(PyExc_TypeError, "adapter must be an Adapter or None");
+    if ((embeds_obj == Py_None) != (rows_obj == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "forward: embeds and embed_rows go together");
         return NULL;
     }
-    tk_adapter *ad = adapter_obj == Py_None ? NULL : ((AdapterObject *)adapter_obj)->adapter;
+    int per_sequence = PyList_Check(adapter_obj) || PyTuple_Check(adapter_obj);
+    PyObject *items = per_sequence ? PySequence_Fast(adapter_obj, "adapter") : NULL;
+    Py_ssize_t n_items = items ? PySequence_Fast_GET_SIZE(items) : 1;
+    for (Py_ssize_t i = 0; i < n_items; i++) {
+        PyObject *a = items ? PySequence_Fast_GET_ITEM(items, i) : adapter_obj;
+        if (a != Py_None && !PyObject_TypeCheck(a, state->adapter_type)) {
+            Py_XDECREF(items);
+            PyErr_SetString(PyExc_TypeError, "adapter must be an Adapter, None, or a list of them (one per sequence)");
+            return NULL;
+        }
+    }
+    tk_adapter **ads = PyMem_Calloc((size_t)n_items, sizeof *ads);
+    if (!ads) {
+        Py_XDECREF(items);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n_items; i++) {
+        PyObject *a = items ? PySequence_Fast_GET_ITEM(items, i) : adapter_obj;
+        ads[i] = a == Py_None ? NULL : ((AdapterObject *)a)->adapter;
+    }
+    Py_XDECREF(items);
     Py_buffer tokens, lens;
-    if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) return NULL;
+    tk_request *req = NULL;
+    tk_status s = TK_ERR_INVALID;
+    if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) goto fail;
     if (get_int32_buffer(lens_obj, &lens, "seq_lens") < 0) {
         PyBuffer_Release(&tokens);
-        return NULL;
+        goto fail;
     }
-    tk_request *req;
-    tk_status s = tk_forward_request_create(&req, ((ModelObject *)model_obj)->model, ad, tokens.buf,
-                                            (long)(tokens.len / 4), lens.buf, (int)(lens.len / 4));
+    if (per_sequence && n_items != (Py_ssize_t)(lens.len / 4))
+        s = tk_error(TK_ERR_INVALID, "forward: %zd adapters given for %zd sequences", n_items,
+                     (Py_ssize_t)(lens.len / 4));
+    else
+        s = tk_forward_request_create(&req, ((ModelObject *)model_obj)->model, ads, per_sequence, tokens.buf,
+                                      (long)(tokens.len / 4), lens.buf, (int)(lens.len / 4));
     PyBuffer_Release(&tokens);
     PyBuffer_Release(&lens);
+    PyMem_Free(ads);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    if (embeds_obj != Py_None && set_embeds(req, embeds_obj, rows_obj, ((ModelObject *)model_obj)->model->cfg.d_model)) {
+        tk_request_release(req);
+        return NULL;
+    }
     return request_new(state, self->engine, req, REQUEST_FORWARD, notify);
+fail:
+    PyMem_Free(ads);
+    return NULL;
 }
 
 /* ---- Engine: adapters and training ------------------------------------------------------ */
@@ -928,7 +992,7 @@ static PyObject *engine_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwa
     if (n_threads > 256) n_threads = 256;
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
-    tk_status s = tk_engine_create(&self->engine, n_threads);
+    tk_status s = tk_engine_create(&self->engine, n_threads, tk_cpu_backend_create); /* the only backend so far */
     if (s != TK_OK) {
         Py_DECREF(self);
         return tk_py_raise(s, tk_last_error());

@@ -1,6 +1,7 @@
 /* cpu_backend.c - CPU ops: OpenBLAS for the matmuls, plain loops (written so
  * gcc vectorises them, no -ffast-math) for the rest, split over the pool. The
- * matmul on quantized weights (decoding) is its own kernel, in qmatmul.c.
+ * matmuls that read base weights in their stored format are in wmatmul.c
+ * (and, for few rows of Q4_0 / Q4_1 / Q8_0, the register kernel of qmatmul.c).
  *
  * Threading: one thread team, the engine's pool. OpenBLAS is kept at one
  * thread and the pool splits each GEMM instead: OpenBLAS's own threads
@@ -11,16 +12,20 @@
 #include "cpu_backend.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../../io/quant.h"
 #include "blas.h"
-#include "qmatmul.h"
+#include "optim_ops.h"
 #include "vec_math.h"
+#include "wmatmul.h"
 
 typedef struct {
     tk_backend base;
     tk_pool *pool;
+    tk_cpu_panels panels; /* decoded weight panels, one per thread (wmatmul.c) */
 } cpu_backend;
 
 static tk_pool *pool_of(tk_backend *be) { return ((cpu_backend *)be)->pool; }
@@ -64,6 +69,7 @@ typedef struct {
     const float *x, *w;
     int ldy, ldx, ldw, T, N, K, n_tasks, split_m;
     float alpha, beta;
+    int small_m; /* one row, through small_m_nt */
 } gemm_args;
 
 /* A single row of x (decoding one sequence): each weight row is streamed once
@@ -99,7 +105,7 @@ static void nt_task(void *ctx, int task, int thread)
     int n0, n1;
     block16_range(task, a->n_tasks, a->N, &n0, &n1);
     if (n1 <= n0) return;
-    if (a->T <= SMALL_M) {
+    if (a->small_m) {
         small_m_nt(a, n0, n1);
         return;
     }
@@ -107,20 +113,23 @@ static void nt_task(void *ctx, int task, int thread)
                    a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
 }
 
-static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
-                          int K, float alpha, float beta)
+/* `stream`: a decoding step over float32 weights, where one row streams each weight row once (small_m_nt);
+ * everything else is sgemm, whose rows come out the same whatever else shares the call. */
+static void matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
+                      int K, float alpha, float beta, int stream)
 {
-    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta};
+    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta, stream && T <= SMALL_M};
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
-    if (T <= SMALL_M && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
+    if (a.small_m && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
     tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
 }
 
-static void cpu_matmul_nt_q(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_qmatrix *w, int T,
-                            float alpha, float beta)
+static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
+                          int K, float alpha, float beta)
 {
-    tk_cpu_matmul_nt_q(pool_of(be), y, ldy, x, ldx, w, T, alpha, beta);
+    matmul_nt(be, y, ldy, x, ldx, w, T, N, K, alpha, beta, 0);
 }
+
 
 /* y[:, n0:n1] = x . w[:, n0:n1] */
 static void nn_task(void *ctx, int task, int thread)
@@ -137,7 +146,7 @@ static void nn_task(void *ctx, int task, int thread)
 static void cpu_matmul_nn(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                           int N, int K, float alpha, float beta)
 {
-    gemm_args a = {y, x, w, ldy, ldx, ldw, T, N, K, 1, 0, alpha, beta};
+    gemm_args a = {y, x, w, ldy, ldx, ldw, T, N, K, 1, 0, alpha, beta, 0};
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
     tk_pool_run(pool_of(be), a.n_tasks, nn_task, &a);
 }
@@ -162,17 +171,148 @@ static void tn_task(void *ctx, int task, int thread)
 static void cpu_matmul_tn_acc(tk_backend *be, float *g, int ldg, const float *a_, int lda, const float *b, int ldb,
                               int T, int M, int N, float alpha)
 {
-    gemm_args a = {g, a_, b, ldg, lda, ldb, T, M, N, 1, M >= N, alpha, 1.0f};
+    gemm_args a = {g, a_, b, ldg, lda, ldb, T, M, N, 1, M >= N, alpha, 1.0f, 0};
     a.n_tasks = gemm_tasks(be, (long)T * M * N, M >= N ? M : N);
     tk_pool_run(pool_of(be), a.n_tasks, tn_task, &a);
 }
 
-/* ---- embedding, norms, bias ------------------------------------------------------ */
+/* ---- base weights (wmatmul.c) ---------------------------------------------------------- */
 
-static void cpu_embed(tk_backend *be, float *x, const float *table, const int32_t *tokens, int T, int D)
+static size_t cpu_weight_bytes(tk_backend *be, int type, int rows, int cols)
 {
     (void)be;
-    for (int t = 0; t < T; t++) memcpy(x + (size_t)t * D, table + (size_t)tokens[t] * D, (size_t)D * sizeof(float));
+    return tk_cpu_weight_bytes(type, rows, cols);
+}
+
+static void cpu_weight_put_row(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src)
+{
+    (void)be;
+    tk_cpu_weight_put_row(p, cols, row, src);
+}
+
+/* Each part writes its own columns of y; F32 parts are plain sgemm operands. */
+static void matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                     float alpha, float beta, int decoding)
+{
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        if (p->type == TK_GGML_F32)
+            matmul_nt(be, y + p->row0, ldy, x, ldx, p->data, T, p->rows, w->cols, alpha, beta, decoding);
+        else
+            tk_cpu_matmul_part(pool_of(be), &((cpu_backend *)be)->panels, y + p->row0, ldy, x, ldx, p, w->cols, T,
+                               alpha, beta, decoding);
+    }
+}
+
+static void cpu_matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                         float alpha, float beta)
+{
+    matmul_w(be, y, ldy, x, ldx, w, T, alpha, beta, 0);
+}
+
+static void cpu_matmul_w_decode(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                int T, float alpha, float beta)
+{
+    matmul_w(be, y, ldy, x, ldx, w, T, alpha, beta, 1);
+}
+
+/* The parts' row ranges of x are the reduction: the first part applies beta, the others accumulate. */
+static void cpu_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                           float alpha, float beta)
+{
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        float b = i == 0 ? beta : 1.0f;
+        if (p->type == TK_GGML_F32)
+            cpu_matmul_nn(be, y, ldy, x + p->row0, ldx, p->data, w->cols, T, w->cols, p->rows, alpha, b);
+        else
+            tk_cpu_matmul_part_t(pool_of(be), &((cpu_backend *)be)->panels, y, ldy, x + p->row0, ldx, p, w->cols, T,
+                                 alpha, b);
+    }
+}
+
+/* ---- memory: host memory is the device's ---------------------------------------------- */
+
+/* calloc, so large buffers are the kernel's zero pages until written (a fresh adapter's moments cost no
+ * memory before its first optim_step), aligned up to 64 bytes with the original pointer kept just below */
+static void *cpu_alloc(tk_backend *be, size_t bytes)
+{
+    (void)be;
+    uint8_t *raw = bytes < SIZE_MAX - 128 ? calloc(1, bytes + 64 + sizeof(void *)) : NULL;
+    if (!raw) {
+        tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB", (double)bytes / 1e6);
+        return NULL;
+    }
+    uintptr_t at = ((uintptr_t)(raw + sizeof(void *)) + 63) & ~(uintptr_t)63;
+    memcpy((void *)(at - sizeof(void *)), &raw, sizeof raw);
+    return (void *)at;
+}
+
+static void cpu_free(tk_backend *be, void *buffer)
+{
+    (void)be;
+    if (!buffer) return;
+    void *raw;
+    memcpy(&raw, (uint8_t *)buffer - sizeof(void *), sizeof raw);
+    free(raw);
+}
+
+static void cpu_copy(tk_backend *be, void *dst, const void *src, size_t bytes)
+{
+    (void)be;
+    if (bytes && dst != src) memcpy(dst, src, bytes);
+}
+
+static void cpu_copy_rows(tk_backend *be, float *const *dst, const float *const *src, int rows, int n)
+{
+    (void)be;
+    for (int i = 0; i < rows; i++) memcpy(dst[i], src[i], (size_t)n * sizeof(float));
+}
+
+static tk_status cpu_sync(tk_backend *be)
+{
+    (void)be;
+    return TK_OK;
+}
+
+/* ---- indexing ---------------------------------------------------------------------- */
+
+static void cpu_gather(tk_backend *be, float *out, const float *x, int ldx, const int32_t *row, const int32_t *col,
+                       int n)
+{
+    (void)be;
+    for (int i = 0; i < n; i++) out[i] = x[(size_t)row[i] * ldx + col[i]];
+}
+
+static void cpu_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *row, const int32_t *col,
+                            const float *val, int n)
+{
+    (void)be;
+    for (int i = 0; i < n; i++) x[(size_t)row[i] * ldx + col[i]] += val[i];
+}
+
+/* ---- the optimizer (optim_ops.c) ------------------------------------------------------------ */
+
+static double cpu_sum_squares(tk_backend *be, const float *x, size_t n)
+{
+    return tk_cpu_sum_squares(pool_of(be), x, n);
+}
+
+static void cpu_adamw(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)
+{
+    tk_cpu_adamw(pool_of(be), p, g, m, v, n, f);
+}
+
+/* ---- embedding, norms, bias ------------------------------------------------------ */
+
+static void cpu_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
+{
+    (void)be;
+    for (int t = 0; t < T; t++) {
+        const tk_weight_part *p = &table->part[0];
+        for (int i = 1; i < table->n_parts && tokens[t] >= table->part[i].row0; i++) p = &table->part[i];
+        tk_cpu_weight_row(x + (size_t)t * table->cols, p, table->cols, tokens[t] - p->row0);
+    }
 }
 
 typedef struct {
@@ -249,6 +389,18 @@ static void cpu_add_bias(tk_backend *be, float *y, int ldy, const float *b, int 
 }
 
 /* ---- RoPE --------------------------------------------------------------------------- */
+
+static void cpu_rope_table(tk_backend *be, float *cos_t, float *sin_t, const int32_t *pos, int rows,
+                           const float *inv_freq, int half)
+{
+    (void)be;
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)pos[r] * inv_freq[i];
+            cos_t[(size_t)r * half + i] = cosf(angle);
+            sin_t[(size_t)r * half + i] = sinf(angle);
+        }
+}
 
 static void cpu_rope(tk_backend *be, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos,
                      const float *sin, int inverse)
@@ -685,17 +837,34 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
     if (!be) return NULL;
     tk_blas_set_threads(1); /* the pool parallelises the GEMMs (see the top of this file) */
     be->pool = pool;
+    if (!tk_cpu_panels_init(&be->panels, tk_pool_threads(pool))) {
+        tk_cpu_panels_free(&be->panels);
+        free(be);
+        return NULL;
+    }
     be->base = (tk_backend){
         .name = "cpu",
+        .host_memory = 1,
+        .destroy = tk_cpu_backend_free,
+        .weight_bytes = cpu_weight_bytes,
+        .weight_put_row = cpu_weight_put_row,
+        .matmul_w = cpu_matmul_w,
+        .matmul_w_decode = cpu_matmul_w_decode,
+        .matmul_w_t = cpu_matmul_w_t,
         .matmul_nt = cpu_matmul_nt,
-        .matmul_nt_q = cpu_matmul_nt_q,
-        /* measured on SmolLM2's shapes (Q4_1 blocks, the Q8_0 head), 2 threads, weights in cache: the
-         * quantized kernel is 3-10x faster than sgemm on the float32 weights up to 4 rows, 1.2-2.2x at 8-32,
-         * 1.04-1.1x at 64, about even at 96-128; whole decoding steps of 48-64 sequences, with the float32
-         * weights streamed from memory as in real use, 8-15% faster through it */
-        .matmul_nt_q_max_rows = 64,
         .matmul_nn = cpu_matmul_nn,
         .matmul_tn_acc = cpu_matmul_tn_acc,
+        .alloc = cpu_alloc,
+        .free = cpu_free,
+        .upload = cpu_copy,
+        .download = cpu_copy,
+        .copy_rows = cpu_copy_rows,
+        .sync = cpu_sync,
+        .gather = cpu_gather,
+        .scatter_add = cpu_scatter_add,
+        .sum_squares = cpu_sum_squares,
+        .adamw = cpu_adamw,
+        .rope_table = cpu_rope_table,
         .embed = cpu_embed,
         .rmsnorm = cpu_rmsnorm,
         .rmsnorm_backward = cpu_rmsnorm_backward,
@@ -712,7 +881,13 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .attention_decode = cpu_attention_decode,
         .attention_decode_workspace = cpu_attention_decode_workspace,
     };
+    atomic_init(&be->base.refcount, 1);
     return &be->base;
 }
 
-void tk_cpu_backend_free(tk_backend *be) { free(be); }
+void tk_cpu_backend_free(tk_backend *be)
+{
+    if (!be) return;
+    tk_cpu_panels_free(&((cpu_backend *)be)->panels);
+    free(be);
+}

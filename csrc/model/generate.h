@@ -1,4 +1,4 @@
-/* sample.h - generation: prefill once, decode samples together with a KV cache.
+/* generate.h - generation: prefill once, decode samples together with a KV cache.
  *
  * A sample request holds one prompt and its SamplingParams. Requests on the
  * same model and adapter that are queued together run as one batch: their
@@ -7,23 +7,13 @@
  * them), each attending to its request's prompt cache, shared by its
  * num_samples sequences, and to its own tokens.
  */
-#ifndef TK_SAMPLE_H
-#define TK_SAMPLE_H
+#ifndef TK_GENERATE_H
+#define TK_GENERATE_H
 
 #include "../core/engine.h"
 #include "lora.h"
 #include "model.h"
-
-typedef struct {
-    int num_samples, max_tokens;
-    double temperature;       /* 0: greedy */
-    int top_k;                /* <= 0: off */
-    double top_p, min_p;
-    double repetition_penalty, presence_penalty, frequency_penalty;
-    uint64_t seed;
-    int prompt_logprobs;      /* also return log p(prompt[i] | prompt[:i]) */
-    int topk_prompt;          /* and the top k (id, logprob) at each prompt position */
-} tk_sample_params;
+#include "sampler.h"
 
 /* stop_ids[n_stop_ids] end a sequence (the token is kept); stop strings are
  * byte strings stop_bytes[stop_offsets[i] .. stop_offsets[i+1]), matched

@@ -1,24 +1,16 @@
-/* sample.c - generation with a KV cache (see sample.h).
- *
- * Choosing a token from a row of logits, as Hugging Face's samplers order it:
- * penalties (repetition over prompt and output, presence and frequency over
- * the output), temperature, then top_k, top_p (on the top_k-renormalised
- * distribution), min_p (relative to the most likely token), and a draw from
- * the sequence's own xoshiro256** stream, seeded from (seed, sample index) so
- * a sample does not depend on what else shares its batch. The reported
- * logprob is the token's under the penalised, temperature-scaled distribution
- * (temperature 1 when greedy). The vocabulary is never fully sorted: top_k and
- * top_p take the best candidates by partial selection first.
+/* generate.c - generation with a KV cache (see generate.h): the requests'
+ * prompts are prefilled in one packed pass of the layer recipe, then every
+ * sample decodes in shared steps (the same recipe over the caches), each
+ * step's tokens chosen by sampler.c; prompt scores and stop conditions.
  */
-#include "sample.h"
+#include "generate.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../backend/backend.h"
-#include "../core/rng.h"
-#include "loss.h"
+#include "head.h"
 #include "transformer.h"
 
 typedef struct {
@@ -61,176 +53,6 @@ static void sample_free(void *ptr)
     free(sp);
 }
 
-/* ---- random numbers --------------------------------------------------------- */
-
-typedef struct {
-    uint64_t s[4];
-} rng_t;
-
-static rng_t rng_for(uint64_t seed, int sample)
-{
-    uint64_t x = seed ^ (0xd1b54a32d192ed03ull * (uint64_t)(sample + 1));
-    rng_t r;
-    for (int i = 0; i < 4; i++) r.s[i] = tk_splitmix64(&x);
-    return r;
-}
-
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static double uniform(rng_t *r) /* [0, 1) */
-{
-    uint64_t *s = r->s, result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0], s[3] ^= s[1], s[1] ^= s[2], s[0] ^= s[3], s[2] ^= t, s[3] = rotl(s[3], 45);
-    return (double)(result >> 11) * (1.0 / 9007199254740992.0);
-}
-
-/* ---- choosing a token --------------------------------------------------------- */
-
-typedef struct {
-    float z;
-    int id;
-} cand;
-
-static int by_z_desc(const void *a, const void *b)
-{
-    float x = ((const cand *)a)->z, y = ((const cand *)b)->z;
-    return x > y ? -1 : x < y ? 1 : ((const cand *)a)->id - ((const cand *)b)->id;
-}
-
-/* Moves the k largest of c[0..n) to the front (unordered), by quickselect. */
-static void select_top(cand *c, int n, int k)
-{
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float pivot = c[(lo + hi) / 2].z;
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (c[i].z > pivot) i++;
-            while (c[j].z < pivot) j--;
-            if (i <= j) {
-                cand t = c[i];
-                c[i++] = c[j];
-                c[j--] = t;
-            }
-        }
-        if (k - 1 <= j) hi = j;
-        else if (k - 1 >= i) lo = i;
-        else break;
-    }
-}
-
-typedef struct {
-    float *z;          /* [V] working logits */
-    cand *c;           /* [V] */
-    int *seen;         /* [V] stamp per token for the penalties */
-    int stamp;
-} chooser;
-
-static void apply_penalties(chooser *ch, const tk_sample_params *p, const int32_t *prompt, int P,
-                            const int32_t *out, int n_out)
-{
-    if (p->repetition_penalty != 1.0) { /* HF: divide positive logits, multiply negative ones, once per token */
-        ch->stamp++;
-        for (int pass = 0; pass < 2; pass++) {
-            const int32_t *ids = pass ? out : prompt;
-            int n = pass ? n_out : P;
-            for (int i = 0; i < n; i++) {
-                int t = ids[i];
-                if (ch->seen[t] == ch->stamp) continue;
-                ch->seen[t] = ch->stamp;
-                ch->z[t] = ch->z[t] > 0 ? ch->z[t] / (float)p->repetition_penalty : ch->z[t] * (float)p->repetition_penalty;
-            }
-        }
-    }
-    if (p->presence_penalty != 0.0 || p->frequency_penalty != 0.0) {
-        ch->stamp++;
-        for (int i = 0; i < n_out; i++) {
-            int t = out[i];
-            ch->z[t] -= (float)p->frequency_penalty;
-            if (ch->seen[t] != ch->stamp) ch->z[t] -= (float)p->presence_penalty;
-            ch->seen[t] = ch->stamp;
-        }
-    }
-}
-
-static double logsumexp(const float *z, int V, float *max_out)
-{
-    float max = z[0];
-    for (int v = 1; v < V; v++) max = z[v] > max ? z[v] : max;
-    double sum = 0;
-    for (int v = 0; v < V; v++) sum += exp((double)(z[v] - max));
-    *max_out = max;
-    return max + log(sum);
-}
-
-/* Draws from c[0..n) with weights exp(z - zmax). */
-static int draw(const cand *c, int n, float zmax, rng_t *rng)
-{
-    double total = 0;
-    for (int i = 0; i < n; i++) total += exp((double)(c[i].z - zmax));
-    double u = uniform(rng) * total, acc = 0;
-    for (int i = 0; i < n; i++) {
-        acc += exp((double)(c[i].z - zmax));
-        if (u < acc) return c[i].id;
-    }
-    return c[n - 1].id;
-}
-
-static int choose(chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
-                  const int32_t *out, int n_out, rng_t *rng, float *logprob)
-{
-    memcpy(ch->z, logits, (size_t)V * sizeof(float));
-    apply_penalties(ch, p, prompt, P, out, n_out);
-    float zmax;
-    if (p->temperature == 0.0) {
-        int best = 0;
-        for (int v = 1; v < V; v++)
-            if (ch->z[v] > ch->z[best]) best = v;
-        *logprob = (float)(ch->z[best] - logsumexp(ch->z, V, &zmax));
-        return best;
-    }
-    float inv_t = (float)(1.0 / p->temperature);
-    for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
-    double lse = logsumexp(ch->z, V, &zmax);
-    int n = 0;
-    if (p->top_k <= 0 && p->top_p >= 1.0) {
-        /* min_p only (or nothing): a threshold, no sorting */
-        float floor_z = p->min_p > 0 ? zmax + (float)log(p->min_p) : -INFINITY;
-        for (int v = 0; v < V; v++)
-            if (ch->z[v] >= floor_z) ch->c[n++] = (cand){ch->z[v], v};
-    } else {
-        for (int v = 0; v < V; v++) ch->c[v] = (cand){ch->z[v], v};
-        n = V;
-        int k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
-        int first = k < 1024 ? k : 1024; /* top_p rarely needs more: widen if it does */
-        for (;;) {
-            select_top(ch->c, n, first);
-            qsort(ch->c, (size_t)first, sizeof *ch->c, by_z_desc);
-            if (p->top_p >= 1.0) { n = first; break; }
-            /* top_p over the top_k-renormalised distribution */
-            double norm = 0, acc = 0;
-            if (k < V) {
-                for (int i = 0; i < k; i++) norm += exp((double)(ch->c[i].z - zmax));
-            } else {
-                norm = exp(lse - zmax);
-            }
-            int keep = 0;
-            while (keep < first && acc < p->top_p * norm) acc += exp((double)(ch->c[keep++].z - zmax));
-            if (acc >= p->top_p * norm || first == k) { n = keep > 0 ? keep : 1; break; }
-            first = k; /* the best 1024 did not reach top_p: sort everything allowed */
-        }
-        if (p->min_p > 0) {
-            float floor_z = ch->c[0].z + (float)log(p->min_p);
-            int keep = 0;
-            while (keep < n && ch->c[keep].z >= floor_z) keep++;
-            n = keep > 0 ? keep : 1;
-        }
-    }
-    int token = draw(ch->c, n, zmax, rng);
-    *logprob = (float)(ch->z[token] - lse);
-    return token;
-}
-
 /* ---- stop strings ------------------------------------------------------------------ */
 
 /* Appends token bytes to a sequence's tail and reports whether a stop string
@@ -262,7 +84,7 @@ typedef struct {
     int sample;
     int n;                  /* tokens so far */
     int done;
-    rng_t rng;
+    tk_rng rng;
     float *own_k, *own_v;   /* [L][max_tokens][KV] */
     char *tail;
     int tail_len;
@@ -293,7 +115,7 @@ static int accept(sequence *s, int token, float logprob, const tk_vocab_bytes *v
 /* Prompt scores for one request from its prefill hidden states h[P, D], in
  * chunks: position i gets log p(prompt[i] | prompt[:i]) and the top k. */
 static void prompt_scores(sample_payload *sp, const float *h, tk_backend *be, float *logits, float *lse,
-                          float *head_work, cand *c)
+                          float *host, float *head_work, tk_cand *c)
 {
     const tk_model *m = sp->model;
     int P = sp->prompt_len, V = m->cfg.vocab_size, D = m->cfg.d_model, k = sp->p.topk_prompt;
@@ -302,18 +124,20 @@ static void prompt_scores(sample_payload *sp, const float *h, tk_backend *be, fl
         int rows = P - 1 - r0 < CHUNK ? P - 1 - r0 : CHUNK;
         tk_head_logits(logits, m, sp->adapter, be, h + (size_t)r0 * D, rows, head_work);
         be->logsumexp(be, lse, logits, V, rows, V);
+        const float *lg = tk_host_view(be, host, logits, (size_t)rows * V * sizeof(float));
+        const float *lse_h = tk_host_view(be, host ? host + (size_t)rows * V : NULL, lse, (size_t)rows * sizeof(float));
         for (int r = 0; r < rows; r++) {
-            const float *row = logits + (size_t)r * V;
+            const float *row = lg + (size_t)r * V;
             int pos = r0 + r + 1; /* this row predicts prompt[pos] */
-            if (sp->prompt_lp) sp->prompt_lp[pos] = row[sp->prompt[pos]] - lse[r];
+            if (sp->prompt_lp) sp->prompt_lp[pos] = row[sp->prompt[pos]] - lse_h[r];
             if (k <= 0) continue;
-            for (int v = 0; v < V; v++) c[v] = (cand){row[v], v};
+            for (int v = 0; v < V; v++) c[v] = (tk_cand){row[v], v};
             int kk = k < V ? k : V;
-            select_top(c, V, kk);
-            qsort(c, (size_t)kk, sizeof *c, by_z_desc);
+            tk_select_top(c, V, kk);
+            qsort(c, (size_t)kk, sizeof *c, tk_cand_by_z_desc);
             for (int j = 0; j < kk; j++) {
                 sp->topk_ids[(size_t)pos * k + j] = c[j].id;
-                sp->topk_lp[(size_t)pos * k + j] = c[j].z - lse[r];
+                sp->topk_lp[(size_t)pos * k + j] = c[j].z - lse_h[r];
             }
         }
     }
@@ -340,24 +164,25 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
         if (reqs[r]->max_stop_len > max_stop) max_stop = reqs[r]->max_stop_len;
     }
     int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_req + 1) * sizeof *starts);
-    float *prompt_k = malloc((size_t)L * total_p * KV * sizeof(float));
-    float *prompt_v = malloc((size_t)L * total_p * KV * sizeof(float));
+    /* the KV caches live on the device: the prompts' (shared by their samples), then each sample's own */
+    float *prompt_k = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
+    float *prompt_v = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
     size_t own = (size_t)L * (max_new > 1 ? max_new : 1) * KV;
-    float *own_kv = malloc(2 * own * (size_t)n_seq * sizeof(float));
+    float *own_kv = be->alloc(be, 2 * own * (size_t)n_seq * sizeof(float));
     sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
     char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
-    chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(cand)), calloc((size_t)V, sizeof(int)), 0};
-    /* per-step arrays for the decode batch */
-    int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_pos = malloc((size_t)n_seq * sizeof(int32_t));
-    /* each sequence's prompt cache (pk, pv, plen), and the live ones' views for one step */
-    const float **pk = malloc((size_t)n_seq * sizeof *pk), **pv = malloc((size_t)n_seq * sizeof *pv);
-    const float **step_pk = malloc((size_t)n_seq * sizeof *pk), **step_pv = malloc((size_t)n_seq * sizeof *pv);
-    float **ok = malloc((size_t)n_seq * sizeof *ok), **ov = malloc((size_t)n_seq * sizeof *ov);
-    int *plen = malloc((size_t)n_seq * sizeof(int)), *step_plen = malloc((size_t)n_seq * sizeof(int));
-    int *olen = malloc((size_t)n_seq * sizeof(int)), *live = malloc((size_t)n_seq * sizeof(int));
+    tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0};
+    /* the decode batch of one step: the live sequences' tokens, caches and step rows */
+    int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_rows = malloc(((size_t)n_seq + 1) * sizeof(int32_t));
+    tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
+    const tk_adapter **ads = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *ads);
+    int *live = malloc((size_t)n_seq * sizeof(int));
+    size_t rows = (size_t)(n_seq > 64 ? n_seq : 64); /* logits rows at a time: a decoding step, prompt chunks */
+    /* host copies of the logits the sampler reads (none when the device is host memory) */
+    float *logits_h = be->host_memory ? NULL : malloc((rows * V + rows) * sizeof(float));
+    float *h_rows[n_req], *last_rows[n_req];
     if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.c ||
-        !ch.seen || !step_tok || !step_pos || !pk || !pv || !step_pk || !step_pv || !ok || !ov || !plen ||
-        !step_plen || !olen || !live) {
+        !ch.seen || !step_tok || !step_rows || !kvs || !step_kv || !ads || !live || (!be->host_memory && !logits_h)) {
         status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
         goto done;
     }
@@ -368,10 +193,17 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
         memcpy(tokens + starts[r], reqs[r]->prompt, (size_t)reqs[r]->prompt_len * sizeof *tokens);
         starts[r + 1] = starts[r] + reqs[r]->prompt_len;
     }
-    tk_batch prefill = {n_req, total_p, tokens, starts};
-    size_t body = tk_transformer_workspace(m, ad, be, &prefill, 0), head = tk_head_workspace(m, ad);
-    size_t decode = tk_decode_workspace(m, ad, be, n_seq, max_keys);
-    size_t rows = (size_t)(n_seq > 64 ? n_seq : 64);
+    for (int i = 0; i < n_seq + n_req; i++) ads[i] = ad;
+    for (int r = 0; r < n_req; r++) /* prefill: the prompts' rows fill their caches */
+        kvs[n_seq + r] = (tk_kv_seq){NULL, NULL, 0, prompt_k + (size_t)starts[r] * KV, prompt_v + (size_t)starts[r] * KV, 0};
+    tk_batch prefill = {n_req, total_p, tokens, starts, NULL, NULL, NULL, ad ? ads : NULL, kvs + n_seq, 0,
+                        (size_t)total_p * KV};
+    /* the largest decoding step: every sequence, each over the longest cache */
+    for (int i = 0; i <= n_seq; i++) step_rows[i] = i;
+    for (int i = 0; i < n_seq; i++) step_tok[i] = 0, step_kv[i] = (tk_kv_seq){prompt_k, prompt_v, max_keys - 1, own_kv, own_kv, 0};
+    tk_batch largest = {n_seq, n_seq, step_tok, step_rows, NULL, NULL, NULL, ad ? ads : NULL, step_kv, 0, 0};
+    size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, ad);
+    size_t decode = tk_transformer_workspace(m, be, &largest, 0);
     size_t need = (size_t)total_p * D + rows * D + rows * V + rows + (body > decode ? body : decode) + head + 64;
     float *work = tk_exec_scratch(exec, need);
     if (!work) {
@@ -380,31 +212,32 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     }
     float *h = work, *hs = h + (size_t)total_p * D, *logits = hs + rows * D, *lse = logits + rows * V;
     float *rest = lse + rows, *head_work = rest + (body > decode ? body : decode);
-    tk_kv_out kv = {prompt_k, prompt_v, (size_t)total_p * KV};
-    tk_transformer_forward(h, m, ad, be, &prefill, NULL, &kv, rest);
+    tk_transformer_forward(h, m, be, &prefill, NULL, rest);
     for (int r = 0; r < n_req; r++)
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
-            prompt_scores(reqs[r], h + (size_t)starts[r] * D, be, logits, lse, head_work, ch.c);
+            prompt_scores(reqs[r], h + (size_t)starts[r] * D, be, logits, lse, logits_h, head_work, ch.c);
 
     /* 2. the first token of every sample, from its prompt's last position */
-    for (int r = 0; r < n_req; r++) memcpy(hs + (size_t)r * D, h + (size_t)(starts[r + 1] - 1) * D, (size_t)D * sizeof(float));
+    for (int r = 0; r < n_req; r++) h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(starts[r + 1] - 1) * D;
+    be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
     tk_head_logits_decode(logits, m, ad, be, hs, n_req, head_work);
+    const float *lg = tk_host_view(be, logits_h, logits, (size_t)n_req * V * sizeof(float));
     int n_live = 0;
     for (int r = 0, i = 0; r < n_req; r++)
         for (int s = 0; s < reqs[r]->p.num_samples; s++, i++) {
             sequence *q = &seqs[i];
             q->req = reqs[r];
             q->sample = s;
-            q->rng = rng_for(reqs[r]->p.seed, s);
+            q->rng = tk_rng_for(reqs[r]->p.seed, s);
             q->own_k = own_kv + 2 * own * (size_t)i;
             q->own_v = q->own_k + own;
             q->tail = tails + (size_t)i * (size_t)max_stop;
-            pk[i] = prompt_k + (size_t)starts[r] * KV;
-            pv[i] = prompt_v + (size_t)starts[r] * KV;
-            plen[i] = reqs[r]->prompt_len;
+            /* the prompt's cache, shared by the request's samples, then the sample's own rows */
+            kvs[i] = (tk_kv_seq){prompt_k + (size_t)starts[r] * KV, prompt_v + (size_t)starts[r] * KV,
+                                 reqs[r]->prompt_len, q->own_k, q->own_v, 0};
             if (reqs[r]->p.max_tokens == 0) continue;
             float lp;
-            int t = choose(&ch, logits + (size_t)r * V, V, &reqs[r]->p, reqs[r]->prompt, reqs[r]->prompt_len, NULL, 0,
+            int t = tk_choose(&ch, lg + (size_t)r * V, V, &reqs[r]->p, reqs[r]->prompt, reqs[r]->prompt_len, NULL, 0,
                            &q->rng, &lp);
             if (!accept(q, t, lp, vocab, buf)) live[n_live++] = i;
         }
@@ -415,29 +248,30 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
             int i = live[j];
             const sequence *q = &seqs[i];
             step_tok[j] = q->req->tokens[(size_t)q->sample * q->req->p.max_tokens + (size_t)(q->n - 1)];
-            step_pos[j] = q->req->prompt_len + q->n - 1;
-            step_pk[j] = pk[i], step_pv[j] = pv[i], step_plen[j] = plen[i];
-            ok[j] = q->own_k, ov[j] = q->own_v, olen[j] = q->n - 1;
+            step_kv[j] = kvs[i];
+            step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
         }
-        tk_decode_batch db = {n_live, step_tok, step_pos, step_pk, step_pv, step_plen, (size_t)total_p * KV,
-                              ok, ov, olen, (size_t)(max_new > 1 ? max_new : 1) * KV};
-        tk_transformer_decode(hs, m, ad, be, &db, rest);
+        tk_batch step = {n_live, n_live, step_tok, step_rows, NULL, NULL, NULL, ad ? ads : NULL, step_kv,
+                         (size_t)total_p * KV, (size_t)(max_new > 1 ? max_new : 1) * KV};
+        tk_transformer_forward(hs, m, be, &step, NULL, rest);
         tk_head_logits_decode(logits, m, ad, be, hs, n_live, head_work);
+        lg = tk_host_view(be, logits_h, logits, (size_t)n_live * V * sizeof(float));
         int still = 0;
         for (int j = 0; j < n_live; j++) {
             sequence *q = &seqs[live[j]];
             sample_payload *sp = q->req;
             float lp;
-            int t = choose(&ch, logits + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
+            int t = tk_choose(&ch, lg + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
                            sp->tokens + (size_t)q->sample * sp->p.max_tokens, q->n, &q->rng, &lp);
             if (!accept(q, t, lp, vocab, buf)) live[still++] = live[j];
         }
         n_live = still;
     }
 done:
-    free(tokens), free(starts), free(prompt_k), free(prompt_v), free(own_kv), free(seqs), free(tails), free(buf);
-    free(ch.z), free(ch.c), free(ch.seen), free(step_tok), free(step_pos), free(pk), free(pv), free(step_pk);
-    free(step_pv), free(ok), free(ov), free(plen), free(step_plen), free(olen), free(live);
+    be->free(be, prompt_k), be->free(be, prompt_v), be->free(be, own_kv), free(logits_h);
+    free(tokens), free(starts), free(seqs), free(tails), free(buf);
+    free(ch.z), free(ch.c), free(ch.seen), free(step_tok), free(step_rows), free(kvs), free(step_kv), free(ads);
+    free(live);
     return status;
 }
 

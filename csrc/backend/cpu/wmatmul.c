@@ -1,0 +1,302 @@
+/* wmatmul.c - base weights on the CPU: one resident form per weight, in its
+ * file's own type, decoded exactly inside the matmuls.
+ *
+ * Resident forms: Q4_0, Q4_1 and Q8_0 parts are repacked into 16-row tiles
+ * (qmatrix.h) - the same bytes, moved so one vector load gives one element of
+ * 16 rows; every other type (F32, F16, BF16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+ * keeps the file's rows of blocks as they are.
+ *
+ * Many token rows (prefill, training, the head): each thread decodes a panel
+ * of up to PANEL_FLOATS weights (a few hundred rows) to float32 - exactly the
+ * tk_dequantize values - and hands it to sgemm, so the decode costs one pass
+ * over the weight per call while sgemm does 2T flops per weight. Tiles decode
+ * naturally K-major (element k of 16 rows is one contiguous vector), which
+ * sgemm reads as the transposed operand; row forms decode row-major.
+ *   forward  y[T, N] += x[T, K] W^T: threads split N, panels walk their rows;
+ *   backward y[T, K] += x[T, N] W:   threads split K (whole blocks), panels
+ *                                     walk all N rows, accumulating.
+ * Decoding steps (matmul_w_decode) of a tiled part, up to
+ * TK_CPU_QKERNEL_MAX_ROWS sequences: the register kernel of qmatmul.c, which
+ * streams the tiles once; of a row form, up to SMALL_T sequences: decoded
+ * rows dotted with each token row. Prefill and training always take the
+ * panels, whatever their size, so a prompt's logits do not depend on how
+ * many other prompts share its pass.
+ */
+#include "wmatmul.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../io/quant.h"
+#include "../qmatrix.h"
+#include "blas.h"
+#include "qmatmul.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* Floats of one thread's panel: 4 MB. sgemm packs the token rows x again for every panel, so panels are as
+ * tall as this allows (a whole thread's share of SmolLM2's projections); cols up to 65536 still get 16 rows. */
+enum { PANEL_FLOATS = 1 << 20, PANEL_MAX_ROWS = 4096, SMALL_T = 8 };
+
+int tk_cpu_panels_init(tk_cpu_panels *p, int threads)
+{
+    p->threads = threads;
+    p->floats = PANEL_FLOATS;
+    p->buf = calloc((size_t)threads, sizeof *p->buf);
+    for (int t = 0; p->buf && t < threads; t++)
+        if (!(p->buf[t] = aligned_alloc(64, PANEL_FLOATS * sizeof(float)))) return 0;
+    return p->buf != NULL;
+}
+
+void tk_cpu_panels_free(tk_cpu_panels *p)
+{
+    for (int t = 0; p->buf && t < p->threads; t++) free(p->buf[t]);
+    free(p->buf);
+    p->buf = NULL;
+}
+
+static int tiled(int type) { return tk_qmatrix_supports(type); }
+
+size_t tk_cpu_weight_bytes(int type, int rows, int cols)
+{
+    size_t bytes;
+    if (rows < 1 || cols < 1 || cols > PANEL_FLOATS / 16) return 0;
+    if (tiled(type)) {
+        if (cols % TK_QBLOCK) return 0;
+        bytes = tk_qmatrix_bytes(type, rows, cols);
+    } else {
+        size_t row_bytes = tk_quant_row_bytes(type, (size_t)cols);
+        if (!row_bytes) return 0;
+        bytes = row_bytes * (size_t)rows;
+    }
+    return (bytes + 63) & ~(size_t)63;
+}
+
+static tk_qmatrix as_qmatrix(const tk_weight_part *p, int cols)
+{
+    return (tk_qmatrix){p->type, p->rows, cols, p->data};
+}
+
+void tk_cpu_weight_put_row(const tk_weight_part *p, int cols, int row, const void *src)
+{
+    if (tiled(p->type)) {
+        tk_qmatrix q = as_qmatrix(p, cols);
+        tk_qmatrix_put_row(&q, row, src);
+        return;
+    }
+    size_t row_bytes = tk_quant_row_bytes(p->type, (size_t)cols);
+    memcpy((uint8_t *)p->data + (size_t)row * row_bytes, src, row_bytes);
+}
+
+/* ---- decoding ------------------------------------------------------------------------------ */
+
+static void fp16x16_to_fp32(float *out, const uint8_t *h)
+{
+#if defined(__F16C__)
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
+    _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16))));
+#else
+    for (int r = 0; r < TK_QROWS; r++) {
+        uint16_t v;
+        memcpy(&v, h + 2 * r, sizeof v);
+        out[r] = tk_fp16_to_fp32(v);
+    }
+#endif
+}
+
+/* out[k * ld + r] = element k of row r of one tile (32 x 16 values), as tk_dequantize gives them:
+ * d*q + m with d*q exact equals quant.c's d*q + m and (q - 8)*d (m = -8d, also exact). */
+static void decode_tile_kmajor(float *restrict out, int ld, const uint8_t *restrict tile, int type)
+{
+    float d[TK_QROWS], m[TK_QROWS];
+    fp16x16_to_fp32(d, tile);
+    if (type == TK_GGML_Q8_0) {
+        const int8_t *q = (const int8_t *)(tile + 2 * TK_QROWS);
+        for (int k = 0; k < TK_QBLOCK; k++)
+            for (int r = 0; r < TK_QROWS; r++) out[(size_t)k * ld + r] = (float)q[k * TK_QROWS + r] * d[r];
+        return;
+    }
+    if (type == TK_GGML_Q4_1) {
+        fp16x16_to_fp32(m, tile + 2 * TK_QROWS);
+    } else {
+        for (int r = 0; r < TK_QROWS; r++) m[r] = -8.0f * d[r];
+    }
+    const uint8_t *q = tile + (type == TK_GGML_Q4_1 ? 4 : 2) * TK_QROWS;
+    for (int j = 0; j < 16; j++)
+        for (int r = 0; r < TK_QROWS; r++) {
+            out[(size_t)j * ld + r] = (float)(q[j * TK_QROWS + r] & 0x0F) * d[r] + m[r];
+            out[(size_t)(j + 16) * ld + r] = (float)(q[j * TK_QROWS + r] >> 4) * d[r] + m[r];
+        }
+}
+
+/* panel[(k - k0) * ld + (r - r0)] = W[r, k] for rows [r0, r1) (r0 a multiple of 16; whole groups, padding rows
+ * decode to 0) and columns [k0, k1) (multiples of 32) of a tiled part */
+static void decode_tiles(float *panel, int ld, const tk_weight_part *p, int cols, int r0, int r1, int k0, int k1)
+{
+    size_t tile_bytes = tk_qmatrix_tile_bytes(p->type), n_blocks = (size_t)cols / TK_QBLOCK;
+    for (int g = r0 / TK_QROWS; g * TK_QROWS < r1; g++) {
+        const uint8_t *tile = (const uint8_t *)p->data + ((size_t)g * n_blocks + (size_t)k0 / TK_QBLOCK) * tile_bytes;
+        float *out = panel + (g * TK_QROWS - r0);
+        for (int k = k0; k < k1; k += TK_QBLOCK, tile += tile_bytes, out += (size_t)TK_QBLOCK * ld)
+            decode_tile_kmajor(out, ld, tile, p->type);
+    }
+}
+
+/* panel[(r - r0) * ld + (k - k0)] = W[r, k] for a part kept as rows of blocks; k0, k1 multiples of its block */
+static void decode_rows(float *panel, int ld, const tk_weight_part *p, int cols, int r0, int r1, int k0, int k1)
+{
+    size_t row_bytes = tk_quant_row_bytes(p->type, (size_t)cols);
+    size_t skip = (size_t)(k0 / tk_quant_block_elems(p->type)) * tk_quant_block_bytes(p->type);
+    for (int r = r0; r < r1; r++)
+        tk_dequantize(panel + (size_t)(r - r0) * ld, (const uint8_t *)p->data + (size_t)r * row_bytes + skip, p->type,
+                      (size_t)(k1 - k0));
+}
+
+void tk_cpu_weight_row(float *dst, const tk_weight_part *p, int cols, int row)
+{
+    if (!tiled(p->type)) {
+        decode_rows(dst, cols, p, cols, row, row + 1, 0, cols);
+        return;
+    }
+    float tile[TK_QBLOCK * TK_QROWS];
+    size_t tile_bytes = tk_qmatrix_tile_bytes(p->type), n_blocks = (size_t)cols / TK_QBLOCK;
+    const uint8_t *t = (const uint8_t *)p->data + (size_t)(row / TK_QROWS) * n_blocks * tile_bytes;
+    int lane = row % TK_QROWS;
+    for (size_t b = 0; b < n_blocks; b++, t += tile_bytes) {
+        decode_tile_kmajor(tile, TK_QROWS, t, p->type);
+        for (int k = 0; k < TK_QBLOCK; k++) dst[b * TK_QBLOCK + (size_t)k] = tile[k * TK_QROWS + lane];
+    }
+}
+
+/* ---- the matmuls ---------------------------------------------------------------------------- */
+
+typedef struct {
+    float *y;
+    const float *x;
+    const tk_weight_part *p;
+    tk_cpu_panels *panels;
+    int ldy, ldx, cols, T, n_tasks, unit, dot;
+    float alpha, beta;
+} part_args;
+
+static int round16(int n) { return (n + 15) & ~15; }
+
+/* [begin, end) of n for one of n_tasks tasks, in whole units */
+static void unit_range(int task, int n_tasks, int n, int unit, int *begin, int *end)
+{
+    int units = (n + unit - 1) / unit;
+    *begin = (int)((long)units * task / n_tasks) * unit;
+    *end = (int)((long)units * (task + 1) / n_tasks) * unit;
+    if (*end > n) *end = n;
+}
+
+static int panel_rows(int width)
+{
+    int rows = (PANEL_FLOATS / width) & ~15;
+    return rows > PANEL_MAX_ROWS ? PANEL_MAX_ROWS : rows;
+}
+
+/* y[t, r] = alpha panel[r] . x[t] + beta y[t, r] for a few token rows (sgemm would pack the panel first) */
+static void dot_rows(const part_args *a, float *y, const float *panel, int n)
+{
+    int K = a->cols;
+    for (int r = 0; r < n; r++) {
+        const float *w = panel + (size_t)r * K;
+        for (int t = 0; t < a->T; t++) {
+            const float *xt = a->x + (size_t)t * a->ldx;
+            float acc[16] = {0}, s = 0;
+            int k = 0;
+            for (; k + 16 <= K; k += 16)
+                for (int j = 0; j < 16; j++) acc[j] += w[k + j] * xt[k + j];
+            for (; k < K; k++) s += w[k] * xt[k];
+            for (int j = 0; j < 16; j++) s += acc[j];
+            float *yt = y + (size_t)t * a->ldy + r;
+            *yt = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *yt;
+        }
+    }
+}
+
+/* y[:, rows of this task] = alpha x W_rows^T + beta y, a panel of rows at a time */
+static void forward_task(void *ctx, int task, int thread)
+{
+    part_args *a = ctx;
+    int begin, end, K = a->cols, step = panel_rows(K);
+    unit_range(task, a->n_tasks, a->p->rows, TK_QROWS, &begin, &end);
+    float *panel = a->panels->buf[thread];
+    for (int r0 = begin; r0 < end; r0 += step) {
+        int r1 = r0 + step < end ? r0 + step : end, n = r1 - r0;
+        float *y = a->y + r0;
+        if (tiled(a->p->type)) {
+            int ld = round16(n);
+            decode_tiles(panel, ld, a->p, K, r0, r1, 0, K);
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, ld,
+                           a->beta, y, a->ldy);
+        } else {
+            decode_rows(panel, K, a->p, K, r0, r1, 0, K);
+            if (a->dot)
+                dot_rows(a, y, panel, n);
+            else
+                tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, K,
+                               a->beta, y, a->ldy);
+        }
+    }
+}
+
+/* y[:, columns of this task] = alpha x W[:, columns] + beta y, accumulated over panels of all rows */
+static void backward_task(void *ctx, int task, int thread)
+{
+    part_args *a = ctx;
+    int k0, k1, K = a->cols, N = a->p->rows;
+    unit_range(task, a->n_tasks, K, a->unit, &k0, &k1);
+    if (k1 <= k0) return;
+    int width = k1 - k0, step = panel_rows(width);
+    float *panel = a->panels->buf[thread];
+    for (int r0 = 0; r0 < N; r0 += step) {
+        int r1 = r0 + step < N ? r0 + step : N, n = r1 - r0;
+        float beta = r0 == 0 ? a->beta : 1.0f;
+        if (tiled(a->p->type)) {
+            int ld = round16(n);
+            decode_tiles(panel, ld, a->p, K, r0, r1, k0, k1); /* [width, ld]: W^T, so sgemm reads it transposed */
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
+                           panel, ld, beta, a->y + k0, a->ldy);
+        } else {
+            decode_rows(panel, width, a->p, K, r0, r1, k0, k1);
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
+                           panel, width, beta, a->y + k0, a->ldy);
+        }
+    }
+}
+
+static int tasks_for(tk_pool *pool, long flops, int units)
+{
+    int threads = tk_pool_threads(pool);
+    if (flops < (1L << 18)) return 1;
+    return units < threads ? (units > 0 ? units : 1) : threads;
+}
+
+void tk_cpu_matmul_part(tk_pool *pool, tk_cpu_panels *panels, float *y, int ldy, const float *x, int ldx,
+                        const tk_weight_part *p, int cols, int T, float alpha, float beta, int decoding)
+{
+    if (decoding && tiled(p->type) && T <= TK_CPU_QKERNEL_MAX_ROWS) {
+        tk_qmatrix q = as_qmatrix(p, cols);
+        tk_cpu_matmul_nt_q(pool, y, ldy, x, ldx, &q, T, alpha, beta);
+        return;
+    }
+    part_args a = {y, x, p, panels, ldy, ldx, cols, T, 1, TK_QROWS, decoding && T <= SMALL_T, alpha, beta};
+    /* memory-bound at few rows: every thread streams its share of the weight */
+    a.n_tasks = T <= SMALL_T ? tk_pool_threads(pool) : tasks_for(pool, (long)T * p->rows * cols, p->rows / 32);
+    if (a.n_tasks < 1) a.n_tasks = 1;
+    tk_pool_run(pool, a.n_tasks, forward_task, &a);
+}
+
+void tk_cpu_matmul_part_t(tk_pool *pool, tk_cpu_panels *panels, float *y, int ldy, const float *x, int ldx,
+                          const tk_weight_part *p, int cols, int T, float alpha, float beta)
+{
+    int unit = tiled(p->type) ? TK_QBLOCK : tk_quant_block_elems(p->type);
+    if (unit < 16) unit = 16; /* F16 / BF16: whole cache lines of y */
+    part_args a = {y, x, p, panels, ldy, ldx, cols, T, 1, unit, 0, alpha, beta};
+    a.n_tasks = tasks_for(pool, (long)T * p->rows * cols, cols / unit);
+    tk_pool_run(pool, a.n_tasks, backward_task, &a);
+}

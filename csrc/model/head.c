@@ -1,0 +1,148 @@
+/* head.c - the output projection: logits, log-probabilities and the loss's backward (see head.h).
+ *
+ * The vocabulary is large (49k for SmolLM2) and logits for a 1k-token batch
+ * would take 200 MB, so the head runs in chunks of 256 tokens (50 MB): logits, their
+ * log-sum-exp, the targets' log-probs and loss, and for training at once
+ * dL/dlogits = sum_k g_k (onehot(t_k) - softmax) in place, its product with
+ * the output matrix (dh) and the unembed LoRA gradients.
+ */
+#include "head.h"
+
+#include <math.h>
+
+#include "../core/arena.h"
+
+enum { HEAD_CHUNK = 256, HEAD_TARGETS = 1024 /* targets gathered or scattered per op */ };
+
+typedef struct {
+    /* device */
+    float *logits; /* [C, V] */
+    float *lse;    /* [C] */
+    float *gsum;   /* [C] sum over a token's targets of dL/dlp */
+    float *u;      /* [C, R] scale * h A^T of the unembed LoRA */
+    float *t;      /* [C, R] */
+    float *picked; /* [HEAD_TARGETS] the targets' logits, then their dL/dlp */
+    /* host */
+    float *lse_h, *gsum_h, *picked_h;
+    int32_t *rows; /* [HEAD_TARGETS] each target's row in the chunk */
+} head_scratch;
+
+static size_t carve(head_scratch *s, float *work, const tk_model *m, const tk_adapter *ad)
+{
+    size_t C = HEAD_CHUNK, R = ad && ad->unembed.A ? (size_t)ad->cfg.rank : 1;
+    tk_arena a = {work, 0};
+    head_scratch dummy;
+    if (!s) s = &dummy;
+    s->logits = tk_arena_take(&a, C * (size_t)m->cfg.vocab_size);
+    s->lse = tk_arena_take(&a, C);
+    s->gsum = tk_arena_take(&a, C);
+    s->u = tk_arena_take(&a, C * R);
+    s->t = tk_arena_take(&a, C * R);
+    s->picked = tk_arena_take(&a, HEAD_TARGETS);
+    s->lse_h = tk_arena_take(&a, C);
+    s->gsum_h = tk_arena_take(&a, C);
+    s->picked_h = tk_arena_take(&a, HEAD_TARGETS);
+    s->rows = (int32_t *)tk_arena_take(&a, HEAD_TARGETS);
+    return a.at;
+}
+
+size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, m, ad); }
+
+/* logits[C, V] = h W^T + u B^T, u = scale h A^T; `decoding`: C rows of a decoding step (matmul_w_decode) */
+static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *ad, tk_backend *be,
+                         const float *h, int C, int decoding)
+{
+    int D = m->cfg.d_model, V = m->cfg.vocab_size;
+    (decoding ? be->matmul_w_decode : be->matmul_w)(be, logits, V, h, D, &m->w.lm_head, C, 1.0f, 0.0f);
+    if (ad && ad->unembed.A) {
+        int R = ad->cfg.rank;
+        be->matmul_nt(be, u, R, h, D, ad->unembed.A, C, R, D, ad->scale, 0.0f);
+        be->matmul_nt(be, logits, V, u, R, ad->unembed.B, C, V, R, 1.0f, 1.0f);
+    }
+}
+
+static void head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
+                        int T, float *work, int decoding)
+{
+    head_scratch s;
+    carve(&s, work, m, ad);
+    int D = m->cfg.d_model, V = m->cfg.vocab_size;
+    for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
+        int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
+        chunk_logits(logits + (size_t)t0 * V, s.u, m, ad, be, h + (size_t)t0 * D, C, decoding);
+    }
+}
+
+void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
+                    float *work)
+{
+    head_logits(logits, m, ad, be, h, T, work, 0);
+}
+
+void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
+                           int T, float *work)
+{
+    head_logits(logits, m, ad, be, h, T, work, 1);
+}
+
+/* Targets [e0, e1) of a chunk whose first token is t0, at most HEAD_TARGETS: their rows in the chunk. */
+static void target_rows(int32_t *rows, const tk_loss_inputs *in, int t0, int C, int32_t e0, int32_t e1)
+{
+    for (int r = 0; r < C; r++)
+        for (int32_t e = in->tgt_start[t0 + r] > e0 ? in->tgt_start[t0 + r] : e0;
+             e < in->tgt_start[t0 + r + 1] && e < e1; e++)
+            rows[e - e0] = r;
+}
+
+void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_adapter *ad, tk_backend *be,
+                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work)
+{
+    head_scratch s;
+    carve(&s, work, m, ad);
+    const int D = m->cfg.d_model, V = m->cfg.vocab_size, R = ad ? ad->cfg.rank : 0;
+    const int unembed = ad && ad->unembed.A;
+    double total = 0;
+    for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
+        int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
+        int32_t first = in->tgt_start[t0], last = in->tgt_start[t0 + C];
+        const float *hc = h + (size_t)t0 * D;
+        chunk_logits(s.logits, s.u, m, ad, be, hc, C, 0);
+        be->logsumexp(be, s.lse, s.logits, V, C, V);
+        const float *lse = tk_host_view(be, s.lse_h, s.lse, (size_t)C * sizeof(float));
+        for (int r = 0; r < C; r++) s.gsum_h[r] = 0;
+        /* lp = logits[target] - lse, the loss and dL/dlp of every target */
+        for (int32_t e0 = first; e0 < last; e0 += HEAD_TARGETS) {
+            int32_t e1 = last - e0 < HEAD_TARGETS ? last : e0 + HEAD_TARGETS;
+            target_rows(s.rows, in, t0, C, e0, e1);
+            be->gather(be, s.picked, s.logits, V, s.rows, in->targets + e0, e1 - e0);
+            const float *picked = tk_host_view(be, s.picked_h, s.picked, (size_t)(e1 - e0) * sizeof(float));
+            for (int32_t e = e0; e < e1; e++) {
+                float g;
+                logprobs[e] = picked[e - e0] - lse[s.rows[e - e0]];
+                total += tk_loss_term(cfg, in, (size_t)e, logprobs[e], &g);
+                s.gsum_h[s.rows[e - e0]] += g;
+            }
+        }
+        if (!dh) continue;
+        /* dL/dlogits = sum_k g_k (onehot(t_k) - softmax): -gsum * softmax, then + g_k at each target */
+        be->upload(be, s.gsum, s.gsum_h, (size_t)C * sizeof(float));
+        be->softmax_scale(be, s.logits, V, s.lse, s.gsum, C, V);
+        for (int32_t e0 = first; e0 < last; e0 += HEAD_TARGETS) {
+            int32_t e1 = last - e0 < HEAD_TARGETS ? last : e0 + HEAD_TARGETS;
+            target_rows(s.rows, in, t0, C, e0, e1);
+            for (int32_t e = e0; e < e1; e++) tk_loss_term(cfg, in, (size_t)e, logprobs[e], &s.picked_h[e - e0]);
+            be->upload(be, s.picked, s.picked_h, (size_t)(e1 - e0) * sizeof(float));
+            be->scatter_add(be, s.logits, V, s.rows, in->targets + e0, s.picked, e1 - e0);
+        }
+        float *dhc = dh + (size_t)t0 * D;
+        be->matmul_w_t(be, dhc, D, s.logits, V, &m->w.lm_head, C, 1.0f, 0.0f);
+        if (unembed) {
+            const tk_lora_pair *p = &ad->unembed;
+            be->matmul_nn(be, s.t, R, s.logits, V, p->B, R, C, R, V, 1.0f, 0.0f);       /* t = dlogits B */
+            be->matmul_nn(be, dhc, D, s.t, R, p->A, D, C, D, R, ad->scale, 1.0f);      /* dh += scale t A */
+            be->matmul_tn_acc(be, tk_adapter_slot(ad, p->B, 1), R, s.logits, V, s.u, R, C, V, R, 1.0f);
+            be->matmul_tn_acc(be, tk_adapter_slot(ad, p->A, 1), D, s.t, R, hc, D, C, R, D, ad->scale);
+        }
+    }
+    *loss = total;
+}

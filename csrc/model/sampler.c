@@ -1,0 +1,174 @@
+/* sampler.c - choosing a token (see sampler.h).
+ *
+ * Choosing a token from a row of logits, as Hugging Face's samplers order it:
+ * penalties (repetition over prompt and output, presence and frequency over
+ * the output), temperature, then top_k, top_p (on the top_k-renormalised
+ * distribution), min_p (relative to the most likely token), and a draw from
+ * the sequence's own xoshiro256** stream, seeded from (seed, sample index) so
+ * a sample does not depend on what else shares its batch. The reported
+ * logprob is the token's under the penalised, temperature-scaled distribution
+ * (temperature 1 when greedy). The vocabulary is never fully sorted: top_k and
+ * top_p take the best candidates by partial selection first.
+ */
+#include "sampler.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/rng.h"
+
+/* ---- random numbers --------------------------------------------------------- */
+
+tk_rng tk_rng_for(uint64_t seed, int sample)
+{
+    uint64_t x = seed ^ (0xd1b54a32d192ed03ull * (uint64_t)(sample + 1));
+    tk_rng r;
+    for (int i = 0; i < 4; i++) r.s[i] = tk_splitmix64(&x);
+    return r;
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static double uniform(tk_rng *r) /* [0, 1) */
+{
+    uint64_t *s = r->s, result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0], s[3] ^= s[1], s[1] ^= s[2], s[0] ^= s[3], s[2] ^= t, s[3] = rotl(s[3], 45);
+    return (double)(result >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* ---- choosing a token --------------------------------------------------------- */
+
+int tk_cand_by_z_desc(const void *a, const void *b)
+{
+    float x = ((const tk_cand *)a)->z, y = ((const tk_cand *)b)->z;
+    return x > y ? -1 : x < y ? 1 : ((const tk_cand *)a)->id - ((const tk_cand *)b)->id;
+}
+
+/* Moves the k largest of c[0..n) to the front (unordered), by quickselect. */
+void tk_select_top(tk_cand *c, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = c[(lo + hi) / 2].z;
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (c[i].z > pivot) i++;
+            while (c[j].z < pivot) j--;
+            if (i <= j) {
+                tk_cand t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+static void apply_penalties(tk_chooser *ch, const tk_sample_params *p, const int32_t *prompt, int P,
+                            const int32_t *out, int n_out)
+{
+    if (p->repetition_penalty != 1.0) { /* HF: divide positive logits, multiply negative ones, once per token */
+        ch->stamp++;
+        for (int pass = 0; pass < 2; pass++) {
+            const int32_t *ids = pass ? out : prompt;
+            int n = pass ? n_out : P;
+            for (int i = 0; i < n; i++) {
+                int t = ids[i];
+                if (ch->seen[t] == ch->stamp) continue;
+                ch->seen[t] = ch->stamp;
+                ch->z[t] = ch->z[t] > 0 ? ch->z[t] / (float)p->repetition_penalty : ch->z[t] * (float)p->repetition_penalty;
+            }
+        }
+    }
+    if (p->presence_penalty != 0.0 || p->frequency_penalty != 0.0) {
+        ch->stamp++;
+        for (int i = 0; i < n_out; i++) {
+            int t = out[i];
+            ch->z[t] -= (float)p->frequency_penalty;
+            if (ch->seen[t] != ch->stamp) ch->z[t] -= (float)p->presence_penalty;
+            ch->seen[t] = ch->stamp;
+        }
+    }
+}
+
+static double logsumexp(const float *z, int V, float *max_out)
+{
+    float max = z[0];
+    for (int v = 1; v < V; v++) max = z[v] > max ? z[v] : max;
+    double sum = 0;
+    for (int v = 0; v < V; v++) sum += exp((double)(z[v] - max));
+    *max_out = max;
+    return max + log(sum);
+}
+
+/* Draws from c[0..n) with weights exp(z - zmax). */
+static int draw(const tk_cand *c, int n, float zmax, tk_rng *rng)
+{
+    double total = 0;
+    for (int i = 0; i < n; i++) total += exp((double)(c[i].z - zmax));
+    double u = uniform(rng) * total, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += exp((double)(c[i].z - zmax));
+        if (u < acc) return c[i].id;
+    }
+    return c[n - 1].id;
+}
+
+int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
+                  const int32_t *out, int n_out, tk_rng *rng, float *logprob)
+{
+    memcpy(ch->z, logits, (size_t)V * sizeof(float));
+    apply_penalties(ch, p, prompt, P, out, n_out);
+    float zmax;
+    if (p->temperature == 0.0) {
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (ch->z[v] > ch->z[best]) best = v;
+        *logprob = (float)(ch->z[best] - logsumexp(ch->z, V, &zmax));
+        return best;
+    }
+    float inv_t = (float)(1.0 / p->temperature);
+    for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
+    double lse = logsumexp(ch->z, V, &zmax);
+    int n = 0;
+    if (p->top_k <= 0 && p->top_p >= 1.0) {
+        /* min_p only (or nothing): a threshold, no sorting */
+        float floor_z = p->min_p > 0 ? zmax + (float)log(p->min_p) : -INFINITY;
+        for (int v = 0; v < V; v++)
+            if (ch->z[v] >= floor_z) ch->c[n++] = (tk_cand){ch->z[v], v};
+    } else {
+        for (int v = 0; v < V; v++) ch->c[v] = (tk_cand){ch->z[v], v};
+        n = V;
+        int k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
+        int first = k < 1024 ? k : 1024; /* top_p rarely needs more: widen if it does */
+        for (;;) {
+            tk_select_top(ch->c, n, first);
+            qsort(ch->c, (size_t)first, sizeof *ch->c, tk_cand_by_z_desc);
+            if (p->top_p >= 1.0) { n = first; break; }
+            /* top_p over the top_k-renormalised distribution */
+            double norm = 0, acc = 0;
+            if (k < V) {
+                for (int i = 0; i < k; i++) norm += exp((double)(ch->c[i].z - zmax));
+            } else {
+                norm = exp(lse - zmax);
+            }
+            int keep = 0;
+            while (keep < first && acc < p->top_p * norm) acc += exp((double)(ch->c[keep++].z - zmax));
+            if (acc >= p->top_p * norm || first == k) { n = keep > 0 ? keep : 1; break; }
+            first = k; /* the best 1024 did not reach top_p: sort everything allowed */
+        }
+        if (p->min_p > 0) {
+            float floor_z = ch->c[0].z + (float)log(p->min_p);
+            int keep = 0;
+            while (keep < n && ch->c[keep].z >= floor_z) keep++;
+            n = keep > 0 ? keep : 1;
+        }
+    }
+    int token = draw(ch->c, n, zmax, rng);
+    *logprob = (float)(ch->z[token] - lse);
+    return token;
+}
+
