@@ -9,6 +9,7 @@
  *   core/engine.h      requests, the worker thread, the completion queue
  *   io/gguf.h          GGUF metadata and tensor infos
  *   io/quant.h         ggml block types and dequantisation
+ *   model/arch.h       architecture descriptors: tensor roles, shapes, names, LoRA targets
  *   model/model.h      model config, weights, tensor sources
  *   model/lora.h       LoRA adapters
  *   model/loss.h       losses
@@ -24,6 +25,7 @@
 #include "core/status.h"
 #include "io/gguf.h"
 #include "io/quant.h"
+#include "model/arch.h"
 #include "model/lora.h"
 #include "model/model.h"
 #include "model/requests.h"

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _arch
 from ._exceptions import BadRequestError, ConflictError, NotFoundError
 from .types import ParsedCheckpointTinkerPath
 
@@ -50,9 +51,7 @@ MANIFEST = "checkpoint.json"
 LORA_ALPHA = 32.0
 
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+=-]{0,199}")
-_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
-_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_MODULES = {**_ATTN, **_MLP}
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_[AB])\.weight")
 
 
 def store_root() -> Path:
@@ -104,45 +103,42 @@ def parse_path(path: str) -> tuple[str, str, str]:
 # ---- PEFT format ---------------------------------------------------------------------------------
 
 
-def peft_key(name: str) -> str:
-    """The PEFT state-dict key of one engine LoRA tensor ("layers.3.q.lora_A" -> ...q_proj.lora_A.weight)."""
+# Engine LoRA tensor names (lora.c): "layers.{l}.{target}.lora_A|B" and "{target}.lora_A|B" for a model-wide
+# target (the unembedding); the PEFT module each target wraps comes from the architecture descriptor.
+
+
+def split_engine_name(name: str) -> tuple[str, int, str]:
+    """(target, layer, "lora_A" / "lora_B") of an engine LoRA tensor name; layer -1 for a model-wide target."""
     parts = name.split(".")
-    if parts[0] == "unembed":
-        return f"base_model.model.lm_head.{parts[1]}.weight"
-    layer, proj, ab = parts[1], parts[2], parts[3]
-    return f"base_model.model.model.layers.{layer}.{_MODULES[proj]}.{ab}.weight"
+    if parts[0] == "layers":
+        return parts[2], int(parts[1]), parts[3]
+    return parts[0], -1, parts[1]
 
 
-def engine_name(key: str) -> str | None:
-    """The engine tensor name of a PEFT key, or None when the engine has no such LoRA tensor."""
-    m = re.fullmatch(r"base_model\.model\.lm_head\.(lora_[AB])\.weight", key)
-    if m:
-        return f"unembed.{m.group(1)}"
-    m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight", key)
-    if m:
-        proj = {module: p for p, module in _MODULES.items()}.get(m.group(2))
-        if proj is not None:
-            return f"layers.{int(m.group(1))}.{proj}.{m.group(3)}"
-    return None
+def peft_key(name: str, arch: str) -> str:
+    """The PEFT state-dict key of one engine LoRA tensor ("layers.3.q.lora_A" -> ...q_proj.lora_A.weight)."""
+    target, layer, ab = split_engine_name(name)
+    return f"base_model.model.{_arch.peft_module(arch, target, layer)}.{ab}.weight"
 
 
-def target_modules(train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
-    modules = []
-    if train_attn:
-        modules += ["q_proj", "k_proj", "v_proj", "o_proj"]
-    if train_mlp:
-        modules += ["gate_proj", "up_proj", "down_proj"]
-    if train_unembed:
-        modules.append("lm_head")
-    return modules
+def engine_name(key: str, arch: str | None = None) -> str | None:
+    """The engine tensor name of a PEFT key (of the given architecture, else of any), or None when the engine
+    has no such LoRA tensor."""
+    m = _PEFT_KEY.fullmatch(key)
+    found = _arch.target_of_peft_module(m.group(1), arch) if m else None
+    if found is None:
+        return None
+    target, layer = found
+    return f"layers.{layer}.{target}.{m.group(2)}" if layer >= 0 else f"{target}.{m.group(2)}"
 
 
-def adapter_config(base_model: str, rank: int, train_attn: bool, train_mlp: bool, train_unembed: bool) -> dict:
+def adapter_config(base_model: str, arch: str, rank: int, train_attn: bool, train_mlp: bool,
+                   train_unembed: bool) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "target_modules": target_modules(train_attn, train_mlp, train_unembed), "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "target_modules": _arch.peft_target_modules(arch, train_attn, train_mlp, train_unembed),
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
     }  # fmt: skip
 
 
@@ -220,8 +216,9 @@ def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path
 
 
 def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
-                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool) -> str:
-    """Writes one checkpoint atomically and returns its tinker:// path."""
+                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool, *, arch: str) -> str:
+    """Writes one checkpoint atomically and returns its tinker:// path; `arch` (the base model's
+    architecture) names the PEFT modules."""
     run_id = run["training_run_id"]
     final = save_destination(run_id, kind, name, overwrite)
     parent = final.parent
@@ -231,11 +228,11 @@ def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarra
     tmp = parent / f".tmp-{name}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        config = adapter_config(run["base_model"], run["lora_rank"], run["train_attn"], run["train_mlp"],
+        config = adapter_config(run["base_model"], arch, run["lora_rank"], run["train_attn"], run["train_mlp"],
                                 run["train_unembed"])
         files = {ADAPTER_CONFIG: _write_file(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2).encode()),
                  ADAPTER_WEIGHTS: _write_file(tmp / ADAPTER_WEIGHTS,
-                                              _safetensors_bytes({peft_key(k): v for k, v in params.items()}))}
+                                              _safetensors_bytes({peft_key(k, arch): v for k, v in params.items()}))}
         if moments is not None:
             exp_avg, exp_avg_sq = moments
             tensors = {**{f"exp_avg.{k}": v for k, v in exp_avg.items()},
@@ -414,8 +411,9 @@ class PeftAdapter:
     params: dict[str, np.ndarray]  # engine tensor names, B rescaled to the engine's alpha 32
 
 
-def read_peft_dir(directory: Path) -> PeftAdapter:
-    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) from any source.
+def read_peft_dir(directory: Path, arch: str | None = None) -> PeftAdapter:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) from any source, with
+    the PEFT module names of `arch` (else of any architecture the engine runs).
 
     The engine's scale is 32 / r; PEFT's is lora_alpha / r (or lora_alpha / sqrt(r) with rslora),
     so B is multiplied by the ratio and the adapter computes the same function. q/k/v/o go together
@@ -442,13 +440,13 @@ def read_peft_dir(directory: Path) -> PeftAdapter:
         raise BadRequestError(f"{directory}: cannot read {ADAPTER_WEIGHTS}: {e}") from None
     params = {}
     for key, value in _read_safetensors(weights_path, data).items():
-        name = engine_name(key.replace(".default.weight", ".weight"))
+        name = engine_name(key.replace(".default.weight", ".weight"), arch)
         if name is None:
             raise BadRequestError(f"{weights_path}: tensor {key!r} is not a LoRA weight of q/k/v/o, gate/up/down or "
                                   f"lm_head, which is what the engine trains")
         params[name] = value * np.float32(scale / (LORA_ALPHA / rank)) if name.endswith("lora_B") else value
-    projections = {n.split(".")[-2] if n.startswith("layers.") else "unembed" for n in params}
+    flags = {_arch.trained_by(split_engine_name(n)[0], arch) for n in params}
     base = config.get("base_model_name_or_path")
     return PeftAdapter(base if isinstance(base, str) and base else None, rank,
-                       train_attn=bool(projections & set(_ATTN)), train_mlp=bool(projections & set(_MLP)),
-                       train_unembed="unembed" in projections, params=params)
+                       train_attn="train_attn" in flags, train_mlp="train_mlp" in flags,
+                       train_unembed="train_unembed" in flags, params=params)

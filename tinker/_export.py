@@ -35,26 +35,24 @@ from pathlib import Path
 import numpy as np
 
 from . import _C
+from . import _arch
 from . import _checkpoints as ckpt
 from ._exceptions import BadRequestError, ConflictError
-from ._models import _HF_GLOBAL, _HF_LAYER, ModelSpec, model_spec, resolve_model
+from ._models import ModelSpec, model_spec, resolve_model
 
 __all__ = ["export_merged", "export_adapter"]
 
 log = logging.getLogger("tinker")
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # output dtype -> safetensors code
-_ROLE_GLOBAL = {role: name for name, role in _HF_GLOBAL.items()}
-_ROLE_LAYER = {role: suffix for suffix, role in _HF_LAYER.items()}
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # files of a Hugging Face checkpoint directory that travel with the merged weights
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                  "chat_template.json")  # fmt: skip
 
 
-def _hf_name(role: str, layer: int) -> str:
-    return _ROLE_GLOBAL[role] if layer < 0 else f"model.layers.{layer}.{_ROLE_LAYER[role]}"
+def _hf_name(arch: str, role: str, layer: int) -> str:
+    return _arch.tensor_name(arch, "hf", role, layer)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------
@@ -79,21 +77,25 @@ def _adapter(source) -> tuple[str | None, int, dict[str, np.ndarray], Path]:
     return peft.base_model, peft.rank, peft.params, directory
 
 
-def _deltas(params: dict[str, np.ndarray], rank: int, where: str) -> dict[tuple[str, int], tuple]:
-    """{(role, layer): (A, B)} of the adapter; the unembedding is ("lm_head", -1)."""
+def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> dict[tuple[str, int], tuple]:
+    """{(role, layer): (A, B)} of the adapter, keyed by the base tensor each target adapts (the unembedding's
+    is ("lm_head", -1))."""
     pairs: dict[tuple[str, int], dict] = {}
     for name, value in params.items():
-        parts = name.split(".")
-        key = ("lm_head", -1) if parts[0] == "unembed" else (parts[2], int(parts[1]))
-        pairs.setdefault(key, {})[parts[-1]] = value
+        target, layer, ab = ckpt.split_engine_name(name)
+        found = _arch.lora_target(arch, target)
+        if found is None:
+            raise BadRequestError(f"{where}: the adapter has LoRA tensor {name!r}, which the {arch} architecture "
+                                  f"does not train")
+        pairs.setdefault((found["role"], layer), {})[ab] = value
     out = {}
     for key, pair in pairs.items():
         a, b = pair.get("lora_A"), pair.get("lora_B")
         if a is None or b is None:
-            raise BadRequestError(f"{where}: the adapter has only one of lora_A / lora_B for {_hf_name(*key)}")
+            raise BadRequestError(f"{where}: the adapter has only one of lora_A / lora_B for {_hf_name(arch, *key)}")
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise BadRequestError(f"{where}: LoRA tensors of {_hf_name(*key)} have shapes A {a.shape}, B {b.shape}; "
-                                  f"expected [{rank}, in] and [out, {rank}] for rank {rank}")
+            raise BadRequestError(f"{where}: LoRA tensors of {_hf_name(arch, *key)} have shapes A {a.shape}, B "
+                                  f"{b.shape}; expected [{rank}, in] and [out, {rank}] for rank {rank}")
         out[key] = (a, b)
     return out
 
@@ -132,15 +134,16 @@ def _token_id(meta: dict, key: str):
 
 
 def _gguf_hf_config(spec: ModelSpec, tied: bool, dtype: str) -> dict:
-    """A LlamaConfig / Qwen2Config / Qwen3Config dict equivalent to the engine's config of a GGUF."""
-    c, meta, arch = spec.config, spec.gguf_metadata, spec.arch
+    """A config.json (LlamaConfig, Qwen2Config, ...: the architecture descriptor's class, model_type and extra
+    keys) equivalent to the engine's config of a GGUF."""
+    c, meta, arch = spec.config, spec.gguf_metadata, _arch.get(spec.arch)
 
     def f32(value) -> float:  # the shortest decimal of the float32 the engine uses (1e-05, not 9.99999974e-06)
         return float(str(np.float32(value)))
 
     rope_scaling = {"rope_type": "linear", "factor": f32(c["rope_factor"])} if c["rope_scaling"] == 1 else None
     cfg = {
-        "architectures": [_HF_ARCHITECTURES[arch]], "model_type": arch, "hidden_act": "silu",
+        "architectures": [arch["hf_class"]], "model_type": arch["hf_model_type"], "hidden_act": "silu",
         "hidden_size": c["d_model"], "intermediate_size": c["d_ff"], "num_hidden_layers": c["n_layers"],
         "num_attention_heads": c["n_heads"], "num_key_value_heads": c["n_kv_heads"], "head_dim": c["head_dim"],
         "rms_norm_eps": f32(c["rms_eps"]), "rope_theta": f32(c["rope_theta"]), "rope_scaling": rope_scaling,
@@ -149,12 +152,8 @@ def _gguf_hf_config(spec: ModelSpec, tied: bool, dtype: str) -> dict:
         "bos_token_id": _token_id(meta, "bos"), "eos_token_id": _token_id(meta, "eos"),
         "pad_token_id": _token_id(meta, "padding"),
     }  # fmt: skip
-    if arch == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
-    else:
-        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=c["n_layers"])
-        if arch == "qwen3":
-            cfg.update(attention_bias=False)
+    for key, value in json.loads(arch["hf_config"]).items():  # "$n_layers": that engine config value
+        cfg[key] = c[value[1:]] if isinstance(value, str) and value.startswith("$") else value
     return cfg
 
 
@@ -292,7 +291,8 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
     if ("rope_freqs", -1) in base:
         raise BadRequestError(f"{spec.source.path}: a GGUF with a rope_freqs tensor (llama3 rope scaling) has no "
                               f"exact Hugging Face config; export from the original Hugging Face checkpoint instead")
-    deltas = _deltas(params, rank, where)
+    arch = spec.arch
+    deltas = _deltas(arch, params, rank, where)
     tied = bool(spec.config["tied_embeddings"])
     unembed = deltas.get(("lm_head", -1))
     if tied and unembed is not None and not np.any(unembed[1]):
@@ -301,21 +301,21 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
     for key, (a, b) in deltas.items():
         target = base.get(("embed", -1) if key == ("lm_head", -1) and tied else key)
         if target is None:
-            raise BadRequestError(f"{where}: the adapter changes {_hf_name(*key)}, which the base model lacks "
+            raise BadRequestError(f"{where}: the adapter changes {_hf_name(arch, *key)}, which the base model lacks "
                                   f"(was the adapter trained on another model?)")
         if tuple(target[7]) != (b.shape[0], a.shape[1]):
-            raise BadRequestError(f"{where}: the LoRA delta of {_hf_name(*key)} has shape {(b.shape[0], a.shape[1])}, "
-                                  f"but the base tensor {target[0]!r} has shape {tuple(target[7])} (was the adapter "
-                                  f"trained on another model?)")
+            raise BadRequestError(f"{where}: the LoRA delta of {_hf_name(arch, *key)} has shape "
+                                  f"{(b.shape[0], a.shape[1])}, but the base tensor {target[0]!r} has shape "
+                                  f"{tuple(target[7])} (was the adapter trained on another model?)")
 
     scale = ckpt.LORA_ALPHA / rank
     entries = []
     for (role, layer), t in base.items():
-        entries.append((_hf_name(role, layer), tuple(t[7]),
+        entries.append((_hf_name(arch, role, layer), tuple(t[7]),
                         lambda t=t, d=deltas.get((role, layer)): _merged(_read_tensor(spec, t), d, scale)))
     if untie:
         embed = base[("embed", -1)]
-        entries.append(("lm_head.weight", tuple(embed[7]),
+        entries.append((_hf_name(arch, "lm_head", -1), tuple(embed[7]),
                         lambda: _merged(_read_tensor(spec, embed), deltas[("lm_head", -1)], scale)))
 
     def fill(tmp: Path):

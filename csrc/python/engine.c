@@ -313,9 +313,9 @@ static PyObject *model_get_config(ModelObject *self, void *closure)
 {
     (void)closure;
     const tk_model_config *c = &self->model->cfg;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "n_layers", c->n_layers, "d_model", c->d_model,
-                         "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim", c->head_dim, "d_ff", c->d_ff,
-                         "vocab_size", c->vocab_size, "max_context", c->max_context);
+    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "arch", c->arch->name, "n_layers", c->n_layers,
+                         "d_model", c->d_model, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim",
+                         c->head_dim, "d_ff", c->d_ff, "vocab_size", c->vocab_size, "max_context", c->max_context);
 }
 
 static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
@@ -493,6 +493,15 @@ static int parse_config(PyObject *d, tk_model_config *c)
     memset(c, 0, sizeof *c);
     if (!PyDict_Check(d)) {
         PyErr_SetString(PyExc_TypeError, "model config must be a dict");
+        return -1;
+    }
+    PyObject *arch = PyDict_GetItemString(d, "arch");
+    const char *arch_name = arch && PyUnicode_Check(arch) ? PyUnicode_AsUTF8(arch) : NULL;
+    if (arch_name) c->arch = tk_arch_find(arch_name);
+    if (!c->arch) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "model config 'arch' must name an architecture the engine runs, got %R",
+                         arch ? arch : Py_None);
         return -1;
     }
     if (dict_int(d, "n_layers", &c->n_layers, 1) < 0 || dict_int(d, "d_model", &c->d_model, 1) < 0 ||

@@ -303,9 +303,91 @@ static PyObject *py_matmul_q(PyObject *module, PyObject *args, PyObject *kwargs)
     return out;
 }
 
+/* ---- architecture descriptors -------------------------------------------------- */
+
+static PyObject *shape_to_py(const tk_arch_tensor *t)
+{
+    int n = 0;
+    while (n < TK_ARCH_MAX_DIMS && t->shape[n]) n++;
+    PyObject *shape = PyTuple_New(n);
+    for (int d = 0; shape && d < n; d++) {
+        PyObject *dim = PyUnicode_FromString(t->shape[d]);
+        if (!dim) Py_CLEAR(shape);
+        else PyTuple_SET_ITEM(shape, d, dim);
+    }
+    return shape;
+}
+
+static PyObject *arch_tensor_to_py(const tk_arch_tensor *t)
+{
+    return Py_BuildValue("{s:s,s:N,s:N,s:s,s:z,s:z,s:N}", "role", tk_role_name((int)t->role), "per_layer",
+                         PyBool_FromLong(t->per_layer), "shape", shape_to_py(t), "when", tk_when_name((int)t->when),
+                         "gguf", t->gguf, "hf", t->hf, "gguf_rope_rows", PyBool_FromLong(t->gguf_rope_rows));
+}
+
+static PyObject *arch_lora_to_py(const tk_arch *a, const tk_arch_lora *l)
+{
+    const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)l->role); /* a 2-D (or more) tensor: tk_arch_validate */
+    int n = 0;
+    while (n < TK_ARCH_MAX_DIMS && t->shape[n]) n++;
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:s}", "name", l->name, "role", tk_role_name((int)l->role),
+                         "trained_by", tk_train_name((int)l->trained_by), "peft", l->peft, "per_layer",
+                         PyBool_FromLong(t->per_layer), "in", t->shape[n - 1], "out", t->shape[n - 2]);
+}
+
+/* A tuple of f(item) over n items; NULL (with the error set) when one fails. */
+static PyObject *tuple_of(const tk_arch *a, int n, PyObject *(*f)(const tk_arch *, int))
+{
+    PyObject *tuple = PyTuple_New(n);
+    for (int i = 0; tuple && i < n; i++) {
+        PyObject *item = f(a, i);
+        if (!item) Py_CLEAR(tuple);
+        else PyTuple_SET_ITEM(tuple, i, item);
+    }
+    return tuple;
+}
+
+static PyObject *tensor_at(const tk_arch *a, int i) { return arch_tensor_to_py(&a->tensors[i]); }
+static PyObject *lora_at(const tk_arch *a, int i) { return arch_lora_to_py(a, &a->lora[i]); }
+
+static PyObject *arch_to_py(const tk_arch *a)
+{
+    PyObject *flags = PyDict_New();
+    for (int bit = 0; flags && bit < TK_ARCH_FLAG_COUNT; bit++) {
+        PyObject *value = PyBool_FromLong((a->flags >> bit) & 1u);
+        int failed = PyDict_SetItemString(flags, tk_arch_flag_name(bit), value) < 0;
+        Py_DECREF(value);
+        if (failed) Py_CLEAR(flags);
+    }
+    if (!flags) return NULL;
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:N,s:N}", "name", a->name, "hf_model_type", a->hf_model_type,
+                         "hf_class", a->hf_class, "gguf_name", a->gguf_name, "flags", flags, "hf_config", a->hf_config,
+                         "tensors", tuple_of(a, a->n_tensors, tensor_at), "lora", tuple_of(a, a->n_lora, lora_at));
+}
+
+static PyObject *py_architectures(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    PyObject *all = PyDict_New();
+    for (int i = 0; all && i < tk_arch_count(); i++) {
+        const tk_arch *a = tk_arch_at(i);
+        PyObject *item = arch_to_py(a);
+        if (!item || PyDict_SetItemString(all, a->name, item) < 0) Py_CLEAR(all);
+        Py_XDECREF(item);
+    }
+    return all;
+}
+
 /* ---- the module ---------------------------------------------------------------- */
 
 static PyMethodDef module_methods[] = {
+    {"architectures", py_architectures, METH_NOARGS,
+     "architectures() -> {name: descriptor}\n\n"
+     "The engine's architecture descriptors (csrc/model/arch.c) as plain dicts: name, hf_model_type, hf_class,\n"
+     "gguf_name, flags {config key: bool}, hf_config (JSON text), tensors (role, per_layer, shape expressions,\n"
+     "when, gguf and hf name patterns, gguf_rope_rows) and lora targets (name, role, trained_by, peft module\n"
+     "pattern, per_layer, in and out expressions)."},
     {"read_gguf", py_read_gguf, METH_VARARGS,
      "read_gguf(path) -> dict(metadata, tensors, version, alignment, data_offset)\n\n"
      "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},
@@ -324,6 +406,11 @@ static PyMethodDef module_methods[] = {
 static int module_exec(PyObject *module)
 {
     tk_module_state *state = PyModule_GetState(module);
+    tk_status s = tk_arch_validate(); /* a mistake in an architecture table fails the import, not a load */
+    if (s != TK_OK) {
+        tk_py_raise(s, tk_last_error());
+        return -1;
+    }
     if (tk_py_add_engine_types(module, state) < 0) return -1;
     return 0;
 }

@@ -213,11 +213,11 @@ class TrainingClient:
             return DoneFuture(error=e)
         with_optimizer = kind == "weights"
         request = self._adapter.submit_read(PARAMS | (EXP_AVG | EXP_AVG_SQ if with_optimizer else 0), notify=True)
-        run = self._run_record()
+        run, arch = self._run_record(), self._adapter.model.spec.arch
 
         def write():
             params, moments, step = self._adapter.unpack_read(request, with_optimizer)
-            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite)
+            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch)
             return response_type(path=path)
 
         return background_future(request, write)

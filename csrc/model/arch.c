@@ -1,0 +1,301 @@
+/* arch.c - the architecture descriptors (see arch.h): one table per architecture, and the lookups.
+ *
+ * Owns nothing but static tables. Invariants (tk_arch_validate checks them at import): every shape
+ * expression parses, a role appears at most once per architecture, per-layer names have exactly one %d
+ * and model-wide names none, every LoRA target adapts a 2-D tensor of its architecture.
+ */
+#include "arch.h"
+
+#include <ctype.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lora.h"
+
+static const char *const role_names[TK_ROLE_COUNT] = {
+    [TK_ROLE_EMBED] = "embed", [TK_ROLE_FINAL_NORM] = "final_norm", [TK_ROLE_LM_HEAD] = "lm_head",
+    [TK_ROLE_ROPE_FREQS] = "rope_freqs", [TK_ROLE_ATTN_NORM] = "attn_norm", [TK_ROLE_Q] = "q", [TK_ROLE_K] = "k",
+    [TK_ROLE_V] = "v", [TK_ROLE_O] = "o", [TK_ROLE_Q_BIAS] = "q_bias", [TK_ROLE_K_BIAS] = "k_bias",
+    [TK_ROLE_V_BIAS] = "v_bias", [TK_ROLE_Q_NORM] = "q_norm", [TK_ROLE_K_NORM] = "k_norm",
+    [TK_ROLE_MLP_NORM] = "mlp_norm", [TK_ROLE_GATE] = "gate", [TK_ROLE_UP] = "up", [TK_ROLE_DOWN] = "down",
+};
+
+static const char *const when_names[TK_WHEN_COUNT] = {"always", "optional", "untied", "qkv_bias", "qk_norm"};
+static const char *const train_names[TK_TRAIN_COUNT] = {"train_attn", "train_mlp", "train_unembed"};
+static const char *const flag_names[TK_ARCH_FLAG_COUNT] = {"qkv_bias", "qk_norm"};
+
+/* ---- the tables ------------------------------------------------------------------------------------------ */
+
+#define MODEL 0
+#define LAYER 1
+#define ROPE_ROWS 1 /* llama.cpp's converter permuted these rows (llama q/k) */
+#define COUNT(a) (int)(sizeof(a) / sizeof((a)[0]))
+
+/* Llama (SmolLM2, Llama 2/3.x): no biases, no q/k norm; a GGUF may carry llama3 rope factors. */
+static const tk_arch_tensor llama_tensors[] = {
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
+    {TK_ROLE_ROPE_FREQS,  MODEL,  {"Dh/2"},         TK_WHEN_OPTIONAL, 0,         "rope_freqs.weight",          NULL},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+};
+
+/* The LoRA targets of the decoder-only models here: PEFT wraps each nn.Linear (and lm_head). */
+static const tk_arch_lora decoder_lora[] = {
+    /* target           name       adapts           trained by        PEFT module */
+    {TK_LORA_Q,         "q",       TK_ROLE_Q,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.q_proj"},
+    {TK_LORA_K,         "k",       TK_ROLE_K,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.k_proj"},
+    {TK_LORA_V,         "v",       TK_ROLE_V,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.v_proj"},
+    {TK_LORA_O,         "o",       TK_ROLE_O,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.o_proj"},
+    {TK_LORA_GATE,      "gate",    TK_ROLE_GATE,    TK_TRAIN_MLP,     "model.layers.%d.mlp.gate_proj"},
+    {TK_LORA_UP,        "up",      TK_ROLE_UP,      TK_TRAIN_MLP,     "model.layers.%d.mlp.up_proj"},
+    {TK_LORA_DOWN,      "down",    TK_ROLE_DOWN,    TK_TRAIN_MLP,     "model.layers.%d.mlp.down_proj"},
+    /* with tied embeddings the adapter changes the output projection only: its shape is still lm_head's */
+    {TK_LORA_PER_LAYER, "unembed", TK_ROLE_LM_HEAD, TK_TRAIN_UNEMBED, "lm_head"},
+};
+
+/* Qwen2 / Qwen2.5: Llama plus biases on q, k and v; GGUF rows in Hugging Face order. */
+static const tk_arch_tensor qwen2_tensors[] = {
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
+    {TK_ROLE_Q_BIAS,      LAYER,  {"H*Dh"},         TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_q.bias",         "model.layers.%d.self_attn.q_proj.bias"},
+    {TK_ROLE_K_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_k.bias",         "model.layers.%d.self_attn.k_proj.bias"},
+    {TK_ROLE_V_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_v.bias",         "model.layers.%d.self_attn.v_proj.bias"},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+};
+
+/* Qwen3 (dense): Llama plus RMSNorm over each head of q and k; explicit head_dim; GGUF rows in HF order. */
+static const tk_arch_tensor qwen3_tensors[] = {
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_q_norm.weight",  "model.layers.%d.self_attn.q_norm.weight"},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_k_norm.weight",  "model.layers.%d.self_attn.k_norm.weight"},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+};
+
+static const tk_arch archs[] = {
+    {
+        .name = "llama", .hf_model_type = "llama", .hf_class = "LlamaForCausalLM", .gguf_name = "llama",
+        .flags = 0,
+        .hf_config = "{\"attention_bias\": false, \"mlp_bias\": false}",
+        .tensors = llama_tensors, .n_tensors = COUNT(llama_tensors),
+        .lora = decoder_lora, .n_lora = COUNT(decoder_lora),
+    },
+    {
+        .name = "qwen2", .hf_model_type = "qwen2", .hf_class = "Qwen2ForCausalLM", .gguf_name = "qwen2",
+        .flags = TK_ARCH_QKV_BIAS,
+        .hf_config = "{\"use_sliding_window\": false, \"sliding_window\": null, \"max_window_layers\": \"$n_layers\"}",
+        .tensors = qwen2_tensors, .n_tensors = COUNT(qwen2_tensors),
+        .lora = decoder_lora, .n_lora = COUNT(decoder_lora),
+    },
+    {
+        .name = "qwen3", .hf_model_type = "qwen3", .hf_class = "Qwen3ForCausalLM", .gguf_name = "qwen3",
+        .flags = TK_ARCH_QK_NORM,
+        .hf_config = "{\"use_sliding_window\": false, \"sliding_window\": null, \"max_window_layers\": \"$n_layers\", "
+                     "\"attention_bias\": false}",
+        .tensors = qwen3_tensors, .n_tensors = COUNT(qwen3_tensors),
+        .lora = decoder_lora, .n_lora = COUNT(decoder_lora),
+    },
+};
+
+/* ---- lookups --------------------------------------------------------------------------------------------- */
+
+int tk_arch_count(void) { return COUNT(archs); }
+
+const tk_arch *tk_arch_at(int i) { return i >= 0 && i < COUNT(archs) ? &archs[i] : NULL; }
+
+const tk_arch *tk_arch_find(const char *name)
+{
+    for (int i = 0; name && i < COUNT(archs); i++)
+        if (strcmp(archs[i].name, name) == 0) return &archs[i];
+    return NULL;
+}
+
+const char *tk_role_name(int role) { return role >= 0 && role < TK_ROLE_COUNT ? role_names[role] : NULL; }
+
+int tk_role_from_name(const char *name)
+{
+    for (int r = 0; r < TK_ROLE_COUNT; r++)
+        if (strcmp(role_names[r], name) == 0) return r;
+    return -1;
+}
+
+const char *tk_when_name(int when) { return when >= 0 && when < TK_WHEN_COUNT ? when_names[when] : NULL; }
+const char *tk_train_name(int train) { return train >= 0 && train < TK_TRAIN_COUNT ? train_names[train] : NULL; }
+const char *tk_arch_flag_name(int bit) { return bit >= 0 && bit < TK_ARCH_FLAG_COUNT ? flag_names[bit] : NULL; }
+
+const tk_arch_tensor *tk_arch_tensor_of(const tk_arch *a, int role)
+{
+    for (int i = 0; a && i < a->n_tensors; i++)
+        if ((int)a->tensors[i].role == role) return &a->tensors[i];
+    return NULL;
+}
+
+const tk_arch_lora *tk_arch_lora_of(const tk_arch *a, int target)
+{
+    for (int i = 0; a && i < a->n_lora; i++)
+        if (a->lora[i].target == target) return &a->lora[i];
+    return NULL;
+}
+
+/* ---- shapes and conditions --------------------------------------------------------------------------------- */
+
+static const struct {
+    const char *letter;
+    size_t offset; /* of an int field of tk_model_config */
+} letters[] = {
+    {"D", offsetof(tk_model_config, d_model)},       {"H", offsetof(tk_model_config, n_heads)},
+    {"Hkv", offsetof(tk_model_config, n_kv_heads)},  {"Dh", offsetof(tk_model_config, head_dim)},
+    {"F", offsetof(tk_model_config, d_ff)},          {"V", offsetof(tk_model_config, vocab_size)},
+};
+
+static int64_t letter_value(const char *s, size_t n, const tk_model_config *c)
+{
+    for (size_t i = 0; i < sizeof letters / sizeof letters[0]; i++)
+        if (strlen(letters[i].letter) == n && memcmp(letters[i].letter, s, n) == 0)
+            return *(const int *)((const char *)c + letters[i].offset);
+    return -1;
+}
+
+int64_t tk_arch_eval(const char *expr, const tk_model_config *c)
+{
+    int64_t value = 1;
+    char op = '*';
+    for (const char *p = expr;;) {
+        int64_t term;
+        if (isdigit((unsigned char)*p)) {
+            char *end;
+            term = strtoll(p, &end, 10);
+            p = end;
+        } else if (isalpha((unsigned char)*p)) {
+            const char *start = p;
+            while (isalnum((unsigned char)*p)) p++;
+            term = letter_value(start, (size_t)(p - start), c);
+        } else {
+            return -1;
+        }
+        if (term < 0 || (op == '/' && term == 0)) return -1;
+        value = op == '*' ? value * term : value / term;
+        if (*p == '\0') return value;
+        if (*p != '*' && *p != '/') return -1;
+        op = *p++;
+    }
+}
+
+tk_shape tk_arch_shape(const tk_arch_tensor *t, const tk_model_config *c)
+{
+    tk_shape s = {0, {0}};
+    for (int d = 0; d < TK_ARCH_MAX_DIMS && t->shape[d]; d++) s.dim[s.n_dims++] = tk_arch_eval(t->shape[d], c);
+    return s;
+}
+
+int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c)
+{
+    switch (t->when) {
+    case TK_WHEN_ALWAYS: case TK_WHEN_OPTIONAL: return 1;
+    case TK_WHEN_UNTIED: return !c->tied_embeddings;
+    case TK_WHEN_QKV_BIAS: return c->qkv_bias != 0;
+    case TK_WHEN_QK_NORM: return c->qk_norm != 0;
+    default: return 0;
+    }
+}
+
+int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c)
+{
+    return t->when != TK_WHEN_OPTIONAL && tk_arch_used(t, c);
+}
+
+void tk_arch_lora_dims(const tk_arch *a, int target, const tk_model_config *c, int *in, int *out)
+{
+    const tk_arch_lora *l = tk_arch_lora_of(a, target);
+    const tk_arch_tensor *t = l ? tk_arch_tensor_of(a, l->role) : NULL;
+    tk_shape s = t ? tk_arch_shape(t, c) : (tk_shape){0, {0}};
+    *in = s.n_dims >= 2 ? (int)s.dim[s.n_dims - 1] : 0;
+    *out = s.n_dims >= 2 ? (int)s.dim[s.n_dims - 2] : 0;
+}
+
+/* ---- validation -------------------------------------------------------------------------------------------- */
+
+/* number of "%d" in a pattern; -1 when it has any other conversion */
+static int layer_slots(const char *pattern)
+{
+    int n = 0;
+    for (const char *p = strchr(pattern, '%'); p; p = strchr(p + 2, '%')) {
+        if (p[1] != 'd') return -1;
+        n++;
+    }
+    return n;
+}
+
+tk_status tk_arch_validate(void)
+{
+    tk_model_config probe = {0}; /* every letter 2: an expression that parses is positive */
+    probe.d_model = probe.n_heads = probe.n_kv_heads = probe.head_dim = probe.d_ff = probe.vocab_size = 2;
+    for (int i = 0; i < COUNT(archs); i++) {
+        const tk_arch *a = &archs[i];
+        if (tk_arch_find(a->name) != a)
+            return tk_error(TK_ERR_INTERNAL, "architecture %s is listed twice", a->name);
+        for (int j = 0; j < a->n_tensors; j++) {
+            const tk_arch_tensor *t = &a->tensors[j];
+            const char *role = tk_role_name((int)t->role);
+            if (!role || (int)t->when < 0 || t->when >= TK_WHEN_COUNT || tk_arch_tensor_of(a, (int)t->role) != t)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: tensor %d has a bad or repeated role", a->name, j);
+            if (!t->shape[0])
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: %s has no shape", a->name, role);
+            for (int d = 0; d < TK_ARCH_MAX_DIMS && t->shape[d]; d++)
+                if (tk_arch_eval(t->shape[d], &probe) <= 0)
+                    return tk_error(TK_ERR_INTERNAL, "architecture %s: %s: shape expression '%s' does not parse",
+                                    a->name, role, t->shape[d]);
+            const char *names[2] = {t->gguf, t->hf};
+            for (int k = 0; k < 2; k++)
+                if (names[k] && layer_slots(names[k]) != t->per_layer)
+                    return tk_error(TK_ERR_INTERNAL, "architecture %s: %s: name '%s' must have %s", a->name, role,
+                                    names[k], t->per_layer ? "exactly one %d" : "no % conversion");
+        }
+        for (int j = 0; j < a->n_lora; j++) {
+            const tk_arch_lora *l = &a->lora[j];
+            const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)l->role);
+            int per_layer = l->target != TK_LORA_PER_LAYER;
+            if (l->target < 0 || l->target > TK_LORA_PER_LAYER || tk_arch_lora_of(a, l->target) != l || !l->name ||
+                (int)l->trained_by < 0 || l->trained_by >= TK_TRAIN_COUNT)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %d is bad or repeated", a->name, j);
+            if (!t || !t->shape[1] || t->per_layer != per_layer)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %s must adapt a %s matrix it has",
+                                a->name, l->name, per_layer ? "per-layer" : "model-wide");
+            if (!l->peft || layer_slots(l->peft) != per_layer)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %s: bad PEFT module pattern", a->name,
+                                l->name);
+        }
+    }
+    return TK_OK;
+}

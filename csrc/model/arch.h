@@ -1,0 +1,122 @@
+/* arch.h - architecture descriptors: what each model architecture the engine runs is made of.
+ *
+ * One static table per architecture (arch.c) says
+ *   - its tensors: role, model-wide or per layer, shape (up to TK_ARCH_MAX_DIMS dimension expressions over the
+ *     config, PyTorch order; a leading expert dimension E fits), when a configuration uses it, its GGUF and
+ *     Hugging Face names (printf patterns, %d = layer) and whether llama.cpp's converter interleaved its rows
+ *     for RoPE;
+ *   - its LoRA targets: the engine's name ("q" ... "down", "unembed"), the tensor each adapts (in = that
+ *     tensor's last dimension, out = the one before), the flag that trains it (train_attn / train_mlp /
+ *     train_unembed) and its PEFT module (a pattern, %d = layer);
+ *   - its names elsewhere: Hugging Face model_type and architectures class, GGUF general.architecture, and
+ *     extra config.json keys an export from GGUF writes;
+ *   - flags every config of it gets (qkv_bias, qk_norm: the names of tk_model_config's fields).
+ * The loader (weights.c), the adapter layout (lora.c) and, through tinker._C.architectures(), the Python
+ * loader, checkpoints and export (tinker/_arch.py) take names and shapes only from here.
+ *
+ * Adding an architecture: write its table in arch.c (start from the nearest one) and list it in `archs`.
+ * Nothing else changes when its tensors play roles the engine already computes with; tk_arch_validate
+ * (run at import) checks the table. A new kind of tensor (an MoE router, expert matrices) is also a new
+ * tk_role with its name in arch.c, a place in weights.c's storage and a use in the layer recipe; a new
+ * condition for using a tensor is a new tk_when (arch.c and tinker/_arch.py evaluate it).
+ *
+ * Shape expressions are products and quotients of integers and config letters: D d_model, H n_heads,
+ * Hkv n_kv_heads, Dh head_dim, F d_ff, V vocab_size (e.g. "H*Dh", "Dh/2").
+ */
+#ifndef TK_ARCH_H
+#define TK_ARCH_H
+
+#include <stdint.h>
+
+#include "../core/status.h"
+#include "model.h"
+
+/* What a tensor is to the engine (weights.c stores each role in its place). */
+enum tk_role {
+    TK_ROLE_EMBED, TK_ROLE_FINAL_NORM, TK_ROLE_LM_HEAD, TK_ROLE_ROPE_FREQS,
+    TK_ROLE_ATTN_NORM, TK_ROLE_Q, TK_ROLE_K, TK_ROLE_V, TK_ROLE_O, TK_ROLE_Q_BIAS, TK_ROLE_K_BIAS, TK_ROLE_V_BIAS,
+    TK_ROLE_Q_NORM, TK_ROLE_K_NORM, TK_ROLE_MLP_NORM, TK_ROLE_GATE, TK_ROLE_UP, TK_ROLE_DOWN,
+    TK_ROLE_COUNT,
+};
+
+/* When a configuration uses a tensor; a used tensor must be present, except an optional one. */
+enum tk_when {
+    TK_WHEN_ALWAYS,
+    TK_WHEN_OPTIONAL, /* used when present (llama3 rope_freqs) */
+    TK_WHEN_UNTIED,   /* !tied_embeddings */
+    TK_WHEN_QKV_BIAS, /* qkv_bias */
+    TK_WHEN_QK_NORM,  /* qk_norm */
+    TK_WHEN_COUNT,
+};
+
+/* Which tk_lora_config flag trains a LoRA target. */
+enum tk_train { TK_TRAIN_ATTN, TK_TRAIN_MLP, TK_TRAIN_UNEMBED, TK_TRAIN_COUNT };
+
+/* Flags an architecture sets in the config of every model of it. */
+enum { TK_ARCH_QKV_BIAS = 1 << 0, TK_ARCH_QK_NORM = 1 << 1, TK_ARCH_FLAG_COUNT = 2 };
+
+enum { TK_ARCH_MAX_DIMS = 4 };
+
+typedef struct {
+    enum tk_role role;
+    int per_layer;                         /* 0: one for the model; 1: one per layer (names have %d) */
+    const char *shape[TK_ARCH_MAX_DIMS];   /* dimension expressions, outermost first; unused ones NULL */
+    enum tk_when when;
+    int gguf_rope_rows;                    /* GGUF rows hold each head's rotate_half partners side by side */
+    const char *gguf, *hf;                 /* name patterns; NULL: that format has no such tensor */
+} tk_arch_tensor;
+
+typedef struct {
+    int target;                /* enum tk_lora_target (lora.h); TK_LORA_PER_LAYER is the unembedding */
+    const char *name;          /* the engine's tensor names: "layers.{l}.{name}.lora_A", "unembed.lora_A" */
+    enum tk_role role;         /* the base tensor it adapts */
+    enum tk_train trained_by;
+    const char *peft;          /* PEFT module pattern: key "base_model.model.{peft}.lora_A.weight" */
+} tk_arch_lora;
+
+typedef struct tk_arch {
+    const char *name;          /* the engine's name (ModelSpec.arch, the config's "arch") */
+    const char *hf_model_type; /* config.json model_type */
+    const char *hf_class;      /* config.json architectures[0] */
+    const char *gguf_name;     /* GGUF general.architecture, also its metadata key prefix */
+    unsigned flags;            /* TK_ARCH_* */
+    const char *hf_config;     /* extra config.json keys of an export from GGUF: JSON object text; a string value
+                                * "$key" stands for the engine config's value of key ("$n_layers") */
+    const tk_arch_tensor *tensors;
+    int n_tensors;
+    const tk_arch_lora *lora;
+    int n_lora;
+} tk_arch;
+
+typedef struct {
+    int n_dims;
+    int64_t dim[TK_ARCH_MAX_DIMS];
+} tk_shape;
+
+int tk_arch_count(void);
+const tk_arch *tk_arch_at(int i);                 /* i in [0, tk_arch_count()) */
+const tk_arch *tk_arch_find(const char *name);    /* NULL when the engine has no such architecture */
+const char *tk_role_name(int role);               /* "embed", "q", ...; NULL out of range */
+int tk_role_from_name(const char *name);          /* -1 when unknown */
+const char *tk_when_name(int when);               /* "always", "optional", "untied", "qkv_bias", "qk_norm" */
+const char *tk_train_name(int train);             /* "train_attn", "train_mlp", "train_unembed" */
+const char *tk_arch_flag_name(int bit);           /* name of flag 1 << bit: "qkv_bias", "qk_norm" */
+
+/* The architecture's tensor of a role (NULL when it has none) and its LoRA target (NULL likewise). */
+const tk_arch_tensor *tk_arch_tensor_of(const tk_arch *a, int role);
+const tk_arch_lora *tk_arch_lora_of(const tk_arch *a, int target);
+
+/* A shape expression's value for a config; -1 when it does not parse. */
+int64_t tk_arch_eval(const char *expr, const tk_model_config *c);
+tk_shape tk_arch_shape(const tk_arch_tensor *t, const tk_model_config *c);
+/* Whether a configuration uses / requires the tensor. */
+int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c);
+int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c);
+/* [in, out] of a LoRA target for a config; 0, 0 when the architecture has no such target. */
+void tk_arch_lora_dims(const tk_arch *a, int target, const tk_model_config *c, int *in, int *out);
+
+/* Checks every table (expressions parse, each role once, %d exactly in per-layer names, LoRA targets adapt a
+ * 2-D tensor the architecture has); TK_ERR_INTERNAL with the first problem otherwise. */
+tk_status tk_arch_validate(void);
+
+#endif
