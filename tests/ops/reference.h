@@ -1,0 +1,66 @@
+/* reference.h - the op table's definitions, written the plain way in float64.
+ *
+ * One function per op of backend.h, with the same meaning and layout
+ * (row-major, `ld` row strides) but double data and none of the kernels'
+ * tricks: no blocking, no threads, no fast exp, softmax over exactly the
+ * visible keys. These are what the backend is compared with, and their
+ * forward functions are the objectives finite differences differentiate, so
+ * the backward ones here are checked too. Outputs are written only on their
+ * valid columns. With beta == 0 an output is not read (BLAS semantics).
+ */
+#ifndef TK_TEST_REFERENCE_H
+#define TK_TEST_REFERENCE_H
+
+#include <stdint.h>
+
+/* y[T, N] = alpha x[T, K] . w[N, K]^T + beta y */
+void ref_matmul_nt(double *y, int ldy, const double *x, int ldx, const double *w, int ldw, int T, int N, int K,
+                   double alpha, double beta);
+/* y[T, N] = alpha x[T, K] . w[K, N] + beta y */
+void ref_matmul_nn(double *y, int ldy, const double *x, int ldx, const double *w, int ldw, int T, int N, int K,
+                   double alpha, double beta);
+/* g[M, N] += alpha a[T, M]^T . b[T, N] */
+void ref_matmul_tn_acc(double *g, int ldg, const double *a, int lda, const double *b, int ldb, int T, int M, int N,
+                       double alpha);
+/* x[T, D] = table[tokens[t]] */
+void ref_embed(double *x, const double *table, const int32_t *tokens, int T, int D);
+/* y = x / sqrt(mean(x^2) + eps) * w per row; inv_rms[r] (optional) the 1 / sqrt */
+void ref_rmsnorm(double *y, int ldy, const double *x, int ldx, const double *w, int rows, int n, double eps,
+                 double *inv_rms);
+/* dx (+)= the gradient of sum(dy * rmsnorm(x)) with respect to x (inv_rms recomputed from x and eps) */
+void ref_rmsnorm_backward(double *dx, int lddx, const double *dy, int lddy, const double *x, int ldx, const double *w,
+                          int rows, int n, double eps, int accumulate);
+/* y[r] += b */
+void ref_add_bias(double *y, int ldy, const double *b, int rows, int n);
+/* rotate_half RoPE of heads h < n_heads of x (cos/sin [rows, Dh/2]); inverse rotates by -angle */
+void ref_rope(double *x, int ldx, int rows, int n_heads, int head_dim, const double *cos, const double *sin,
+              int inverse);
+/* act[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:] (rows of 2F) */
+void ref_swiglu(double *act, const double *gate_up, int T, int F);
+/* dgate_up[T, 2F] = the gradient of sum(dact * swiglu(gate_up)) */
+void ref_swiglu_backward(double *dgate_up, const double *dact, const double *gate_up, int T, int F);
+/* lse[r] = log sum exp x[r, :n] */
+void ref_logsumexp(double *lse, const double *x, int ldx, int rows, int n);
+/* y[r, i] = -g[r] exp(x[r, i] - lse[r]) (out of place; the op works in place) */
+void ref_softmax_scale(double *y, int ldy, const double *x, int ldx, const double *lse, const double *g, int rows,
+                       int n);
+/* causal grouped-query attention over packed sequences (backend.h attention); lse optional [T, H] */
+void ref_attention(double *out, int ldo, const double *q, const double *k, const double *v, int ldqkv,
+                   const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim, double *lse);
+/* dq, dk, dv (overwritten, row stride ldqkv) of sum(dout * attention(q, k, v)); probabilities recomputed */
+void ref_attention_backward(double *dq, double *dk, double *dv, const double *dout, int ldo, const double *q,
+                            const double *k, const double *v, int ldqkv, const int32_t *seq_start, int n_seqs,
+                            int n_heads, int n_kv_heads, int head_dim);
+
+/* the keys and values one decoding query attends to: n0 shared rows then n1 own rows */
+typedef struct {
+    const double *k0, *v0;
+    int n0;
+    const double *k1, *v1;
+    int n1;
+} ref_kv_view;
+/* out[i, h] = softmax(q_h . keys / sqrt(Dh)) values over view i's n0 + n1 rows */
+void ref_attention_decode(double *out, int ldo, const double *q, int ldq, const ref_kv_view *views, int n,
+                          int n_heads, int n_kv_heads, int head_dim, int ld_kv);
+
+#endif
