@@ -2,7 +2,7 @@
 
     python benchmarks/bench_forward.py [--lengths 128 512] [--reps 5]
 
-Prints the machine's measured matmul peak (the engine's GEMM path and numpy's BLAS), then for each
+Prints the machine's measured matmul peak (the engine's GEMM path, sgemm_peak.py, and numpy's BLAS), then for each
 prompt length: tokens/s of our engine and of transformers (float32, the same GGUF dequantised by
 transformers, torch using every core), their ratio, and the GFLOP/s our forward reaches as a
 fraction of the measured peak. Medians of --reps runs after one warm-up.
@@ -39,11 +39,11 @@ def forward_flops(cfg: dict, T: int) -> float:
 
 
 def measure_peak(reps: int) -> dict:
-    from tinker import _C
+    from sgemm_peak import time_matmul
 
     peak = {}
     for M, N, K in [(2048, 2048, 2048), (512, 3072, 576)]:
-        seconds = _C.time_matmul(M, N, K, reps)
+        seconds = time_matmul(M, N, K, reps)
         peak[f"engine matmul {M}x{N}x{K}"] = 2 * M * N * K / seconds / 1e9
     a = np.random.rand(2048, 2048).astype(np.float32)
     seconds = median_seconds(lambda: a @ a, reps)

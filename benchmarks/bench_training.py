@@ -95,12 +95,12 @@ def main():
     import torch
     import transformers
 
-    from tinker import _C
+    from sgemm_peak import time_matmul
     from tinker._engine import load_model
     from tinker._models import DEFAULT_MODEL, _default_gguf_path
 
     torch.set_num_threads(os.cpu_count())
-    peak = max(2 * 2048**3 / _C.time_matmul(2048, 2048, 2048, 3), 2 * 512 * 3072 * 576 / _C.time_matmul(512, 3072, 576, 5))
+    peak = max(2 * 2048**3 / time_matmul(2048, 2048, 2048, 3), 2 * 512 * 3072 * 576 / time_matmul(512, 3072, 576, 5))
     print(f"{os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); measured matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; LoRA rank {args.rank} on all projections and the output")
     ours = load_model(DEFAULT_MODEL)

@@ -1,7 +1,7 @@
 """The quantized decoding kernel (csrc/backend/cpu/qmatmul.c) and the quantized weight copies it reads.
 
 What is checked, and how:
-1. y = alpha x W^T + beta y through `_C.matmul_q` (W given as rows of Q4_0 / Q4_1 / Q8_0 blocks,
+1. y = alpha x W^T + beta y through `matmul_q` (W given as rows of Q4_0 / Q4_1 / Q8_0 blocks,
    repacked as at load) equals the float64 product with the dequantised W (`_C.dequantize`, itself
    bit-identical to gguf-py, test_io_quant.py) within 1e-5 relative, for T = 1..16 token rows, odd N
    (a partial last group of 16 rows), several K and alpha/beta, in both the SIMD path and its plain-C
@@ -17,10 +17,17 @@ What is checked, and how:
    differ in type keeps one part per type), and nothing else but the float32 norms and biases; safetensors
    checkpoints hold their float32 matrices and no quantized bytes. Greedy decoding through them is tested
    against transformers in test_sampling.py (tiny GGUFs) and on SmolLM2 itself.
+
+The kernel is reached through tests/ops/qmatmul_hook.c, a test-only shared library this file compiles with
+the engine's C sources (tests/native_build.py) and calls through ctypes: it is not in the shipped module.
+Each op's agreement with its float64 definition on more shapes is also in test_ops_backend.py.
 """
 
 from __future__ import annotations
 
+import ctypes
+
+import native_build
 import numpy as np
 import pytest
 
@@ -55,14 +62,48 @@ def dequantized(name: str, w: bytes, N: int, K: int) -> np.ndarray:
     return np.frombuffer(_C.dequantize(TYPES[name][0], w, N * K), np.float32).reshape(N, K)
 
 
+_HOOK = None  # the test-only library, built once per module by the `hook` fixture
+
+
+@pytest.fixture(scope="module")
+def hook(tmp_path_factory):
+    global _HOOK
+    path = native_build.build(tmp_path_factory.mktemp("qmatmul_hook") / "libqmatmul_hook.so", ["qmatmul_hook.c"],
+                              shared=True)  # fmt: skip
+    lib = ctypes.CDLL(str(path))
+    lib.tk_test_matmul_q.restype = ctypes.c_int
+    lib.tk_test_matmul_q.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+                                     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                     ctypes.c_size_t]  # fmt: skip
+    _HOOK = lib
+    yield lib
+    _HOOK = None
+
+
+def matmul_q_raw(type_id, w, x, y, N, K, T, alpha=1.0, beta=0.0, portable=False, threads=0) -> bytes:
+    """y[T, N] = alpha * x[T, K] . W^T + beta * y (float32 buffers) with W given as N rows of ggml blocks, through
+    the CPU backend's quantized decode kernel (portable: its plain-C reference); ValueError on bad arguments."""
+    w, x, out, err = bytes(w), bytes(x), bytearray(bytes(y)), ctypes.create_string_buffer(256)
+    buf = (ctypes.c_char * len(out)).from_buffer(out) if out else None
+    status = _HOOK.tk_test_matmul_q(type_id, w, len(w), x, len(x), ctypes.cast(buf, ctypes.c_void_p), len(out), N, K,
+                                    T, alpha, beta, int(portable), threads, err, len(err))  # fmt: skip
+    if status == 1:
+        raise ValueError(err.value.decode())
+    if status != 0:
+        raise MemoryError(err.value.decode())
+    return bytes(out)
+
+
 def matmul_q(name, w, x, y, alpha=1.0, beta=0.0, portable=False, threads=0) -> np.ndarray:
     T, K = x.shape
     N = y.shape[1]
-    out = _C.matmul_q(TYPES[name][0], w, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32),
-                      N, K, T, alpha, beta, portable, threads)  # fmt: skip
+    out = matmul_q_raw(TYPES[name][0], w, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32),
+                       N, K, T, alpha, beta, portable, threads)  # fmt: skip
     return np.frombuffer(out, np.float32).reshape(T, N)
 
 
+@pytest.mark.usefixtures("hook")
 @pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_kernel_equals_float_matmul(name, portable):
@@ -85,6 +126,7 @@ def test_kernel_equals_float_matmul(name, portable):
                         f"{want[t, n]} (error {err[t, n]:.2e} of the summation scale > {REL_TOL:g})")
 
 
+@pytest.mark.usefixtures("hook")
 @pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_weights_are_decoded_exactly(name, portable):
@@ -99,6 +141,7 @@ def test_weights_are_decoded_exactly(name, portable):
                           f"{got[tuple(bad[0])]} instead of {W.T[tuple(bad[0])]}"  # fmt: skip
 
 
+@pytest.mark.usefixtures("hook")
 @pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_rows_do_not_depend_on_the_batch_or_threads(name, portable):
@@ -113,6 +156,7 @@ def test_rows_do_not_depend_on_the_batch_or_threads(name, portable):
     assert np.array_equal(together, alone), "a row's result changed with the rows and threads beside it"
 
 
+@pytest.mark.usefixtures("hook")
 def test_beta_zero_does_not_read_y():
     rng = np.random.default_rng(5)
     w = random_blocks(rng, "Q4_1", 20, 64)
@@ -128,11 +172,12 @@ def test_beta_zero_does_not_read_y():
     (3, 16, 64, 1, 16 * 40 - 1),  # w one byte short
     (3, 0, 64, 1, 0),  # no rows
 ])  # fmt: skip
+@pytest.mark.usefixtures("hook")
 def test_bad_arguments_raise(type_id, N, K, T, w_bytes):
     with pytest.raises(ValueError):
-        _C.matmul_q(type_id, bytes(w_bytes), bytes(4 * T * K), bytes(4 * T * max(N, 1)), N, K, T)
+        matmul_q_raw(type_id, bytes(w_bytes), bytes(4 * T * K), bytes(4 * T * max(N, 1)), N, K, T)
     with pytest.raises(ValueError):
-        _C.matmul_q(3, bytes(16 * 40), bytes(4 * 64 - 1), bytes(4 * 16), 16, 64, 1)  # x short
+        matmul_q_raw(3, bytes(16 * 40), bytes(4 * 64 - 1), bytes(4 * 16), 16, 64, 1)  # x short
 
 
 # ---- every matrix kept once, in its file's type ------------------------------------------------------

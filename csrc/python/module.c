@@ -1,20 +1,13 @@
 /* module.c - the tinker._C extension module: multi-phase init, module state
  * holding the heap types, and the free functions (GGUF reading,
- * dequantisation, matmul timers for the benchmarks, a hook to test the
- * quantized decode kernel).
+ * dequantisation). Test and benchmark hooks into the kernels are not
+ * shipped: they live in tests/ops/ and benchmarks/.
  *
  * Engine status codes map onto Python's built-in exceptions (ValueError for
  * bad files and arguments, OSError for I/O, MemoryError); the tinker package
  * turns them into its own exception classes where the API names one.
  */
 #include "binding.h"
-
-#include <time.h>
-
-#include <unistd.h>
-
-#include "../backend/cpu/cpu_backend.h"
-#include "../backend/cpu/qmatmul.h"
 
 PyObject *tk_py_raise(tk_status status, const char *message)
 {
@@ -154,7 +147,7 @@ static PyObject *py_read_gguf(PyObject *module, PyObject *args)
     return result;
 }
 
-/* ---- dequantisation and the sgemm timer ----------------------------------------- */
+/* ---- dequantisation ----------------------------------------------------------------- */
 
 static PyObject *py_dequantize(PyObject *module, PyObject *args)
 {
@@ -180,126 +173,6 @@ static PyObject *py_dequantize(PyObject *module, PyObject *args)
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&data);
-    return out;
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* A repacked copy of N rows of ggml blocks of `type` ([N, K]); tiles NULL when out of memory. */
-static tk_qmatrix repack(int type, const uint8_t *blocks, int N, int K)
-{
-    tk_qmatrix w = {type, N, K, calloc(1, tk_qmatrix_bytes(type, N, K))};
-    size_t row_bytes = tk_quant_row_bytes(type, (size_t)K);
-    for (int r = 0; w.tiles && r < N; r++) tk_qmatrix_put_row(&w, r, blocks + (size_t)r * row_bytes);
-    return w;
-}
-
-/* Blocks of `type` with random quants and small, well-formed scales (0.01 = fp16 0x211f), for timing. */
-static uint8_t *timing_blocks(int type, int N, int K)
-{
-    size_t n = tk_quant_row_bytes(type, (size_t)K) * (size_t)N, block = tk_quant_block_bytes(type);
-    uint8_t *b = malloc(n);
-    uint32_t state = 12345;
-    for (size_t i = 0; b && i < n; i++) {
-        state = state * 1664525u + 1013904223u;
-        b[i] = (i % block) < (type == TK_GGML_Q4_1 ? 4u : 2u) ? ((i % 2) ? 0x21 : 0x1f) : (uint8_t)(state >> 24);
-    }
-    return b;
-}
-
-/* Best time of `reps` runs of C[M,N] = A[M,K] B[N,K]^T through the CPU
- * backend's matmul (OpenBLAS kernels, split over a pool of `threads`), the way
- * the engine runs its projections; for measuring the machine's peak. With a
- * ggml_type (Q4_0, Q4_1, Q8_0), B is random blocks of that type and the
- * quantized kernel (matmul_nt_q) runs instead: where the two cross over. */
-static PyObject *py_time_matmul(PyObject *module, PyObject *args)
-{
-    (void)module;
-    int M, N, K, reps = 5, threads = 0, type = -1;
-    if (!PyArg_ParseTuple(args, "iii|iii:time_matmul", &M, &N, &K, &reps, &threads, &type)) return NULL;
-    if (M < 1 || N < 1 || K < 1 || reps < 1) return tk_py_raise(TK_ERR_INVALID, "time_matmul: sizes must be >= 1");
-    if (type >= 0 && (!tk_qmatrix_supports(type) || K % TK_QBLOCK != 0))
-        return tk_py_raise(TK_ERR_INVALID, "time_matmul: ggml_type must be Q4_0, Q4_1 or Q8_0, with K a "
-                           "multiple of 32");
-    if (threads <= 0) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    float *a = calloc((size_t)M * K, sizeof(float)), *b = type < 0 ? calloc((size_t)N * K, sizeof(float)) : NULL;
-    float *c = calloc((size_t)M * N, sizeof(float));
-    uint8_t *blocks = type >= 0 ? timing_blocks(type, N, K) : NULL;
-    tk_qmatrix q = {0};
-    tk_pool *pool = NULL;
-    tk_backend *be = NULL;
-    double best = -1;
-    if (blocks) q = repack(type, blocks, N, K);
-    if (a && (b || q.tiles) && c && tk_pool_create(&pool, threads) == TK_OK && (be = tk_cpu_backend_create(pool))) {
-        Py_BEGIN_ALLOW_THREADS
-        for (size_t i = 0; i < (size_t)M * K; i++) a[i] = (float)(i % 13) * 0.01f;
-        for (size_t i = 0; b && i < (size_t)N * K; i++) b[i] = (float)(i % 7) * 0.01f;
-        for (int r = 0; r < reps; r++) {
-            double t0 = now_seconds();
-            if (b) be->matmul_nt(be, c, N, a, K, b, M, N, K, 1.0f, 0.0f);
-            else tk_cpu_matmul_nt_q(pool, c, N, a, K, &q, M, 1.0f, 0.0f);
-            double dt = now_seconds() - t0;
-            if (best < 0 || dt < best) best = dt;
-        }
-        Py_END_ALLOW_THREADS
-    }
-    tk_cpu_backend_free(be);
-    tk_pool_free(pool);
-    free(a);
-    free(b);
-    free(c);
-    free(blocks);
-    free(q.tiles);
-    if (best < 0) return PyErr_NoMemory();
-    return PyFloat_FromDouble(best);
-}
-
-/* y[T, N] = alpha * x[T, K] . W^T + beta * y through the CPU backend's quantized matmul (or its plain-C
- * reference), W given as N rows of ggml blocks and repacked here; for tests. */
-static PyObject *py_matmul_q(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    (void)module;
-    static char *kwlist[] = {"ggml_type", "w", "x", "y", "N", "K", "T", "alpha", "beta", "portable", "threads", NULL};
-    int type, N, K, T, portable = 0, threads = 0;
-    float alpha = 1.0f, beta = 0.0f;
-    Py_buffer w, x, y;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iy*y*y*iii|ffpi:matmul_q", kwlist, &type, &w, &x, &y, &N, &K, &T,
-                                     &alpha, &beta, &portable, &threads))
-        return NULL;
-    PyObject *out = NULL;
-    if (!tk_qmatrix_supports(type) || N < 1 || K < TK_QBLOCK || K % TK_QBLOCK || T < 1) {
-        tk_py_raise(TK_ERR_INVALID, "matmul_q: ggml_type must be Q4_0, Q4_1 or Q8_0, N and T >= 1 and K a "
-                    "positive multiple of 32");
-    } else if ((size_t)w.len < tk_quant_row_bytes(type, (size_t)K) * (size_t)N ||
-               (size_t)x.len < (size_t)T * K * sizeof(float) || (size_t)y.len < (size_t)T * N * sizeof(float)) {
-        tk_py_raise(TK_ERR_INVALID, "matmul_q: w, x or y is shorter than N, K and T need");
-    } else if ((out = PyBytes_FromStringAndSize(y.buf, (Py_ssize_t)T * N * (Py_ssize_t)sizeof(float)))) {
-        float *yo = (float *)PyBytes_AS_STRING(out);
-        tk_qmatrix q = repack(type, w.buf, N, K);
-        tk_pool *pool = NULL;
-        tk_backend *be = NULL;
-        if (threads <= 0) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-        if (q.tiles && tk_pool_create(&pool, threads) == TK_OK && (be = tk_cpu_backend_create(pool))) {
-            Py_BEGIN_ALLOW_THREADS
-            if (portable) tk_cpu_matmul_nt_q_portable(pool, yo, N, x.buf, K, &q, T, alpha, beta);
-            else tk_cpu_matmul_nt_q(pool, yo, N, x.buf, K, &q, T, alpha, beta);
-            Py_END_ALLOW_THREADS
-        } else {
-            Py_CLEAR(out);
-            PyErr_NoMemory();
-        }
-        tk_cpu_backend_free(be);
-        tk_pool_free(pool);
-        free(q.tiles);
-    }
-    PyBuffer_Release(&w);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&y);
     return out;
 }
 
@@ -393,13 +266,6 @@ static PyMethodDef module_methods[] = {
      "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(ggml_type, data, n) -> bytes of n float32 values"},
-    {"time_matmul", py_time_matmul, METH_VARARGS,
-     "time_matmul(M, N, K, reps=5, threads=0, ggml_type=-1) -> best seconds of one M x N x K matmul (A . B^T) on\n"
-     "the CPU backend; with a ggml_type (Q4_0, Q4_1, Q8_0) B is quantized and the decode kernel runs"},
-    {"matmul_q", (PyCFunction)(void (*)(void))py_matmul_q, METH_VARARGS | METH_KEYWORDS,
-     "matmul_q(ggml_type, w, x, y, N, K, T, alpha=1.0, beta=0.0, portable=False, threads=0) -> bytes\n\n"
-     "y[T, N] = alpha * x[T, K] . W^T + beta * y (float32 buffers) with W given as N rows of ggml blocks, through\n"
-     "the CPU backend's quantized decode kernel (portable: its plain-C reference)."},
     {NULL, NULL, 0, NULL},
 };
 
