@@ -885,11 +885,13 @@ typedef struct {
     int shares; /* bit i: sequence i attends to the shared prompt too */
 } decode_case;
 
-/* one sequence with one key; a group of 12 query heads (more than one task's 8); sequences with and without
- * the shared prompt; an odd head_dim; own spans past 64 keys */
+/* one sequence with one key; a group of 12 query heads (more than one task's 8); a group of 3 split into
+ * tasks of 2 + 1 heads (with 3 threads); sequences with and without the shared prompt; an odd head_dim; own
+ * spans past 64 keys */
 static const decode_case DECODE_CASES[] = {
     {1, 1, 1, 8, 0, {1}, 0},
     {1, 12, 1, 64, 5, {3}, 1},
+    {3, 6, 2, 24, 4, {2, 5, 1}, 0x5},
     {3, 4, 2, 17, 0, {1, 2, 65}, 0},
     {5, 9, 3, 32, 17, {1, 4, 9, 2, 30}, 0x15},
     {8, 16, 2, 16, 33, {1, 2, 3, 4, 5, 6, 7, 70}, 0xFF},
@@ -918,9 +920,10 @@ static void test_attention_decode(tk_backend *be, rng_t *r)
         ref_attention_decode(want, out.ld, q.d, q.ld, rviews, c->n, c->H, c->Hkv, c->Dh, ld_kv);
         call_attention_decode(be, &out, &q, views, c->n, c->H, c->Hkv, c->Dh, ld_kv, max_keys);
         char what[160];
-        int k = snprintf(what, sizeof what, "n=%d H=%d Hkv=%d Dh=%d ld_kv=%d shared %d + own", c->n, c->H, c->Hkv, c->Dh,
-                         ld_kv, c->n0);
-        for (int s = 0; s < c->n && (size_t)k < sizeof what; s++) k += snprintf(what + k, sizeof what - (size_t)k, " %d", c->n1[s]);
+        int k = snprintf(what, sizeof what, "n=%d H=%d Hkv=%d Dh=%d ld_kv=%d keys (shared+own)", c->n, c->H, c->Hkv,
+                         c->Dh, ld_kv);
+        for (int s = 0; s < c->n && (size_t)k < sizeof what; s++)
+            k += snprintf(what + k, sizeof what - (size_t)k, " %d+%d", views[s].n0, c->n1[s]);
         int guard = mat_guard_ok(&out);
         report("attention_decode", what, compare(out.f, want, NULL, c->n, HD, out.ld, TOL_ATTN), TOL_ATTN, guard,
                guard_note(guard));
@@ -1014,6 +1017,7 @@ static void cpu_destroy(tk_backend *be, void *state)
     tk_pool_free(state);
 }
 
+/* a CUDA build adds its backend here (under its build macro), run against the same references */
 static const backend_kind BACKENDS[] = {
     {"cpu/1 thread", 1, cpu_create, cpu_destroy},
     {"cpu/3 threads", 3, cpu_create, cpu_destroy},
