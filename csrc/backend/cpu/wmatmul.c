@@ -106,8 +106,9 @@ static void fp16x16_to_fp32(float *out, const uint8_t *h)
 #endif
 }
 
-/* out[k * ld + r] = element k of row r of one tile (32 x 16 values), as tk_dequantize gives them:
- * d*q + m with d*q exact equals quant.c's d*q + m and (q - 8)*d (m = -8d, also exact). */
+/* out[k * ld + r] = element k of row r of one tile (32 x 16 values), bit for bit as tk_dequantize gives them,
+ * by quant.c's own formulas: d*q (Q8_0), d*q + m (Q4_1), (q - 8)*d (Q4_0; d*q - 8d is the same value, but +0
+ * where quant.c gives -0 when d is 0, and embed hands these values out as they are). */
 static void decode_tile_kmajor(float *restrict out, int ld, const uint8_t *restrict tile, int type)
 {
     float d[TK_QROWS], m[TK_QROWS];
@@ -118,12 +119,17 @@ static void decode_tile_kmajor(float *restrict out, int ld, const uint8_t *restr
             for (int r = 0; r < TK_QROWS; r++) out[(size_t)k * ld + r] = (float)q[k * TK_QROWS + r] * d[r];
         return;
     }
-    if (type == TK_GGML_Q4_1) {
-        fp16x16_to_fp32(m, tile + 2 * TK_QROWS);
-    } else {
-        for (int r = 0; r < TK_QROWS; r++) m[r] = -8.0f * d[r];
+    if (type == TK_GGML_Q4_0) {
+        const uint8_t *q = tile + 2 * TK_QROWS;
+        for (int j = 0; j < 16; j++)
+            for (int r = 0; r < TK_QROWS; r++) {
+                out[(size_t)j * ld + r] = (float)((q[j * TK_QROWS + r] & 0x0F) - 8) * d[r];
+                out[(size_t)(j + 16) * ld + r] = (float)((q[j * TK_QROWS + r] >> 4) - 8) * d[r];
+            }
+        return;
     }
-    const uint8_t *q = tile + (type == TK_GGML_Q4_1 ? 4 : 2) * TK_QROWS;
+    fp16x16_to_fp32(m, tile + 2 * TK_QROWS);
+    const uint8_t *q = tile + 4 * TK_QROWS;
     for (int j = 0; j < 16; j++)
         for (int r = 0; r < TK_QROWS; r++) {
             out[(size_t)j * ld + r] = (float)(q[j * TK_QROWS + r] & 0x0F) * d[r] + m[r];
