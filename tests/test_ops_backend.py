@@ -1,11 +1,15 @@
 """Per-op tests of the backend table, every backend this build has: tests/ops/test_backend_ops.c.
 
-That C program links the engine's C sources (csrc/ minus csrc/python/) and the same BLAS as setup.py, runs
-every op of csrc/backend/backend.h against a float64 reference on odd shapes, strided rows, packed sequences
-and grouped-query heads, checks every backward op by finite differences too, and checks tk_dequantize
-against an independent decode; its header states what is checked and the tolerances. Here it is compiled
-(gcc -O2 -march=native) and run, once plainly and once under AddressSanitizer + UndefinedBehaviorSanitizer
-(with leak detection), and must exit 0. Its output (one line per op and shape) is shown on failure.
+That C program links the engine's C sources (csrc/ minus csrc/python/) and the same BLAS as setup.py, makes
+each backend with the factory the engine is given (tk_cpu_backend_create over a pool of 1 and of 3 threads),
+runs every op of csrc/backend/backend.h against a float64 reference on odd shapes, strided rows, packed
+sequences and grouped-query heads, checks every backward op by finite differences too, runs the base-weight
+ops (matmul_w, matmul_w_decode, matmul_w_t, embed) on tk_weight handles of all 11 storage types and of mixed
+parts (exact decoding included), checks the memory, indexing, optimizer and RoPE-table ops, and checks
+tk_dequantize against an independent decode; its header states what is checked and the tolerances. Here it
+is compiled (gcc -O2 -march=native) and run, once plainly and once under AddressSanitizer +
+UndefinedBehaviorSanitizer (with leak detection), and must exit 0. Its output (one line per op and shape)
+is shown on failure.
 """
 
 from __future__ import annotations

@@ -120,6 +120,14 @@ cmp_t compare(const float *got, const double *want, const double *scale, int row
     return c;
 }
 
+cmp_t cmp_merge(cmp_t a, cmp_t b)
+{
+    cmp_t c = isnan(a.max_ratio) || a.max_ratio >= b.max_ratio ? a : b;
+    c.max_abs = a.max_abs > b.max_abs ? a.max_abs : b.max_abs;
+    c.bad = a.bad + b.bad;
+    return c;
+}
+
 /* ---- the report ---- */
 
 void report(const char *op, const char *what, cmp_t c, tol_t tol, int extra_ok, const char *extra)
@@ -142,7 +150,17 @@ void report_bool(const char *op, const char *what, int ok, const char *detail)
 {
     g_checks++;
     if (!ok) g_failures++;
-    printf("%-4s %-13s %-27s %-58s %s\n", ok ? "ok" : "FAIL", g_backend_label, op, what, detail ? detail : "");
+    printf("%-4s %-13s %-27s %-58s %s\n", ok ? "ok" : "FAIL", g_backend_label, op, what, detail && !ok ? detail : "");
+    fflush(stdout);
+}
+
+int g_notes = 0, g_notes_diff = 0;
+
+void report_note(const char *op, const char *what, int same, const char *detail)
+{
+    g_notes++;
+    if (!same) g_notes_diff++;
+    printf("%-4s %-13s %-27s %-58s %s\n", same ? "same" : "DIFF", g_backend_label, op, what, detail && !same ? detail : "");
     fflush(stdout);
 }
 

@@ -62,6 +62,8 @@ typedef struct {
 
 /* got / want / scale with row stride ld (scale may be NULL) */
 cmp_t compare(const float *got, const double *want, const double *scale, int rows, int cols, int ld, tol_t tol);
+/* the worse of two comparisons, bad counts added (for one report line over several variants) */
+cmp_t cmp_merge(cmp_t a, cmp_t b);
 
 /* ---- the report ---- */
 extern const char *g_backend_label; /* "cpu/3 threads", printed on every line */
@@ -69,8 +71,12 @@ extern int g_failures, g_checks;
 
 /* Prints one line (label, what, max error, the tolerance) and counts a failure when !ok or c.bad. */
 void report(const char *op, const char *what, cmp_t c, tol_t tol, int extra_ok, const char *extra);
-/* A check that is a plain yes/no (guards, bit-for-bit identities). */
+/* A check that is a plain yes/no (guards, bit-for-bit identities); detail is printed when it fails. */
 void report_bool(const char *op, const char *what, int ok, const char *detail);
+/* An observation that is not a check (a property the backend may or may not have): "same" or "DIFF", never a
+ * failure; g_notes_diff counts the DIFFs. */
+extern int g_notes, g_notes_diff;
+void report_note(const char *op, const char *what, int same, const char *detail);
 
 /* ---- finite differences ----
  * L(ctx) evaluates a scalar objective in float64 from the inputs `ctx` holds;

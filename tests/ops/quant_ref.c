@@ -124,25 +124,72 @@ static uint16_t random_half(rng_t *r, int extreme)
 
 static void put_half(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h, p[1] = (uint8_t)(h >> 8); }
 
-void qref_random_blocks(uint8_t *dst, const qref_type *t, size_t n_blocks, rng_t *r, int extreme)
+/* |value| in [2^lo, 2^hi) (lo >= -14: fp16 normals), either sign */
+static uint16_t half_between(rng_t *r, int lo, int hi)
 {
+    return (uint16_t)((rng_u64(r) & 0x83FF) | (uint16_t)rng_int(r, lo + 15, hi + 14) << 10);
+}
+
+/* QREF_SANE scales: weights below about 1 in magnitude, as in real files (d times the largest quant, or
+ * sub-scale times quant, about 2^-1 at most; the mins, which are subtracted, up to about 1) */
+static void sane_scales(uint8_t *b, int type, rng_t *r)
+{
+    switch (type) {
+    case TK_GGML_Q4_0: put_half(b, half_between(r, -7, -4)); break;            /* |q - 8| <= 8 */
+    case TK_GGML_Q5_0: put_half(b, half_between(r, -8, -5)); break;            /* |q - 16| <= 16 */
+    case TK_GGML_Q8_0: put_half(b, half_between(r, -11, -8)); break;           /* |q| <= 128 */
+    case TK_GGML_Q4_1: put_half(b, half_between(r, -8, -5)), put_half(b + 2, half_between(r, -4, -1)); break;
+    case TK_GGML_Q5_1: put_half(b, half_between(r, -9, -6)), put_half(b + 2, half_between(r, -4, -1)); break;
+    case TK_GGML_Q4_K: put_half(b, half_between(r, -14, -11)), put_half(b + 2, half_between(r, -10, -7)); break;
+    case TK_GGML_Q5_K: put_half(b, half_between(r, -14, -12)), put_half(b + 2, half_between(r, -10, -7)); break;
+    case TK_GGML_Q6_K: put_half(b + 208, half_between(r, -14, -13)); break; /* 127 x 32 = 2^12 */
+    default: break;
+    }
+}
+
+void qref_random_blocks(uint8_t *dst, const qref_type *t, size_t n_blocks, rng_t *r, int mode)
+{
+    int extreme = mode == QREF_EXTREME || mode == QREF_EXTREME_FINITE;
     size_t n = n_blocks * t->bytes;
     for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)rng_u64(r);
     for (size_t k = 0; k < n_blocks; k++) {
         uint8_t *b = dst + k * t->bytes;
         switch (t->type) {
         case TK_GGML_F32: { /* finite values only (NaN payloads are memcpy'd, but keep comparisons simple) */
+            static const float special[] = {0.0f, -0.0f, 1e-40f, 3e38f, -3e38f};
             float f = (float)rng_normal(r);
+            if (mode == QREF_EXTREME_FINITE && rng_int(r, 0, 5) == 0) f = special[rng_int(r, 0, 4)];
             memcpy(b, &f, sizeof f);
             break;
         }
-        case TK_GGML_Q4_0: case TK_GGML_Q5_0: case TK_GGML_Q8_0: put_half(b, random_half(r, extreme)); break;
+        case TK_GGML_Q4_0: case TK_GGML_Q5_0: case TK_GGML_Q8_0:
+            if (mode == QREF_SANE) sane_scales(b, t->type, r);
+            else put_half(b, random_half(r, extreme));
+            break;
         case TK_GGML_Q4_1: case TK_GGML_Q5_1: case TK_GGML_Q4_K: case TK_GGML_Q5_K:
+            if (mode == QREF_SANE) {
+                sane_scales(b, t->type, r);
+                break;
+            }
             put_half(b, random_half(r, extreme));
             put_half(b + 2, random_half(r, extreme));
             break;
-        case TK_GGML_Q6_K: put_half(b + 208, random_half(r, extreme)); break;
-        default: break; /* F16, BF16: any bits */
+        case TK_GGML_Q6_K:
+            if (mode == QREF_SANE) sane_scales(b, t->type, r);
+            else put_half(b + 208, random_half(r, extreme));
+            break;
+        case TK_GGML_F16:
+            if (mode == QREF_SANE) put_half(b, random_half(r, 0));
+            else if (mode == QREF_EXTREME_FINITE && ((b[1] >> 2) & 31) == 31) b[1] &= 0x83; /* exponent 31 -> 0 */
+            break;
+        case TK_GGML_BF16: { /* the high half of a float32: sign, 8 exponent bits, 7 mantissa bits */
+            uint16_t h = (uint16_t)(b[0] | b[1] << 8);
+            if (mode == QREF_SANE) h = (uint16_t)((h & 0x807F) | (uint16_t)rng_int(r, 127 - 10, 127 + 1) << 7);
+            else if (mode == QREF_EXTREME_FINITE && (h & 0x7F80) == 0x7F80) h &= 0x807F; /* exponent 255 -> 0 */
+            put_half(b, h);
+            break;
+        }
+        default: break;
         }
     }
 }

@@ -24,9 +24,16 @@ extern const int qref_n_types;
 float qref_half(uint16_t h); /* IEEE binary16 -> float, by its fields */
 /* element i of one block of `type` */
 float qref_element(const qref_type *t, const uint8_t *block, int i);
-/* n_blocks random blocks; every fp16 scale field finite; extreme: a sixth of
- * them each 0, -0, a subnormal, +-65504 */
-void qref_random_blocks(uint8_t *dst, const qref_type *t, size_t n_blocks, rng_t *r, int extreme);
+/* What random blocks hold. Every fp16 scale field is finite in all modes.
+ * QREF_ORDINARY: scales of |value| in [2^-10, 4); F16 / BF16 any bits (NaN, inf included); F32 N(0, 1).
+ * QREF_EXTREME:  as ORDINARY, but a sixth of the scales each 0, -0, a subnormal, +-65504.
+ * QREF_SANE:     scales that keep weights below about 1, as in real files; F16 / BF16 finite, |value| in
+ *                [2^-10, 4); F32 N(0, 1) (matmul inputs).
+ * QREF_EXTREME_FINITE: EXTREME scales; F16 / BF16 any finite bits (subnormals, +-0, the largest); F32
+ *                with a sixth each 0, -0, a subnormal, +-3e38 (exact-decode checks that go through sums,
+ *                where an infinity or NaN would spread). */
+enum { QREF_ORDINARY = 0, QREF_EXTREME = 1, QREF_SANE = 2, QREF_EXTREME_FINITE = 3 };
+void qref_random_blocks(uint8_t *dst, const qref_type *t, size_t n_blocks, rng_t *r, int mode);
 const qref_type *qref_find(int type);
 
 #endif

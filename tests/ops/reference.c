@@ -50,6 +50,48 @@ void ref_matmul_tn_acc(double *g, int ldg, const double *a, int lda, const doubl
         }
 }
 
+/* ---- indexing, the optimizer, RoPE tables ---- */
+
+void ref_gather(double *out, const double *x, int ldx, const int32_t *row, const int32_t *col, int n)
+{
+    for (int i = 0; i < n; i++) out[i] = x[(size_t)row[i] * ldx + col[i]];
+}
+
+void ref_scatter_add(double *x, int ldx, const int32_t *row, const int32_t *col, const double *val, int n)
+{
+    for (int i = 0; i < n; i++) x[(size_t)row[i] * ldx + col[i]] += val[i];
+}
+
+double ref_sum_squares(const float *x, size_t n)
+{
+    long double s = 0;
+    for (size_t i = 0; i < n; i++) s += (long double)x[i] * x[i];
+    return (double)s;
+}
+
+void ref_adamw(double *p, double *g, double *m, double *v, size_t n, double clip_scale, double decay,
+               double step_size, double bc2_sqrt, double b1w, double b2, double b2w, double eps)
+{
+    for (size_t i = 0; i < n; i++) {
+        double grad = g[i] * clip_scale;
+        p[i] *= decay;
+        m[i] += b1w * (grad - m[i]);
+        v[i] = b2 * v[i] + b2w * grad * grad;
+        p[i] -= step_size * m[i] / (sqrt(v[i]) / bc2_sqrt + eps);
+        g[i] = 0;
+    }
+}
+
+void ref_rope_table(double *cos_t, double *sin_t, const int32_t *pos, int rows, const float *inv_freq, int half)
+{
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)pos[r] * inv_freq[i];
+            cos_t[(size_t)r * half + i] = cos((double)angle);
+            sin_t[(size_t)r * half + i] = sin((double)angle);
+        }
+}
+
 /* ---- row-wise ---- */
 
 void ref_embed(double *x, const double *table, const int32_t *tokens, int T, int D)

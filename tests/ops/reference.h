@@ -11,6 +11,7 @@
 #ifndef TK_TEST_REFERENCE_H
 #define TK_TEST_REFERENCE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* y[T, N] = alpha x[T, K] . w[N, K]^T + beta y */
@@ -22,6 +23,20 @@ void ref_matmul_nn(double *y, int ldy, const double *x, int ldx, const double *w
 /* g[M, N] += alpha a[T, M]^T . b[T, N] */
 void ref_matmul_tn_acc(double *g, int ldg, const double *a, int lda, const double *b, int ldb, int T, int M, int N,
                        double alpha);
+/* out[i] = x[row[i] * ldx + col[i]] */
+void ref_gather(double *out, const double *x, int ldx, const int32_t *row, const int32_t *col, int n);
+/* x[row[i] * ldx + col[i]] += val[i], in order */
+void ref_scatter_add(double *x, int ldx, const int32_t *row, const int32_t *col, const double *val, int n);
+/* sum of x[i]^2 (long double accumulation: exact enough to judge a double sum) */
+double ref_sum_squares(const float *x, size_t n);
+/* One AdamW step as torch's single-tensor AdamW defines it, in float64 from the factors (backend.h
+ * tk_adamw_factors): g' = g clip; p = p decay; m = m + b1w (g' - m); v = b2 v + b2w g'^2;
+ * p = p - step_size m / (sqrt(v) / bc2_sqrt + eps); g = 0. */
+void ref_adamw(double *p, double *g, double *m, double *v, size_t n, double clip_scale, double decay,
+               double step_size, double bc2_sqrt, double b1w, double b2, double b2w, double eps);
+/* cos[r, i] = cos(a), sin[r, i] = sin(a) with a = (float)pos[r] * inv_freq[i] rounded to float32 (as Hugging
+ * Face computes the angle), the cos and sin in float64 */
+void ref_rope_table(double *cos, double *sin, const int32_t *pos, int rows, const float *inv_freq, int half);
 /* x[T, D] = table[tokens[t]] */
 void ref_embed(double *x, const double *table, const int32_t *tokens, int T, int D);
 /* y = x / sqrt(mean(x^2) + eps) * w per row; inv_rms[r] (optional) the 1 / sqrt */

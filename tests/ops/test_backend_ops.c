@@ -19,7 +19,26 @@
  *   objective sum(dy * forward(x)) computed in float64 from the reference:
  *   rmsnorm_backward, swiglu_backward, attention_backward, rope inverse (the
  *   transpose), softmax_scale (the gradient of -g * logsumexp), matmul_nn
- *   (input gradient) and matmul_tn_acc (weight gradient).
+ *   and matmul_w_t (input gradients) and matmul_tn_acc (weight gradient).
+ * - base weights (tk_weight) of each of the 11 storage types, and of several
+ *   parts of different types (a Q4_K_M file's q|k|v: Q4_K rows then Q6_K
+ *   rows; three parts, one of them F32; parts starting off a 16-row group),
+ *   built as the loader builds them (weight_bytes, a zeroed aligned alloc,
+ *   weight_put_row of unaligned file rows in shuffled order): matmul_w,
+ *   matmul_w_decode and matmul_w_t against the float64 product with the
+ *   tk_dequantize'd matrix for T = 1, 2, 7, 9, 17, 64, 65, 300 (the decode
+ *   kernels and the decoded panels), N = 1 and N not a multiple of 16, K of
+ *   one block up to 16384 (several panels), beta 0 with a NaN y, beta 1 and
+ *   another; exact decoding (x = identity rows gives W^T, W through
+ *   matmul_w_t, on weights of extreme scales); embed bit for bit the
+ *   tk_dequantize rows (NaN and infinite F16 / BF16 included).
+ * - memory (alloc zeroed and 64-byte aligned, upload / download, copy_rows,
+ *   sync), gather / scatter_add (repeats accumulate in order), sum_squares
+ *   (a double sum, the same for every thread count), adamw (bit for bit
+ *   torch's float32 operations, and within 1e-6 of the float64 formula),
+ *   rope_table (cosf / sinf of the float32 angle, within 1 ulp of float64).
+ * - the backend is made by the factory the engine is given and released as
+ *   the engine releases it (tk_backend_release: refcount, destroy).
  *
  * Layout of this file: the calls (the only code that touches the table: when
  * a signature changes, the change is here), then one test function per op
@@ -32,24 +51,28 @@
  * rounding and softmax_scale), in AVX-512, AVX2 and plain-C builds and with
  * OpenBLAS's SkylakeX, Haswell, Sandybridge and Prescott kernels; the CUDA
  * backend (bf16) will need its own table.
+ *
+ * Lines starting "same" / "DIFF" are notes, not checks: whether a row of a
+ * many-row weight matmul equals the row computed alone (see rows_alone_equal).
  */
 #include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
-#include "backend/qmatrix.h"
 #include "io/quant.h"
 #include "harness.h"
 #include "quant_ref.h"
 #include "reference.h"
 
-/* matmul_nt / nn / tn_acc / nt_q: scale = the sum of the absolute terms, |alpha| sum|x w| + |beta y|: float32
+/* matmul_nt / nn / tn_acc / _w / _w_decode / _w_t: scale = the sum of the absolute terms, |alpha| sum|x w| + |beta y|: float32
  * summation error is relative to that, not to a result that may cancel to ~0 */
 static const tol_t TOL_MATMUL = {1e-30, 2e-6, 0};
-static const tol_t TOL_EXACT = {0, 0, 1};             /* embed, decoded weights: got == ref */
+static const tol_t TOL_EXACT = {0, 0, 1};             /* embed, decoded weights, gather: got == ref */
 static const tol_t TOL_ADD = {0, 1.2e-7, 0};          /* add_bias: one rounding */
 static const tol_t TOL_RMSNORM = {1e-6, 2e-6, 0};     /* y and inv_rms: a few roundings after the sum of squares */
 static const tol_t TOL_RMSNORM_BWD = {4e-6, 4e-6, 0}; /* two terms that may cancel; atol / |x| for tiny x */
@@ -78,19 +101,86 @@ static void call_matmul_nn(tk_backend *be, mat *y, const mat *x, const mat *w, f
     be->matmul_nn(be, y->f, y->ld, x->f, x->ld, w->f, w->ld, x->rows, y->cols, x->cols, alpha, beta);
 }
 
-static void call_matmul_nt_q(tk_backend *be, mat *y, const mat *x, const tk_qmatrix *w, float alpha, float beta)
-{
-    be->matmul_nt_q(be, y->f, y->ld, x->f, x->ld, w, x->rows, alpha, beta);
-}
-
 static void call_matmul_tn_acc(tk_backend *be, mat *g, const mat *a, const mat *b, float alpha)
 {
     be->matmul_tn_acc(be, g->f, g->ld, a->f, a->ld, b->f, b->ld, a->rows, g->rows, g->cols, alpha);
 }
 
-static void call_embed(tk_backend *be, mat *x, const mat *table, const int32_t *tokens)
+/* ---- base weights ---- */
+
+static size_t call_weight_bytes(tk_backend *be, int type, int rows, int cols)
 {
-    be->embed(be, x->f, table->f, tokens, x->rows, x->cols);
+    return be->weight_bytes(be, type, rows, cols);
+}
+
+static void call_weight_put_row(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src)
+{
+    be->weight_put_row(be, p, cols, row, src);
+}
+
+/* y[T, rows] = alpha x[T, cols] W^T + beta y */
+static void call_matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                          float alpha, float beta)
+{
+    be->matmul_w(be, y, ldy, x, ldx, w, T, alpha, beta);
+}
+
+static void call_matmul_w_decode(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                 int T, float alpha, float beta)
+{
+    be->matmul_w_decode(be, y, ldy, x, ldx, w, T, alpha, beta);
+}
+
+/* y[T, cols] = alpha x[T, rows] W + beta y */
+static void call_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                            float alpha, float beta)
+{
+    be->matmul_w_t(be, y, ldy, x, ldx, w, T, alpha, beta);
+}
+
+static void call_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
+{
+    be->embed(be, x, table, tokens, T);
+}
+
+/* ---- memory ---- */
+
+static void *call_alloc(tk_backend *be, size_t bytes) { return be->alloc(be, bytes); }
+static void call_free(tk_backend *be, void *buffer) { be->free(be, buffer); }
+static void call_upload(tk_backend *be, void *dst, const void *host, size_t bytes) { be->upload(be, dst, host, bytes); }
+static void call_download(tk_backend *be, void *host, const void *src, size_t bytes)
+{
+    be->download(be, host, src, bytes);
+}
+static void call_copy_rows(tk_backend *be, float *const *dst, const float *const *src, int rows, int n)
+{
+    be->copy_rows(be, dst, src, rows, n);
+}
+static tk_status call_sync(tk_backend *be) { return be->sync(be); }
+
+/* ---- indexing, the optimizer ---- */
+
+static void call_gather(tk_backend *be, float *out, const mat *x, const int32_t *row, const int32_t *col, int n)
+{
+    be->gather(be, out, x->f, x->ld, row, col, n);
+}
+
+static void call_scatter_add(tk_backend *be, mat *x, const int32_t *row, const int32_t *col, const float *val, int n)
+{
+    be->scatter_add(be, x->f, x->ld, row, col, val, n);
+}
+
+static double call_sum_squares(tk_backend *be, const float *x, size_t n) { return be->sum_squares(be, x, n); }
+
+static void call_adamw(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)
+{
+    be->adamw(be, p, g, m, v, n, f);
+}
+
+static void call_rope_table(tk_backend *be, float *cos, float *sin, const int32_t *pos, int rows, const float *inv_freq,
+                            int half)
+{
+    be->rope_table(be, cos, sin, pos, rows, inv_freq, half);
 }
 
 /* y may be x (in place) */
@@ -336,101 +426,451 @@ static void test_matmul_tn_acc(tk_backend *be, rng_t *r)
     }
 }
 
-/* ---- matmul_nt_q: W as Q4_0 / Q4_1 / Q8_0 blocks, repacked as at load ---- */
+/* ==== base weights: tk_weight handles of every storage type ====================================== */
 
-/* N rows of random blocks, their tk_dequantize'd values in Wd ([N, K], float64 in d) and the repacked copy */
-static tk_qmatrix make_qmatrix(int type, int N, int K, mat *Wd, rng_t *r, int extreme)
+typedef struct {
+    int type, rows;
+} part_spec;
+
+/* A weight built as the loader builds one (model/weights.c): each part's resident form in a zeroed, 64-byte
+ * aligned backend buffer of weight_bytes, its rows stored one at a time (weight_put_row, in a shuffled order,
+ * from the pool's threads, from unaligned file-format bytes). W holds the tk_dequantize values of the same
+ * file rows. */
+typedef struct {
+    tk_weight w;
+    mat W; /* [rows, cols] */
+    int ok;
+} test_weight;
+
+static const char *type_name(int type)
 {
     const qref_type *t = qref_find(type);
-    size_t row_bytes = (size_t)K / 32 * t->bytes;
-    uint8_t *blocks = malloc((size_t)N * row_bytes);
-    qref_random_blocks(blocks, t, (size_t)N * K / 32, r, extreme);
-    tk_qmatrix q = {type, N, K, calloc(1, tk_qmatrix_bytes(type, N, K))};
-    *Wd = mat_new(N, K, K);
-    for (int n = 0; n < N; n++) {
-        tk_qmatrix_put_row(&q, n, blocks + (size_t)n * row_bytes);
-        tk_dequantize(Wd->f + (size_t)n * K, blocks + (size_t)n * row_bytes, type, (size_t)K);
-    }
-    mat_to_double(Wd);
-    free(blocks);
-    return q;
+    return t ? t->name : "?";
 }
 
-static void test_matmul_nt_q(tk_backend *be, rng_t *r)
+/* "Q4_K[70]+Q6_K[31]" */
+static void describe_parts(char *buf, size_t n, const part_spec *parts, int n_parts)
 {
-    static const int types[] = {TK_GGML_Q4_0, TK_GGML_Q4_1, TK_GGML_Q8_0};
-    /* N, K, T: a partial last group of 16 rows, T past 8 (two passes of a group), up to the 64 rows it is used for */
-    static const int shapes[][3] = {{1, 32, 1}, {17, 96, 3}, {45, 576, 9}, {100, 64, 17}, {300, 576, 13}, {33, 64, 64}};
-    if (!be->matmul_nt_q) {
-        report_bool("matmul_nt_q", "(optional: not provided by this backend)", 1, NULL);
-        return;
+    size_t k = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n_parts && k < n; i++)
+        k += (size_t)snprintf(buf + k, n - k, "%s%s[%d]", i ? "+" : "", type_name(parts[i].type), parts[i].rows);
+}
+
+static tk_pool *g_pool; /* the pool the backend runs on: rows are stored from its threads, as the loader does */
+
+typedef struct {
+    tk_backend *be;
+    const tk_weight_part *p;
+    const uint8_t *file;
+    const int *order;
+    size_t row_bytes;
+    int cols, rows;
+} put_rows_args;
+
+enum { PUT_TASKS = 4 };
+
+/* every PUT_TASKS-th row of the shuffled order */
+static void put_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    put_rows_args *a = ctx;
+    for (int k = task; k < a->rows; k += PUT_TASKS)
+        call_weight_put_row(a->be, a->p, a->cols, a->order[k], a->file + (size_t)a->order[k] * a->row_bytes);
+}
+
+static test_weight make_weight(tk_backend *be, const part_spec *parts, int n_parts, int cols, rng_t *r, int mode)
+{
+    test_weight tw;
+    memset(&tw, 0, sizeof tw);
+    int N = 0;
+    for (int i = 0; i < n_parts; i++) N += parts[i].rows;
+    tw.w.rows = N, tw.w.cols = cols, tw.w.n_parts = n_parts, tw.ok = 1;
+    tw.W = mat_new(N, cols, cols);
+    for (int i = 0, row0 = 0; i < n_parts; row0 += parts[i].rows, i++) {
+        const qref_type *t = qref_find(parts[i].type);
+        int rows = parts[i].rows;
+        tk_weight_part *p = &tw.w.part[i];
+        *p = (tk_weight_part){parts[i].type, row0, rows, NULL};
+        size_t bytes = call_weight_bytes(be, p->type, rows, cols);
+        if (bytes == 0 || bytes % 64 || !(p->data = call_alloc(be, bytes)) || (uintptr_t)p->data % 64) {
+            char what[96];
+            snprintf(what, sizeof what, "%s rows=%d cols=%d: %zu bytes", t->name, rows, cols, bytes);
+            report_bool("weight_bytes", what, 0, "0, not a multiple of 64, or its buffer not allocated / aligned");
+            tw.ok = 0;
+            continue;
+        }
+        size_t row_bytes = (size_t)cols / (size_t)t->elems * t->bytes;
+        uint8_t *file = malloc((size_t)rows * row_bytes + 1), *at = file + 1; /* file rows are not aligned */
+        int *order = malloc((size_t)rows * sizeof *order);
+        qref_random_blocks(at, t, (size_t)rows * (size_t)cols / (size_t)t->elems, r, mode);
+        for (int k = 0; k < rows; k++) order[k] = k;
+        for (int k = rows - 1; k > 0; k--) { /* rows may be stored in any order (the loader uses threads) */
+            int j = rng_int(r, 0, k), tmp = order[k];
+            order[k] = order[j], order[j] = tmp;
+        }
+        put_rows_args args = {be, p, at, order, row_bytes, cols, rows};
+        tk_pool_run(g_pool, PUT_TASKS, put_rows_task, &args);
+        for (int k = 0; k < rows; k++)
+            tk_dequantize(tw.W.f + (size_t)(row0 + k) * cols, at + (size_t)k * row_bytes, p->type, (size_t)cols);
+        free(order), free(file);
     }
-    for (int ti = 0; ti < 3; ti++) {
-        const char *tname = qref_find(types[ti])->name;
-        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
-            for (int ab = 0; ab < 3; ab++) {
-                int N = shapes[i][0], K = shapes[i][1], T = shapes[i][2];
-                float alpha = ALPHA_BETA[ab][0], beta = ALPHA_BETA[ab][1];
-                mat W;
-                tk_qmatrix q = make_qmatrix(types[ti], N, K, &W, r, 0);
-                mat x = mat_new(T, K, K + 4), y = mat_new(T, N, N + 3);
-                mat_randn(&x, r, 1);
-                if (beta == 0) mat_fill(&y, NAN);
-                else mat_randn(&y, r, 1);
-                double *want = copy_of(&y), *scale = abs_of(&y), *ax = abs_of(&x), *aw = abs_of(&W);
-                ref_matmul_nt(want, y.ld, x.d, x.ld, W.d, W.ld, T, N, K, alpha, beta);
-                ref_matmul_nt(scale, y.ld, ax, x.ld, aw, W.ld, T, N, K, fabs(alpha), fabs(beta));
-                call_matmul_nt_q(be, &y, &x, &q, alpha, beta);
-                char what[128];
-                snprintf(what, sizeof what, "%s T=%d N=%d K=%d ldx=%d ldy=%d alpha=%g beta=%g", tname, T, N, K, x.ld,
-                         y.ld, alpha, beta);
-                int guard = mat_guard_ok(&y);
-                report("matmul_nt_q", what, compare(y.f, want, scale, T, N, y.ld, TOL_MATMUL), TOL_MATMUL, guard,
-                       guard_note(guard));
-                free(want), free(scale), free(ax), free(aw), free(q.tiles);
-                mat_free(&W), mat_free(&x), mat_free(&y);
+    mat_to_double(&tw.W);
+    return tw;
+}
+
+static void free_weight(tk_backend *be, test_weight *tw)
+{
+    for (int i = 0; i < tw->w.n_parts; i++)
+        if (tw->w.part[i].data) call_free(be, tw->w.part[i].data);
+    mat_free(&tw->W);
+}
+
+/* p[t * N + n] = sum_k x[t, k] w[n, k] and s[t * N + n] = sum_k |x[t, k] w[n, k]| (the scale of float32
+ * summation error), in float64 */
+static void product_nt(double *p, double *s, const double *x, int ldx, const double *w, int ldw, int T, int N, int K)
+{
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) {
+            const double *xt = x + (size_t)t * ldx, *wn = w + (size_t)n * ldw;
+            double sum[4] = {0}, abs_sum[4] = {0}; /* 4 partial sums: float64, so the order does not matter */
+            int k = 0;
+            for (; k + 4 <= K; k += 4)
+                for (int j = 0; j < 4; j++) {
+                    double term = xt[k + j] * wn[k + j];
+                    sum[j] += term, abs_sum[j] += fabs(term);
+                }
+            for (; k < K; k++) sum[0] += xt[k] * wn[k], abs_sum[0] += fabs(xt[k] * wn[k]);
+            p[(size_t)t * N + n] = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+            s[(size_t)t * N + n] = (abs_sum[0] + abs_sum[1]) + (abs_sum[2] + abs_sum[3]);
+        }
+}
+
+typedef void (*wmm_fn)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                       float alpha, float beta);
+
+/* beta 0 (y NaN: not read), beta 1, and a general one; each check's line covers all three */
+static const float W_ALPHA_BETA[][2] = {{1, 0}, {-0.5f, 1}, {2, 0.25f}};
+
+/* y[T, n_out] (row stride n_out + pad_y) = alpha * product + beta * y through `fn`, against p / s (dense [T, n_out]) */
+static void check_wmm(tk_backend *be, rng_t *r, const char *op, wmm_fn fn, const tk_weight *w, const mat *x, int n_out,
+                      int pad_y, const double *p, const double *s, const char *what)
+{
+    cmp_t worst = {0, 0, 0, 0};
+    int guard = 1, T = x->rows;
+    for (int v = 0; v < 3; v++) {
+        float alpha = W_ALPHA_BETA[v][0], beta = W_ALPHA_BETA[v][1];
+        mat y = mat_new(T, n_out, n_out + pad_y);
+        if (beta == 0) mat_fill(&y, NAN);
+        else mat_randn(&y, r, 1);
+        double *want = dvec((size_t)T * y.ld), *scale = dvec((size_t)T * y.ld);
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < n_out; n++) {
+                size_t i = (size_t)t * y.ld + n, j = (size_t)t * n_out + n;
+                double y0 = beta == 0 ? 0 : y.d[i];
+                want[i] = alpha * p[j] + beta * y0;
+                scale[i] = fabs(alpha) * s[j] + fabs(beta * y0);
             }
-        /* decoding is exact: x = identity rows (T = K = 64, eight passes of 8) gives W^T, every weight (== as
-         * values: a -0 weight may come back +0), scales 0, -0, subnormal and +-65504 included */
-        int N = 45, K = 64;
-        mat W;
-        tk_qmatrix q = make_qmatrix(types[ti], N, K, &W, r, 1);
-        mat x = mat_new(K, K, K), y = mat_new(K, N, N);
-        for (int k = 0; k < K; k++) x.f[(size_t)k * K + k] = 1;
-        mat_to_double(&x), mat_fill(&y, NAN);
-        double *want = dvec((size_t)K * N);
+        fn(be, y.f, y.ld, x->f, x->ld, w, T, alpha, beta);
+        cmp_t c = compare(y.f, want, scale, T, n_out, y.ld, TOL_MATMUL);
+        worst = v ? cmp_merge(worst, c) : c;
+        guard &= mat_guard_ok(&y);
+        free(want), free(scale);
+        mat_free(&y);
+    }
+    char line[200];
+    snprintf(line, sizeof line, "%s ldx=%d alpha,beta 1,0 -.5,1 2,.25", what, x->ld);
+    report(op, line, worst, TOL_MATMUL, guard, guard_note(guard));
+}
+
+/* Whether row t of a T-row call equals the same row computed alone (bit for bit). backend.h says of
+ * matmul_w_decode that "each output row depends only on its own input row", and that prefill uses matmul_w
+ * "whatever their size, so a prompt's logits do not depend on how many other prompts share its pass". On the
+ * CPU backend this holds inside the decoding kernels (Q4_0 / Q4_1 / Q8_0 up to 64 rows, the other quantized
+ * and 16-bit types up to 8, F32 for 1) and not where OpenBLAS sgemm computes (whose sums depend on the rows
+ * and columns of the call: small-matrix kernels, tails, one-row forwarding to gemv), so it is reported as a
+ * note (same / DIFF), not a check. tests/test_decode_kernel.py checks the register kernel's rows. */
+static int rows_alone_equal(tk_backend *be, wmm_fn fn, const tk_weight *w, const mat *x, int n_out, int *first_bad)
+{
+    int T = x->rows, same = 1;
+    float *all = fvec((size_t)T * n_out), *one = fvec((size_t)n_out);
+    fn(be, all, n_out, x->f, x->ld, w, T, 1, 0);
+    *first_bad = -1;
+    for (int t = 0; t < T && same; t++) {
+        fn(be, one, n_out, x->f + (size_t)t * x->ld, x->ld, w, 1, 1, 0);
+        if (memcmp(one, all + (size_t)t * n_out, (size_t)n_out * sizeof(float)) != 0) same = 0, *first_bad = t;
+    }
+    free(all), free(one);
+    return same;
+}
+
+/* matmul_w, matmul_w_decode and matmul_w_t of one weight against the float64 products with its decoded W,
+ * for each T; the decode's rows alone against the same rows together */
+static void check_weight_matmuls(tk_backend *be, rng_t *r, const test_weight *tw, const char *label, const int *Ts,
+                                 int n_T)
+{
+    int N = tw->w.rows, K = tw->w.cols;
+    double *WT = dvec((size_t)K * N); /* W^T [K, N]: matmul_w_t's reference is x . (W^T)^T */
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) WT[(size_t)k * N + n] = tw->W.d[(size_t)n * K + k];
+    for (int i = 0; i < n_T; i++) {
+        int T = Ts[i];
+        char what[160];
+        snprintf(what, sizeof what, "%s T=%d N=%d K=%d", label, T, N, K);
+        mat x = mat_new(T, K, K + 3);
+        mat_randn(&x, r, 1);
+        double *p = dvec((size_t)T * N), *s = dvec((size_t)T * N);
+        product_nt(p, s, x.d, x.ld, tw->W.d, K, T, N, K);
+        check_wmm(be, r, "matmul_w", call_matmul_w, &tw->w, &x, N, 5, p, s, what);
+        check_wmm(be, r, "matmul_w_decode", call_matmul_w_decode, &tw->w, &x, N, 5, p, s, what);
+        free(p), free(s);
+        if (T > 1 && (long)N * K <= 1 << 20) { /* a call per row: not on the largest weights */
+            int bad;
+            char detail[96] = "";
+            int same = rows_alone_equal(be, call_matmul_w_decode, &tw->w, &x, N, &bad);
+            if (!same) snprintf(detail, sizeof detail, "row %d differs from the row alone", bad);
+            report_note("matmul_w_decode rows alone", what, same, detail);
+            same = rows_alone_equal(be, call_matmul_w, &tw->w, &x, N, &bad);
+            if (!same) snprintf(detail, sizeof detail, "row %d differs from the row alone", bad);
+            report_note("matmul_w rows alone", what, same, detail);
+        }
+        mat_free(&x);
+        mat xt = mat_new(T, N, N + 2);
+        mat_randn(&xt, r, 1);
+        p = dvec((size_t)T * K), s = dvec((size_t)T * K);
+        product_nt(p, s, xt.d, xt.ld, WT, N, T, K, N);
+        check_wmm(be, r, "matmul_w_t", call_matmul_w_t, &tw->w, &xt, K, 1, p, s, what);
+        free(p), free(s);
+        mat_free(&xt);
+    }
+    free(WT);
+}
+
+/* Exact decoding: x = identity rows gives W^T (matmul_w, and matmul_w_decode in chunks of 1, 7, 64, 65, 2 and
+ * 300 rows: the register kernel, the few-rows loop and the panels), and through matmul_w_t W itself (whole,
+ * and in chunks). Values compared with == (a -0 weight may come back +0 from a sum). */
+static void check_weight_identity(tk_backend *be, const test_weight *tw, const char *label)
+{
+    static const int chunks[] = {1, 7, 64, 65, 2, 300};
+    int N = tw->w.rows, K = tw->w.cols;
+    char what[160];
+    mat I = mat_new(K > N ? K : N, K > N ? K : N, (K > N ? K : N) + 1);
+    for (int k = 0; k < I.rows; k++) I.f[(size_t)k * I.ld + k] = 1;
+    mat y = mat_new(K, N, N + 5);
+    double *want = dvec((size_t)K * y.ld);
+    for (int k = 0; k < K; k++)
+        for (int n = 0; n < N; n++) want[(size_t)k * y.ld + n] = tw->W.d[(size_t)n * K + k];
+    for (int pass = 0; pass < 2; pass++) {
+        mat_fill(&y, NAN);
+        if (pass == 0) call_matmul_w(be, y.f, y.ld, I.f, I.ld, &tw->w, K, 1, 0);
+        for (int k0 = 0, c = 0; pass == 1 && k0 < K; k0 += chunks[c++ % 6]) {
+            int rows = K - k0 < chunks[c % 6] ? K - k0 : chunks[c % 6];
+            call_matmul_w_decode(be, y.f + (size_t)k0 * y.ld, y.ld, I.f + (size_t)k0 * I.ld, I.ld, &tw->w, rows, 1, 0);
+        }
+        snprintf(what, sizeof what, "%s x = I[%d]: y = W^T%s, N=%d K=%d", label, K,
+                 pass ? " (chunks 1,7,64,65,2,300)" : "", N, K);
+        int guard = mat_guard_ok(&y);
+        report(pass ? "matmul_w_decode exact" : "matmul_w exact", what,
+               compare(y.f, want, NULL, K, N, y.ld, TOL_EXACT), TOL_EXACT, guard, guard_note(guard));
+    }
+    free(want);
+    mat_free(&y);
+    /* matmul_w_t: I[N] W = W */
+    mat yt = mat_new(N, K, K + 1);
+    for (int pass = 0; pass < 2; pass++) {
+        mat_fill(&yt, NAN);
+        if (pass == 0) call_matmul_w_t(be, yt.f, yt.ld, I.f, I.ld, &tw->w, N, 1, 0);
+        for (int n0 = 0, c = 0; pass == 1 && n0 < N; n0 += chunks[c++ % 6]) {
+            int rows = N - n0 < chunks[c % 6] ? N - n0 : chunks[c % 6];
+            call_matmul_w_t(be, yt.f + (size_t)n0 * yt.ld, yt.ld, I.f + (size_t)n0 * I.ld, I.ld, &tw->w, rows, 1, 0);
+        }
+        double *wantt = dvec((size_t)N * yt.ld);
         for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) want[(size_t)k * N + n] = W.d[(size_t)n * K + k];
-        call_matmul_nt_q(be, &y, &x, &q, 1, 0);
-        char what[128];
-        snprintf(what, sizeof what, "%s x = identity: y = W^T (extreme scales) N=%d K=%d", tname, N, K);
-        report("matmul_nt_q", what, compare(y.f, want, NULL, K, N, N, TOL_EXACT), TOL_EXACT, 1, NULL);
-        free(want), free(q.tiles);
-        mat_free(&W), mat_free(&x), mat_free(&y);
+            for (int k = 0; k < K; k++) wantt[(size_t)n * yt.ld + k] = tw->W.d[(size_t)n * K + k];
+        snprintf(what, sizeof what, "%s x = I[%d]: y = W%s, N=%d K=%d", label, N, pass ? " (chunks)" : "", N, K);
+        int guard = mat_guard_ok(&yt);
+        report("matmul_w_t exact", what, compare(yt.f, wantt, NULL, N, K, yt.ld, TOL_EXACT), TOL_EXACT, guard,
+               guard_note(guard));
+        free(wantt);
+    }
+    mat_free(&yt);
+    mat_free(&I);
+}
+
+/* matmul_w_t as the input gradient: dx = dy . W is d/dx sum(dy * x W^T), by finite differences */
+static void check_weight_fd(tk_backend *be, rng_t *r, const test_weight *tw, const char *label, int T)
+{
+    int N = tw->w.rows, K = tw->w.cols;
+    mat x = mat_new(T, K, K), dy = mat_new(T, N, N + 2), dx = mat_new(T, K, K + 1);
+    mat_randn(&x, r, 1), mat_randn(&dy, r, 1), mat_fill(&dx, NAN);
+    call_matmul_w_t(be, dx.f, dx.ld, dy.f, dy.ld, &tw->w, T, 1, 0);
+    mm_objective o = {&x, &tw->W, &dy, dvec((size_t)T * dy.ld)};
+    char what[160];
+    snprintf(what, sizeof what, "d/dx of dy.(x W^T): %s T=%d N=%d K=%d", label, T, N, K);
+    report("matmul_w_t fin.diff", what, fd_check(mm_L, &o, &x, dx.f, dx.ld, FD_COORDS, r, TOL_FD), TOL_FD, 1, NULL);
+    free(o.y);
+    mat_free(&x), mat_free(&dy), mat_free(&dx);
+}
+
+enum { N_WTYPES = 11, MAX_TS = 6 };
+static const int WTYPES[N_WTYPES] = {TK_GGML_F32,  TK_GGML_F16,  TK_GGML_BF16, TK_GGML_Q4_0,
+                                     TK_GGML_Q4_1, TK_GGML_Q5_0, TK_GGML_Q5_1, TK_GGML_Q8_0,
+                                     TK_GGML_Q4_K, TK_GGML_Q5_K, TK_GGML_Q6_K};
+
+/* one-type weights: N, K by block size (1, 32, 256 elements), the T of each */
+typedef struct {
+    int N, K[3]; /* K for blocks of 1, 32, 256 elements */
+    int Ts[MAX_TS], n_T;
+    int identity; /* also the exact-decode checks (on a weight of extreme scales) and finite differences */
+} wshape;
+
+/* T = 1, 2, 7, 64 (the register kernel's last), 65 (its first past: panels), 300; N = 1, not a multiple of
+ * 16; K of one block; K = 16384, whose panels are 64 rows (1M floats), so N = 150 is three panels on one
+ * thread (forward), and 1 thread's whole K in the backward is three panels too */
+static const wshape WSHAPES[] = {
+    {1, {37, 32, 256}, {1, 2, 65}, 3, 0},
+    {45, {101, 96, 768}, {1, 2, 7, 64, 65, 300}, 6, 1},
+    {100, {777, 768, 768}, {9, 300}, 2, 0},
+    {150, {16384, 16384, 16384}, {2, 17}, 2, 0},
+};
+
+/* weights of several parts, each its own type */
+typedef struct {
+    part_spec parts[TK_WEIGHT_MAX_PARTS];
+    int n_parts, K;
+    int Ts[MAX_TS], n_T;
+} wmulti;
+
+static const wmulti WMULTI[] = {
+    /* a Q4_K_M file's fused q|k|v: q, k in Q4_K, v in Q6_K */
+    {{{TK_GGML_Q4_K, 70}, {TK_GGML_Q6_K, 31}}, 2, 768, {1, 7, 64, 65, 300}, 5},
+    /* a tiled part, another starting at row 37 (not a multiple of 16), an F32 part (plain sgemm) */
+    {{{TK_GGML_Q8_0, 37}, {TK_GGML_Q4_1, 33}, {TK_GGML_F32, 23}}, 3, 96, {1, 2, 65}, 3},
+    {{{TK_GGML_F16, 20}, {TK_GGML_Q5_0, 33}, {TK_GGML_BF16, 7}}, 3, 64, {1, 9}, 2},
+    {{{TK_GGML_Q4_0, 16}, {TK_GGML_Q5_1, 33}, {TK_GGML_Q5_K, 15}}, 3, 256, {2, 64}, 2},
+    /* gate|up-like, three panels on one thread */
+    {{{TK_GGML_Q4_1, 70}, {TK_GGML_Q6_K, 80}}, 2, 16384, {17}, 1},
+};
+
+static int block_class(int type)
+{
+    int e = qref_find(type)->elems;
+    return e == 1 ? 0 : e == 32 ? 1 : 2;
+}
+
+static void test_weight_matmuls(tk_backend *be, rng_t *r)
+{
+    for (int ti = 0; ti < N_WTYPES; ti++)
+        for (size_t si = 0; si < sizeof WSHAPES / sizeof WSHAPES[0]; si++) {
+            const wshape *sh = &WSHAPES[si];
+            part_spec part = {WTYPES[ti], sh->N};
+            int K = sh->K[block_class(WTYPES[ti])];
+            char label[64];
+            describe_parts(label, sizeof label, &part, 1);
+            test_weight tw = make_weight(be, &part, 1, K, r, QREF_SANE);
+            if (tw.ok) check_weight_matmuls(be, r, &tw, label, sh->Ts, sh->n_T);
+            if (tw.ok && sh->identity) check_weight_fd(be, r, &tw, label, 3);
+            free_weight(be, &tw);
+            if (sh->identity) { /* extreme scales: 0, -0, subnormal, +-65504 (F16 / BF16: any finite bits) */
+                tw = make_weight(be, &part, 1, K, r, QREF_EXTREME_FINITE);
+                strncat(label, " extreme", sizeof label - strlen(label) - 1);
+                if (tw.ok) check_weight_identity(be, &tw, label);
+                free_weight(be, &tw);
+            }
+        }
+    for (size_t mi = 0; mi < sizeof WMULTI / sizeof WMULTI[0]; mi++) {
+        const wmulti *m = &WMULTI[mi];
+        char label[64];
+        describe_parts(label, sizeof label, m->parts, m->n_parts);
+        test_weight tw = make_weight(be, m->parts, m->n_parts, m->K, r, QREF_SANE);
+        if (tw.ok) check_weight_matmuls(be, r, &tw, label, m->Ts, m->n_T);
+        if (tw.ok && m->K <= 1024) check_weight_fd(be, r, &tw, label, 3);
+        free_weight(be, &tw);
+        if (m->K <= 1024) {
+            tw = make_weight(be, m->parts, m->n_parts, m->K, r, QREF_EXTREME_FINITE);
+            strncat(label, " extreme", sizeof label - strlen(label) - 1);
+            if (tw.ok) check_weight_identity(be, &tw, label);
+            free_weight(be, &tw);
+        }
     }
 }
 
-/* ==== embedding, norms, bias ======================================================================= */
+/* weight_bytes: a positive multiple of 64 for every type on shapes it holds; 0 for a type outside the 11,
+ * no rows, or cols that are not whole blocks */
+static void test_weight_bytes(tk_backend *be, rng_t *r)
+{
+    (void)r;
+    for (int ti = 0; ti < N_WTYPES; ti++) {
+        int type = WTYPES[ti], elems = qref_find(type)->elems, B = elems < 32 ? 32 : elems;
+        static const int rows[] = {1, 15, 16, 17, 100};
+        int ok = 1;
+        char detail[160] = "";
+        for (int i = 0; i < 5; i++)
+            for (int kb = 1; kb <= 3; kb++) {
+                size_t b = call_weight_bytes(be, type, rows[i], kb * B);
+                if (b == 0 || b % 64) {
+                    ok = 0;
+                    snprintf(detail, sizeof detail, "rows=%d cols=%d: %zu", rows[i], kb * B, b);
+                }
+            }
+        if (call_weight_bytes(be, type, 0, B) != 0) ok = 0, snprintf(detail, sizeof detail, "rows=0 is not 0");
+        if (elems > 1 && call_weight_bytes(be, type, 4, B + elems / 2) != 0)
+            ok = 0, snprintf(detail, sizeof detail, "cols=%d (not whole blocks) is not 0", B + elems / 2);
+        char what[96];
+        snprintf(what, sizeof what, "%s: rows 1,15,16,17,100 x 1-3 blocks; 0 rows, part blocks", type_name(type));
+        report_bool("weight_bytes", what, ok, detail);
+    }
+    static const int unsupported[] = {10, 11, 15, 16, 24, 99}; /* Q2_K, Q3_K, Q8_K, IQ2_XXS, I8, none */
+    int ok = 1;
+    for (int i = 0; i < 6; i++) ok &= call_weight_bytes(be, unsupported[i], 16, 256) == 0;
+    report_bool("weight_bytes", "types outside the 11 (Q2_K, Q3_K, Q8_K, IQ2_XXS, I8, 99): 0", ok, NULL);
+}
+
+/* embed: each row exactly its decoded values (bit for bit), tables of every type, one part and several
+ * (tokens on both sides of each boundary); F16 / BF16 rows of any bits, NaN and infinities included */
+static void check_embed(tk_backend *be, rng_t *r, const part_spec *parts, int n_parts, int K)
+{
+    static const int Ts[] = {1, 7, 300};
+    char label[64];
+    describe_parts(label, sizeof label, parts, n_parts);
+    test_weight tw = make_weight(be, parts, n_parts, K, r, QREF_EXTREME);
+    int V = tw.w.rows;
+    for (int i = 0; tw.ok && i < 3; i++) {
+        int T = Ts[i], k = 0;
+        int32_t *tokens = malloc((size_t)T * sizeof *tokens);
+        tokens[k++] = V - 1;
+        for (int p = 1; p < n_parts && k + 1 < T; p++) tokens[k++] = tw.w.part[p].row0, tokens[k++] = tw.w.part[p].row0 - 1;
+        if (k < T) tokens[k++] = 0;
+        while (k < T) tokens[k++] = rng_int(r, 0, V - 1); /* repeats too */
+        float *x = fvec((size_t)T * K); /* exactly T rows: nothing past them may be written */
+        for (size_t j = 0; j < (size_t)T * K; j++) x[j] = NAN;
+        double *want = dvec((size_t)T * K);
+        ref_embed(want, tw.W.d, tokens, T, K);
+        call_embed(be, x, &tw.w, tokens, T);
+        long bits = 0; /* beyond equal values: the same bits (sign of zero, NaN payloads) as tk_dequantize */
+        for (int t = 0; t < T; t++)
+            bits += memcmp(x + (size_t)t * K, tw.W.f + (size_t)tokens[t] * K, (size_t)K * sizeof(float)) != 0;
+        char what[128], detail[96] = "";
+        snprintf(what, sizeof what, "%s T=%d V=%d D=%d (NaN/inf F16/BF16, extreme scales)", label, T, V, K);
+        if (bits) snprintf(detail, sizeof detail, "%ld rows not bit for bit tk_dequantize's", bits);
+        report("embed", what, compare(x, want, NULL, T, K, K, TOL_EXACT), TOL_EXACT, bits == 0, bits ? detail : NULL);
+        free(tokens), free(x), free(want);
+    }
+    free_weight(be, &tw);
+}
 
 static void test_embed(tk_backend *be, rng_t *r)
 {
-    static const int shapes[][3] = {{1, 1, 1}, {3, 7, 5}, {17, 64, 50}}; /* T, D, V */
-    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
-        int T = shapes[i][0], D = shapes[i][1], V = shapes[i][2];
-        mat table = mat_new(V, D, D), x = mat_new(T, D, D);
-        mat_randn(&table, r, 1), mat_fill(&x, NAN);
-        int32_t *tokens = malloc((size_t)T * sizeof *tokens);
-        for (int t = 0; t < T; t++) tokens[t] = t == 0 ? V - 1 : t == 1 ? 0 : rng_int(r, 0, V - 1); /* repeats too */
-        double *want = dvec((size_t)T * D);
-        ref_embed(want, table.d, tokens, T, D);
-        call_embed(be, &x, &table, tokens);
-        char what[128];
-        snprintf(what, sizeof what, "T=%d D=%d V=%d", T, D, V);
-        report("embed", what, compare(x.f, want, NULL, T, D, D, TOL_EXACT), TOL_EXACT, 1, NULL);
-        free(tokens), free(want);
-        mat_free(&table), mat_free(&x);
+    for (int ti = 0; ti < N_WTYPES; ti++) {
+        int type = WTYPES[ti], elems = qref_find(type)->elems;
+        part_spec part = {type, 50};
+        check_embed(be, r, &part, 1, elems == 1 ? 37 : 2 * (elems < 32 ? 32 : elems));
     }
+    for (size_t mi = 0; mi < sizeof WMULTI / sizeof WMULTI[0]; mi++)
+        if (WMULTI[mi].K <= 1024) check_embed(be, r, WMULTI[mi].parts, WMULTI[mi].n_parts, WMULTI[mi].K);
 }
+
+/* ==== embedding, norms, bias ======================================================================= */
 
 typedef struct {
     int rows, n, pad_x, pad_y, in_place, with_inv;
@@ -933,6 +1373,363 @@ static void test_attention_decode(tk_backend *be, rng_t *r)
     }
 }
 
+/* ==== memory ======================================================================================= */
+
+/* bytes of device memory, read back through download */
+static uint8_t *read_back(tk_backend *be, const void *buf, size_t bytes)
+{
+    uint8_t *host = malloc(bytes ? bytes : 1);
+    call_download(be, host, buf, bytes);
+    return host;
+}
+
+/* alloc: 64-byte aligned, zeroed, disjoint; a size it cannot allocate gives NULL and a message; free(NULL) does
+ * nothing (the engine frees a scratch it never allocated). upload / download of odd byte counts at an offset,
+ * the rest of the buffer untouched; sync; a host view. */
+static void test_memory(tk_backend *be, rng_t *r)
+{
+    static const size_t sizes[] = {1, 3, 63, 64, 65, 4103, (1u << 20) + 5};
+    enum { N_SIZES = sizeof sizes / sizeof sizes[0] };
+    void *buf[N_SIZES];
+    int aligned = 1, zeroed = 1, disjoint = 1;
+    for (int i = 0; i < N_SIZES; i++) {
+        buf[i] = call_alloc(be, sizes[i]);
+        if (!buf[i]) {
+            report_bool("alloc", "a small buffer", 0, tk_last_error());
+            continue;
+        }
+        aligned &= (uintptr_t)buf[i] % 64 == 0;
+        uint8_t *host = read_back(be, buf[i], sizes[i]);
+        for (size_t j = 0; j < sizes[i]; j++) zeroed &= host[j] == 0;
+        for (size_t j = 0; j < sizes[i]; j++) host[j] = (uint8_t)(i * 37 + j * 7 + 1);
+        call_upload(be, buf[i], host, sizes[i]);
+        free(host);
+    }
+    for (int i = 0; i < N_SIZES; i++) { /* each buffer still holds its own pattern */
+        if (!buf[i]) continue;
+        uint8_t *host = read_back(be, buf[i], sizes[i]);
+        for (size_t j = 0; j < sizes[i]; j++) disjoint &= host[j] == (uint8_t)(i * 37 + j * 7 + 1);
+        free(host);
+        call_free(be, buf[i]);
+    }
+    report_bool("alloc", "1, 3, 63, 64, 65, 4103, 1M+5 bytes: 64-byte aligned", aligned, NULL);
+    report_bool("alloc", "... zeroed", zeroed, NULL);
+    report_bool("alloc / free", "... disjoint (each keeps its pattern while the others are written)", disjoint, NULL);
+    tk_error(TK_ERR_INTERNAL, "(no message yet)");
+    void *huge = call_alloc(be, SIZE_MAX);
+    int failed_well = huge == NULL && strcmp(tk_last_error(), "(no message yet)") != 0;
+    report_bool("alloc", "SIZE_MAX bytes: NULL, with a message", failed_well, tk_last_error());
+    if (huge) call_free(be, huge);
+    call_free(be, NULL);
+    report_bool("free", "NULL: nothing (the engine frees a scratch it never allocated)", 1, NULL);
+
+    static const size_t copies[] = {0, 1, 5, 4097};
+    for (int i = 0; i < 4; i++) {
+        size_t bytes = copies[i], total = bytes + 64;
+        uint8_t *dev = call_alloc(be, total), *src = malloc(bytes + 1), *back = malloc(bytes + 2);
+        for (size_t j = 0; j <= bytes; j++) src[j] = (uint8_t)rng_u64(r);
+        for (size_t j = 0; j < bytes + 2; j++) back[j] = 0xEE;
+        call_upload(be, dev + 4, src + 1, bytes); /* unaligned host side, device side at an offset */
+        call_download(be, back + 1, dev + 4, bytes);
+        uint8_t *all = read_back(be, dev, total);
+        int ok = memcmp(back + 1, src + 1, bytes) == 0 && back[0] == 0xEE && back[bytes + 1] == 0xEE;
+        int untouched = 1;
+        for (size_t j = 0; j < total; j++)
+            if (j < 4 || j >= 4 + bytes) untouched &= all[j] == 0;
+        ok &= memcmp(all + 4, src + 1, bytes) == 0;
+        const void *view = tk_host_view(be, back + 1, dev + 4, bytes);
+        ok &= bytes == 0 || memcmp(view, src + 1, bytes) == 0;
+        char what[96];
+        snprintf(what, sizeof what, "%zu bytes at offset 4 of a %zu-byte buffer, and back; host view", bytes, total);
+        report_bool("upload / download", what, ok && untouched, untouched ? NULL : "bytes outside the copy changed");
+        free(all), free(src), free(back);
+        call_free(be, dev);
+    }
+    report_bool("sync", "TK_OK after the copies", call_sync(be) == TK_OK, tk_last_error());
+    report_bool("host_memory", be->host_memory ? "1: buffers are host memory" : "0: buffers are device memory", 1,
+                NULL);
+}
+
+/* copy_rows: rows from anywhere in one buffer (at a column offset) to distinct rows of another (at another
+ * offset); everything else in the destination untouched */
+static void test_copy_rows(tk_backend *be, rng_t *r)
+{
+    static const int cases[][2] = {{0, 5}, {1, 1}, {7, 33}, {64, 577}, {300, 64}}; /* rows, n */
+    for (int ci = 0; ci < 5; ci++) {
+        int rows = cases[ci][0], n = cases[ci][1];
+        int src_rows = rows + 9, ld_s = n + 3, dst_rows = 2 * rows + 5, ld_d = n + 7;
+        size_t src_floats = (size_t)src_rows * ld_s, dst_floats = (size_t)dst_rows * ld_d;
+        float *src_h = fvec(src_floats), *dst_h = fvec(dst_floats);
+        for (size_t i = 0; i < src_floats; i++) src_h[i] = (float)rng_normal(r);
+        for (size_t i = 0; i < dst_floats; i++) dst_h[i] = PAD_SENTINEL;
+        float *src = call_alloc(be, src_floats * sizeof(float)), *dst = call_alloc(be, dst_floats * sizeof(float));
+        call_upload(be, src, src_h, src_floats * sizeof(float));
+        call_upload(be, dst, dst_h, dst_floats * sizeof(float));
+        int *dst_perm = malloc((size_t)dst_rows * sizeof(int)), *src_perm = malloc((size_t)src_rows * sizeof(int));
+        for (int i = 0; i < dst_rows; i++) dst_perm[i] = i;
+        for (int i = 0; i < src_rows; i++) src_perm[i] = i;
+        for (int i = dst_rows - 1; i > 0; i--) {
+            int j = rng_int(r, 0, i), t = dst_perm[i];
+            dst_perm[i] = dst_perm[j], dst_perm[j] = t;
+        }
+        for (int i = src_rows - 1; i > 0; i--) {
+            int j = rng_int(r, 0, i), t = src_perm[i];
+            src_perm[i] = src_perm[j], src_perm[j] = t;
+        }
+        float **dp = malloc((size_t)(rows ? rows : 1) * sizeof *dp), **sp = malloc((size_t)(rows ? rows : 1) * sizeof *sp);
+        for (int i = 0; i < rows; i++) {
+            dp[i] = dst + (size_t)dst_perm[i] * ld_d + 2, sp[i] = src + (size_t)src_perm[i] * ld_s + 1;
+            memcpy(dst_h + (size_t)dst_perm[i] * ld_d + 2, src_h + (size_t)src_perm[i] * ld_s + 1, (size_t)n * sizeof(float));
+        }
+        call_copy_rows(be, (float *const *)dp, (const float *const *)sp, rows, n);
+        float *got = (float *)read_back(be, dst, dst_floats * sizeof(float));
+        char what[96];
+        snprintf(what, sizeof what, "rows=%d n=%d: shuffled rows, src col 1 (ld %d) -> dst col 2 (ld %d)", rows, n,
+                 ld_s, ld_d);
+        report_bool("copy_rows", what, memcmp(got, dst_h, dst_floats * sizeof(float)) == 0,
+                    "a destination float differs (copied wrong, or written outside the rows)");
+        free(got), free(dp), free(sp), free(dst_perm), free(src_perm), free(src_h), free(dst_h);
+        call_free(be, src), call_free(be, dst);
+    }
+}
+
+/* ==== indexing (the loss's targets) ================================================================= */
+
+static const int INDEX_CASES[][4] = {{1, 1, 0, 1}, {3, 17, 3, 0}, {65, 577, 2, 1000}, {7, 50257, 5, 7}}; /* rows, cols, pad, n */
+
+static void random_pairs(int32_t *row, int32_t *col, int n, int rows, int cols, rng_t *r)
+{
+    for (int i = 0; i < n; i++) {
+        row[i] = i == 0 ? 0 : i == 1 ? rows - 1 : rng_int(r, 0, rows - 1);
+        col[i] = i == 0 ? 0 : i == 1 ? cols - 1 : rng_int(r, 0, cols - 1);
+    }
+}
+
+static void test_gather(tk_backend *be, rng_t *r)
+{
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = INDEX_CASES[ci][0], cols = INDEX_CASES[ci][1], n = INDEX_CASES[ci][3];
+        mat x = mat_new(rows, cols, cols + INDEX_CASES[ci][2]);
+        mat_randn(&x, r, 3);
+        int32_t *row = malloc((size_t)(n ? n : 1) * sizeof *row), *col = malloc((size_t)(n ? n : 1) * sizeof *col);
+        random_pairs(row, col, n, rows, cols, r);
+        float *out = fvec((size_t)n); /* exactly n: nothing past it may be written */
+        for (int i = 0; i < n; i++) out[i] = NAN;
+        double *want = dvec((size_t)n);
+        ref_gather(want, x.d, x.ld, row, col, n);
+        call_gather(be, out, &x, row, col, n);
+        char what[96];
+        snprintf(what, sizeof what, "n=%d from [%d, %d] ldx=%d (first and last element included)", n, rows, cols, x.ld);
+        report("gather", what, compare(out, want, NULL, 1, n, n, TOL_EXACT), TOL_EXACT, 1, NULL);
+        free(row), free(col), free(out), free(want);
+        mat_free(&x);
+    }
+}
+
+/* scatter_add: pairs repeat (a few targets get many values), and one target gets 1e8, 1, -1e8 in that order,
+ * where float addition is not associative: the result must be the in-order float sums exactly, and within
+ * float rounding of the float64 sums */
+static void test_scatter_add(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_SCATTER = {1e-30, 2.4e-7, 0}; /* |err| <= ~2 ulp of sum |terms| per target */
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = INDEX_CASES[ci][0], cols = INDEX_CASES[ci][1], n = INDEX_CASES[ci][3] + 3;
+        mat x = mat_new(rows, cols, cols + INDEX_CASES[ci][2]);
+        mat_randn(&x, r, 1);
+        int32_t *row = malloc((size_t)n * sizeof *row), *col = malloc((size_t)n * sizeof *col);
+        float *val = fvec((size_t)n);
+        double *vald = dvec((size_t)n);
+        random_pairs(row, col, n - 3, rows, cols, r);
+        for (int i = 2; i < n - 3; i++) /* half of the pairs repeat one of 3 targets */
+            if (rng_int(r, 0, 1)) row[i] = row[i % 3], col[i] = col[i % 3];
+        for (int i = 0; i < n - 3; i++) val[i] = (float)rng_normal(r);
+        static const float order[] = {1e8f, 1.0f, -1e8f};
+        for (int i = n - 3; i < n; i++) row[i] = rows - 1, col[i] = 0, val[i] = order[i - (n - 3)];
+        for (int i = 0; i < n; i++) vald[i] = val[i];
+        double *want = copy_of(&x), *scale = abs_of(&x), *absval = dvec((size_t)n);
+        for (int i = 0; i < n; i++) absval[i] = fabs(vald[i]);
+        ref_scatter_add(want, x.ld, row, col, vald, n);
+        ref_scatter_add(scale, x.ld, row, col, absval, n);
+        mat in_order = mat_new(rows, cols, x.ld); /* float sums in the given order */
+        mat_copy(&in_order, &x);
+        for (int i = 0; i < n; i++) in_order.f[(size_t)row[i] * x.ld + col[i]] += val[i];
+        mat_to_double(&in_order);
+        call_scatter_add(be, &x, row, col, val, n);
+        char what[128];
+        snprintf(what, sizeof what, "n=%d into [%d, %d] ldx=%d (repeats; 1e8, 1, -1e8 on one)", n, rows, cols, x.ld);
+        int guard = mat_guard_ok(&x);
+        report("scatter_add", what, compare(x.f, want, scale, rows, cols, x.ld, TOL_SCATTER), TOL_SCATTER, guard,
+               guard_note(guard));
+        report("scatter_add in order", what, compare(x.f, in_order.d, NULL, rows, cols, x.ld, TOL_EXACT), TOL_EXACT,
+               1, NULL);
+        free(row), free(col), free(val), free(vald), free(want), free(scale), free(absval);
+        mat_free(&x), mat_free(&in_order);
+    }
+}
+
+/* ==== the optimizer ================================================================================= */
+
+static int g_backend_index; /* which of BACKENDS runs now: later ones are compared with the first */
+
+/* sum_squares in double: within n double roundings of the exact sum (a float sum is ~1e-7 off, and overflows
+ * or underflows on the 1e20 and 1e-25 cases); the same bits whatever the thread count */
+static void test_sum_squares(tk_backend *be, rng_t *r)
+{
+    static const size_t sizes[] = {0, 1, 63, 64, 65, 1000, (1u << 20) + 3, 100, 100};
+    static const double scales[] = {1, 1, 1, 1, 1, 1, 1, 1e20, 1e-25};
+    enum { N_CASES = sizeof sizes / sizeof sizes[0] };
+    static double first[N_CASES];
+    for (int ci = 0; ci < N_CASES; ci++) {
+        size_t n = sizes[ci];
+        float *x = fvec(n);
+        for (size_t i = 0; i < n; i++) x[i] = (float)(scales[ci] * rng_normal(r));
+        double want = ref_sum_squares(x, n), got = call_sum_squares(be, x, n);
+        double bound = 4e-16 * (double)(n ? n : 1) * want + 1e-300;
+        char what[96], detail[128];
+        snprintf(what, sizeof what, "n=%zu |x|~%g", n, scales[ci]);
+        snprintf(detail, sizeof detail, "got %.17g, want %.17g: |err| / (4e-16 n sum) = %.2f", got, want,
+                 fabs(got - want) / bound);
+        report_bool("sum_squares", what, fabs(got - want) <= bound, detail);
+        if (g_backend_index == 0) first[ci] = got;
+        else report_bool("sum_squares threads", what, memcmp(&got, &first[ci], sizeof got) == 0,
+                         "differs from the first backend's (another thread count)");
+        free(x);
+    }
+}
+
+typedef struct {
+    int n;
+    double beta1, beta2, lr, wd, eps, max_norm; /* max_norm 0: no clipping */
+    int steps;
+} adamw_case;
+
+/* b1w < 0.5 and >= 0.5 (torch.lerp's two formulas), beta1 = beta2 = 0, with and without weight decay and
+ * clipping (active and not), odd n, n split over tasks unevenly */
+static const adamw_case ADAMW_CASES[] = {
+    {1, 0.9, 0.999, 1e-3, 0.01, 1e-8, 0, 3},
+    {63, 0.9, 0.95, 3e-4, 0, 1e-8, 1.0, 3},
+    {1000, 0.3, 0.99, 1e-2, 0.1, 1e-6, 0.5, 2},
+    {7, 0, 0, 1e-3, 0.01, 1e-8, 100, 2},
+    {100003, 0.9, 0.999, 1e-4, 0.01, 1e-8, 0, 2},
+};
+
+/* One step in float32 exactly as torch's _single_tensor_adamw does it on CPU, one operation at a time (after
+ * clip_grad_norm_'s g *= clip): p.mul_(1 - lr wd); m.lerp_(g, 1 - beta1); v.mul_(beta2).addcmul_(g, g, 1 - beta2);
+ * denom = (v.sqrt() / bc2_sqrt).add_(eps); p.addcdiv_(m, denom, -step_size) */
+static void torch_adamw_float(float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)
+{
+    for (size_t i = 0; i < n; i++) {
+        float grad = g[i] * f->clip_scale;
+        p[i] = p[i] * f->decay;
+        float w = f->b1w;
+        m[i] = w < 0.5f ? m[i] + w * (grad - m[i]) : grad - (grad - m[i]) * (1.0f - w); /* at::lerp */
+        v[i] = v[i] * f->b2;
+        v[i] = v[i] + f->b2w * grad * grad; /* addcmul: self + value * t1 * t2 */
+        float denom = sqrtf(v[i]) / f->bc2_sqrt;
+        denom = denom + f->eps;
+        p[i] = p[i] + -f->step_size * (m[i] / denom); /* addcdiv: self + value * (t1 / t2) */
+        g[i] = 0.0f;
+    }
+}
+
+static void test_adamw(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_ADAMW = {1e-30, 1e-6, 0}; /* float32 vs float64 of one step: a few roundings */
+    for (size_t ci = 0; ci < sizeof ADAMW_CASES / sizeof ADAMW_CASES[0]; ci++) {
+        const adamw_case *c = &ADAMW_CASES[ci];
+        size_t n = (size_t)c->n;
+        float *p = fvec(n), *g = fvec(n), *m = fvec(n), *v = fvec(n);
+        float *p2 = fvec(n), *g2 = fvec(n), *m2 = fvec(n), *v2 = fvec(n); /* the float reference's state */
+        double *pd = dvec(n), *gd = dvec(n), *md = dvec(n), *vd = dvec(n);
+        double *sp = dvec(n), *sm = dvec(n), *sv = dvec(n); /* summation scales */
+        for (size_t i = 0; i < n; i++) p[i] = p2[i] = (float)rng_normal(r);
+        cmp_t exact = {0, 0, 0, 0}, close = {0, 0, 0, 0};
+        int zeroed = 1;
+        for (int step = 1; step <= c->steps; step++) {
+            double lr = c->lr * (step == 2 ? 0.5 : 1); /* hyperparameters may change every step */
+            for (size_t i = 0; i < n; i++) g[i] = g2[i] = (float)(0.1 * rng_normal(r));
+            /* the factors as model/optim.c derives them (torch's, in double, rounded to float) */
+            tk_adamw_factors f = {.clip_scale = 1.0f};
+            double norm = sqrt(ref_sum_squares(g, n));
+            if (c->max_norm > 0) {
+                float coef = (float)c->max_norm / ((float)norm + 1e-6f);
+                f.clip_scale = coef < 1.0f ? coef : 1.0f;
+            }
+            double bc1 = 1.0 - pow(c->beta1, step), bc2 = 1.0 - pow(c->beta2, step);
+            f.decay = (float)(1.0 - lr * c->wd), f.step_size = (float)(lr / bc1), f.bc2_sqrt = (float)sqrt(bc2);
+            f.b1w = (float)(1.0 - c->beta1), f.b2 = (float)c->beta2, f.b2w = (float)(1.0 - c->beta2);
+            f.eps = (float)c->eps;
+            /* float64 from this step's float32 state */
+            for (size_t i = 0; i < n; i++) pd[i] = p[i], gd[i] = g[i], md[i] = m[i], vd[i] = v[i];
+            for (size_t i = 0; i < n; i++) {
+                double grad = gd[i] * f.clip_scale, mn = md[i] + f.b1w * (grad - md[i]);
+                double vn = f.b2 * vd[i] + f.b2w * grad * grad, upd = f.step_size * mn / (sqrt(vn) / f.bc2_sqrt + f.eps);
+                sm[i] = fabs(md[i]) + fabs(grad), sv[i] = vn, sp[i] = fabs(pd[i] * f.decay) + fabs(upd);
+            }
+            ref_adamw(pd, gd, md, vd, n, f.clip_scale, f.decay, f.step_size, f.bc2_sqrt, f.b1w, f.b2, f.b2w, f.eps);
+            torch_adamw_float(p2, g2, m2, v2, n, &f);
+            call_adamw(be, p, g, m, v, n, &f);
+            close = cmp_merge(close, compare(p, pd, sp, 1, c->n, c->n, TOL_ADAMW));
+            close = cmp_merge(close, compare(m, md, sm, 1, c->n, c->n, TOL_ADAMW));
+            close = cmp_merge(close, compare(v, vd, sv, 1, c->n, c->n, TOL_ADAMW));
+            double *e = dvec(n);
+            for (size_t i = 0; i < n; i++) e[i] = p2[i];
+            exact = cmp_merge(exact, compare(p, e, NULL, 1, c->n, c->n, TOL_EXACT));
+            for (size_t i = 0; i < n; i++) e[i] = m2[i];
+            exact = cmp_merge(exact, compare(m, e, NULL, 1, c->n, c->n, TOL_EXACT));
+            for (size_t i = 0; i < n; i++) e[i] = v2[i];
+            exact = cmp_merge(exact, compare(v, e, NULL, 1, c->n, c->n, TOL_EXACT));
+            free(e);
+            for (size_t i = 0; i < n; i++) zeroed &= g[i] == 0.0f;
+        }
+        char what[160];
+        snprintf(what, sizeof what, "n=%d steps=%d betas=%g,%g lr=%g wd=%g eps=%g clip=%g: p, m, v", c->n, c->steps,
+                 c->beta1, c->beta2, c->lr, c->wd, c->eps, c->max_norm);
+        report("adamw", what, close, TOL_ADAMW, zeroed, zeroed ? NULL : "g is not 0 afterwards");
+        report("adamw = torch's float ops", what, exact, TOL_EXACT, 1, NULL);
+        free(p), free(g), free(m), free(v), free(p2), free(g2), free(m2), free(v2);
+        free(pd), free(gd), free(md), free(vd), free(sp), free(sm), free(sv);
+    }
+}
+
+/* ==== RoPE tables =================================================================================== */
+
+/* cos / sin of the float32 angle (float)pos * inv_freq: within 1 ulp of the float64 cos / sin of that angle,
+ * and (the CPU backend's definition) equal to libm's cosf / sinf of it */
+static void test_rope_table(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_TRIG = {1e-30, 1.2e-7, 0}; /* 1 ulp (2^-23 relative bounds it) */
+    static const int cases[][2] = {{1, 1}, {5, 3}, {300, 32}, {17, 64}}; /* rows, half */
+    static const double thetas[] = {10000, 10000, 10000, 500000};
+    static const int32_t fixed[] = {0, 1, 2, 4095, 8191, 32767, 131071, 524287};
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = cases[ci][0], half = cases[ci][1];
+        int32_t *pos = malloc((size_t)rows * sizeof *pos);
+        for (int i = 0; i < rows; i++) pos[i] = i < 8 ? fixed[(i + ci) % 8] : rng_int(r, 0, 131071);
+        float *inv_freq = fvec((size_t)half), *c = fvec((size_t)rows * half), *s = fvec((size_t)rows * half);
+        for (int i = 0; i < half; i++) inv_freq[i] = (float)(1.0 / pow(thetas[ci], 2.0 * i / (2.0 * half)));
+        for (size_t i = 0; i < (size_t)rows * half; i++) c[i] = s[i] = NAN;
+        double *want_c = dvec((size_t)rows * half), *want_s = dvec((size_t)rows * half);
+        double *libm_c = dvec((size_t)rows * half), *libm_s = dvec((size_t)rows * half);
+        ref_rope_table(want_c, want_s, pos, rows, inv_freq, half);
+        for (int t = 0; t < rows; t++)
+            for (int i = 0; i < half; i++) {
+                float angle = (float)pos[t] * inv_freq[i];
+                libm_c[(size_t)t * half + i] = cosf(angle), libm_s[(size_t)t * half + i] = sinf(angle);
+            }
+        call_rope_table(be, c, s, pos, rows, inv_freq, half);
+        char what[128];
+        snprintf(what, sizeof what, "rows=%d half=%d theta=%g positions up to %d", rows, half, thetas[ci], 524287);
+        cmp_t close = cmp_merge(compare(c, want_c, NULL, rows, half, half, TOL_TRIG),
+                                compare(s, want_s, NULL, rows, half, half, TOL_TRIG));
+        report("rope_table", what, close, TOL_TRIG, 1, NULL);
+        cmp_t same = cmp_merge(compare(c, libm_c, NULL, rows, half, half, TOL_EXACT),
+                               compare(s, libm_s, NULL, rows, half, half, TOL_EXACT));
+        report("rope_table = cosf, sinf", what, same, TOL_EXACT, 1, NULL);
+        free(pos), free(inv_freq), free(c), free(s), free(want_c), free(want_s), free(libm_c), free(libm_s);
+    }
+}
+
 /* ==== tk_dequantize (not a backend op: run once) ==================================================== */
 
 static void test_dequantize(rng_t *r)
@@ -976,14 +1773,22 @@ typedef struct {
 } op_test;
 
 static const op_test OP_TESTS[] = {
+    {"weight_bytes", test_weight_bytes},
+    {"matmul_w", test_weight_matmuls}, /* matmul_w, matmul_w_decode, matmul_w_t (and weight_put_row) */
     {"matmul_nt", test_matmul_nt},
     {"matmul_nn", test_matmul_nn},
-    {"matmul_nt_q", test_matmul_nt_q},
     {"matmul_tn_acc", test_matmul_tn_acc},
+    {"memory", test_memory}, /* alloc, free, upload, download, sync */
+    {"copy_rows", test_copy_rows},
+    {"gather", test_gather},
+    {"scatter_add", test_scatter_add},
+    {"sum_squares", test_sum_squares},
+    {"adamw", test_adamw},
     {"embed", test_embed},
     {"rmsnorm", test_rmsnorm},
     {"rmsnorm_backward", test_rmsnorm_backward},
     {"add_bias", test_add_bias},
+    {"rope_table", test_rope_table},
     {"rope", test_rope},
     {"swiglu", test_swiglu},
     {"swiglu_backward", test_swiglu_backward},
@@ -994,33 +1799,19 @@ static const op_test OP_TESTS[] = {
     {"attention_decode", test_attention_decode},
 };
 
-/* The backends this build has, each with a thread count (the CPU one splits work over a pool: 1 thread
- * runs everything on the caller, 3 splits odd ways). */
+/* The backends this build has, each made by the factory the engine is given (tk_engine_create's
+ * create_backend) over a pool of `threads` (the CPU one splits work over it: 1 thread runs everything on the
+ * caller, 3 split odd ways), and released as the engine releases it. */
 typedef struct {
     const char *label;
     int threads;
-    tk_backend *(*create)(int threads, void **state);
-    void (*destroy)(tk_backend *be, void *state);
+    tk_backend *(*create)(tk_pool *pool);
 } backend_kind;
-
-static tk_backend *cpu_create(int threads, void **state)
-{
-    tk_pool *pool;
-    if (tk_pool_create(&pool, threads) != TK_OK) return NULL;
-    *state = pool;
-    return tk_cpu_backend_create(pool);
-}
-
-static void cpu_destroy(tk_backend *be, void *state)
-{
-    tk_cpu_backend_free(be);
-    tk_pool_free(state);
-}
 
 /* a CUDA build adds its backend here (under its build macro), run against the same references */
 static const backend_kind BACKENDS[] = {
-    {"cpu/1 thread", 1, cpu_create, cpu_destroy},
-    {"cpu/3 threads", 3, cpu_create, cpu_destroy},
+    {"cpu/1 thread", 1, tk_cpu_backend_create},
+    {"cpu/3 threads", 3, tk_cpu_backend_create},
 };
 
 static int g_argc;
@@ -1043,20 +1834,33 @@ int main(int argc, char **argv)
     rng_t r = {20240611};
     if (selected("tk_dequantize")) test_dequantize(&r);
     for (size_t b = 0; b < sizeof BACKENDS / sizeof BACKENDS[0]; b++) {
-        void *state = NULL;
-        tk_backend *be = BACKENDS[b].create(BACKENDS[b].threads, &state);
+        tk_pool *pool = NULL;
+        tk_backend *be = NULL;
         g_backend_label = BACKENDS[b].label;
-        if (!be) {
+        g_backend_index = (int)b;
+        if (tk_pool_create(&pool, BACKENDS[b].threads) != TK_OK || !(be = BACKENDS[b].create(pool))) {
             report_bool("(create)", "the backend could not be created", 0, tk_last_error());
+            tk_pool_free(pool);
             continue;
         }
+        g_pool = pool;
+        /* the engine holds the one reference a new backend has; models and adapters add theirs */
+        int refs = atomic_load(&be->refcount);
+        tk_backend_retain(be);
+        refs = refs * 10 + atomic_load(&be->refcount);
+        tk_backend_release(be);
+        refs = refs * 10 + atomic_load(&be->refcount);
+        report_bool("(create)", "refcount 1 when made, 2 retained, 1 released; destroy set", refs == 121 && be->destroy,
+                    be->name);
         for (size_t i = 0; i < sizeof OP_TESTS / sizeof OP_TESTS[0]; i++) {
             if (!selected(OP_TESTS[i].name)) continue;
             rng_t op_rng = {r.s + i * 7919}; /* each op's inputs do not depend on which others ran */
             OP_TESTS[i].fn(be, &op_rng);
         }
-        BACKENDS[b].destroy(be, state);
+        tk_backend_release(be); /* the last reference: destroys it */
+        tk_pool_free(pool);
     }
+    printf("%d notes (%d DIFF: not checks, see rows_alone_equal)\n", g_notes, g_notes_diff);
     printf("%d checks, %d failed\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }
