@@ -81,9 +81,10 @@ struct tk_backend {
     void (*matmul_w)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                      float alpha, float beta);
     /* The same for the rows of a decoding step (one token per sequence, T small): a kernel that streams W
-     * once for all rows, and in which each output row depends only on its own input row. Prefill and
-     * training use matmul_w whatever their size, so a prompt's logits do not depend on how many other
-     * prompts share its pass. */
+     * once for all rows. The CPU backend's keeps each row's result independent of the other rows up to 64
+     * rows of Q4_0 / Q4_1 / Q8_0 (8 of other block types, 1 of F32); past that it is matmul_w. Prefill and
+     * training always use matmul_w, so which kernel a prompt goes through never depends on how many
+     * prompts share its pass (sgemm's own blocking still varies its rounding with the row count). */
     void (*matmul_w_decode)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                             float alpha, float beta);
     /* y[T, cols] = alpha * x[T, rows] . W + beta * y     (input gradients: dx = dy . W) */
@@ -105,7 +106,7 @@ struct tk_backend {
     /* Device buffers: 64-byte aligned and zeroed. NULL when out of memory, with the message recorded
      * (tk_last_error); the engine reports it and keeps working. */
     void *(*alloc)(tk_backend *be, size_t bytes);
-    void (*free)(tk_backend *be, void *buffer);
+    void (*free)(tk_backend *be, void *buffer); /* NULL: nothing */
     /* host <-> device copies of `bytes` (the host side is plain memory, the device side a buffer's) */
     void (*upload)(tk_backend *be, void *dst, const void *host, size_t bytes);
     void (*download)(tk_backend *be, void *host, const void *src, size_t bytes);

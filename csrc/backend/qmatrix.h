@@ -1,5 +1,6 @@
 /* qmatrix.h - a weight matrix kept in its file's quantized blocks, repacked
- * so a decoding kernel streams it once, linearly (backend.h matmul_nt_q).
+ * so a decoding kernel streams it once, linearly: the CPU backend's resident
+ * form of Q4_0, Q4_1 and Q8_0 weights (cpu/wmatmul.c, cpu/qmatmul.c).
  *
  * W [N, K] (PyTorch order, K a multiple of 32) of ggml type Q4_0, Q4_1 or
  * Q8_0 is cut into row groups of TK_QROWS = 16 output rows; each group is

@@ -1,4 +1,5 @@
-/* qmatmul.h - the CPU kernel behind matmul_nt_q (see qmatmul.c). */
+/* qmatmul.h - the register kernel of decoding steps over Q4_0 / Q4_1 / Q8_0 tiles (see qmatmul.c; wmatmul.c
+ * calls it for matmul_w_decode). */
 #ifndef TK_CPU_QMATMUL_H
 #define TK_CPU_QMATMUL_H
 

@@ -20,7 +20,8 @@
  * streams the tiles once; of a row form, up to SMALL_T sequences: decoded
  * rows dotted with each token row. Prefill and training always take the
  * panels, whatever their size, so a prompt's logits do not depend on how
- * many other prompts share its pass.
+ * many other prompts share its pass (sgemm's rounding still varies with the
+ * row count).
  */
 #include "wmatmul.h"
 

@@ -6,8 +6,8 @@
 #include "../../core/pool.h"
 #include "../backend.h"
 
-/* Per-thread panels of decoded weights, grown on demand by the engine worker
- * (the only thread that calls ops) and kept between calls. */
+/* Per-thread panels of decoded weights (4 MB each, allocated with the backend
+ * and kept: only the engine worker's pool uses them). */
 typedef struct {
     float **buf;    /* [threads] */
     size_t floats;  /* each */
