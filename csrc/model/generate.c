@@ -171,7 +171,8 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     float *own_kv = be->alloc(be, 2 * own * (size_t)n_seq * sizeof(float));
     sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
     char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
-    tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0};
+    tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(double)),
+                     malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0};
     /* the decode batch of one step: the live sequences' tokens, caches and step rows */
     int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_rows = malloc(((size_t)n_seq + 1) * sizeof(int32_t));
     tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
@@ -181,7 +182,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     /* host copies of the logits the sampler reads (none when the device is host memory) */
     float *logits_h = be->host_memory ? NULL : malloc((rows * V + rows) * sizeof(float));
     float *h_rows[n_req], *last_rows[n_req];
-    if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.c ||
+    if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.e || !ch.c ||
         !ch.seen || !step_tok || !step_rows || !kvs || !step_kv || !ads || !live || (!be->host_memory && !logits_h)) {
         status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
         goto done;
@@ -270,7 +271,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
 done:
     be->free(be, prompt_k), be->free(be, prompt_v), be->free(be, own_kv), free(logits_h);
     free(tokens), free(starts), free(seqs), free(tails), free(buf);
-    free(ch.z), free(ch.c), free(ch.seen), free(step_tok), free(step_rows), free(kvs), free(step_kv), free(ads);
+    free(ch.z), free(ch.e), free(ch.c), free(ch.seen), free(step_tok), free(step_rows), free(kvs), free(step_kv), free(ads);
     free(live);
     return status;
 }

@@ -94,27 +94,33 @@ static void apply_penalties(tk_chooser *ch, const tk_sample_params *p, const int
     }
 }
 
-static double logsumexp(const float *z, int V, float *max_out)
+/* log sum exp z, keeping e[v] = exp(z[v] - max z): the exponentials are most of a step's sampling time (a
+ * 49k vocabulary), so the draw and top_p reuse these, bit for bit the values they computed themselves. */
+static double logsumexp(const float *z, double *e, int V, float *max_out, double *sum_out)
 {
     float max = z[0];
     for (int v = 1; v < V; v++) max = z[v] > max ? z[v] : max;
     double sum = 0;
-    for (int v = 0; v < V; v++) sum += exp((double)(z[v] - max));
+    for (int v = 0; v < V; v++) sum += e[v] = exp((double)(z[v] - max));
     *max_out = max;
+    *sum_out = sum;
     return max + log(sum);
 }
 
-/* Draws from c[0..n) with weights exp(z - zmax). */
-static int draw(const tk_cand *c, int n, float zmax, tk_rng *rng)
+/* Draws from c[0..n) with weights e[id] = exp(z - zmax), or from all of e[0..n) when c is NULL (their sum
+ * is then `total`, as logsumexp added them in the same order). */
+static int draw(const tk_cand *c, const double *e, int n, double total, tk_rng *rng)
 {
-    double total = 0;
-    for (int i = 0; i < n; i++) total += exp((double)(c[i].z - zmax));
+    if (c) {
+        total = 0;
+        for (int i = 0; i < n; i++) total += e[c[i].id];
+    }
     double u = uniform(rng) * total, acc = 0;
     for (int i = 0; i < n; i++) {
-        acc += exp((double)(c[i].z - zmax));
-        if (u < acc) return c[i].id;
+        acc += e[c ? c[i].id : i];
+        if (u < acc) return c ? c[i].id : i;
     }
-    return c[n - 1].id;
+    return c ? c[n - 1].id : n - 1;
 }
 
 int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
@@ -127,15 +133,22 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
         int best = 0;
         for (int v = 1; v < V; v++)
             if (ch->z[v] > ch->z[best]) best = v;
-        *logprob = (float)(ch->z[best] - logsumexp(ch->z, V, &zmax));
+        double sum;
+        *logprob = (float)(ch->z[best] - logsumexp(ch->z, ch->e, V, &zmax, &sum));
         return best;
     }
     float inv_t = (float)(1.0 / p->temperature);
     for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
-    double lse = logsumexp(ch->z, V, &zmax);
+    double sum, lse = logsumexp(ch->z, ch->e, V, &zmax, &sum);
     int n = 0;
+    if (p->top_k <= 0 && p->top_p >= 1.0 && !(p->min_p > 0)) {
+        /* plain sampling: the whole vocabulary in order, whose weights logsumexp has summed */
+        int token = draw(NULL, ch->e, V, sum, rng);
+        *logprob = (float)(ch->z[token] - lse);
+        return token;
+    }
     if (p->top_k <= 0 && p->top_p >= 1.0) {
-        /* min_p only (or nothing): a threshold, no sorting */
+        /* min_p only: a threshold, no sorting */
         float floor_z = p->min_p > 0 ? zmax + (float)log(p->min_p) : -INFINITY;
         for (int v = 0; v < V; v++)
             if (ch->z[v] >= floor_z) ch->c[n++] = (tk_cand){ch->z[v], v};
@@ -151,12 +164,12 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
             /* top_p over the top_k-renormalised distribution */
             double norm = 0, acc = 0;
             if (k < V) {
-                for (int i = 0; i < k; i++) norm += exp((double)(ch->c[i].z - zmax));
+                for (int i = 0; i < k; i++) norm += ch->e[ch->c[i].id];
             } else {
                 norm = exp(lse - zmax);
             }
             int keep = 0;
-            while (keep < first && acc < p->top_p * norm) acc += exp((double)(ch->c[keep++].z - zmax));
+            while (keep < first && acc < p->top_p * norm) acc += ch->e[ch->c[keep++].id];
             if (acc >= p->top_p * norm || first == k) { n = keep > 0 ? keep : 1; break; }
             first = k; /* the best 1024 did not reach top_p: sort everything allowed */
         }
@@ -167,7 +180,7 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
             n = keep > 0 ? keep : 1;
         }
     }
-    int token = draw(ch->c, n, zmax, rng);
+    int token = draw(ch->c, ch->e, n, 0.0, rng);
     *logprob = (float)(ch->z[token] - lse);
     return token;
 }

@@ -39,6 +39,7 @@ void tk_select_top(tk_cand *c, int n, int k);
 /* Working memory for choosing over a vocabulary of V tokens (one per thread that chooses). */
 typedef struct {
     float *z;          /* [V] working logits */
+    double *e;         /* [V] exp(z - max z), from logsumexp, reused by the draw */
     tk_cand *c;        /* [V] */
     int *seen;         /* [V] stamp per token for the penalties */
     int stamp;
