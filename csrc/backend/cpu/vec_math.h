@@ -1,5 +1,6 @@
 /* vec_math.h - element-wise math written so gcc vectorises it without
- * -ffast-math: no calls, no branches (selects become blends), and reductions
+ * -ffast-math: no calls, no branches (selects become blends; on AVX2, which has
+ * no masks to predicate with, only with -fno-trapping-math: setup.py), and reductions
  * over 16 independent partial results (a fixed order, so results do not
  * depend on the vector width).
  */
