@@ -749,32 +749,121 @@ typedef struct {
     float scale;
 } decode_args;
 
-/* s[h][j] = scale * q[h] . k_j for the G heads of one task (q rows Dh apart), one key at a time. */
-static void decode_scores(float *s, int ld_s, const float *q, int G, const float *k, int n_keys, int ld_kv, int Dh,
-                          float scale)
+/* The cache rows a decoding step reads were evicted by the weights streamed since the last step (~100 MB
+ * against a 32 MB L3), and each is a short piece (one head: Dh floats) of a longer row, at a stride the
+ * hardware prefetcher does not follow: without prefetching, the loops below waited on memory at every
+ * key. PREFETCH_KEYS rows ahead covers about a DRAM latency. */
+enum { PREFETCH_KEYS = 16 };
+
+static inline void prefetch_row(const float *row, int n)
 {
-    for (int j = 0; j < n_keys; j++) {
-        const float *kj = k + (size_t)j * ld_kv;
-        float acc[DECODE_HEADS][16] = {{0}}, tail[DECODE_HEADS] = {0};
-        int d = 0;
-        for (; d + 16 <= Dh; d += 16)
-            for (int h = 0; h < G; h++)
-                for (int l = 0; l < 16; l++) acc[h][l] += q[(size_t)h * Dh + d + l] * kj[d + l];
-        for (; d < Dh; d++)
-            for (int h = 0; h < G; h++) tail[h] += q[(size_t)h * Dh + d] * kj[d];
-        for (int h = 0; h < G; h++) s[(size_t)h * ld_s + j] = scale * (tail[h] + tk_sum(acc[h], 16));
+    for (int i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
+
+/* scale * q . k_j for one head and one key: 16 partial sums over the 16-element chunks of Dh, then added in
+ * lane order (tk_sum), plus the products past the last whole chunk. The SIMD path below does exactly these
+ * operations in this order for 8 keys at a time, so a score does not depend on which path computed it. */
+static float score_one(const float *qh, const float *kj, int Dh, float scale)
+{
+    float acc[16] = {0}, tail = 0;
+    int d = 0;
+    for (; d + 16 <= Dh; d += 16)
+        for (int l = 0; l < 16; l++) acc[l] += qh[d + l] * kj[d + l];
+    for (; d < Dh; d++) tail += qh[d] * kj[d];
+    return scale * (tail + tk_sum(acc, 16));
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* r[i] = lane i of the 8 rows: an 8 x 8 transpose */
+static inline void transpose8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
 }
 
-/* out[h] += sum_j p[h][j] v_j for the G heads of one task (out rows Dh apart). */
+/* score_one for keys k, k + ld_kv, ..., 7 ld_kv, into s[0..8): each key's 16 lane sums as two vectors (lanes
+ * 0-7, 8-15), transposed so that adding them in lane order is 16 vector adds for all 8 keys at once. A key
+ * at a time, that sequential sum was the loop's critical path. */
+static void score8(float *s, const float *qh, const float *k, int ld_kv, int Dh, float scale)
+{
+    const int whole = Dh - Dh % 16;
+    __m256 sum = _mm256_setzero_ps();
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[8];
+        for (int key = 0; key < 8; key++) acc[key] = _mm256_setzero_ps();
+        for (int d = 8 * half; d < whole; d += 16) {
+            const __m256 qv = _mm256_loadu_ps(qh + d);
+            for (int key = 0; key < 8; key++)
+                acc[key] = _mm256_add_ps(acc[key], _mm256_mul_ps(qv, _mm256_loadu_ps(k + (size_t)key * ld_kv + d)));
+        }
+        transpose8(acc);
+        for (int l = 0; l < 8; l++) sum = _mm256_add_ps(sum, acc[l]);
+    }
+    float tail[8] = {0};
+    for (int d = whole; d < Dh; d++)
+        for (int key = 0; key < 8; key++) tail[key] += qh[d] * k[(size_t)key * ld_kv + d];
+    _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_add_ps(_mm256_loadu_ps(tail), sum)));
+}
+#endif
+
+/* s[h][j] = scale * q[h] . k_j for the G heads of one task (q rows Dh apart) */
+static void decode_scores(float *s, int ld_s, const float *q, int G, const float *k, int n_keys, int ld_kv, int Dh,
+                          float scale)
+{
+    for (int j = 0; j < PREFETCH_KEYS && j < n_keys; j++) prefetch_row(k + (size_t)j * ld_kv, Dh);
+    int j = 0;
+#if defined(__AVX2__)
+    for (; j + 8 <= n_keys; j += 8) {
+        const float *kj = k + (size_t)j * ld_kv;
+        for (int i = PREFETCH_KEYS; i < PREFETCH_KEYS + 8 && j + i < n_keys; i++) prefetch_row(kj + (size_t)i * ld_kv, Dh);
+        for (int h = 0; h < G; h++) score8(s + (size_t)h * ld_s + j, q + (size_t)h * Dh, kj, ld_kv, Dh, scale);
+    }
+#endif
+    for (; j < n_keys; j++)
+        for (int h = 0; h < G; h++)
+            s[(size_t)h * ld_s + j] = score_one(q + (size_t)h * Dh, k + (size_t)j * ld_kv, Dh, scale);
+}
+
+/* out[h] += sum_j p[h][j] v_j for the G heads of one task (out rows Dh apart): per element, products added
+ * in key order. Up to 64 elements of a head's output stay in registers over all the keys (as a loop over
+ * keys outside, each key's update was a load and a store of out, and the next key waited on that store). */
 static void decode_values(float *out, const float *p, int ld_p, int G, const float *v, int n_keys, int ld_kv, int Dh)
 {
-    for (int j = 0; j < n_keys; j++) {
-        const float *vj = v + (size_t)j * ld_kv;
-        for (int h = 0; h < G; h++) {
-            float w = p[(size_t)h * ld_p + j];
-            float *o = out + (size_t)h * Dh;
-            for (int d = 0; d < Dh; d++) o[d] += w * vj[d];
+    for (int j = 0; j < PREFETCH_KEYS && j < n_keys; j++) prefetch_row(v + (size_t)j * ld_kv, Dh);
+    for (int h = 0; h < G; h++) {
+        const float *ph = p + (size_t)h * ld_p;
+        float *o = out + (size_t)h * Dh;
+        int d0 = 0;
+        for (; d0 + 64 <= Dh; d0 += 64) {
+            float acc[64];
+            memcpy(acc, o + d0, sizeof acc);
+            for (int j = 0; j < n_keys; j++) {
+                const float *vj = v + (size_t)j * ld_kv + d0;
+                if (h == 0 && d0 == 0 && j + PREFETCH_KEYS < n_keys) prefetch_row(vj + (size_t)PREFETCH_KEYS * ld_kv, Dh);
+                const float w = ph[j];
+                for (int d = 0; d < 64; d++) acc[d] += w * vj[d];
+            }
+            memcpy(o + d0, acc, sizeof acc);
+        }
+        for (int j = 0; j < n_keys; j++) {
+            const float *vj = v + (size_t)j * ld_kv;
+            const float w = ph[j];
+            for (int d = d0; d < Dh; d++) o[d] += w * vj[d];
         }
     }
 }
