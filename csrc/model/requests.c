@@ -17,9 +17,13 @@
 /* Training runs datums in groups whose stored activations fit in
  * TRAIN_STORE_BYTES, and of at most TRAIN_TOKEN_BUDGET tokens (a longer datum
  * runs alone): they take ~0.7 MB per token for SmolLM2 and ~1.8 MB for a
- * 1.1B model, so this bounds a step's memory whatever the batch and model. */
+ * 1.1B model, so this bounds a step's memory whatever the batch and model.
+ * Larger groups mean taller matmuls and fewer decodes of each base weight per
+ * step (measured on SmolLM2 4 x 256: groups of 256 tokens spent 6% of the
+ * step decoding weights); 512 MB keeps a 1.1B Q4_0 model's 4 x 128 step
+ * under 2 GB (benchmarks/bench_memory.py). */
 enum { TRAIN_TOKEN_BUDGET = 2048 };
-#define TRAIN_STORE_BYTES ((size_t)256 << 20)
+#define TRAIN_STORE_BYTES ((size_t)512 << 20)
 
 /* ---- load ---------------------------------------------------------------- */
 
