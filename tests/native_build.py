@@ -47,11 +47,13 @@ def _run(cmd: list[str]) -> None:
         raise BuildError(f"{' '.join(cmd)}\nexited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
 
 
-def build(output: Path, test_sources: list[str], *, shared: bool = False, sanitize: bool = False) -> Path:
+def build(output: Path, test_sources: list[str], *, shared: bool = False, sanitize: bool = False,
+          isa_flags: tuple[str, ...] = ()) -> Path:
     """Compiles the engine sources and tests/ops/<test_sources> into `output` (an executable, or with shared=True
-    a shared library), objects beside it. Raises BuildError with the compiler's output on failure."""
+    a shared library), objects beside it; isa_flags (e.g. -mno-avx512f) narrow -march=native to test the
+    kernels' other instruction-set paths. Raises BuildError with the compiler's output on failure."""
     blas = blas_settings()
-    flags = CFLAGS + (SANITIZE if sanitize else []) + (["-fPIC"] if shared else [])
+    flags = CFLAGS + list(isa_flags) + (SANITIZE if sanitize else []) + (["-fPIC"] if shared else [])
     flags += [f"-D{name}={value}" for name, value in blas["macros"]]
     flags += ["-I" + str(ROOT / "csrc"), "-I" + str(TESTS_C)] + ["-I" + d for d in blas["include_dirs"]]
     obj_dir = output.parent / (output.name + ".objs")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 import native_build
 
 SOURCES = ["test_backend_ops.c", "harness.c", "reference.c", "quant_ref.c"]
@@ -31,6 +33,21 @@ def run_harness(exe, env=None) -> subprocess.CompletedProcess:
 
 def test_backend_ops(tmp_path):
     run_harness(native_build.build(tmp_path / "test_backend_ops", SOURCES))
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+# The CPU kernels have an AVX-512 path, an AVX2 + FMA path and a plain C one (tgemm.c, qmatmul.c, the decode
+# attention): -march=native compiles only the first this machine has, so the others are built here too.
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_backend_ops_other_isa(tmp_path, isa):
+    if isa == "avx2" and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    flags = ("-mno-avx512f",) if isa == "avx2" else ("-mno-avx512f", "-mno-avx2", "-mno-fma")
+    run_harness(native_build.build(tmp_path / f"test_backend_ops_{isa}", SOURCES, isa_flags=flags))
 
 
 def test_backend_ops_sanitized(tmp_path):

@@ -732,6 +732,8 @@ static const wshape WSHAPES[] = {
     {45, {101, 96, 768}, {1, 2, 7, 64, 65, 300}, 6, 1},
     {100, {777, 768, 768}, {9, 300}, 2, 0},
     {150, {16384, 16384, 16384}, {2, 17}, 2, 0},
+    /* more rows than one chunk of matmul_w_t's sum over W's rows (tgemm.c sums 1024 at a time), 1100 = 68.75 x 16 */
+    {1100, {37, 96, 256}, {5, 70}, 2, 0},
 };
 
 /* weights of several parts, each its own type */

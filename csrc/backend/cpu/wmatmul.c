@@ -6,22 +6,24 @@
  * 16 rows; every other type (F32, F16, BF16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
  * keeps the file's rows of blocks as they are.
  *
- * Many token rows (prefill, training, the head): each thread decodes a panel
- * of up to PANEL_FLOATS weights (a few hundred rows) to float32 - exactly the
- * tk_dequantize values - and hands it to sgemm, so the decode costs one pass
- * over the weight per call while sgemm does 2T flops per weight. Tiles decode
- * naturally K-major (element k of 16 rows is one contiguous vector), which
- * sgemm reads as the transposed operand; row forms decode row-major.
- *   forward  y[T, N] += x[T, K] W^T: threads split N, panels walk their rows;
- *   backward y[T, K] += x[T, N] W:   threads split K (whole blocks), panels
- *                                     walk all N rows, accumulating.
+ * Many token rows (prefill, training, the head) of a tiled part: each thread
+ * decodes blocks of tiles (128 weight rows x up to 1024 columns, in L2) into
+ * the K-major column blocks the register kernel of tgemm.c reads - the tiles'
+ * own order - and sweeps every token row over them, so the decode costs one
+ * pass over the weight per call while the kernel does 2T flops per weight.
+ *   forward  y[T, N] = x[T, K] W^T: threads split N, blocks walk their rows;
+ *   backward y[T, K] = x[T, N] W:   threads split K (whole tiles), blocks of
+ *                                    W's rows decoded transposed, summed.
+ * Row forms (F16, BF16, Q5_x, K-quants): each thread decodes a panel of up to
+ * PANEL_FLOATS weights to float32 - exactly the tk_dequantize values - and
+ * hands it to sgemm.
  * Decoding steps (matmul_w_decode) of a tiled part, up to
  * TK_CPU_QKERNEL_MAX_ROWS sequences: the register kernel of qmatmul.c, which
  * streams the tiles once; of a row form, up to SMALL_T sequences: decoded
  * rows dotted with each token row. Prefill and training always take the
- * panels, whatever their size, so a prompt's logits do not depend on how
- * many other prompts share its pass (sgemm's rounding still varies with the
- * row count).
+ * blocks, whatever their size, so a prompt's logits do not depend on how
+ * many other prompts share its pass (bit for bit for tiled parts, whose
+ * kernel sums each output alone; sgemm's rounding varies with the row count).
  */
 #include "wmatmul.h"
 
@@ -32,6 +34,7 @@
 #include "../qmatrix.h"
 #include "blas.h"
 #include "qmatmul.h"
+#include "tgemm.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -225,28 +228,98 @@ static void dot_rows(const part_args *a, float *y, const float *panel, int n)
     }
 }
 
-/* y[:, rows of this task] = alpha x W_rows^T + beta y, a panel of rows at a time */
+/* K columns per decoded block: all of them up to 1024, else even chunks (whole tiles): a block of TGEMM_COLS
+ * weight rows (128 x 576 floats for SmolLM2, 288 KB) stays in L2 while every token row sweeps over it. */
+enum { TGEMM_COLS = 128, TGEMM_MAX_K = 1024 };
+
+static int tgemm_k_chunk(int K)
+{
+    int chunks = (K + TGEMM_MAX_K - 1) / TGEMM_MAX_K, kc = (K + chunks - 1) / chunks;
+    return (kc + TK_QBLOCK - 1) / TK_QBLOCK * TK_QBLOCK;
+}
+
+/* y[:, r0:r1] = alpha x W_rows^T + beta y for a tiled part: blocks of tiles decoded into the K-major column
+ * blocks tgemm reads (a tile group is 16 columns of one; a half-filled last block is zeroed) */
+static void forward_tiles(const part_args *a, float *buf, int r0, int r1)
+{
+    int K = a->cols, kc_max = tgemm_k_chunk(K);
+    for (int n0 = r0; n0 < r1; n0 += TGEMM_COLS) {
+        int n1 = n0 + TGEMM_COLS < r1 ? n0 + TGEMM_COLS : r1;
+        for (int k0 = 0; k0 < K; k0 += kc_max) {
+            int kc = K - k0 < kc_max ? K - k0 : kc_max;
+            for (int nb = n0; nb < n1; nb += TK_TGEMM_NR) {
+                float *bp = buf + (size_t)(nb - n0) * kc;
+                int filled = round16(n1 - nb < TK_TGEMM_NR ? n1 - nb : TK_TGEMM_NR);
+                for (int k = 0; filled < TK_TGEMM_NR && k < kc; k++)
+                    memset(bp + (size_t)k * TK_TGEMM_NR + filled, 0, (TK_TGEMM_NR - filled) * sizeof(float));
+                decode_tiles(bp, TK_TGEMM_NR, a->p, K, nb, nb + filled, k0, k0 + kc);
+            }
+            tk_tgemm(a->T, n1 - n0, kc, a->x + k0, a->ldx, buf, a->y + n0, a->ldy, a->alpha,
+                     k0 == 0 ? a->beta : 1.0f);
+        }
+    }
+}
+
+/* y[:, rows of this task] = alpha x W_rows^T + beta y: tiled parts through tgemm, row forms a panel of rows at
+ * a time into sgemm (or dotted, for the few rows of a decoding step) */
 static void forward_task(void *ctx, int task, int thread)
 {
     part_args *a = ctx;
     int begin, end, K = a->cols, step = panel_rows(K);
-    unit_range(task, a->n_tasks, a->p->rows, TK_QROWS, &begin, &end);
+    unit_range(task, a->n_tasks, a->p->rows, a->unit, &begin, &end);
     float *panel = a->panels->buf[thread];
+    if (tiled(a->p->type)) {
+        if (begin < end) forward_tiles(a, panel, begin, end);
+        return;
+    }
     for (int r0 = begin; r0 < end; r0 += step) {
         int r1 = r0 + step < end ? r0 + step : end, n = r1 - r0;
         float *y = a->y + r0;
-        if (tiled(a->p->type)) {
-            int ld = round16(n);
-            decode_tiles(panel, ld, a->p, K, r0, r1, 0, K);
-            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, ld,
+        decode_rows(panel, K, a->p, K, r0, r1, 0, K);
+        if (a->dot)
+            dot_rows(a, y, panel, n);
+        else
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, K,
                            a->beta, y, a->ldy);
-        } else {
-            decode_rows(panel, K, a->p, K, r0, r1, 0, K);
-            if (a->dot)
-                dot_rows(a, y, panel, n);
-            else
-                tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, K,
-                               a->beta, y, a->ldy);
+    }
+}
+
+/* The backward's blocks: B = W[n0:n1, c0:c1] row-major in column blocks of TK_TGEMM_NR (bp[block][n][NR]),
+ * each tile decoded K-major into a small buffer and written transposed */
+static void decode_tiles_transposed(float *bp, const tk_weight_part *p, int cols, int n0, int n1, int c0, int c1)
+{
+    size_t tile_bytes = tk_qmatrix_tile_bytes(p->type), n_blocks = (size_t)cols / TK_QBLOCK;
+    size_t kc = (size_t)(n1 - n0);
+    float tile[TK_QBLOCK * TK_QROWS] __attribute__((aligned(64)));
+    for (int g = n0 / TK_QROWS; g * TK_QROWS < n1; g++) {
+        int r_lo = n0 - g * TK_QROWS > 0 ? n0 - g * TK_QROWS : 0;
+        int r_hi = n1 - g * TK_QROWS < TK_QROWS ? n1 - g * TK_QROWS : TK_QROWS;
+        for (int c = c0; c < c1; c += TK_QBLOCK) {
+            decode_tile_kmajor(tile, TK_QROWS, (const uint8_t *)p->data + ((size_t)g * n_blocks + c / TK_QBLOCK) *
+                                                                           tile_bytes, p->type);
+            for (int half = 0; half < TK_QBLOCK; half += TK_TGEMM_NR) { /* AVX2: a tile is two column blocks */
+                int col = c + half - c0;
+                float *dst = bp + (size_t)(col / TK_TGEMM_NR) * kc * TK_TGEMM_NR + col % TK_TGEMM_NR;
+                for (int r = r_lo; r < r_hi; r++) {
+                    float *row = dst + (size_t)(g * TK_QROWS + r - n0) * TK_TGEMM_NR;
+                    for (int k = 0; k < TK_TGEMM_NR && k < TK_QBLOCK; k++) row[k] = tile[(half + k) * TK_QROWS + r];
+                }
+            }
+        }
+    }
+}
+
+/* y[:, c0:c1] = alpha x W[:, c0:c1] + beta y for a tiled part, the sum over W's rows in chunks */
+static void backward_tiles(const part_args *a, float *buf, int c0, int c1)
+{
+    int N = a->p->rows, nc_max = tgemm_k_chunk(N);
+    for (int j0 = c0; j0 < c1; j0 += TGEMM_COLS) {
+        int j1 = j0 + TGEMM_COLS < c1 ? j0 + TGEMM_COLS : c1;
+        for (int n0 = 0; n0 < N; n0 += nc_max) {
+            int n1 = n0 + nc_max < N ? n0 + nc_max : N;
+            decode_tiles_transposed(buf, a->p, a->cols, n0, n1, j0, j1);
+            tk_tgemm(a->T, j1 - j0, n1 - n0, a->x + n0, a->ldx, buf, a->y + j0, a->ldy, a->alpha,
+                     n0 == 0 ? a->beta : 1.0f);
         }
     }
 }
@@ -258,21 +331,18 @@ static void backward_task(void *ctx, int task, int thread)
     int k0, k1, K = a->cols, N = a->p->rows;
     unit_range(task, a->n_tasks, K, a->unit, &k0, &k1);
     if (k1 <= k0) return;
-    int width = k1 - k0, step = panel_rows(width);
     float *panel = a->panels->buf[thread];
+    if (tiled(a->p->type)) {
+        backward_tiles(a, panel, k0, k1);
+        return;
+    }
+    int width = k1 - k0, step = panel_rows(width);
     for (int r0 = 0; r0 < N; r0 += step) {
         int r1 = r0 + step < N ? r0 + step : N, n = r1 - r0;
         float beta = r0 == 0 ? a->beta : 1.0f;
-        if (tiled(a->p->type)) {
-            int ld = round16(n);
-            decode_tiles(panel, ld, a->p, K, r0, r1, k0, k1); /* [width, ld]: W^T, so sgemm reads it transposed */
-            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
-                           panel, ld, beta, a->y + k0, a->ldy);
-        } else {
-            decode_rows(panel, width, a->p, K, r0, r1, k0, k1);
-            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
-                           panel, width, beta, a->y + k0, a->ldy);
-        }
+        decode_rows(panel, width, a->p, K, r0, r1, k0, k1);
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
+                       panel, width, beta, a->y + k0, a->ldy);
     }
 }
 
@@ -291,7 +361,8 @@ void tk_cpu_matmul_part(tk_pool *pool, tk_cpu_panels *panels, float *y, int ldy,
         tk_cpu_matmul_nt_q(pool, y, ldy, x, ldx, &q, T, alpha, beta);
         return;
     }
-    part_args a = {y, x, p, panels, ldy, ldx, cols, T, 1, TK_QROWS, decoding && T <= SMALL_T, alpha, beta};
+    int unit = tiled(p->type) ? TK_TGEMM_NR : TK_QROWS;
+    part_args a = {y, x, p, panels, ldy, ldx, cols, T, 1, unit, decoding && T <= SMALL_T, alpha, beta};
     /* memory-bound at few rows: every thread streams its share of the weight */
     a.n_tasks = T <= SMALL_T ? tk_pool_threads(pool) : tasks_for(pool, (long)T * p->rows * cols, p->rows / 32);
     if (a.n_tasks < 1) a.n_tasks = 1;
