@@ -9,8 +9,7 @@ import ctypes as _ctypes
 import logging as _logging
 import os as _os
 
-__title__ = "tinker"
-__version__ = "0.1.0"
+from ._version import __title__, __version__
 
 
 def _preload_openblas() -> None:
