@@ -365,11 +365,12 @@ def test_error_paths(service, examples):
         service.create_sampling_client()
     with pytest.raises(ValueError, match="tinker://"):
         service.create_sampling_client(model_path="/tmp/weights")
+    # 0.38: what needs the model or the files is reported by the client future
     with pytest.raises(tinker.BadRequestError) as info:
-        service.create_lora_training_client(base_model="no-such/model")
+        service.create_lora_training_client(base_model="no-such/model").result()
     assert isinstance(info.value, ValueError) and "Cannot find base model" in str(info.value)
     with pytest.raises(tinker.BadRequestError, match="rank"):
-        service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=0)
+        service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=0).result()
     with pytest.raises(tinker.BadRequestError, match="at least one"):
         service.create_lora_training_client(base_model=DEFAULT_MODEL, train_mlp=False, train_attn=False,
                                             train_unembed=False)

@@ -101,7 +101,7 @@ def test_literals_stay_typing_literals():
     assert typing.get_origin(types.LossFnType) is typing.Literal
     assert typing.get_args(types.LossFnType) == ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
     assert typing.get_args(types.StopReason) == ("length", "stop")
-    assert typing.get_args(types.CheckpointType) == ("training", "sampler")
+    assert typing.get_args(types.CheckpointType) == ("training", "sampler", "external")  # "external" since 0.33
     assert typing.get_args(types.TensorDtype) == ("int64", "float32")
     assert types.ModelID is str
 
@@ -229,11 +229,8 @@ def test_sampling_params_bad_stop(stop):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"temperature": -0.1}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"max_tokens": -1}, "max_tokens"),
     ({"min_p": -0.1}, "min_p"),
@@ -255,6 +252,8 @@ def test_sampling_params_accepts_edges():
                        presence_penalty=-0.5, frequency_penalty=0.5, seed=123)
     assert p.temperature == 0 and p.top_k == 0 and p.max_tokens == 0 and p.seed == 123
     assert SamplingParams(top_k=50, top_p=0.9, temperature=0.7).top_k == 50
+    # 0.38 range-checks neither (the engine refuses what it cannot run when sampling)
+    assert SamplingParams(temperature=-0.1, top_p=0.0).top_p == 0.0 and SamplingParams(top_p=1.5).top_p == 1.5
 
 
 def test_sampling_params_pickle_and_dump():
@@ -281,20 +280,18 @@ def test_adam_params_defaults():
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"learning_rate": -1e-4}, "learning_rate"),
     ({"learning_rate": float("nan")}, "learning_rate"),
     ({"learning_rate": float("inf")}, "learning_rate"),
-    ({"beta1": 1.0}, "beta1"),
-    ({"beta1": -0.1}, "beta1"),
-    ({"beta2": 1.5}, "beta2"),
-    ({"eps": 0.0}, "eps"),
-    ({"eps": -1e-8}, "eps"),
-    ({"weight_decay": -0.01}, "weight_decay"),
-    ({"grad_clip_norm": -1.0}, "grad_clip_norm"),
+    ({"beta2": float("nan")}, "beta2"),
 ])  # fmt: skip
 def test_adam_params_validation(kwargs, field):
     with pytest.raises(ValidationError, match=field):
         AdamParams(**kwargs)
+
+
+def test_adam_params_ranges_are_the_optimizers_to_check():
+    # 0.38 has no range checks on AdamParams; optim_step refuses what it cannot run (test_sdk038_clients)
+    assert AdamParams(beta2=1.0, eps=0.0, learning_rate=-1e-4).beta2 == 1.0
 
 
 def test_lora_config():
@@ -303,8 +300,7 @@ def test_lora_config():
     assert LoraConfig(rank=8, seed=1, train_mlp=False).train_mlp is False
     with pytest.raises(ValidationError):
         LoraConfig()
-    with pytest.raises(ValidationError, match="rank"):
-        LoraConfig(rank=0)
+    assert LoraConfig(rank=0).rank == 0  # 0.38: unchecked here; creating the adapter refuses it
     assert _roundtrip(c) == c
 
 
@@ -514,8 +510,7 @@ def test_tensor_data_shapes():
 def test_tensor_data_errors():
     with pytest.raises(TypeError, match="dtype"):
         TensorData(data=[1, 2])
-    with pytest.raises(TypeError, match="data"):
-        TensorData(dtype="int64")
+    assert TensorData(dtype="int64").to_numpy().shape == (0,)  # 0.38: no data is an empty tensor
     for bad in ("int32", "float64", "bfloat16", "", "INT64"):
         with pytest.raises(ValueError, match="dtype"):
             TensorData(data=[1], dtype=bad)
@@ -525,8 +520,9 @@ def test_tensor_data_errors():
         TensorData(data=["a", "b"], dtype="float32")
     with pytest.raises(ValueError):
         TensorData(data=[1, None], dtype="float32")
-    with pytest.raises(ValueError, match="non-integer"):
-        TensorData(data=[1.5, 2.0], dtype="int64")
+    assert TensorData(data=[1.5, -2.7], dtype="int64").data == [1, -2]  # 0.38 truncates, as astype
+    with pytest.raises(ValueError, match="NaN"):
+        TensorData(data=[1.0, float("nan")], dtype="int64")
     with pytest.raises(ValueError):
         TensorData(data=[2**70], dtype="int64")
     assert TensorData(data=[1.0, 2.0], dtype="int64").data == [1, 2]
@@ -558,24 +554,22 @@ def test_from_numpy_details():
     assert scalar.shape == [] and scalar.data == [2.5] and scalar.to_numpy().shape == ()
     with pytest.raises(TypeError):
         TensorData.from_numpy([1, 2, 3])
-    # a copy: changing the source array later does not change the TensorData
+    # 0.38: the source array is shared (no copy), so changing it later changes the TensorData
     source = np.array([1.0, 2.0], dtype=np.float32)
     td = TensorData.from_numpy(source)
     source[0] = 99.0
-    assert td.data == [1.0, 2.0]
+    assert td.data == [99.0, 2.0]
     fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
     assert TensorData.from_numpy(fortran).tolist() == fortran.tolist()
     assert TensorData.from_numpy(np.arange(10, dtype=np.int64)[::2]).data == [0, 2, 4, 6, 8]
 
 
-def test_to_numpy_is_read_only_and_stable():
+def test_to_numpy_is_writable_and_stable():
     td = TensorData(data=[1.0, 2.0], dtype="float32")
     arr = td.to_numpy()
-    with pytest.raises(ValueError):
-        arr[0] = 5.0
     assert td.to_numpy() is arr  # no copy per call
-    writable = arr.copy()
-    writable[0] = 5.0
+    copied = arr.copy()
+    copied[0] = 5.0
     assert td.data == [1.0, 2.0]
     np.testing.assert_array_equal(np.asarray(td), [1.0, 2.0])
     assert np.asarray(td, dtype=np.float64).dtype == np.float64
@@ -657,7 +651,7 @@ def test_tensor_data_identity_equality_frozen_pickle():
     for td in (a, TensorData(data=[[1.0, 2.0]], dtype="float32"), TensorData(data=[0.5], dtype="float32", shape=[1])):
         back = _roundtrip(td)
         assert back.data == td.data and back.dtype == td.dtype and back.shape == td.shape
-        assert not back.to_numpy().flags.writeable
+        assert back.to_numpy().flags.writeable  # 0.38: to_numpy() is writable
     assert "TensorData(" in repr(a) and "int64" in repr(a)
     assert "1000 values" in repr(TensorData(data=list(range(1000)), dtype="int64"))
 
@@ -688,8 +682,9 @@ def test_datum_nested_lists():
     assert d.loss_fn_inputs["weights"].to_numpy().shape == (2, 2)
     with pytest.raises(ValueError, match="weights"):
         Datum(model_input=_mi(2), loss_fn_inputs={"weights": [[1.0, 2.0], [3.0]]})
-    with pytest.raises(ValueError, match="target_tokens"):
-        Datum(model_input=_mi(2), loss_fn_inputs={"target_tokens": [1.5, 2.0]})
+    # 0.38 converts float lists to the key's int64 by truncation, as numpy's astype
+    assert Datum(model_input=_mi(2), loss_fn_inputs={"target_tokens": [1.5, 2.0]}).loss_fn_inputs[
+        "target_tokens"].data == [1, 2]
 
 
 def test_datum_unknown_key_with_list():
@@ -851,8 +846,9 @@ def test_training_responses():
     assert OptimStepResponse().metrics is None
     assert OptimStepResponse(metrics={"grad_norm:mean": 1.5}).metrics == {"grad_norm:mean": 1.5}
     s = SaveWeightsResponse(path="tinker://r/weights/a")
-    assert s.type == "save_weights"
-    assert SaveWeightsForSamplerResponse(path="tinker://r/sampler_weights/a").type == "save_weights_for_sampler"
+    assert s.type is None  # 0.38: the response types no longer preset `type`
+    assert SaveWeightsResponse(path="p", type="save_weights").type == "save_weights"
+    assert SaveWeightsForSamplerResponse(path="tinker://r/sampler_weights/a").type is None
     lw = LoadWeightsResponse()
     assert lw.path is None and lw.model_id is None and lw.type == "load_weights"
     with pytest.raises(ValidationError):
@@ -865,7 +861,7 @@ def test_training_responses():
 def test_info_responses():
     info = GetInfoResponse(model_data=ModelData(model_name="m", tokenizer_id="t"), model_id="s:train:0",
                            is_lora=True, lora_rank=8)
-    assert info.type == "get_info" and info.model_data.arch is None and info.model_data.tokenizer_id == "t"
+    assert info.type is None and info.model_data.arch is None and info.model_data.tokenizer_id == "t"
     assert info.model_name is None and info.lora_rank == 8
     assert ModelData().model_name is None
     assert GetInfoResponse.model_validate(info.model_dump()) == info

@@ -242,8 +242,8 @@ def test_killed_save_leaves_earlier_checkpoints_and_nothing_partial(service, sto
     second = f"tinker://{runs[0].name}/weights/second"
     with pytest.raises(tinker.NotFoundError):
         ckpt.load_checkpoint(second)
-    with pytest.raises(tinker.NotFoundError):
-        service.create_training_client_from_state(second)
+    with pytest.raises(tinker.NotFoundError):  # 0.38: reported by the client future
+        service.create_training_client_from_state(second).result()
     assert ckpt.load_checkpoint(first, with_optimizer=True).step == 2  # the earlier checkpoint is intact
 
 
@@ -271,8 +271,8 @@ def test_corrupt_checkpoint_raises_a_clear_error(service, damage):
         (directory / ckpt.OPTIMIZER).unlink()
     with pytest.raises(tinker.BadRequestError, match="corrupt|cannot read|incomplete"):
         tc.load_state_with_optimizer(path).result()
-    with pytest.raises(tinker.BadRequestError):
-        service.create_sampling_client(model_path=path) if damage != "missing-file" else \
+    with pytest.raises(tinker.BadRequestError):  # 0.38: reported by the client future
+        service.create_sampling_client(model_path=path).result() if damage != "missing-file" else \
             tc.load_state_with_optimizer(path).result()
     assert steps(tc, 1)[0][0] > 0  # the client keeps working
 
@@ -341,8 +341,8 @@ def test_overwrite_and_ttl(service):
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
         tc.save_state("t", ttl_seconds=-5).result()
     short = tc.save_weights_for_sampler("short", ttl_seconds=1).result().path
-    service.create_sampling_client(model_path=short)
+    service.create_sampling_client(model_path=short).result()
     time.sleep(1.2)
-    with pytest.raises(tinker.NotFoundError, match="expired"):
-        service.create_sampling_client(model_path=short)
+    with pytest.raises(tinker.NotFoundError, match="expired"):  # 0.38: reported by the client future
+        service.create_sampling_client(model_path=short).result()
     assert not _checkpoint_files(short).exists()

@@ -9,8 +9,7 @@ import ctypes as _ctypes
 import logging as _logging
 import os as _os
 
-__title__ = "tinker"
-__version__ = "0.1.0"
+from ._version import __title__, __version__
 
 
 def _preload_openblas() -> None:
@@ -33,15 +32,19 @@ if _os.environ.get("TINKER_LOG", "").lower() in ("debug", "info"):
     _logging.basicConfig()
     _logging.getLogger("tinker").setLevel(_os.environ["TINKER_LOG"].upper())
 
-from . import types  # noqa: E402
+from . import auth, types  # noqa: E402
 from ._exceptions import (  # noqa: E402
     APIConnectionError, APIError, APIResponseValidationError, APIStatusError, APITimeoutError, AuthenticationError,
-    BadRequestError, ConflictError, InternalServerError, NotFoundError, PermissionDeniedError, RateLimitError,
-    RequestFailedError, SidecarDiedError, SidecarError, SidecarIPCError, SidecarStartupError, TinkerError,
-    UnprocessableEntityError,
+    BadRequestError, BillingError, ConflictError, InternalServerError, NotFoundError,
+    PermissionDeniedError, RateLimitError, RequestFailedError, SidecarDiedError, SidecarError, SidecarIPCError,
+    SidecarStartupError, TinkerError, UnprocessableEntityError,
 )
 from ._options import RequestOptions, Timeout  # noqa: E402
-from .lib.public_interfaces import APIFuture, SamplingClient, ServiceClient, TrainingClient  # noqa: E402
+from .lib.experimental import ExperimentalWarning  # noqa: E402
+from .lib.public_interfaces import (  # noqa: E402
+    APIFuture, BackcompatSamplingClientFuture, BackcompatTrainingClientFuture, RestClient, SamplingClient,
+    ServiceClient, TrainingClient,
+)
 from .types import (  # noqa: E402
     AdamParams, Checkpoint, CheckpointType, Datum, DmelChunk, EncodedTextChunk, ForwardBackwardOutput, LoraConfig,
     ModelID, ModelInput, ModelInputChunk, OptimStepRequest, OptimStepResponse, ParsedCheckpointTinkerPath,
@@ -49,15 +52,16 @@ from .types import (  # noqa: E402
 )
 
 __all__ = [
-    "ServiceClient", "TrainingClient", "SamplingClient", "APIFuture", "Timeout", "RequestOptions",
+    "ServiceClient", "TrainingClient", "BackcompatTrainingClientFuture", "SamplingClient",
+    "BackcompatSamplingClientFuture", "RestClient", "APIFuture", "auth", "Timeout", "RequestOptions",
     "AdamParams", "Checkpoint", "CheckpointType", "Datum", "DmelChunk", "EncodedTextChunk", "ForwardBackwardOutput",
     "LoraConfig", "ModelID", "ModelInput", "ModelInputChunk", "OptimStepRequest", "OptimStepResponse",
     "ParsedCheckpointTinkerPath", "SampledSequence", "SampleRequest", "SampleResponse", "SamplingParams",
     "StopReason", "TensorData", "TensorDtype", "TrainingRun",
     "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError",
-    "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
-    "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
-    "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
+    "BillingError", "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
+    "InternalServerError", "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
+    "SidecarStartupError", "SidecarDiedError", "SidecarIPCError", "ExperimentalWarning",
     "types", "__version__", "__title__",
 ]  # fmt: skip
 

@@ -216,9 +216,10 @@ def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path
 
 
 def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
-                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool, *, arch: str) -> str:
+                    moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool, *, arch: str,
+                    user_metadata: dict[str, str] | None = None) -> str:
     """Writes one checkpoint atomically and returns its tinker:// path; `arch` (the base model's
-    architecture) names the PEFT modules."""
+    architecture) names the PEFT modules; `user_metadata` is kept in the manifest."""
     run_id = run["training_run_id"]
     final = save_destination(run_id, kind, name, overwrite)
     parent = final.parent
@@ -245,6 +246,7 @@ def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarra
             "train_mlp": run["train_mlp"], "train_unembed": run["train_unembed"], "step": int(step),
             "created": created.isoformat(),
             "expires_at": None if ttl_seconds is None else (created.timestamp() + ttl_seconds),
+            "user_metadata": user_metadata,
             "files": files,
         }  # fmt: skip
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -255,6 +257,40 @@ def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarra
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tinker_path(run_id, kind, name)
+
+
+def copy_checkpoint(run_id: str, kind: str, name: str, new_run: dict, ttl_seconds: int | None) -> str:
+    """Copies a checkpoint into the run `new_run` describes (same kind and name; the files are hard
+    links where the file system allows, as the service shares the copy's storage) and returns the
+    copy's tinker:// path. The copy is written atomically, like a save."""
+    source = checkpoint_dir(run_id, kind, name)
+    copy_run = new_run["training_run_id"]
+    final = save_destination(copy_run, kind, name, overwrite=False)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    write_run(copy_run, {**new_run, "last_request_time": _now().isoformat()})
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        created = _now()
+        manifest.update(training_run_id=copy_run, created=created.isoformat(),
+                        expires_at=None if ttl_seconds is None else created.timestamp() + ttl_seconds)
+        (tmp / MANIFEST).unlink()  # a link to the source's: replace it, never write through it
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tinker_path(copy_run, kind, name)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _replace_dir(new: Path, final: Path) -> None:

@@ -13,8 +13,14 @@ Three kinds of waiter use this:
   that loop has waiters. Several loops (one per thread, a new one per `asyncio.run`, Jupyter's)
   can watch at once. Whoever drains the list hands each finished id to its waiters, on their own
   loops.
-- A `concurrent.futures.Future` (from `SamplingClient.sample`) is completed by a small daemon
-  thread. The thread runs only while such futures are pending and polls the same fd.
+- A `concurrent.futures.Future` (from `SamplingClient.sample`, or `APIFuture.future()`) is
+  completed by a small daemon thread. The thread runs only while such futures are pending and
+  polls the same fd.
+
+What the SDK returns where (0.38): training calls return an APIFuture; `sample`,
+`compute_logprobs` and the RestClient's methods return a `ConcurrentAPIFuture`, which is both an
+APIFuture and a `concurrent.futures.Future` (code written when they returned a plain Future keeps
+working); client factories return a client future (`ClientFuture`) that is also the client.
 
 Nothing here is bound to one event loop, so nothing breaks when loops come and go.
 """
@@ -164,8 +170,8 @@ completions = _Completions()
 
 
 class APIFuture(ABC, Generic[T]):
-    """The result of a queued training operation: `.result(timeout)`, `await fut.result_async()` or
-    `await fut`."""
+    """The result of a queued operation: `.result(timeout)`, `await fut`, `await fut.result_async()`,
+    `fut.future()` (a `concurrent.futures.Future`) or `fut.coroutine()` (for `asyncio.create_task`)."""
 
     @abstractmethod
     def result(self, timeout: float | None = None) -> T:
@@ -174,6 +180,27 @@ class APIFuture(ABC, Generic[T]):
     @abstractmethod
     async def result_async(self, timeout: float | None = None) -> T:
         """Waits without blocking the event loop; raises asyncio.TimeoutError after `timeout` seconds."""
+
+    def future(self) -> concurrent.futures.Future:
+        """A `concurrent.futures.Future` completed with this future's value or error (for
+        `concurrent.futures.wait`, `as_completed`, `add_done_callback`)."""
+        # Generic fallback: a helper thread waits on result(). The engine-backed futures override
+        # this with their completion hooks, so it is only used by futures built elsewhere.
+        out: concurrent.futures.Future = concurrent.futures.Future()
+        out.set_running_or_notify_cancel()
+
+        def wait():
+            try:
+                out.set_result(self.result())
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                out.set_exception(e)
+
+        threading.Thread(target=wait, name="tinker-future", daemon=True).start()
+        return out
+
+    async def coroutine(self) -> T:
+        """This future as a coroutine, for APIs that take coroutines (`asyncio.create_task`)."""
+        return await self.result_async()
 
     def __await__(self):
         return self.result_async().__await__()
@@ -223,6 +250,12 @@ class EngineFuture(APIFuture[T]):
             await asyncio.wait_for(completions.wait(self._request), timeout)
         return self._finish()
 
+    def future(self) -> concurrent.futures.Future:
+        out: concurrent.futures.Future = concurrent.futures.Future()
+        out.set_running_or_notify_cancel()
+        completions.on_done(self._request, lambda: _settle(out, self._finish))
+        return out
+
 
 class DoneFuture(APIFuture[T]):
     """A future that already holds its value or error (e.g. input rejected before queueing)."""
@@ -242,10 +275,128 @@ class DoneFuture(APIFuture[T]):
     async def result_async(self, timeout: float | None = None) -> T:
         return self.result()
 
+    def future(self) -> concurrent.futures.Future:
+        out: concurrent.futures.Future = concurrent.futures.Future()
+        _settle(out, self.result)
+        return out
 
-def concurrent_future(request, convert: Callable[[], T]) -> concurrent.futures.Future:
-    """A stdlib Future (what Tinker's sampling methods return) completed when `request` finishes."""
-    out: concurrent.futures.Future = concurrent.futures.Future()
+
+def _settle(out: concurrent.futures.Future, get: Callable[[], Any]) -> None:
+    """Completes `out` with get()'s value, or with the exception it raises."""
+    try:
+        out.set_result(get())
+    except Exception as e:  # noqa: BLE001 - delivered through the future
+        out.set_exception(e)
+
+
+async def _await_concurrent(future: concurrent.futures.Future, timeout: float | None):
+    # shield: a cancelled or timed-out await must not cancel the shared future itself (others may
+    # still wait on it, and the work behind it goes on regardless)
+    return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+
+
+class ConcurrentAPIFuture(concurrent.futures.Future, APIFuture[T]):
+    """A `concurrent.futures.Future` that is also an APIFuture: what `SamplingClient.sample` and
+    `compute_logprobs` and the RestClient's methods return. Before 0.38 they returned a plain
+    Future, so `.result()`, `done()`, `add_done_callback` and `concurrent.futures.wait` keep
+    working; 0.38 code awaits it or calls `.result_async()` / `.future()`."""
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        return await _await_concurrent(self, timeout)
+
+    def future(self) -> concurrent.futures.Future:
+        return self
+
+    def __await__(self):
+        return APIFuture.__await__(self)
+
+
+class AwaitableConcurrentFuture(APIFuture[T]):
+    """An APIFuture over a `concurrent.futures.Future` (the SDK's public name for this adapter)."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._future.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        return await _await_concurrent(self._future, timeout)
+
+    def future(self) -> concurrent.futures.Future:
+        return self._future
+
+
+def completed_future(fn: Callable[..., T], *args) -> ConcurrentAPIFuture[T]:
+    """Runs `fn(*args)` now; the returned future holds its value or the exception it raised."""
+    out: ConcurrentAPIFuture = ConcurrentAPIFuture()
+    out.set_running_or_notify_cancel()
+    _settle(out, lambda: fn(*args))
+    return out
+
+
+class ClientFuture(APIFuture[T]):
+    """A future of a client that can also be used as the client: what the client factories return
+    since 0.38 (`create_lora_training_client(...)`, `save_weights_and_get_sampling_client()`, ...).
+
+    0.38 code calls `.result()` or awaits it; older code, and the getting-started guide, use it as
+    the client directly. A subclass pairs this class with the client class (see
+    BackcompatTrainingClientFuture), so the client's methods are its methods and isinstance checks
+    hold. It keeps no client state of its own: every instance attribute those methods read or
+    write is the finished client's (waiting for it if need be), so the two views never diverge.
+    """
+
+    def __init__(self, source: APIFuture[T]):
+        object.__setattr__(self, "_source", source)
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._source.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        return await self._source.result_async(timeout)
+
+    def future(self) -> concurrent.futures.Future:
+        return self._source.future()
+
+    def __getattr__(self, name: str):
+        # Only reached for names not found on the class: the client's instance attributes.
+        if name == "_source":  # not set up (e.g. a bare copy): nothing to delegate to
+            raise AttributeError(name)
+        return getattr(self._source.result(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._source.result(), name, value)
+
+    def __repr__(self) -> str:
+        if not self._source.done():
+            return f"<{type(self).__name__}: pending>"
+        try:
+            return repr(self._source.result())
+        except Exception as e:  # noqa: BLE001 - a failed creation shows its error
+            return f"<{type(self).__name__}: failed: {e!r}>"
+
+
+_creator: concurrent.futures.ThreadPoolExecutor | None = None
+_creator_lock = threading.Lock()
+
+
+def in_background(fn: Callable[..., T], *args) -> AwaitableConcurrentFuture[T]:
+    """Runs `fn(*args)` (creating a client: loading a model, reading a checkpoint) on a worker
+    thread and returns its future at once, so `await` does not block the event loop and errors
+    come out of the future, as the service's do."""
+    global _creator
+    with _creator_lock:
+        if _creator is None:
+            _creator = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tinker-create")
+    return AwaitableConcurrentFuture(_creator.submit(fn, *args))
+
+
+def concurrent_future(request, convert: Callable[[], T]) -> ConcurrentAPIFuture[T]:
+    """The future `sample` returns, completed when `request` finishes."""
+    out: ConcurrentAPIFuture = ConcurrentAPIFuture()
     out.set_running_or_notify_cancel()
 
     def complete():
@@ -258,8 +409,8 @@ def concurrent_future(request, convert: Callable[[], T]) -> concurrent.futures.F
     return out
 
 
-def failed_concurrent_future(error: BaseException) -> concurrent.futures.Future:
-    out: concurrent.futures.Future = concurrent.futures.Future()
+def failed_concurrent_future(error: BaseException) -> ConcurrentAPIFuture:
+    out: ConcurrentAPIFuture = ConcurrentAPIFuture()
     out.set_exception(error)
     return out
 
@@ -278,7 +429,10 @@ class BackgroundFuture(APIFuture[T]):
         return self._future.result(timeout)
 
     async def result_async(self, timeout: float | None = None) -> T:
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
+        return await _await_concurrent(self._future, timeout)
+
+    def future(self) -> concurrent.futures.Future:
+        return self._future
 
 
 _unfinished: set[concurrent.futures.Future] = set()  # background work to finish before the process exits
@@ -300,3 +454,11 @@ def _finish_background_work() -> None:
             future.result(timeout=300)
         except BaseException:  # noqa: BLE001 - reported through the future; nothing to do at exit
             pass
+
+
+def background_work_done() -> APIFuture[None]:
+    """A future that completes once the background work queued so far (checkpoint writes) is done."""
+    pending = list(_unfinished)
+    if not pending:
+        return DoneFuture(None)
+    return in_background(lambda: concurrent.futures.wait(pending) and None)

@@ -16,6 +16,14 @@ class Timeout:
         self.write = write if write is not None else timeout
         self.pool = pool if pool is not None else timeout
 
+    def as_dict(self) -> dict[str, float | None]:
+        return {"connect": self.connect, "read": self.read, "write": self.write, "pool": self.pool}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Timeout) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # mutable and compared by value, as httpx.Timeout
+
     def __repr__(self) -> str:
         return f"Timeout(connect={self.connect}, read={self.read}, write={self.write}, pool={self.pool})"
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from ._quiet import import_transformers
+
+transformers = import_transformers()  # without the notices it would print (see _quiet)
 
 __all__ = ["build_gguf_tokenizer", "load_hf_tokenizer", "token_bytes"]
 

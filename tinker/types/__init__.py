@@ -56,6 +56,39 @@ from .responses import (
     SupportedModel,
     TopkPromptLogprobs,
 )
+from .service import (
+    AccessibleSearchOwner,
+    ActiveSessionStatusQuery,
+    BillingEventInfo,
+    BillingUsageEvent,
+    BillingUsageResponse,
+    BillingUsageSession,
+    CancelledSessionStatusQuery,
+    CheckpointBillingEvent,
+    ClientFinishedSessionStatusQuery,
+    ClientSessionFinished,
+    CopyWeightsResponse,
+    CurrentCheckpointStorageUsageItem,
+    CurrentCheckpointStorageUsageResponse,
+    FailedSessionStatusQuery,
+    OwnSearchOwner,
+    SamplingClientKind,
+    SamplingPrefillBillingEvent,
+    SamplingSampleBillingEvent,
+    SearchOwner,
+    SessionActive,
+    SessionCancelled,
+    SessionFailed,
+    SessionSearchCursor,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionStatus,
+    SessionStatusQuery,
+    SessionSummary,
+    StorageBillingEvent,
+    TrainingBillingEvent,
+    UserSearchOwner,
+)
 from .tensor_data import TensorData, TensorDtype
 
 __all__ = [
@@ -72,4 +105,12 @@ __all__ = [
     "Checkpoint", "CheckpointType", "ParsedCheckpointTinkerPath", "TrainingRun", "Cursor", "TrainingRunsResponse",
     "CheckpointsListResponse", "CheckpointArchiveUrlResponse", "WeightsInfoResponse", "GetSessionResponse",
     "ListSessionsResponse", "GetSamplerResponse", "WhoamiResponse", "AuditLogEntry", "AuditLogResponse",
+    # service: sampler kinds, copies, session search, billing and storage usage
+    "SamplingClientKind", "CopyWeightsResponse", "SessionSearchRequest", "SessionSearchResponse", "SessionSummary",
+    "SessionSearchCursor", "SearchOwner", "OwnSearchOwner", "AccessibleSearchOwner", "UserSearchOwner",
+    "SessionStatusQuery", "ActiveSessionStatusQuery", "CancelledSessionStatusQuery", "FailedSessionStatusQuery",
+    "ClientFinishedSessionStatusQuery", "SessionStatus", "SessionActive", "SessionCancelled", "SessionFailed",
+    "ClientSessionFinished", "BillingUsageResponse", "BillingUsageEvent", "BillingUsageSession", "BillingEventInfo",
+    "TrainingBillingEvent", "SamplingPrefillBillingEvent", "SamplingSampleBillingEvent", "CheckpointBillingEvent",
+    "StorageBillingEvent", "CurrentCheckpointStorageUsageResponse", "CurrentCheckpointStorageUsageItem",
 ]  # fmt: skip

@@ -15,7 +15,7 @@ __all__ = [
     "ListSessionsResponse", "GetSamplerResponse", "WhoamiResponse", "AuditLogEntry", "AuditLogResponse",
 ]  # fmt: skip
 
-CheckpointType = Literal["training", "sampler"]
+CheckpointType = Literal["training", "sampler", "external"]
 
 TINKER_PREFIX = "tinker://"
 CHECKPOINT_TYPE_OF_KIND = {"weights": "training", "sampler_weights": "sampler"}  # path kind -> CheckpointType
@@ -29,6 +29,8 @@ class Checkpoint(BaseModel):
     tinker_path: str
     size_bytes: Optional[int] = None
     public: bool = False
+    user_metadata: Optional[Dict[str, str]] = None
+    """What save_state / save_weights_for_sampler were given as user_metadata."""
     expires_at: Optional[datetime] = None
 
 
@@ -108,6 +110,8 @@ class WeightsInfoResponse(BaseModel):
 class GetSessionResponse(BaseModel):
     training_run_ids: List[str]
     sampler_ids: List[str]
+    user_metadata: Optional[Dict[str, str]] = None
+    display_name: Optional[str] = None
 
 
 class ListSessionsResponse(BaseModel):
@@ -120,14 +124,20 @@ class GetSamplerResponse(BaseModel):
     model_path: Optional[str] = None
 
 
+LOCAL_ORG_URN = "urn:tinker:local:org"
+
+
 class WhoamiResponse(BaseModel):
     user_urn: str
+    org_urn: str = LOCAL_ORG_URN
+    """Required by the service's type; defaults here to the one organization a machine has."""
     email: Optional[str] = None
 
 
 class AuditLogEntry(BaseModel):
     timestamp: datetime
     event: str
+    event_details: Dict[str, object] = {}
     model_id: Optional[str] = None
     tinker_path: Optional[str] = None
     purpose: Optional[str] = None

@@ -1,7 +1,7 @@
 """Datum (one training example), loss-function names, and the forward/backward input and output."""
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 import numpy as np
 
@@ -75,13 +75,13 @@ class Datum:
         object.__setattr__(self, "loss_fn_inputs", converted)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForwardBackwardInput:
     """The data and loss of a forward or forward_backward request."""
 
     data: List[Datum]
     loss_fn: LossFnType
-    loss_fn_config: Optional[Dict[str, float]] = None
+    loss_fn_config: Optional[Mapping[str, Union[float, str]]] = None
 
 
 @dataclass(frozen=True)

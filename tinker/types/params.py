@@ -17,7 +17,10 @@ StopReason = Literal["length", "stop"]
 
 class AdamParams(StrictBase):
     """AdamW hyperparameters (decoupled weight decay, as torch.optim.AdamW; default decay 0).
-    `grad_clip_norm` > 0 clips the global gradient norm; 0 disables clipping."""
+    `grad_clip_norm` > 0 clips the global gradient norm; 0 disables clipping.
+
+    As in the SDK, any finite values construct; values the optimizer cannot run (a beta outside
+    [0, 1), a negative rate) are refused by optim_step with a BadRequestError."""
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -28,29 +31,19 @@ class AdamParams(StrictBase):
 
     @field_validator("*")
     @classmethod
-    def _ranges(cls, value: float, info) -> float:
-        name = info.field_name
-        _finite(name, value)
-        if name in ("beta1", "beta2"):
-            return _check(name, value, 0.0 <= value < 1.0, "in [0, 1)")
-        if name == "eps":
-            return _check(name, value, value > 0.0, "> 0")
-        return _check(name, value, value >= 0.0, ">= 0")
+    def _finite_values(cls, value: float, info) -> float:
+        return _finite(info.field_name, value)
 
 
 class LoraConfig(StrictBase):
-    """LoRA adapter settings: rank, init seed, and which parts of the model get adapters."""
+    """LoRA adapter settings: rank, init seed, and which parts of the model get adapters. As in the
+    SDK the rank is not range-checked here; creating an adapter refuses one it cannot make."""
 
     rank: int
     seed: Optional[int] = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
-
-    @field_validator("rank")
-    @classmethod
-    def _rank(cls, value: int) -> int:
-        return _check("rank", value, value >= 1, "a positive integer (only LoRA training is supported)")
 
 
 def _stop(value: Any) -> Any:
@@ -77,7 +70,9 @@ class SamplingParams(BaseModel):
 
     `temperature` 0 is greedy; `top_k` -1 (or 0) and `top_p` 1 disable those filters; `stop` is a
     stop string, a list of stop strings, or a list of stop token ids (the matched stop is included
-    in the returned tokens).
+    in the returned tokens). As in the SDK, `temperature` and `top_p` are not range-checked here:
+    `top_p` <= 0 keeps the most likely token only, > 1 keeps all, and a negative temperature is
+    refused when sampling.
 
     `min_p`, `repetition_penalty`, `presence_penalty` and `frequency_penalty` are extensions of
     this local engine; Tinker's service does not have them and ignores them. Their defaults
@@ -107,9 +102,7 @@ class SamplingParams(BaseModel):
             _check("max_tokens", self.max_tokens, self.max_tokens >= 0, ">= 0 (or None)")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             _finite(name, getattr(self, name))
-        _check("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 samples greedily)")
         _check("top_k", self.top_k, self.top_k >= -1, "-1 or 0 (no limit) or a positive integer")
-        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables it)")
         _check("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1] (0 disables it)")
         _check("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)")
         return self

@@ -34,16 +34,29 @@ class OptimStepResponse(BaseModel):
     metrics: Optional[Dict[str, float]] = None
 
 
-class SaveWeightsResponse(BaseModel):
+class _SavedPath:
+    """Where a saved checkpoint can be looked at. There is no web console or playground here: both
+    give the file:// URL of the checkpoint's directory in the local store."""
+
+    def get_console_url(self) -> str:
+        from .. import _checkpoints
+
+        return _checkpoints.checkpoint_dir(*_checkpoints.parse_path(self.path)).as_uri()
+
+    def get_playground_url(self) -> str:
+        return self.get_console_url()
+
+
+class SaveWeightsResponse(_SavedPath, BaseModel):
     path: str
     """`tinker://<model_id>/weights/<name>`"""
-    type: Optional[Literal["save_weights"]] = "save_weights"
+    type: Optional[Literal["save_weights"]] = None
 
 
-class SaveWeightsForSamplerResponse(BaseModel):
+class SaveWeightsForSamplerResponse(_SavedPath, BaseModel):
     path: str
     """`tinker://<model_id>/sampler_weights/<name>`"""
-    type: Optional[Literal["save_weights_for_sampler"]] = "save_weights_for_sampler"
+    type: Optional[Literal["save_weights_for_sampler"]] = None
 
 
 class LoadWeightsResponse(BaseModel):
@@ -59,9 +72,11 @@ class ModelData(BaseModel):
 
 
 class GetInfoResponse(BaseModel):
-    type: Optional[Literal["get_info"]] = "get_info"
+    type: Optional[Literal["get_info"]] = None
     model_data: ModelData
     model_id: ModelID
+    optimizer_config: Optional[Any] = None
+    """The optimizer the run was created with (the service always fills it in)."""
     is_lora: Optional[bool] = None
     lora_rank: Optional[int] = None
     model_name: Optional[str] = None
@@ -70,6 +85,8 @@ class GetInfoResponse(BaseModel):
 class SupportedModel(BaseModel):
     model_name: Optional[str] = None
     max_context_length: Optional[int] = None
+    trainable: Optional[bool] = None
+    sampleable: Optional[bool] = None
 
 
 class GetServerCapabilitiesResponse(BaseModel):

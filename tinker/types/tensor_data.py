@@ -3,11 +3,14 @@
 As in Tinker 0.20+, it is a frozen dataclass whose equality is identity (`eq=False`); `data` is a
 property giving the values as a flat list. torch is optional and imported only when a torch method
 is used.
+
+As in Tinker 0.38, `TensorData.from_numpy(a)` keeps `a` itself when it already has the right dtype
+and is writable (no copy), and `to_numpy()` returns that array: edits through either are seen by
+both. A CSR-sparse tensor is densified with `pad_value` in the unlisted entries.
 """
 
 import operator
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional
 
@@ -59,8 +62,18 @@ def _index_list(name: str, values: Any) -> List[int]:
         raise ValueError(f"TensorData {name} must be a list of ints, got {values!r}") from None
 
 
+def _check_pad_value(pad_value: Any) -> int:
+    """pad_value: an integer (numpy integers too, not bool), as the SDK takes it."""
+    if isinstance(pad_value, (bool, np.bool_)) or not isinstance(pad_value, (int, np.integer)):
+        raise TypeError(f"pad_value must be an integer, got {type(pad_value).__name__}: {pad_value!r}")
+    return int(pad_value)
+
+
 def _to_array(data: Any, dtype: np.dtype) -> np.ndarray:
-    """Converts list / nested list / numpy / torch data to a fresh array of `dtype`."""
+    """Converts list / nested list / numpy / torch data to an array of `dtype`. A writable numpy
+    array that already has `dtype` is kept as it is (shared, as the SDK shares it)."""
+    if isinstance(data, np.ndarray) and data.dtype == dtype and data.flags.writeable:
+        return data
     if _is_torch_tensor(data):
         data = _torch_to_numpy(data)
     try:
@@ -73,10 +86,9 @@ def _to_array(data: Any, dtype: np.dtype) -> np.ndarray:
             raise ValueError("TensorData data must hold numbers only, in nested lists of equal lengths "
                              "(got ragged lists, None, or integers too large for int64)")
         raise ValueError(f"TensorData data must hold numbers, got an array of dtype {arr.dtype}")
-    if dtype.kind == "i" and arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError("TensorData with dtype 'int64' got non-integer values; pass dtype='float32' "
-                             "or integer data")
+    if dtype.kind == "i" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        # finite floats are truncated toward zero, as the SDK's astype does; NaN and inf have no value
+        raise ValueError("TensorData with dtype 'int64' got NaN or infinite values")
     if dtype.kind == "i" and arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError("TensorData int64 values out of range")
     return np.array(arr, dtype=dtype, copy=True)
@@ -101,9 +113,9 @@ class TensorData:
     """A tensor on the wire: `dtype` ('int64' or 'float32'), values, and an optional `shape`.
 
     `shape` None means 1-D. `data` is the flat list of stored values (for a CSR-sparse tensor,
-    the non-zero values, with `sparse_crow_indices` / `sparse_col_indices` and a 2-D `shape`).
-    `to_numpy()` returns the dense array shaped by `shape`; it is read-only (the TensorData is
-    immutable), so `.copy()` it to modify.
+    the listed values, with `sparse_crow_indices` / `sparse_col_indices` and a 2-D `shape`).
+    `to_numpy()` returns the dense array shaped by `shape` (the one from_numpy was given, when it
+    could be kept). `data=None` is an empty tensor.
     """
 
     dtype: TensorDtype
@@ -115,10 +127,8 @@ class TensorData:
                  sparse_crow_indices: Optional[List[int]] = None, sparse_col_indices: Optional[List[int]] = None):
         if dtype is None:
             raise TypeError("TensorData needs a dtype: 'int64' or 'float32'")
-        if data is None:
-            raise TypeError("TensorData needs data (a list, nested list or array of numbers)")
         name = _dtype_name(dtype)
-        arr = _to_array(data, _NUMPY_DTYPES[name])
+        arr = np.empty(0, dtype=_NUMPY_DTYPES[name]) if data is None else _to_array(data, _NUMPY_DTYPES[name])
         if shape is not None:
             shape = _index_list("shape", shape)
             if any(d < 0 for d in shape):
@@ -127,7 +137,7 @@ class TensorData:
         if sparse:
             values = arr.reshape(-1)
             crow, col = self._check_csr(values.size, shape, sparse_crow_indices, sparse_col_indices)
-            dense = np.zeros(shape, dtype=arr.dtype)
+            dense = np.zeros(shape, dtype=arr.dtype)  # to_numpy(pad_value=0), kept
             rows = np.repeat(np.arange(shape[0]), np.diff(crow))
             dense[rows, col] = values
         else:
@@ -142,8 +152,6 @@ class TensorData:
                     raise ValueError(f"TensorData shape {shape} holds {size} values, but data has {arr.size}")
                 dense = arr.reshape(shape)
             values = dense.reshape(-1)
-        dense.flags.writeable = False
-        values.flags.writeable = False
         object.__setattr__(self, "dtype", name)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "sparse_crow_indices", crow)
@@ -176,18 +184,28 @@ class TensorData:
         """The stored values as a flat python list (non-zero values only, if sparse)."""
         return self._values.tolist()
 
-    def to_numpy(self) -> np.ndarray:
-        """The dense values as a read-only numpy array, shaped by `shape` (1-D when shape is None)."""
-        return self._array
+    def to_numpy(self, pad_value: int = 0) -> np.ndarray:
+        """The dense values as a numpy array shaped by `shape` (1-D when shape is None); a sparse
+        tensor's unlisted entries are `pad_value`. The array is the tensor's own (writable; shared
+        with from_numpy's input), except for a sparse tensor padded with a non-zero value."""
+        pad_value = _check_pad_value(pad_value)
+        if self.sparse_crow_indices is None or pad_value == 0:
+            return self._array
+        dense = np.full(self.shape, pad_value, dtype=self._array.dtype)
+        dense[self._csr_rows(), self.sparse_col_indices] = self._values
+        return dense
 
-    def tolist(self) -> List:
+    def tolist(self, pad_value: int = 0) -> List:
         """The dense values as a (nested) python list."""
-        return self._array.tolist()
+        return self.to_numpy(pad_value).tolist()
 
-    def to_torch(self):
+    def to_torch(self, pad_value: int = 0):
         """The dense values as a new torch tensor (torch.int64 or torch.float32)."""
         torch = _import_torch()
-        return torch.from_numpy(np.array(self._array))
+        return torch.from_numpy(np.array(self.to_numpy(pad_value)))
+
+    def _csr_rows(self) -> np.ndarray:
+        return np.repeat(np.arange(self.shape[0]), np.diff(self.sparse_crow_indices))
 
     def __array__(self, dtype=None, copy=None):
         if dtype is None and copy is not True:
@@ -226,18 +244,20 @@ class TensorData:
         return cls(data=arr, dtype="int64" if arr.dtype.kind == "i" else "float32", shape=list(tensor.shape))
 
     @classmethod
-    def from_torch_sparse(cls, tensor) -> "TensorData":
-        """A 2-D torch tensor (dense, COO or CSR) stored in CSR form."""
+    def from_torch_sparse(cls, tensor, pad_value: int = 0) -> "TensorData":
+        """A 2-D torch tensor (dense, COO or CSR) stored in CSR form, leaving out the entries equal
+        to `pad_value`. Other ranks are stored dense (CSR is 2-D)."""
         if not _is_torch_tensor(tensor):
             raise TypeError(f"TensorData.from_torch_sparse expects a torch.Tensor, got {type(tensor).__name__}")
+        pad_value = _check_pad_value(pad_value)
         if tensor.dim() != 2:
-            raise ValueError(f"TensorData.from_torch_sparse needs a 2-D tensor, got {tensor.dim()}-D")
-        with warnings.catch_warnings():  # torch: "Sparse CSR tensor support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            csr = tensor.detach().cpu().to_sparse_csr()
-        values = _torch_to_numpy(csr.values())
-        return cls(data=values, dtype="int64" if values.dtype.kind == "i" else "float32", shape=list(tensor.shape),
-                   sparse_crow_indices=csr.crow_indices().tolist(), sparse_col_indices=csr.col_indices().tolist())
+            return cls.from_torch(tensor.to_dense() if tensor.layout != _import_torch().strided else tensor)
+        dense = _torch_to_numpy(tensor)
+        listed = dense != pad_value
+        crow = np.concatenate([[0], np.cumsum(listed.sum(axis=1))])
+        col = np.nonzero(listed)[1]
+        return cls(data=dense[listed], dtype="int64" if dense.dtype.kind == "i" else "float32",
+                   shape=list(tensor.shape), sparse_crow_indices=crow.tolist(), sparse_col_indices=col.tolist())
 
     # -- python protocol -------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""APIFuture, where Tinker's SDK defines it (the machinery is in tinker._futures)."""
+"""APIFuture and AwaitableConcurrentFuture, where Tinker's SDK defines them (the machinery is in
+tinker._futures)."""
 
-from ..._futures import APIFuture
+from ..._futures import APIFuture, AwaitableConcurrentFuture
 
-__all__ = ["APIFuture"]
+__all__ = ["APIFuture", "AwaitableConcurrentFuture"]

@@ -1,10 +1,13 @@
 """RestClient: Tinker's REST API (training runs, checkpoints, archives, sessions) over the local store.
 
-Tinker's calling conventions are kept: a sync method returns a `concurrent.futures.Future`
-(`.result()`), its `*_async` twin is a coroutine that returns the value (one await), and
-`get_weights_info_by_tinker_path`, `get_sampler` and `whoami` return an APIFuture. The work is
-local file I/O, so a sync method does it at call time and returns a completed Future (errors,
-malformed paths included, are raised by `.result()`); an async twin runs it in a worker thread.
+Tinker's calling conventions are kept: a sync method returns an APIFuture (`.result()` or `await`;
+it is also a `concurrent.futures.Future`, as these methods returned before 0.36), and its `*_async`
+twin is a coroutine that returns the value (one await). The work is local file I/O, so a sync
+method does it at call time and returns a completed future (errors, malformed paths included, are
+raised by `.result()` / `await`); an async twin runs it in a worker thread.
+
+`RestClient()` works on its own (0.36+): the store is this machine's, so it needs no ServiceClient,
+and `base_url` / `api_key` are accepted and have no effect.
 
 TTLs are honoured lazily: a checkpoint whose `expires_at` has passed is deleted the moment any
 call meets it, and is never listed or returned. Run ids and checkpoint names only reach the file
@@ -19,7 +22,6 @@ root, as Tinker's archives hold) under `<store>/archives/`, and returns its `fil
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import getpass
 import hashlib
 import io
@@ -29,19 +31,23 @@ import os
 import shutil
 import tarfile
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from ... import _checkpoints as ckpt
 from ..._exceptions import BadRequestError, NotFoundError
-from ..._futures import APIFuture, DoneFuture
+from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
 from ...types import (
-    Checkpoint, CheckpointArchiveUrlResponse, CheckpointsListResponse, Cursor, GetSamplerResponse,
-    GetSessionResponse, ListSessionsResponse, TrainingRun, TrainingRunsResponse, WeightsInfoResponse,
-    WhoamiResponse,
+    Checkpoint, CheckpointArchiveUrlResponse, CheckpointsListResponse, ClientSessionFinished,
+    CurrentCheckpointStorageUsageItem, CurrentCheckpointStorageUsageResponse, Cursor, GetSamplerResponse,
+    GetServerCapabilitiesResponse, GetSessionResponse, ListSessionsResponse, SessionActive, SessionSearchCursor,
+    SessionSearchRequest, SessionSearchResponse, SessionSummary, TrainingRun, TrainingRunsResponse,
+    WeightsInfoResponse, WhoamiResponse,
 )  # fmt: skip
+from .service_client import server_capabilities, session_status
 
 logger = logging.getLogger("tinker")
 
@@ -64,22 +70,9 @@ class UnsupportedOperationError(BadRequestError, NotImplementedError):
 # ---- calling conventions -------------------------------------------------------------------------
 
 
-def _completed(fn: Callable, *args) -> concurrent.futures.Future:
-    """Runs `fn` now and returns a completed Future holding its value or its exception."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as e:  # noqa: BLE001 - delivered through the future, as the service's errors are
-        future.set_exception(e)
-    return future
-
-
-def _done(fn: Callable, *args) -> APIFuture:
-    """As _completed, as an APIFuture (for the methods Tinker types that way)."""
-    try:
-        return DoneFuture(fn(*args))
-    except Exception as e:  # noqa: BLE001
-        return DoneFuture(error=e)
+# Runs `fn` now and returns a completed future holding its value or its exception (delivered
+# through the future, as the service's errors are).
+_completed = completed_future
 
 
 def _at(path: str, fn: Callable, *args):
@@ -167,8 +160,14 @@ def _checkpoint(run_id: str, kind: str, name: str) -> Checkpoint | None:
         time=_time(manifest.get("created"), directory / ckpt.MANIFEST),
         tinker_path=ckpt.tinker_path(run_id, kind, name),
         size_bytes=sum(int(f.get("size", 0)) for f in manifest["files"].values()),
+        user_metadata=_metadata(manifest.get("user_metadata")),
         expires_at=None if expires is None else datetime.fromtimestamp(float(expires), timezone.utc),
     )  # fmt: skip
+
+
+def _metadata(value) -> dict[str, str] | None:
+    """A stored user_metadata dict as str -> str (None when absent or not a dict)."""
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
 
 
 def _newest_first(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
@@ -194,14 +193,13 @@ def _training_run(run_id: str) -> TrainingRun:
     checkpoints = _run_checkpoints(run_id)
     training = [c for c in checkpoints if c.checkpoint_type == "training"]
     sampler = [c for c in checkpoints if c.checkpoint_type == "sampler"]
-    metadata = record.get("user_metadata")
     return TrainingRun(
         training_run_id=run_id, base_model=record.get("base_model", ""),
         model_owner=record.get("model_owner", "local"), is_lora=record.get("is_lora", True),
         lora_rank=record.get("lora_rank"),
         last_request_time=_time(record.get("last_request_time"), ckpt.run_dir(run_id) / "run.json"),
         last_checkpoint=training[0] if training else None, last_sampler_checkpoint=sampler[0] if sampler else None,
-        user_metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None,
+        user_metadata=_metadata(record.get("user_metadata")),
     )  # fmt: skip
 
 
@@ -316,6 +314,18 @@ def _session_of(run_id: str) -> str | None:
     return session if sep else None
 
 
+def _session_runs(session_id: str) -> list[dict]:
+    """The readable run records of a session, most recently used first."""
+    records = []
+    for run_id in _run_ids():
+        if _session_of(run_id) == session_id:
+            try:
+                records.append(ckpt.read_run(run_id))
+            except BadRequestError as e:  # unreadable run.json (NotFoundError included: deleted meanwhile)
+                logger.warning("%s", e)
+    return sorted(records, key=lambda r: str(r.get("last_request_time", "")), reverse=True)
+
+
 def _get_session(session_id: str, current: str | None) -> GetSessionResponse:
     if not isinstance(session_id, str) or not session_id:
         raise ValueError(f"invalid session id {session_id!r}")
@@ -323,7 +333,10 @@ def _get_session(session_id: str, current: str | None) -> GetSessionResponse:
     if not runs and session_id != current:
         raise NotFoundError(f"session {session_id!r} not found: no training run in the checkpoint store "
                             f"{ckpt.store_root()} belongs to it")
-    return GetSessionResponse(training_run_ids=runs, sampler_ids=[])
+    records = _session_runs(session_id)  # what the session's runs recorded about it
+    latest = records[0] if records else {}
+    return GetSessionResponse(training_run_ids=runs, sampler_ids=[], display_name=latest.get("session_display_name"),
+                              user_metadata=_metadata(latest.get("session_user_metadata")))
 
 
 def _list_sessions(limit: int, offset: int) -> ListSessionsResponse:
@@ -350,6 +363,116 @@ def _whoami() -> WhoamiResponse:
     return WhoamiResponse(user_urn=f"urn:tinker:local:user:{user}")
 
 
+def _copy_weights(path: str, project_id: str | None, ttl_seconds) -> str:
+    """Copies the checkpoint at `path` into a new run of a new session (as the service does); the
+    copy keeps its kind and name. Returns the copy's tinker:// path."""
+    run_id, kind, name = ckpt.parse_path(path)
+    _live_manifest(run_id, kind, name)  # NotFoundError for a missing or expired source
+    ttl = ckpt.check_ttl(ttl_seconds)
+    source = ckpt.read_run(run_id)
+    copy_run = f"{uuid.uuid4()}:train:0"
+    record = {**source, "training_run_id": copy_run, "project_id": project_id, "copied_from": path}
+    return ckpt.copy_checkpoint(run_id, kind, name, record, ttl)
+
+
+def _storage_usage(project_id: str | None) -> CurrentCheckpointStorageUsageResponse:
+    """Live checkpoints and their bytes, by the project of their run (nothing is billed here)."""
+    totals: dict[str | None, list[int]] = {}
+    for run_id in _run_ids():
+        try:
+            project = ckpt.read_run(run_id).get("project_id")
+        except BadRequestError:
+            continue
+        if project_id is not None and project != project_id:
+            continue
+        checkpoints = _run_checkpoints(run_id)
+        count_size = totals.setdefault(project, [0, 0])
+        count_size[0] += len(checkpoints)
+        count_size[1] += sum(c.size_bytes or 0 for c in checkpoints)
+    user = _whoami().user_urn
+    items = [CurrentCheckpointStorageUsageItem(project_id=project, org_user_urn=user, checkpoint_count=count,
+                                               size_bytes=size, size_gigabytes=size / 1e9)
+             for project, (count, size) in sorted(totals.items(), key=lambda kv: str(kv[0]))]
+    return CurrentCheckpointStorageUsageResponse(data=items)
+
+
+def _session_status(session_id: str):
+    """Active or client-finished for this process's sessions; None (unknown) for others."""
+    if session_id not in session_status:
+        return None
+    finish = session_status[session_id]
+    return SessionActive() if finish is None else ClientSessionFinished(reason={"type": finish})
+
+
+def _session_summaries() -> list[SessionSummary]:
+    """Every session with a run in the store, newest first."""
+    by_session: dict[str, list[str]] = {}
+    for run_id in _run_ids():
+        session = _session_of(run_id)
+        if session is not None:
+            by_session.setdefault(session, []).append(run_id)
+    owner = _whoami().user_urn
+    summaries = []
+    for session, run_ids in by_session.items():
+        records = _session_runs(session)
+        checkpoints = [c for r in run_ids for c in _run_checkpoints(r)]
+        times = [_time(r.get("last_request_time"), ckpt.run_dir(r["training_run_id"]) / "run.json") for r in records]
+        times += [c.time for c in checkpoints]
+        if not times:
+            continue
+        latest = records[0] if records else {}
+        summaries.append(SessionSummary(
+            session_id=session, created_at=min(times), owner=owner, project_id=latest.get("project_id") or "",
+            status=_session_status(session), checkpoints_count=len(checkpoints),
+            display_name=latest.get("session_display_name"),
+            user_metadata=_metadata(latest.get("session_user_metadata")),
+            checkpoint_storage_bytes=sum(c.size_bytes or 0 for c in checkpoints)))
+    return sorted(summaries, key=lambda s: (s.created_at, s.session_id), reverse=True)
+
+
+def _matches(summary: SessionSummary, request: SessionSearchRequest, owner: str) -> bool:
+    if request.session_id is not None or request.display_name is not None:
+        by_id = request.session_id is not None and summary.session_id == request.session_id
+        name = (summary.display_name or "").lower()
+        by_name = request.display_name is not None and all(w in name for w in request.display_name.lower().split())
+        if not (by_id or by_name):
+            return False
+    if request.project_ids is not None and summary.project_id not in request.project_ids:
+        return False
+    metadata = summary.user_metadata or {}
+    if any(metadata.get(k) != v for k, v in request.user_metadata.items()):
+        return False
+    if request.owner.type == "user" and owner not in request.owner.owner_urns:
+        return False
+    if request.statuses is not None:
+        status = summary.status
+        if status is None or not any(_status_matches(status, query) for query in request.statuses):
+            return False
+    return True
+
+
+def _status_matches(status, query) -> bool:
+    if status.type != query.type:
+        return False
+    return query.type != "client_finished" or query.reasons is None or status.reason["type"] in query.reasons
+
+
+def _search_sessions(request: SessionSearchRequest) -> SessionSearchResponse:
+    if not isinstance(request, SessionSearchRequest):
+        raise BadRequestError(f"search_sessions takes a tinker.types.SessionSearchRequest, got "
+                              f"{type(request).__name__}")
+    owner = _whoami().user_urn
+    found = [s for s in _session_summaries() if _matches(s, request, owner)]
+    if request.cursor is not None:  # newest first: the page starts after the cursor's session
+        after = (request.cursor.last_created_at, request.cursor.last_session_id)
+        found = [s for s in found if (s.created_at, s.session_id) < after]
+    page = found[:request.limit]
+    more = len(found) > request.limit
+    cursor = SessionSearchCursor(last_created_at=page[-1].created_at, last_session_id=page[-1].session_id) \
+        if more else None
+    return SessionSearchResponse(sessions=page, next_cursor=cursor)
+
+
 def _unsupported(operation: str, why: str) -> Callable[..., Any]:
     def fail(*_args):
         raise UnsupportedOperationError(f"{operation} does not apply to the local engine: {why}")
@@ -373,11 +496,19 @@ _billing = _unsupported("get_billing_usage", "running locally is not billed")
 
 
 class RestClient:
-    """Lists, inspects, archives and deletes the training runs and checkpoints in the local store
-    (`$TINKER_HOME`, see `tinker._checkpoints`). Made by `ServiceClient.create_rest_client()`."""
+    """Lists, inspects, archives, copies and deletes the training runs and checkpoints in the local
+    store (`$TINKER_HOME`, see `tinker._checkpoints`). `tinker.RestClient()` needs no arguments;
+    `ServiceClient.create_rest_client()` gives one that knows its session."""
 
-    def __init__(self, holder=None):
-        self.holder = holder
+    def __init__(self, _holder=None, *, base_url: str | None = None, api_key: str | None = None):
+        self.holder = _holder
+
+    def get_server_capabilities(self) -> ConcurrentAPIFuture[GetServerCapabilitiesResponse]:
+        """The base models that load here, with their context lengths."""
+        return _completed(server_capabilities)
+
+    async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
+        return await asyncio.to_thread(server_capabilities)
 
     def __repr__(self) -> str:
         return f"RestClient(store={str(ckpt.store_root())!r})"
@@ -389,7 +520,7 @@ class RestClient:
     # ---- training runs ---------------------------------------------------------------------
 
     def get_training_run(self, training_run_id: str, access_scope: AccessScope = "owned"
-                         ) -> concurrent.futures.Future[TrainingRun]:
+                         ) -> ConcurrentAPIFuture[TrainingRun]:
         """The run's base model, LoRA rank, user metadata and latest checkpoints."""
         return _completed(_training_run, training_run_id)
 
@@ -397,7 +528,7 @@ class RestClient:
         return await asyncio.to_thread(_training_run, training_run_id)
 
     def get_training_run_by_tinker_path(self, tinker_path: str, access_scope: AccessScope = "owned"
-                                        ) -> concurrent.futures.Future[TrainingRun]:
+                                        ) -> ConcurrentAPIFuture[TrainingRun]:
         """The training run a checkpoint path belongs to."""
         return _completed(lambda: _training_run(ckpt.parse_path(tinker_path)[0]))
 
@@ -405,12 +536,12 @@ class RestClient:
                                                     ) -> TrainingRun:
         return await asyncio.to_thread(lambda: _training_run(ckpt.parse_path(tinker_path)[0]))
 
-    def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[WeightsInfoResponse]:
         """The base model and LoRA configuration a checkpoint was saved with."""
-        return _done(_at, tinker_path, _weights_info)
+        return _completed(_at, tinker_path, _weights_info)
 
     def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned",
-                           project_id: str | None = None) -> concurrent.futures.Future[TrainingRunsResponse]:
+                           project_id: str | None = None) -> ConcurrentAPIFuture[TrainingRunsResponse]:
         """Runs, most recently used first; `cursor.total_count` counts them all."""
         return _completed(_list_training_runs, limit, offset)
 
@@ -420,7 +551,7 @@ class RestClient:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def list_checkpoints(self, training_run_id: str) -> concurrent.futures.Future[CheckpointsListResponse]:
+    def list_checkpoints(self, training_run_id: str) -> ConcurrentAPIFuture[CheckpointsListResponse]:
         """The run's live checkpoints of both kinds, newest first."""
         return _completed(_list_checkpoints, training_run_id)
 
@@ -428,7 +559,7 @@ class RestClient:
         return await asyncio.to_thread(_list_checkpoints, training_run_id)
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0
-                              ) -> concurrent.futures.Future[CheckpointsListResponse]:
+                              ) -> ConcurrentAPIFuture[CheckpointsListResponse]:
         """Checkpoints of every run, newest first, one page of them."""
         return _completed(_list_user_checkpoints, limit, offset)
 
@@ -436,7 +567,7 @@ class RestClient:
         return await asyncio.to_thread(_list_user_checkpoints, limit, offset)
 
     def get_checkpoint_archive_url(self, training_run_id: str, checkpoint_id: str
-                                   ) -> concurrent.futures.Future[CheckpointArchiveUrlResponse]:
+                                   ) -> ConcurrentAPIFuture[CheckpointArchiveUrlResponse]:
         """A file:// URL of a .tar of the checkpoint's PEFT adapter (checkpoint_id: "weights/<name>")."""
         return _completed(_by_id, training_run_id, checkpoint_id, _archive_url)
 
@@ -445,52 +576,79 @@ class RestClient:
         return await asyncio.to_thread(_by_id, training_run_id, checkpoint_id, _archive_url)
 
     def get_checkpoint_archive_url_from_tinker_path(self, tinker_path: str
-                                                    ) -> concurrent.futures.Future[CheckpointArchiveUrlResponse]:
+                                                    ) -> ConcurrentAPIFuture[CheckpointArchiveUrlResponse]:
         return _completed(_at, tinker_path, _archive_url)
 
     async def get_checkpoint_archive_url_from_tinker_path_async(self, tinker_path: str
                                                                 ) -> CheckpointArchiveUrlResponse:
         return await asyncio.to_thread(_at, tinker_path, _archive_url)
 
-    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> concurrent.futures.Future[None]:
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> ConcurrentAPIFuture[None]:
         """Deletes the checkpoint (and its archive); NotFoundError if there is none."""
         return _completed(_by_id, training_run_id, checkpoint_id, _delete)
 
     async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
         await asyncio.to_thread(_by_id, training_run_id, checkpoint_id, _delete)
 
-    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> concurrent.futures.Future[None]:
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[None]:
         return _completed(_at, tinker_path, _delete)
 
     async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         await asyncio.to_thread(_at, tinker_path, _delete)
 
     def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None
-                                            ) -> concurrent.futures.Future[None]:
+                                            ) -> ConcurrentAPIFuture[None]:
         """Makes the checkpoint expire `ttl_seconds` from now; None keeps it forever."""
         return _completed(_at, tinker_path, _set_ttl, ttl_seconds)
 
     async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
         await asyncio.to_thread(_at, tinker_path, _set_ttl, ttl_seconds)
 
-    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> concurrent.futures.Future[None]:
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[None]:
         """Not available locally: raises UnsupportedOperationError (a BadRequestError)."""
         return _completed(_publish)
 
     async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         _publish()
 
-    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> concurrent.futures.Future[None]:
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[None]:
         """Not available locally: raises UnsupportedOperationError (a BadRequestError)."""
         return _completed(_unpublish)
 
     async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         _unpublish()
 
+    def copy_weights(self, path: str, destination_project_id: str | None = None, *, ttl_seconds: int | None = None,
+                     weights_access_token: str | None = None) -> ConcurrentAPIFuture[str]:
+        """Copies a checkpoint into a new training run (of a new session) in `destination_project_id`
+        (default: TINKER_PROJECT_ID; projects are just labels here). The future gives the copy's
+        tinker:// path; the copy keeps the checkpoint's kind and name."""
+        if destination_project_id is None:
+            destination_project_id = os.environ.get("TINKER_PROJECT_ID") or None
+        return _completed(_copy_weights, path, destination_project_id, ttl_seconds)
+
+    async def copy_weights_async(self, path: str, destination_project_id: str | None = None, *,
+                                 ttl_seconds: int | None = None, weights_access_token: str | None = None) -> str:
+        return await self.copy_weights(path, destination_project_id, ttl_seconds=ttl_seconds)
+
+    def get_current_checkpoint_storage_usage(self, project_id: str | None = None
+                                             ) -> ConcurrentAPIFuture[CurrentCheckpointStorageUsageResponse]:
+        """Live checkpoints and their size, one entry per project (no cost: nothing is billed)."""
+        return _completed(_storage_usage, project_id)
+
+    async def get_current_checkpoint_storage_usage_async(self, project_id: str | None = None
+                                                         ) -> CurrentCheckpointStorageUsageResponse:
+        return await asyncio.to_thread(_storage_usage, project_id)
+
     # ---- sessions, samplers, user ----------------------------------------------------------
 
+    def search_sessions(self, request: SessionSearchRequest) -> ConcurrentAPIFuture[SessionSearchResponse]:
+        """Sessions with runs in the store that match `request`, newest first, one page of them
+        (pass `next_cursor` back as `cursor` for the next)."""
+        return _completed(_search_sessions, request)
+
     def get_session(self, session_id: str, access_scope: AccessScope = "owned"
-                    ) -> concurrent.futures.Future[GetSessionResponse]:
+                    ) -> ConcurrentAPIFuture[GetSessionResponse]:
         """The training runs a session (a ServiceClient's session_id) created. Sampler ids are not
         recorded locally, so `sampler_ids` is empty."""
         return _completed(_get_session, session_id, self._session_id)
@@ -499,7 +657,7 @@ class RestClient:
         return await asyncio.to_thread(_get_session, session_id, self._session_id)
 
     def list_sessions(self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned"
-                      ) -> concurrent.futures.Future[ListSessionsResponse]:
+                      ) -> ConcurrentAPIFuture[ListSessionsResponse]:
         """Sessions that saved checkpoints, most recently active first."""
         return _completed(_list_sessions, limit, offset)
 
@@ -507,41 +665,41 @@ class RestClient:
                                   ) -> ListSessionsResponse:
         return await asyncio.to_thread(_list_sessions, limit, offset)
 
-    def get_sampler(self, sampler_id: str) -> APIFuture[GetSamplerResponse]:
+    def get_sampler(self, sampler_id: str) -> ConcurrentAPIFuture[GetSamplerResponse]:
         """Always NotFoundError: live sampling clients are objects in their process, not registered."""
-        return _done(_get_sampler, sampler_id)
+        return _completed(_get_sampler, sampler_id)
 
     async def get_sampler_async(self, sampler_id: str) -> GetSamplerResponse:
         return _get_sampler(sampler_id)
 
-    def whoami(self) -> APIFuture[WhoamiResponse]:
+    def whoami(self) -> ConcurrentAPIFuture[WhoamiResponse]:
         """The local user, as `urn:tinker:local:user:<login name>`."""
-        return _done(_whoami)
+        return _completed(_whoami)
 
     async def whoami_async(self) -> WhoamiResponse:
         return _whoami()
 
     # ---- service-only ----------------------------------------------------------------------
 
-    def get_audit_log(self, event_type: str = "all", day=None) -> concurrent.futures.Future:
+    def get_audit_log(self, event_type: str = "all", day=None) -> ConcurrentAPIFuture:
         return _completed(_audit_log)
 
     async def get_audit_log_async(self, event_type: str = "all", day=None):
         _audit_log()
 
-    def assign_session_project(self, session_id: str, project_id: str) -> concurrent.futures.Future:
+    def assign_session_project(self, session_id: str, project_id: str) -> ConcurrentAPIFuture:
         return _completed(_assign_project)
 
     async def assign_session_project_async(self, session_id: str, project_id: str):
         _assign_project()
 
-    def export_session_trace(self, session_id: str) -> concurrent.futures.Future:
+    def export_session_trace(self, session_id: str) -> ConcurrentAPIFuture:
         return _completed(_export_trace)
 
     async def export_session_trace_async(self, session_id: str):
         _export_trace()
 
-    def get_billing_usage(self, starting_on, ending_before) -> concurrent.futures.Future:
+    def get_billing_usage(self, starting_on, ending_before) -> ConcurrentAPIFuture:
         return _completed(_billing)
 
     async def get_billing_usage_async(self, starting_on, ending_before):

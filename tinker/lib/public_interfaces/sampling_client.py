@@ -1,7 +1,8 @@
 """SamplingClient: generates from a base model, or from a frozen snapshot of a LoRA adapter.
 
-As in Tinker, `sample` and `compute_logprobs` return a plain `concurrent.futures.Future`, and their
-`*_async` twins return the value after a single await. Requests from many clients and coroutines
+As in Tinker 0.38, `sample` and `compute_logprobs` return an APIFuture (`.result()`, `await`) that is
+also a `concurrent.futures.Future`, as they returned before; their `*_async` twins return the value
+after a single await. Requests from many clients and coroutines
 on the same model and weights are batched by the engine into shared decode steps.
 
 A SamplingClient pickles, so it can be handed to worker processes. A base-model client pickles as
@@ -11,7 +12,6 @@ in the other process loads the base model and rebuilds the snapshot there.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..._engine import LoadedModel, load_model
 from ..._exceptions import BadRequestError
-from ..._futures import EngineFuture, concurrent_future, failed_concurrent_future
+from ..._futures import ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future
 from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
@@ -47,6 +47,12 @@ def _sample_response(pending: PendingSample) -> SampleResponse:
                  for s in raw.sequences]
     return SampleResponse(sequences=sequences, prompt_logprobs=raw.prompt_logprobs,
                           topk_prompt_logprobs=raw.topk_prompt_logprobs)
+
+
+def _runnable_top_p(top_p: float) -> float:
+    """top_p as the engine takes it, in (0, 1]: the SDK accepts any value, and a nucleus of mass
+    <= 0 is the most likely token alone (the smallest positive float32 keeps exactly that)."""
+    return float(min(max(top_p, float(np.finfo(np.float32).tiny)), 1.0))
 
 
 class SamplingClient:
@@ -102,16 +108,17 @@ class SamplingClient:
         return submit_sample(
             self._model, _prompt_tokens(prompt), int(num_samples),
             max_tokens=p.max_tokens if max_tokens is None else max_tokens, temperature=p.temperature,
-            top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=p.seed, stop=p.stop,
+            top_k=p.top_k, top_p=_runnable_top_p(p.top_p), min_p=p.min_p, seed=p.seed, stop=p.stop,
             include_prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, adapter=self._snapshot, notify=True)
 
     def sample(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
-               ) -> concurrent.futures.Future[SampleResponse]:
-        """num_samples completions of the prompt. Each sequence's tokens end with the matched stop
-        string or token (stop_reason "stop") or run to max_tokens ("length"); logprobs are always given."""
+               ) -> ConcurrentAPIFuture[SampleResponse]:
+        """num_samples completions of the prompt: `.result()` or `await` it. Each sequence's tokens
+        end with the matched stop string or token (stop_reason "stop") or run to max_tokens
+        ("length"); logprobs are always given."""
         try:
             pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs,
                                    topk_prompt_logprobs)
@@ -128,8 +135,8 @@ class SamplingClient:
         # max_tokens 0: the prompt's logprobs come from the prefill alone
         return self._submit(prompt, 1, SamplingParams(), True, 0, max_tokens=0)
 
-    def compute_logprobs(self, prompt: ModelInput) -> concurrent.futures.Future[list[float | None]]:
-        """log p(prompt[i] | prompt[:i]) for every position; entry 0 is None."""
+    def compute_logprobs(self, prompt: ModelInput) -> ConcurrentAPIFuture[list[float | None]]:
+        """log p(prompt[i] | prompt[:i]) for every position; entry 0 is None (`.result()` or `await`)."""
         try:
             pending = self._submit_logprobs(prompt)
         except BadRequestError as e:
@@ -177,4 +184,19 @@ def _rebuild_sampling_client(base_model: str, model_path: str | None, weights) -
     return SamplingClient._for_snapshot(None, base_model, adapter, adapter.submit_snapshot().result(), model_path)
 
 
-__all__ = ["SamplingClient"]
+class BackcompatSamplingClientFuture(ClientFuture[SamplingClient], SamplingClient):
+    """What the SamplingClient factories return: a future of the client (`.result()`, `await`) that
+    also works as the SamplingClient itself, as the factories' return value did before 0.38."""
+
+
+def check_model_path(model_path) -> None:
+    """A sampler's model_path must be a well-formed tinker:// path (ValueError at the call, as for
+    the other malformed arguments); whether it exists is the future's to report."""
+    if not isinstance(model_path, str) or not model_path.startswith("tinker://"):
+        raise ValueError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got {model_path!r}")
+    from ... import _checkpoints
+
+    _checkpoints.parse_path(model_path)
+
+
+__all__ = ["SamplingClient", "BackcompatSamplingClientFuture"]

@@ -1,124 +1,219 @@
 """ServiceClient: the entry point. It creates training and sampling clients on local base models.
 
-Tinker's service arguments (api_key, base_url, timeout, ...) are accepted and ignored: everything
-runs in this process and needs no key. All clients on one base model share one loaded copy of it.
+Tinker's service arguments (api_key, base_url, default_headers_overrides) are accepted and have no
+effect: everything runs in this process and needs no key. All clients on one base model share one
+loaded copy of it.
+
+The client factories return at once with a future of the client, which also works as the client
+itself (0.38; see tinker._futures.ClientFuture). The work (loading the model, reading a checkpoint)
+runs on a worker thread, so awaiting the future does not block an event loop, and what fails there
+(an unknown model, a missing checkpoint) is raised by `.result()` / `await`, as the service's errors
+are. Malformed arguments (no model named, a model_path that is not a tinker:// path) still raise at
+the call, as the SDK's own argument checks do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import threading
 import uuid
+import warnings
+from typing import Any, Literal, Mapping
 
+from ... import _checkpoints as ckpt
 from ..._engine import load_model
 from ..._exceptions import BadRequestError
+from ..._futures import APIFuture, background_work_done, in_background
 from ..._models import available_models
 from ..._restore import saved_config
 from ..._training import LoraAdapter
 from ...types import GetServerCapabilitiesResponse, SupportedModel
-from .sampling_client import SamplingClient
-from .training_client import TrainingClient
+from .sampling_client import BackcompatSamplingClientFuture, SamplingClient, check_model_path
+from .training_client import BackcompatTrainingClientFuture, TrainingClient
+
+SessionFinish = Literal["success", "errored", "interrupted"]
+
+# Session id -> how its ServiceClient was closed, for this process's sessions (search_sessions
+# reports them as active until closed).
+session_status: dict[str, SessionFinish | None] = {}
+
+
+def server_capabilities() -> GetServerCapabilitiesResponse:
+    """The base models that load here (no downloads), with their context lengths; all of them can
+    be trained and sampled."""
+    models = [SupportedModel(model_name=name, max_context_length=ctx, trainable=True, sampleable=True)
+              for name, ctx in available_models()]
+    return GetServerCapabilitiesResponse(supported_models=models)
 
 
 class ServiceClient:
-    """Creates TrainingClients and SamplingClients. `ServiceClient()` needs no arguments."""
+    """Creates TrainingClients and SamplingClients. `ServiceClient()` needs no arguments; use it as
+    a context manager (`with tinker.ServiceClient() as sc:`) or call `close()` when done."""
 
-    def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None, **kwargs):
+    def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None, *,
+                 display_name: str | None = None, base_url: str | None = None, api_key: str | None = None,
+                 default_headers_overrides: Mapping[str, str] | None = None, **kwargs: Any):
+        if kwargs:
+            warnings.warn(f"ServiceClient ignores unsupported arguments: {', '.join(sorted(kwargs))}",
+                          FutureWarning, stacklevel=2)
         self.user_metadata = dict(user_metadata or {})
-        self.project_id = project_id
+        self.project_id = project_id if project_id is not None else (os.environ.get("TINKER_PROJECT_ID") or None)
+        self.display_name = display_name
         self.session_id = str(uuid.uuid4())
         self._training_ids = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()
+        session_status[self.session_id] = None
 
     def __repr__(self) -> str:
         return f"ServiceClient(session_id={self.session_id!r})"
+
+    # ---- session lifetime ----------------------------------------------------------------
+
+    def __enter__(self) -> "ServiceClient":
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is None:
+            status = "success"
+        elif issubclass(exc_type, Exception):
+            status = "errored"
+        else:  # KeyboardInterrupt, SystemExit
+            status = "interrupted"
+        self.close(status).result()
+
+    def close(self, status: SessionFinish = "success", detail: str | None = None) -> APIFuture[None]:
+        """Finishes the session: no new clients can be created from it. The future completes once
+        the checkpoints queued so far are written. Clients made earlier keep working (they hold
+        nothing the session owns here). Closing twice is harmless."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                session_status[self.session_id] = status
+        return background_work_done()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("ServiceClient is closed")
+
+    def get_console_url(self) -> str:
+        """Where this machine's runs and checkpoints are: a file:// URL of the local store's runs
+        directory (there is no web console)."""
+        return (ckpt.store_root() / "runs").as_uri()
 
     # ---- capabilities ------------------------------------------------------------------
 
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
         """The base models that load here (no downloads), with their context lengths."""
-        models = [SupportedModel(model_name=name, max_context_length=ctx) for name, ctx in available_models()]
-        return GetServerCapabilitiesResponse(supported_models=models)
+        return server_capabilities()
 
     async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
-        return await asyncio.to_thread(self.get_server_capabilities)
+        return await asyncio.to_thread(server_capabilities)
 
     # ---- training ----------------------------------------------------------------------
 
-    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
-                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
-                                    user_metadata: dict[str, str] | None = None) -> TrainingClient:
-        """A new LoRA adapter (alpha 32; A random from `seed`, B zero) on `base_model`, loaded on first use."""
-        if not (train_mlp or train_attn or train_unembed):
-            raise BadRequestError("at least one of train_mlp, train_attn, train_unembed must be True")
+    def _new_training_client(self, seq_id: int, base_model: str, rank, seed, train_mlp, train_attn, train_unembed,
+                             user_metadata) -> TrainingClient:
         model = load_model(base_model)
         adapter = LoraAdapter(model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                               train_unembed=train_unembed)
-        seq_id = next(self._training_ids)
         return TrainingClient(self, seq_id, f"{self.session_id}:train:{seq_id}", adapter=adapter,
                               base_model=base_model, user_metadata={**self.user_metadata, **(user_metadata or {})})
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
+                                    user_metadata: dict[str, str] | None = None
+                                    ) -> BackcompatTrainingClientFuture:
+        """A future of a TrainingClient for a new LoRA adapter (alpha 32; A random from `seed`, B zero)
+        on `base_model`, which is loaded on first use: `.result()` or `await` it."""
+        self._check_open()
+        if not (train_mlp or train_attn or train_unembed):
+            raise BadRequestError("at least one of train_mlp, train_attn, train_unembed must be True")
+        seq_id = next(self._training_ids)  # ids in call order, whatever order the loads finish in
+        return BackcompatTrainingClientFuture(in_background(
+            self._new_training_client, seq_id, base_model, rank, seed, train_mlp, train_attn, train_unembed,
+            user_metadata))
 
     async def create_lora_training_client_async(self, base_model: str, rank: int = 32, seed: int | None = None,
                                                 train_mlp: bool = True, train_attn: bool = True,
                                                 train_unembed: bool = True,
                                                 user_metadata: dict[str, str] | None = None) -> TrainingClient:
-        return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, seed, train_mlp,
-                                       train_attn, train_unembed, user_metadata)
+        return await self.create_lora_training_client(base_model, rank, seed, train_mlp, train_attn, train_unembed,
+                                                      user_metadata)
 
     # ---- sampling ----------------------------------------------------------------------
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
-                               retry_config=None) -> SamplingClient:
-        """A sampler on `base_model`'s own weights, or on the weights saved at a tinker:// `model_path`."""
+                               retry_config=None) -> BackcompatSamplingClientFuture:
+        """A future of a sampler on `base_model`'s own weights, or on the weights saved at a
+        tinker:// `model_path`: `.result()` or `await` it."""
+        self._check_open()
         if model_path is None and base_model is None:
             raise ValueError("Either model_path or base_model must be provided")
         if model_path is not None:
-            if not isinstance(model_path, str) or not model_path.startswith("tinker://"):
-                raise ValueError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got "
-                                 f"{model_path!r}")
-            return SamplingClient._for_path(self, model_path)
-        return SamplingClient._for_base(self, base_model)
+            check_model_path(model_path)
+            return BackcompatSamplingClientFuture(in_background(SamplingClient._for_path, self, model_path))
+        return BackcompatSamplingClientFuture(in_background(SamplingClient._for_base, self, base_model))
 
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
                                            retry_config=None) -> SamplingClient:
-        return await asyncio.to_thread(self.create_sampling_client, model_path, base_model, retry_config)
+        return await self.create_sampling_client(model_path, base_model, retry_config)
 
     # ---- from saved state ----------------------------------------------------------------
 
-    def _from_state(self, path: str, base_model: str | None, user_metadata, with_optimizer: bool) -> TrainingClient:
+    def _from_state(self, seq_id: int, path: str, base_model: str | None, user_metadata,
+                    with_optimizer: bool) -> TrainingClient:
         config = saved_config(path)
         base = base_model or config.base_model
         if base is None:
             raise BadRequestError(f"{path}: the adapter does not name its base model; pass base_model=")
-        client = self.create_lora_training_client(base, rank=config.rank, train_mlp=config.train_mlp,
-                                                  train_attn=config.train_attn, train_unembed=config.train_unembed,
-                                                  user_metadata=user_metadata)
+        client = self._new_training_client(seq_id, base, config.rank, None, config.train_mlp, config.train_attn,
+                                           config.train_unembed, user_metadata)
         load = client.load_state_with_optimizer if with_optimizer else client.load_state
         load(path).result()
         return client
 
+    def _submit_from_state(self, path, base_model, user_metadata, with_optimizer) -> BackcompatTrainingClientFuture:
+        self._check_open()
+        seq_id = next(self._training_ids)
+        return BackcompatTrainingClientFuture(in_background(self._from_state, seq_id, path, base_model,
+                                                            user_metadata, with_optimizer))
+
     def create_training_client_from_state(self, path: str, base_model: str | None = None,
                                           user_metadata: dict[str, str] | None = None,
-                                          weights_access_token: str | None = None) -> TrainingClient:
-        """A new training client with the LoRA config and weights saved at `path` (a tinker:// path, or a
-        PEFT adapter directory); the optimizer starts afresh."""
-        return self._from_state(path, base_model, user_metadata, with_optimizer=False)
+                                          weights_access_token: str | None = None) -> BackcompatTrainingClientFuture:
+        """A future of a new training client with the LoRA config and weights saved at `path` (a
+        tinker:// path, or a PEFT adapter directory); the optimizer starts afresh."""
+        return self._submit_from_state(path, base_model, user_metadata, with_optimizer=False)
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
                                                       user_metadata: dict[str, str] | None = None,
                                                       weights_access_token: str | None = None) -> TrainingClient:
-        return await asyncio.to_thread(self._from_state, path, base_model, user_metadata, False)
+        return await self._submit_from_state(path, base_model, user_metadata, with_optimizer=False)
 
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata: dict[str, str] | None = None,
                                                          weights_access_token: str | None = None
-                                                         ) -> TrainingClient:
+                                                         ) -> BackcompatTrainingClientFuture:
         """As create_training_client_from_state, also restoring the Adam moments and step (resuming)."""
-        return self._from_state(path, base_model, user_metadata, with_optimizer=True)
+        return self._submit_from_state(path, base_model, user_metadata, with_optimizer=True)
 
     async def create_training_client_from_state_with_optimizer_async(
             self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
             weights_access_token: str | None = None) -> TrainingClient:
-        return await asyncio.to_thread(self._from_state, path, base_model, user_metadata, True)
+        return await self._submit_from_state(path, base_model, user_metadata, with_optimizer=True)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def copy_weights(self, path: str, *, ttl_seconds: int | None = None,
+                     weights_access_token: str | None = None) -> APIFuture[str]:
+        """Copies a checkpoint into a new training run (in a new session) of this client's project;
+        the future gives the copy's tinker:// path."""
+        return self.create_rest_client().copy_weights(path, self.project_id, ttl_seconds=ttl_seconds,
+                                                      weights_access_token=weights_access_token)
 
     def create_rest_client(self):
         """A RestClient over the local checkpoint store: list, inspect and delete runs and checkpoints."""

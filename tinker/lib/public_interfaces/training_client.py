@@ -18,15 +18,15 @@ import numpy as np
 from ... import _checkpoints as ckpt
 from ... import _restore as restore
 from ..._exceptions import BadRequestError, TinkerError
-from ..._futures import APIFuture, DoneFuture, EngineFuture, background_future
+from ..._futures import APIFuture, ClientFuture, DoneFuture, EngineFuture, background_future, in_background
 from ..._training import EXP_AVG, EXP_AVG_SQ, PARAMS, LoraAdapter, optim_metrics
 from ...types import (
     AdamParams, Datum, ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, ModelData, OptimStepResponse,
-    SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData,
+    SamplingClientKind, SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData,
 )  # fmt: skip
 
 if TYPE_CHECKING:
-    from .sampling_client import SamplingClient
+    from .sampling_client import BackcompatSamplingClientFuture, SamplingClient
     from .service_client import ServiceClient
 
 _CUSTOM_INPUTS = ("target_tokens", "weights")
@@ -184,16 +184,26 @@ class TrainingClient:
 
         return SamplingClient._for_snapshot(self.holder, self._base_model, self._adapter, snapshot)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None) -> "SamplingClient":
-        """A SamplingClient on a frozen copy of the weights as of this call's place in the queue."""
-        _warn_name(name)
-        return self._sampling_client(self._adapter.submit_snapshot().result())
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
+                                             kind: SamplingClientKind = "snapshot"
+                                             ) -> "BackcompatSamplingClientFuture":
+        """A future of a SamplingClient on a frozen copy of the weights as of this call's place in
+        the queue (`.result()` or `await` it; it also works as the client). `kind` "snapshot" only:
+        see _check_kind."""
+        from .sampling_client import BackcompatSamplingClientFuture
 
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None,
-                                                         retry_config=None) -> "SamplingClient":
         _warn_name(name)
-        request = self._adapter.submit_snapshot(notify=True)
-        return await EngineFuture(request, lambda: self._sampling_client(request.result())).result_async()
+        try:
+            _check_kind(kind)
+            request = self._adapter.submit_snapshot(notify=True)
+        except BadRequestError as e:
+            return BackcompatSamplingClientFuture(DoneFuture(error=e))
+        return BackcompatSamplingClientFuture(EngineFuture(request, lambda: self._sampling_client(request.result())))
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config=None,
+                                                         kind: SamplingClientKind = "snapshot") -> "SamplingClient":
+        _warn_name(name)
+        return await self.save_weights_and_get_sampling_client(None, retry_config, kind)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -201,12 +211,17 @@ class TrainingClient:
         a = self._adapter
         return {"training_run_id": self.model_id, "base_model": self._base_model, "model_owner": "local",
                 "is_lora": True, "lora_rank": a.rank, "train_attn": a.train_attn, "train_mlp": a.train_mlp,
-                "train_unembed": a.train_unembed, "seed": a.seed, "user_metadata": self._user_metadata}
+                "train_unembed": a.train_unembed, "seed": a.seed, "user_metadata": self._user_metadata,
+                # what RestClient.get_session / search_sessions report about the session
+                "session_display_name": getattr(self.holder, "display_name", None),
+                "session_user_metadata": getattr(self.holder, "user_metadata", None),
+                "project_id": getattr(self.holder, "project_id", None)}
 
-    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type):
+    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type, user_metadata=None):
         try:
             ckpt.save_destination(self.model_id, kind, name, overwrite)  # fail now, before queueing
             ttl = ckpt.check_ttl(ttl_seconds)
+            metadata = _check_metadata(user_metadata)
         except ValueError as e:
             return DoneFuture(error=BadRequestError(str(e)))
         except TinkerError as e:
@@ -217,7 +232,8 @@ class TrainingClient:
 
         def write():
             params, moments, step = self._adapter.unpack_read(request, with_optimizer)
-            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch)
+            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch,
+                                        user_metadata=metadata)
             return response_type(path=path)
 
         return background_future(request, write)
@@ -225,24 +241,25 @@ class TrainingClient:
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata: dict[str, str] | None = None) -> APIFuture[SaveWeightsResponse]:
         """Saves the adapter, its Adam moments and step at this call's place in the queue:
-        tinker://<model_id>/weights/<name>. Written even if the future is never read."""
-        return self._save("weights", name, ttl_seconds, overwrite, SaveWeightsResponse)
+        tinker://<model_id>/weights/<name>. Written even if the future is never read; `user_metadata`
+        is listed back in the Checkpoint records."""
+        return self._save("weights", name, ttl_seconds, overwrite, SaveWeightsResponse, user_metadata)
 
     async def save_state_async(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                                user_metadata: dict[str, str] | None = None) -> APIFuture[SaveWeightsResponse]:
-        return self.save_state(name, ttl_seconds, overwrite)
+        return self.save_state(name, ttl_seconds, overwrite, user_metadata)
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata: dict[str, str] | None = None
                                  ) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Saves the adapter alone (a PEFT adapter directory): tinker://<model_id>/sampler_weights/<name>.
         Saving under an existing name replaces it."""
-        return self._save("sampler_weights", name, ttl_seconds, True, SaveWeightsForSamplerResponse)
+        return self._save("sampler_weights", name, ttl_seconds, True, SaveWeightsForSamplerResponse, user_metadata)
 
     async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
                                              user_metadata: dict[str, str] | None = None
                                              ) -> APIFuture[SaveWeightsForSamplerResponse]:
-        return self.save_weights_for_sampler(name, ttl_seconds)
+        return self.save_weights_for_sampler(name, ttl_seconds, user_metadata)
 
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
         try:
@@ -272,14 +289,15 @@ class TrainingClient:
                                               ) -> APIFuture[LoadWeightsResponse]:
         return self.load_state_with_optimizer(path)
 
-    def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
-        """A SamplingClient on the weights saved at `model_path`."""
-        from .sampling_client import SamplingClient
+    def create_sampling_client(self, model_path: str, retry_config=None) -> "BackcompatSamplingClientFuture":
+        """A future of a SamplingClient on the weights saved at `model_path` (a tinker:// path or a
+        PEFT adapter directory); a missing or unreadable checkpoint is the future's error."""
+        from .sampling_client import BackcompatSamplingClientFuture, SamplingClient
 
-        return SamplingClient._for_path(self.holder, model_path)
+        return BackcompatSamplingClientFuture(in_background(SamplingClient._for_path, self.holder, model_path))
 
     async def create_sampling_client_async(self, model_path: str, retry_config=None) -> "SamplingClient":
-        return await asyncio.to_thread(self.create_sampling_client, model_path)
+        return await self.create_sampling_client(model_path, retry_config)
 
     # ---- information -------------------------------------------------------------------
 
@@ -295,6 +313,11 @@ class TrainingClient:
     def get_tokenizer(self):
         """The base model's tokenizer (a transformers PreTrainedTokenizerFast)."""
         return self._adapter.model.tokenizer
+
+    def get_console_url(self) -> str:
+        """Where this run's checkpoints are: a file:// URL of its directory in the local store (there
+        is no web console; the directory appears with the first save)."""
+        return ckpt.run_dir(self.model_id).as_uri()
 
     def get_telemetry(self):
         return None
@@ -323,6 +346,27 @@ def _check_loss_type_input(loss_type_input: str) -> None:
         raise ValueError(f"loss_type_input must be 'logprobs', got {loss_type_input!r}")
 
 
+def _check_metadata(user_metadata) -> dict[str, str] | None:
+    """A checkpoint's user_metadata: a dict of strings (ValueError otherwise), or None."""
+    if user_metadata is None:
+        return None
+    if not isinstance(user_metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in user_metadata.items()):
+        raise ValueError(f"user_metadata must be a dict of str to str, got {user_metadata!r}")
+    return dict(user_metadata)
+
+
+def _check_kind(kind) -> None:
+    # "inflight" (weights shared with later saves) needs sampling on weights that change under a
+    # live client; the local engine samples frozen snapshots only, so it says so rather than
+    # quietly giving a snapshot.
+    if kind == "inflight":
+        raise BadRequestError('kind="inflight" is not supported by the local engine: use kind="snapshot" (the '
+                              'default) and call save_weights_and_get_sampling_client() again for newer weights')
+    if kind != "snapshot":
+        raise BadRequestError(f'kind must be "snapshot" or "inflight", got {kind!r}')
+
+
 def _warn_name(name) -> None:
     if name is not None:
         warnings.warn("save_weights_and_get_sampling_client(name=...) is deprecated and ignored: the snapshot is "
@@ -330,4 +374,9 @@ def _warn_name(name) -> None:
                       DeprecationWarning, stacklevel=3)
 
 
-__all__ = ["TrainingClient"]
+class BackcompatTrainingClientFuture(ClientFuture[TrainingClient], TrainingClient):
+    """What the TrainingClient factories return: a future of the client (`.result()`, `await`) that
+    also works as the TrainingClient itself, as the factories' return value did before 0.38."""
+
+
+__all__ = ["TrainingClient", "BackcompatTrainingClientFuture"]
