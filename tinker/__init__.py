@@ -43,6 +43,10 @@ from ._exceptions import (  # noqa: E402
 from ._options import RequestOptions, Timeout  # noqa: E402
 from .lib.public_interfaces import APIFuture, SamplingClient, ServiceClient, TrainingClient  # noqa: E402
 from .types import (  # noqa: E402
+    AdamOptimizerConfig, DimuonOptimizerConfig, DimuonParams, OptimParams, PromptProvenanceSpan,
+    SampledProvenanceSpan,
+)
+from .types import (  # noqa: E402
     AdamParams, Checkpoint, CheckpointType, Datum, DmelChunk, EncodedTextChunk, ForwardBackwardOutput, LoraConfig,
     ModelID, ModelInput, ModelInputChunk, OptimStepRequest, OptimStepResponse, ParsedCheckpointTinkerPath,
     SampledSequence, SampleRequest, SampleResponse, SamplingParams, StopReason, TensorData, TensorDtype, TrainingRun,
@@ -58,6 +62,8 @@ __all__ = [
     "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
     "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
     "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
+    "AdamOptimizerConfig", "DimuonOptimizerConfig", "DimuonParams", "OptimParams", "PromptProvenanceSpan",
+    "SampledProvenanceSpan",
     "types", "__version__", "__title__",
 ]  # fmt: skip
 
