@@ -155,6 +155,8 @@ class TrainingClient:
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"the custom loss must return (a torch tensor, metrics), got {type(loss).__name__}")
         loss_sum = float(loss.detach().sum())
+        if not loss.requires_grad:
+            raise ValueError("the custom loss does not depend on the logprobs (no gradient to apply)")
         loss.backward()
         linear = []
         for i, (datum, lp) in enumerate(zip(prepared, logprobs)):
@@ -257,16 +259,26 @@ class TrainingClient:
 
         return SamplingClient._for_snapshot(self.holder, self._base_model, self._adapter, snapshot)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None) -> "SamplingClient":
-        """A SamplingClient on a frozen copy of the weights as of this call's place in the queue."""
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
+                                             record_stability_info: bool = False,
+                                             kind: str = "snapshot") -> "SamplingClient":
+        """A SamplingClient on a frozen copy of the weights as of this call's place in the queue.
+        `kind="inflight"` is accepted: Tinker guarantees those weights or newer, and a snapshot taken
+        here is exactly those weights."""
         _warn_name(name)
-        return self._sampling_client(self._adapter.submit_snapshot().result())
+        _check_kind(kind)
+        self._wait_turn()
+        return self._sampling_client(self._adapter.submit_snapshot().result())._recording(record_stability_info)
 
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None,
-                                                         retry_config=None) -> "SamplingClient":
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config=None,
+                                                         record_stability_info: bool = False,
+                                                         kind: str = "snapshot") -> "SamplingClient":
         _warn_name(name)
+        _check_kind(kind)
+        self._wait_turn()
         request = self._adapter.submit_snapshot(notify=True)
-        return await EngineFuture(request, lambda: self._sampling_client(request.result())).result_async()
+        client = await EngineFuture(request, lambda: self._sampling_client(request.result())).result_async()
+        return client._recording(record_stability_info)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -276,7 +288,8 @@ class TrainingClient:
                 "is_lora": True, "lora_rank": a.rank, "train_attn": a.train_attn, "train_mlp": a.train_mlp,
                 "train_unembed": a.train_unembed, "seed": a.seed, "user_metadata": self._user_metadata}
 
-    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type):
+    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type, encrypt=None):
+        self._wait_turn()
         try:
             ckpt.save_destination(self.model_id, kind, name, overwrite)  # fail now, before queueing
             ttl = ckpt.check_ttl(ttl_seconds)
@@ -290,7 +303,8 @@ class TrainingClient:
 
         def write():
             params, moments, step = self._adapter.unpack_read(request, with_optimizer)
-            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch)
+            path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch,
+                                        encrypt=encrypt)
             return response_type(path=path)
 
         return background_future(request, write)
@@ -317,7 +331,26 @@ class TrainingClient:
                                              ) -> APIFuture[SaveWeightsForSamplerResponse]:
         return self.save_weights_for_sampler(name, ttl_seconds)
 
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None
+                              ) -> APIFuture[SaveWeightsExternalResponse]:
+        """Saves the adapter for use outside Tinker (a PEFT adapter directory):
+        tinker://<model_id>/external_weights/<name>; RestClient.get_external_weights_urls lists its files.
+        With `age_encryption_recipients` (age public keys, "age1..."), every file is age-encrypted to
+        them and named `<file>.age`. Saving under an existing name replaces it."""
+        try:
+            encrypt = _age_encryptor(age_encryption_recipients)
+        except BadRequestError as e:
+            return DoneFuture(error=e)
+        return self._save("external_weights", name, ttl_seconds, True, SaveWeightsExternalResponse, encrypt)
+
+    async def save_weights_external_async(self, name: str, ttl_seconds: int | None = None,
+                                          age_encryption_recipients: list[str] | None = None
+                                          ) -> APIFuture[SaveWeightsExternalResponse]:
+        return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        self._wait_turn()
         try:
             state = restore.adapter_state(self._adapter, path, with_optimizer)
         except ValueError as e:
@@ -345,14 +378,16 @@ class TrainingClient:
                                               ) -> APIFuture[LoadWeightsResponse]:
         return self.load_state_with_optimizer(path)
 
-    def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
+    def create_sampling_client(self, model_path: str, retry_config=None,
+                               record_stability_info: bool = False) -> "SamplingClient":
         """A SamplingClient on the weights saved at `model_path`."""
         from .sampling_client import SamplingClient
 
-        return SamplingClient._for_path(self.holder, model_path)
+        return SamplingClient._for_path(self.holder, model_path)._recording(record_stability_info)
 
-    async def create_sampling_client_async(self, model_path: str, retry_config=None) -> "SamplingClient":
-        return await asyncio.to_thread(self.create_sampling_client, model_path)
+    async def create_sampling_client_async(self, model_path: str, retry_config=None,
+                                           record_stability_info: bool = False) -> "SamplingClient":
+        return await asyncio.to_thread(self.create_sampling_client, model_path, retry_config, record_stability_info)
 
     # ---- information -------------------------------------------------------------------
 
@@ -360,7 +395,8 @@ class TrainingClient:
         model = self._adapter.model
         return GetInfoResponse(
             model_data=ModelData(arch=model.spec.arch, model_name=self._base_model, tokenizer_id=self._base_model),
-            model_id=self.model_id, is_lora=True, lora_rank=self._adapter.rank, model_name=self._base_model)
+            model_id=self.model_id, is_lora=True, lora_rank=self._adapter.rank, model_name=self._base_model,
+            optimizer_config=self._optimizer)
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()
@@ -433,6 +469,28 @@ def _check_provenance(data) -> None:
         if outside.size:
             raise BadRequestError(f"datum {i}: advantages[{int(outside[0])}] is nonzero, but that row is not a "
                                   f"sampled token (stable_reinforce trains sampled tokens only)")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("snapshot", "inflight"):
+        raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
+
+
+def _age_encryptor(recipients):
+    """bytes -> age ciphertext for every recipient, or None when there are none."""
+    if recipients is None:
+        return None
+    if isinstance(recipients, str) or not all(isinstance(r, str) for r in recipients) or not recipients:
+        raise BadRequestError("age_encryption_recipients must be a non-empty list of age public keys (age1...)")
+    try:
+        import pyrage
+    except ImportError:
+        raise BadRequestError("age encryption needs the pyrage package: pip install pyrage") from None
+    try:
+        keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
+    except Exception as e:  # noqa: BLE001 - pyrage's RecipientError and friends
+        raise BadRequestError(f"age_encryption_recipients: {e} (expected X25519 age public keys, age1...)") from None
+    return lambda data: pyrage.encrypt(data, keys)
 
 
 def _warn_name(name) -> None:
