@@ -102,7 +102,7 @@ def test_literals_stay_typing_literals():
     assert typing.get_args(types.LossFnType) == ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo",
                                                  "stable_reinforce", "custom")  # the 0.38 list
     assert typing.get_args(types.StopReason) == ("length", "stop")
-    assert typing.get_args(types.CheckpointType) == ("training", "sampler")
+    assert typing.get_args(types.CheckpointType) == ("training", "sampler", "external")  # 0.33+: external weights
     assert typing.get_args(types.TensorDtype) == ("int64", "float32")
     assert types.ModelID is str
 
