@@ -175,3 +175,13 @@ def test_save_weights_external_and_urls(service, model_name, tmp_path):
         tc.save_weights_external("bad", age_encryption_recipients=["not-a-key"]).result()
     with pytest.raises(tinker.BadRequestError, match="not an external weights checkpoint"):
         rest.get_external_weights_urls(sampler_path).result()
+
+
+def test_exports():
+    for name in ("LossHandle", "PerDatumLossFn", "AdamOptimizerConfig", "DimuonOptimizerConfig", "DimuonParams",
+                 "OptimParams", "PromptProvenanceSpan", "SampledProvenanceSpan"):
+        assert hasattr(tinker, name) and name in tinker.__all__
+    assert tinker.LossHandle.__module__ == "tinker"
+    for name in ("CustomLossInput", "CustomLossInputRank", "ProvenanceSpans", "SamplingClientKind", "PromptAltTokens",
+                 "SaveWeightsExternalResponse", "ExternalWeightsUrlsResponse", "OptimizerConfig"):
+        assert hasattr(types, name)

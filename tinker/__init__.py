@@ -42,6 +42,7 @@ from ._exceptions import (  # noqa: E402
 )
 from ._options import RequestOptions, Timeout  # noqa: E402
 from .lib.public_interfaces import APIFuture, SamplingClient, ServiceClient, TrainingClient  # noqa: E402
+from .lib.public_interfaces import LossHandle, PerDatumLossFn  # noqa: E402
 from .types import (  # noqa: E402
     AdamOptimizerConfig, DimuonOptimizerConfig, DimuonParams, OptimParams, PromptProvenanceSpan,
     SampledProvenanceSpan,
@@ -63,7 +64,7 @@ __all__ = [
     "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
     "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
     "AdamOptimizerConfig", "DimuonOptimizerConfig", "DimuonParams", "OptimParams", "PromptProvenanceSpan",
-    "SampledProvenanceSpan",
+    "SampledProvenanceSpan", "LossHandle", "PerDatumLossFn",
     "types", "__version__", "__title__",
 ]  # fmt: skip
 
