@@ -276,12 +276,20 @@ def test_forward_backward_custom_equals_cross_entropy(service, examples):
     assert "custom:sum" in asyncio.run(custom_async()).metrics
 
 
-def test_forward_backward_custom_rejects_other_inputs(service, examples):
+def test_forward_backward_custom_passes_other_inputs_through(service, examples):
+    """Since Tinker 0.33 the loss gets the data as given, extra loss_fn_inputs keys included."""
+    pytest.importorskip("torch")
     tc = service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=1)
-    with pytest.raises(ValueError, match="only target_tokens and weights"):
-        bad = types.Datum(model_input=examples[0].model_input,
-                          loss_fn_inputs={**examples[0].loss_fn_inputs, "advantages": [0.0] * examples[0].model_input.length})
-        tc.forward_backward_custom([bad], lambda d, lp: (sum(x.sum() for x in lp), {}))
+    extra = types.Datum(model_input=examples[0].model_input,
+                        loss_fn_inputs={**examples[0].loss_fn_inputs, "advantages": [0.5] * examples[0].model_input.length})
+    seen = []
+
+    def loss_fn(data, logprobs):
+        seen.append(data)
+        return sum((lp * d.loss_fn_inputs["advantages"].to_torch()).sum() for lp, d in zip(logprobs, data)), {}
+
+    tc.forward_backward_custom([extra], loss_fn).result()
+    assert seen[0][0] is extra
     with pytest.raises(ValueError, match="No data"):
         tc.forward_backward_custom([], lambda d, lp: (None, {}))
 

@@ -99,7 +99,8 @@ def test_tensor_data_module_path():
 
 def test_literals_stay_typing_literals():
     assert typing.get_origin(types.LossFnType) is typing.Literal
-    assert typing.get_args(types.LossFnType) == ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+    assert typing.get_args(types.LossFnType) == ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo",
+                                                 "stable_reinforce", "custom")  # the 0.38 list
     assert typing.get_args(types.StopReason) == ("length", "stop")
     assert typing.get_args(types.CheckpointType) == ("training", "sampler", "external")  # "external" since 0.33
     assert typing.get_args(types.TensorDtype) == ("int64", "float32")

@@ -42,8 +42,12 @@ from ._exceptions import (  # noqa: E402
 from ._options import RequestOptions, Timeout  # noqa: E402
 from .lib.experimental import ExperimentalWarning  # noqa: E402
 from .lib.public_interfaces import (  # noqa: E402
-    APIFuture, BackcompatSamplingClientFuture, BackcompatTrainingClientFuture, RestClient, SamplingClient,
-    ServiceClient, TrainingClient,
+    APIFuture, BackcompatSamplingClientFuture, BackcompatTrainingClientFuture, LossHandle, PerDatumLossFn,
+    RestClient, SamplingClient, ServiceClient, TrainingClient,
+)
+from .types import (  # noqa: E402
+    AdamOptimizerConfig, DimuonOptimizerConfig, DimuonParams, OptimParams, PromptProvenanceSpan,
+    SampledProvenanceSpan,
 )
 from .types import (  # noqa: E402
     AdamParams, Checkpoint, CheckpointType, Datum, DmelChunk, EncodedTextChunk, ForwardBackwardOutput, LoraConfig,
@@ -62,6 +66,8 @@ __all__ = [
     "BillingError", "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
     "InternalServerError", "APIConnectionError", "APITimeoutError", "APIResponseValidationError", "RequestFailedError", "SidecarError",
     "SidecarStartupError", "SidecarDiedError", "SidecarIPCError", "ExperimentalWarning",
+    "AdamOptimizerConfig", "DimuonOptimizerConfig", "DimuonParams", "OptimParams", "PromptProvenanceSpan",
+    "SampledProvenanceSpan", "LossHandle", "PerDatumLossFn",
     "types", "__version__", "__title__",
 ]  # fmt: skip
 

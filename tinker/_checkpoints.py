@@ -5,6 +5,8 @@ Layout, under `store_root()` ($TINKER_HOME, else ~/.cache/tinker, or $XDG_CACHE_
     runs/<run_id>/run.json                           the run: base model, LoRA config, user metadata
     runs/<run_id>/weights/<name>/                    save_state: adapter + Adam moments + step
     runs/<run_id>/sampler_weights/<name>/            save_weights_for_sampler: adapter only
+    runs/<run_id>/external_weights/<name>/           save_weights_external: adapter only, each file
+                                                     age-encrypted (<file>.age) when recipients are given
 
 Every checkpoint directory is a standard PEFT LoRA adapter (adapter_config.json and
 adapter_model.safetensors in float32, with PEFT's key names), so peft loads it as it is. Beside it
@@ -41,7 +43,7 @@ from . import _arch
 from ._exceptions import BadRequestError, ConflictError, NotFoundError
 from .types import ParsedCheckpointTinkerPath
 
-KINDS = ("weights", "sampler_weights")
+KINDS = ("weights", "sampler_weights", "external_weights")
 FORMAT = "tinker-local-checkpoint"
 VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -217,9 +219,16 @@ def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path
 
 def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarray], step: int,
                     moments: tuple[dict, dict] | None, ttl_seconds: int | None, overwrite: bool, *, arch: str,
-                    user_metadata: dict[str, str] | None = None) -> str:
+                    user_metadata: dict[str, str] | None = None, encrypt=None) -> str:
     """Writes one checkpoint atomically and returns its tinker:// path; `arch` (the base model's
-    architecture) names the PEFT modules; `user_metadata` is kept in the manifest."""
+    architecture) names the PEFT modules; `user_metadata` is kept in the manifest. `encrypt(bytes) ->
+    bytes`, when given, turns every data file into `<file>.age` (external weights for age recipients)."""
+
+    def write(files: dict, file_name: str, data: bytes) -> None:
+        if encrypt is not None:
+            file_name, data = file_name + ".age", encrypt(data)
+        files[file_name] = _write_file(tmp / file_name, data)
+
     run_id = run["training_run_id"]
     final = save_destination(run_id, kind, name, overwrite)
     parent = final.parent
@@ -231,20 +240,20 @@ def save_checkpoint(run: dict, kind: str, name: str, params: dict[str, np.ndarra
     try:
         config = adapter_config(run["base_model"], arch, run["lora_rank"], run["train_attn"], run["train_mlp"],
                                 run["train_unembed"])
-        files = {ADAPTER_CONFIG: _write_file(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2).encode()),
-                 ADAPTER_WEIGHTS: _write_file(tmp / ADAPTER_WEIGHTS,
-                                              _safetensors_bytes({peft_key(k, arch): v for k, v in params.items()}))}
+        files: dict = {}
+        write(files, ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
+        write(files, ADAPTER_WEIGHTS, _safetensors_bytes({peft_key(k, arch): v for k, v in params.items()}))
         if moments is not None:
             exp_avg, exp_avg_sq = moments
             tensors = {**{f"exp_avg.{k}": v for k, v in exp_avg.items()},
                        **{f"exp_avg_sq.{k}": v for k, v in exp_avg_sq.items()}}
-            files[OPTIMIZER] = _write_file(tmp / OPTIMIZER, _safetensors_bytes(tensors))
+            write(files, OPTIMIZER, _safetensors_bytes(tensors))
         created = _now()
         manifest = {
             "format": FORMAT, "version": VERSION, "kind": kind, "name": name, "training_run_id": run_id,
             "base_model": run["base_model"], "lora_rank": run["lora_rank"], "train_attn": run["train_attn"],
             "train_mlp": run["train_mlp"], "train_unembed": run["train_unembed"], "step": int(step),
-            "created": created.isoformat(),
+            "created": created.isoformat(), "encrypted": encrypt is not None,
             "expires_at": None if ttl_seconds is None else (created.timestamp() + ttl_seconds),
             "user_metadata": user_metadata,
             "files": files,

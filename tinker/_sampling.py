@@ -3,7 +3,8 @@
 A sample request prefills its prompt once, then decodes its num_samples sequences together; requests
 queued at the same time on the same model and adapter are batched into the same decode steps, so
 throughput grows with the number of requests in flight (the engine does the batching). The matched
-stop token or string is kept at the end of `tokens`; EOS always stops; stop_reason is "stop" or
+stop token or string is kept at the end of `tokens`; EOS stops unless `stop=[]` (no stop at all, as
+in Tinker 0.33+); stop_reason is "stop" or
 "length"; every generated token's logprob under the temperature-scaled distribution is returned.
 
 Beyond Tinker's SamplingParams: min_p and repetition / presence / frequency penalties (Tinker's own
@@ -26,6 +27,8 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk_ids: np.ndarray | None = None       # [n, k] int32: the top k of each token's distribution
+    topk_logprobs: np.ndarray | None = None  # [n, k] float32
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SampleResult:
 
 def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
     ids, strings = [], []
+    if stop is not None and not isinstance(stop, str) and len(stop) == 0:
+        return [], []  # stop=[]: no stop at all, EOS included
     if stop is None:
         pass
     elif isinstance(stop, str):
@@ -57,6 +62,15 @@ def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
     return ids, [s.encode("utf-8") for s in strings]
 
 
+def _sequence(tokens, logprobs, stopped, topk_ids=None, topk_logprobs=None) -> SampledSequence:
+    seq = SampledSequence(tokens, logprobs, "stop" if stopped else "length")
+    if topk_ids is not None:
+        n = len(tokens)
+        seq.topk_ids = np.asarray(topk_ids, dtype=np.int32).reshape(n, -1)
+        seq.topk_logprobs = np.asarray(topk_logprobs, dtype=np.float32).reshape(n, -1)
+    return seq
+
+
 class PendingSample:
     """A queued sample request: result() waits and unpacks it."""
 
@@ -70,7 +84,7 @@ class PendingSample:
                 raw = self._request.result()
             except ValueError as e:
                 raise BadRequestError(str(e)) from e
-            seqs = [SampledSequence(t, lp, "stop" if stopped else "length") for t, lp, stopped in raw["sequences"]]
+            seqs = [_sequence(*item) for item in raw["sequences"]]
             prompt_lp = raw["prompt_logprobs"]
             if prompt_lp is not None:
                 prompt_lp = [None] + prompt_lp[1:]
@@ -85,7 +99,8 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
                   temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0,
                   seed: int | None = None, stop=None, include_prompt_logprobs: bool = False,
                   topk_prompt_logprobs: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                  frequency_penalty: float = 0.0, adapter=None, notify: bool = False) -> PendingSample:
+                  frequency_penalty: float = 0.0, adapter=None, notify: bool = False,
+                  topk_sample_logprobs: int = 0) -> PendingSample:
     ids = np.asarray(prompt)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise BadRequestError("the prompt must be a sequence of token ids")
@@ -105,7 +120,8 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
             presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty), seed=seed,
             stop_ids=np.array(stop_ids, dtype=np.int32), stop_strings=stop_strings,
             prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
-            adapter=None if adapter is None else adapter.handle, notify=notify)
+            adapter=None if adapter is None else adapter.handle, notify=notify,
+            topk_sample_logprobs=int(topk_sample_logprobs))
     except (ValueError, OverflowError) as e:
         raise BadRequestError(str(e)) from e
     return PendingSample(request)

@@ -19,7 +19,8 @@ import numpy as np
 from ._engine import LoadedModel, get_engine
 from ._exceptions import BadRequestError
 
-LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+# The engine's loss ids are the indices here (csrc/model/loss.h)
+LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce")
 
 # loss_fn_config keys each loss accepts, with defaults (None: required)
 _CONFIG_DEFAULTS = {
@@ -29,6 +30,10 @@ _CONFIG_DEFAULTS = {
     # the current Tinker tutorial's one-sided default; older docs used (0.8, 1.2)
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": None},
+    # ratio bounds 1 - eps_low, 1 + eps_high with the GSPO paper's eps (3e-4, 4e-4): the sequence ratio,
+    # a geometric mean over the sampled tokens, stays much closer to 1 than a token's
+    "gspo": {"clip_low_threshold": 1.0 - 3e-4, "clip_high_threshold": 1.0 + 4e-4},
+    "stable_reinforce": {},
 }
 
 # loss_fn_inputs each loss reads (besides target_tokens); other known keys are accepted and ignored
@@ -38,10 +43,14 @@ _INPUTS = {
     "ppo": ("advantages", "logprobs"),
     "cispo": ("advantages", "logprobs"),
     "dro": ("advantages", "logprobs"),
+    "gspo": ("advantages", "logprobs", "sequence_ratio_mask"),
+    "stable_reinforce": ("advantages", "logprobs"),
 }
 _OPTIONAL_INPUTS = {"ppo": ("clip_low_threshold", "clip_high_threshold"),
-                    "cispo": ("clip_low_threshold", "clip_high_threshold")}
-KNOWN_INPUTS = ("target_tokens", "weights", "advantages", "logprobs", "clip_low_threshold", "clip_high_threshold")
+                    "cispo": ("clip_low_threshold", "clip_high_threshold"),
+                    "gspo": ("clip_low_threshold", "clip_high_threshold")}
+KNOWN_INPUTS = ("target_tokens", "weights", "advantages", "logprobs", "clip_low_threshold", "clip_high_threshold",
+                "sequence_ratio_mask")
 
 PARAMS, GRADS, EXP_AVG, EXP_AVG_SQ = 1, 2, 4, 8  # parts of the adapter's state block
 
@@ -151,7 +160,7 @@ def _pack(data, loss_fn: str, vocab_size: int) -> dict:
         "shapes": shapes,
     }
     names = {"weights": "weights", "advantages": "advantages", "logprobs": "logprobs",
-             "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high"}
+             "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high", "sequence_ratio_mask": "ratio_mask"}
     for key, name in names.items():
         parts = floats.get(key)
         packed[name] = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts else None
@@ -239,7 +248,7 @@ class LoraAdapter:
                 clip_low=packed["clip_low"], clip_high=packed["clip_high"], loss=LOSS_FUNCTIONS.index(loss_fn),
                 clip_low_threshold=config.get("clip_low_threshold", 0.0),
                 clip_high_threshold=config.get("clip_high_threshold", 0.0), beta=config.get("beta", 0.0),
-                backward=backward, notify=notify)
+                backward=backward, notify=notify, ratio_mask=packed["ratio_mask"])
         except ValueError as e:
             raise BadRequestError(str(e)) from e
         return PendingTrain(request, packed["shapes"])

@@ -27,6 +27,8 @@ typedef struct {
     /* results */
     int32_t *tokens;          /* [num_samples, max_tokens] */
     float *logprobs;          /* [num_samples, max_tokens] */
+    int32_t *sample_topk_ids; /* [num_samples, max_tokens, topk_sample] or NULL */
+    float *sample_topk_lp;
     int *n_tokens, *stopped;  /* [num_samples] */
     float *prompt_lp;         /* [P] or NULL */
     int32_t *topk_ids;        /* [P, k] or NULL */
@@ -45,6 +47,8 @@ static void sample_free(void *ptr)
     free(sp->stop_offsets);
     free(sp->tokens);
     free(sp->logprobs);
+    free(sp->sample_topk_ids);
+    free(sp->sample_topk_lp);
     free(sp->n_tokens);
     free(sp->stopped);
     free(sp->prompt_lp);
@@ -97,13 +101,19 @@ static int is_stop_id(const sample_payload *sp, int token)
     return 0;
 }
 
-/* Records a chosen token; returns 1 when the sequence is finished. */
-static int accept(sequence *s, int token, float logprob, const tk_vocab_bytes *vocab, char *buf)
+/* Records a chosen token (and the top k of the distribution it came from, when asked); returns 1 when the
+ * sequence is finished. */
+static int accept(sequence *s, int token, float logprob, tk_chooser *ch, int V, const tk_vocab_bytes *vocab,
+                  char *buf)
 {
     sample_payload *sp = s->req;
     size_t at = (size_t)s->sample * sp->p.max_tokens + (size_t)s->n;
     sp->tokens[at] = token;
     sp->logprobs[at] = logprob;
+    if (sp->sample_topk_ids) {
+        size_t k = (size_t)sp->p.topk_sample;
+        tk_chooser_topk(ch, V, sp->p.topk_sample, sp->sample_topk_ids + at * k, sp->sample_topk_lp + at * k);
+    }
     s->n++;
     sp->n_tokens[s->sample] = s->n;
     int stop = is_stop_id(sp, token) ||
@@ -172,7 +182,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
     char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
     tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(double)),
-                     malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0};
+                     malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0, 0.0};
     /* the decode batch of one step: the live sequences' tokens, caches and step rows */
     int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_rows = malloc(((size_t)n_seq + 1) * sizeof(int32_t));
     tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
@@ -240,7 +250,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
             float lp;
             int t = tk_choose(&ch, lg + (size_t)r * V, V, &reqs[r]->p, reqs[r]->prompt, reqs[r]->prompt_len, NULL, 0,
                            &q->rng, &lp);
-            if (!accept(q, t, lp, vocab, buf)) live[n_live++] = i;
+            if (!accept(q, t, lp, &ch, V, vocab, buf)) live[n_live++] = i;
         }
 
     /* 3. decode all live sequences together, one token each per step */
@@ -264,7 +274,7 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
             float lp;
             int t = tk_choose(&ch, lg + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
                            sp->tokens + (size_t)q->sample * sp->p.max_tokens, q->n, &q->rng, &lp);
-            if (!accept(q, t, lp, vocab, buf)) live[still++] = live[j];
+            if (!accept(q, t, lp, &ch, V, vocab, buf)) live[still++] = live[j];
         }
         n_live = still;
     }
@@ -316,6 +326,8 @@ static tk_status check_params(const tk_model *m, const tk_sample_params *p, int 
         return tk_error(TK_ERR_INVALID, "penalties must be finite and repetition_penalty > 0");
     if (p->topk_prompt < 0 || p->topk_prompt > 1000)
         return tk_error(TK_ERR_INVALID, "topk_prompt_logprobs is %d; it must be from 0 to 1000", p->topk_prompt);
+    if (p->topk_sample < 0 || p->topk_sample > 1000)
+        return tk_error(TK_ERR_INVALID, "topk_sample_logprobs is %d; it must be from 0 to 1000", p->topk_sample);
     return TK_OK;
 }
 
@@ -357,6 +369,12 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
         sp->topk_lp = calloc(P * (size_t)p->topk_prompt, sizeof *sp->topk_lp);
         ok = sp->topk_ids && sp->topk_lp;
     }
+    if (ok && p->topk_sample > 0) {
+        size_t k = (size_t)(p->topk_sample < m->cfg.vocab_size ? p->topk_sample : m->cfg.vocab_size);
+        sp->sample_topk_ids = calloc(S * N * k, sizeof *sp->sample_topk_ids);
+        sp->sample_topk_lp = calloc(S * N * k, sizeof *sp->sample_topk_lp);
+        ok = sp->sample_topk_ids && sp->sample_topk_lp;
+    }
     tk_request *req = ok ? tk_request_new_batched(run_batch, ad ? (const void *)ad : (const void *)m, sp, sample_free)
                          : NULL;
     if (!req) {
@@ -366,6 +384,7 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
     memcpy(sp->prompt, prompt, P * sizeof *prompt);
     sp->prompt_len = prompt_len;
     sp->p = *p;
+    if (sp->p.topk_sample > m->cfg.vocab_size) sp->p.topk_sample = m->cfg.vocab_size; /* the rows allocated */
     memcpy(sp->stop_ids, stop_ids, (size_t)n_stop_ids * sizeof *stop_ids);
     sp->n_stop_ids = n_stop_ids;
     if (stop_len) memcpy(sp->stop_bytes, stop_bytes, stop_len);
@@ -393,6 +412,10 @@ int tk_sample_request_sample(tk_request *req, int i, tk_sampled *out)
     out->logprobs = sp->logprobs + (size_t)i * (size_t)(sp->p.max_tokens > 0 ? sp->p.max_tokens : 1);
     out->n = sp->n_tokens[i];
     out->stopped = sp->stopped[i];
+    size_t row = (size_t)i * (size_t)(sp->p.max_tokens > 0 ? sp->p.max_tokens : 1) * (size_t)sp->p.topk_sample;
+    out->topk_ids = sp->sample_topk_ids ? sp->sample_topk_ids + row : NULL;
+    out->topk_logprobs = sp->sample_topk_lp ? sp->sample_topk_lp + row : NULL;
+    out->topk = sp->sample_topk_ids ? sp->p.topk_sample : 0;
     return 1;
 }
 

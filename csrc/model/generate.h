@@ -28,6 +28,9 @@ typedef struct {
     const float *logprobs;
     int n;
     int stopped;              /* 1: "stop", 0: "length" */
+    const int32_t *topk_ids;  /* [n, topk] the top of each token's distribution, or NULL */
+    const float *topk_logprobs;
+    int topk;
 } tk_sampled;
 
 /* Results once done: sample i (0 <= i < num_samples), and the prompt scores

@@ -94,6 +94,44 @@ static void target_rows(int32_t *rows, const tk_loss_inputs *in, int t0, int C, 
             rows[e - e0] = r;
 }
 
+/* Logits and log-sum-exp of the chunk of C tokens at t0 (left in s), and logprobs[e] of its targets;
+ * returns the host view of the chunk's lse [C]. */
+static const float *chunk_logprobs(head_scratch *s, float *logprobs, const tk_model *m, const tk_adapter *ad,
+                                   tk_backend *be, const float *h, int t0, int C, const tk_loss_inputs *in)
+{
+    const int D = m->cfg.d_model, V = m->cfg.vocab_size;
+    int32_t first = in->tgt_start[t0], last = in->tgt_start[t0 + C];
+    chunk_logits(s->logits, s->u, m, ad, be, h + (size_t)t0 * D, C, 0);
+    be->logsumexp(be, s->lse, s->logits, V, C, V);
+    const float *lse = tk_host_view(be, s->lse_h, s->lse, (size_t)C * sizeof(float));
+    for (int32_t e0 = first; e0 < last; e0 += HEAD_TARGETS) {
+        int32_t e1 = last - e0 < HEAD_TARGETS ? last : e0 + HEAD_TARGETS;
+        target_rows(s->rows, in, t0, C, e0, e1);
+        be->gather(be, s->picked, s->logits, V, s->rows, in->targets + e0, e1 - e0);
+        const float *picked = tk_host_view(be, s->picked_h, s->picked, (size_t)(e1 - e0) * sizeof(float));
+        for (int32_t e = e0; e < e1; e++) logprobs[e] = picked[e - e0] - lse[s->rows[e - e0]];
+    }
+    return lse;
+}
+
+/* Sequence-level losses (gspo) need every logprob of a datum before its first term: one pass of the
+ * head for the logprobs alone, then the datums' ratios. Forward-only needs no second pass. */
+static double sequence_prepass(head_scratch *s, float *logprobs, const tk_model *m, const tk_adapter *ad,
+                               tk_backend *be, const float *h, int T, const tk_loss_config *cfg,
+                               const tk_loss_inputs *in, int backward)
+{
+    for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK)
+        chunk_logprobs(s, logprobs, m, ad, be, h, t0, T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK, in);
+    tk_loss_sequence_ratios(in, logprobs);
+    double total = 0;
+    if (!backward)
+        for (int32_t e = 0; e < in->tgt_start[T]; e++) {
+            float g;
+            total += tk_loss_term(cfg, in, (size_t)e, logprobs[e], &g);
+        }
+    return total;
+}
+
 void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_adapter *ad, tk_backend *be,
                   const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work)
 {
@@ -102,23 +140,25 @@ void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_ada
     const int D = m->cfg.d_model, V = m->cfg.vocab_size, R = ad ? ad->cfg.rank : 0;
     const int unembed = ad && ad->unembed.A;
     double total = 0;
+    if (tk_loss_is_sequence_level(cfg)) {
+        total = sequence_prepass(&s, logprobs, m, ad, be, h, T, cfg, in, dh != NULL);
+        if (!dh) {
+            *loss = total;
+            return;
+        }
+    }
     for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
         int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
         int32_t first = in->tgt_start[t0], last = in->tgt_start[t0 + C];
         const float *hc = h + (size_t)t0 * D;
-        chunk_logits(s.logits, s.u, m, ad, be, hc, C, 0);
-        be->logsumexp(be, s.lse, s.logits, V, C, V);
-        const float *lse = tk_host_view(be, s.lse_h, s.lse, (size_t)C * sizeof(float));
+        /* lp = logits[target] - lse, then the loss and dL/dlp of every target */
+        chunk_logprobs(&s, logprobs, m, ad, be, h, t0, C, in);
         for (int r = 0; r < C; r++) s.gsum_h[r] = 0;
-        /* lp = logits[target] - lse, the loss and dL/dlp of every target */
         for (int32_t e0 = first; e0 < last; e0 += HEAD_TARGETS) {
             int32_t e1 = last - e0 < HEAD_TARGETS ? last : e0 + HEAD_TARGETS;
             target_rows(s.rows, in, t0, C, e0, e1);
-            be->gather(be, s.picked, s.logits, V, s.rows, in->targets + e0, e1 - e0);
-            const float *picked = tk_host_view(be, s.picked_h, s.picked, (size_t)(e1 - e0) * sizeof(float));
             for (int32_t e = e0; e < e1; e++) {
                 float g;
-                logprobs[e] = picked[e - e0] - lse[s.rows[e - e0]];
                 total += tk_loss_term(cfg, in, (size_t)e, logprobs[e], &g);
                 s.gsum_h[s.rows[e - e0]] += g;
             }

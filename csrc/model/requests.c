@@ -288,7 +288,8 @@ typedef struct {
     packed batch;
     int32_t *tgt_start;  /* [T + 1] */
     int32_t *targets;    /* [E] */
-    float *arrays[5];    /* weights, advantages, sampler_lp, clip_low, clip_high: [E] or NULL */
+    float *arrays[6];    /* weights, advantages, sampler_lp, clip_low, clip_high, ratio_mask: [E] or NULL */
+    float *seq_log_ratio; /* [E] gspo scratch */
     long n_targets;
     tk_loss_config loss;
     int backward;
@@ -296,9 +297,9 @@ typedef struct {
     double loss_sum;     /* result */
 } train_payload;
 
-enum { ARR_WEIGHTS, ARR_ADVANTAGES, ARR_SAMPLER_LP, ARR_CLIP_LOW, ARR_CLIP_HIGH, ARR_COUNT };
+enum { ARR_WEIGHTS, ARR_ADVANTAGES, ARR_SAMPLER_LP, ARR_CLIP_LOW, ARR_CLIP_HIGH, ARR_RATIO_MASK, ARR_COUNT };
 static const char *const array_names[ARR_COUNT] = {"weights", "advantages", "logprobs", "clip_low_threshold",
-                                                    "clip_high_threshold"};
+                                                    "clip_high_threshold", "sequence_ratio_mask"};
 
 static void train_free(void *p)
 {
@@ -310,6 +311,7 @@ static void train_free(void *p)
     free(tp->targets);
     for (int a = 0; a < ARR_COUNT; a++) free(tp->arrays[a]);
     free(tp->logprobs);
+    free(tp->seq_log_ratio);
     free(tp);
 }
 
@@ -343,8 +345,12 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     long e0 = tp->tgt_start[t0];
     int32_t local_start[T + 1];
     for (int t = 0; t <= T; t++) local_start[t] = tp->tgt_start[t0 + t] - (int32_t)e0;
-    tk_loss_inputs in = {local_start, tp->targets + e0, NULL, NULL, NULL, NULL, NULL};
-    const float **fields[ARR_COUNT] = {&in.weights, &in.advantages, &in.sampler_lp, &in.clip_low, &in.clip_high};
+    int32_t seq_tgt[n_seqs + 1];
+    for (int s = 0; s <= n_seqs; s++) seq_tgt[s] = local_start[seq_start[s]];
+    tk_loss_inputs in = {local_start, tp->targets + e0, NULL, NULL, NULL, NULL, NULL, NULL, seq_tgt, n_seqs,
+                         tp->seq_log_ratio ? tp->seq_log_ratio + e0 : NULL};
+    const float **fields[ARR_COUNT] = {&in.weights, &in.advantages, &in.sampler_lp, &in.clip_low, &in.clip_high,
+                                       &in.ratio_mask};
     for (int a = 0; a < ARR_COUNT; a++) *fields[a] = tp->arrays[a] ? tp->arrays[a] + e0 : NULL;
     double loss = 0;
     tk_head_loss(tp->logprobs + e0, &loss, m, ad, exec->backend, h, T, &tp->loss, &in, tp->backward ? dh : NULL,
@@ -384,10 +390,28 @@ static int loss_uses(int kind, int array)
 {
     if (array == ARR_WEIGHTS) return kind == TK_LOSS_CROSS_ENTROPY;
     if (array == ARR_ADVANTAGES || array == ARR_SAMPLER_LP) return kind != TK_LOSS_CROSS_ENTROPY;
-    return kind == TK_LOSS_PPO || kind == TK_LOSS_CISPO; /* clip overrides */
+    if (array == ARR_RATIO_MASK) return kind == TK_LOSS_GSPO;
+    return kind == TK_LOSS_PPO || kind == TK_LOSS_CISPO || kind == TK_LOSS_GSPO; /* clip overrides */
 }
 
-static const char *const loss_names[TK_LOSS_COUNT] = {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"};
+static const char *const loss_names[TK_LOSS_COUNT] = {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro",
+                                                      "gspo", "stable_reinforce"};
+
+/* gspo: every datum's sequence ratio needs at least one target marked by sequence_ratio_mask. */
+static tk_status check_ratio_mask(const tk_train_batch *tb)
+{
+    if (!tb->ratio_mask) return tk_error(TK_ERR_INVALID, "gspo needs loss_fn_inputs 'sequence_ratio_mask'");
+    long e = 0;
+    for (int i = 0; i < tb->n_seqs; i++) {
+        long n = (long)tb->seq_lens[i] * tb->k_per_datum[i], marked = 0;
+        for (long j = 0; j < n; j++) marked += tb->ratio_mask[e + j] != 0.0f;
+        if (!marked)
+            return tk_error(TK_ERR_INVALID, "datum %d: sequence_ratio_mask marks no target, so gspo has no sequence "
+                            "ratio for it (mark the sampled tokens with 1)", i);
+        e += n;
+    }
+    return TK_OK;
+}
 
 /* Checks the targets and the arrays the loss needs, naming the datum, field and position. */
 static tk_status check_targets(const tk_model *m, const tk_train_batch *tb, const tk_loss_config *loss)
@@ -404,7 +428,8 @@ static tk_status check_targets(const tk_model *m, const tk_train_batch *tb, cons
                 return tk_error(TK_ERR_INVALID, "datum %d: target_tokens[%ld] = %d is outside the vocabulary [0, %d)",
                                 i, j / K, id, m->cfg.vocab_size);
         }
-        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high};
+        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high,
+                                          tb->ratio_mask};
         for (int a = 0; a < ARR_COUNT; a++) {
             if (!arrays[a] || !loss_uses(loss->kind, a)) continue;
             for (long j = 0; j < n; j++)
@@ -420,7 +445,7 @@ static tk_status check_targets(const tk_model *m, const tk_train_batch *tb, cons
         return tk_error(TK_ERR_INVALID, "cross_entropy needs loss_fn_inputs 'weights'");
     if (loss->kind != TK_LOSS_CROSS_ENTROPY && (!tb->advantages || !tb->sampler_lp))
         return tk_error(TK_ERR_INVALID, "%s needs loss_fn_inputs 'advantages' and 'logprobs'", loss_names[loss->kind]);
-    return TK_OK;
+    return loss->kind == TK_LOSS_GSPO ? check_ratio_mask(tb) : TK_OK;
 }
 
 static float *copy_floats(const float *src, long n)
@@ -447,8 +472,11 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
         tp->tgt_start = malloc(((size_t)tp->batch.n_tokens + 1) * sizeof *tp->tgt_start);
         tp->targets = malloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1) * sizeof *tp->targets);
         tp->logprobs = calloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1), sizeof *tp->logprobs);
-        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high};
+        const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high,
+                                          tb->ratio_mask};
         int ok = tp->tgt_start && tp->targets && tp->logprobs;
+        if (ok && loss->kind == TK_LOSS_GSPO)
+            ok = (tp->seq_log_ratio = malloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1) * sizeof(float))) != NULL;
         for (int a = 0; ok && a < ARR_COUNT; a++)
             if (arrays[a] && loss_uses(loss->kind, a)) ok = (tp->arrays[a] = copy_floats(arrays[a], tb->n_targets)) != NULL;
         if (!ok) s = tk_error(TK_ERR_NOMEM, "out of memory");

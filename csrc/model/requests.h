@@ -45,6 +45,7 @@ typedef struct {
     int n_seqs;
     const int32_t *targets;
     const float *weights, *advantages, *sampler_lp, *clip_low, *clip_high;
+    const float *ratio_mask; /* gspo's sequence_ratio_mask */
     long n_targets;
 } tk_train_batch;
 

@@ -134,12 +134,14 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
         for (int v = 1; v < V; v++)
             if (ch->z[v] > ch->z[best]) best = v;
         double sum;
-        *logprob = (float)(ch->z[best] - logsumexp(ch->z, ch->e, V, &zmax, &sum));
+        ch->lse = logsumexp(ch->z, ch->e, V, &zmax, &sum);
+        *logprob = (float)(ch->z[best] - ch->lse);
         return best;
     }
     float inv_t = (float)(1.0 / p->temperature);
     for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
     double sum, lse = logsumexp(ch->z, ch->e, V, &zmax, &sum);
+    ch->lse = lse;
     int n = 0;
     if (p->top_k <= 0 && p->top_p >= 1.0 && !(p->min_p > 0)) {
         /* plain sampling: the whole vocabulary in order, whose weights logsumexp has summed */
@@ -185,3 +187,15 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
     return token;
 }
 
+
+void tk_chooser_topk(tk_chooser *ch, int V, int k, int32_t *ids, float *logprobs)
+{
+    if (k > V) k = V;
+    for (int v = 0; v < V; v++) ch->c[v] = (tk_cand){ch->z[v], v};
+    tk_select_top(ch->c, V, k);
+    qsort(ch->c, (size_t)k, sizeof *ch->c, tk_cand_by_z_desc);
+    for (int j = 0; j < k; j++) {
+        ids[j] = ch->c[j].id;
+        logprobs[j] = (float)(ch->c[j].z - ch->lse);
+    }
+}

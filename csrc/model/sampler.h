@@ -15,6 +15,7 @@ typedef struct {
     uint64_t seed;
     int prompt_logprobs;      /* also return log p(prompt[i] | prompt[:i]) */
     int topk_prompt;          /* and the top k (id, logprob) at each prompt position */
+    int topk_sample;          /* the top k (id, logprob) of each generated token's distribution */
 } tk_sample_params;
 
 /* A sequence's own xoshiro256** stream, seeded from (seed, sample index), so a sample does not depend on
@@ -43,6 +44,7 @@ typedef struct {
     tk_cand *c;        /* [V] */
     int *seen;         /* [V] stamp per token for the penalties */
     int stamp;
+    double lse;        /* log sum exp of z after tk_choose: logprobs are z - lse */
 } tk_chooser;
 
 /* The chosen token of one row of logits[V] under p, given the prompt and the tokens generated so far (for the
@@ -50,5 +52,9 @@ typedef struct {
  * (temperature 1 when greedy). */
 int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
               const int32_t *out, int n_out, tk_rng *rng, float *logprob);
+
+/* After tk_choose: the k most likely tokens of the distribution its logprob came from, most likely first
+ * (ids[k], logprobs[k]); partial selection, the vocabulary is not sorted. Uses ch->c. */
+void tk_chooser_topk(tk_chooser *ch, int V, int k, int32_t *ids, float *logprobs);
 
 #endif

@@ -162,15 +162,27 @@ static PyObject *float_list(const float *v, int n)
     return list;
 }
 
-/* {"sequences": [(tokens, logprobs, stopped)], "prompt_logprobs": [P] or None,
+/* {"sequences": [(tokens, logprobs, stopped, topk ids [n * k] or None, topk logprobs [n * k] or None)],
+ *  "prompt_logprobs": [P] or None,
  *  "topk_ids": [P][k] or None, "topk_logprobs": [P][k] or None} */
 static PyObject *sample_result(tk_request *req)
 {
     PyObject *seqs = PyList_New(0), *out = NULL, *plp = Py_None, *tids = Py_None, *tlps = Py_None;
     tk_sampled s;
     for (int i = 0; seqs && tk_sample_request_sample(req, i, &s); i++) {
-        PyObject *item = Py_BuildValue("(NNO)", int_list(s.tokens, s.n), float_list(s.logprobs, s.n),
-                                       s.stopped ? Py_True : Py_False);
+        PyObject *ids = Py_None, *lps = Py_None;
+        if (s.topk_ids) {
+            ids = int_list(s.topk_ids, s.n * s.topk);
+            lps = float_list(s.topk_logprobs, s.n * s.topk);
+        } else {
+            Py_INCREF(Py_None), Py_INCREF(Py_None);
+        }
+        PyObject *item = NULL;
+        if (ids && lps) /* N steals ids and lps, also when it fails */
+            item = Py_BuildValue("(NNONN)", int_list(s.tokens, s.n), float_list(s.logprobs, s.n),
+                                 s.stopped ? Py_True : Py_False, ids, lps);
+        else
+            Py_XDECREF(ids), Py_XDECREF(lps);
         if (!item || PyList_Append(seqs, item) < 0) Py_CLEAR(seqs);
         Py_XDECREF(item);
     }
@@ -761,20 +773,20 @@ static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwar
 {
     static char *kwlist[] = {"adapter", "tokens", "seq_lens", "k_per_datum", "targets", "weights", "advantages",
                              "logprobs", "clip_low", "clip_high", "loss", "clip_low_threshold",
-                             "clip_high_threshold", "beta", "backward", "notify", NULL};
+                             "clip_high_threshold", "beta", "backward", "notify", "ratio_mask", NULL};
     PyObject *adapter_obj, *tokens_obj, *lens_obj, *k_obj, *targets_obj;
-    PyObject *float_objs[5] = {Py_None, Py_None, Py_None, Py_None, Py_None};
+    PyObject *float_objs[6] = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
     tk_loss_config loss = {0, 0.8f, 1.2f, 0.0f};
     int backward = 1, notify = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|OOOOOifffpp:train", kwlist, &adapter_obj, &tokens_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|OOOOOifffppO:train", kwlist, &adapter_obj, &tokens_obj,
                                      &lens_obj, &k_obj, &targets_obj, &float_objs[0], &float_objs[1], &float_objs[2],
                                      &float_objs[3], &float_objs[4], &loss.kind, &loss.clip_low, &loss.clip_high,
-                                     &loss.beta, &backward, &notify))
+                                     &loss.beta, &backward, &notify, &float_objs[5]))
         return NULL;
     tk_adapter *ad = adapter_arg(self, adapter_obj);
     if (!ad) return NULL;
-    static const char *float_names[5] = {"weights", "advantages", "logprobs", "clip_low", "clip_high"};
-    Py_buffer tokens, lens, ks, targets, floats[5];
+    static const char *float_names[6] = {"weights", "advantages", "logprobs", "clip_low", "clip_high", "ratio_mask"};
+    Py_buffer tokens, lens, ks, targets, floats[6];
     int have = 0, n_floats = 0;
     PyObject *result = NULL;
     if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) goto done;
@@ -785,7 +797,7 @@ static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwar
     have = 3;
     if (get_int32_buffer(targets_obj, &targets, "targets") < 0) goto done;
     have = 4;
-    for (; n_floats < 5; n_floats++)
+    for (; n_floats < 6; n_floats++)
         if (get_float32_buffer(float_objs[n_floats], &floats[n_floats], (long)(targets.len / 4),
                                float_names[n_floats]) < 0)
             goto done;
@@ -795,7 +807,7 @@ static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwar
     }
     tk_train_batch tb = {tokens.buf, (long)(tokens.len / 4), lens.buf, ks.buf, (int)(lens.len / 4), targets.buf,
                          floats[0].buf, floats[1].buf, floats[2].buf, floats[3].buf, floats[4].buf,
-                         (long)(targets.len / 4)};
+                         floats[5].buf, (long)(targets.len / 4)};
     tk_request *req;
     tk_status s = tk_train_request_create(&req, ad, &tb, &loss, backward);
     if (s != TK_OK) tk_py_raise(s, tk_last_error());
@@ -874,17 +886,18 @@ static PyObject *engine_sample(EngineObject *self, PyObject *args, PyObject *kwa
 {
     static char *kwlist[] = {"model", "prompt", "num_samples", "max_tokens", "temperature", "top_k", "top_p", "min_p",
                              "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop_ids",
-                             "stop_strings", "prompt_logprobs", "topk_prompt_logprobs", "adapter", "notify", NULL};
+                             "stop_strings", "prompt_logprobs", "topk_prompt_logprobs", "adapter", "notify",
+                             "topk_sample_logprobs", NULL};
     PyObject *model_obj, *prompt_obj, *stop_ids_obj = Py_None, *stop_strings_obj = Py_None, *adapter_obj = Py_None;
-    tk_sample_params p = {1, 16, 1.0, -1, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0};
+    tk_sample_params p = {1, 16, 1.0, -1, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0, 0};
     unsigned long long seed = 0;
     int notify = 0;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O|iididddddKOOpiOp:sample", kwlist, state->model_type, &model_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O|iididddddKOOpiOpi:sample", kwlist, state->model_type, &model_obj,
                                      &prompt_obj, &p.num_samples, &p.max_tokens, &p.temperature, &p.top_k, &p.top_p,
                                      &p.min_p, &p.repetition_penalty, &p.presence_penalty, &p.frequency_penalty,
                                      &seed, &stop_ids_obj, &stop_strings_obj, &p.prompt_logprobs,
-                                     &p.topk_prompt, &adapter_obj, &notify))
+                                     &p.topk_prompt, &adapter_obj, &notify, &p.topk_sample))
         return NULL;
     p.seed = seed;
     if (adapter_obj != Py_None && !PyObject_TypeCheck(adapter_obj, state->adapter_type)) {
@@ -1032,7 +1045,7 @@ static PyMethodDef engine_methods[] = {
     {"train", (PyCFunction)(void (*)(void))engine_train, METH_VARARGS | METH_KEYWORDS,
      "train(adapter, tokens, seq_lens, k_per_datum, targets, weights=None, advantages=None, logprobs=None,\n"
      "      clip_low=None, clip_high=None, loss=0, clip_low_threshold=0.8, clip_high_threshold=1.2, beta=0,\n"
-     "      backward=True, notify=False) -> Request; result() -> (logprobs, loss_sum)"},
+     "      backward=True, notify=False, ratio_mask=None) -> Request; result() -> (logprobs, loss_sum)"},
     {"optim_step", (PyCFunction)(void (*)(void))engine_optim_step, METH_VARARGS | METH_KEYWORDS,
      "optim_step(adapter, learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm, notify=False) -> Request"},
     {"read_adapter", (PyCFunction)(void (*)(void))engine_read_adapter, METH_VARARGS | METH_KEYWORDS,
@@ -1043,7 +1056,8 @@ static PyMethodDef engine_methods[] = {
     {"sample", (PyCFunction)(void (*)(void))engine_sample, METH_VARARGS | METH_KEYWORDS,
      "sample(model, prompt, num_samples=1, max_tokens=16, temperature=1, top_k=-1, top_p=1, min_p=0,\n"
      "       repetition_penalty=1, presence_penalty=0, frequency_penalty=0, seed=0, stop_ids=None,\n"
-     "       stop_strings=None, prompt_logprobs=False, topk_prompt_logprobs=0, adapter=None, notify=False) -> Request"},
+     "       stop_strings=None, prompt_logprobs=False, topk_prompt_logprobs=0, adapter=None, notify=False,\n"
+     "       topk_sample_logprobs=0) -> Request"},
     {"snapshot_adapter", (PyCFunction)(void (*)(void))engine_snapshot_adapter, METH_VARARGS | METH_KEYWORDS,
      "snapshot_adapter(adapter, notify=False) -> Request; result() -> a frozen Adapter copy, taken at its place in the queue"},
     {"wake_fd", (PyCFunction)engine_wake_fd, METH_NOARGS, "wake_fd() -> int: readable when notify requests finish"},

@@ -17,6 +17,7 @@ from .checkpoints import (
     WeightsInfoResponse,
     WhoamiResponse,
 )
+from .custom_loss import CustomLossInput, CustomLossInputRank
 from .datum import (
     Datum,
     ForwardBackwardInput,
@@ -34,26 +35,38 @@ from .model_input import (
     ModelInputChunk,
 )
 from .params import (
+    AdamOptimizerConfig,
     AdamParams,
+    DimuonOptimizerConfig,
+    DimuonParams,
     LoraConfig,
+    OptimizerConfig,
+    OptimizerConfigBase,
+    OptimParams,
+    OptimParamsBase,
     OptimStepRequest,
     SampleRequest,
     SamplingParams,
     StopReason,
 )
+from .provenance import PromptProvenanceSpan, ProvenanceSpans, SampledProvenanceSpan
 from .responses import (
+    ExternalWeightsUrlsResponse,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoadWeightsResponse,
     ModelData,
     ModelID,
     OptimStepResponse,
+    PromptAltTokens,
     RequestErrorCategory,
     SampledSequence,
     SampleResponse,
     SaveWeightsForSamplerResponse,
+    SaveWeightsExternalResponse,
     SaveWeightsResponse,
     SupportedModel,
+    TopkLogprobs,
     TopkPromptLogprobs,
 )
 from .service import (
@@ -113,4 +126,9 @@ __all__ = [
     "ClientSessionFinished", "BillingUsageResponse", "BillingUsageEvent", "BillingUsageSession", "BillingEventInfo",
     "TrainingBillingEvent", "SamplingPrefillBillingEvent", "SamplingSampleBillingEvent", "CheckpointBillingEvent",
     "StorageBillingEvent", "CurrentCheckpointStorageUsageResponse", "CurrentCheckpointStorageUsageItem",
+    # 0.30-0.38: optimizers, provenance, custom losses, sampling extras, external weights
+    "OptimizerConfig", "OptimizerConfigBase", "AdamOptimizerConfig", "DimuonOptimizerConfig", "OptimParams",
+    "OptimParamsBase", "DimuonParams", "PromptProvenanceSpan", "SampledProvenanceSpan", "ProvenanceSpans",
+    "CustomLossInput", "CustomLossInputRank", "PromptAltTokens", "TopkLogprobs",
+    "SaveWeightsExternalResponse", "ExternalWeightsUrlsResponse",
 ]  # fmt: skip

@@ -18,7 +18,8 @@ __all__ = [
 CheckpointType = Literal["training", "sampler", "external"]
 
 TINKER_PREFIX = "tinker://"
-CHECKPOINT_TYPE_OF_KIND = {"weights": "training", "sampler_weights": "sampler"}  # path kind -> CheckpointType
+CHECKPOINT_TYPE_OF_KIND = {"weights": "training", "sampler_weights": "sampler",
+                           "external_weights": "external"}  # path kind -> CheckpointType
 
 
 class Checkpoint(BaseModel):
@@ -54,8 +55,8 @@ class ParsedCheckpointTinkerPath(BaseModel):
                              f"tinker://<training_run_id>/<weights|sampler_weights>/<name>")
         run_id, kind, name = parts
         if kind not in CHECKPOINT_TYPE_OF_KIND:
-            raise ValueError(f"Invalid tinker path {tinker_path!r}: the checkpoint kind must be 'weights' or "
-                             f"'sampler_weights', got {kind!r}")
+            raise ValueError(f"Invalid tinker path {tinker_path!r}: the checkpoint kind must be 'weights', "
+                             f"'sampler_weights' or 'external_weights', got {kind!r}")
         for part in (run_id, name):
             if part in ("", ".", "..") or "\0" in part:
                 raise ValueError(f"Invalid tinker path {tinker_path!r}: {part!r} is not a valid run id or "

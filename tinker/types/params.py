@@ -5,12 +5,16 @@ import operator
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import field_validator, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
 from ._base import BaseModel, StrictBase, _check, _finite
 from .model_input import ModelInput
 
-__all__ = ["AdamParams", "LoraConfig", "SamplingParams", "OptimStepRequest", "SampleRequest", "StopReason"]
+__all__ = ["AdamParams", "LoraConfig", "SamplingParams", "OptimStepRequest", "SampleRequest", "StopReason",
+           "OptimizerConfigBase", "AdamOptimizerConfig", "DimuonOptimizerConfig", "OptimizerConfig",
+           "OptimParamsBase", "DimuonParams", "OptimParams", "SamplingClientKind"]  # fmt: skip
+
+from .service import SamplingClientKind  # noqa: E402  (one definition, in service.py)
 
 StopReason = Literal["length", "stop"]
 
@@ -33,6 +37,54 @@ class AdamParams(StrictBase):
     @classmethod
     def _finite_values(cls, value: float, info) -> float:
         return _finite(info.field_name, value)
+
+
+class OptimizerConfigBase(StrictBase):
+    """The optimizer family a training client uses for its whole life, chosen at creation (`type`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+    type: str
+
+
+class AdamOptimizerConfig(OptimizerConfigBase):
+    """AdamW, the default: each optim_step takes AdamParams."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    type: Literal["adamw"] = "adamw"
+
+
+class DimuonOptimizerConfig(OptimizerConfigBase):
+    """Dimuon: each optim_step takes DimuonParams. (This local engine cannot run it: its update rule
+    is not public; see TrainingClient.optim_step.)"""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    type: Literal["dimuon"] = "dimuon"
+    version: Literal[1] = 1
+
+
+OptimizerConfig = Union[AdamOptimizerConfig, DimuonOptimizerConfig, OptimizerConfigBase]
+
+
+class OptimParamsBase(StrictBase):
+    """Per-step hyperparameters of a non-Adam optimizer family (`type`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+    type: str
+
+
+class DimuonParams(OptimParamsBase):
+    """Hyperparameters of one Dimuon step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    type: Literal["dimuon"] = "dimuon"
+    learning_rate: float = Field(ge=0)
+    grad_clip_norm: float = 0.0
+    """Maximum global gradient norm; nonpositive values disable clipping."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """EMA coefficient of the momentum."""
+
+
+OptimParams = Union[AdamParams, DimuonParams, OptimParamsBase]
 
 
 class LoraConfig(StrictBase):
@@ -109,10 +161,19 @@ class SamplingParams(BaseModel):
 
 
 class OptimStepRequest(StrictBase):
-    adam_params: AdamParams
+    """The wire form of an optim_step: `optim_params` (also accepted as `adam_params` or
+    `optimizer_params`) are AdamParams or another family's params such as DimuonParams."""
+
+    optim_params: OptimParams = Field(validation_alias=AliasChoices("optim_params", "adam_params",
+                                                                    "optimizer_params"))
     model_id: str  # ModelID
     seq_id: Optional[int] = None
     type: Literal["optim_step"] = "optim_step"
+
+    @property
+    def adam_params(self) -> Optional[AdamParams]:
+        """The params when they are AdamParams (the 0.25-era field name), else None."""
+        return self.optim_params if isinstance(self.optim_params, AdamParams) else None
 
 
 class SampleRequest(StrictBase):
@@ -127,6 +188,13 @@ class SampleRequest(StrictBase):
     seq_id: Optional[int] = None
     prompt_logprobs: Optional[bool] = None
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Optional[Any] = None
+    """int64 token ids [len(prompt) - 1, K] (a TensorData or array): cell [i, j] is scored at prompt
+    position i + 1; -1 asks for nothing."""
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: Optional[int] = None
+    record_stability_info: Optional[bool] = None
     type: Literal["sample"] = "sample"
 
     @field_validator("num_samples")
@@ -134,8 +202,8 @@ class SampleRequest(StrictBase):
     def _num_samples(cls, value: int) -> int:
         return _check("num_samples", value, value >= 1, ">= 1")
 
-    @field_validator("topk_prompt_logprobs")
+    @field_validator("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
     @classmethod
-    def _topk(cls, value: int) -> int:
-        return _check("topk_prompt_logprobs", value, value >= 0, ">= 0")
+    def _topk(cls, value: int, info) -> int:
+        return _check(info.field_name, value, value >= 0, ">= 0")
 

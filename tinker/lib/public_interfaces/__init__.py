@@ -2,6 +2,7 @@
 `from tinker.lib.public_interfaces import APIFuture`)."""
 
 from .api_future import APIFuture, AwaitableConcurrentFuture
+from .custom_loss import LossHandle, PerDatumLossFn
 from .rest_client import RestClient
 from .sampling_client import BackcompatSamplingClientFuture, SamplingClient
 from .service_client import ServiceClient
@@ -9,5 +10,5 @@ from .training_client import BackcompatTrainingClientFuture, TrainingClient
 
 __all__ = [
     "APIFuture", "AwaitableConcurrentFuture", "BackcompatSamplingClientFuture", "BackcompatTrainingClientFuture",
-    "RestClient", "SamplingClient", "ServiceClient", "TrainingClient",
+    "LossHandle", "PerDatumLossFn", "RestClient", "SamplingClient", "ServiceClient", "TrainingClient",
 ]  # fmt: skip

@@ -42,10 +42,10 @@ from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
 from ...types import (
     Checkpoint, CheckpointArchiveUrlResponse, CheckpointsListResponse, ClientSessionFinished,
-    CurrentCheckpointStorageUsageItem, CurrentCheckpointStorageUsageResponse, Cursor, GetSamplerResponse,
-    GetServerCapabilitiesResponse, GetSessionResponse, ListSessionsResponse, SessionActive, SessionSearchCursor,
-    SessionSearchRequest, SessionSearchResponse, SessionSummary, TrainingRun, TrainingRunsResponse,
-    WeightsInfoResponse, WhoamiResponse,
+    CurrentCheckpointStorageUsageItem, CurrentCheckpointStorageUsageResponse, Cursor, ExternalWeightsUrlsResponse,
+    GetSamplerResponse, GetServerCapabilitiesResponse, GetSessionResponse, ListSessionsResponse, SessionActive,
+    SessionSearchCursor, SessionSearchRequest, SessionSearchResponse, SessionSummary, TrainingRun,
+    TrainingRunsResponse, WeightsInfoResponse, WhoamiResponse,
 )  # fmt: skip
 from .service_client import server_capabilities, session_status
 
@@ -306,6 +306,23 @@ def _archive_url(run_id: str, kind: str, name: str) -> CheckpointArchiveUrlRespo
     return CheckpointArchiveUrlResponse(url=target.as_uri(), expires=expires)
 
 
+def _external_urls(run_id: str, kind: str, name: str) -> ExternalWeightsUrlsResponse:
+    """file:// URLs of an external_weights checkpoint's files (not its manifest), checked first."""
+    if kind != "external_weights":
+        raise BadRequestError(f"{ckpt.tinker_path(run_id, kind, name)} is not an external weights checkpoint "
+                              f"(tinker://<run>/external_weights/<name>, from TrainingClient.save_weights_external)")
+    directory, manifest = _live_manifest(run_id, kind, name)
+    urls = {}
+    for file_name, entry in sorted(manifest.get("files", {}).items()):
+        ckpt.read_verified(directory, file_name, entry)  # a corrupt file fails here, not after the download
+        urls[file_name] = (directory / file_name).as_uri()
+    expires = datetime.now(timezone.utc) + _ARCHIVE_URL_LIFETIME
+    checkpoint = _checkpoint(run_id, kind, name)
+    if checkpoint is not None and checkpoint.expires_at is not None:
+        expires = min(expires, checkpoint.expires_at)
+    return ExternalWeightsUrlsResponse(urls=urls, expires=expires, encrypted=bool(manifest.get("encrypted")))
+
+
 # ---- sessions, samplers, user ------------------------------------------------------------------
 
 
@@ -539,6 +556,14 @@ class RestClient:
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[WeightsInfoResponse]:
         """The base model and LoRA configuration a checkpoint was saved with."""
         return _completed(_at, tinker_path, _weights_info)
+
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[ExternalWeightsUrlsResponse]:
+        """Download URLs (file:// here) of the files of a tinker://<run>/external_weights/<name>
+        checkpoint, keyed by file name (`<file>.age` when it was saved for age recipients)."""
+        return _completed(_at, tinker_path, _external_urls)
+
+    async def get_external_weights_urls_async(self, tinker_path: str) -> ExternalWeightsUrlsResponse:
+        return await asyncio.to_thread(_at, tinker_path, _external_urls)
 
     def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned",
                            project_id: str | None = None) -> ConcurrentAPIFuture[TrainingRunsResponse]:

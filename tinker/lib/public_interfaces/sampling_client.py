@@ -23,7 +23,7 @@ from ..._futures import ClientFuture, ConcurrentAPIFuture, EngineFuture, concurr
 from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
-from ...types import ModelInput, SampledSequence, SampleResponse, SamplingParams
+from ...types import ModelInput, PromptAltTokens, SampledSequence, SampleResponse, SamplingParams, TensorData
 
 if TYPE_CHECKING:
     from .service_client import ServiceClient
@@ -41,12 +41,67 @@ def _prompt_tokens(prompt) -> list[int]:
                           f"{type(prompt).__name__}")
 
 
-def _sample_response(pending: PendingSample) -> SampleResponse:
+_sequence_ids = itertools.count()
+
+
+def _topk_lists(ids, lps):
+    return None if ids is None else [list(zip(map(int, i), map(float, lp))) for i, lp in zip(ids, lps)]
+
+
+def _sample_response(pending: PendingSample, session: str, extras: dict | None = None) -> SampleResponse:
+    """The public response; `extras` holds what the prompt options asked for (see _prompt_extras)."""
     raw = pending.result()
-    sequences = [SampledSequence(stop_reason=s.stop_reason, tokens=s.tokens, logprobs=s.logprobs)
+    sequences = [SampledSequence(stop_reason=s.stop_reason, tokens=s.tokens, logprobs=s.logprobs,
+                                 sequence_id=f"{session}:seq:{next(_sequence_ids)}",
+                                 topk_logprobs=_topk_lists(s.topk_ids, s.topk_logprobs))
                  for s in raw.sequences]
-    return SampleResponse(sequences=sequences, prompt_logprobs=raw.prompt_logprobs,
-                          topk_prompt_logprobs=raw.topk_prompt_logprobs)
+    prompt_lp, topk = raw.prompt_logprobs, raw.topk_prompt_logprobs
+    extras = extras or {}
+    last_n = extras.get("last_n")
+    if last_n is not None:  # only the last n positions are scored
+        first = len(prompt_lp) - last_n
+        prompt_lp = [None] * first + prompt_lp[first:]
+        topk = None if topk is None else [None] * first + topk[first:]
+    target, alt = None, None
+    if "logits" in extras:
+        target, alt = _prompt_extras(np.asarray(extras["logits"].result()), extras)
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk,
+                          target_prompt_logprobs=target, prompt_alt_tokens=alt)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+
+def _prompt_extras(logits: np.ndarray, extras: dict):
+    """target_prompt_logprobs and prompt_alt_tokens from the prompt's logits [P, V]: row i predicts
+    prompt[i + 1], so rows 0..P-2 score positions 1..P-1."""
+    target = alt = None
+    rows = logits[:-1]
+    if extras.get("target_ids") is not None:
+        ids = extras["target_ids"]  # [P - 1, K] int64, -1 = nothing asked
+        lp = _log_softmax(rows)
+        picked = np.take_along_axis(lp, np.where(ids < 0, 0, ids), axis=1)
+        target = TensorData.from_numpy(np.where(ids < 0, 0.0, picked).astype(np.float32))
+    k = extras.get("alt_k", 0)
+    if k:
+        temperature = extras["temperature"]
+        rng = np.random.default_rng(extras["seed"])
+        lp_t = _log_softmax(rows / temperature) if temperature > 0 else _log_softmax(rows)
+        if temperature > 0:
+            probs = np.exp(lp_t)
+            cdf = np.cumsum(probs, axis=1)
+            u = rng.random((rows.shape[0], k)) * cdf[:, -1:]
+            tokens = np.stack([np.searchsorted(cdf[i], u[i], side="right") for i in range(rows.shape[0])])
+            tokens = np.minimum(tokens, rows.shape[1] - 1)
+        else:  # greedy: every draw is the most likely token
+            tokens = np.repeat(np.argmax(rows, axis=1)[:, None], k, axis=1)
+        alt_lp = np.take_along_axis(lp_t, tokens, axis=1)
+        alt = PromptAltTokens(tokens=TensorData.from_numpy(tokens.astype(np.int64)),
+                              logprobs=TensorData.from_numpy(alt_lp.astype(np.float32)))
+    return target, alt
 
 
 def _runnable_top_p(top_p: float) -> float:
@@ -69,6 +124,13 @@ class SamplingClient:
         self._snapshot = snapshot
         self._lora_config = lora_config  # rank and train_* flags of the snapshot's adapter
         self._model_path = model_path
+        # record_stability_info: sequences always carry a sequence_id here; the sampler and the trainer
+        # share this process's numerics, so nothing else needs recording for stable_reinforce
+        self.record_stability_info = False
+
+    def _recording(self, record_stability_info: bool) -> "SamplingClient":
+        self.record_stability_info = bool(record_stability_info)
+        return self
 
     @classmethod
     def _for_base(cls, holder, base_model: str) -> "SamplingClient":
@@ -96,7 +158,7 @@ class SamplingClient:
     # ---- sampling ------------------------------------------------------------------------
 
     def _submit(self, prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
-                max_tokens=None) -> PendingSample:
+                max_tokens=None, topk_sample_logprobs: int = 0) -> PendingSample:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if not isinstance(sampling_params, SamplingParams):
@@ -111,41 +173,100 @@ class SamplingClient:
             top_k=p.top_k, top_p=_runnable_top_p(p.top_p), min_p=p.min_p, seed=p.seed, stop=p.stop,
             include_prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty, adapter=self._snapshot, notify=True)
+            frequency_penalty=p.frequency_penalty, adapter=self._snapshot, notify=True,
+            topk_sample_logprobs=_count("topk_sample_logprobs", topk_sample_logprobs))
+
+    def _extras(self, prompt, sampling_params, include_prompt_logprobs, topk_prompt_logprobs, target_prompt_logprobs,
+                prompt_alt_tokens_k, prompt_logprobs_last_n) -> dict:
+        """Checks the 0.33+ prompt options; queues the prompt's logits when they need them."""
+        tokens = _prompt_tokens(prompt)
+        n_prompt = len(tokens)
+        extras: dict = {}
+        if prompt_logprobs_last_n is not None:
+            if not (include_prompt_logprobs or topk_prompt_logprobs):
+                raise BadRequestError("prompt_logprobs_last_n needs include_prompt_logprobs=True (or "
+                                      "topk_prompt_logprobs)")
+            n = prompt_logprobs_last_n
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= n_prompt - 1:
+                raise BadRequestError(f"prompt_logprobs_last_n must be from 1 to len(prompt) - 1 = {n_prompt - 1}, "
+                                      f"got {n!r}")
+            extras["last_n"] = int(n)
+        if target_prompt_logprobs is not None:
+            ids = np.asarray(target_prompt_logprobs.to_numpy() if hasattr(target_prompt_logprobs, "to_numpy")
+                             else target_prompt_logprobs)
+            if ids.ndim == 1:
+                ids = ids[:, None]
+            if ids.ndim != 2 or ids.shape[0] != n_prompt - 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise BadRequestError(f"target_prompt_logprobs must be int token ids of shape [len(prompt) - 1, K] = "
+                                      f"[{n_prompt - 1}, K], got {ids.dtype} {list(ids.shape)}")
+            if np.any((ids < -1) | (ids >= self._model.vocab_size)):
+                raise BadRequestError(f"target_prompt_logprobs holds ids outside the vocabulary [0, "
+                                      f"{self._model.vocab_size}) (-1 asks for nothing)")
+            extras["target_ids"] = ids.astype(np.int64)
+        k = _count("prompt_alt_tokens_k", prompt_alt_tokens_k)
+        if k:
+            p = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams()
+            extras.update(alt_k=k, temperature=float(p.temperature), seed=p.seed)
+        if ("target_ids" in extras or k) and n_prompt < 2:
+            raise BadRequestError("target_prompt_logprobs and prompt_alt_tokens_k need a prompt of 2 tokens or more")
+        if "target_ids" in extras or k:
+            extras["logits"] = self._model.submit_forward([tokens], adapter=None if self._snapshot is None
+                                                          else self._snapshot.handle)
+        return extras
 
     def sample(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+               target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
                ) -> ConcurrentAPIFuture[SampleResponse]:
-        """num_samples completions of the prompt: `.result()` or `await` it. Each sequence's tokens
-        end with the matched stop string or token (stop_reason "stop") or run to max_tokens
-        ("length"); logprobs are always given."""
+        """num_samples completions of the prompt: `.result()` or `await` it. Each sequence's tokens end
+        with the matched stop string or token (stop_reason "stop") or run to max_tokens ("length");
+        logprobs are always given, and each sequence has a sequence_id. `topk_sample_logprobs=k` adds each
+        generated token's top k (SampledSequence.topk_logprobs); `prompt_logprobs_last_n` scores only the
+        prompt's last n tokens; `target_prompt_logprobs` ([len(prompt) - 1, K] ids) and
+        `prompt_alt_tokens_k` fill the response's fields of those names."""
         try:
+            extras = self._extras(prompt, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
+                                  target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
             pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                   topk_prompt_logprobs)
+                                   topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
         except BadRequestError as e:
             return failed_concurrent_future(e)
-        return concurrent_future(pending._request, lambda: _sample_response(pending))
+        return concurrent_future(pending._request,
+                                 lambda: _sample_response(pending, self.sampling_session_id, extras))
 
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
-                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResponse:
-        pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs)
-        return await EngineFuture(pending._request, lambda: _sample_response(pending)).result_async()
+                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                           topk_sample_logprobs: int = 0, target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0,
+                           prompt_logprobs_last_n: int | None = None) -> SampleResponse:
+        extras = self._extras(prompt, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
+                              target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
+        pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
+                               topk_sample_logprobs=topk_sample_logprobs)
+        return await EngineFuture(pending._request,
+                                  lambda: _sample_response(pending, self.sampling_session_id, extras)).result_async()
 
-    def _submit_logprobs(self, prompt) -> PendingSample:
+    def _submit_logprobs(self, prompt, last_n) -> tuple[PendingSample, dict]:
+        extras = self._extras(prompt, None, True, 0, None, 0, last_n)
         # max_tokens 0: the prompt's logprobs come from the prefill alone
-        return self._submit(prompt, 1, SamplingParams(), True, 0, max_tokens=0)
+        return self._submit(prompt, 1, SamplingParams(), True, 0, max_tokens=0), extras
 
-    def compute_logprobs(self, prompt: ModelInput) -> ConcurrentAPIFuture[list[float | None]]:
-        """log p(prompt[i] | prompt[:i]) for every position; entry 0 is None (`.result()` or `await`)."""
+    def _logprobs(self, pending, extras) -> list[float | None]:
+        return _sample_response(pending, self.sampling_session_id, extras).prompt_logprobs
+
+    def compute_logprobs(self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
+                         ) -> ConcurrentAPIFuture[list[float | None]]:
+        """log p(prompt[i] | prompt[:i]) for every position (or the last `prompt_logprobs_last_n`);
+        entry 0 is None (`.result()` or `await`)."""
         try:
-            pending = self._submit_logprobs(prompt)
+            pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
         except BadRequestError as e:
             return failed_concurrent_future(e)
-        return concurrent_future(pending._request, lambda: pending.result().prompt_logprobs)
+        return concurrent_future(pending._request, lambda: self._logprobs(pending, extras))
 
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        pending = self._submit_logprobs(prompt)
-        return await EngineFuture(pending._request, lambda: pending.result().prompt_logprobs).result_async()
+    async def compute_logprobs_async(self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
+                                     ) -> list[float | None]:
+        pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
+        return await EngineFuture(pending._request, lambda: self._logprobs(pending, extras)).result_async()
 
     # ---- information -------------------------------------------------------------------
 
@@ -165,6 +286,12 @@ class SamplingClient:
         if self._snapshot is not None and self._model_path is None:  # an ephemeral snapshot travels by value
             weights = (self._lora_config, self._snapshot.parameters())
         return (_rebuild_sampling_client, (self._base_model, self._model_path, weights))
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 1000:
+        raise BadRequestError(f"{name} must be an integer from 0 to 1000, got {value!r}")
+    return int(value)
 
 
 def _new_sampler_id(holder) -> str:

@@ -25,11 +25,12 @@ from typing import Any, Literal, Mapping
 from ... import _checkpoints as ckpt
 from ..._engine import load_model
 from ..._exceptions import BadRequestError
-from ..._futures import APIFuture, background_work_done, in_background
+from ..._futures import APIFuture, DoneFuture, background_work_done, in_background
 from ..._models import available_models
 from ..._restore import saved_config
 from ..._training import LoraAdapter
-from ...types import GetServerCapabilitiesResponse, SupportedModel
+from ...types import AdamOptimizerConfig, GetServerCapabilitiesResponse, OptimizerConfigBase, SupportedModel
+from .custom_loss import LossHandle, make_handle
 from .sampling_client import BackcompatSamplingClientFuture, SamplingClient, check_model_path
 from .training_client import BackcompatTrainingClientFuture, TrainingClient
 
@@ -116,38 +117,43 @@ class ServiceClient:
     # ---- training ----------------------------------------------------------------------
 
     def _new_training_client(self, seq_id: int, base_model: str, rank, seed, train_mlp, train_attn, train_unembed,
-                             user_metadata) -> TrainingClient:
+                             user_metadata, optimizer) -> TrainingClient:
         model = load_model(base_model)
         adapter = LoraAdapter(model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                               train_unembed=train_unembed)
         return TrainingClient(self, seq_id, f"{self.session_id}:train:{seq_id}", adapter=adapter,
-                              base_model=base_model, user_metadata={**self.user_metadata, **(user_metadata or {})})
+                              base_model=base_model, user_metadata={**self.user_metadata, **(user_metadata or {})},
+                              optimizer=optimizer)
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
-                                    user_metadata: dict[str, str] | None = None
+                                    user_metadata: dict[str, str] | None = None, optimizer=None
                                     ) -> BackcompatTrainingClientFuture:
         """A future of a TrainingClient for a new LoRA adapter (alpha 32; A random from `seed`, B zero)
-        on `base_model`, which is loaded on first use: `.result()` or `await` it."""
+        on `base_model`, which is loaded on first use: `.result()` or `await` it. `optimizer` (fixed for
+        the client's life): AdamOptimizerConfig(), the default."""
         self._check_open()
+        optimizer = _check_optimizer(optimizer)
         if not (train_mlp or train_attn or train_unembed):
             raise BadRequestError("at least one of train_mlp, train_attn, train_unembed must be True")
         seq_id = next(self._training_ids)  # ids in call order, whatever order the loads finish in
         return BackcompatTrainingClientFuture(in_background(
             self._new_training_client, seq_id, base_model, rank, seed, train_mlp, train_attn, train_unembed,
-            user_metadata))
+            user_metadata, optimizer))
 
     async def create_lora_training_client_async(self, base_model: str, rank: int = 32, seed: int | None = None,
                                                 train_mlp: bool = True, train_attn: bool = True,
                                                 train_unembed: bool = True,
-                                                user_metadata: dict[str, str] | None = None) -> TrainingClient:
+                                                user_metadata: dict[str, str] | None = None,
+                                                optimizer=None) -> TrainingClient:
         return await self.create_lora_training_client(base_model, rank, seed, train_mlp, train_attn, train_unembed,
-                                                      user_metadata)
+                                                      user_metadata, optimizer)
 
     # ---- sampling ----------------------------------------------------------------------
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
-                               retry_config=None) -> BackcompatSamplingClientFuture:
+                               retry_config=None, record_stability_info: bool = False
+                               ) -> BackcompatSamplingClientFuture:
         """A future of a sampler on `base_model`'s own weights, or on the weights saved at a
         tinker:// `model_path`: `.result()` or `await` it."""
         self._check_open()
@@ -155,44 +161,65 @@ class ServiceClient:
             raise ValueError("Either model_path or base_model must be provided")
         if model_path is not None:
             check_model_path(model_path)
-            return BackcompatSamplingClientFuture(in_background(SamplingClient._for_path, self, model_path))
-        return BackcompatSamplingClientFuture(in_background(SamplingClient._for_base, self, base_model))
+            return BackcompatSamplingClientFuture(in_background(
+                lambda: SamplingClient._for_path(self, model_path)._recording(record_stability_info)))
+        return BackcompatSamplingClientFuture(in_background(
+            lambda: SamplingClient._for_base(self, base_model)._recording(record_stability_info)))
 
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
-                                           retry_config=None) -> SamplingClient:
-        return await self.create_sampling_client(model_path, base_model, retry_config)
+                                           retry_config=None, record_stability_info: bool = False) -> SamplingClient:
+        return await self.create_sampling_client(model_path, base_model, retry_config, record_stability_info)
+
+    # ---- custom losses -----------------------------------------------------------------
+
+    def create_custom_loss(self, fn, input_ranks) -> "APIFuture[LossHandle]":
+        """A LossHandle for TrainingClient.forward_backward_custom. `fn(logprobs, *inputs)` runs once per
+        datum (the losses are summed): `logprobs` are the datum's target logprobs, the other parameters
+        the loss_fn_inputs keys of the same names; it returns (scalar loss, {"custom/<name>:sum" or
+        ":mean": scalar}). `input_ranks` gives each parameter's rank (0 scalar, 1 [T], 2 [T, K]).
+        Here the loss always runs in this process."""
+        try:
+            return DoneFuture(make_handle(fn, input_ranks, self.session_id))
+        except (TypeError, ValueError) as e:
+            return DoneFuture(error=e)
 
     # ---- from saved state ----------------------------------------------------------------
 
     def _from_state(self, seq_id: int, path: str, base_model: str | None, user_metadata,
-                    with_optimizer: bool) -> TrainingClient:
+                    with_optimizer: bool, optimizer=None) -> TrainingClient:
         config = saved_config(path)
         base = base_model or config.base_model
         if base is None:
             raise BadRequestError(f"{path}: the adapter does not name its base model; pass base_model=")
         client = self._new_training_client(seq_id, base, config.rank, None, config.train_mlp, config.train_attn,
-                                           config.train_unembed, user_metadata)
+                                           config.train_unembed, user_metadata, optimizer)
         load = client.load_state_with_optimizer if with_optimizer else client.load_state
         load(path).result()
         return client
 
-    def _submit_from_state(self, path, base_model, user_metadata, with_optimizer) -> BackcompatTrainingClientFuture:
+    def _submit_from_state(self, path, base_model, user_metadata, with_optimizer,
+                           optimizer=None) -> BackcompatTrainingClientFuture:
         self._check_open()
+        optimizer = _check_optimizer(optimizer)
         seq_id = next(self._training_ids)
         return BackcompatTrainingClientFuture(in_background(self._from_state, seq_id, path, base_model,
-                                                            user_metadata, with_optimizer))
+                                                            user_metadata, with_optimizer, optimizer))
 
     def create_training_client_from_state(self, path: str, base_model: str | None = None,
                                           user_metadata: dict[str, str] | None = None,
-                                          weights_access_token: str | None = None) -> BackcompatTrainingClientFuture:
+                                          weights_access_token: str | None = None,
+                                          optimizer=None) -> BackcompatTrainingClientFuture:
         """A future of a new training client with the LoRA config and weights saved at `path` (a
-        tinker:// path, or a PEFT adapter directory); the optimizer starts afresh."""
-        return self._submit_from_state(path, base_model, user_metadata, with_optimizer=False)
+        tinker:// path, or a PEFT adapter directory); the optimizer (`optimizer`, AdamW by default)
+        starts afresh."""
+        return self._submit_from_state(path, base_model, user_metadata, with_optimizer=False, optimizer=optimizer)
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
                                                       user_metadata: dict[str, str] | None = None,
-                                                      weights_access_token: str | None = None) -> TrainingClient:
-        return await self._submit_from_state(path, base_model, user_metadata, with_optimizer=False)
+                                                      weights_access_token: str | None = None,
+                                                      optimizer=None) -> TrainingClient:
+        return await self._submit_from_state(path, base_model, user_metadata, with_optimizer=False,
+                                             optimizer=optimizer)
 
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata: dict[str, str] | None = None,
@@ -224,5 +251,47 @@ class ServiceClient:
     def get_telemetry(self):
         return None
 
+
+def _check_optimizer(optimizer):
+    """AdamOptimizerConfig (the default) runs here; Dimuon's update rule is not public, so it cannot."""
+    if optimizer is None:
+        return AdamOptimizerConfig()
+    if isinstance(optimizer, dict):
+        optimizer = OptimizerConfigBase(**optimizer)
+    family = getattr(optimizer, "type", None)
+    if not isinstance(optimizer, OptimizerConfigBase) or family is None:
+        raise BadRequestError(f"optimizer must be an optimizer config such as tinker.AdamOptimizerConfig(), got "
+                              f"{optimizer!r}")
+    if family == "adamw":
+        return AdamOptimizerConfig()
+    if family == "dimuon":
+        raise BadRequestError(
+            "the Dimuon optimizer is not available in this local engine: Tinker's public documentation names its "
+            "hyperparameters (learning_rate, beta1, grad_clip_norm) but not its update rule (the matrix-sign "
+            "iteration and its iteration count, the normalization epsilon, the row/column preconditioners and "
+            "their damping), so it cannot be reproduced; use AdamOptimizerConfig()")
+    raise BadRequestError(f"unknown optimizer type {family!r}; this engine has 'adamw' (AdamOptimizerConfig)")
+
+
+
+def _check_optimizer(optimizer):
+    """AdamOptimizerConfig (the default) runs here; Dimuon's update rule is not public, so it cannot."""
+    if optimizer is None:
+        return AdamOptimizerConfig()
+    if isinstance(optimizer, dict):
+        optimizer = OptimizerConfigBase(**optimizer)
+    family = getattr(optimizer, "type", None)
+    if not isinstance(optimizer, OptimizerConfigBase) or family is None:
+        raise BadRequestError(f"optimizer must be an optimizer config such as tinker.AdamOptimizerConfig(), got "
+                              f"{optimizer!r}")
+    if family == "adamw":
+        return AdamOptimizerConfig()
+    if family == "dimuon":
+        raise BadRequestError(
+            "the Dimuon optimizer is not available in this local engine: Tinker's public documentation names its "
+            "hyperparameters (learning_rate, beta1, grad_clip_norm) but not its update rule (the matrix-sign "
+            "iteration and its iteration count, the normalization epsilon, the row/column preconditioners and "
+            "their damping), so it cannot be reproduced; use AdamOptimizerConfig()")
+    raise BadRequestError(f"unknown optimizer type {family!r}; this engine has 'adamw' (AdamOptimizerConfig)")
 
 __all__ = ["ServiceClient"]

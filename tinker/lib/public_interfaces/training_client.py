@@ -10,6 +10,8 @@ coroutines that return the same future (two awaits: queued, then done).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,18 +20,22 @@ import numpy as np
 from ... import _checkpoints as ckpt
 from ... import _restore as restore
 from ..._exceptions import BadRequestError, TinkerError
-from ..._futures import APIFuture, ClientFuture, DoneFuture, EngineFuture, background_future, in_background
+from ..._futures import (
+    APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, in_background,
+)
 from ..._training import EXP_AVG, EXP_AVG_SQ, PARAMS, LoraAdapter, optim_metrics
 from ...types import (
-    AdamParams, Datum, ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, ModelData, OptimStepResponse,
-    SamplingClientKind, SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData,
+    AdamOptimizerConfig, AdamParams, Datum, DimuonParams, ForwardBackwardOutput, GetInfoResponse,
+    LoadWeightsResponse, ModelData, OptimStepResponse, SampledProvenanceSpan, SamplingClientKind,
+    SaveWeightsExternalResponse, SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData,
 )  # fmt: skip
+from . import custom_loss
+from .custom_loss import LossHandle
 
 if TYPE_CHECKING:
     from .sampling_client import BackcompatSamplingClientFuture, SamplingClient
     from .service_client import ServiceClient
 
-_CUSTOM_INPUTS = ("target_tokens", "weights")
 
 
 def _engine_datum(i: int, datum) -> tuple:
@@ -53,8 +59,13 @@ class TrainingClient:
     """Trains one LoRA adapter. Made by ServiceClient.create_lora_training_client, not directly."""
 
     def __init__(self, holder: "ServiceClient", model_seq_id: int, model_id: str, *, adapter: LoraAdapter,
-                 base_model: str, user_metadata: dict[str, str] | None = None):
+                 base_model: str, user_metadata: dict[str, str] | None = None, optimizer=None):
         self.holder = holder
+        self._optimizer = optimizer if optimizer is not None else AdamOptimizerConfig()
+        # forward_backward_custom queues its backward pass from a worker thread once the user's loss has
+        # run; requests made meanwhile wait for it here, so they still run after it (Tinker's order)
+        self._turn = threading.Lock()
+        self._custom_queued: threading.Event | None = None
         self.model_seq_id = model_seq_id
         self.model_id = model_id
         self._adapter = adapter
@@ -66,10 +77,24 @@ class TrainingClient:
 
     # ---- forward / backward -----------------------------------------------------------
 
-    def _submit(self, data, loss_fn, loss_fn_config, backward: bool) -> APIFuture[ForwardBackwardOutput]:
+    def _wait_turn(self) -> None:
+        """Waits until a pending forward_backward_custom has queued its backward pass."""
+        event = self._custom_queued
+        if event is not None:
+            event.wait()
+
+    def _submit(self, data, loss_fn, loss_fn_config, backward: bool,
+                ordered: bool = True) -> APIFuture[ForwardBackwardOutput]:
         if not data:
             raise ValueError("No data provided")
+        if ordered:
+            self._wait_turn()
         try:
+            if loss_fn == "custom":
+                raise BadRequestError("loss_fn 'custom' runs a loss uploaded to Tinker's servers; here pass the "
+                                      "LossHandle from create_custom_loss to forward_backward_custom")
+            if loss_fn == "stable_reinforce":
+                _check_provenance(data)
             pending = self._adapter.submit([_engine_datum(i, d) for i, d in enumerate(data)], loss_fn,
                                            loss_fn_config, backward=backward, notify=True)
         except BadRequestError as e:  # rejected before queueing: the future carries it, as the service's 400 would
@@ -97,75 +122,127 @@ class TrainingClient:
 
     # ---- custom losses (Tinker's client-side two-pass recipe) --------------------------
 
-    def _custom_inputs(self, data) -> list[Datum]:
-        """The datums for the first pass: target_tokens and weights only (zeros when absent)."""
+    def _custom_forward_data(self, data) -> list[Datum]:
+        """The first pass's datums: target_tokens and weights (zeros when absent), provenance kept."""
         if not data:
             raise ValueError("No data provided")
         prepared = []
         for i, datum in enumerate(data):
-            keys = set(datum.loss_fn_inputs)
-            if "target_tokens" not in keys:
+            if not isinstance(datum, Datum):
+                raise ValueError(f"datum {i}: expected a tinker.Datum, got {type(datum).__name__}")
+            targets = datum.loss_fn_inputs.get("target_tokens")
+            if targets is None:
                 raise ValueError(f"datum {i}: forward_backward_custom needs loss_fn_inputs['target_tokens']")
-            extra = sorted(keys - set(_CUSTOM_INPUTS))
-            if extra:
-                raise ValueError(f"datum {i}: forward_backward_custom takes only target_tokens and weights in "
-                                 f"loss_fn_inputs, got also {', '.join(map(repr, extra))}")
-            inputs = dict(datum.loss_fn_inputs)
-            if "weights" not in inputs:
-                shape = inputs["target_tokens"].to_numpy().shape
-                inputs["weights"] = TensorData.from_numpy(np.zeros(shape, dtype=np.float32))
-            prepared.append(Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
+            weights = datum.loss_fn_inputs.get("weights")
+            if weights is None:
+                weights = TensorData.from_numpy(np.zeros(targets.to_numpy().shape, dtype=np.float32))
+            prepared.append(Datum(model_input=datum.model_input,
+                                  loss_fn_inputs={"target_tokens": targets, "weights": weights}))
         return prepared
 
-    def _custom_backward(self, data, forward_output: ForwardBackwardOutput,
-                         loss_fn: Callable) -> APIFuture[ForwardBackwardOutput]:
-        """Runs the user's loss on the logprobs in torch, then a linear cross-entropy pass whose
-        weights are minus its gradient, so the adapter gets exactly d(loss)/d(params)."""
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError("forward_backward_custom needs torch: pip install torch") from e
+    def _custom_backward(self, data, prepared, forward: APIFuture[ForwardBackwardOutput], loss_fn
+                         ) -> APIFuture[ForwardBackwardOutput]:
+        """Runs the user's loss on the first pass's logprobs in torch, then queues a linear
+        cross-entropy pass whose weights are minus its gradient, so the adapter gets exactly
+        d(loss)/d(params). Returns the future of that pass's output."""
+        import torch
+
+        output = forward.result()
         logprobs = [torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32).requires_grad_()
-                    for out in forward_output.loss_fn_outputs]
-        loss, user_metrics = loss_fn(data, logprobs)
+                    for out in output.loss_fn_outputs]
+        if isinstance(loss_fn, LossHandle):
+            loss, user_metrics = custom_loss.run_handle(loss_fn, data, logprobs)
+        else:
+            loss, user_metrics = loss_fn(data, logprobs)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"the custom loss must return (a torch tensor, metrics), got {type(loss).__name__}")
+        loss_sum = float(loss.detach().sum())
+        if not loss.requires_grad:
+            raise ValueError("the custom loss does not depend on the logprobs (no gradient to apply)")
         loss.backward()
         linear = []
-        for i, (datum, lp) in enumerate(zip(data, logprobs)):
+        for i, (datum, lp) in enumerate(zip(prepared, logprobs)):
             if lp.grad is None:
                 raise ValueError(f"the custom loss does not depend on the logprobs of datum {i} (no gradient)")
-            inputs = dict(datum.loss_fn_inputs)
-            inputs["weights"] = TensorData.from_numpy(-lp.grad.detach().numpy().astype(np.float32))
-            linear.append(Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
-        backward = self.forward_backward(linear, "cross_entropy")
+            weights = TensorData.from_numpy(-lp.grad.detach().numpy().astype(np.float32))
+            linear.append(Datum(model_input=datum.model_input,
+                                loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"],
+                                                "weights": weights}))
+        backward = self._submit(linear, "cross_entropy", None, backward=True, ordered=False)
         metrics = {k: float(v) for k, v in dict(user_metrics or {}).items()}
-        return _WithMetrics(backward, metrics)
+        return _CustomOutput(backward, loss_sum, metrics)
 
-    def forward_backward_custom(self, data: list[Datum], loss_fn: Callable[[list[Datum], list[Any]], tuple[Any, dict]],
-                                *, loss_type_input: str = "logprobs") -> APIFuture[ForwardBackwardOutput]:
-        """Any differentiable loss of the per-token logprobs: `loss_fn(data, logprobs) -> (loss, metrics)`.
-        Blocks through the forward pass, then returns the future of the backward pass."""
+    def forward_backward_custom(self, data: list[Datum], loss_fn: "Callable[[list[Datum], list[Any]], tuple[Any, dict]] | LossHandle",
+                                *, loss_type_input: str | None = None) -> APIFuture[ForwardBackwardOutput]:
+        """Any differentiable loss of the per-token logprobs. `loss_fn(data, logprobs) -> (loss, metrics)`
+        gets the data as given (every loss_fn_inputs key) and one logprobs tensor per datum, shaped
+        like its target_tokens; or pass a LossHandle from ServiceClient.create_custom_loss.
+
+        Returns at once. The forward pass is queued now; the loss runs in torch on a worker thread when
+        it finishes, and the backward pass is queued after it: requests made meanwhile wait for that
+        and run after it. `metrics["loss:sum"]` is the custom loss, `surrogate_loss:sum` the linear
+        pass's, plus the loss's own metrics."""
         _check_loss_type_input(loss_type_input)
-        prepared = self._custom_inputs(data)
-        forward_output = self.forward(prepared, "cross_entropy").result()
-        return self._custom_backward(prepared, forward_output, loss_fn)
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ImportError("forward_backward_custom needs torch: pip install torch") from e
+        if isinstance(loss_fn, LossHandle):
+            if loss_fn.session_id != self.holder.session_id:
+                raise ValueError(f"LossHandle {loss_fn.name!r} was created in session {loss_fn.session_id}; it can "
+                                 f"only be used by clients of that session")
+            custom_loss.check_inputs(loss_fn, data)
+        elif not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a function or a LossHandle, got {type(loss_fn).__name__}")
+        prepared = self._custom_forward_data(data)
+        with self._turn:
+            self._wait_turn()
+            forward = self._submit(prepared, "cross_entropy", None, backward=False, ordered=False)
+            queued = threading.Event()
+            self._custom_queued = queued
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        result.set_running_or_notify_cancel()
+
+        def run():
+            try:
+                backward = self._custom_backward(data, prepared, forward, loss_fn)
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                queued.set()
+                result.set_exception(e)
+                return
+            queued.set()
+            try:
+                result.set_result(backward.result())
+            except BaseException as e:  # noqa: BLE001
+                result.set_exception(e)
+
+        threading.Thread(target=run, name="tinker-custom-loss", daemon=True).start()
+        return BackgroundFuture(result)
 
     async def forward_backward_custom_async(self, data: list[Datum], loss_fn: Callable, *,
-                                            loss_type_input: str = "logprobs") -> APIFuture[ForwardBackwardOutput]:
-        _check_loss_type_input(loss_type_input)
-        prepared = self._custom_inputs(data)
-        forward_output = await self.forward(prepared, "cross_entropy")
-        return self._custom_backward(prepared, forward_output, loss_fn)
+                                            loss_type_input: str | None = None) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
 
     # ---- optimizer -------------------------------------------------------------------
 
-    def optim_step(self, adam_params: AdamParams | None = None, *, optim_params: AdamParams | None = None
-                   ) -> APIFuture[OptimStepResponse]:
-        """One AdamW step with the gradients accumulated since the last step, which it then clears."""
-        params = adam_params if adam_params is not None else optim_params
+    def optim_step(self, optim_params: "AdamParams | DimuonParams | None" = None, *,
+                   adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """One optimizer step with the gradients accumulated since the last step, which it then clears.
+        Takes the params of the client's optimizer (AdamParams for AdamW, the default), positionally or
+        as `optim_params=` (or the older `adam_params=`)."""
+        if optim_params is not None and adam_params is not None:
+            raise ValueError("optim_step takes optim_params or adam_params, not both")
+        params = optim_params if optim_params is not None else adam_params
         if params is None:
-            params = AdamParams()
+            raise TypeError("optim_step() missing its params: pass tinker.AdamParams(learning_rate=...) (or "
+                            "DimuonParams for a Dimuon client)")
+        self._wait_turn()
+        optimizer = getattr(self._optimizer, "type", "adamw")
         if not isinstance(params, AdamParams):
-            return DoneFuture(error=BadRequestError(f"optim_step takes tinker.AdamParams, got {type(params).__name__}"))
+            family = getattr(params, "type", type(params).__name__)
+            return DoneFuture(error=BadRequestError(
+                f"optim_step got {type(params).__name__} ({family!r}), but this client's optimizer is {optimizer!r}: "
+                f"pass tinker.AdamParams (the optimizer is chosen at create_lora_training_client(optimizer=...))"))
         try:
             request = self._adapter.submit_optim_step(params.learning_rate, params.beta1, params.beta2, params.eps,
                                                       params.weight_decay, params.grad_clip_norm, notify=True)
@@ -173,9 +250,9 @@ class TrainingClient:
             return DoneFuture(error=e)
         return EngineFuture(request, lambda: OptimStepResponse(metrics=optim_metrics(request, params.learning_rate)))
 
-    async def optim_step_async(self, adam_params: AdamParams | None = None, *,
-                               optim_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
-        return self.optim_step(adam_params, optim_params=optim_params)
+    async def optim_step_async(self, optim_params: "AdamParams | DimuonParams | None" = None, *,
+                               adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(optim_params, adam_params=adam_params)
 
     # ---- sampling from the trained weights ---------------------------------------------
 
@@ -185,25 +262,30 @@ class TrainingClient:
         return SamplingClient._for_snapshot(self.holder, self._base_model, self._adapter, snapshot)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
+                                             record_stability_info: bool = False,
                                              kind: SamplingClientKind = "snapshot"
                                              ) -> "BackcompatSamplingClientFuture":
         """A future of a SamplingClient on a frozen copy of the weights as of this call's place in
-        the queue (`.result()` or `await` it; it also works as the client). `kind` "snapshot" only:
-        see _check_kind."""
+        the queue (`.result()` or `await` it; it also works as the client). `kind="inflight"` is
+        accepted: Tinker guarantees those weights or newer, and a snapshot taken here is exactly those
+        weights."""
         from .sampling_client import BackcompatSamplingClientFuture
 
         _warn_name(name)
+        _check_kind(kind)
+        self._wait_turn()
         try:
-            _check_kind(kind)
             request = self._adapter.submit_snapshot(notify=True)
         except BadRequestError as e:
             return BackcompatSamplingClientFuture(DoneFuture(error=e))
-        return BackcompatSamplingClientFuture(EngineFuture(request, lambda: self._sampling_client(request.result())))
+        return BackcompatSamplingClientFuture(EngineFuture(
+            request, lambda: self._sampling_client(request.result())._recording(record_stability_info)))
 
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config=None,
+                                                         record_stability_info: bool = False,
                                                          kind: SamplingClientKind = "snapshot") -> "SamplingClient":
         _warn_name(name)
-        return await self.save_weights_and_get_sampling_client(None, retry_config, kind)
+        return await self.save_weights_and_get_sampling_client(None, retry_config, record_stability_info, kind)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -217,7 +299,9 @@ class TrainingClient:
                 "session_user_metadata": getattr(self.holder, "user_metadata", None),
                 "project_id": getattr(self.holder, "project_id", None)}
 
-    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type, user_metadata=None):
+    def _save(self, kind: str, name: str, ttl_seconds, overwrite: bool, response_type, user_metadata=None,
+              encrypt=None):
+        self._wait_turn()
         try:
             ckpt.save_destination(self.model_id, kind, name, overwrite)  # fail now, before queueing
             ttl = ckpt.check_ttl(ttl_seconds)
@@ -233,7 +317,7 @@ class TrainingClient:
         def write():
             params, moments, step = self._adapter.unpack_read(request, with_optimizer)
             path = ckpt.save_checkpoint(run, kind, name, params, step, moments, ttl, overwrite, arch=arch,
-                                        user_metadata=metadata)
+                                        user_metadata=metadata, encrypt=encrypt)
             return response_type(path=path)
 
         return background_future(request, write)
@@ -261,7 +345,26 @@ class TrainingClient:
                                              ) -> APIFuture[SaveWeightsForSamplerResponse]:
         return self.save_weights_for_sampler(name, ttl_seconds, user_metadata)
 
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None
+                              ) -> APIFuture[SaveWeightsExternalResponse]:
+        """Saves the adapter for use outside Tinker (a PEFT adapter directory):
+        tinker://<model_id>/external_weights/<name>; RestClient.get_external_weights_urls lists its files.
+        With `age_encryption_recipients` (age public keys, "age1..."), every file is age-encrypted to
+        them and named `<file>.age`. Saving under an existing name replaces it."""
+        try:
+            encrypt = _age_encryptor(age_encryption_recipients)
+        except BadRequestError as e:
+            return DoneFuture(error=e)
+        return self._save("external_weights", name, ttl_seconds, True, SaveWeightsExternalResponse, encrypt=encrypt)
+
+    async def save_weights_external_async(self, name: str, ttl_seconds: int | None = None,
+                                          age_encryption_recipients: list[str] | None = None
+                                          ) -> APIFuture[SaveWeightsExternalResponse]:
+        return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        self._wait_turn()
         try:
             state = restore.adapter_state(self._adapter, path, with_optimizer)
         except ValueError as e:
@@ -289,15 +392,18 @@ class TrainingClient:
                                               ) -> APIFuture[LoadWeightsResponse]:
         return self.load_state_with_optimizer(path)
 
-    def create_sampling_client(self, model_path: str, retry_config=None) -> "BackcompatSamplingClientFuture":
+    def create_sampling_client(self, model_path: str, retry_config=None,
+                               record_stability_info: bool = False) -> "BackcompatSamplingClientFuture":
         """A future of a SamplingClient on the weights saved at `model_path` (a tinker:// path or a
         PEFT adapter directory); a missing or unreadable checkpoint is the future's error."""
         from .sampling_client import BackcompatSamplingClientFuture, SamplingClient
 
-        return BackcompatSamplingClientFuture(in_background(SamplingClient._for_path, self.holder, model_path))
+        return BackcompatSamplingClientFuture(in_background(
+            lambda: SamplingClient._for_path(self.holder, model_path)._recording(record_stability_info)))
 
-    async def create_sampling_client_async(self, model_path: str, retry_config=None) -> "SamplingClient":
-        return await self.create_sampling_client(model_path, retry_config)
+    async def create_sampling_client_async(self, model_path: str, retry_config=None,
+                                           record_stability_info: bool = False) -> "SamplingClient":
+        return await self.create_sampling_client(model_path, retry_config, record_stability_info)
 
     # ---- information -------------------------------------------------------------------
 
@@ -305,7 +411,8 @@ class TrainingClient:
         model = self._adapter.model
         return GetInfoResponse(
             model_data=ModelData(arch=model.spec.arch, model_name=self._base_model, tokenizer_id=self._base_model),
-            model_id=self.model_id, is_lora=True, lora_rank=self._adapter.rank, model_name=self._base_model)
+            model_id=self.model_id, is_lora=True, lora_rank=self._adapter.rank, model_name=self._base_model,
+            optimizer_config=self._optimizer)
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()
@@ -323,16 +430,22 @@ class TrainingClient:
         return None
 
 
-class _WithMetrics(APIFuture[ForwardBackwardOutput]):
-    """A forward_backward future whose output gets the custom loss's metrics merged in."""
+class _CustomOutput(APIFuture[ForwardBackwardOutput]):
+    """The linear pass of forward_backward_custom, reported as the custom loss: its `loss:sum` becomes
+    `surrogate_loss:sum`, `loss:sum` the custom loss, and the loss's own metrics are merged in."""
 
-    def __init__(self, inner: APIFuture[ForwardBackwardOutput], metrics: dict[str, float]):
+    def __init__(self, inner: APIFuture[ForwardBackwardOutput], loss_sum: float, metrics: dict[str, float]):
         self._inner = inner
+        self._loss_sum = loss_sum
         self._metrics = metrics
 
     def _merge(self, output: ForwardBackwardOutput) -> ForwardBackwardOutput:
-        output.metrics.update(self._metrics)
-        return output
+        metrics = dict(output.metrics)
+        metrics["surrogate_loss:sum"] = metrics.pop("loss:sum", 0.0)
+        metrics.update(self._metrics)
+        metrics["loss:sum"] = self._loss_sum
+        return ForwardBackwardOutput(loss_fn_output_type=output.loss_fn_output_type,
+                                     loss_fn_outputs=output.loss_fn_outputs, metrics=metrics)
 
     def result(self, timeout: float | None = None) -> ForwardBackwardOutput:
         return self._merge(self._inner.result(timeout))
@@ -341,7 +454,12 @@ class _WithMetrics(APIFuture[ForwardBackwardOutput]):
         return self._merge(await self._inner.result_async(timeout))
 
 
-def _check_loss_type_input(loss_type_input: str) -> None:
+def _check_loss_type_input(loss_type_input: str | None) -> None:
+    """Deprecated in 0.38: the loss always receives logprobs."""
+    if loss_type_input is None:
+        return
+    warnings.warn("forward_backward_custom(loss_type_input=...) is deprecated: the loss always receives logprobs; "
+                  "remove the argument", DeprecationWarning, stacklevel=3)
     if loss_type_input != "logprobs":
         raise ValueError(f"loss_type_input must be 'logprobs', got {loss_type_input!r}")
 
@@ -356,15 +474,54 @@ def _check_metadata(user_metadata) -> dict[str, str] | None:
     return dict(user_metadata)
 
 
-def _check_kind(kind) -> None:
-    # "inflight" (weights shared with later saves) needs sampling on weights that change under a
-    # live client; the local engine samples frozen snapshots only, so it says so rather than
-    # quietly giving a snapshot.
-    if kind == "inflight":
-        raise BadRequestError('kind="inflight" is not supported by the local engine: use kind="snapshot" (the '
-                              'default) and call save_weights_and_get_sampling_client() again for newer weights')
-    if kind != "snapshot":
-        raise BadRequestError(f'kind must be "snapshot" or "inflight", got {kind!r}')
+def _check_provenance(data) -> None:
+    """stable_reinforce needs provenance on every datum, and nonzero advantages only on sampled tokens
+    (the rows a SampledProvenanceSpan covers)."""
+    for i, datum in enumerate(data):
+        spans = getattr(datum, "loss_fn_input_spans", None)
+        if spans is None:
+            raise BadRequestError(f"datum {i}: loss_fn='stable_reinforce' needs provenance on every datum: sample with "
+                                  f"record_stability_info=True and attach the sequence_ids with "
+                                  f"Datum.with_provenance(...)")
+        advantages = datum.loss_fn_inputs.get("advantages")
+        if advantages is None:
+            continue
+        values = advantages.to_numpy()
+        sampled = np.zeros(values.shape[0], dtype=bool)
+        at = 0
+        for span in spans:
+            if isinstance(span, SampledProvenanceSpan):
+                sampled[at:at + span.length] = True
+            at += span.length
+        if at != values.shape[0]:
+            raise BadRequestError(f"datum {i}: loss_fn_input_spans cover {at} rows, but its loss_fn_inputs have "
+                                  f"{values.shape[0]}")
+        outside = np.flatnonzero(~sampled & np.any(values.reshape(values.shape[0], -1) != 0, axis=1))
+        if outside.size:
+            raise BadRequestError(f"datum {i}: advantages[{int(outside[0])}] is nonzero, but that row is not a "
+                                  f"sampled token (stable_reinforce trains sampled tokens only)")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("snapshot", "inflight"):
+        raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
+
+
+def _age_encryptor(recipients):
+    """bytes -> age ciphertext for every recipient, or None when there are none."""
+    if recipients is None:
+        return None
+    if isinstance(recipients, str) or not all(isinstance(r, str) for r in recipients) or not recipients:
+        raise BadRequestError("age_encryption_recipients must be a non-empty list of age public keys (age1...)")
+    try:
+        import pyrage
+    except ImportError:
+        raise BadRequestError("age encryption needs the pyrage package: pip install pyrage") from None
+    try:
+        keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
+    except Exception as e:  # noqa: BLE001 - pyrage's RecipientError and friends
+        raise BadRequestError(f"age_encryption_recipients: {e} (expected X25519 age public keys, age1...)") from None
+    return lambda data: pyrage.encrypt(data, keys)
 
 
 def _warn_name(name) -> None:
