@@ -69,13 +69,14 @@ def test_version_is_the_distributions(project_metadata):
 def test_installed_metadata_agrees_when_installed_from_here():
     # The environment's installed tinker, if it is this checkout, reports the same version (an
     # editable install of an older commit is reinstalled by `pip install -e .`).
-    try:
-        dist = importlib.metadata.distribution("tinker")
-    except importlib.metadata.PackageNotFoundError:
+    # (the installed dist-info, not a source tree's tinker.egg-info that sys.path may list first)
+    installed = [d for d in importlib.metadata.distributions(name="tinker") if d.read_text("direct_url.json")]
+    if not installed:
         pytest.skip("tinker is not installed in this environment (run from a source tree)")
+    dist = installed[0]
     url = dist.read_text("direct_url.json") or ""
     if ROOT.as_uri() not in url:
-        pytest.skip(f"the installed tinker is another checkout ({url or 'not a direct install'})")
+        pytest.skip(f"the installed tinker is another checkout ({url})")
     assert dist.version == tinker.__version__
 
 
