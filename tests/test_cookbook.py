@@ -1,0 +1,234 @@
+"""The Tinker cookbook (tinker-cookbook 0.6.1) runs unchanged against this project.
+
+Each test runs one of the cookbook's own recipes, as its ``main`` is called by its command line, on
+the default model (SmolLM2-135M-Instruct, a ChatML model: the cookbook's ``qwen3_instruct``
+renderer renders exactly its template) for a few steps, offline. What the recipes would fetch from
+the Hugging Face Hub comes from this process instead (never from a change to the cookbook):
+
+- the tokenizer: the model's own, registered with the cookbook's ``register_tokenizer``;
+- datasets: small local files under ``tests/fixtures/cookbook`` in place of
+  ``datasets.load_dataset`` (patched in this test process only);
+- the renderer name for the recipes that always ask ``model_info`` for it (sl_loop, rl_loop), whose
+  table has no SmolLM2 row.
+
+Every test checks that the recipe finished (its final checkpoint is in ``checkpoints.jsonl``),
+that the metrics it logged are finite, and for the training recipes that the loss went down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import pathlib
+
+import pytest
+
+pytest.importorskip("tinker_cookbook", reason="needs `pip install --no-deps tinker-cookbook==0.6.1` (see README)")
+
+import datasets  # noqa: E402  (the cookbook's dependency)
+from tinker_cookbook import model_info, tokenizer_utils  # noqa: E402
+
+from tinker._models import DEFAULT_MODEL  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "cookbook"
+RENDERER = "qwen3_instruct"
+
+
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line.strip()]
+
+
+# Hub dataset name -> local fixture file (rows in the dataset's own schema).
+_DATASETS = {
+    "HuggingFaceH4/no_robots": "chat.jsonl",
+    "openai/gsm8k": "gsm8k.jsonl",
+}
+
+
+def _load_dataset(path, name=None, *, split=None, **kwargs):
+    if path not in _DATASETS:
+        raise AssertionError(f"test fixture missing for dataset {path!r} (offline)")
+    rows = datasets.Dataset.from_list(_jsonl(_DATASETS[path]))
+    dd = datasets.DatasetDict({"train": rows, "test": rows.select(range(min(8, len(rows))))})
+    return dd if split is None else dd[split]
+
+
+@pytest.fixture
+def cookbook(store, monkeypatch, tmp_path):
+    """Offline cookbook: the model's tokenizer, local datasets, SmolLM2's renderer; a fresh store."""
+    from tinker._engine import load_model
+
+    tokenizer_utils.register_tokenizer(DEFAULT_MODEL, lambda: load_model(DEFAULT_MODEL).tokenizer)
+    monkeypatch.setattr(datasets, "load_dataset", _load_dataset)
+    real = model_info.get_recommended_renderer_name
+    monkeypatch.setattr(
+        model_info,
+        "get_recommended_renderer_name",
+        lambda model_name: RENDERER if model_name == DEFAULT_MODEL else real(model_name),
+    )
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return tmp_path / "log"
+
+
+def _metrics(log_path: pathlib.Path) -> list[dict]:
+    rows = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows, "the recipe logged no metrics"
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), f"{key}={value} in {row}"
+    return rows
+
+
+def _checkpoints(log_path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (log_path / "checkpoints.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _finished(log_path: pathlib.Path) -> None:
+    names = [c["name"] for c in _checkpoints(log_path)]
+    assert "final" in names, names
+
+
+def _series(rows: list[dict], key: str) -> list[float]:
+    values = [row[key] for row in rows if key in row]
+    assert values, f"no {key} logged: {rows[:1]}"
+    return values
+
+
+def test_sl_loop(cookbook):
+    from tinker_cookbook.recipes import sl_loop
+
+    sl_loop.main(
+        sl_loop.Config(
+            log_path=str(cookbook),
+            model_name=DEFAULT_MODEL,
+            batch_size=8,
+            learning_rate=1e-3,
+            lora_rank=8,
+            save_every=0,
+        )
+    )
+    _finished(cookbook)
+    nll = _series(_metrics(cookbook), "train_mean_nll")
+    assert len(nll) == 6
+    assert nll[-1] < 0.7 * nll[0], nll
+
+
+
+def test_rl_loop(cookbook, caplog):
+    """GSM8K-style RL with the recipe's default loss (stable_reinforce, with sampled provenance)."""
+    from tinker_cookbook.recipes import rl_loop
+
+    rl_loop.main(
+        rl_loop.Config(
+            log_path=str(cookbook),
+            model_name=DEFAULT_MODEL,
+            batch_size=2,
+            group_size=8,
+            max_tokens=48,
+            learning_rate=1e-4,
+            lora_rank=8,
+            max_steps=3,
+            save_every=2,
+        )
+    )
+    _finished(cookbook)
+    rows = _metrics(cookbook)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # Some groups had both right and wrong answers, so the recipe trained on them.
+    skipped = [r for r in caplog.records if "all advantages zero" in r.getMessage()]
+    assert len(skipped) < 3
+    assert [c["name"] for c in _checkpoints(cookbook)] == ["000002", "final"]
+
+
+def _chat_sl(log_path, **overrides):
+    from tinker_cookbook.recipes.chat_sl import train
+
+    config = dict(
+        log_path=str(log_path),
+        model_name=DEFAULT_MODEL,
+        renderer_name=RENDERER,
+        dataset="no_robots",
+        batch_size=8,
+        learning_rate=1e-3,
+        lora_rank=8,
+        save_every=3,
+        eval_every=3,
+        behavior_if_log_dir_exists="resume",
+    )
+    config.update(overrides)
+    train.cli_main(train.CLIConfig(**config))
+
+
+def test_chat_sl(cookbook):
+    _chat_sl(cookbook)
+    _finished(cookbook)
+    rows = _metrics(cookbook)
+    nll = _series(rows, "train_mean_nll")
+    assert len(nll) == 6
+    assert nll[-1] < 0.7 * nll[0], nll
+    test_nll = _series(rows, "test/nll")
+    assert test_nll[-1] < test_nll[0], test_nll
+
+
+def test_chat_sl_resume(cookbook, monkeypatch):
+    """Stopped after step 3's save, then run again: it resumes from checkpoints.jsonl's last state."""
+    _chat_sl(cookbook, max_steps=4)
+    first = _series(_metrics(cookbook), "train_mean_nll")
+    assert [c["name"] for c in _checkpoints(cookbook)] == ["000003", "final"]
+    # As if the run had been stopped after its step-3 save: only that state is left to resume from.
+    path = cookbook / "checkpoints.jsonl"
+    path.write_text(path.read_text().splitlines(keepends=True)[0])
+    state_path = _checkpoints(cookbook)[0]["state_path"]
+
+    import tinker
+
+    resumed = []
+    real = tinker.ServiceClient.create_training_client_from_state_with_optimizer
+
+    def spy(self, path, *args, **kwargs):  # the recipe awaits what this returns (SDK 0.38)
+        resumed.append(path)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(tinker.ServiceClient, "create_training_client_from_state_with_optimizer", spy)
+    _chat_sl(cookbook)
+    assert resumed == [state_path]
+    _finished(cookbook)
+    rows = _metrics(cookbook)
+    assert [r["step"] for r in rows if "train_mean_nll" in r] == [0, 1, 2, 3, 4, 5]
+    nll = _series(rows, "train_mean_nll")
+    # Step 3 again, from the trained weights (the base model's loss would be near step 0's).
+    assert nll[3] < 0.8 * nll[0] and first[3] < 0.8 * first[0], (first, nll)
+    assert nll[-1] < 0.7 * nll[0], nll
+
+
+@pytest.mark.parametrize("loss_fn", ["stable_reinforce", "importance_sampling", "ppo"])
+def test_math_rl_arithmetic(cookbook, loss_fn):
+    from tinker_cookbook.recipes.math_rl import train
+
+    asyncio.run(
+        train.cli_main(
+            train.CLIConfig(
+                log_path=str(cookbook),
+                model_name=DEFAULT_MODEL,
+                renderer_name=RENDERER,
+                env="arithmetic",
+                group_size=4,
+                groups_per_batch=4,
+                learning_rate=1e-4,
+                lora_rank=8,
+                max_tokens=5,
+                loss_fn=loss_fn,
+                eval_every=0,
+                save_every=0,
+                max_steps=3,
+                behavior_if_log_dir_exists="delete",
+            )
+        )
+    )
+    _finished(cookbook)
+    steps = [r for r in _metrics(cookbook) if "env/all/reward/total" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    # Each step trained on the groups whose rewards differed (the optimizer reports its gradient).
+    assert all(r["grad_norm:mean"] > 0 for r in steps if r["env/all/by_group/frac_mixed"] > 0)
