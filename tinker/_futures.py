@@ -415,24 +415,9 @@ def failed_concurrent_future(error: BaseException) -> ConcurrentAPIFuture:
     return out
 
 
-class BackgroundFuture(APIFuture[T]):
+class BackgroundFuture(AwaitableConcurrentFuture[T]):
     """An APIFuture over a concurrent future that completes without anyone waiting (checkpoint
     writes: a save happens even if its future is never read)."""
-
-    def __init__(self, future: concurrent.futures.Future):
-        self._future = future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> T:
-        return self._future.result(timeout)
-
-    async def result_async(self, timeout: float | None = None) -> T:
-        return await _await_concurrent(self._future, timeout)
-
-    def future(self) -> concurrent.futures.Future:
-        return self._future
 
 
 _unfinished: set[concurrent.futures.Future] = set()  # background work to finish before the process exits

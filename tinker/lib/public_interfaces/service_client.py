@@ -273,25 +273,4 @@ def _check_optimizer(optimizer):
     raise BadRequestError(f"unknown optimizer type {family!r}; this engine has 'adamw' (AdamOptimizerConfig)")
 
 
-
-def _check_optimizer(optimizer):
-    """AdamOptimizerConfig (the default) runs here; Dimuon's update rule is not public, so it cannot."""
-    if optimizer is None:
-        return AdamOptimizerConfig()
-    if isinstance(optimizer, dict):
-        optimizer = OptimizerConfigBase(**optimizer)
-    family = getattr(optimizer, "type", None)
-    if not isinstance(optimizer, OptimizerConfigBase) or family is None:
-        raise BadRequestError(f"optimizer must be an optimizer config such as tinker.AdamOptimizerConfig(), got "
-                              f"{optimizer!r}")
-    if family == "adamw":
-        return AdamOptimizerConfig()
-    if family == "dimuon":
-        raise BadRequestError(
-            "the Dimuon optimizer is not available in this local engine: Tinker's public documentation names its "
-            "hyperparameters (learning_rate, beta1, grad_clip_norm) but not its update rule (the matrix-sign "
-            "iteration and its iteration count, the normalization epsilon, the row/column preconditioners and "
-            "their damping), so it cannot be reproduced; use AdamOptimizerConfig()")
-    raise BadRequestError(f"unknown optimizer type {family!r}; this engine has 'adamw' (AdamOptimizerConfig)")
-
 __all__ = ["ServiceClient"]
