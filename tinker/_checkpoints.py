@@ -318,7 +318,7 @@ def check_ttl(ttl_seconds) -> int | None:
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not ttl_seconds > 0 \
             or not math.isfinite(ttl_seconds):
         raise BadRequestError(f"ttl_seconds must be a positive number of seconds or None, got {ttl_seconds!r}")
-    return int(ttl_seconds)
+    return math.ceil(ttl_seconds)  # rounded up: 0.5 s must not hand out a path that has already expired
 
 
 def _now() -> datetime:

@@ -23,6 +23,32 @@ _engine: _C.Engine | None = None
 _models: dict[str, "LoadedModel"] = {}
 
 
+def token_ids(values, vocab_size: int, what: str, shape_what: str | None = None) -> np.ndarray:
+    """`values` as the engine's int32 token ids, each checked against [0, vocab_size) at the width the
+    caller gave it (so 2**32 + 5 is refused, not read as 5) and reported as given; `what` names the
+    sequence in a bad id's message, `shape_what` (default `what`) in a bad shape's."""
+    try:
+        ids = np.asarray(values)
+    except (OverflowError, ValueError, TypeError):
+        ids = np.asarray(values, dtype=object)
+    if ids.dtype == object and ids.ndim == 1 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                     for v in ids):
+        for j, v in enumerate(ids):  # Python ints beyond 64 bits
+            if not 0 <= v < vocab_size:
+                raise BadRequestError(f"{what}, position {j}: token id {int(v)} is outside the vocabulary "
+                                      f"[0, {vocab_size})")
+        return ids.astype(np.int32)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise BadRequestError(f"{shape_what or what} must be a non-empty sequence of token ids, got shape "
+                              f"{ids.shape} and dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise BadRequestError(f"{what}, position {j}: token id {int(ids[j])} is outside the vocabulary "
+                              f"[0, {vocab_size})")
+    return ids.astype(np.int32)
+
+
 def get_engine() -> _C.Engine:
     global _engine
     with _lock:
@@ -73,7 +99,13 @@ class LoadedModel:
     def submit_forward(self, sequences, notify: bool = False, adapter=None) -> _C.Request:
         """Queues a forward pass over token sequences of any lengths (packed, no padding), through a
         LoRA adapter's handle when one is given."""
-        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
+        seqs = []
+        for i, s in enumerate(sequences):
+            try:
+                seqs.append(np.asarray(s, dtype=np.int64).reshape(-1))
+            except (OverflowError, ValueError, TypeError):
+                raise BadRequestError(f"forward: sequence {i} must hold integer token ids in [0, {self.vocab_size}), "
+                                      f"got {s!r:.200}") from None
         if not seqs:
             raise BadRequestError("forward: no sequences given")
         for i, s in enumerate(seqs):

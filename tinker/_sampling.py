@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._engine import LoadedModel, get_engine
+from ._engine import LoadedModel, get_engine, token_ids
 from ._exceptions import BadRequestError
 
 
@@ -101,11 +101,9 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
                   topk_prompt_logprobs: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, adapter=None, notify: bool = False,
                   topk_sample_logprobs: int = 0) -> PendingSample:
-    ids = np.asarray(prompt)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise BadRequestError("the prompt must be a sequence of token ids")
-    if ids.size == 0:
+    if hasattr(prompt, "__len__") and len(prompt) == 0:
         raise BadRequestError("the prompt is empty; it needs at least one token")
+    ids = token_ids(prompt, model.vocab_size, "prompt")
     if max_tokens is None:  # Tinker's default: generate up to the context length
         max_tokens = model.max_context_length - int(ids.size)
     stop_ids, stop_strings = _stops(model, stop)
@@ -114,7 +112,7 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
     seed = secrets.randbits(63) if seed is None else int(seed) & ((1 << 64) - 1)
     try:
         request = get_engine().sample(
-            model.handle, ids.astype(np.int32), num_samples=int(num_samples), max_tokens=int(max_tokens),
+            model.handle, ids, num_samples=int(num_samples), max_tokens=int(max_tokens),
             temperature=float(temperature), top_k=-1 if top_k == 0 else int(top_k), top_p=float(top_p),
             min_p=float(min_p), repetition_penalty=float(repetition_penalty),
             presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty), seed=seed,

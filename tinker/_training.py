@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._engine import LoadedModel, get_engine
+from ._engine import LoadedModel, get_engine, token_ids
 from ._exceptions import BadRequestError
 
 # The engine's loss ids are the indices here (csrc/model/loss.h)
@@ -107,10 +107,8 @@ def _pack(data, loss_fn: str, vocab_size: int) -> dict:
             model_tokens, inputs = datum
         except (TypeError, ValueError):
             raise BadRequestError(f"datum {i}: expected (tokens, loss_fn_inputs)") from None
-        ids = _to_numpy(model_tokens)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise BadRequestError(f"datum {i}: model_input must be a non-empty sequence of token ids, got shape "
-                                  f"{ids.shape} and dtype {ids.dtype}")
+        ids = token_ids(model_tokens if isinstance(model_tokens, (list, tuple)) else _to_numpy(model_tokens),
+                        vocab_size, f"sequence {i}", f"datum {i}: model_input")
         if not isinstance(inputs, dict):
             raise BadRequestError(f"datum {i}: loss_fn_inputs must be a dict")
         unknown = sorted(set(inputs) - set(KNOWN_INPUTS))
@@ -153,7 +151,7 @@ def _pack(data, loss_fn: str, vocab_size: int) -> dict:
         targets.append(tgt.reshape(-1))
         shapes.append(tgt.shape)
     packed = {
-        "tokens": np.concatenate(tokens).astype(np.int32),
+        "tokens": np.concatenate(tokens),
         "seq_lens": np.array(lens, dtype=np.int32),
         "k_per_datum": np.array(ks, dtype=np.int32),
         "targets": np.concatenate(targets).astype(np.int32),

@@ -1,0 +1,66 @@
+"""Integers past int32 (and past 64 bits) are checked at the width the user gave them: a token id of
+2**32 + 5 is refused with that value, never narrowed to token 5 (issue: hostile input, item 1); a TTL
+under one second is rounded up, never handed out already expired (item 3). The same client keeps
+working afterwards."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import tinker
+from tinker import types
+
+BIG = [2**32 + 5, 2**63 - 1, 2**64 + 5, -(2**40)]
+
+
+def datum(tokens):
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens),
+                       loss_fn_inputs={"target_tokens": [1] * len(tokens), "weights": [1.0] * len(tokens)})
+
+
+@pytest.fixture(scope="module")
+def clients(tiny_llama):
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(tiny_llama, rank=2).result()
+    return sc, tc, sc.create_sampling_client(base_model=tiny_llama).result()
+
+
+def still_works(tc, sampler):
+    assert tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] > 0
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+    assert len(sampler.sample(types.ModelInput.from_ints([1, 2]), 1, params).result().sequences[0].tokens) == 2
+
+
+@pytest.mark.parametrize("bad", BIG)
+def test_training_token_ids_checked_at_full_width(clients, bad):
+    _, tc, sampler = clients
+    for call in (tc.forward, tc.forward_backward):
+        with pytest.raises(tinker.BadRequestError, match=rf"sequence 0, position 1: token id {bad} is outside the vocabulary"):
+            call([datum([1, bad, 3])], "cross_entropy").result()
+    still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("bad", BIG)
+def test_prompt_token_ids_checked_at_full_width(clients, bad):
+    _, tc, sampler = clients
+    prompt = types.ModelInput.from_ints([1, bad])
+    with pytest.raises(tinker.BadRequestError, match=rf"prompt, position 1: token id {bad} is outside the vocabulary"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result()
+    with pytest.raises(tinker.BadRequestError, match=rf"prompt, position 1: token id {bad} is outside the vocabulary"):
+        sampler.compute_logprobs(prompt).result()
+    still_works(tc, sampler)
+
+
+def test_subsecond_ttl_is_rounded_up(clients, store, tiny_llama):
+    _, _, sampler = clients
+    tc = tinker.ServiceClient().create_lora_training_client(tiny_llama, rank=2).result()
+    path = tc.save_state("short", ttl_seconds=0.5).result().path
+    # the path handed back is alive: a client can be made from it at once
+    tinker.ServiceClient().create_training_client_from_state(path).result()
+    time.sleep(1.2)
+    with pytest.raises(tinker.TinkerError):
+        tinker.ServiceClient().create_training_client_from_state(path).result()
+    still_works(tc, sampler)
