@@ -64,3 +64,16 @@ def test_subsecond_ttl_is_rounded_up(clients, store, tiny_llama):
     with pytest.raises(tinker.TinkerError):
         tinker.ServiceClient().create_training_client_from_state(path).result()
     still_works(tc, sampler)
+
+
+def test_min_p_has_one_range(clients):
+    """SamplingParams and the engine agree on min_p's range [0, 1]: at 1 only the most likely token is left
+    (issue: hostile input, item 9), so sampling at temperature 1 gives the greedy tokens."""
+    _, tc, sampler = clients
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    greedy = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0)).result()
+    top = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=6, temperature=1.0, min_p=1.0, seed=5)).result()
+    assert [s.tokens for s in top.sequences] == [greedy.sequences[0].tokens] * 2
+    with pytest.raises(ValueError, match="min_p"):
+        types.SamplingParams(max_tokens=2, min_p=1.5)
+    still_works(tc, sampler)

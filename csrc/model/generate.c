@@ -318,7 +318,7 @@ static tk_status check_params(const tk_model *m, const tk_sample_params *p, int 
     if (!isfinite(p->temperature) || p->temperature < 0)
         return tk_error(TK_ERR_INVALID, "temperature is %g; it must be >= 0", p->temperature);
     if (!(p->top_p > 0 && p->top_p <= 1)) return tk_error(TK_ERR_INVALID, "top_p is %g; it must be in (0, 1]", p->top_p);
-    if (!(p->min_p >= 0 && p->min_p < 1)) return tk_error(TK_ERR_INVALID, "min_p is %g; it must be in [0, 1)", p->min_p);
+    if (!(p->min_p >= 0 && p->min_p <= 1)) return tk_error(TK_ERR_INVALID, "min_p is %g; it must be in [0, 1]", p->min_p);
     if (p->top_k < -1 || p->top_k == 0)
         return tk_error(TK_ERR_INVALID, "top_k is %d; it must be -1 (off) or >= 1", p->top_k);
     if (!(p->repetition_penalty > 0) || !isfinite(p->repetition_penalty) || !isfinite(p->presence_penalty) ||
