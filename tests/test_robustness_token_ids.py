@@ -77,3 +77,21 @@ def test_min_p_has_one_range(clients):
     with pytest.raises(ValueError, match="min_p"):
         types.SamplingParams(max_tokens=2, min_p=1.5)
     still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("DATUM", "cross_entropy"), r"data must be a list of tinker.Datum, got Datum \(wrap a single datum"),
+    (("abc", "cross_entropy"), "data must be a list of tinker.Datum, got str"),
+    ((["DATUM"], ["cross_entropy"]), "loss_fn must be a loss name"),
+    ((["DATUM"], "cross_entropy", [1]), "loss_fn_config must be a dict"),
+    ((["DATUM"], "cross_entropy", "clip"), "loss_fn_config must be a dict"),
+])
+def test_wrong_container_types_say_what_was_expected(clients, args, match):
+    """Issue: hostile input, item 7: a datum instead of a list, a list as loss_fn or loss_fn_config."""
+    _, tc, sampler = clients
+    d = datum([1, 2, 3])
+    args = tuple(d if a == "DATUM" else [d] if a == ["DATUM"] else a for a in args)
+    for call in (tc.forward, tc.forward_backward):
+        with pytest.raises(tinker.BadRequestError, match=match):
+            call(*args).result()
+    still_works(tc, sampler)

@@ -10,6 +10,7 @@ coroutines that return the same future (two awaits: queued, then done).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 import concurrent.futures
 import threading
 import warnings
@@ -85,11 +86,12 @@ class TrainingClient:
 
     def _submit(self, data, loss_fn, loss_fn_config, backward: bool,
                 ordered: bool = True) -> APIFuture[ForwardBackwardOutput]:
-        if not data:
+        if isinstance(data, (list, tuple)) and not data:
             raise ValueError("No data provided")
         if ordered:
             self._wait_turn()
         try:
+            _check_containers(data, loss_fn, loss_fn_config)
             if loss_fn == "custom":
                 raise BadRequestError("loss_fn 'custom' runs a loss uploaded to Tinker's servers; here pass the "
                                       "LossHandle from create_custom_loss to forward_backward_custom")
@@ -472,6 +474,18 @@ def _check_metadata(user_metadata) -> dict[str, str] | None:
                                                       for k, v in user_metadata.items()):
         raise ValueError(f"user_metadata must be a dict of str to str, got {user_metadata!r}")
     return dict(user_metadata)
+
+
+def _check_containers(data, loss_fn, loss_fn_config) -> None:
+    """The call's arguments are of the kinds Tinker takes, before anything looks inside them."""
+    if not isinstance(data, (list, tuple)):
+        raise BadRequestError(f"data must be a list of tinker.Datum, got {type(data).__name__}"
+                              + (" (wrap a single datum in a list: [datum])" if isinstance(data, Datum) else ""))
+    if not isinstance(loss_fn, str):
+        raise BadRequestError(f"loss_fn must be a loss name (a str such as 'cross_entropy'), got {loss_fn!r:.100}")
+    if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
+        raise BadRequestError(f"loss_fn_config must be a dict of str to number (or None), got "
+                              f"{type(loss_fn_config).__name__} {loss_fn_config!r:.100}")
 
 
 def _check_provenance(data) -> None:
