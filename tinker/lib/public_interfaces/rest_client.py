@@ -557,7 +557,7 @@ class RestClient:
         """The base model and LoRA configuration a checkpoint was saved with."""
         return _completed(_at, tinker_path, _weights_info)
 
-    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[ExternalWeightsUrlsResponse]:
+    def get_external_weights_urls(self, tinker_path: str) -> ConcurrentAPIFuture[ExternalWeightsUrlsResponse]:
         """Download URLs (file:// here) of the files of a tinker://<run>/external_weights/<name>
         checkpoint, keyed by file name (`<file>.age` when it was saved for age recipients)."""
         return _completed(_at, tinker_path, _external_urls)

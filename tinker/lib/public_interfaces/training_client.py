@@ -9,7 +9,6 @@ coroutines that return the same future (two awaits: queued, then done).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 import concurrent.futures
 import threading
