@@ -131,6 +131,10 @@ struct tk_backend {
     /* One AdamW update of n parameters in place, as torch's single-tensor AdamW on float32 (see
      * model/optim.c for the factors), then g = 0. */
     void (*adamw)(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f);
+    /* What adamw would do, without writing: the largest |p| after the update, or +inf when any updated p, m or v
+     * would be non-finite (optim_step refuses such a step and leaves the adapter as it was). */
+    float (*adamw_peak)(tk_backend *be, const float *p, const float *g, const float *m, const float *v, size_t n,
+                        const tk_adamw_factors *f);
 
     /* ---- element-wise and row-wise ---- */
     /* x[T, cols] = table[tokens[t], :], decoded */

@@ -10,6 +10,7 @@
 #include "optim.h"
 
 #include <math.h>
+#include <stdio.h>
 
 tk_status tk_adam_params_check(const tk_adam_params *p)
 {
@@ -27,18 +28,21 @@ tk_status tk_adam_params_check(const tk_adam_params *p)
     return TK_OK;
 }
 
-void tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_backend *be)
+/* A LoRA value past this cannot be carried by the float32 forward and backward passes: the adapter adds
+ * x A B over D * R products to the residual stream, and the MLP multiplies three such values (gate, up,
+ * down), so factors of 1e5 already overflow float32's 3.4e38 in SmolLM2's backward pass. Trained adapters
+ * hold values of order 1 and never come near it; a step past the limit comes from an absurd learning rate or
+ * gradient and is refused before it destroys the adapter. */
+#define ADAPTER_VALUE_LIMIT 1e4f
+
+static tk_adamw_factors adamw_factors(const tk_adam_params *p, int64_t step, double grad_norm)
 {
-    size_t n = a->n_params;
-    float *params = a->block, *grads = params + n, *m = grads + n, *v = m + n;
-    out->grad_norm = sqrt(be->sum_squares(be, grads, n));
     tk_adamw_factors f = {.clip_scale = 1.0f};
     if (p->grad_clip_norm > 0) {
-        float coef = (float)p->grad_clip_norm / ((float)out->grad_norm + 1e-6f);
+        float coef = (float)p->grad_clip_norm / ((float)grad_norm + 1e-6f);
         f.clip_scale = coef < 1.0f ? coef : 1.0f;
     }
-    a->step++;
-    double bc1 = 1.0 - pow(p->beta1, (double)a->step), bc2 = 1.0 - pow(p->beta2, (double)a->step);
+    double bc1 = 1.0 - pow(p->beta1, (double)step), bc2 = 1.0 - pow(p->beta2, (double)step);
     f.decay = (float)(1.0 - p->learning_rate * p->weight_decay);
     f.step_size = (float)(p->learning_rate / bc1);
     f.bc2_sqrt = (float)sqrt(bc2);
@@ -46,7 +50,31 @@ void tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p,
     f.b2 = (float)p->beta2;
     f.b2w = (float)(1.0 - p->beta2);
     f.eps = (float)p->eps;
+    return f;
+}
+
+tk_status tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_backend *be)
+{
+    size_t n = a->n_params;
+    float *params = a->block, *grads = params + n, *m = grads + n, *v = m + n;
+    out->grad_norm = sqrt(be->sum_squares(be, grads, n));
+    if (!isfinite(out->grad_norm))
+        return tk_error(TK_ERR_INVALID, "optim_step: the accumulated gradients are not finite; the adapter and its "
+                                        "optimizer state are unchanged");
+    tk_adamw_factors f = adamw_factors(p, a->step + 1, out->grad_norm);
+    float peak = be->adamw_peak(be, params, grads, m, v, n, &f);
+    if (!(peak <= ADAPTER_VALUE_LIMIT)) {
+        char values[48] = "non-finite";
+        if (isfinite(peak)) snprintf(values, sizeof values, "as large as %g", (double)peak);
+        return tk_error(TK_ERR_INVALID,
+                        "optim_step: this step would make adapter values %s (learning_rate=%g, gradient norm %g): "
+                        "past %g the model's float32 passes overflow. The adapter, its optimizer state and "
+                        "the accumulated gradients are unchanged; use a smaller learning_rate (or grad_clip_norm)",
+                        values, p->learning_rate, out->grad_norm, (double)ADAPTER_VALUE_LIMIT);
+    }
     be->adamw(be, params, grads, m, v, n, &f);
+    a->step++;
     out->clip_scale = f.clip_scale;
     out->step = a->step;
+    return TK_OK;
 }

@@ -18,7 +18,8 @@ typedef struct {
 } tk_optim_result;
 
 tk_status tk_adam_params_check(const tk_adam_params *p);
-/* One AdamW step with the accumulated gradients, then clears them. */
-void tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_backend *be);
+/* One AdamW step with the accumulated gradients, then clears them. A step whose gradients are not finite, or
+ * that would move adapter values out of what the float32 forward can carry, is refused: nothing changes. */
+tk_status tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_params *p, tk_backend *be);
 
 #endif

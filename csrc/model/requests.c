@@ -8,6 +8,7 @@
 #include "requests.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -371,9 +372,8 @@ static int group_tokens(const train_payload *tp)
     return tokens < TRAIN_TOKEN_BUDGET ? (int)tokens : TRAIN_TOKEN_BUDGET;
 }
 
-static tk_status train_run(void *p, tk_exec *exec)
+static tk_status train_groups(train_payload *tp, tk_exec *exec)
 {
-    train_payload *tp = p;
     int budget = group_tokens(tp);
     tp->loss_sum = 0;
     for (int first = 0; first < tp->batch.n_seqs;) {
@@ -384,6 +384,68 @@ static tk_status train_run(void *p, tk_exec *exec)
         first = last;
     }
     return TK_OK;
+}
+
+static int loss_uses(int kind, int array);
+
+/* ", largest |weights| 3e+38, largest |logprobs| 1e+30": the loss inputs that can overflow float32 arithmetic. */
+static void describe_loss_inputs(char *out, size_t size, const train_payload *tp)
+{
+    size_t used = 0;
+    out[0] = 0;
+    for (int a = 0; a < ARR_COUNT && used < size; a++) {
+        if (!tp->arrays[a] || !loss_uses(tp->loss.kind, a) || a == ARR_RATIO_MASK) continue;
+        float peak = 0;
+        for (long e = 0; e < tp->n_targets; e++)
+            if (fabsf(tp->arrays[a][e]) > peak) peak = fabsf(tp->arrays[a][e]);
+        int w = snprintf(out + used, size - used, ", largest |%s| %g", array_names[a], (double)peak);
+        if (w > 0) used += (size_t)w;
+    }
+}
+
+/* AdamW squares each gradient in float32 (its second moment), so a gradient past sqrt(FLT_MAX) ~ 1.8e19 would
+ * make the moment infinite and every later step NaN; the accumulated gradients' norm is kept below this. */
+#define GRADIENT_NORM_LIMIT 1e18
+
+/* A pass whose loss or gradients come out non-finite, or too large for AdamW, is refused: its gradients would
+ * poison the adapter at the next optim_step (and every forward after it). The caller puts the accumulated
+ * gradients back as they were. */
+static tk_status check_finite_pass(const train_payload *tp, tk_backend *be, const char *what)
+{
+    tk_adapter *ad = tp->adapter;
+    double grad_norm = tp->backward ? sqrt(be->sum_squares(be, ad->block + ad->n_params, ad->n_params)) : 0;
+    char problem[96];
+    if (!isfinite(tp->loss_sum)) snprintf(problem, sizeof problem, "the loss is %g", tp->loss_sum);
+    else if (!isfinite(grad_norm)) snprintf(problem, sizeof problem, "the gradients are not finite");
+    else if (grad_norm > GRADIENT_NORM_LIMIT)
+        snprintf(problem, sizeof problem, "the accumulated gradients' norm is %g, past the %g AdamW can square in "
+                 "float32", grad_norm, GRADIENT_NORM_LIMIT);
+    else return TK_OK;
+    char inputs[160];
+    describe_loss_inputs(inputs, sizeof inputs, tp);
+    return tk_error(TK_ERR_INVALID,
+                    "%s: %s (loss %g%s): float32 arithmetic overflowed, so nothing was applied%s. Scale the "
+                    "loss_fn_inputs down to ordinary magnitudes",
+                    what, problem, tp->loss_sum, inputs,
+                    tp->backward ? " and the adapter's accumulated gradients are unchanged" : "");
+}
+
+static tk_status train_run(void *p, tk_exec *exec)
+{
+    train_payload *tp = p;
+    tk_backend *be = exec->backend;
+    tk_adapter *ad = tp->adapter;
+    size_t grad_bytes = ad->n_params * sizeof(float);
+    float *grads = ad->block + ad->n_params;
+    /* the gradients accumulated so far, restored when this pass fails (forward_backward adds to them) */
+    float *saved = tp->backward ? malloc(grad_bytes ? grad_bytes : 1) : NULL;
+    if (tp->backward && !saved) return tk_error(TK_ERR_NOMEM, "forward_backward: out of memory");
+    if (saved) be->download(be, saved, grads, grad_bytes);
+    tk_status s = train_groups(tp, exec);
+    if (s == TK_OK) s = check_finite_pass(tp, be, tp->backward ? "forward_backward" : "forward");
+    if (s != TK_OK && saved) be->upload(be, grads, saved, grad_bytes);
+    free(saved);
+    return s;
 }
 
 static int loss_uses(int kind, int array)
@@ -528,8 +590,7 @@ static void optim_free(void *p)
 static tk_status optim_run(void *p, tk_exec *exec)
 {
     optim_payload *op = p;
-    tk_adamw_step(&op->result, op->adapter, &op->params, exec->backend);
-    return TK_OK;
+    return tk_adamw_step(&op->result, op->adapter, &op->params, exec->backend);
 }
 
 tk_status tk_optim_request_create(tk_request **out, tk_adapter *ad, const tk_adam_params *params)

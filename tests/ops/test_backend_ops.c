@@ -1646,7 +1646,7 @@ static void test_adamw(tk_backend *be, rng_t *r)
         double *sp = dvec(n), *sm = dvec(n), *sv = dvec(n); /* summation scales */
         for (size_t i = 0; i < n; i++) p[i] = p2[i] = (float)rng_normal(r);
         cmp_t exact = {0, 0, 0, 0}, close = {0, 0, 0, 0};
-        int zeroed = 1;
+        int zeroed = 1, peak_exact = 1;
         for (int step = 1; step <= c->steps; step++) {
             double lr = c->lr * (step == 2 ? 0.5 : 1); /* hyperparameters may change every step */
             for (size_t i = 0; i < n; i++) g[i] = g2[i] = (float)(0.1 * rng_normal(r));
@@ -1670,7 +1670,11 @@ static void test_adamw(tk_backend *be, rng_t *r)
             }
             ref_adamw(pd, gd, md, vd, n, f.clip_scale, f.decay, f.step_size, f.bc2_sqrt, f.b1w, f.b2, f.b2w, f.eps);
             torch_adamw_float(p2, g2, m2, v2, n, &f);
+            float peak = be->adamw_peak(be, p, g, m, v, n, &f);
             call_adamw(be, p, g, m, v, n, &f);
+            float want_peak = 0.0f;
+            for (size_t i = 0; i < n; i++) want_peak = fabsf(p[i]) > want_peak ? fabsf(p[i]) : want_peak;
+            peak_exact &= memcmp(&peak, &want_peak, sizeof peak) == 0;
             close = cmp_merge(close, compare(p, pd, sp, 1, c->n, c->n, TOL_ADAMW));
             close = cmp_merge(close, compare(m, md, sm, 1, c->n, c->n, TOL_ADAMW));
             close = cmp_merge(close, compare(v, vd, sv, 1, c->n, c->n, TOL_ADAMW));
@@ -1689,9 +1693,34 @@ static void test_adamw(tk_backend *be, rng_t *r)
                  c->beta1, c->beta2, c->lr, c->wd, c->eps, c->max_norm);
         report("adamw", what, close, TOL_ADAMW, zeroed, zeroed ? NULL : "g is not 0 afterwards");
         report("adamw = torch's float ops", what, exact, TOL_EXACT, 1, NULL);
+        report_bool("adamw_peak", what, peak_exact, "differs from the largest |p| adamw then wrote");
         free(p), free(g), free(m), free(v), free(p2), free(g2), free(m2), free(v2);
         free(pd), free(gd), free(md), free(vd), free(sp), free(sm), free(sv);
     }
+}
+
+/* adamw_peak is +inf when one updated value would be non-finite (a step size past float32, a gradient whose
+ * square overflows the second moment), whichever task holds it, and writes nothing */
+static void test_adamw_peak_nonfinite(tk_backend *be, rng_t *r)
+{
+    size_t n = 1000;
+    float *p = fvec(n), *g = fvec(n), *m = fvec(n), *v = fvec(n), *p0 = fvec(n), *g0 = fvec(n);
+    for (size_t i = 0; i < n; i++) p[i] = p0[i] = (float)rng_normal(r), g[i] = g0[i] = (float)(0.1 * rng_normal(r));
+    tk_adamw_factors f = {.clip_scale = 1, .decay = 1, .step_size = 1e-3f, .bc2_sqrt = 0.1f, .b1w = 0.1f,
+                          .b2 = 0.99f, .b2w = 0.01f, .eps = 1e-8f};
+    float finite = be->adamw_peak(be, p, g, m, v, n, &f);
+    g[n - 1] = 1e30f; /* its square overflows v */
+    float overflow = be->adamw_peak(be, p, g, m, v, n, &f);
+    g[n - 1] = g0[n - 1];
+    f.eps = 0, g[3] = 0; /* 0 / 0: a NaN update */
+    float nan_update = be->adamw_peak(be, p, g, m, v, n, &f);
+    int untouched = memcmp(p, p0, n * sizeof *p) == 0;
+    for (size_t i = 0; i < n; i++) untouched &= m[i] == 0 && v[i] == 0;
+    report_bool("adamw_peak", "finite step", isfinite(finite) && finite > 0, "not a finite positive peak");
+    report_bool("adamw_peak", "gradient whose square overflows", isinf(overflow), "not +inf");
+    report_bool("adamw_peak", "eps 0 and a zero gradient (0 / 0)", isinf(nan_update), "not +inf");
+    report_bool("adamw_peak", "writes nothing", untouched, "changed p, m or v");
+    free(p), free(g), free(m), free(v), free(p0), free(g0);
 }
 
 /* ==== RoPE tables =================================================================================== */
@@ -1786,6 +1815,7 @@ static const op_test OP_TESTS[] = {
     {"scatter_add", test_scatter_add},
     {"sum_squares", test_sum_squares},
     {"adamw", test_adamw},
+    {"adamw_peak", test_adamw_peak_nonfinite},
     {"embed", test_embed},
     {"rmsnorm", test_rmsnorm},
     {"rmsnorm_backward", test_rmsnorm_backward},

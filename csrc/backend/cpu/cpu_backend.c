@@ -332,6 +332,12 @@ static void cpu_adamw(tk_backend *be, float *p, float *g, float *m, float *v, si
     tk_cpu_adamw(pool_of(be), p, g, m, v, n, f);
 }
 
+static float cpu_adamw_peak(tk_backend *be, const float *p, const float *g, const float *m, const float *v, size_t n,
+                            const tk_adamw_factors *f)
+{
+    return tk_cpu_adamw_peak(pool_of(be), p, g, m, v, n, f);
+}
+
 /* ---- embedding, norms, bias ------------------------------------------------------ */
 
 static void cpu_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
@@ -982,6 +988,7 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .scatter_add = cpu_scatter_add,
         .sum_squares = cpu_sum_squares,
         .adamw = cpu_adamw,
+        .adamw_peak = cpu_adamw_peak,
         .rope_table = cpu_rope_table,
         .embed = cpu_embed,
         .rmsnorm = cpu_rmsnorm,

@@ -18,6 +18,13 @@ typedef struct {
     double partial[OPTIM_TASKS];
 } optim_args;
 
+typedef struct {
+    const float *p, *g, *m, *v;
+    size_t n;
+    const tk_adamw_factors *f;
+    float peak[OPTIM_TASKS];
+} peak_args;
+
 static void range(size_t n, int task, size_t *begin, size_t *end)
 {
     *begin = n * (size_t)task / OPTIM_TASKS;
@@ -44,25 +51,61 @@ double tk_cpu_sum_squares(tk_pool *pool, const float *x, size_t n)
     return sum;
 }
 
+/* One parameter's update: the new p, m and v (adamw and adamw_peak share it, so a preview is the step). */
+static inline void adamw_element(float *p, float *m, float *v, float g, const tk_adamw_factors *f)
+{
+    float grad = g * f->clip_scale, b1w = f->b1w;
+    float pn = *p * f->decay;
+    /* torch.lerp(m, g, w) = w < 0.5 ? m + w (g - m) : g - (g - m)(1 - w) */
+    float mn = b1w < 0.5f ? *m + b1w * (grad - *m) : grad - (grad - *m) * (1.0f - b1w);
+    float vn = *v * f->b2 + f->b2w * grad * grad;
+    float denom = sqrtf(vn) / f->bc2_sqrt + f->eps;
+    *p = pn + -f->step_size * (mn / denom);
+    *m = mn;
+    *v = vn;
+}
+
 static void adamw_task(void *ctx, int task, int thread)
 {
     (void)thread;
     optim_args *o = ctx;
     size_t begin, end;
     range(o->n, task, &begin, &end);
-    const tk_adamw_factors *f = o->f;
-    float *p = o->p, *g = o->g, *m = o->m, *v = o->v;
-    const float b1w = f->b1w, b2 = f->b2, b2w = f->b2w, eps = f->eps;
     for (size_t i = begin; i < end; i++) {
-        float grad = g[i] * f->clip_scale;
-        p[i] *= f->decay;
-        /* torch.lerp(m, g, w) = w < 0.5 ? m + w (g - m) : g - (g - m)(1 - w) */
-        m[i] = b1w < 0.5f ? m[i] + b1w * (grad - m[i]) : grad - (grad - m[i]) * (1.0f - b1w);
-        v[i] = v[i] * b2 + b2w * grad * grad;
-        float denom = sqrtf(v[i]) / f->bc2_sqrt + eps;
-        p[i] += -f->step_size * (m[i] / denom);
-        g[i] = 0.0f;
+        adamw_element(&o->p[i], &o->m[i], &o->v[i], o->g[i], o->f);
+        o->g[i] = 0.0f;
     }
+}
+
+static void adamw_peak_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    peak_args *o = ctx;
+    size_t begin, end;
+    range(o->n, task, &begin, &end);
+    const float *p = o->p, *g = o->g, *m = o->m, *v = o->v;
+    float peak = 0.0f;
+    for (size_t i = begin; i < end; i++) {
+        float pn = p[i], mn = m[i], vn = v[i];
+        adamw_element(&pn, &mn, &vn, g[i], o->f);
+        if (!isfinite(pn) || !isfinite(mn) || !isfinite(vn)) {
+            peak = INFINITY;
+            break;
+        }
+        if (fabsf(pn) > peak) peak = fabsf(pn);
+    }
+    o->peak[task] = peak;
+}
+
+float tk_cpu_adamw_peak(tk_pool *pool, const float *p, const float *g, const float *m, const float *v, size_t n,
+                        const tk_adamw_factors *f)
+{
+    peak_args o = {.p = p, .g = g, .m = m, .v = v, .n = n, .f = f};
+    tk_pool_run(pool, OPTIM_TASKS, adamw_peak_task, &o);
+    float peak = 0.0f;
+    for (int t = 0; t < OPTIM_TASKS; t++)
+        if (o.peak[t] > peak) peak = o.peak[t];
+    return peak;
 }
 
 void tk_cpu_adamw(tk_pool *pool, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)

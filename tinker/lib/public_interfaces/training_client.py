@@ -158,6 +158,9 @@ class TrainingClient:
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"the custom loss must return (a torch tensor, metrics), got {type(loss).__name__}")
         loss_sum = float(loss.detach().sum())
+        if not np.isfinite(loss_sum):
+            raise BadRequestError(f"the custom loss is {loss_sum}; it must be finite (nothing was applied: the "
+                                  f"adapter's accumulated gradients are unchanged)")
         if not loss.requires_grad:
             raise ValueError("the custom loss does not depend on the logprobs (no gradient to apply)")
         loss.backward()
@@ -165,7 +168,12 @@ class TrainingClient:
         for i, (datum, lp) in enumerate(zip(prepared, logprobs)):
             if lp.grad is None:
                 raise ValueError(f"the custom loss does not depend on the logprobs of datum {i} (no gradient)")
-            weights = TensorData.from_numpy(-lp.grad.detach().numpy().astype(np.float32))
+            grad = lp.grad.detach().numpy().astype(np.float32)
+            if not np.all(np.isfinite(grad)):
+                raise BadRequestError(f"the custom loss's gradient with respect to datum {i}'s logprobs is not finite "
+                                      f"in float32 (largest |value| {float(np.max(np.abs(lp.grad.detach().numpy())))}); "
+                                      f"nothing was applied: the adapter's accumulated gradients are unchanged")
+            weights = TensorData.from_numpy(-grad)
             linear.append(Datum(model_input=datum.model_input,
                                 loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"],
                                                 "weights": weights}))
