@@ -312,12 +312,18 @@ def _replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600  # expiry times stay dates every platform's time_t can hold
+
+
 def check_ttl(ttl_seconds) -> int | None:
     if ttl_seconds is None:
         return None
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not ttl_seconds > 0 \
-            or not math.isfinite(ttl_seconds):
+    if isinstance(ttl_seconds, (bool, np.bool_)) or not isinstance(ttl_seconds, (int, float, np.integer, np.floating)) \
+            or not ttl_seconds > 0:  # NaN fails the comparison
         raise BadRequestError(f"ttl_seconds must be a positive number of seconds or None, got {ttl_seconds!r}")
+    if ttl_seconds > MAX_TTL_SECONDS:  # inf and ints past float too
+        raise BadRequestError(f"ttl_seconds is {ttl_seconds!r}; it must be at most {MAX_TTL_SECONDS} (100 years). "
+                              f"Pass None for a checkpoint that never expires")
     return math.ceil(ttl_seconds)  # rounded up: 0.5 s must not hand out a path that has already expired
 
 

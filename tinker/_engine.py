@@ -49,6 +49,36 @@ def token_ids(values, vocab_size: int, what: str, shape_what: str | None = None)
     return ids.astype(np.int32)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def int_arg(name: str, value, lo: int, hi: int) -> int:
+    """`value` as a Python int, checked to be an integer in [lo, hi] at the width the caller gave it (so the
+    engine's C ints never see a narrowed value); the message names the parameter, the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BadRequestError(f"{name} must be an integer from {lo} to {hi}, got {value!r} "
+                              f"({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise BadRequestError(f"{name} is {int(value)}; it must be an integer from {lo} to {hi}")
+    return int(value)
+
+
+def bool_arg(name: str, value) -> bool:
+    """A flag, read as the SDK's pydantic models read it ('no', 'false', 0 are False), never by truthiness
+    (which would read 'no' as True); anything else is refused with the parameter's name."""
+    import pydantic
+
+    try:
+        return pydantic.TypeAdapter(bool).validate_python(value)
+    except pydantic.ValidationError:
+        raise BadRequestError(f"{name} must be True or False, got {value!r:.100}") from None
+
+
+def seed_arg(name: str, value) -> int:
+    """A seed: any integer that fits 64 bits (signed or unsigned), as the engine's 64-bit seed."""
+    return int_arg(name, value, -(2**63), 2**64 - 1) & (2**64 - 1)
+
+
 def get_engine() -> _C.Engine:
     global _engine
     with _lock:

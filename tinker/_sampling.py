@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._engine import LoadedModel, get_engine, token_ids
+from ._engine import INT32_MAX, LoadedModel, bool_arg, get_engine, int_arg, seed_arg, token_ids
 from ._exceptions import BadRequestError
 
 
@@ -51,7 +51,7 @@ def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
         if all(isinstance(s, str) for s in items):
             strings = items
         elif all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in items):
-            ids = [int(s) for s in items]
+            ids = [int(s) for s in token_ids(items, model.vocab_size, "stop")]
         else:
             raise BadRequestError("stop must be a string, a list of strings or a list of token ids")
     if any(s == "" for s in strings):
@@ -106,20 +106,27 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
     ids = token_ids(prompt, model.vocab_size, "prompt")
     if max_tokens is None:  # Tinker's default: generate up to the context length
         max_tokens = model.max_context_length - int(ids.size)
+    # integers at full width, with the engine's ranges (generate.c check_params holds the same)
+    num_samples = int_arg("num_samples", num_samples, 1, 256)
+    max_tokens = int_arg("max_tokens", max_tokens, 0, INT32_MAX)
+    top_k = int_arg("top_k", top_k, -1, INT32_MAX)
+    topk_prompt_logprobs = int_arg("topk_prompt_logprobs", topk_prompt_logprobs, 0, 1000)
+    topk_sample_logprobs = int_arg("topk_sample_logprobs", topk_sample_logprobs, 0, 1000)
+    seed = secrets.randbits(63) if seed is None else seed_arg("seed", seed)
+    include_prompt_logprobs = bool_arg("include_prompt_logprobs", include_prompt_logprobs)
     stop_ids, stop_strings = _stops(model, stop)
     if stop_strings:
         model.publish_token_bytes()
-    seed = secrets.randbits(63) if seed is None else int(seed) & ((1 << 64) - 1)
     try:
         request = get_engine().sample(
-            model.handle, ids, num_samples=int(num_samples), max_tokens=int(max_tokens),
-            temperature=float(temperature), top_k=-1 if top_k == 0 else int(top_k), top_p=float(top_p),
+            model.handle, ids, num_samples=num_samples, max_tokens=max_tokens,
+            temperature=float(temperature), top_k=-1 if top_k == 0 else top_k, top_p=float(top_p),
             min_p=float(min_p), repetition_penalty=float(repetition_penalty),
             presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty), seed=seed,
             stop_ids=np.array(stop_ids, dtype=np.int32), stop_strings=stop_strings,
-            prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
+            prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
             adapter=None if adapter is None else adapter.handle, notify=notify,
-            topk_sample_logprobs=int(topk_sample_logprobs))
+            topk_sample_logprobs=topk_sample_logprobs)
     except (ValueError, OverflowError) as e:
         raise BadRequestError(str(e)) from e
     return PendingSample(request)

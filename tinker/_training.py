@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._engine import LoadedModel, get_engine, token_ids
+from ._engine import LoadedModel, bool_arg, get_engine, int_arg, seed_arg, token_ids
 from ._exceptions import BadRequestError
 
 # The engine's loss ids are the indices here (csrc/model/loss.h)
@@ -86,6 +86,8 @@ def _check_loss(loss_fn: str, loss_fn_config) -> dict:
             raise BadRequestError(f"{loss_fn!r} needs loss_fn_config[{key!r}] (e.g. {{{key!r}: 0.05}})")
         try:
             value = float(value)
+        except OverflowError:
+            raise BadRequestError(f"loss_fn_config[{key!r}] is {value!r}, too large for a float") from None
         except (TypeError, ValueError):
             raise BadRequestError(f"loss_fn_config[{key!r}] must be a number, got {value!r}") from None
         if not np.isfinite(value):
@@ -220,14 +222,15 @@ class LoraAdapter:
 
     def __init__(self, model: LoadedModel, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
                  train_attn: bool = True, train_unembed: bool = True):
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
-            raise BadRequestError(f"LoRA rank must be an integer from 1 to 256, got {rank!r}")
+        train_mlp, train_attn, train_unembed = (bool_arg(name, value) for name, value in (
+            ("train_mlp", train_mlp), ("train_attn", train_attn), ("train_unembed", train_unembed)))
+        rank = int_arg("LoRA rank", rank, 1, 256)
         if not (train_mlp or train_attn or train_unembed):
             raise BadRequestError("at least one of train_mlp, train_attn, train_unembed must be True")
         self.model = model
         self.rank = rank
         self.scale = self.alpha / rank
-        self.seed = secrets.randbits(63) if seed is None else int(seed) & ((1 << 64) - 1)
+        self.seed = secrets.randbits(63) if seed is None else seed_arg("seed", seed)
         self.train_mlp, self.train_attn, self.train_unembed = bool(train_mlp), bool(train_attn), bool(train_unembed)
         self.handle = get_engine().create_adapter(model.handle, rank, self.seed, self.train_attn, self.train_mlp,
                                                   self.train_unembed)

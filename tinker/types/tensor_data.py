@@ -57,9 +57,13 @@ def _index_list(name: str, values: Any) -> List[int]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"TensorData {name} must be a list of ints, got {values!r}")
     try:
-        return [operator.index(v) for v in values]
+        out = [operator.index(v) for v in values]
     except TypeError:
         raise ValueError(f"TensorData {name} must be a list of ints, got {values!r}") from None
+    for v in out:  # numpy's index type: anything wider is no array dimension or index
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"TensorData {name} holds {v}, which does not fit in 64 bits")
+    return out
 
 
 def _check_pad_value(pad_value: Any) -> int:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..._engine import LoadedModel, load_model
+from ..._engine import LoadedModel, bool_arg, int_arg, load_model
 from ..._exceptions import BadRequestError
 from ..._futures import ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future
 from ..._restore import sampling_adapter
@@ -164,17 +164,15 @@ class SamplingClient:
         if not isinstance(sampling_params, SamplingParams):
             raise BadRequestError(f"sampling_params must be a tinker.SamplingParams, got "
                                   f"{type(sampling_params).__name__}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise BadRequestError(f"num_samples must be a positive integer, got {num_samples!r}")
         p = sampling_params
         return submit_sample(
-            self._model, _prompt_tokens(prompt), int(num_samples),
+            self._model, _prompt_tokens(prompt), num_samples,
             max_tokens=p.max_tokens if max_tokens is None else max_tokens, temperature=p.temperature,
             top_k=p.top_k, top_p=_runnable_top_p(p.top_p), min_p=p.min_p, seed=p.seed, stop=p.stop,
-            include_prompt_logprobs=bool(include_prompt_logprobs), topk_prompt_logprobs=int(topk_prompt_logprobs),
+            include_prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, adapter=self._snapshot, notify=True,
-            topk_sample_logprobs=_count("topk_sample_logprobs", topk_sample_logprobs))
+            topk_sample_logprobs=topk_sample_logprobs)
 
     def _extras(self, prompt, sampling_params, include_prompt_logprobs, topk_prompt_logprobs, target_prompt_logprobs,
                 prompt_alt_tokens_k, prompt_logprobs_last_n) -> dict:
@@ -183,7 +181,8 @@ class SamplingClient:
         n_prompt = len(tokens)
         extras: dict = {}
         if prompt_logprobs_last_n is not None:
-            if not (include_prompt_logprobs or topk_prompt_logprobs):
+            if not (bool_arg("include_prompt_logprobs", include_prompt_logprobs)
+                    or int_arg("topk_prompt_logprobs", topk_prompt_logprobs, 0, 1000)):
                 raise BadRequestError("prompt_logprobs_last_n needs include_prompt_logprobs=True (or "
                                       "topk_prompt_logprobs)")
             n = prompt_logprobs_last_n
@@ -203,7 +202,7 @@ class SamplingClient:
                 raise BadRequestError(f"target_prompt_logprobs holds ids outside the vocabulary [0, "
                                       f"{self._model.vocab_size}) (-1 asks for nothing)")
             extras["target_ids"] = ids.astype(np.int64)
-        k = _count("prompt_alt_tokens_k", prompt_alt_tokens_k)
+        k = int_arg("prompt_alt_tokens_k", prompt_alt_tokens_k, 0, 1000)
         if k:
             p = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams()
             extras.update(alt_k=k, temperature=float(p.temperature), seed=p.seed)
@@ -286,12 +285,6 @@ class SamplingClient:
         if self._snapshot is not None and self._model_path is None:  # an ephemeral snapshot travels by value
             weights = (self._lora_config, self._snapshot.parameters())
         return (_rebuild_sampling_client, (self._base_model, self._model_path, weights))
-
-
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 1000:
-        raise BadRequestError(f"{name} must be an integer from 0 to 1000, got {value!r}")
-    return int(value)
 
 
 def _new_sampler_id(holder) -> str:

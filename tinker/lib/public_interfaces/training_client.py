@@ -19,6 +19,7 @@ import numpy as np
 
 from ... import _checkpoints as ckpt
 from ... import _restore as restore
+from ..._engine import bool_arg
 from ..._exceptions import BadRequestError, TinkerError
 from ..._futures import (
     APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, in_background,
@@ -203,6 +204,10 @@ class TrainingClient:
             custom_loss.check_inputs(loss_fn, data)
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function or a LossHandle, got {type(loss_fn).__name__}")
+        try:
+            _check_containers(data, "custom", None)
+        except BadRequestError as e:  # as forward_backward delivers it
+            return DoneFuture(error=e)
         prepared = self._custom_forward_data(data)
         with self._turn:
             self._wait_turn()
@@ -312,9 +317,11 @@ class TrainingClient:
               encrypt=None):
         self._wait_turn()
         try:
-            ckpt.save_destination(self.model_id, kind, name, overwrite)  # fail now, before queueing
+            # the arguments first, then the store (fail now, before queueing)
             ttl = ckpt.check_ttl(ttl_seconds)
             metadata = _check_metadata(user_metadata)
+            overwrite = bool_arg("overwrite", overwrite)
+            ckpt.save_destination(self.model_id, kind, name, overwrite)
         except ValueError as e:
             return DoneFuture(error=BadRequestError(str(e)))
         except TinkerError as e:

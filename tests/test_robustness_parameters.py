@@ -1,0 +1,140 @@
+"""Large or mistyped numbers, and wrong container types, are refused at the API with the parameter's name,
+the value and what is accepted (issue: hostile input, items 6 and 7); never a raw "Python int too large to
+convert to C long", "signed integer is greater than maximum" or "cannot convert float NaN to integer", and
+never a value narrowed or read by truthiness ('no' as True). The same clients keep working afterwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinker
+from tinker import types
+
+HUGE = [2**31, 2**63, 2**70, 10**400]
+PROMPT = types.ModelInput.from_ints([1, 2, 3])
+
+
+def datum():
+    return types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                       loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+
+
+@pytest.fixture(scope="module")
+def clients(tiny_llama):
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(tiny_llama, rank=2).result()
+    return sc, tc, sc.create_sampling_client(base_model=tiny_llama).result()
+
+
+def still_works(tc, sampler):
+    assert tc.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    out = sampler.sample(PROMPT, 2, types.SamplingParams(max_tokens=3, temperature=0.0)).result()
+    assert [len(s.tokens) for s in out.sequences] == [3, 3]
+
+
+def sample_with(sampler, num_samples=1, params=None, **options):
+    return sampler.sample(PROMPT, num_samples, params or types.SamplingParams(max_tokens=2), **options).result()
+
+
+@pytest.mark.parametrize("big", HUGE)
+@pytest.mark.parametrize("name, call", [
+    ("max_tokens", lambda s, v: sample_with(s, params=types.SamplingParams(max_tokens=v))),
+    ("top_k", lambda s, v: sample_with(s, params=types.SamplingParams(max_tokens=2, top_k=v))),
+    ("seed", lambda s, v: sample_with(s, params=types.SamplingParams(max_tokens=2, seed=v if v > 2**64 else 2**64 + v))),
+    ("num_samples", lambda s, v: sample_with(s, num_samples=v)),
+    ("topk_prompt_logprobs", lambda s, v: sample_with(s, topk_prompt_logprobs=v)),
+    ("topk_sample_logprobs", lambda s, v: sample_with(s, topk_sample_logprobs=v)),
+    ("prompt_alt_tokens_k", lambda s, v: sample_with(s, prompt_alt_tokens_k=v)),
+])
+def test_huge_sampling_integers_name_the_parameter(clients, name, call, big):
+    _, tc, sampler = clients
+    shown = str(big if name != "seed" or big > 2**64 else 2**64 + big)
+    with pytest.raises(tinker.BadRequestError, match=rf"^{name} is {shown}; it must be an integer from -?\d+ to \d+$"):
+        call(sampler, big)
+    still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("name, options, got", [
+    ("topk_prompt_logprobs", {"topk_prompt_logprobs": float("nan")}, "nan"),
+    ("topk_prompt_logprobs", {"topk_prompt_logprobs": 1.5}, "1.5"),
+    ("num_samples", {"num_samples": "2"}, "'2'"),
+    ("topk_sample_logprobs", {"topk_sample_logprobs": 2.0}, "2.0"),
+])
+def test_mistyped_sampling_integers_name_the_parameter(clients, name, options, got):
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=rf"^{name} must be an integer from \d+ to \d+, got {got}"):
+        sample_with(sampler, **options)
+    still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("big", [2**31 + 7, 2**70])
+def test_stop_token_ids_are_checked_at_full_width(clients, big):
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=rf"stop, position 1: token id {big} is outside the vocabulary"):
+        sample_with(sampler, params=types.SamplingParams(max_tokens=2, stop=[3, big]))
+    still_works(tc, sampler)
+
+
+def test_seeds_take_any_64_bit_integer(clients):
+    _, tc, sampler = clients
+    for seed in (-1, 2**63, 2**64 - 1):
+        a = sample_with(sampler, params=types.SamplingParams(max_tokens=4, seed=seed)).sequences[0].tokens
+        assert a == sample_with(sampler, params=types.SamplingParams(max_tokens=4, seed=seed)).sequences[0].tokens
+    with pytest.raises(tinker.BadRequestError, match=r"^seed is 18446744073709551616; it must be an integer"):
+        tc.holder.create_lora_training_client(tc._base_model, rank=2, seed=2**64).result()
+    with pytest.raises(tinker.BadRequestError, match=r"^seed must be an integer .* got 'x' \(str\)"):
+        tc.holder.create_lora_training_client(tc._base_model, rank=2, seed="x").result()
+
+
+def test_training_numbers_name_the_parameter(clients):
+    sc, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"^LoRA rank is 1099511627776; it must be an integer from 1 to 256"):
+        sc.create_lora_training_client(tc._base_model, rank=2**40).result()
+    assert sc.create_lora_training_client(tc._base_model, rank=np.int64(2)).result().get_info().lora_rank == 2
+    rl = types.Datum(model_input=PROMPT, loss_fn_inputs={"target_tokens": [2, 3, 4], "advantages": [1.0] * 3,
+                                                         "logprobs": [-1.0] * 3})
+    with pytest.raises(tinker.BadRequestError, match=r"loss_fn_config\['clip_low_threshold'\] is 1000.*too large"):
+        tc.forward_backward([rl], "ppo", {"clip_low_threshold": 10**400}).result()
+    for ttl in (10**400, 2**70, 1e300, float("inf")):
+        with pytest.raises(tinker.BadRequestError, match=r"^ttl_seconds is .*; it must be at most 3153600000"):
+            tc.save_state("ttl", ttl_seconds=ttl).result()
+    with pytest.raises(ValueError, match=r"TensorData shape holds 1180591620717411303424, which does not fit in 64"):
+        types.TensorData(data=[1.0], dtype="float32", shape=[2**70])
+    still_works(tc, sampler)
+
+
+def test_flags_are_read_as_the_sdk_reads_them_never_by_truthiness(clients, store):
+    sc, tc, sampler = clients
+    # 'no' is False (pydantic's reading, the SDK's), where truthiness would have trained the MLP
+    info = sc.create_lora_training_client(tc._base_model, rank=2, train_mlp="no").result()
+    assert info._adapter.train_mlp is False and info._adapter.train_attn is True
+    with pytest.raises(tinker.BadRequestError, match=r"^train_attn must be True or False, got 'maybe'"):
+        sc.create_lora_training_client(tc._base_model, rank=2, train_attn="maybe").result()
+    out = sample_with(sampler, include_prompt_logprobs="no")
+    assert out.prompt_logprobs is None
+    with pytest.raises(tinker.BadRequestError, match=r"^include_prompt_logprobs must be True or False, got \[1\]"):
+        sample_with(sampler, include_prompt_logprobs=[1])
+    tc.save_state("flag").result()
+    with pytest.raises(tinker.BadRequestError, match=r"^overwrite must be True or False, got 'sure'"):
+        tc.save_state("flag", overwrite="sure").result()
+    with pytest.raises(tinker.ConflictError, match="already exists"):
+        tc.save_state("flag", overwrite="false").result()
+    still_works(tc, sampler)
+
+
+def test_arguments_are_checked_before_the_store(clients, store):
+    _, tc, sampler = clients
+    tc.save_state("taken").result()
+    with pytest.raises(tinker.BadRequestError, match=r"ttl_seconds must be a positive number"):
+        tc.save_state("taken", ttl_seconds=-5).result()  # the bad argument, not the name conflict
+
+
+def test_wrong_containers_in_custom_loss(clients):
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"data must be a list of tinker.Datum, got Datum \(wrap a single"):
+        tc.forward_backward_custom(datum(), lambda data, logprobs: (logprobs[0].sum(), {})).result()
+    with pytest.raises(TypeError, match=r"loss_fn must be a function or a LossHandle, got str"):
+        tc.forward_backward_custom([datum()], "cross_entropy")
+    still_works(tc, sampler)
