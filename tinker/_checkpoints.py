@@ -15,7 +15,10 @@ sit checkpoint.json (what it is, when it expires, and the size and SHA-256 of ev
 
 Crash safety: a checkpoint is written into a hidden temporary directory, fsynced, and renamed
 into place in one step. A killed save leaves only the temporary directory, which is never listed
-or loaded and is swept on the next save. Loading checks every file against checkpoint.json, so a
+or loaded and is swept on the next save. Overwriting swaps the new directory with the old one in one
+step (renameat2 RENAME_EXCHANGE) where the file system can; elsewhere the old copy is first renamed to
+`.old-<name>`, which readers use while `<name>` is missing, so a kill between the two renames still
+leaves the name resolving to a complete checkpoint. Loading checks every file against checkpoint.json, so a
 corrupt or truncated checkpoint raises a clear error instead of loading.
 
 Security: run ids and names are single path components from a small alphabet. Every path is
@@ -83,10 +86,38 @@ def run_dir(run_id: str) -> Path:
     return _inside(root / check_component("training run id", run_id), root)
 
 
-def checkpoint_dir(run_id: str, kind: str, name: str) -> Path:
+def _slot(run_id: str, kind: str, name: str) -> Path:
+    """Where the checkpoint `name` is written: runs/<run_id>/<kind>/<name>."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     return _inside(run_dir(run_id) / kind / check_component("checkpoint name", name), store_root() / "runs")
+
+
+def _old_copy(slot: Path) -> Path:
+    """Where an overwrite keeps the previous copy between its two renames (see the module docstring)."""
+    return slot.parent / f".old-{slot.name}"
+
+
+def checkpoint_dir(run_id: str, kind: str, name: str) -> Path:
+    """The directory the checkpoint is read from: its slot, or the previous copy an overwrite killed between
+    its two renames left (then the slot is missing)."""
+    slot = _slot(run_id, kind, name)
+    old = _old_copy(slot)
+    if not slot.exists() and old.is_dir():
+        return old
+    return slot
+
+
+def checkpoint_names(run_id: str, kind: str) -> list[str]:
+    """Names of the checkpoints of one kind in a run (unvalidated directory names; hidden leftovers of
+    interrupted saves skipped, an interrupted overwrite's previous copy listed under its name)."""
+    try:
+        entries = {e.name for e in os.scandir(run_dir(run_id) / kind) if e.is_dir(follow_symlinks=False)}
+    except FileNotFoundError:
+        return []
+    names = {n for n in entries if not n.startswith(".")}
+    names |= {n[len(".old-"):] for n in entries if n.startswith(".old-")}
+    return sorted(names)
 
 
 def tinker_path(run_id: str, kind: str, name: str) -> str:
@@ -177,6 +208,9 @@ def _sweep_temporaries(parent: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
+    for old in parent.glob(".old-*"):  # stale once its slot is back (a kill after an overwrite's second rename)
+        if (parent / old.name[len(".old-"):]).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -210,8 +244,8 @@ def read_run(run_id: str) -> dict:
 def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path:
     """The directory a new checkpoint goes to: ValueError for a bad name, ConflictError when it
     exists and may not be replaced."""
-    final = checkpoint_dir(run_id, kind, name)
-    if final.exists() and not overwrite:
+    final = _slot(run_id, kind, name)
+    if checkpoint_dir(run_id, kind, name).exists() and not overwrite:
         raise ConflictError(f"checkpoint {tinker_path(run_id, kind, name)} already exists; pass overwrite=True "
                             f"to replace it or choose another name")
     return final
@@ -303,13 +337,35 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _replace_dir(new: Path, final: Path) -> None:
-    if not final.exists():
-        os.rename(new, final)
+    """Puts the directory `new` in place of `final`, which always resolves to a complete checkpoint."""
+    old = _old_copy(final)
+    if old.exists() and final.exists():  # stale: an earlier overwrite was killed after its second rename
+        shutil.rmtree(old)
+    if final.exists() and _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # it holds the previous copy now
         return
-    old = final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex}"
-    os.rename(final, old)
+    if final.exists():
+        os.rename(final, old)  # until the next rename, checkpoint_dir reads the previous copy here
     os.rename(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+USE_EXCHANGE = True  # tests turn it off to run the two-rename path on file systems that can exchange
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the platform or the
+    file system cannot, and nothing changed."""
+    if not USE_EXCHANGE:
+        return False
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 MAX_TTL_SECONDS = 100 * 365 * 24 * 3600  # expiry times stay dates every platform's time_t can hold
@@ -443,9 +499,11 @@ def delete_checkpoint(run_id: str, kind: str, name: str) -> None:
     directory = checkpoint_dir(run_id, kind, name)
     if not directory.is_dir():
         raise NotFoundError(f"checkpoint {tinker_path(run_id, kind, name)} not found")
-    trash = directory.parent / f".tmp-del-{name}-{uuid.uuid4().hex}"
-    os.rename(directory, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    for gone in (_old_copy(_slot(run_id, kind, name)), directory):  # a stale previous copy must not come back
+        if gone.is_dir():
+            trash = gone.parent / f".tmp-del-{name}-{uuid.uuid4().hex}"
+            os.rename(gone, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(archive_dir(run_id, kind, name), ignore_errors=True)
 
 

@@ -110,6 +110,11 @@ def _entries(directory: Path) -> list[str]:
                  if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
     except FileNotFoundError:
         return []
+    return _valid(names)
+
+
+def _valid(names) -> list[str]:
+    """The names that are valid ids, sorted."""
     valid = []
     for name in names:
         try:
@@ -177,7 +182,7 @@ def _newest_first(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
 def _run_checkpoints(run_id: str) -> list[Checkpoint]:
     found = []
     for kind in ckpt.KINDS:
-        for name in _entries(ckpt.run_dir(run_id) / kind):
+        for name in _valid(ckpt.checkpoint_names(run_id, kind)):
             checkpoint = _checkpoint(run_id, kind, name)
             if checkpoint is not None:
                 found.append(checkpoint)
