@@ -25,6 +25,7 @@ typedef struct {
     uint32_t *stop_offsets;   /* [n_stop_strings + 1] */
     int n_stop_strings, max_stop_len;
     /* results */
+    int group_requests, group_prompts; /* the group it decoded in */
     int32_t *tokens;          /* [num_samples, max_tokens] */
     float *logprobs;          /* [num_samples, max_tokens] */
     int32_t *sample_topk_ids; /* [num_samples, max_tokens, topk_sample] or NULL */
@@ -153,27 +154,62 @@ static void prompt_scores(sample_payload *sp, const float *h, tk_backend *be, fl
     }
 }
 
-/* Runs requests reqs[0..n_req) as one group: one prefill, shared decode steps. */
+/* Requests whose prompts are the same tokens under the same adapter share one prefill and its cache (RL
+ * recipes send many single-sample requests of one prompt): uniq[r] is request r's prompt among the n_u
+ * distinct ones; returns n_u. */
+static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *first_req)
+{
+    int n_u = 0;
+    for (int r = 0; r < n_req; r++) {
+        uniq[r] = -1;
+        for (int u = 0; u < n_u && uniq[r] < 0; u++) {
+            const sample_payload *a = reqs[first_req[u]], *b = reqs[r];
+            if (a->adapter == b->adapter && a->prompt_len == b->prompt_len &&
+                memcmp(a->prompt, b->prompt, (size_t)a->prompt_len * sizeof *a->prompt) == 0)
+                uniq[r] = u;
+        }
+        if (uniq[r] < 0) first_req[n_u] = r, uniq[r] = n_u++;
+    }
+    return n_u;
+}
+
+/* The adapter with the widest unembed LoRA among the requests' (NULL: none has one): it sizes the head's
+ * workspace for all of them. */
+static const tk_adapter *widest_unembed(sample_payload **reqs, int n_req)
+{
+    const tk_adapter *widest = NULL;
+    for (int r = 0; r < n_req; r++) {
+        const tk_adapter *a = reqs[r]->adapter;
+        if (a && a->unembed.A && (!widest || a->cfg.rank > widest->cfg.rank)) widest = a;
+    }
+    return widest;
+}
+
+/* Runs requests reqs[0..n_req) as one group: one prefill of their distinct prompts, shared decode steps. The
+ * requests may use different adapters (or none): each sequence's LoRA terms come from its own adapter. */
 static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
 {
     const tk_model *m = reqs[0]->model;
-    const tk_adapter *ad = reqs[0]->adapter;
+    const tk_adapter *widest = widest_unembed(reqs, n_req);
     tk_backend *be = exec->backend;
     const tk_model_config *c = &m->cfg;
     const int V = c->vocab_size, D = c->d_model, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
     const tk_vocab_bytes *vocab = atomic_load(&((tk_model *)m)->vocab);
     tk_status status = TK_OK;
 
-    /* sizes: prompts packed, sequences, the longest context */
+    /* sizes: distinct prompts packed, sequences, the longest context */
+    int uniq[n_req], first_req[n_req];
+    int n_u = distinct_prompts(reqs, n_req, uniq, first_req);
+    for (int r = 0; r < n_req; r++) reqs[r]->group_requests = n_req, reqs[r]->group_prompts = n_u;
     int total_p = 0, n_seq = 0, max_new = 0, max_keys = 1, max_stop = 1;
+    for (int u = 0; u < n_u; u++) total_p += reqs[first_req[u]]->prompt_len;
     for (int r = 0; r < n_req; r++) {
-        total_p += reqs[r]->prompt_len;
         n_seq += reqs[r]->p.num_samples;
         if (reqs[r]->p.max_tokens > max_new) max_new = reqs[r]->p.max_tokens;
         if (reqs[r]->prompt_len + reqs[r]->p.max_tokens > max_keys) max_keys = reqs[r]->prompt_len + reqs[r]->p.max_tokens;
         if (reqs[r]->max_stop_len > max_stop) max_stop = reqs[r]->max_stop_len;
     }
-    int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_req + 1) * sizeof *starts);
+    int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_u + 1) * sizeof *starts);
     /* the KV caches live on the device: the prompts' (shared by their samples), then each sample's own */
     float *prompt_k = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
     float *prompt_v = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
@@ -183,37 +219,41 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
     tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(double)),
                      malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0, 0.0};
-    /* the decode batch of one step: the live sequences' tokens, caches and step rows */
+    /* the decode batch of one step: the live sequences' tokens, caches, step rows and adapters */
     int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_rows = malloc(((size_t)n_seq + 1) * sizeof(int32_t));
-    tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
-    const tk_adapter **ads = malloc(((size_t)n_seq + (size_t)n_req) * sizeof *ads);
+    tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_u) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
+    const tk_adapter **ads = malloc(((size_t)n_seq + (size_t)n_u) * sizeof *ads); /* [sequences, prompts] */
+    const tk_adapter **step_ads = malloc((size_t)(n_seq > n_req ? n_seq : n_req) * sizeof *step_ads);
     int *live = malloc((size_t)n_seq * sizeof(int));
     size_t rows = (size_t)(n_seq > 64 ? n_seq : 64); /* logits rows at a time: a decoding step, prompt chunks */
     /* host copies of the logits the sampler reads (none when the device is host memory) */
     float *logits_h = be->host_memory ? NULL : malloc((rows * V + rows) * sizeof(float));
     float *h_rows[n_req], *last_rows[n_req];
     if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.e || !ch.c ||
-        !ch.seen || !step_tok || !step_rows || !kvs || !step_kv || !ads || !live || (!be->host_memory && !logits_h)) {
+        !ch.seen || !step_tok || !step_rows || !kvs || !step_kv || !ads || !step_ads || !live ||
+        (!be->host_memory && !logits_h)) {
         status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
         goto done;
     }
 
-    /* 1. prefill every prompt in one packed forward pass, filling the prompt caches */
+    /* 1. prefill every distinct prompt in one packed forward pass, filling the prompt caches */
     starts[0] = 0;
-    for (int r = 0; r < n_req; r++) {
-        memcpy(tokens + starts[r], reqs[r]->prompt, (size_t)reqs[r]->prompt_len * sizeof *tokens);
-        starts[r + 1] = starts[r] + reqs[r]->prompt_len;
+    for (int u = 0; u < n_u; u++) {
+        const sample_payload *sp = reqs[first_req[u]];
+        memcpy(tokens + starts[u], sp->prompt, (size_t)sp->prompt_len * sizeof *tokens);
+        starts[u + 1] = starts[u] + sp->prompt_len;
+        ads[n_seq + u] = sp->adapter;
+        kvs[n_seq + u] = (tk_kv_seq){NULL, NULL, 0, prompt_k + (size_t)starts[u] * KV, prompt_v + (size_t)starts[u] * KV, 0};
     }
-    for (int i = 0; i < n_seq + n_req; i++) ads[i] = ad;
-    for (int r = 0; r < n_req; r++) /* prefill: the prompts' rows fill their caches */
-        kvs[n_seq + r] = (tk_kv_seq){NULL, NULL, 0, prompt_k + (size_t)starts[r] * KV, prompt_v + (size_t)starts[r] * KV, 0};
-    tk_batch prefill = {n_req, total_p, tokens, starts, NULL, NULL, NULL, ad ? ads : NULL, kvs + n_seq, 0,
+    for (int r = 0, i = 0; r < n_req; r++)
+        for (int s = 0; s < reqs[r]->p.num_samples; s++) ads[i++] = reqs[r]->adapter;
+    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads + n_seq, kvs + n_seq, 0,
                         (size_t)total_p * KV};
     /* the largest decoding step: every sequence, each over the longest cache */
     for (int i = 0; i <= n_seq; i++) step_rows[i] = i;
     for (int i = 0; i < n_seq; i++) step_tok[i] = 0, step_kv[i] = (tk_kv_seq){prompt_k, prompt_v, max_keys - 1, own_kv, own_kv, 0};
-    tk_batch largest = {n_seq, n_seq, step_tok, step_rows, NULL, NULL, NULL, ad ? ads : NULL, step_kv, 0, 0};
-    size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, ad);
+    tk_batch largest = {n_seq, n_seq, step_tok, step_rows, NULL, NULL, NULL, ads, step_kv, 0, 0};
+    size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
     size_t decode = tk_transformer_workspace(m, be, &largest, 0);
     size_t need = (size_t)total_p * D + rows * D + rows * V + rows + (body > decode ? body : decode) + head + 64;
     float *work = tk_exec_scratch(exec, need);
@@ -226,12 +266,15 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
     tk_transformer_forward(h, m, be, &prefill, NULL, rest);
     for (int r = 0; r < n_req; r++)
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
-            prompt_scores(reqs[r], h + (size_t)starts[r] * D, be, logits, lse, logits_h, head_work, ch.c);
+            prompt_scores(reqs[r], h + (size_t)starts[uniq[r]] * D, be, logits, lse, logits_h, head_work, ch.c);
 
     /* 2. the first token of every sample, from its prompt's last position */
-    for (int r = 0; r < n_req; r++) h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(starts[r + 1] - 1) * D;
+    for (int r = 0; r < n_req; r++) {
+        h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(starts[uniq[r] + 1] - 1) * D;
+        step_ads[r] = reqs[r]->adapter;
+    }
     be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
-    tk_head_logits_decode(logits, m, ad, be, hs, n_req, head_work);
+    tk_head_logits_decode_rows(logits, m, step_ads, widest, be, hs, n_req, head_work);
     const float *lg = tk_host_view(be, logits_h, logits, (size_t)n_req * V * sizeof(float));
     int n_live = 0;
     for (int r = 0, i = 0; r < n_req; r++)
@@ -243,8 +286,8 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
             q->own_k = own_kv + 2 * own * (size_t)i;
             q->own_v = q->own_k + own;
             q->tail = tails + (size_t)i * (size_t)max_stop;
-            /* the prompt's cache, shared by the request's samples, then the sample's own rows */
-            kvs[i] = (tk_kv_seq){prompt_k + (size_t)starts[r] * KV, prompt_v + (size_t)starts[r] * KV,
+            /* the prompt's cache, shared by the samples of every request with that prompt, then its own rows */
+            kvs[i] = (tk_kv_seq){prompt_k + (size_t)starts[uniq[r]] * KV, prompt_v + (size_t)starts[uniq[r]] * KV,
                                  reqs[r]->prompt_len, q->own_k, q->own_v, 0};
             if (reqs[r]->p.max_tokens == 0) continue;
             float lp;
@@ -261,11 +304,12 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
             step_tok[j] = q->req->tokens[(size_t)q->sample * q->req->p.max_tokens + (size_t)(q->n - 1)];
             step_kv[j] = kvs[i];
             step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
+            step_ads[j] = ads[i];
         }
-        tk_batch step = {n_live, n_live, step_tok, step_rows, NULL, NULL, NULL, ad ? ads : NULL, step_kv,
+        tk_batch step = {n_live, n_live, step_tok, step_rows, NULL, NULL, NULL, step_ads, step_kv,
                          (size_t)total_p * KV, (size_t)(max_new > 1 ? max_new : 1) * KV};
         tk_transformer_forward(hs, m, be, &step, NULL, rest);
-        tk_head_logits_decode(logits, m, ad, be, hs, n_live, head_work);
+        tk_head_logits_decode_rows(logits, m, step_ads, widest, be, hs, n_live, head_work);
         lg = tk_host_view(be, logits_h, logits, (size_t)n_live * V * sizeof(float));
         int still = 0;
         for (int j = 0; j < n_live; j++) {
@@ -282,7 +326,7 @@ done:
     be->free(be, prompt_k), be->free(be, prompt_v), be->free(be, own_kv), free(logits_h);
     free(tokens), free(starts), free(seqs), free(tails), free(buf);
     free(ch.z), free(ch.e), free(ch.c), free(ch.seen), free(step_tok), free(step_rows), free(kvs), free(step_kv), free(ads);
-    free(live);
+    free(step_ads), free(live);
     return status;
 }
 
@@ -375,7 +419,7 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
         sp->sample_topk_lp = calloc(S * N * k, sizeof *sp->sample_topk_lp);
         ok = sp->sample_topk_ids && sp->sample_topk_lp;
     }
-    tk_request *req = ok ? tk_request_new_batched(run_batch, ad ? (const void *)ad : (const void *)m, sp, sample_free)
+    tk_request *req = ok ? tk_request_new_batched(run_batch, (const void *)m, sp, sample_free)
                          : NULL;
     if (!req) {
         sample_free(sp);
@@ -428,4 +472,11 @@ const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const in
     *topk_logprobs = sp->topk_lp;
     *k = sp->p.topk_prompt;
     return sp->prompt_lp;
+}
+
+void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts)
+{
+    const sample_payload *sp = tk_request_payload(req);
+    *group_requests = sp->group_requests;
+    *group_prompts = sp->group_prompts;
 }

@@ -48,41 +48,53 @@ static size_t carve(head_scratch *s, float *work, const tk_model *m, const tk_ad
 
 size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, m, ad); }
 
-/* logits[C, V] = h W^T + u B^T, u = scale h A^T; `decoding`: C rows of a decoding step (matmul_w_decode) */
-static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                         const float *h, int C, int decoding)
+/* logits[C, V] = h W^T + u B^T, u = scale h A^T, where row r's adapter is ads[r] (ads NULL: ad for every row);
+ * the base product runs once for all rows, the LoRA term once per run of rows with the same adapter.
+ * `decoding`: C rows of a decoding step (matmul_w_decode). */
+static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *const *ads,
+                         const tk_adapter *ad, tk_backend *be, const float *h, int C, int decoding)
 {
     int D = m->cfg.d_model, V = m->cfg.vocab_size;
     (decoding ? be->matmul_w_decode : be->matmul_w)(be, logits, V, h, D, &m->w.lm_head, C, 1.0f, 0.0f);
-    if (ad && ad->unembed.A) {
-        int R = ad->cfg.rank;
-        be->matmul_nt(be, u, R, h, D, ad->unembed.A, C, R, D, ad->scale, 0.0f);
-        be->matmul_nt(be, logits, V, u, R, ad->unembed.B, C, V, R, 1.0f, 1.0f);
+    for (int r0 = 0, r1; r0 < C; r0 = r1) {
+        const tk_adapter *a = ads ? ads[r0] : ad;
+        for (r1 = r0 + 1; r1 < C && (ads ? ads[r1] : ad) == a;) r1++;
+        if (!a || !a->unembed.A) continue;
+        int R = a->cfg.rank;
+        be->matmul_nt(be, u, R, h + (size_t)r0 * D, D, a->unembed.A, r1 - r0, R, D, a->scale, 0.0f);
+        be->matmul_nt(be, logits + (size_t)r0 * V, V, u, R, a->unembed.B, r1 - r0, V, R, 1.0f, 1.0f);
     }
 }
 
-static void head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
-                        int T, float *work, int decoding)
+static void head_logits(float *logits, const tk_model *m, const tk_adapter *const *ads, const tk_adapter *ad,
+                        tk_backend *be, const float *h, int T, float *work, int decoding)
 {
     head_scratch s;
     carve(&s, work, m, ad);
     int D = m->cfg.d_model, V = m->cfg.vocab_size;
     for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
         int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
-        chunk_logits(logits + (size_t)t0 * V, s.u, m, ad, be, h + (size_t)t0 * D, C, decoding);
+        chunk_logits(logits + (size_t)t0 * V, s.u, m, ads ? ads + t0 : NULL, ad, be, h + (size_t)t0 * D, C,
+                     decoding);
     }
 }
 
 void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,
                     float *work)
 {
-    head_logits(logits, m, ad, be, h, T, work, 0);
+    head_logits(logits, m, NULL, ad, be, h, T, work, 0);
 }
 
 void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
                            int T, float *work)
 {
-    head_logits(logits, m, ad, be, h, T, work, 1);
+    head_logits(logits, m, NULL, ad, be, h, T, work, 1);
+}
+
+void tk_head_logits_decode_rows(float *logits, const tk_model *m, const tk_adapter *const *ads,
+                                const tk_adapter *widest, tk_backend *be, const float *h, int T, float *work)
+{
+    head_logits(logits, m, ads, widest, be, h, T, work, 1);
 }
 
 /* Targets [e0, e1) of a chunk whose first token is t0, at most HEAD_TARGETS: their rows in the chunk. */
@@ -101,7 +113,7 @@ static const float *chunk_logprobs(head_scratch *s, float *logprobs, const tk_mo
 {
     const int D = m->cfg.d_model, V = m->cfg.vocab_size;
     int32_t first = in->tgt_start[t0], last = in->tgt_start[t0 + C];
-    chunk_logits(s->logits, s->u, m, ad, be, h + (size_t)t0 * D, C, 0);
+    chunk_logits(s->logits, s->u, m, NULL, ad, be, h + (size_t)t0 * D, C, 0);
     be->logsumexp(be, s->lse, s->logits, V, C, V);
     const float *lse = tk_host_view(be, s->lse_h, s->lse, (size_t)C * sizeof(float));
     for (int32_t e0 = first; e0 < last; e0 += HEAD_TARGETS) {

@@ -21,5 +21,10 @@ void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_b
 /* The same for the rows of a decoding step (the backend's matmul_w_decode). */
 void tk_head_logits_decode(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h,
                            int T, float *work);
+/* The same where row r belongs to adapter ads[r] (NULL: the base model), as in a decoding step of sequences of
+ * several adapters; `widest` is the adapter whose unembed LoRA has the largest rank (NULL: none has one), which
+ * sized `work` (tk_head_workspace). */
+void tk_head_logits_decode_rows(float *logits, const tk_model *m, const tk_adapter *const *ads,
+                                const tk_adapter *widest, tk_backend *be, const float *h, int T, float *work);
 
 #endif

@@ -1,0 +1,74 @@
+"""Sampling with many adapters and many concurrent requests on the default model, as ratios against the
+single-request form of the same work (issue: many adapters, one pass).
+
+    python benchmarks/bench_multi_adapter.py [--prompt-tokens 64] [--new-tokens 64] [--reps 3]
+
+- adapters: 8 sampling clients with 8 different LoRA adapters, 8 concurrent `sample` calls of 1 sample
+  each, against one client asking for 8 samples;
+- same prompt: 64 concurrent single-sample requests on one adapter with the same prompt, against one
+  request for 64 samples.
+Every request generates exactly --new-tokens tokens (no stop). Tokens/s are the best of --reps runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def tokens_per_second(calls) -> float:
+    """Runs the futures `calls()` returns and counts the tokens of every sequence."""
+    start = time.perf_counter()
+    results = [f.result() for f in calls()]
+    n = sum(len(s.tokens) for r in results for s in r.sequences)
+    return n / (time.perf_counter() - start)
+
+
+def best(reps: int, calls) -> float:
+    return max(tokens_per_second(calls) for _ in range(reps))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+
+    import tinker
+    from tinker import types
+    from tinker._models import DEFAULT_MODEL
+
+    sc = tinker.ServiceClient()
+    rng = np.random.default_rng(0)
+    prompt = types.ModelInput.from_ints(rng.integers(100, 10000, args.prompt_tokens).tolist())
+    datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(100, 132))),
+                        loss_fn_inputs={"target_tokens": list(range(101, 133)), "weights": [1.0] * 32})
+    samplers = []
+    for i in range(8):  # 8 adapters, each trained one step so they differ
+        tc = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=i)
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-3 * (i + 1))).result()
+        samplers.append(tc.save_weights_and_get_sampling_client())
+    params = types.SamplingParams(max_tokens=args.new_tokens, temperature=1.0, stop=[])
+    samplers[0].sample(prompt, 1, params).result()  # warm-up
+
+    one_client_8 = best(args.reps, lambda: [samplers[0].sample(prompt, 8, params)])
+    eight_adapters = best(args.reps, lambda: [s.sample(prompt, 1, params) for s in samplers])
+    one_request_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 64, params)])
+    concurrent_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 1, params) for _ in range(64)])
+
+    print(f"SmolLM2-135M, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens per sequence")
+    print(f"{'case':58s} {'tok/s':>8s} {'ratio':>6s}")
+    print(f"{'one client, 8 samples':58s} {one_client_8:8.0f}")
+    print(f"{'8 clients, 8 adapters, 8 concurrent 1-sample calls':58s} {eight_adapters:8.0f} "
+          f"{eight_adapters / one_client_8:6.2f}")
+    print(f"{'one request, 64 samples':58s} {one_request_64:8.0f}")
+    print(f"{'64 concurrent 1-sample requests, same prompt, one adapter':58s} {concurrent_64:8.0f} "
+          f"{concurrent_64 / one_request_64:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

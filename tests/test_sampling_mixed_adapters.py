@@ -1,0 +1,92 @@
+"""Sample requests of different adapters (and of the base model) decode in one group, and requests with the
+same prompt and adapter share one prefill (issue: many adapters, one pass, items 1 and 2 for sampling).
+
+Each request must get what it gets alone. Tolerance: logprobs within 1e-4 (float32 on the tiny model's
+float32 weights: a matmul over 8 rows may round differently from one over 1 row, a few ulps of the logits),
+tokens equal (greedy, and seeded sampling from the same distributions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinker._engine import get_engine, load_model
+from tinker._sampling import submit_sample
+from tinker._training import LoraAdapter
+
+PROMPTS = [[1, 5, 9, 2], [3, 3, 7], [11, 4, 6, 8, 10, 2]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return load_model(tiny_llama)
+
+
+def random_adapter(model, rank, seed, **train):
+    ad = LoraAdapter(model, rank=rank, seed=seed, **train)
+    rng = np.random.default_rng(seed)
+    ad.set_parameters({k: rng.standard_normal(v.shape).astype(np.float32) * 0.2 for k, v in ad.parameters().items()})
+    return ad.snapshot()
+
+
+@pytest.fixture(scope="module")
+def snapshots(model):
+    # different ranks, one with an unembed LoRA and one without: the LoRA terms differ per sequence
+    return [random_adapter(model, 4, 1), random_adapter(model, 8, 2, train_unembed=False),
+            random_adapter(model, 2, 3, train_attn=False), None]
+
+
+def hold_the_worker(model):
+    """A long forward queued first: the sample requests queued behind it are popped as one batch."""
+    tokens = np.tile(np.arange(1, 200, dtype=np.int32), 24)
+    return get_engine().forward(model.handle, tokens, np.full(24, 199, dtype=np.int32))
+
+
+def run(model, requests, together: bool):
+    """requests: (prompt, adapter, params) -> [(raw result, SampleResult)]"""
+    blocker = hold_the_worker(model) if together else None
+    pending = [submit_sample(model, prompt, adapter=adapter, **params) for prompt, adapter, params in requests]
+    if blocker is not None:
+        blocker.result()
+    return [(p._request.result(), p.result()) for p in pending]
+
+
+def assert_same(got, alone):
+    for (raw, a), (_, b) in zip(got, alone):
+        assert len(a.sequences) == len(b.sequences)
+        for sa, sb in zip(a.sequences, b.sequences):
+            assert sa.tokens == sb.tokens and sa.stop_reason == sb.stop_reason
+            np.testing.assert_allclose(sa.logprobs, sb.logprobs, atol=1e-4, rtol=0)
+        if b.prompt_logprobs is not None:
+            np.testing.assert_allclose(np.array(a.prompt_logprobs[1:]), np.array(b.prompt_logprobs[1:]), atol=1e-4)
+
+
+def test_requests_of_different_adapters_decode_together_as_they_would_alone(model, snapshots):
+    requests = []
+    for i, snap in enumerate(snapshots):
+        for j, prompt in enumerate(PROMPTS):
+            params = dict(max_tokens=6 + i + j, temperature=0.0) if (i + j) % 2 else \
+                dict(max_tokens=5, temperature=1.0, seed=10 * i + j, num_samples=2)
+            requests.append((prompt, snap, params))
+    together = run(model, requests, together=True)
+    assert together[-1][0]["group"][0] == len(requests)  # one group: every adapter and the base model
+    alone = [run(model, [r], together=False)[0] for r in requests]
+    assert all(raw["group"] == (1, 1) for raw, _ in alone)
+    assert_same(together, alone)
+
+
+def test_requests_with_the_same_prompt_share_one_prefill(model, snapshots):
+    prompt = PROMPTS[2]
+    same = dict(max_tokens=4, temperature=1.0, include_prompt_logprobs=True, topk_prompt_logprobs=3)
+    requests = [(prompt, snapshots[0], {**same, "seed": s}) for s in range(6)]
+    requests += [(prompt, snapshots[1], {**same, "seed": 7}), (prompt, None, {**same, "seed": 8}),
+                 (PROMPTS[0], snapshots[0], {**same, "seed": 9})]
+    together = run(model, requests, together=True)
+    assert together[0][0]["group"] == (len(requests), 4)  # 9 requests, 4 distinct (prompt, adapter) prefills
+    alone = [run(model, [r], together=False)[0] for r in requests]
+    assert_same(together, alone)
+    for (_, a), (_, b) in zip(together, alone):
+        for top_a, top_b in zip(a.topk_prompt_logprobs[1:], b.topk_prompt_logprobs[1:]):
+            assert [t for t, _ in top_a] == [t for t, _ in top_b]
+            np.testing.assert_allclose([lp for _, lp in top_a], [lp for _, lp in top_b], atol=1e-4)
