@@ -1,5 +1,6 @@
-"""Sample requests of different adapters (and of the base model) decode in one group, and requests with the
-same prompt and adapter share one prefill (issue: many adapters, one pass, items 1 and 2 for sampling).
+"""Sample requests of different adapters (and of the base model) decode in one group, requests with the same
+prompt and adapter share one prefill, and requests queued while a decode runs join it between steps and
+finish as soon as their own samples do (issue: many adapters, one pass, items 1 and 2 for sampling).
 
 Each request must get what it gets alone. Tolerance: logprobs within 1e-4 (float32 on the tiny model's
 float32 weights: a matmul over 8 rows may round differently from one over 1 row, a few ulps of the logits),
@@ -7,6 +8,8 @@ tokens equal (greedy, and seeded sampling from the same distributions).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -70,9 +73,9 @@ def test_requests_of_different_adapters_decode_together_as_they_would_alone(mode
                 dict(max_tokens=5, temperature=1.0, seed=10 * i + j, num_samples=2)
             requests.append((prompt, snap, params))
     together = run(model, requests, together=True)
-    assert together[-1][0]["group"][0] == len(requests)  # one group: every adapter and the base model
+    assert together[-1][0]["group"][:2] == (len(requests), len(requests))  # one cohort: every adapter and the base
     alone = [run(model, [r], together=False)[0] for r in requests]
-    assert all(raw["group"] == (1, 1) for raw, _ in alone)
+    assert all(raw["group"] == (1, 1, 0) for raw, _ in alone)
     assert_same(together, alone)
 
 
@@ -83,10 +86,36 @@ def test_requests_with_the_same_prompt_share_one_prefill(model, snapshots):
     requests += [(prompt, snapshots[1], {**same, "seed": 7}), (prompt, None, {**same, "seed": 8}),
                  (PROMPTS[0], snapshots[0], {**same, "seed": 9})]
     together = run(model, requests, together=True)
-    assert together[0][0]["group"] == (len(requests), 4)  # 9 requests, 4 distinct (prompt, adapter) prefills
+    assert together[0][0]["group"] == (len(requests), 4, 0)  # 9 requests, 4 distinct (prompt, adapter) prefills
     alone = [run(model, [r], together=False)[0] for r in requests]
     assert_same(together, alone)
     for (_, a), (_, b) in zip(together, alone):
         for top_a, top_b in zip(a.topk_prompt_logprobs[1:], b.topk_prompt_logprobs[1:]):
             assert [t for t, _ in top_a] == [t for t, _ in top_b]
             np.testing.assert_allclose([lp for _, lp in top_a], [lp for _, lp in top_b], atol=1e-4)
+
+
+def test_requests_queued_during_a_decode_join_it_and_finish_on_their_own(model, snapshots):
+    """A long request decodes; short ones queued behind it join between its steps (continuous batching), get
+    what they get alone, and finish while the long one still runs."""
+    long = (PROMPTS[0], snapshots[0], dict(max_tokens=1000, temperature=1.0, seed=3, num_samples=8, stop=[]))
+    short = [(PROMPTS[1], snapshots[1], dict(max_tokens=3, temperature=0.0)),
+             (PROMPTS[2], None, dict(max_tokens=4, temperature=1.0, seed=5, num_samples=3)),
+             (PROMPTS[1], snapshots[2], dict(max_tokens=2, temperature=0.0, include_prompt_logprobs=True))]
+    for wait in (0.005, 0.02, 0.05, 0.1):  # until the long one is decoding when the short ones come (a busy machine)
+        first = submit_sample(model, long[0], adapter=long[1], **long[2])
+        time.sleep(wait)  # its prefill and first steps: milliseconds on the tiny model
+        later = [submit_sample(model, prompt, adapter=adapter, **params) for prompt, adapter, params in short]
+        got = [(p._request.result(), p.result()) for p in later]
+        long_done = first._request.done()
+        if all(raw["group"][2] == 1 for raw, _ in got):  # they joined the running decode
+            break
+        first.result()
+    else:
+        pytest.fail("the short requests never joined the running decode")
+    assert not long_done  # they finished first: their waiters did not wait for the long one
+    first.result()
+    alone = [run(model, [r], together=False)[0] for r in short]
+    assert_same(got, alone)
+    assert_same([(None, first.result())], [run(model, [long], together=False)[0]])
+

@@ -35,6 +35,15 @@ struct tk_request {
     tk_request *next; /* FIFO link, owned by the engine while queued */
 };
 
+/* The batch the worker is running: its requests, the first ones popped together and those that joined. */
+struct tk_running {
+    tk_engine *engine;
+    const void *key;
+    tk_request **reqs;
+    unsigned char *finished;
+    int n, cap;
+};
+
 struct tk_engine {
     pthread_t worker;
     pthread_mutex_t mutex;
@@ -42,6 +51,8 @@ struct tk_engine {
     tk_request *head, *tail;  /* FIFO of queued requests */
     uint64_t next_id;
     int stopping;
+    struct tk_running running; /* the worker's: the batch it runs */
+    void *payloads[TK_MAX_BATCH];
     uint64_t *completed;      /* ids of finished notify requests, not yet drained */
     size_t n_completed, cap_completed;
     int wake_fd;
@@ -214,28 +225,80 @@ static int pop(tk_engine *e, tk_request **out, int *stopping)
     return n;
 }
 
+static int running_grow(struct tk_running *r)
+{
+    if (r->n < r->cap) return 1;
+    int cap = r->cap ? 2 * r->cap : TK_MAX_BATCH;
+    tk_request **reqs = realloc(r->reqs, (size_t)cap * sizeof *reqs);
+    if (reqs) r->reqs = reqs;
+    unsigned char *finished = reqs ? realloc(r->finished, (size_t)cap) : NULL;
+    if (finished) r->finished = finished;
+    if (!reqs || !finished) return 0;
+    r->cap = cap;
+    return 1;
+}
+
+void *tk_exec_join(tk_exec *exec, int (*accept)(const void *payload, void *ctx), void *ctx)
+{
+    struct tk_running *r = exec->running;
+    if (!r || !running_grow(r)) return NULL;
+    tk_engine *e = r->engine;
+    pthread_mutex_lock(&e->mutex);
+    tk_request *req = e->head;
+    if (!req || e->stopping || req->batch_key != r->key || !req->run_batch || !accept(req->payload, ctx)) {
+        pthread_mutex_unlock(&e->mutex);
+        return NULL;
+    }
+    e->head = req->next;
+    if (!e->head) e->tail = NULL;
+    req->next = NULL;
+    pthread_mutex_unlock(&e->mutex);
+    r->reqs[r->n] = req;
+    r->finished[r->n++] = 0;
+    return req->payload;
+}
+
+void tk_exec_finish(tk_exec *exec, void *payload, tk_status status)
+{
+    struct tk_running *r = exec->running;
+    for (int i = 0; r && i < r->n; i++)
+        if (r->reqs[i]->payload == payload && !r->finished[i]) {
+            r->finished[i] = 1;
+            finish(r->engine, r->reqs[i], status, status == TK_OK ? "" : tk_last_error());
+            return;
+        }
+}
+
 static void *worker_main(void *arg)
 {
     tk_engine *e = arg;
-    tk_request *reqs[TK_MAX_BATCH];
-    void *payloads[TK_MAX_BATCH];
+    struct tk_running running = e->running; /* allocated by tk_engine_create, TK_MAX_BATCH at least */
+    void **payloads = e->payloads;
     for (;;) {
-        int stopping, n = pop(e, reqs, &stopping);
+        running.n = 0;
+        int stopping, n = pop(e, running.reqs, &stopping);
         if (n == 0) break; /* stopping and the queue is empty */
+        running.n = n;
+        memset(running.finished, 0, (size_t)n);
+        running.key = running.reqs[0]->batch_key;
         tk_status s = TK_ERR_INVALID;
         const char *message = "the engine was shut down before this request ran";
         if (!stopping) {
-            for (int i = 0; i < n; i++) payloads[i] = reqs[i]->payload;
-            s = reqs[0]->run_batch ? reqs[0]->run_batch(payloads, n, &e->exec) : reqs[0]->run(reqs[0]->payload, &e->exec);
+            tk_request *first = running.reqs[0];
+            for (int i = 0; i < n; i++) payloads[i] = running.reqs[i]->payload;
+            e->exec.running = first->run_batch ? &running : NULL;
+            s = first->run_batch ? first->run_batch(payloads, n, &e->exec) : first->run(first->payload, &e->exec);
+            e->exec.running = NULL;
             tk_status device = e->exec.backend->sync(e->exec.backend); /* a device's asynchronous failures */
             if (s == TK_OK) s = device;
             message = s == TK_OK ? "" : tk_last_error();
         }
-        for (int i = 0; i < n; i++) {
-            finish(e, reqs[i], s, message);
-            tk_request_release(reqs[i]);
+        for (int i = 0; i < running.n; i++) {
+            if (!running.finished[i]) finish(e, running.reqs[i], s, message);
+            tk_request_release(running.reqs[i]);
         }
     }
+    e->running = running; /* the arrays may have grown: tk_engine_free frees them */
     return NULL;
 }
 
@@ -265,12 +328,15 @@ tk_status tk_engine_create(tk_engine **out, int n_threads, tk_backend *(*create_
     if (s == TK_OK) s = tk_pool_create(&e->exec.pool, n_threads);
     if (s == TK_OK && !(e->exec.backend = create_backend(e->exec.pool)))
         s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
+    e->running.engine = e;
+    if (s == TK_OK && !running_grow(&e->running)) s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
     if (s == TK_OK && pthread_create(&e->worker, NULL, worker_main, e) != 0)
         s = tk_error(TK_ERR_INTERNAL, "engine: cannot start the worker thread");
     if (s != TK_OK) {
         tk_backend_release(e->exec.backend);
         tk_pool_free(e->exec.pool);
         if (e->wake_fd >= 0) close(e->wake_fd);
+        free(e->running.reqs), free(e->running.finished);
         free(e);
         return s;
     }
@@ -291,6 +357,7 @@ void tk_engine_free(tk_engine *e)
     tk_pool_free(e->exec.pool);
     close(e->wake_fd);
     free(e->completed);
+    free(e->running.reqs), free(e->running.finished);
     pthread_mutex_destroy(&e->mutex);
     pthread_cond_destroy(&e->work);
     free(e);

@@ -32,14 +32,25 @@ typedef struct {
     struct tk_backend *backend;
     float *scratch;
     size_t scratch_floats;
+    struct tk_running *running; /* the batch run_batch is running (NULL otherwise): see tk_exec_join */
 } tk_exec;
 
 /* At least `floats` of scratch (contents undefined), or NULL with an error. */
 float *tk_exec_scratch(tk_exec *exec, size_t floats);
 
+/* For a batch function (continuous batching): while it runs, the request at the head of the queue joins it when
+ * it has the batch's key and accept(payload, ctx) says it fits; returns its payload, or NULL (nothing waiting,
+ * another kind of request first in line, or it does not fit). Requests behind another kind never overtake it. */
+void *tk_exec_join(tk_exec *exec, int (*accept)(const void *payload, void *ctx), void *ctx);
+/* Finishes one request of the running batch now (its waiters wake, its result may be read at once: the batch
+ * must not touch its payload again). The batch's other requests finish when the batch function returns, with
+ * its status. */
+void tk_exec_finish(tk_exec *exec, void *payload, tk_status status);
+
 typedef tk_status (*tk_request_fn)(void *payload, tk_exec *exec);
 typedef void (*tk_payload_free_fn)(void *payload);
-/* Runs n requests that share a batch key together (one status for all). */
+/* Runs n requests that share a batch key together (one status for all those it does not finish itself with
+ * tk_exec_finish); more may join while it runs (tk_exec_join). */
 typedef tk_status (*tk_batch_fn)(void **payloads, int n, tk_exec *exec);
 
 typedef struct tk_engine tk_engine;

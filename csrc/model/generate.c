@@ -25,7 +25,9 @@ typedef struct {
     uint32_t *stop_offsets;   /* [n_stop_strings + 1] */
     int n_stop_strings, max_stop_len;
     /* results */
-    int group_requests, group_prompts; /* the group it decoded in */
+    int group_requests, group_prompts; /* its cohort: requests admitted with it, distinct prompts prefilled */
+    int joined;                        /* 1: it joined a decode already running */
+    int remaining;                     /* samples still decoding (it finishes at 0) */
     int32_t *tokens;          /* [num_samples, max_tokens] */
     float *logprobs;          /* [num_samples, max_tokens] */
     int32_t *sample_topk_ids; /* [num_samples, max_tokens, topk_sample] or NULL */
@@ -84,13 +86,23 @@ static int stop_string_hit(const sample_payload *sp, const tk_vocab_bytes *vocab
 
 /* ---- the batch run ----------------------------------------------------------------- */
 
+/* The sequences of one cohort: requests admitted together, their distinct prompts prefilled in one pass. Its
+ * caches are freed when its last sequence finishes. */
+typedef struct cohort {
+    float *prompt_k, *prompt_v; /* [L][total_p][KV] the prompts' keys and values, shared by their samples */
+    float *own_kv;              /* per sequence [2][L][max_new][KV]: its own rows */
+    char *tails;                /* per sequence [max_stop]: the last bytes, for stop strings */
+    int live;                   /* sequences still decoding */
+    struct cohort *next;
+} cohort;
+
 typedef struct {
     sample_payload *req;
+    cohort *co;
     int sample;
     int n;                  /* tokens so far */
-    int done;
     tk_rng rng;
-    float *own_k, *own_v;   /* [L][max_tokens][KV] */
+    tk_kv_seq kv;           /* its prompt's cache, then its own rows */
     char *tail;
     int tail_len;
 } sequence;
@@ -173,65 +185,162 @@ static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *fi
     return n_u;
 }
 
-/* The adapter with the widest unembed LoRA among the requests' (NULL: none has one): it sizes the head's
+/* ---- a decoding session: cohorts of requests, joined between steps (continuous batching) ---------- */
+
+/* A batch from the engine decodes at most SESSION_SEQUENCES sequences at a time (a request with more runs
+ * alone), so one step's memory stays bounded; requests queued while it decodes join between steps while
+ * they fit. */
+enum { SESSION_SEQUENCES = 256 };
+
+typedef struct {
+    const tk_model *m;
+    tk_exec *exec;
+    const tk_vocab_bytes *vocab;
+    sequence *seqs;     /* [cap] every sequence admitted (finished ones stay: indices are stable) */
+    int n_seqs, cap;
+    int *live;          /* [cap] indices of the sequences still decoding */
+    int n_live;
+    cohort *cohorts;
+    int admitted;       /* requests admitted so far */
+    /* one step's batch, [cap] each */
+    int32_t *step_tok, *step_rows;
+    tk_kv_seq *step_kv;
+    const tk_adapter **step_ads;
+    float *logits_h;    /* host copy of the logits (devices whose memory the host cannot read) */
+    size_t logits_h_rows;
+    tk_chooser ch;
+    char *buf;          /* stop-string scratch */
+    int max_stop;
+} session;
+
+static tk_status session_init(session *S, const tk_model *m, tk_exec *exec)
+{
+    int V = m->cfg.vocab_size;
+    *S = (session){.m = m, .exec = exec, .vocab = atomic_load(&((tk_model *)m)->vocab)};
+    S->ch = (tk_chooser){malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(double)),
+                         malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0, 0.0};
+    if (!S->ch.z || !S->ch.e || !S->ch.c || !S->ch.seen) return tk_error(TK_ERR_NOMEM, "sample: out of memory");
+    return TK_OK;
+}
+
+static void cohort_free(tk_backend *be, cohort *co)
+{
+    be->free(be, co->prompt_k), be->free(be, co->prompt_v), be->free(be, co->own_kv);
+    free(co->tails);
+    free(co);
+}
+
+static void session_free(session *S)
+{
+    tk_backend *be = S->exec->backend;
+    for (cohort *co = S->cohorts, *next; co; co = next) next = co->next, cohort_free(be, co);
+    free(S->seqs), free(S->live), free(S->step_tok), free(S->step_rows), free(S->step_kv), free(S->step_ads);
+    free(S->logits_h), free(S->buf);
+    free(S->ch.z), free(S->ch.e), free(S->ch.c), free(S->ch.seen);
+}
+
+/* Room for `more` sequences in the session's arrays. */
+static int session_reserve(session *S, int more)
+{
+    if (S->n_seqs + more <= S->cap) return 1;
+    int cap = S->cap ? S->cap : 64;
+    while (cap < S->n_seqs + more) cap *= 2;
+#define GROW(ptr) do { void *p_ = realloc((ptr), (size_t)cap * sizeof *(ptr)); if (!p_) return 0; (ptr) = p_; } while (0)
+    GROW(S->seqs); GROW(S->live); GROW(S->step_tok); GROW(S->step_kv); GROW(S->step_ads);
+    int32_t *rows = realloc(S->step_rows, ((size_t)cap + 1) * sizeof *rows);
+    if (!rows) return 0;
+    S->step_rows = rows;
+#undef GROW
+    for (int i = 0; i <= cap; i++) S->step_rows[i] = i;
+    S->cap = cap;
+    return 1;
+}
+
+/* Host memory for the logits of `rows` rows (none on a host-memory backend). */
+static int session_host_logits(session *S, size_t rows)
+{
+    tk_backend *be = S->exec->backend;
+    if (be->host_memory || rows <= S->logits_h_rows) return 1;
+    size_t V = (size_t)S->m->cfg.vocab_size;
+    float *h = realloc(S->logits_h, (rows * V + rows) * sizeof(float));
+    if (!h) return 0;
+    S->logits_h = h, S->logits_h_rows = rows;
+    return 1;
+}
+
+/* The adapter with the widest unembed LoRA among those given (NULL: none has one): it sizes the head's
  * workspace for all of them. */
-static const tk_adapter *widest_unembed(sample_payload **reqs, int n_req)
+static const tk_adapter *widest_unembed(const tk_adapter *const *ads, int n)
 {
     const tk_adapter *widest = NULL;
-    for (int r = 0; r < n_req; r++) {
-        const tk_adapter *a = reqs[r]->adapter;
-        if (a && a->unembed.A && (!widest || a->cfg.rank > widest->cfg.rank)) widest = a;
-    }
+    for (int i = 0; i < n; i++)
+        if (ads[i] && ads[i]->unembed.A && (!widest || ads[i]->cfg.rank > widest->cfg.rank)) widest = ads[i];
     return widest;
 }
 
-/* Runs requests reqs[0..n_req) as one group: one prefill of their distinct prompts, shared decode steps. The
- * requests may use different adapters (or none): each sequence's LoRA terms come from its own adapter. */
-static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
+/* Drops one hold on a cohort (each live sequence holds one, and admission one while it runs): its caches go
+ * with the last. */
+static void cohort_release(session *S, cohort *co)
 {
-    const tk_model *m = reqs[0]->model;
-    const tk_adapter *widest = widest_unembed(reqs, n_req);
-    tk_backend *be = exec->backend;
+    if (--co->live > 0) return;
+    cohort **link = &S->cohorts;
+    while (*link != co) link = &(*link)->next;
+    *link = co->next;
+    cohort_free(S->exec->backend, co);
+}
+
+/* A request is finished when its last sample is: its waiters wake now, whatever else still decodes. */
+static void sequence_done(session *S, sequence *q)
+{
+    if (--q->req->remaining == 0) tk_exec_finish(S->exec, q->req, TK_OK);
+    cohort_release(S, q->co);
+}
+
+/* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts, the prompt scores, and
+ * the first token of every sample; the unfinished samples join the live set. */
+static tk_status admit(session *S, sample_payload **reqs, int n_req)
+{
+    const tk_model *m = S->m;
+    tk_backend *be = S->exec->backend;
     const tk_model_config *c = &m->cfg;
     const int V = c->vocab_size, D = c->d_model, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
-    const tk_vocab_bytes *vocab = atomic_load(&((tk_model *)m)->vocab);
-    tk_status status = TK_OK;
-
-    /* sizes: distinct prompts packed, sequences, the longest context */
     int uniq[n_req], first_req[n_req];
     int n_u = distinct_prompts(reqs, n_req, uniq, first_req);
-    for (int r = 0; r < n_req; r++) reqs[r]->group_requests = n_req, reqs[r]->group_prompts = n_u;
-    int total_p = 0, n_seq = 0, max_new = 0, max_keys = 1, max_stop = 1;
+    const tk_adapter *req_ads[n_req];
+    for (int r = 0; r < n_req; r++) req_ads[r] = reqs[r]->adapter;
+    const tk_adapter *widest = widest_unembed(req_ads, n_req);
+    float *h_rows[n_req], *last_rows[n_req];
+    int total_p = 0, n_seq = 0, max_new = 1, max_stop = 1;
     for (int u = 0; u < n_u; u++) total_p += reqs[first_req[u]]->prompt_len;
     for (int r = 0; r < n_req; r++) {
-        n_seq += reqs[r]->p.num_samples;
-        if (reqs[r]->p.max_tokens > max_new) max_new = reqs[r]->p.max_tokens;
-        if (reqs[r]->prompt_len + reqs[r]->p.max_tokens > max_keys) max_keys = reqs[r]->prompt_len + reqs[r]->p.max_tokens;
-        if (reqs[r]->max_stop_len > max_stop) max_stop = reqs[r]->max_stop_len;
+        sample_payload *sp = reqs[r];
+        n_seq += sp->p.num_samples;
+        if (sp->p.max_tokens > max_new) max_new = sp->p.max_tokens;
+        if (sp->max_stop_len > max_stop) max_stop = sp->max_stop_len;
+        sp->group_requests = n_req, sp->group_prompts = n_u, sp->joined = S->admitted > 0;
+        sp->remaining = sp->p.num_samples;
     }
+    S->admitted += n_req;
+    size_t prompt_stride = (size_t)total_p * KV, own_stride = (size_t)max_new * KV, own = (size_t)L * own_stride;
+    cohort *co = calloc(1, sizeof *co);
     int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_u + 1) * sizeof *starts);
-    /* the KV caches live on the device: the prompts' (shared by their samples), then each sample's own */
-    float *prompt_k = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
-    float *prompt_v = be->alloc(be, (size_t)L * total_p * KV * sizeof(float));
-    size_t own = (size_t)L * (max_new > 1 ? max_new : 1) * KV;
-    float *own_kv = be->alloc(be, 2 * own * (size_t)n_seq * sizeof(float));
-    sequence *seqs = calloc((size_t)n_seq, sizeof *seqs);
-    char *tails = malloc((size_t)n_seq * (size_t)max_stop), *buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
-    tk_chooser ch = {malloc((size_t)V * sizeof(float)), malloc((size_t)V * sizeof(double)),
-                     malloc((size_t)V * sizeof(tk_cand)), calloc((size_t)V, sizeof(int)), 0, 0.0};
-    /* the decode batch of one step: the live sequences' tokens, caches, step rows and adapters */
-    int32_t *step_tok = malloc((size_t)n_seq * sizeof(int32_t)), *step_rows = malloc(((size_t)n_seq + 1) * sizeof(int32_t));
-    tk_kv_seq *kvs = malloc(((size_t)n_seq + (size_t)n_u) * sizeof *kvs), *step_kv = malloc((size_t)n_seq * sizeof *kvs);
-    const tk_adapter **ads = malloc(((size_t)n_seq + (size_t)n_u) * sizeof *ads); /* [sequences, prompts] */
-    const tk_adapter **step_ads = malloc((size_t)(n_seq > n_req ? n_seq : n_req) * sizeof *step_ads);
-    int *live = malloc((size_t)n_seq * sizeof(int));
-    size_t rows = (size_t)(n_seq > 64 ? n_seq : 64); /* logits rows at a time: a decoding step, prompt chunks */
-    /* host copies of the logits the sampler reads (none when the device is host memory) */
-    float *logits_h = be->host_memory ? NULL : malloc((rows * V + rows) * sizeof(float));
-    float *h_rows[n_req], *last_rows[n_req];
-    if (!tokens || !starts || !prompt_k || !prompt_v || !own_kv || !seqs || !tails || !buf || !ch.z || !ch.e || !ch.c ||
-        !ch.seen || !step_tok || !step_rows || !kvs || !step_kv || !ads || !step_ads || !live ||
-        (!be->host_memory && !logits_h)) {
+    tk_kv_seq *kvs = malloc((size_t)n_u * sizeof *kvs);
+    const tk_adapter **ads = malloc((size_t)n_u * sizeof *ads); /* the prompts' */
+    if (max_stop > S->max_stop) {
+        free(S->buf);
+        S->buf = malloc((size_t)max_stop + TK_MAX_TOKEN_BYTES);
+        S->max_stop = S->buf ? max_stop : 0;
+    }
+    if (co) {
+        co->prompt_k = be->alloc(be, (size_t)L * prompt_stride * sizeof(float));
+        co->prompt_v = be->alloc(be, (size_t)L * prompt_stride * sizeof(float));
+        co->own_kv = be->alloc(be, 2 * own * (size_t)n_seq * sizeof(float));
+        co->tails = malloc((size_t)n_seq * (size_t)max_stop);
+    }
+    tk_status status = TK_OK;
+    size_t rows = (size_t)(n_req > 64 ? n_req : 64); /* prompt-score chunks and the first tokens */
+    if (!co || !co->prompt_k || !co->prompt_v || !co->own_kv || !co->tails || !tokens || !starts || !kvs || !ads ||
+        !S->buf || !session_reserve(S, n_seq) || !session_host_logits(S, rows)) {
         status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
         goto done;
     }
@@ -242,110 +351,137 @@ static tk_status run_group(sample_payload **reqs, int n_req, tk_exec *exec)
         const sample_payload *sp = reqs[first_req[u]];
         memcpy(tokens + starts[u], sp->prompt, (size_t)sp->prompt_len * sizeof *tokens);
         starts[u + 1] = starts[u] + sp->prompt_len;
-        ads[n_seq + u] = sp->adapter;
-        kvs[n_seq + u] = (tk_kv_seq){NULL, NULL, 0, prompt_k + (size_t)starts[u] * KV, prompt_v + (size_t)starts[u] * KV, 0};
+        ads[u] = sp->adapter;
+        kvs[u] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + (size_t)starts[u] * KV, co->prompt_v + (size_t)starts[u] * KV,
+                             0, 0, prompt_stride};
     }
-    for (int r = 0, i = 0; r < n_req; r++)
-        for (int s = 0; s < reqs[r]->p.num_samples; s++) ads[i++] = reqs[r]->adapter;
-    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads + n_seq, kvs + n_seq, 0,
-                        (size_t)total_p * KV};
-    /* the largest decoding step: every sequence, each over the longest cache */
-    for (int i = 0; i <= n_seq; i++) step_rows[i] = i;
-    for (int i = 0; i < n_seq; i++) step_tok[i] = 0, step_kv[i] = (tk_kv_seq){prompt_k, prompt_v, max_keys - 1, own_kv, own_kv, 0};
-    tk_batch largest = {n_seq, n_seq, step_tok, step_rows, NULL, NULL, NULL, ads, step_kv, 0, 0};
+    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads, kvs};
     size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
-    size_t decode = tk_transformer_workspace(m, be, &largest, 0);
-    size_t need = (size_t)total_p * D + rows * D + rows * V + rows + (body > decode ? body : decode) + head + 64;
-    float *work = tk_exec_scratch(exec, need);
+    float *work = tk_exec_scratch(S->exec, (size_t)total_p * D + rows * D + rows * V + rows + body + head + 64);
     if (!work) {
         status = tk_error_prefix(TK_ERR_NOMEM, "sample: ");
         goto done;
     }
     float *h = work, *hs = h + (size_t)total_p * D, *logits = hs + rows * D, *lse = logits + rows * V;
-    float *rest = lse + rows, *head_work = rest + (body > decode ? body : decode);
+    float *rest = lse + rows, *head_work = rest + body;
     tk_transformer_forward(h, m, be, &prefill, NULL, rest);
     for (int r = 0; r < n_req; r++)
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
-            prompt_scores(reqs[r], h + (size_t)starts[uniq[r]] * D, be, logits, lse, logits_h, head_work, ch.c);
+            prompt_scores(reqs[r], h + (size_t)starts[uniq[r]] * D, be, logits, lse, S->logits_h, head_work, S->ch.c);
 
-    /* 2. the first token of every sample, from its prompt's last position */
-    for (int r = 0; r < n_req; r++) {
+    /* 2. the first token of every sample, from its prompt's last position; the cohort joins the session, held
+     * by its admission until every sample is placed */
+    co->live = 1, co->next = S->cohorts, S->cohorts = co;
+    for (int r = 0; r < n_req; r++)
         h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(starts[uniq[r] + 1] - 1) * D;
-        step_ads[r] = reqs[r]->adapter;
-    }
     be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
-    tk_head_logits_decode_rows(logits, m, step_ads, widest, be, hs, n_req, head_work);
-    const float *lg = tk_host_view(be, logits_h, logits, (size_t)n_req * V * sizeof(float));
-    int n_live = 0;
-    for (int r = 0, i = 0; r < n_req; r++)
-        for (int s = 0; s < reqs[r]->p.num_samples; s++, i++) {
-            sequence *q = &seqs[i];
-            q->req = reqs[r];
-            q->sample = s;
-            q->rng = tk_rng_for(reqs[r]->p.seed, s);
-            q->own_k = own_kv + 2 * own * (size_t)i;
-            q->own_v = q->own_k + own;
-            q->tail = tails + (size_t)i * (size_t)max_stop;
-            /* the prompt's cache, shared by the samples of every request with that prompt, then its own rows */
-            kvs[i] = (tk_kv_seq){prompt_k + (size_t)starts[uniq[r]] * KV, prompt_v + (size_t)starts[uniq[r]] * KV,
-                                 reqs[r]->prompt_len, q->own_k, q->own_v, 0};
-            if (reqs[r]->p.max_tokens == 0) continue;
-            float lp;
-            int t = tk_choose(&ch, lg + (size_t)r * V, V, &reqs[r]->p, reqs[r]->prompt, reqs[r]->prompt_len, NULL, 0,
-                           &q->rng, &lp);
-            if (!accept(q, t, lp, &ch, V, vocab, buf)) live[n_live++] = i;
+    tk_head_logits_decode_rows(logits, m, req_ads, widest, be, hs, n_req, head_work);
+    const float *lg = tk_host_view(be, S->logits_h, logits, (size_t)n_req * V * sizeof(float));
+    for (int r = 0, i = 0; r < n_req; r++) {
+        sample_payload *sp = reqs[r];
+        for (int s = 0; s < sp->p.num_samples; s++, i++) {
+            sequence *q = &S->seqs[S->n_seqs++];
+            float *own_k = co->own_kv + 2 * own * (size_t)i;
+            *q = (sequence){.req = sp, .co = co, .sample = s, .rng = tk_rng_for(sp->p.seed, s),
+                            .tail = co->tails + (size_t)i * (size_t)max_stop};
+            q->kv = (tk_kv_seq){co->prompt_k + (size_t)starts[uniq[r]] * KV, co->prompt_v + (size_t)starts[uniq[r]] * KV,
+                                sp->prompt_len, own_k, own_k + own, 0, prompt_stride, own_stride};
+            co->live++;
+            int finished = sp->p.max_tokens == 0;
+            if (!finished) {
+                float lp;
+                int t = tk_choose(&S->ch, lg + (size_t)r * V, V, &sp->p, sp->prompt, sp->prompt_len, NULL, 0, &q->rng,
+                                  &lp);
+                finished = accept(q, t, lp, &S->ch, V, S->vocab, S->buf);
+            }
+            if (finished) sequence_done(S, q);
+            else S->live[S->n_live++] = (int)(q - S->seqs);
         }
-
-    /* 3. decode all live sequences together, one token each per step */
-    while (n_live > 0) {
-        for (int j = 0; j < n_live; j++) {
-            int i = live[j];
-            const sequence *q = &seqs[i];
-            step_tok[j] = q->req->tokens[(size_t)q->sample * q->req->p.max_tokens + (size_t)(q->n - 1)];
-            step_kv[j] = kvs[i];
-            step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
-            step_ads[j] = ads[i];
-        }
-        tk_batch step = {n_live, n_live, step_tok, step_rows, NULL, NULL, NULL, step_ads, step_kv,
-                         (size_t)total_p * KV, (size_t)(max_new > 1 ? max_new : 1) * KV};
-        tk_transformer_forward(hs, m, be, &step, NULL, rest);
-        tk_head_logits_decode_rows(logits, m, step_ads, widest, be, hs, n_live, head_work);
-        lg = tk_host_view(be, logits_h, logits, (size_t)n_live * V * sizeof(float));
-        int still = 0;
-        for (int j = 0; j < n_live; j++) {
-            sequence *q = &seqs[live[j]];
-            sample_payload *sp = q->req;
-            float lp;
-            int t = tk_choose(&ch, lg + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
-                           sp->tokens + (size_t)q->sample * sp->p.max_tokens, q->n, &q->rng, &lp);
-            if (!accept(q, t, lp, &ch, V, vocab, buf)) live[still++] = live[j];
-        }
-        n_live = still;
     }
+    cohort_release(S, co);
+    co = NULL;
 done:
-    be->free(be, prompt_k), be->free(be, prompt_v), be->free(be, own_kv), free(logits_h);
-    free(tokens), free(starts), free(seqs), free(tails), free(buf);
-    free(ch.z), free(ch.e), free(ch.c), free(ch.seen), free(step_tok), free(step_rows), free(kvs), free(step_kv), free(ads);
-    free(step_ads), free(live);
+    if (co) cohort_free(be, co);
+    free(tokens), free(starts), free(kvs), free(ads);
     return status;
 }
 
-/* A batch from the engine runs in groups of at most GROUP_SEQUENCES sequences
- * (a request with more runs alone), so one step's memory stays bounded and a
- * large batch cannot starve memory for everyone in it. */
-enum { GROUP_SEQUENCES = 256 };
+/* One decoding step of every live sequence: one token each. */
+static void step(session *S)
+{
+    const tk_model *m = S->m;
+    tk_backend *be = S->exec->backend;
+    const int V = m->cfg.vocab_size, D = m->cfg.d_model, n = S->n_live;
+    for (int j = 0; j < n; j++) {
+        sequence *q = &S->seqs[S->live[j]];
+        S->step_tok[j] = q->req->tokens[(size_t)q->sample * q->req->p.max_tokens + (size_t)(q->n - 1)];
+        S->step_kv[j] = q->kv;
+        S->step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
+        S->step_ads[j] = q->req->adapter;
+    }
+    tk_batch step = {n, n, S->step_tok, S->step_rows, NULL, NULL, NULL, S->step_ads, S->step_kv};
+    const tk_adapter *widest = widest_unembed(S->step_ads, n);
+    size_t body = tk_transformer_workspace(m, be, &step, 0), head = tk_head_workspace(m, widest);
+    float *work = tk_exec_scratch(S->exec, (size_t)n * D + (size_t)n * V + body + head + 64);
+    if (!work || !session_host_logits(S, (size_t)n)) { /* out of memory mid-decode: these sequences stop here */
+        for (int j = 0; j < n; j++) sequence_done(S, &S->seqs[S->live[j]]);
+        S->n_live = 0;
+        return;
+    }
+    float *hs = work, *logits = hs + (size_t)n * D, *rest = logits + (size_t)n * V, *head_work = rest + body;
+    tk_transformer_forward(hs, m, be, &step, NULL, rest);
+    tk_head_logits_decode_rows(logits, m, S->step_ads, widest, be, hs, n, head_work);
+    const float *lg = tk_host_view(be, S->logits_h, logits, (size_t)n * V * sizeof(float));
+    int still = 0;
+    for (int j = 0; j < n; j++) {
+        sequence *q = &S->seqs[S->live[j]];
+        sample_payload *sp = q->req;
+        float lp;
+        int t = tk_choose(&S->ch, lg + (size_t)j * V, V, &sp->p, sp->prompt, sp->prompt_len,
+                          sp->tokens + (size_t)q->sample * sp->p.max_tokens, q->n, &q->rng, &lp);
+        if (accept(q, t, lp, &S->ch, V, S->vocab, S->buf)) sequence_done(S, q);
+        else S->live[still++] = S->live[j];
+    }
+    S->n_live = still;
+}
 
+/* A queued request joins the running decode when its samples fit in the room left (ctx: an int). */
+static int fits(const void *payload, void *ctx)
+{
+    return ((const sample_payload *)payload)->p.num_samples <= *(int *)ctx;
+}
+
+/* Runs the engine's batch of sample requests, and those queued behind it while it decodes. */
 static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
 {
     sample_payload **reqs = (sample_payload **)payloads;
-    tk_status status = TK_OK;
-    for (int first = 0; first < n_req;) {
+    session S;
+    tk_status status = session_init(&S, reqs[0]->model, exec);
+    for (int first = 0; status == TK_OK && first < n_req;) { /* the popped requests, as many as fit at once */
         int last = first + 1, seqs = reqs[first]->p.num_samples;
-        while (last < n_req && seqs + reqs[last]->p.num_samples <= GROUP_SEQUENCES) seqs += reqs[last++]->p.num_samples;
-        tk_status s = run_group(reqs + first, last - first, exec);
-        if (s != TK_OK) status = s;
+        while (last < n_req && seqs + reqs[last]->p.num_samples <= SESSION_SEQUENCES - S.n_live)
+            seqs += reqs[last++]->p.num_samples;
+        if (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) { /* no room: decode until there is */
+            while (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) step(&S);
+            continue;
+        }
+        tk_status s = admit(&S, reqs + first, last - first);
+        for (int r = first; s != TK_OK && r < last; r++) tk_exec_finish(exec, reqs[r], s);
         first = last;
     }
+    while (status == TK_OK && S.n_live > 0) {
+        sample_payload *joined[TK_MAX_BATCH];
+        int n_joined = 0;
+        int room = SESSION_SEQUENCES - S.n_live;
+        while (n_joined < TK_MAX_BATCH && (joined[n_joined] = tk_exec_join(exec, fits, &room)) != NULL)
+            room -= joined[n_joined++]->p.num_samples;
+        if (n_joined > 0) {
+            tk_status s = admit(&S, joined, n_joined);
+            for (int r = 0; s != TK_OK && r < n_joined; r++) tk_exec_finish(exec, joined[r], s);
+        }
+        if (S.n_live > 0) step(&S);
+    }
+    session_free(&S);
     return status;
 }
 
@@ -474,9 +610,10 @@ const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const in
     return sp->prompt_lp;
 }
 
-void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts)
+void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts, int *joined)
 {
     const sample_payload *sp = tk_request_payload(req);
     *group_requests = sp->group_requests;
     *group_prompts = sp->group_prompts;
+    *joined = sp->joined;
 }

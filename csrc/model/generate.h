@@ -38,8 +38,9 @@ typedef struct {
 int tk_sample_request_sample(tk_request *req, int i, tk_sampled *out);
 const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const int32_t **topk_ids,
                                       const float **topk_logprobs, int *k);
-/* How the request ran: the requests in its decode group (of any adapter) and the distinct prompts prefilled for
- * them (requests with the same prompt and adapter share one prefill). */
-void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts);
+/* How the request ran: the requests admitted with it (of any adapter; its cohort), the distinct prompts prefilled
+ * for them (requests with the same prompt and adapter share one prefill), and whether it joined a decode that
+ * was already running (continuous batching). */
+void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts, int *joined);
 
 #endif

@@ -182,7 +182,7 @@ static tk_status forward_run(void *p, tk_exec *exec)
     const tk_model *m = fp->model;
     tk_backend *be = exec->backend;
     tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start, NULL, NULL,
-                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL, 0, 0};
+                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL};
     size_t T = (size_t)b.n_tokens, D = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab_size;
     size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_embeds = 0;
     for (int s = 0; s < b.n_seqs; s++) {
@@ -327,7 +327,7 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     const tk_adapter *adapters[n_seqs];
     for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
     for (int s = 0; s < n_seqs; s++) adapters[s] = ad;
-    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL, 0, 0};
+    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL};
 
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = tp->backward ? tk_activation_floats(m, T, ad->cfg.rank) : 0;

@@ -273,7 +273,7 @@ static void write_kv(tk_backend *be, const tk_batch *b, const scratch *s, int l,
     int n = 0;
     for (int q = 0; q < b->n_seqs; q++) {
         const tk_kv_seq *kv = &b->kv[q];
-        float *k = kv->k1 + (size_t)l * b->own_stride, *v = kv->v1 + (size_t)l * b->own_stride;
+        float *k = kv->k1 + (size_t)l * kv->stride1, *v = kv->v1 + (size_t)l * kv->stride1;
         for (int t = b->seq_start[q]; t < b->seq_start[q + 1]; t++) {
             size_t row = (size_t)(kv->n1 + t - b->seq_start[q]) * KV;
             s->dst_rows[n] = k + row, s->src_rows[n++] = s->qkr + (size_t)t * QKV + kcol;
@@ -288,9 +288,9 @@ static void decode_views(const tk_batch *b, const scratch *s, int l)
 {
     for (int q = 0; q < b->n_seqs; q++) {
         const tk_kv_seq *kv = &b->kv[q];
-        s->views[q] = (tk_kv_view){kv->n0 ? kv->k0 + (size_t)l * b->prefix_stride : NULL,
-                                   kv->n0 ? kv->v0 + (size_t)l * b->prefix_stride : NULL, kv->n0,
-                                   kv->k1 + (size_t)l * b->own_stride, kv->v1 + (size_t)l * b->own_stride, kv->n1 + 1};
+        s->views[q] = (tk_kv_view){kv->n0 ? kv->k0 + (size_t)l * kv->stride0 : NULL,
+                                   kv->n0 ? kv->v0 + (size_t)l * kv->stride0 : NULL, kv->n0,
+                                   kv->k1 + (size_t)l * kv->stride1, kv->v1 + (size_t)l * kv->stride1, kv->n1 + 1};
     }
 }
 

@@ -10,15 +10,17 @@
 
 enum { TK_POS_DIMS = 3 }; /* position components per token: (temporal, height, width) for M-RoPE */
 
-/* A sequence's keys and values in a KV cache, rows of Hkv Dh floats; layer l's at base + l * stride (the
- * strides are the batch's). A prefix it attends to but does not own (a prompt its samples share: n0 rows,
- * possibly 0), then its own rows, n1 of them cached before this pass: the pass writes its new rows' keys
- * and values right after those and attends to all of them. */
+/* A sequence's keys and values in a KV cache, rows of Hkv Dh floats; layer l's at base + l * stride. A prefix
+ * it attends to but does not own (a prompt its samples share: n0 rows, possibly 0), then its own rows, n1 of
+ * them cached before this pass: the pass writes its new rows' keys and values right after those and attends
+ * to all of them. The strides are the sequence's own: sequences of one decoding step may live in caches
+ * allocated at different times (requests that joined a running decode). */
 typedef struct {
     const float *k0, *v0;
     int n0;
     float *k1, *v1;
     int n1;
+    size_t stride0, stride1; /* layer strides (floats) of the prefix and of the own rows */
 } tk_kv_seq;
 
 /* What one pass computes: sequences packed back to back without padding, sequence s being rows
@@ -35,7 +37,6 @@ typedef struct {
     const int32_t *embed_row;          /* [T]: -1 (the token's embedding) or a row of embeds; NULL: none */
     const tk_adapter *const *adapters; /* [n_seqs], NULL entries: the base model; NULL: no adapter at all */
     const tk_kv_seq *kv;               /* [n_seqs], or NULL: no cache (each sequence attends to its rows) */
-    size_t prefix_stride, own_stride;  /* layer strides (floats) of the kv prefixes and own rows */
 } tk_batch;
 
 /* 1 when every sequence of the batch is one new token over a cache: a decoding step. */

@@ -165,7 +165,7 @@ static PyObject *float_list(const float *v, int n)
 /* {"sequences": [(tokens, logprobs, stopped, topk ids [n * k] or None, topk logprobs [n * k] or None)],
  *  "prompt_logprobs": [P] or None,
  *  "topk_ids": [P][k] or None, "topk_logprobs": [P][k] or None,
- *  "group": (requests decoded together, distinct prompts prefilled for them)} */
+ *  "group": (requests admitted with it, distinct prompts prefilled for them, 1 if it joined a running decode)} */
 static PyObject *sample_result(tk_request *req)
 {
     PyObject *seqs = PyList_New(0), *out = NULL, *plp = Py_None, *tids = Py_None, *tlps = Py_None;
@@ -200,11 +200,11 @@ static PyObject *sample_result(tk_request *req)
             PyList_SET_ITEM(tlps, i, float_list(topk_lp + (size_t)i * k, k));
         }
     }
-    int group_requests, group_prompts;
-    tk_sample_request_group(req, &group_requests, &group_prompts);
+    int group_requests, group_prompts, joined;
+    tk_sample_request_group(req, &group_requests, &group_prompts, &joined);
     if (seqs && plp && tids && tlps)
-        out = Py_BuildValue("{s:O,s:O,s:O,s:O,s:(ii)}", "sequences", seqs, "prompt_logprobs", plp, "topk_ids", tids,
-                            "topk_logprobs", tlps, "group", group_requests, group_prompts);
+        out = Py_BuildValue("{s:O,s:O,s:O,s:O,s:(iii)}", "sequences", seqs, "prompt_logprobs", plp, "topk_ids", tids,
+                            "topk_logprobs", tlps, "group", group_requests, group_prompts, joined);
     Py_XDECREF(seqs), Py_XDECREF(plp), Py_XDECREF(tids), Py_XDECREF(tlps);
     return out;
 }
