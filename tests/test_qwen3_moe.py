@@ -6,11 +6,14 @@ Models (tiny_models, float32, eager attention and eager experts, routers scaled 
 - "fused": the "norm" weights written in transformers 5.x's fused in-memory layout (mlp.experts.gate_up_proj
   [E, 2I, H], down_proj [E, H, I]); transformers 5.25's save_pretrained writes per-expert names
   (mlp.experts.{e}.gate_proj.weight ...), which the other checkpoints have (checked below);
+- GGUF files of "norm" written like llama.cpp's converter (ffn_{gate,up,down}_exps 3-D, ffn_gate_inp router),
+  F32 and Q8_0.
 
 What is checked, with the tolerances:
 - logits of the engine vs transformers: |diff| <= 1e-3 * max(1, |logit|) at every position; logprobs through
   the public API (ServiceClient / SamplingClient.compute_logprobs) within 2e-3 absolute (reached: ~1e-5);
-  the fused checkpoint gives the per-expert checkpoint's logits within 1e-5 (same weights);
+  the fused checkpoint and the F32 GGUF give the per-expert checkpoint's logits within 1e-5 (same weights);
+  the Q8_0 GGUF equals transformers on its dequantised weights within 1e-3;
 - LoRA gradients (attention, the dense layer's MLP, the experts in Tinker's shared-outer layout, unembed) vs a
   torch autograd reference written by hand on the same weights (peft for attention and lm_head, each MLP's
   forward replaced by one carrying the LoRA terms, the shared factors broadcast, so autograd sums their
@@ -193,7 +196,7 @@ def test_save_pretrained_writes_per_expert_tensors(models, name):
     assert fused["model.layers.0.mlp.experts.down_proj"] == [8, 64, 96]
 
 
-@pytest.mark.parametrize("name", [*MODELS, "fused"])
+@pytest.mark.parametrize("name", [*MODELS, "fused", "gguf_F32", "gguf_Q8_0"])
 def test_config_and_layers(models, name):
     path, ref = models.get(name)
     engine = models.engine(name)
@@ -227,7 +230,7 @@ def test_public_api_logprobs_match_transformers(models, name):
         assert err <= API_LP_TOL, f"{name}: logprobs differ from transformers by {err:.3g}"
 
 
-@pytest.mark.parametrize("name", ["fused"])
+@pytest.mark.parametrize("name", ["fused", "gguf_F32"])
 def test_other_layouts_give_the_same_logits(models, name):
     """The same weights, fused 3-D in safetensors or as GGUF's 3-D expert tensors: the same logits."""
     seqs = _sequences(name, 320)
@@ -235,6 +238,15 @@ def test_other_layouts_give_the_same_logits(models, name):
     got = models.engine(name).forward_logits(seqs)
     for seq, g, w in zip(seqs, got, want):
         assert_logits_close(g, w.astype(np.float64), SAME_TOL, f"{name} vs per-expert safetensors, length {len(seq)}")
+
+
+def test_quantized_gguf_matches_its_dequantised_reference(models):
+    path, ref = models.get("gguf_Q8_0")
+    engine = models.engine("gguf_Q8_0")
+    assert engine.handle.quantized_bytes > 0
+    seqs = _sequences("gguf_Q8_0", 320, model=ref)
+    for seq, logits in zip(seqs, engine.forward_logits(seqs)):
+        assert_logits_close(logits, tm.reference_logits(ref, seq), LOGIT_TOL, f"Q8_0 GGUF, length {len(seq)}")
 
 
 def test_transposed_fused_layout_is_refused(models, tmp_path):

@@ -276,6 +276,8 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
         raise ModelLoadError(f"{path}: rope scaling type {scaling!r} is not supported (supported: none, linear, and "
                              f"llama3 through a rope_freqs tensor)")
     vocab = meta.get(f"{prefix}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    moe = bool(descriptor["flags"].get("moe"))
+    expert_width = key("expert_feed_forward_length") if moe else None
     config = {
         "arch": arch,
         "n_layers": key("block_count"),
@@ -283,7 +285,7 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
         "n_heads": heads,
         "n_kv_heads": key("attention.head_count_kv", heads),
         "head_dim": key("attention.key_length", d_model // heads),
-        "d_ff": key("feed_forward_length"),
+        "d_ff": key("feed_forward_length", expert_width),  # an MoE model without dense layers may lack it
         "vocab_size": _positive_int(where, f"GGUF metadata '{prefix}.vocab_size'", vocab),
         "max_context": key("context_length"),
         "rms_eps": key("attention.layer_norm_rms_epsilon", kind=_positive_float),
@@ -291,6 +293,17 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
         **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm, moe
         **rope,
     }
+    if moe:
+        experts = key("expert_count", kind=lambda w, k, v: _positive_int(w, k, v, 1024))
+        norm = meta.get(f"{prefix}.expert_weights_norm", True)  # llama.cpp renormalises Qwen3-MoE's top k
+        router = _arch.tensor(arch, "router")["gguf"]
+        config.update({
+            "n_experts": experts,
+            "n_experts_used": key("expert_used_count", kind=lambda w, k, v: _positive_int(w, k, v, experts)),
+            "d_ff_expert": expert_width, "norm_topk_prob": int(bool(norm)), "decoder_sparse_step": 1,
+            # llama.cpp's files make every layer sparse; a layer without a router here is a dense one
+            "mlp_only_layers": [l for l in range(config["n_layers"]) if router % l not in tensor_names],
+        })  # fmt: skip
     return arch, config
 
 
@@ -471,6 +484,11 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
             raise ModelLoadError(f"{source.path}: tensor {t['name']!r} is not part of the {arch} architecture "
                                  f"the engine runs")
         described = _arch.tensor(arch, role[0])
+        if described["per_expert"]:  # one 3-D tensor [E, rows, cols] of the layer: a slice per expert
+            for r, expert, offset, nbytes, shape in _expert_slices(str(source.path), t["name"], t["shape"],
+                                                                   t["offset"], t["nbytes"], (role[0],)):
+                tensors.append((t["name"], r, role[1], 0, offset, nbytes, t["type"], shape, False, expert))
+            continue
         # llama.cpp's converter interleaves each head's rotate_half halves in llama's q and k; the engine undoes it
         interleaved = described["gguf_rope_rows"]
         tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved,
