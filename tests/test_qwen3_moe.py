@@ -19,7 +19,11 @@ What is checked, with the tolerances:
   forward replaced by one carrying the LoRA terms, the shared factors broadcast, so autograd sums their
   gradient over experts; the router's top-k weights stay differentiable as in transformers): per tensor
   ||g - g_ref|| / ||g_ref|| <= 1e-3, logprobs within 1e-4;
-- greedy sampling equals transformers' generate (base model through the public API, and with an adapter).
+- greedy sampling equals transformers' generate (base model through the public API, and with an adapter);
+- save_state / load_state(_with_optimizer) round-trip an MoE adapter, whose PEFT file has Tinker's names and
+  shapes (mlp.experts.w1.lora_A.weight [1, r, H], lora_B [E, I, r]; w3 likewise; w2 lora_A [E, r, I],
+  lora_B [1, H, r]); a sampler checkpoint samples like the live adapter; its exported adapter directory
+  trains on; export --merge refuses an MoE base (not supported yet).
 Test sequences are drawn (redrawn where needed) so that the reference's routing has a gap > 1e-4 between the
 k-th and (k+1)-th router probability at every token and sparse layer: float32 noise cannot flip a routing
 decision (the engine's router probabilities differ from transformers' by ~1e-7).
@@ -27,6 +31,7 @@ decision (the engine's router probabilities differ from transformers' by ~1e-7).
 
 from __future__ import annotations
 
+import json
 import shutil
 import zlib
 from pathlib import Path
@@ -44,6 +49,7 @@ import reference_training as rt  # noqa: E402
 import tiny_models as tm  # noqa: E402
 
 import tinker  # noqa: E402
+from tinker import _checkpoints as ckpt  # noqa: E402
 from tinker import _sampling, _training, types  # noqa: E402
 from tinker._engine import load_model  # noqa: E402
 from tinker._exceptions import ModelLoadError  # noqa: E402
@@ -141,9 +147,11 @@ def models(tmp_path_factory) -> Models:
 
 
 def safetensors_keys(path: Path) -> dict[str, list[int]]:
+    """{name: shape} of a safetensors file (or a checkpoint directory's model.safetensors)."""
     from tinker._models import read_safetensors_header
 
-    return {k: v[1] for k, v in read_safetensors_header(path / "model.safetensors").items()}
+    path = path / "model.safetensors" if path.is_dir() else path
+    return {k: v[1] for k, v in read_safetensors_header(path).items()}
 
 
 # ---- the reference's routing ----------------------------------------------------------------------------------
@@ -502,3 +510,86 @@ def test_greedy_sampling_with_an_adapter_equals_the_reference(models):
     for seq in res.sequences:
         assert [int(t) for t in seq.tokens] == want
     assert [int(t) for t in base.sequences[0].tokens] != want, "the adapter changed nothing"
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TINKER_HOME", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+def _datums(seed: int, vocab: int = 320) -> list[types.Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in (9, 30):
+        tokens = rng.integers(0, vocab, size=n).tolist()
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (n - 1)}))
+    return out
+
+
+def test_save_and_load_state_round_trip(models, store):
+    path, hf = models.get("norm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=7)
+    for step in range(2):
+        tc.forward_backward(_datums(step), "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    saved_path = tc.save_state("moe").result().path
+    params, state = tc._adapter.parameters(), tc._adapter.optimizer_state()
+
+    run, kind, name = ckpt.parse_path(saved_path)
+    directory = ckpt.checkpoint_dir(run, kind, name)
+    keys = safetensors_keys(directory / ckpt.ADAPTER_WEIGHTS)
+    E, I, H, R = 8, 96, 64, 4
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    assert keys[f"{prefix}.w1.lora_A.weight"] == [1, R, H] and keys[f"{prefix}.w1.lora_B.weight"] == [E, I, R]
+    assert keys[f"{prefix}.w3.lora_A.weight"] == [1, R, H] and keys[f"{prefix}.w3.lora_B.weight"] == [E, I, R]
+    assert keys[f"{prefix}.w2.lora_A.weight"] == [E, R, I] and keys[f"{prefix}.w2.lora_B.weight"] == [1, H, R]
+    assert keys["base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"] == [R, H]  # the dense layer
+    assert keys["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] == [128, R]
+    assert not any(".mlp.gate." in k for k in keys), "the router is not adapted"
+    config = json.loads((directory / ckpt.ADAPTER_CONFIG).read_text())
+    assert config["r"] == R and {"w1", "w2", "w3", "q_proj", "lm_head"} <= set(config["target_modules"])
+
+    other = service.create_lora_training_client(str(path), rank=4, seed=99)
+    other.load_state_with_optimizer(saved_path).result()
+    got, got_state = other._adapter.parameters(), other._adapter.optimizer_state()
+    assert set(got) == set(params) and all(np.array_equal(got[k], params[k]) for k in params)
+    assert got_state["step"] == state["step"] == 2
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert all(np.array_equal(got_state[moment][k], v) for k, v in state[moment].items())
+    fresh = service.create_training_client_from_state(saved_path)
+    assert all(np.array_equal(fresh._adapter.parameters()[k], params[k]) for k in params)
+    a = tc.forward_backward(_datums(5), "cross_entropy").result()
+    b = fresh.forward_backward(_datums(5), "cross_entropy").result()
+    assert a.metrics["loss:sum"] == b.metrics["loss:sum"]
+
+
+def test_saved_adapter_leaves_the_store(models, store, tmp_path):
+    """The sampler checkpoint samples like the trained adapter; the adapter directory exported from it
+    (Tinker's layout) trains on elsewhere; merging into an MoE base is refused with a clear error."""
+    from tinker._exceptions import BadRequestError
+    from tinker._export import export_adapter, export_merged
+
+    path, hf = models.get("nonorm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=3)
+    tc.forward_backward(_datums(1), "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    sampler_path = tc.save_weights_for_sampler("w").result().path
+    prompt = types.ModelInput.from_ints(_sequences("saved", 320, (20,))[0].tolist())
+    live = tc.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    saved = service.create_sampling_client(model_path=sampler_path).compute_logprobs(prompt).result()
+    base = service.create_sampling_client(base_model=str(path)).compute_logprobs(prompt).result()
+    assert saved == live and saved != base
+
+    directory = export_adapter(sampler_path, tmp_path / "adapter")
+    resumed = service.create_training_client_from_state(str(directory), base_model=str(path))
+    params = tc._adapter.parameters()
+    assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
+    with pytest.raises(BadRequestError, match="mixture-of-experts"):
+        export_merged(sampler_path, tmp_path / "merged")
