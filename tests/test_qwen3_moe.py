@@ -271,6 +271,38 @@ def test_transposed_fused_layout_is_refused(models, tmp_path):
         load_model(str(tmp_path))
 
 
+def _broken_copy(source: Path, directory: Path, drop: str | None = None, config_changes: dict | None = None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    directory.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    state = {k: v for k, v in load_file(str(source / "model.safetensors")).items() if k != drop}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_expert", r"model\.layers\.2\.mlp\.experts\.3\.down_proj\.weight' is missing \(exp_down of expert 3 of "
+                       r"layer 2\)"),
+    ("top_k_above_experts", r"num_experts_per_tok must be a positive integer \(at most 8\), got 9"),
+    ("no_experts", r"has no 'num_experts'"),
+    ("bad_dense_layer", r"mlp_only_layers must be a list of layer indices from 0 to 2, got \[5\]"),
+])  # fmt: skip
+def test_broken_moe_checkpoints_raise_clear_errors(models, tmp_path, case, match):
+    path, _ = models.get("norm")
+    config = json.loads((path / "config.json").read_text())
+    experts_key = "num_experts" if "num_experts" in config else "num_local_experts"
+    kwargs = {
+        "missing_expert": dict(drop="model.layers.2.mlp.experts.3.down_proj.weight"),
+        "top_k_above_experts": dict(config_changes={"num_experts_per_tok": 9}),
+        "no_experts": dict(config_changes={experts_key: None}),
+        "bad_dense_layer": dict(config_changes={"mlp_only_layers": [5]}),
+    }[case]
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(str(_broken_copy(path, tmp_path / case, **kwargs)))
+
+
 # ---- LoRA: the hand-written reference -----------------------------------------------------------------------------
 
 
