@@ -30,7 +30,8 @@ ARCHS = list(_arch.NAMES)
 def evaluate(expr: str, config: dict) -> int:
     """A shape expression's value (arch.h: products and quotients of config letters and integers)."""
     letters = {"D": config["d_model"], "H": config["n_heads"], "Hkv": config["n_kv_heads"], "Dh": config["head_dim"],
-               "F": config["d_ff"], "V": config["vocab_size"]}  # fmt: skip
+               "F": config["d_ff"], "V": config["vocab_size"], "E": config.get("n_experts", 0),
+               "Fe": config.get("d_ff_expert", 0)}  # fmt: skip
     terms = re.split(r"([*/])", expr)
     value = int(terms[0]) if terms[0].isdigit() else letters[terms[0]]
     for op, term in zip(terms[1::2], terms[2::2]):
@@ -41,7 +42,14 @@ def evaluate(expr: str, config: dict) -> int:
 
 def test_the_engine_lists_the_architectures_the_loader_accepts():
     assert tuple(_C.architectures()) == _models._SUPPORTED_ARCHS == _arch.NAMES
-    assert set(_arch.NAMES) >= {"llama", "qwen2", "qwen3"}
+    assert set(_arch.NAMES) >= {"llama", "qwen2", "qwen3", "qwen3moe"}
+
+
+def _layer_and_expert(t: dict, fmt: str):
+    """(layer, expert) pairs to name a tensor with: experts only where the name has their %d."""
+    layers = LAYERS if t["per_layer"] else (-1,)
+    experts = (0, 5, 127) if t[fmt] and t[fmt].count("%d") == 2 else (-1,)
+    return [(layer, expert) for layer in layers for expert in experts]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -55,30 +63,50 @@ def test_tensor_names_round_trip(arch):
             if t[fmt] is None:
                 continue
             assert ("%d" in t[fmt]) == t["per_layer"], (arch, fmt, t)
-            for layer in LAYERS if t["per_layer"] else (-1,):
-                name = _arch.tensor_name(arch, fmt, t["role"], layer)
+            # an expert tensor's Hugging Face name is one expert's (a second %d); its GGUF name the layer's 3-D one
+            assert t[fmt].count("%d") == t["per_layer"] + (fmt == "hf" and t["per_expert"]), (arch, fmt, t)
+            for layer, expert in _layer_and_expert(t, fmt):
+                name = _arch.tensor_name(arch, fmt, t["role"], layer, expert)
                 assert "%" not in name
+                assert _arch.locate(arch, fmt, name) == (t["role"], layer, expert), (arch, fmt, name)
                 assert _arch.role_of(arch, fmt, name) == (t["role"], layer), (arch, fmt, name)
                 assert seen.setdefault(name, t["role"]) == t["role"], f"{arch}: {name} names two roles"
         # near misses are no tensor at all
         for t in d["tensors"]:
             if t[fmt] and t["per_layer"]:
-                prefix, suffix = t[fmt].split("%d")
+                prefix, suffix = t[fmt].split("%d", 1)
+                suffix = suffix.replace("%d", "3")
                 for bad in (f"{prefix}x{suffix}", f"{prefix}{suffix}", f"{prefix}1.2{suffix}", f"{prefix}1{suffix}.x",
                             f"{prefix}-1{suffix}", f"{prefix}\u0663{suffix}"):
                     assert _arch.role_of(arch, fmt, bad) is None, (arch, bad)
+    for f in d["fused"]:  # transformers 5.x's 3-D expert parameters: roles of one shape, named by layer
+        assert f["hf"].count("%d") == 1 and len(f["roles"]) >= 1, (arch, f)
+        assert len({tuple(_arch.tensor(arch, r)["shape"]) for r in f["roles"]}) == 1, (arch, f)
+        assert all(_arch.tensor(arch, r)["per_expert"] for r in f["roles"]), (arch, f)
+        for layer in LAYERS:
+            assert _arch.fused_of(arch, f["hf"] % layer) == (tuple(f["roles"]), layer)
+            assert _arch.locate(arch, "hf", f["hf"] % layer) is None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_targets_round_trip(arch):
     d = _arch.get(arch)
     names = [t["name"] for t in d["lora"]]
-    assert names == ["q", "k", "v", "o", "gate", "up", "down", "unembed"]  # lora.c's TK_LORA_* order
+    experts = ["exp_gate", "exp_up", "exp_down"] if d["flags"]["moe"] else []
+    assert names == ["q", "k", "v", "o", "gate", "up", "down", *experts, "unembed"]  # lora.c's TK_LORA_* order
     for t in d["lora"]:
         base = _arch.tensor(arch, t["role"])
         assert base is not None and base["per_layer"] == t["per_layer"], (arch, t)
         assert (t["out"], t["in"]) == tuple(base["shape"][-2:]), (arch, t)  # [out, in] of the adapted tensor
         assert t["trained_by"] in ("train_attn", "train_mlp", "train_unembed")
+        assert t["per_expert"] == base["per_expert"], (arch, t)
+        if t["per_expert"]:
+            # Tinker's shared-outer layout: the factor touching the model width is shared, the other per expert
+            touches_width = "A" if t["in"] == "D" else "B"
+            assert (t["a_per_expert"], t["b_per_expert"]) == (touches_width == "B", touches_width == "A"), (arch, t)
+            assert t["peft"].rsplit(".", 1)[-1] in ("w1", "w2", "w3"), (arch, t)  # Tinker's module names
+            continue
+        assert not t["a_per_expert"] and not t["b_per_expert"], (arch, t)
         # PEFT wraps the module whose weight is the adapted tensor
         assert base["hf"] == t["peft"] + ".weight", (arch, t)
         for layer in LAYERS if t["per_layer"] else (-1,):
@@ -91,26 +119,38 @@ def test_lora_targets_round_trip(arch):
                 assert key == f"base_model.model.{module}.{ab}.weight"
                 assert ckpt.engine_name(key, arch) == ckpt.engine_name(key) == engine
     assert ckpt.engine_name("base_model.model.model.layers.0.mlp.gate.lora_A.weight") is None  # the router
+    tinker_experts = ["w1", "w3", "w2"] if experts else []
     assert _arch.peft_target_modules(arch, True, True, True) == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    assert _arch.peft_target_modules(arch, False, True, False) == ["gate_proj", "up_proj", "down_proj"]
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *tinker_experts, "lm_head"]
+    assert _arch.peft_target_modules(arch, False, True, False) == ["gate_proj", "up_proj", "down_proj",
+                                                                  *tinker_experts]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_descriptor_matches_transformers_and_the_gguf_writer(arch):
     pytest.importorskip("torch")
     tm = pytest.importorskip("tiny_models")
-    model = tm.make_hf_model(arch, seed=0)
+    kwargs = {"layers": 3, "mlp_only_layers": [1]} if arch == "qwen3moe" else {}  # a dense layer among experts
+    model = tm.make_hf_model(arch, seed=0, **kwargs)
     config = tm.expected_engine_config(model.config)
+    config["mlp_only_layers"] = list(getattr(model.config, "mlp_only_layers", []))
+    config["decoder_sparse_step"] = getattr(model.config, "decoder_sparse_step", 1)
     d = _arch.get(arch)
     assert (d["hf_model_type"], d["hf_class"]) == (model.config.model_type, type(model).__name__)
     assert {k: config[k] for k in d["flags"]} == {k: int(v) for k, v in d["flags"].items()}
     state = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    expected = {(t["role"], layer) for t in d["tensors"] if t["when"] != "optional" and _arch.used(t, config)
-                for layer in (range(config["n_layers"]) if t["per_layer"] else (-1,))}
+    expected = {(t["role"], layer) for t in d["tensors"] if t["when"] != "optional"
+                for layer in (range(config["n_layers"]) if t["per_layer"] else (-1,)) if _arch.used(t, config, layer)}
     found = {}
     gguf_names = tm._hf_to_gguf_names(arch, model.config)
     for name, shape in state.items():
+        fused = _arch.fused_of(arch, name)
+        if fused is not None:  # transformers 5.x holds the experts as 3-D [E, n rows, cols] parameters
+            roles, layer = fused
+            per_role = [tuple(evaluate(e, config) for e in _arch.tensor(arch, r)["shape"]) for r in roles]
+            assert shape == (per_role[0][0], sum(p[1] for p in per_role), per_role[0][2]), (arch, name, shape)
+            found.update({(r, layer): name for r in roles})
+            continue
         role = _arch.role_of(arch, "hf", name)
         assert role is not None, f"{arch}: transformers tensor {name} is not in the descriptor"
         t = _arch.tensor(arch, role[0])
@@ -125,15 +165,26 @@ def test_peft_wraps_the_descriptor_modules(arch):
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     tm = pytest.importorskip("tiny_models")
-    model = tm.make_hf_model(arch, seed=0)
-    modules = _arch.peft_target_modules(arch, True, True, True)
+    kwargs = {"layers": 3, "mlp_only_layers": [1]} if arch == "qwen3moe" else {}
+    model = tm.make_hf_model(arch, seed=0, **kwargs)
+    d = _arch.get(arch)
+    # PEFT wraps nn.Linear modules: the experts' 3-D parameters (Tinker's w1 / w2 / w3) are not among them
+    modules = [m for t in d["lora"] if not t["per_expert"] for m in [t["peft"].rsplit(".", 1)[-1]]]
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=modules))
     keys = list(peft.get_peft_model_state_dict(wrapped, save_embedding_layers=False))
+    # On a Qwen3-MoE model peft 0.21 turns gate_proj / up_proj / down_proj into its own adapter of the 3-D experts
+    # ("mlp.experts.base_layer" keys: one adapter over gate|up, not Tinker's layout, which test_qwen3_moe.py
+    # checks) and then wraps no dense MLP module at all: only attention and lm_head are peft's to compare here
+    # (the dense MLP's names round-trip in test_lora_targets_round_trip).
+    keys = [k for k in keys if ".mlp.experts." not in k]
     engine = {ckpt.engine_name(k, arch) for k in keys}
     assert None not in engine, [k for k in keys if ckpt.engine_name(k, arch) is None]
+    config = {**tm.expected_engine_config(model.config), "mlp_only_layers": list(kwargs.get("mlp_only_layers", []))}
     layers = model.config.num_hidden_layers
-    per_layer = [t["name"] for t in _arch.get(arch)["lora"] if t["per_layer"]]
-    assert engine == {f"layers.{l}.{n}.{ab}" for l in range(layers) for n in per_layer for ab in ("lora_A", "lora_B")} \
+    per_layer = [t for t in d["lora"] if t["per_layer"] and not t["per_expert"]
+                 and not (d["flags"]["moe"] and t["trained_by"] == "train_mlp")]
+    assert engine == {f"layers.{l}.{t['name']}.{ab}" for l in range(layers) for t in per_layer
+                      if _arch.used(_arch.tensor(arch, t["role"]), config, l) for ab in ("lora_A", "lora_B")} \
         | {"unembed.lora_A", "unembed.lora_B"}
 
 
@@ -159,6 +210,8 @@ def _fragments() -> set[str]:
         for t in d["lora"]:
             if t["per_layer"]:
                 out.add(t["peft"].split("%d.")[-1])
+        for f in d["fused"]:
+            out.add(f["hf"].split("%d.")[-1])
     return out
 
 

@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints of each supported architecture, for tests.
 
-`make_hf_checkpoint(dir, arch, ...)` builds a small transformers model (llama, qwen2 or qwen3)
+`make_hf_checkpoint(dir, arch, ...)` builds a small transformers model (llama, qwen2, qwen3 or qwen3moe)
 with ALL weights randomised at a scale that makes the network clearly non-linear (matrices
 N(0, 1.2²/fan_in), i.e. std 0.15 at fan-in 64; norm weights 1 + N(0, 0.1²); biases N(0, 0.1²);
 HF's own init, std 0.02 with unit norm weights, is nearly linear and would hide bugs), saves it as a Hugging Face
@@ -19,6 +19,10 @@ bytes actually written, so the quantiser only has to be plausible, not bit-ident
 
 Dims (defaults): hidden 64, 2 layers, 4 query heads, 2 kv heads (GQA), head_dim 16 (qwen3: 32,
 explicit and != hidden/heads, as in real Qwen3), intermediate 128, vocab 512, 1024 positions.
+qwen3moe (Qwen3-MoE, engine name; transformers' model_type qwen3_moe) adds 8 experts of width 96 (2 x 96 !=
+hidden, so a fused layout's orientation is unambiguous; a multiple of 32 for the block formats), 2 per token,
+norm_topk_prob, decoder_sparse_step 1 and mlp_only_layers (dense layers) as keyword arguments; its router
+weights get their own scale (`router_std`), so top-k gaps are clear of float32 noise.
 Every 2-D weight has rows a multiple of 32 (all block formats); pass hidden=256,
 intermediate=512 etc. for K-quants (256-element blocks).
 """
@@ -32,14 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # transformers'
 
 # default hyperparameters per architecture (overridable through make_hf_model's keyword arguments)
 _DEFAULTS = {
     "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-5, head_dim=None),
     "qwen2": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=None),
     "qwen3": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=32),
+    "qwen3moe": dict(rope_theta=10000.0, rms_norm_eps=1e-6, head_dim=32),
 }
+MOE_DEFAULTS = dict(experts=8, experts_per_token=2, expert_intermediate=96, norm_topk_prob=True, sparse_step=1,
+                    mlp_only_layers=())  # fmt: skip
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}  # fmt: skip
@@ -52,9 +60,10 @@ LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
 def tiny_config(arch: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 head_dim: int | None = None, intermediate: int = 128, vocab: int = 512,
                 max_positions: int = 1024, rope_theta: float | None = None, rope_scaling: dict | None = None,
-                rms_norm_eps: float | None = None, tied: bool = False):  # fmt: skip
-    """A transformers config for a tiny `arch` model (eager attention)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+                rms_norm_eps: float | None = None, tied: bool = False, **moe):  # fmt: skip
+    """A transformers config for a tiny `arch` model (eager attention; qwen3moe: eager experts too, and
+    the MOE_DEFAULTS keys as keyword arguments)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -69,24 +78,40 @@ def tiny_config(arch: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
         rope_parameters=rope, tie_word_embeddings=tied, hidden_act="silu",
         bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )  # fmt: skip
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3moe": Qwen3MoeConfig}[arch]
     if arch == "qwen2":
         kwargs.update(use_sliding_window=False)
+    if moe and arch != "qwen3moe":
+        raise ValueError(f"{arch} has no experts: unexpected {sorted(moe)}")
+    if arch == "qwen3moe":
+        unknown = set(moe) - set(MOE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown qwen3moe settings {sorted(unknown)}")
+        m = {**MOE_DEFAULTS, **moe}
+        kwargs.update(num_experts=m["experts"], num_experts_per_tok=m["experts_per_token"],
+                      moe_intermediate_size=m["expert_intermediate"], norm_topk_prob=m["norm_topk_prob"],
+                      decoder_sparse_step=m["sparse_step"], mlp_only_layers=list(m["mlp_only_layers"]),
+                      use_sliding_window=False)  # fmt: skip
     config = cls(**kwargs)
     config._attn_implementation = "eager"
+    if arch == "qwen3moe":
+        config._experts_implementation = "eager"  # the per-expert loop: float32 exactly as written
     return config
 
 
 @torch.no_grad()
 def randomize_(model, seed: int = 0, *, matrix_gain: float = 1.2, embed_std: float = 1.0,
-               norm_std: float = 0.1, bias_std: float = 0.1):  # fmt: skip
+               norm_std: float = 0.1, bias_std: float = 0.1, router_std: float = 0.3):  # fmt: skip
     """Overwrites every parameter: matrices N(0, (matrix_gain / sqrt(fan_in))²) (0.15 at fan-in 64),
-    embeddings N(0, embed_std²), norm weights 1 + N(0, norm_std²), biases N(0, bias_std²).
+    embeddings N(0, embed_std²), norm weights 1 + N(0, norm_std²), biases N(0, bias_std²), MoE routers
+    N(0, router_std²) (router logits of std ~2.4 at hidden 64: clear top-k gaps, unsaturated softmax).
     Deterministic in `seed`."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if "norm" in name:
+        if name.endswith("mlp.gate.weight"):  # the router (transformers' name)
+            value = router_std * noise
+        elif "norm" in name:
             value = 1.0 + norm_std * noise
         elif name.endswith(".bias"):
             value = bias_std * noise
@@ -135,6 +160,8 @@ def make_hf_checkpoint(directory, arch: str, *, rope_scaling: dict | None = None
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    if arch == "qwen3moe":
+        reference.config._experts_implementation = "eager"
     return directory, reference.eval()
 
 
@@ -262,6 +289,8 @@ def dequantize(qdata: np.ndarray, qtype) -> np.ndarray:
 
 
 def _hf_to_gguf_names(arch: str, config) -> dict[str, str]:
+    """transformers state-dict name -> GGUF name of every tensor (qwen3moe: its 2-D and 1-D tensors; the
+    experts' 3-D parameters are _moe_expert_tensors')."""
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -275,13 +304,42 @@ def _hf_to_gguf_names(arch: str, config) -> dict[str, str]:
     if arch == "qwen2":
         per_layer.update({"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
                           "self_attn.v_proj.bias": "attn_v.bias"})  # fmt: skip
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         per_layer.update({"self_attn.q_norm.weight": "attn_q_norm.weight",
                           "self_attn.k_norm.weight": "attn_k_norm.weight"})  # fmt: skip
+    dense_only = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
     for i in range(config.num_hidden_layers):
+        sparse = arch == "qwen3moe" and moe_layer(config, i)
         for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+            if not (sparse and hf in dense_only):
+                names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+        if sparse:
+            names[f"model.layers.{i}.mlp.gate.weight"] = f"blk.{i}.ffn_gate_inp.weight"
     return names
+
+
+def moe_layer(config, layer: int) -> bool:
+    """Whether a Qwen3-MoE layer's MLP is the experts (transformers' rule)."""
+    return (layer not in config.mlp_only_layers and config.num_experts > 0
+            and (layer + 1) % config.decoder_sparse_step == 0)
+
+
+def _moe_expert_tensors(config, state) -> list[tuple]:
+    """(gguf name, transformers name, [E, rows, cols] values, rows of that parameter's dimension 1) of each
+    sparse layer's experts as llama.cpp writes them: ffn_gate_exps / ffn_up_exps [E, I, H] (the two halves of
+    transformers' gate_up_proj [E, 2I, H]) and ffn_down_exps [E, H, I]."""
+    out, half = [], config.moe_intermediate_size
+    for i in range(config.num_hidden_layers):
+        if not moe_layer(config, i):
+            continue
+        gate_up = f"model.layers.{i}.mlp.experts.gate_up_proj"
+        down = f"model.layers.{i}.mlp.experts.down_proj"
+        values = state[gate_up].detach().to(torch.float32).numpy()
+        out.append((f"blk.{i}.ffn_gate_exps.weight", gate_up, values[:, :half], slice(0, half)))
+        out.append((f"blk.{i}.ffn_up_exps.weight", gate_up, values[:, half:], slice(half, 2 * half)))
+        out.append((f"blk.{i}.ffn_down_exps.weight", down, state[down].detach().to(torch.float32).numpy(),
+                    slice(None)))
+    return out
 
 
 def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
@@ -297,8 +355,8 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
 
     path = Path(path)
     config = hf_model.config
-    arch = arch or config.model_type
-    if arch not in ARCHS or arch != config.model_type:
+    arch = arch or next((a for a, t in MODEL_TYPES.items() if t == config.model_type), config.model_type)
+    if arch not in ARCHS or MODEL_TYPES[arch] != config.model_type:
         raise ValueError(f"arch {arch!r} does not match the model's model_type {config.model_type!r}")
     choose = tensor_type if callable(tensor_type) else (lambda name, shape: tensor_type)
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -321,6 +379,11 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == "qwen3moe":  # as convert_hf_to_gguf's Qwen3MoeModel writes them
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_expert_weights_norm(bool(config.norm_topk_prob))
     rope_type = rope.get("rope_type", "default")
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -333,9 +396,11 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
     reference = copy.deepcopy(hf_model).to(torch.float32).eval()
     ref_params = dict(reference.named_parameters())
     names = _hf_to_gguf_names(arch, config)
-    state = {k: v for k, v in hf_model.state_dict().items() if k in names}
+    full_state = hf_model.state_dict()
+    experts = _moe_expert_tensors(config, full_state) if arch == "qwen3moe" else []
+    state = {k: v for k, v in full_state.items() if k in names}
     missing = set(names) - set(state)
-    extra = {k for k in hf_model.state_dict() if k not in names and not k.endswith("inv_freq")}
+    extra = {k for k in full_state if k not in names and not k.endswith("inv_freq")} - {e[1] for e in experts}
     if config.tie_word_embeddings:
         extra.discard("lm_head.weight")
     if missing or extra:
@@ -360,6 +425,12 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
             if permute_heads:
                 values = unpermute_qk(values, permute_heads)
             ref_params[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        for gguf_name, hf_name, data, rows in experts:  # 3-D [E, rows, cols]; each expert's rows whole blocks
+            qtype = _qtype(choose(gguf_name, data.shape))
+            qdata = quantize(data, qtype)
+            w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
+            values = dequantize(qdata, qtype).reshape(data.shape)
+            ref_params[hf_name][:, rows].copy_(torch.from_numpy(np.ascontiguousarray(values)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -397,15 +468,20 @@ def reference_logits(model, tokens) -> np.ndarray:
 def expected_engine_config(config) -> dict:
     """The engine config keys (tinker._models) a checkpoint with this transformers config must yield."""
     rope = config.rope_parameters
+    moe = config.model_type == "qwen3_moe"
     out = {
         "n_layers": config.num_hidden_layers, "d_model": config.hidden_size,
         "n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads,
         "head_dim": config.head_dim, "d_ff": config.intermediate_size, "vocab_size": config.vocab_size,
         "max_context": config.max_position_embeddings, "rms_eps": config.rms_norm_eps,
         "tied_embeddings": int(bool(config.tie_word_embeddings)),
-        "qkv_bias": int(config.model_type == "qwen2"), "qk_norm": int(config.model_type == "qwen3"),
-        "rope_theta": float(rope["rope_theta"]),
+        "qkv_bias": int(config.model_type == "qwen2"), "qk_norm": int(config.model_type in ("qwen3", "qwen3_moe")),
+        "moe": int(moe), "rope_theta": float(rope["rope_theta"]),
     }  # fmt: skip
+    if moe:
+        out.update(n_experts=config.num_experts, n_experts_used=config.num_experts_per_tok,
+                   d_ff_expert=config.moe_intermediate_size, norm_topk_prob=int(bool(config.norm_topk_prob)),
+                   moe_layers=[i for i in range(config.num_hidden_layers) if moe_layer(config, i)])  # fmt: skip
     kind = rope.get("rope_type", "default")
     if kind == "default":
         out["rope_scaling"] = 0

@@ -5,8 +5,11 @@ loader (`_models`), checkpoints (`_checkpoints`), export (`_export`) and restore
 tables of their own. Adding an architecture is one table in arch.c.
 
 A descriptor is a plain dict: name, hf_model_type, hf_class, gguf_name, flags ({config key: bool}),
-hf_config (JSON text), tensors (role, per_layer, shape, when, gguf, hf, gguf_rope_rows) and lora
-(name, role, trained_by, peft, per_layer, in, out). Name patterns hold "%d" for the layer.
+hf_config (JSON text), tensors (role, per_layer, shape, when, gguf, hf, gguf_rope_rows, per_expert), lora
+(name, role, trained_by, peft, per_layer, in, out, per_expert, a_per_expert, b_per_expert) and fused (hf,
+roles). Name patterns hold "%d" for the layer; the Hugging Face name of an expert tensor (per_expert, shape
+[E, ...]) holds a second "%d", the expert: those files store one 2-D tensor per expert, GGUF one 3-D tensor per
+layer, and a fused form ([E, n * rows, cols], n roles stacked along dimension 1) one 3-D tensor for n roles.
 """
 
 from __future__ import annotations
@@ -37,57 +40,127 @@ def tensor(arch: str, role: str) -> dict | None:
     return next((t for t in ARCHS[arch]["tensors"] if t["role"] == role), None)
 
 
-def tensor_name(arch: str, fmt: str, role: str, layer: int) -> str:
-    """The file name of a tensor ("model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight")."""
+def tensor_name(arch: str, fmt: str, role: str, layer: int, expert: int | None = None) -> str:
+    """The file name of a tensor ("model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight"); a Hugging
+    Face expert tensor's name also needs the expert ("model.layers.3.mlp.experts.5.gate_proj.weight")."""
     pattern = tensor(arch, role)[fmt]
-    return pattern % layer if layer >= 0 else pattern
+    if layer < 0:
+        return pattern
+    return pattern % (layer, expert) if pattern.count("%d") == 2 else pattern % layer
+
+
+def _index(text: str) -> int | None:
+    return int(text) if text.isdigit() and text.isascii() else None
+
+
+def _match(pattern: str, name: str) -> tuple[int, ...] | None:
+    """The integers that fill the %d's of `pattern` to give `name`, or None."""
+    pieces = pattern.split("%d")
+    head, tail = pieces[0], pieces[-1]
+    if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+        return None
+    rest, values = name[len(head):len(name) - len(tail)], []
+    for piece in pieces[1:-1]:  # a middle piece ends each number but the last
+        cut = rest.find(piece)
+        if cut <= 0 or _index(rest[:cut]) is None:
+            return None
+        values.append(_index(rest[:cut]))
+        rest = rest[cut + len(piece):]
+    if _index(rest) is None:
+        return None
+    return (*values, _index(rest))
 
 
 @lru_cache(maxsize=None)
-def _name_index(arch: str, fmt: str) -> tuple[dict, dict]:
-    """({model-wide name: role}, {(layer prefix, suffix): role}) of one architecture's names in one format."""
-    model, layer = {}, {}
+def _name_index(arch: str, fmt: str) -> tuple[dict, tuple]:
+    """({model-wide name: role}, ((pattern, role), ...) of the per-layer ones) of one architecture's names in
+    one format."""
+    model, layer = {}, []
     for t in ARCHS[arch]["tensors"]:
         pattern = t[fmt]
         if pattern is None:
             continue
         if t["per_layer"]:
-            prefix, suffix = pattern.split("%d")
-            layer[(prefix, suffix)] = t["role"]
+            layer.append((pattern, t["role"]))
         else:
             model[pattern] = t["role"]
-    return model, layer
+    return model, tuple(layer)
+
+
+def locate(arch: str, fmt: str, name: str) -> tuple[str, int, int] | None:
+    """(role, layer, expert) of a file's tensor name (layer -1 for model-wide tensors; expert -1 unless the
+    name is one expert's slice), or None when the architecture has no tensor of that name."""
+    model, layer = _name_index(arch, fmt)
+    if name in model:
+        return model[name], -1, -1
+    for pattern, role in layer:
+        found = _match(pattern, name)
+        if found is not None:
+            return role, found[0], found[1] if len(found) > 1 else -1
+    return None
 
 
 def role_of(arch: str, fmt: str, name: str) -> tuple[str, int] | None:
     """(role, layer) of a file's tensor name (layer -1 for model-wide tensors), or None when the
     architecture has no tensor of that name."""
-    model, layer = _name_index(arch, fmt)
-    if name in model:
-        return model[name], -1
-    for (prefix, suffix), role in layer.items():
-        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
-            index = name[len(prefix):len(name) - len(suffix)]
-            if index.isdigit() and index.isascii():
-                return role, int(index)
+    found = locate(arch, fmt, name)
+    return None if found is None else found[:2]
+
+
+def fused_of(arch: str, name: str) -> tuple[tuple[str, ...], int] | None:
+    """(roles, layer) of a Hugging Face fused expert tensor's name, or None."""
+    for f in ARCHS[arch]["fused"]:
+        found = _match(f["hf"], name)
+        if found is not None:
+            return tuple(f["roles"]), found[0]
     return None
 
 
-def used(t: dict, config: dict) -> bool:
-    """Whether a configuration uses the tensor (arch.c's tk_arch_used, on the engine config dict)."""
+def layer_is_moe(config: dict, layer: int) -> bool:
+    """Whether layer `layer`'s MLP is the mixture of experts (weights.c's tk_model_layer_is_moe)."""
+    if not config.get("moe") or config.get("n_experts", 0) <= 0:
+        return False
+    step = config.get("decoder_sparse_step", 1)
+    return layer not in config.get("mlp_only_layers", ()) and step > 0 and (layer + 1) % step == 0
+
+
+def used(t: dict, config: dict, layer: int = -1) -> bool:
+    """Whether a configuration uses the tensor in a layer, or (layer -1) in some layer (arch.c's
+    tk_arch_used, on the engine config dict)."""
     when = t["when"]
     if when in ("always", "optional"):
         return True
     if when == "untied":
         return not config["tied_embeddings"]
+    if when in ("dense_mlp", "moe"):
+        layers = [layer] if layer >= 0 else range(config["n_layers"])
+        return any(layer_is_moe(config, l) == (when == "moe") for l in layers)
     return bool(config[when])  # qkv_bias, qk_norm: the config key of the same name
 
 
 def required_roles(arch: str, config: dict) -> list[tuple[str, int]]:
     """(role, layer) of every tensor the config needs, model-wide first (layer -1)."""
-    needed = [t for t in ARCHS[arch]["tensors"] if t["when"] != "optional" and used(t, config)]
-    return ([(t["role"], -1) for t in needed if not t["per_layer"]] +
-            [(t["role"], layer) for layer in range(config["n_layers"]) for t in needed if t["per_layer"]])
+    needed = [t for t in ARCHS[arch]["tensors"] if t["when"] != "optional"]
+    return ([(t["role"], -1) for t in needed if not t["per_layer"] and used(t, config)] +
+            [(t["role"], layer) for layer in range(config["n_layers"]) for t in needed
+             if t["per_layer"] and used(t, config, layer)])
+
+
+_LETTERS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "Dh": "head_dim", "F": "d_ff", "V": "vocab_size",
+            "E": "n_experts", "Fe": "d_ff_expert"}  # arch.h's shape letters: engine config keys
+
+
+def shape_of(arch: str, role: str, config: dict) -> tuple[int, ...]:
+    """A tensor's shape for an engine config (arch.c's tk_arch_shape: products and quotients of letters)."""
+    dims = []
+    for expr in tensor(arch, role)["shape"]:
+        terms = re.split(r"([*/])", expr)
+        value = 1
+        for op, term in zip(["*", *terms[1::2]], terms[0::2]):
+            x = int(term) if term.isdigit() else int(config.get(_LETTERS[term], 0))
+            value = value * x if op == "*" else value // x
+        dims.append(value)
+    return tuple(dims)
 
 
 def tensor_ranks(arch: str) -> list[int]:

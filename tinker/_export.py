@@ -105,7 +105,7 @@ def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> 
 
 def _read_tensor(spec: ModelSpec, entry: tuple) -> np.ndarray:
     """One base tensor in float32, HF row order: decoded and un-permuted as the engine's loader does."""
-    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved = entry
+    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved, _expert = entry
     with open(spec.paths[file], "rb") as f:
         f.seek(offset)
         data = f.read(nbytes)
@@ -284,6 +284,9 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
         raise BadRequestError(f"{source}: the adapter does not name its base model (base_model_name_or_path); "
                               f"pass base_model=")
     spec = model_spec(resolve_model(base_model))  # ModelLoadError (a BadRequestError) when not found
+    if spec.config.get("moe"):
+        raise BadRequestError(f"{base_model!r} is a mixture-of-experts model ({spec.arch}); merging an adapter into "
+                              f"its experts is not supported yet: export the adapter itself (export_adapter)")
     final = _prepare_target(output_dir, overwrite, [adapter_dir, spec.source.path])
     where = f"adapter {source} on base model {base_model!r}"
 

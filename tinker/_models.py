@@ -49,7 +49,8 @@ class ModelSpec:
     arch: str
     config: dict                 # the engine's config keys (see csrc/model/model.h)
     paths: list[str]
-    tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, rope_rows_interleaved)
+    tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, rope_rows_interleaved,
+                                 #  expert): expert tensors come as one 2-D slice per expert, others have expert -1
     gguf_metadata: dict | None = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)  # end generation (from the checkpoint's own files)
 
@@ -222,10 +223,38 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         "max_context": _positive_int(where, "max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
         "rms_eps": _positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
         "tied_embeddings": int(bool(flags["tie_word_embeddings"])),
-        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm
+        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm, moe
         **_rope_from_hf(where, cfg),
     }
+    if config["moe"]:
+        config.update(_hf_moe_config(where, cfg, config["n_layers"]))
     return arch, config, bool(config["tied_embeddings"])
+
+
+def _layer_list(where: str, key: str, value, n_layers: int) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_layers
+                                          for v in value):
+        raise ModelLoadError(f"{where}: {key} must be a list of layer indices from 0 to {n_layers - 1}, got {value!r}")
+    return sorted(set(value))
+
+
+def _hf_moe_config(where: str, cfg: dict, n_layers: int) -> dict:
+    """The mixture-of-experts keys of a Qwen3-MoE config.json (transformers 5 saves num_experts as
+    num_local_experts). Dense layers: those in mlp_only_layers, and those the decoder_sparse_step skips."""
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if experts is None:
+        raise ModelLoadError(f"{where}: the model config has no 'num_experts'")
+    experts = _positive_int(where, "num_experts", experts, 1024)
+    used = _positive_int(where, "num_experts_per_tok", cfg.get("num_experts_per_tok"), experts)
+    return {
+        "n_experts": experts, "n_experts_used": used,
+        "d_ff_expert": _positive_int(where, "moe_intermediate_size", cfg.get("moe_intermediate_size")),
+        "norm_topk_prob": int(bool(cfg.get("norm_topk_prob", False))),
+        "decoder_sparse_step": _positive_int(where, "decoder_sparse_step", cfg.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": _layer_list(where, "mlp_only_layers", cfg.get("mlp_only_layers"), n_layers),
+    }  # fmt: skip
 
 
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
@@ -252,6 +281,8 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
         raise ModelLoadError(f"{path}: rope scaling type {scaling!r} is not supported (supported: none, linear, and "
                              f"llama3 through a rope_freqs tensor)")
     vocab = meta.get(f"{prefix}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    moe = bool(descriptor["flags"].get("moe"))
+    expert_width = key("expert_feed_forward_length") if moe else None
     config = {
         "arch": arch,
         "n_layers": key("block_count"),
@@ -259,14 +290,25 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
         "n_heads": heads,
         "n_kv_heads": key("attention.head_count_kv", heads),
         "head_dim": key("attention.key_length", d_model // heads),
-        "d_ff": key("feed_forward_length"),
+        "d_ff": key("feed_forward_length", expert_width),  # an MoE model without dense layers may lack it
         "vocab_size": _positive_int(where, f"GGUF metadata '{prefix}.vocab_size'", vocab),
         "max_context": key("context_length"),
         "rms_eps": key("attention.layer_norm_rms_epsilon", kind=_positive_float),
         "tied_embeddings": int(_arch.tensor_name(arch, "gguf", "lm_head", -1) not in tensor_names),
-        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm
+        **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm, moe
         **rope,
     }
+    if moe:
+        experts = key("expert_count", kind=lambda w, k, v: _positive_int(w, k, v, 1024))
+        norm = meta.get(f"{prefix}.expert_weights_norm", True)  # llama.cpp renormalises Qwen3-MoE's top k
+        router = _arch.tensor(arch, "router")["gguf"]
+        config.update({
+            "n_experts": experts,
+            "n_experts_used": key("expert_used_count", kind=lambda w, k, v: _positive_int(w, k, v, experts)),
+            "d_ff_expert": expert_width, "norm_topk_prob": int(bool(norm)), "decoder_sparse_step": 1,
+            # llama.cpp's files make every layer sparse; a layer without a router here is a dense one
+            "mlp_only_layers": [l for l in range(config["n_layers"]) if router % l not in tensor_names],
+        })  # fmt: skip
     return arch, config
 
 
@@ -342,19 +384,56 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def _check_tensors(where: str, arch: str, fmt: str, config: dict, tensors: list[tuple]):
-    """Every tensor the config needs is present (named as this file format names it) and has as many
-    dimensions as the architecture's tensors can have."""
-    present = {(t[1], t[2]) for t in tensors}
+    """Every tensor the config needs is present (named as this file format names it; an expert tensor for
+    every expert) and has as many dimensions as the architecture's tensors (one expert's slice) can have."""
+    present = {(t[1], t[2], t[9]) for t in tensors}
     for role, layer in _arch.required_roles(arch, config):
-        if (role, layer) not in present:
-            name = _arch.tensor_name(arch, fmt, role, layer)
-            raise ModelLoadError(f"{where}: tensor {name!r} is missing ({role} of "
-                                 f"{'the model' if layer < 0 else f'layer {layer}'})")
-    ranks = _arch.tensor_ranks(arch)
+        experts = range(config["n_experts"]) if _arch.tensor(arch, role)["per_expert"] else (-1,)
+        for expert in experts:
+            if (role, layer, expert) not in present:
+                name = _arch.tensor_name(arch, fmt, role, layer, expert if fmt == "hf" else None)
+                what = f"expert {expert} of layer {layer}" if expert >= 0 else \
+                    "the model" if layer < 0 else f"layer {layer}"
+                raise ModelLoadError(f"{where}: tensor {name!r} is missing ({role} of {what})")
+    ranks = {n - 1 if t["per_expert"] else n for t in _arch.get(arch)["tensors"] for n in [len(t["shape"])]}
     for t in tensors:
         if len(t[7]) not in ranks:
             raise ModelLoadError(f"{where}: tensor {t[0]!r} has {len(t[7])} dimensions; the model's tensors have "
-                                 f"{' or '.join(map(str, ranks))}")
+                                 f"{' or '.join(map(str, sorted(ranks)))}")
+
+
+def _expert_slices(where: str, name: str, shape, offset: int, nbytes: int, roles) -> list[tuple]:
+    """(role, expert, offset, nbytes, shape) of each expert's slice of a 3-D expert tensor [E, n * rows, cols]
+    that stacks the n `roles` along dimension 1 (GGUF: n = 1; the bytes of a row of blocks are contiguous)."""
+    if len(shape) != 3 or shape[1] % len(roles) or nbytes % (shape[0] * len(roles)):
+        raise ModelLoadError(f"{where}: expert tensor {name!r} has shape {list(shape)}; expected [experts, "
+                             f"{len(roles)} x rows, cols]")
+    experts, rows, cols = shape[0], shape[1] // len(roles), shape[2]
+    size = nbytes // (experts * len(roles))
+    return [(role, e, offset + (e * len(roles) + i) * size, size, (rows, cols))
+            for e in range(experts) for i, role in enumerate(roles)]
+
+
+def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int) -> list[tuple]:
+    """(role, layer, expert, offset, nbytes, shape) of the tensors a safetensors entry holds: one, or one per
+    expert (and role) of a fused expert tensor."""
+    found = _arch.locate(arch, "hf", name)
+    if found is not None:
+        role, layer, expert = found
+        return [(role, layer, expert, offset, nbytes, tuple(shape))]
+    fused = _arch.fused_of(arch, name)
+    if fused is None:
+        raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
+                             f"runs (unexpected or unsupported weight)")
+    roles, layer = fused
+    experts, rows, cols = _arch.shape_of(arch, roles[0], config)
+    want, transposed = (experts, rows * len(roles), cols), (experts, cols, rows * len(roles))
+    if tuple(shape) == transposed != want:
+        raise ModelLoadError(f"{path}: expert tensor {name!r} has shape {list(shape)}: it is stored [experts, in, "
+                             f"out] (used as x @ W[e], as Qwen3-VL-MoE files are); the engine reads the "
+                             f"[experts, out, in] layout, {list(want)}")
+    return [(role, layer, e, off, size, sh) for role, e, off, size, sh in
+            _expert_slices(str(path), name, shape, offset, nbytes, roles)]
 
 
 def _ids(value) -> list[int]:
@@ -382,16 +461,14 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
         for name, (dtype, shape, offset, nbytes) in read_safetensors_header(path).items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed from the config
-            role = _arch.role_of(arch, "hf", name)
-            if role is None:
-                raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
-                                     f"runs (unexpected or unsupported weight)")
-            if role[0] == "lm_head" and tied:
+            entries = _hf_entries(path, arch, config, name, shape, offset, nbytes)
+            if entries[0][0] == "lm_head" and tied:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
             if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
                 raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
-            tensors.append((name, role[0], role[1], file_index, offset, nbytes, _SAFETENSORS_TYPES[dtype],
-                            tuple(shape), False))
+            for role, layer, expert, off, size, sh in entries:
+                tensors.append((name, role, layer, file_index, off, size, _SAFETENSORS_TYPES[dtype], sh, False,
+                                expert))
     where = str(files[0] if len(files) == 1 else source.path)
     _check_tensors(where, arch, "hf", config, tensors)
     return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path))
@@ -411,9 +488,16 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
         if role is None:
             raise ModelLoadError(f"{source.path}: tensor {t['name']!r} is not part of the {arch} architecture "
                                  f"the engine runs")
+        described = _arch.tensor(arch, role[0])
+        if described["per_expert"]:  # one 3-D tensor [E, rows, cols] of the layer: a slice per expert
+            for r, expert, offset, nbytes, shape in _expert_slices(str(source.path), t["name"], t["shape"],
+                                                                   t["offset"], t["nbytes"], (role[0],)):
+                tensors.append((t["name"], r, role[1], 0, offset, nbytes, t["type"], shape, False, expert))
+            continue
         # llama.cpp's converter interleaves each head's rotate_half halves in llama's q and k; the engine undoes it
-        interleaved = _arch.tensor(arch, role[0])["gguf_rope_rows"]
-        tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved))
+        interleaved = described["gguf_rope_rows"]
+        tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved,
+                        -1))
     _check_tensors(str(source.path), arch, "gguf", config, tensors)
     eos = _ids(meta.get("tokenizer.ggml.eos_token_id"))
     return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos)

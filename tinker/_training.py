@@ -199,8 +199,10 @@ def optim_metrics(request, learning_rate) -> dict:
 
 
 def split_tensors(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
-    """Named copies of an adapter's tensors from its flat state; layout: (name, offset, rows, cols)."""
-    return {name: flat[offset:offset + rows * cols].reshape(rows, cols).copy() for name, offset, rows, cols in layout}
+    """Named copies of an adapter's tensors from its flat state; layout: (name, offset, rows, cols, shape), shape
+    (rows, cols) or, for the experts' factors, (experts, rows / experts, cols)."""
+    return {name: flat[offset:offset + rows * cols].reshape(shape).copy()
+            for name, offset, rows, cols, shape in layout}
 
 
 @dataclass
@@ -234,7 +236,7 @@ class LoraAdapter:
         self.train_mlp, self.train_attn, self.train_unembed = bool(train_mlp), bool(train_attn), bool(train_unembed)
         self.handle = get_engine().create_adapter(model.handle, rank, self.seed, self.train_attn, self.train_mlp,
                                                   self.train_unembed)
-        self._layout = {name: (offset, rows, cols) for name, offset, rows, cols in self.handle.tensors}
+        self._layout = {name: (offset, tuple(shape)) for name, offset, _rows, _cols, shape in self.handle.tensors}
 
     # ---- training -------------------------------------------------------------------------
 
@@ -326,12 +328,11 @@ class LoraAdapter:
             raise BadRequestError(f"{what} does not match this adapter (rank {self.rank}, train_attn={self.train_attn}, "
                                   f"train_mlp={self.train_mlp}, train_unembed={self.train_unembed}): {detail}")
         flat = np.empty(self.handle.n_params, dtype=np.float32)
-        for name, (offset, rows, cols) in self._layout.items():
+        for name, (offset, shape) in self._layout.items():
             array = np.asarray(tensors[name], dtype=np.float32)
-            if array.shape != (rows, cols):
-                raise BadRequestError(f"{what}: tensor {name!r} has shape {array.shape}, this adapter needs "
-                                      f"{(rows, cols)}")
-            flat[offset:offset + rows * cols] = array.reshape(-1)
+            if array.shape != shape:
+                raise BadRequestError(f"{what}: tensor {name!r} has shape {array.shape}, this adapter needs {shape}")
+            flat[offset:offset + array.size] = array.reshape(-1)
         return flat
 
     def submit_write_all(self, params: np.ndarray, exp_avg: np.ndarray | None, exp_avg_sq: np.ndarray | None,
@@ -351,11 +352,11 @@ class LoraAdapter:
         for name, value in tensors.items():
             if name not in self._layout:
                 raise BadRequestError(f"unknown LoRA tensor {name!r} (this adapter has e.g. {next(iter(self._layout))!r})")
-            offset, rows, cols = self._layout[name]
+            offset, shape = self._layout[name]
             array = _to_numpy(value).astype(np.float32, copy=False)
-            if array.shape != (rows, cols):
-                raise BadRequestError(f"LoRA tensor {name!r} must have shape {(rows, cols)}, got {array.shape}")
+            if array.shape != shape:
+                raise BadRequestError(f"LoRA tensor {name!r} must have shape {shape}, got {array.shape}")
             if not np.all(np.isfinite(array)):
                 raise BadRequestError(f"LoRA tensor {name!r} has non-finite values")
-            flat[offset:offset + rows * cols] = array.reshape(-1)
+            flat[offset:offset + array.size] = array.reshape(-1)
         get_engine().write_adapter(self.handle, PARAMS, flat).result()

@@ -118,6 +118,17 @@ struct tk_backend {
      * in tk_last_error). The CPU backend runs every op to completion before returning. */
     tk_status (*sync)(tk_backend *be);
 
+    /* ---- rows (a mixture-of-experts block: tokens grouped by expert and back) ---- */
+    /* dst[i][0 .. n) += scale[i] * src[i][0 .. n) for i < rows, in order (scale NULL: 1). A dst row may repeat
+     * (its terms add up in order); no dst row overlaps a src row. The pointer and scale arrays are host memory. */
+    void (*add_rows)(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows, int n);
+    /* x[r, :n] *= scale[r] for r < rows (scale: host memory) */
+    void (*scale_rows)(tk_backend *be, float *x, int ldx, const float *scale, int rows, int n);
+    /* out[r] = sum_i a[r, i] b[r, i] for r < rows, summed in double and rounded once */
+    void (*row_dot)(tk_backend *be, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n);
+    /* x[r, :n] = 0 for r < rows */
+    void (*zero_rows)(tk_backend *be, float *x, int ldx, int rows, int n);
+
     /* ---- indexing (the loss's targets) ---- */
     /* out[i] = x[row[i] * ldx + col[i]] for i < n (row, col: host arrays) */
     void (*gather)(tk_backend *be, float *out, const float *x, int ldx, const int32_t *row, const int32_t *col, int n);

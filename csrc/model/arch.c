@@ -2,7 +2,8 @@
  *
  * Owns nothing but static tables. Invariants (tk_arch_validate checks them at import): every shape
  * expression parses, a role appears at most once per architecture, per-layer names have exactly one %d
- * and model-wide names none, every LoRA target adapts a 2-D tensor of its architecture.
+ * (Hugging Face names of expert tensors two: layer, expert) and model-wide names none, every LoRA target adapts
+ * a 2-D tensor (or an expert tensor) of its architecture, fused forms stack expert roles of one shape.
  */
 #include "arch.h"
 
@@ -19,88 +20,143 @@ static const char *const role_names[TK_ROLE_COUNT] = {
     [TK_ROLE_V] = "v", [TK_ROLE_O] = "o", [TK_ROLE_Q_BIAS] = "q_bias", [TK_ROLE_K_BIAS] = "k_bias",
     [TK_ROLE_V_BIAS] = "v_bias", [TK_ROLE_Q_NORM] = "q_norm", [TK_ROLE_K_NORM] = "k_norm",
     [TK_ROLE_MLP_NORM] = "mlp_norm", [TK_ROLE_GATE] = "gate", [TK_ROLE_UP] = "up", [TK_ROLE_DOWN] = "down",
+    [TK_ROLE_ROUTER] = "router", [TK_ROLE_EXP_GATE] = "exp_gate", [TK_ROLE_EXP_UP] = "exp_up",
+    [TK_ROLE_EXP_DOWN] = "exp_down",
 };
 
-static const char *const when_names[TK_WHEN_COUNT] = {"always", "optional", "untied", "qkv_bias", "qk_norm"};
+static const char *const when_names[TK_WHEN_COUNT] = {"always", "optional", "untied", "qkv_bias", "qk_norm",
+                                                      "dense_mlp", "moe"};
 static const char *const train_names[TK_TRAIN_COUNT] = {"train_attn", "train_mlp", "train_unembed"};
-static const char *const flag_names[TK_ARCH_FLAG_COUNT] = {"qkv_bias", "qk_norm"};
+static const char *const flag_names[TK_ARCH_FLAG_COUNT] = {"qkv_bias", "qk_norm", "moe"};
 
 /* ---- the tables ------------------------------------------------------------------------------------------ */
 
 #define MODEL 0
 #define LAYER 1
 #define ROPE_ROWS 1 /* llama.cpp's converter permuted these rows (llama q/k) */
+#define EXPERTS 1   /* per_expert */
+#define SHARED 0    /* a LoRA factor shared by all experts */
+#define OWN 1       /* a LoRA factor each expert has its own of */
 #define COUNT(a) (int)(sizeof(a) / sizeof((a)[0]))
 
 /* Llama (SmolLM2, Llama 2/3.x): no biases, no q/k norm; a GGUF may carry llama3 rope factors. */
 static const tk_arch_tensor llama_tensors[] = {
-    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
-    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
-    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
-    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
-    {TK_ROLE_ROPE_FREQS,  MODEL,  {"Dh/2"},         TK_WHEN_OPTIONAL, 0,         "rope_freqs.weight",          NULL},
-    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
-    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
-    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
-    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
-    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
-    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
-    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
-    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
-    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name    experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight",                        0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight",                                0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight",                                   0},
+    {TK_ROLE_ROPE_FREQS,  MODEL,  {"Dh/2"},         TK_WHEN_OPTIONAL, 0,         "rope_freqs.weight",          NULL,                                               0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight",           0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight",          0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   ROPE_ROWS, "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight",          0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight",          0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight",          0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight",  0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight",             0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight",               0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight",             0},
 };
 
 /* The LoRA targets of the decoder-only models here: PEFT wraps each nn.Linear (and lm_head). */
 static const tk_arch_lora decoder_lora[] = {
-    /* target           name       adapts           trained by        PEFT module */
-    {TK_LORA_Q,         "q",       TK_ROLE_Q,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.q_proj"},
-    {TK_LORA_K,         "k",       TK_ROLE_K,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.k_proj"},
-    {TK_LORA_V,         "v",       TK_ROLE_V,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.v_proj"},
-    {TK_LORA_O,         "o",       TK_ROLE_O,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.o_proj"},
-    {TK_LORA_GATE,      "gate",    TK_ROLE_GATE,    TK_TRAIN_MLP,     "model.layers.%d.mlp.gate_proj"},
-    {TK_LORA_UP,        "up",      TK_ROLE_UP,      TK_TRAIN_MLP,     "model.layers.%d.mlp.up_proj"},
-    {TK_LORA_DOWN,      "down",    TK_ROLE_DOWN,    TK_TRAIN_MLP,     "model.layers.%d.mlp.down_proj"},
+    /* target           name       adapts           trained by        PEFT module                             A, B per expert */
+    {TK_LORA_Q,         "q",       TK_ROLE_Q,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.q_proj",  0, 0},
+    {TK_LORA_K,         "k",       TK_ROLE_K,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.k_proj",  0, 0},
+    {TK_LORA_V,         "v",       TK_ROLE_V,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.v_proj",  0, 0},
+    {TK_LORA_O,         "o",       TK_ROLE_O,       TK_TRAIN_ATTN,    "model.layers.%d.self_attn.o_proj",  0, 0},
+    {TK_LORA_GATE,      "gate",    TK_ROLE_GATE,    TK_TRAIN_MLP,     "model.layers.%d.mlp.gate_proj",     0, 0},
+    {TK_LORA_UP,        "up",      TK_ROLE_UP,      TK_TRAIN_MLP,     "model.layers.%d.mlp.up_proj",       0, 0},
+    {TK_LORA_DOWN,      "down",    TK_ROLE_DOWN,    TK_TRAIN_MLP,     "model.layers.%d.mlp.down_proj",     0, 0},
     /* with tied embeddings the adapter changes the output projection only: its shape is still lm_head's */
-    {TK_LORA_PER_LAYER, "unembed", TK_ROLE_LM_HEAD, TK_TRAIN_UNEMBED, "lm_head"},
+    {TK_LORA_PER_LAYER, "unembed", TK_ROLE_LM_HEAD, TK_TRAIN_UNEMBED, "lm_head",  0, 0},
 };
 
 /* Qwen2 / Qwen2.5: Llama plus biases on q, k and v; GGUF rows in Hugging Face order. */
 static const tk_arch_tensor qwen2_tensors[] = {
-    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
-    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
-    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
-    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
-    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
-    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
-    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
-    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
-    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
-    {TK_ROLE_Q_BIAS,      LAYER,  {"H*Dh"},         TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_q.bias",         "model.layers.%d.self_attn.q_proj.bias"},
-    {TK_ROLE_K_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_k.bias",         "model.layers.%d.self_attn.k_proj.bias"},
-    {TK_ROLE_V_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_v.bias",         "model.layers.%d.self_attn.v_proj.bias"},
-    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
-    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
-    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
-    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name    experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight",                        0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight",                                0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight",                                   0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight",           0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight",          0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight",          0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight",          0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight",          0},
+    {TK_ROLE_Q_BIAS,      LAYER,  {"H*Dh"},         TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_q.bias",         "model.layers.%d.self_attn.q_proj.bias",            0},
+    {TK_ROLE_K_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_k.bias",         "model.layers.%d.self_attn.k_proj.bias",            0},
+    {TK_ROLE_V_BIAS,      LAYER,  {"Hkv*Dh"},       TK_WHEN_QKV_BIAS, 0,         "blk.%d.attn_v.bias",         "model.layers.%d.self_attn.v_proj.bias",            0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight",  0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight",             0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight",               0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight",             0},
 };
 
 /* Qwen3 (dense): Llama plus RMSNorm over each head of q and k; explicit head_dim; GGUF rows in HF order. */
 static const tk_arch_tensor qwen3_tensors[] = {
-    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name */
-    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight"},
-    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight"},
-    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight"},
-    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight"},
-    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight"},
-    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight"},
-    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight"},
-    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight"},
-    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_q_norm.weight",  "model.layers.%d.self_attn.q_norm.weight"},
-    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_k_norm.weight",  "model.layers.%d.self_attn.k_norm.weight"},
-    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight"},
-    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight"},
-    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight"},
-    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight"},
+    /* role               scope   shape             when              GGUF rows  GGUF name                     Hugging Face name    experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",          "model.embed_tokens.weight",                        0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",         "model.norm.weight",                                0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",              "lm_head.weight",                                   0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",    "model.layers.%d.input_layernorm.weight",           0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",       "model.layers.%d.self_attn.q_proj.weight",          0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",       "model.layers.%d.self_attn.k_proj.weight",          0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",       "model.layers.%d.self_attn.v_proj.weight",          0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",  "model.layers.%d.self_attn.o_proj.weight",          0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_q_norm.weight",  "model.layers.%d.self_attn.q_norm.weight",          0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_k_norm.weight",  "model.layers.%d.self_attn.k_norm.weight",          0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",     "model.layers.%d.post_attention_layernorm.weight",  0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",     "model.layers.%d.mlp.gate_proj.weight",             0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",       "model.layers.%d.mlp.up_proj.weight",               0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",     "model.layers.%d.mlp.down_proj.weight",             0},
+};
+
+/* Qwen3-MoE: Qwen3's attention; each layer's MLP is either a router over E SwiGLU experts of width Fe (top k of
+ * a float32 softmax) or, in the layers the config keeps dense, Qwen3's SwiGLU of width F. No shared expert. */
+static const tk_arch_tensor qwen3moe_tensors[] = {
+    /* role               scope   shape                when               GGUF rows  GGUF name                       Hugging Face name                                       experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},          TK_WHEN_ALWAYS,    0,         "token_embd.weight",            "model.embed_tokens.weight",                            0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},               TK_WHEN_ALWAYS,    0,         "output_norm.weight",           "model.norm.weight",                                    0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},          TK_WHEN_UNTIED,    0,         "output.weight",                "lm_head.weight",                                       0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         "blk.%d.attn_norm.weight",      "model.layers.%d.input_layernorm.weight",               0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},       TK_WHEN_ALWAYS,    0,         "blk.%d.attn_q.weight",         "model.layers.%d.self_attn.q_proj.weight",              0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         "blk.%d.attn_k.weight",         "model.layers.%d.self_attn.k_proj.weight",              0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         "blk.%d.attn_v.weight",         "model.layers.%d.self_attn.v_proj.weight",              0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},       TK_WHEN_ALWAYS,    0,         "blk.%d.attn_output.weight",    "model.layers.%d.self_attn.o_proj.weight",              0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         "blk.%d.attn_q_norm.weight",    "model.layers.%d.self_attn.q_norm.weight",              0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         "blk.%d.attn_k_norm.weight",    "model.layers.%d.self_attn.k_norm.weight",              0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         "blk.%d.ffn_norm.weight",       "model.layers.%d.post_attention_layernorm.weight",      0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_gate.weight",       "model.layers.%d.mlp.gate_proj.weight",                 0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_up.weight",         "model.layers.%d.mlp.up_proj.weight",                   0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_down.weight",       "model.layers.%d.mlp.down_proj.weight",                 0},
+    {TK_ROLE_ROUTER,      LAYER,  {"E", "D"},          TK_WHEN_MOE,       0,         "blk.%d.ffn_gate_inp.weight",   "model.layers.%d.mlp.gate.weight",                      0},
+    {TK_ROLE_EXP_GATE,    LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_gate_exps.weight",  "model.layers.%d.mlp.experts.%d.gate_proj.weight",      EXPERTS},
+    {TK_ROLE_EXP_UP,      LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_up_exps.weight",    "model.layers.%d.mlp.experts.%d.up_proj.weight",        EXPERTS},
+    {TK_ROLE_EXP_DOWN,    LAYER,  {"E", "D", "Fe"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_down_exps.weight",  "model.layers.%d.mlp.experts.%d.down_proj.weight",      EXPERTS},
+};
+
+/* transformers 5.x keeps the experts as 3-D parameters (its save_pretrained writes per-expert names again, but
+ * other writers store these): gate_up_proj [E, 2 Fe, D] is every expert's gate rows, then its up rows. */
+static const tk_arch_fused qwen3moe_fused[] = {
+    {"model.layers.%d.mlp.experts.gate_up_proj", {TK_ROLE_EXP_GATE, TK_ROLE_EXP_UP}, 2},
+    {"model.layers.%d.mlp.experts.down_proj", {TK_ROLE_EXP_DOWN}, 1},
+};
+
+/* Tinker's LoRA on Qwen3-MoE: attention and the dense layers' MLP as the decoder's; on the experts one adapter
+ * per projection in the shared-outer layout (the factor touching D shared, the other per expert) under
+ * Tinker's names w1 (gate), w3 (up), w2 (down). The router is not adapted. */
+static const tk_arch_lora qwen3moe_lora[] = {
+    /* target           name        adapts             trained by        PEFT module                              A       B */
+    {TK_LORA_Q,         "q",        TK_ROLE_Q,         TK_TRAIN_ATTN,    "model.layers.%d.self_attn.q_proj",      0,      0},
+    {TK_LORA_K,         "k",        TK_ROLE_K,         TK_TRAIN_ATTN,    "model.layers.%d.self_attn.k_proj",      0,      0},
+    {TK_LORA_V,         "v",        TK_ROLE_V,         TK_TRAIN_ATTN,    "model.layers.%d.self_attn.v_proj",      0,      0},
+    {TK_LORA_O,         "o",        TK_ROLE_O,         TK_TRAIN_ATTN,    "model.layers.%d.self_attn.o_proj",      0,      0},
+    {TK_LORA_GATE,      "gate",     TK_ROLE_GATE,      TK_TRAIN_MLP,     "model.layers.%d.mlp.gate_proj",         0,      0},
+    {TK_LORA_UP,        "up",       TK_ROLE_UP,        TK_TRAIN_MLP,     "model.layers.%d.mlp.up_proj",           0,      0},
+    {TK_LORA_DOWN,      "down",     TK_ROLE_DOWN,      TK_TRAIN_MLP,     "model.layers.%d.mlp.down_proj",         0,      0},
+    {TK_LORA_EXP_GATE,  "exp_gate", TK_ROLE_EXP_GATE,  TK_TRAIN_MLP,     "model.layers.%d.mlp.experts.w1",        SHARED, OWN},
+    {TK_LORA_EXP_UP,    "exp_up",   TK_ROLE_EXP_UP,    TK_TRAIN_MLP,     "model.layers.%d.mlp.experts.w3",        SHARED, OWN},
+    {TK_LORA_EXP_DOWN,  "exp_down", TK_ROLE_EXP_DOWN,  TK_TRAIN_MLP,     "model.layers.%d.mlp.experts.w2",        OWN,    SHARED},
+    {TK_LORA_PER_LAYER, "unembed",  TK_ROLE_LM_HEAD,   TK_TRAIN_UNEMBED, "lm_head",                               0,      0},
 };
 
 static const tk_arch archs[] = {
@@ -125,6 +181,15 @@ static const tk_arch archs[] = {
                      "\"attention_bias\": false}",
         .tensors = qwen3_tensors, .n_tensors = COUNT(qwen3_tensors),
         .lora = decoder_lora, .n_lora = COUNT(decoder_lora),
+    },
+    {
+        .name = "qwen3moe", .hf_model_type = "qwen3_moe", .hf_class = "Qwen3MoeForCausalLM", .gguf_name = "qwen3moe",
+        .flags = TK_ARCH_QK_NORM | TK_ARCH_MOE,
+        .hf_config = "{\"use_sliding_window\": false, \"sliding_window\": null, \"max_window_layers\": \"$n_layers\", "
+                     "\"attention_bias\": false}",
+        .tensors = qwen3moe_tensors, .n_tensors = COUNT(qwen3moe_tensors),
+        .lora = qwen3moe_lora, .n_lora = COUNT(qwen3moe_lora),
+        .fused = qwen3moe_fused, .n_fused = COUNT(qwen3moe_fused),
     },
 };
 
@@ -177,6 +242,7 @@ static const struct {
     {"D", offsetof(tk_model_config, d_model)},       {"H", offsetof(tk_model_config, n_heads)},
     {"Hkv", offsetof(tk_model_config, n_kv_heads)},  {"Dh", offsetof(tk_model_config, head_dim)},
     {"F", offsetof(tk_model_config, d_ff)},          {"V", offsetof(tk_model_config, vocab_size)},
+    {"E", offsetof(tk_model_config, n_experts)},     {"Fe", offsetof(tk_model_config, d_ff_expert)},
 };
 
 static int64_t letter_value(const char *s, size_t n, const tk_model_config *c)
@@ -219,20 +285,30 @@ tk_shape tk_arch_shape(const tk_arch_tensor *t, const tk_model_config *c)
     return s;
 }
 
-int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c)
+/* Whether some layer's MLP is MoE (want_moe) / dense. */
+static int some_layer_is(const tk_model_config *c, int want_moe)
+{
+    for (int l = 0; l < c->n_layers; l++)
+        if (tk_model_layer_is_moe(c, l) == want_moe) return 1;
+    return 0;
+}
+
+int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c, int layer)
 {
     switch (t->when) {
     case TK_WHEN_ALWAYS: case TK_WHEN_OPTIONAL: return 1;
     case TK_WHEN_UNTIED: return !c->tied_embeddings;
     case TK_WHEN_QKV_BIAS: return c->qkv_bias != 0;
     case TK_WHEN_QK_NORM: return c->qk_norm != 0;
+    case TK_WHEN_DENSE_MLP: return layer < 0 ? some_layer_is(c, 0) : !tk_model_layer_is_moe(c, layer);
+    case TK_WHEN_MOE: return layer < 0 ? some_layer_is(c, 1) : tk_model_layer_is_moe(c, layer);
     default: return 0;
     }
 }
 
-int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c)
+int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c, int layer)
 {
-    return t->when != TK_WHEN_OPTIONAL && tk_arch_used(t, c);
+    return t->when != TK_WHEN_OPTIONAL && tk_arch_used(t, c, layer);
 }
 
 void tk_arch_lora_dims(const tk_arch *a, int target, const tk_model_config *c, int *in, int *out)
@@ -257,10 +333,33 @@ static int layer_slots(const char *pattern)
     return n;
 }
 
+/* Fused forms stack per-layer expert roles of one shape; their names have one %d (the layer). */
+static tk_status validate_fused(const tk_arch *a)
+{
+    for (int j = 0; j < a->n_fused; j++) {
+        const tk_arch_fused *f = &a->fused[j];
+        if (!f->hf || layer_slots(f->hf) != 1 || f->n_roles < 1 || f->n_roles > TK_ARCH_MAX_FUSED)
+            return tk_error(TK_ERR_INTERNAL, "architecture %s: fused form %d has a bad name or role count", a->name, j);
+        for (int r = 0; r < f->n_roles; r++) {
+            const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)f->roles[r]);
+            const tk_arch_tensor *t0 = tk_arch_tensor_of(a, (int)f->roles[0]);
+            if (!t || !t->per_expert)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: fused form %s holds a role without experts",
+                                a->name, f->hf);
+            for (int d = 0; d < TK_ARCH_MAX_DIMS; d++)
+                if ((t->shape[d] == NULL) != (t0->shape[d] == NULL) || (t->shape[d] && strcmp(t->shape[d], t0->shape[d])))
+                    return tk_error(TK_ERR_INTERNAL, "architecture %s: fused form %s stacks roles of different shapes",
+                                    a->name, f->hf);
+        }
+    }
+    return TK_OK;
+}
+
 tk_status tk_arch_validate(void)
 {
     tk_model_config probe = {0}; /* every letter 2: an expression that parses is positive */
     probe.d_model = probe.n_heads = probe.n_kv_heads = probe.head_dim = probe.d_ff = probe.vocab_size = 2;
+    probe.n_experts = probe.d_ff_expert = 2;
     for (int i = 0; i < COUNT(archs); i++) {
         const tk_arch *a = &archs[i];
         if (tk_arch_find(a->name) != a)
@@ -276,12 +375,18 @@ tk_status tk_arch_validate(void)
                 if (tk_arch_eval(t->shape[d], &probe) <= 0)
                     return tk_error(TK_ERR_INTERNAL, "architecture %s: %s: shape expression '%s' does not parse",
                                     a->name, role, t->shape[d]);
+            if (t->per_expert && (!t->per_layer || strcmp(t->shape[0], "E") != 0 || !t->shape[2]))
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: expert tensor %s must be per layer, [E, rows, cols]",
+                                a->name, role);
             const char *names[2] = {t->gguf, t->hf};
-            for (int k = 0; k < 2; k++)
-                if (names[k] && layer_slots(names[k]) != t->per_layer)
-                    return tk_error(TK_ERR_INTERNAL, "architecture %s: %s: name '%s' must have %s", a->name, role,
-                                    names[k], t->per_layer ? "exactly one %d" : "no % conversion");
+            for (int k = 0; k < 2; k++) {
+                int slots = t->per_layer + (k == 1 && t->per_expert); /* HF names an expert tensor per expert */
+                if (names[k] && layer_slots(names[k]) != slots)
+                    return tk_error(TK_ERR_INTERNAL, "architecture %s: %s: name '%s' must have %d %%d", a->name,
+                                    role, names[k], slots);
+            }
         }
+        TK_TRY(validate_fused(a));
         for (int j = 0; j < a->n_lora; j++) {
             const tk_arch_lora *l = &a->lora[j];
             const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)l->role);
@@ -292,6 +397,9 @@ tk_status tk_arch_validate(void)
             if (!t || !t->shape[1] || t->per_layer != per_layer)
                 return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %s must adapt a %s matrix it has",
                                 a->name, l->name, per_layer ? "per-layer" : "model-wide");
+            if ((l->a_per_expert || l->b_per_expert) && !t->per_expert)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %s has per-expert factors on a tensor "
+                                "without experts", a->name, l->name);
             if (!l->peft || layer_slots(l->peft) != per_layer)
                 return tk_error(TK_ERR_INTERNAL, "architecture %s: LoRA target %s: bad PEFT module pattern", a->name,
                                 l->name);

@@ -4,10 +4,15 @@
  *   - its tensors: role, model-wide or per layer, shape (up to TK_ARCH_MAX_DIMS dimension expressions over the
  *     config, PyTorch order; a leading expert dimension E fits), when a configuration uses it, its GGUF and
  *     Hugging Face names (printf patterns, %d = layer) and whether llama.cpp's converter interleaved its rows
- *     for RoPE;
+ *     for RoPE. An expert tensor (per_expert: shape [E, ...]) is one 3-D tensor per layer in GGUF, and one
+ *     2-D tensor per layer and expert in Hugging Face files (its name has a second %d, the expert); the loader
+ *     hands the engine one slice per expert either way;
+ *   - its fused forms: 3-D Hugging Face tensors [E, n * rows, cols] that hold n expert roles stacked along
+ *     dimension 1 (transformers 5.x's mlp.experts.gate_up_proj = gate, then up);
  *   - its LoRA targets: the engine's name ("q" ... "down", "unembed"), the tensor each adapts (in = that
  *     tensor's last dimension, out = the one before), the flag that trains it (train_attn / train_mlp /
- *     train_unembed) and its PEFT module (a pattern, %d = layer);
+ *     train_unembed) and its PEFT module (a pattern, %d = layer); on an expert tensor, whether A and B are
+ *     one per expert or one shared by all (Tinker's "shared-outer" layout: the factor that touches D is shared);
  *   - its names elsewhere: Hugging Face model_type and architectures class, GGUF general.architecture, and
  *     extra config.json keys an export from GGUF writes;
  *   - flags every config of it gets (qkv_bias, qk_norm: the names of tk_model_config's fields).
@@ -21,7 +26,7 @@
  * condition for using a tensor is a new tk_when (arch.c and tinker/_arch.py evaluate it).
  *
  * Shape expressions are products and quotients of integers and config letters: D d_model, H n_heads,
- * Hkv n_kv_heads, Dh head_dim, F d_ff, V vocab_size (e.g. "H*Dh", "Dh/2").
+ * Hkv n_kv_heads, Dh head_dim, F d_ff, V vocab_size, E n_experts, Fe d_ff_expert (e.g. "H*Dh", "Dh/2").
  */
 #ifndef TK_ARCH_H
 #define TK_ARCH_H
@@ -36,6 +41,7 @@ enum tk_role {
     TK_ROLE_EMBED, TK_ROLE_FINAL_NORM, TK_ROLE_LM_HEAD, TK_ROLE_ROPE_FREQS,
     TK_ROLE_ATTN_NORM, TK_ROLE_Q, TK_ROLE_K, TK_ROLE_V, TK_ROLE_O, TK_ROLE_Q_BIAS, TK_ROLE_K_BIAS, TK_ROLE_V_BIAS,
     TK_ROLE_Q_NORM, TK_ROLE_K_NORM, TK_ROLE_MLP_NORM, TK_ROLE_GATE, TK_ROLE_UP, TK_ROLE_DOWN,
+    TK_ROLE_ROUTER, TK_ROLE_EXP_GATE, TK_ROLE_EXP_UP, TK_ROLE_EXP_DOWN,
     TK_ROLE_COUNT,
 };
 
@@ -46,6 +52,8 @@ enum tk_when {
     TK_WHEN_UNTIED,   /* !tied_embeddings */
     TK_WHEN_QKV_BIAS, /* qkv_bias */
     TK_WHEN_QK_NORM,  /* qk_norm */
+    TK_WHEN_DENSE_MLP,/* layers whose MLP is dense (all layers of a model without experts) */
+    TK_WHEN_MOE,      /* MoE layers (tk_model_layer_is_moe) */
     TK_WHEN_COUNT,
 };
 
@@ -53,9 +61,9 @@ enum tk_when {
 enum tk_train { TK_TRAIN_ATTN, TK_TRAIN_MLP, TK_TRAIN_UNEMBED, TK_TRAIN_COUNT };
 
 /* Flags an architecture sets in the config of every model of it. */
-enum { TK_ARCH_QKV_BIAS = 1 << 0, TK_ARCH_QK_NORM = 1 << 1, TK_ARCH_FLAG_COUNT = 2 };
+enum { TK_ARCH_QKV_BIAS = 1 << 0, TK_ARCH_QK_NORM = 1 << 1, TK_ARCH_MOE = 1 << 2, TK_ARCH_FLAG_COUNT = 3 };
 
-enum { TK_ARCH_MAX_DIMS = 4 };
+enum { TK_ARCH_MAX_DIMS = 4, TK_ARCH_MAX_FUSED = 2 };
 
 typedef struct {
     enum tk_role role;
@@ -64,6 +72,7 @@ typedef struct {
     enum tk_when when;
     int gguf_rope_rows;                    /* GGUF rows hold each head's rotate_half partners side by side */
     const char *gguf, *hf;                 /* name patterns; NULL: that format has no such tensor */
+    int per_expert;                        /* shape [E, ...]: stacked experts (see the top of this file) */
 } tk_arch_tensor;
 
 typedef struct {
@@ -72,7 +81,15 @@ typedef struct {
     enum tk_role role;         /* the base tensor it adapts */
     enum tk_train trained_by;
     const char *peft;          /* PEFT module pattern: key "base_model.model.{peft}.lora_A.weight" */
+    int a_per_expert, b_per_expert; /* on an expert tensor: A [E or 1, R, in], B [E or 1, out, R] */
 } tk_arch_lora;
+
+/* A Hugging Face tensor [E, n * rows, cols] holding n expert roles, each [E, rows, cols], along dimension 1. */
+typedef struct {
+    const char *hf;                       /* name pattern, %d = layer */
+    enum tk_role roles[TK_ARCH_MAX_FUSED];
+    int n_roles;
+} tk_arch_fused;
 
 typedef struct tk_arch {
     const char *name;          /* the engine's name (ModelSpec.arch, the config's "arch") */
@@ -86,6 +103,8 @@ typedef struct tk_arch {
     int n_tensors;
     const tk_arch_lora *lora;
     int n_lora;
+    const tk_arch_fused *fused;
+    int n_fused;
 } tk_arch;
 
 typedef struct {
@@ -98,9 +117,10 @@ const tk_arch *tk_arch_at(int i);                 /* i in [0, tk_arch_count()) *
 const tk_arch *tk_arch_find(const char *name);    /* NULL when the engine has no such architecture */
 const char *tk_role_name(int role);               /* "embed", "q", ...; NULL out of range */
 int tk_role_from_name(const char *name);          /* -1 when unknown */
-const char *tk_when_name(int when);               /* "always", "optional", "untied", "qkv_bias", "qk_norm" */
+const char *tk_when_name(int when);               /* "always", "optional", "untied", "qkv_bias", "qk_norm",
+                                                   * "dense_mlp", "moe" */
 const char *tk_train_name(int train);             /* "train_attn", "train_mlp", "train_unembed" */
-const char *tk_arch_flag_name(int bit);           /* name of flag 1 << bit: "qkv_bias", "qk_norm" */
+const char *tk_arch_flag_name(int bit);           /* name of flag 1 << bit: "qkv_bias", "qk_norm", "moe" */
 
 /* The architecture's tensor of a role (NULL when it has none) and its LoRA target (NULL likewise). */
 const tk_arch_tensor *tk_arch_tensor_of(const tk_arch *a, int role);
@@ -109,10 +129,11 @@ const tk_arch_lora *tk_arch_lora_of(const tk_arch *a, int target);
 /* A shape expression's value for a config; -1 when it does not parse. */
 int64_t tk_arch_eval(const char *expr, const tk_model_config *c);
 tk_shape tk_arch_shape(const tk_arch_tensor *t, const tk_model_config *c);
-/* Whether a configuration uses / requires the tensor. */
-int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c);
-int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c);
-/* [in, out] of a LoRA target for a config; 0, 0 when the architecture has no such target. */
+/* Whether a configuration uses / requires the tensor in a layer (-1 for model-wide tensors). */
+int tk_arch_used(const tk_arch_tensor *t, const tk_model_config *c, int layer);
+int tk_arch_required(const tk_arch_tensor *t, const tk_model_config *c, int layer);
+/* [in, out] of a LoRA target for a config (of one expert for an expert tensor); 0, 0 when the architecture has
+ * no such target. */
 void tk_arch_lora_dims(const tk_arch *a, int target, const tk_model_config *c, int *in, int *out);
 
 /* Checks every table (expressions parse, each role once, %d exactly in per-layer names, LoRA targets adapt a

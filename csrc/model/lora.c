@@ -23,15 +23,34 @@ static void target_dims(const tk_model_config *c, int target, int *in, int *out)
     tk_arch_lora_dims(c->arch, target, c, in, out);
 }
 
-static int target_trained(const tk_lora_config *cfg, int target)
+/* Whether the adapter trains `target` in `layer`: its flag is set and the layer has the tensor it adapts (an MoE
+ * layer has the experts' targets, a dense one the MLP's). */
+static int target_trained(const tk_adapter *a, int layer, int target)
 {
-    return target <= TK_LORA_O ? cfg->train_attn : cfg->train_mlp;
+    const tk_model_config *c = &a->model->cfg;
+    const tk_arch_lora *l = tk_arch_lora_of(c->arch, target);
+    const tk_arch_tensor *t = l ? tk_arch_tensor_of(c->arch, (int)l->role) : NULL;
+    if (!t || !tk_arch_used(t, c, layer)) return 0;
+    switch (l->trained_by) {
+    case TK_TRAIN_ATTN: return a->cfg.train_attn;
+    case TK_TRAIN_MLP: return a->cfg.train_mlp;
+    default: return a->cfg.train_unembed;
+    }
+}
+
+/* How many experts stack in each factor of a target: E for an expert's own, 1 for a shared or dense one. */
+static void target_experts(const tk_model_config *c, int target, int *a_experts, int *b_experts)
+{
+    const tk_arch_lora *l = tk_arch_lora_of(c->arch, target);
+    *a_experts = l && l->a_per_expert ? c->n_experts : 1;
+    *b_experts = l && l->b_per_expert ? c->n_experts : 1;
 }
 
 /* Walks the layout: with base == NULL it only counts floats. Per layer all
  * A matrices come first, in target order, then all B matrices: the A's of
- * q, k, v (and of gate, up) then form one [3R, D] (and [2R, D]) matrix, so the
- * projections that share an input run as one GEMM. */
+ * q, k, v (and of gate, up, or of the experts' shared gate, up) then form one
+ * [3R, D] (and [2R, D]) matrix, so the projections that share an input run as
+ * one GEMM. */
 static size_t carve(tk_adapter *a, float *base)
 {
     const tk_model_config *c = &a->model->cfg;
@@ -40,18 +59,20 @@ static size_t carve(tk_adapter *a, float *base)
         for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
             tk_lora_pair *p = &a->layers[(size_t)l * TK_LORA_PER_LAYER + (size_t)t];
             target_dims(c, t, &p->in, &p->out);
-            if (!target_trained(&a->cfg, t)) continue;
+            target_experts(c, t, &p->a_experts, &p->b_experts);
+            if (!target_trained(a, l, t)) continue;
             if (base) p->A = base + at;
-            at += R * (size_t)p->in;
+            at += (size_t)p->a_experts * R * (size_t)p->in;
         }
         for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
             tk_lora_pair *p = &a->layers[(size_t)l * TK_LORA_PER_LAYER + (size_t)t];
-            if (!target_trained(&a->cfg, t)) continue;
+            if (!target_trained(a, l, t)) continue;
             if (base) p->B = base + at;
-            at += (size_t)p->out * R;
+            at += (size_t)p->b_experts * (size_t)p->out * R;
         }
     }
     target_dims(c, TK_LORA_PER_LAYER, &a->unembed.in, &a->unembed.out);
+    a->unembed.a_experts = a->unembed.b_experts = 1;
     if (a->cfg.train_unembed) {
         if (base) a->unembed.A = base + at;
         at += R * (size_t)a->unembed.in;
@@ -89,9 +110,13 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     a->n_params = a->layers ? carve(a, NULL) : 0;
     /* zeroed: gradients, moments and B start at 0 */
     a->block = a->layers ? m->be->alloc(m->be, (4 * a->n_params + 1) * sizeof(float)) : NULL;
-    int widest = m->cfg.d_ff > m->cfg.d_model ? m->cfg.d_ff : m->cfg.d_model;
-    if (m->cfg.n_heads * m->cfg.head_dim > widest) widest = m->cfg.n_heads * m->cfg.head_dim;
-    float *host = malloc((size_t)cfg->rank * (size_t)widest * sizeof(float)); /* one A at a time, then uploaded */
+    size_t largest_a = 1; /* floats of the largest A: one at a time goes through `host`, then is uploaded */
+    for (int i = 0; a->block && i <= m->cfg.n_layers * TK_LORA_PER_LAYER; i++) {
+        const tk_lora_pair *p = i < m->cfg.n_layers * TK_LORA_PER_LAYER ? &a->layers[i] : &a->unembed;
+        size_t n = (size_t)p->a_experts * (size_t)cfg->rank * (size_t)p->in;
+        if (n > largest_a) largest_a = n;
+    }
+    float *host = malloc(largest_a * sizeof(float));
     if (!a->block || !host) {
         free(host);
         tk_adapter_release(a);
@@ -103,7 +128,7 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     for (int i = 0; i <= m->cfg.n_layers * TK_LORA_PER_LAYER; i++) { /* every layer's targets, then the unembed */
         const tk_lora_pair *p = i < m->cfg.n_layers * TK_LORA_PER_LAYER ? &a->layers[i] : &a->unembed;
         if (!p->A) continue;
-        size_t n = (size_t)cfg->rank * (size_t)p->in;
+        size_t n = (size_t)p->a_experts * (size_t)cfg->rank * (size_t)p->in;
         init_a(host, n, p->in, &rng);
         m->be->upload(m->be, p->A, host, n * sizeof(float));
     }
@@ -183,13 +208,15 @@ void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_
 
 /* ---- tensors for export ------------------------------------------------------------------------ */
 
-static int add_tensor(tk_lora_tensor *out, int n, int max, const char *name, const float *data, int rows, int cols)
+static int add_tensor(tk_lora_tensor *out, int n, int max, const char *name, const float *data, int rows, int cols,
+                      int experts)
 {
     if (n < max) {
         snprintf(out[n].name, sizeof out[n].name, "%s", name);
         out[n].data = data;
         out[n].rows = rows;
         out[n].cols = cols;
+        out[n].experts = experts;
     }
     return n + 1;
 }
@@ -203,16 +230,18 @@ int tk_adapter_tensors(const tk_adapter *a, tk_lora_tensor *out, int max)
         for (int t = 0; t < TK_LORA_PER_LAYER; t++) {
             const tk_lora_pair *p = tk_lora_at(a, l, t);
             if (!p->A) continue;
+            const tk_arch_tensor *base = tk_arch_tensor_of(c->arch, (int)tk_arch_lora_of(c->arch, t)->role);
+            int experts = base->per_expert; /* expert targets' factors are 3-D, [1 or E, rows, cols] */
             snprintf(name, sizeof name, "layers.%d.%s.lora_A", l, target_name(c, t));
-            n = add_tensor(out, n, max, name, p->A, R, p->in);
+            n = add_tensor(out, n, max, name, p->A, p->a_experts * R, p->in, experts ? p->a_experts : 0);
             snprintf(name, sizeof name, "layers.%d.%s.lora_B", l, target_name(c, t));
-            n = add_tensor(out, n, max, name, p->B, p->out, R);
+            n = add_tensor(out, n, max, name, p->B, p->b_experts * p->out, R, experts ? p->b_experts : 0);
         }
     if (a->unembed.A) {
         snprintf(name, sizeof name, "%s.lora_A", target_name(c, TK_LORA_PER_LAYER));
-        n = add_tensor(out, n, max, name, a->unembed.A, R, a->unembed.in);
+        n = add_tensor(out, n, max, name, a->unembed.A, R, a->unembed.in, 0);
         snprintf(name, sizeof name, "%s.lora_B", target_name(c, TK_LORA_PER_LAYER));
-        n = add_tensor(out, n, max, name, a->unembed.B, a->unembed.out, R);
+        n = add_tensor(out, n, max, name, a->unembed.B, a->unembed.out, R, 0);
     }
     return n;
 }

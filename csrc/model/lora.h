@@ -3,7 +3,11 @@
  *
  * y = W x + scale * B (A x), scale = alpha / R, alpha = 32, on q, k, v, o
  * (train_attn), gate, up, down (train_mlp) and the output projection
- * (train_unembed; with tied embeddings only the output side changes).
+ * (train_unembed; with tied embeddings only the output side changes). In an
+ * MoE layer train_mlp adapts every expert's gate, up and down in Tinker's
+ * shared-outer layout: expert e's delta is scale * B_e A_e where the factor
+ * touching the model width D is one matrix shared by all experts (A of gate
+ * and up [R, D], B of down [D, R]) and the other is the expert's own (moe.c).
  * A [R, in] is seeded random (kaiming-uniform, as peft), B [out, R] is zero,
  * so a fresh adapter leaves the model unchanged. Per layer the A's of q, k, v
  * (and of gate, up) are adjacent rows of one matrix (see lora.c). The block holds four arrays
@@ -21,8 +25,10 @@
 #include "../backend/backend.h"
 #include "model.h"
 
+/* The per-layer targets; a layer has either the dense MLP's gate / up / down or, in an MoE layer, the experts'
+ * (exp_*). TK_LORA_PER_LAYER counts them and also stands for the unembedding. */
 enum tk_lora_target { TK_LORA_Q, TK_LORA_K, TK_LORA_V, TK_LORA_O, TK_LORA_GATE, TK_LORA_UP, TK_LORA_DOWN,
-                      TK_LORA_PER_LAYER };
+                      TK_LORA_EXP_GATE, TK_LORA_EXP_UP, TK_LORA_EXP_DOWN, TK_LORA_PER_LAYER };
 
 typedef struct {
     int rank;          /* R, 1..256 */
@@ -31,9 +37,10 @@ typedef struct {
 } tk_lora_config;
 
 typedef struct {
-    float *A;          /* [R, in], NULL when this projection is not trained */
-    float *B;          /* [out, R] */
-    int in, out;
+    float *A;          /* [a_experts R, in], NULL when this projection is not trained (or the layer lacks it) */
+    float *B;          /* [b_experts out, R] */
+    int in, out;       /* of one expert's matrix for an expert target */
+    int a_experts, b_experts; /* 1, or E for a factor that each expert has its own of (expert targets) */
 } tk_lora_pair;
 
 typedef struct tk_adapter {
@@ -87,11 +94,13 @@ void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_
                       int ldx, const float *u, int ldu, float *dx, int lddx, float *t, int T);
 
 /* Every trained tensor, in a fixed order (the export layout): name
- * "layers.{l}.{proj}.lora_A" / "...lora_B" / "unembed.lora_A" / "unembed.lora_B". */
+ * "layers.{l}.{proj}.lora_A" / "...lora_B" / "unembed.lora_A" / "unembed.lora_B". An expert target's
+ * tensors are 3-D [experts, rows / experts, cols] (experts 1 for a shared factor); others have experts 0. */
 typedef struct {
     char name[64];
     const float *data; /* in the params array */
     int rows, cols;
+    int experts;
 } tk_lora_tensor;
 int tk_adapter_tensors(const tk_adapter *a, tk_lora_tensor *out, int max);
 

@@ -2,13 +2,18 @@
  *
  * The config is the blueprint (shape letters used throughout the engine:
  * T tokens, D model width, H query heads, Hkv kv heads, Dh head dim,
- * F MLP width, V vocab). Every matrix is a tk_weight (backend.h) that keeps
+ * F MLP width, V vocab; for mixture-of-experts models E experts, k experts
+ * per token, Fe one expert's width). Every matrix is a tk_weight (backend.h) that keeps
  * its file's storage type - a Q4_1 GGUF costs about its file size in memory -
  * and is decoded exactly to float32 inside the matmuls; vectors (norms,
  * biases) are float32. Row-major, PyTorch order ([out, in] for projections),
  * with RoPE in Hugging Face's rotate_half pairing for every architecture:
  * GGUF llama q/k rows are un-permuted at load. q, k and v (and their biases)
  * sit back to back, so one GEMM computes all three; gate and up likewise.
+ * An MoE layer keeps a router [E, D] and, per expert, its own gate|up
+ * [2Fe, D] and down [D, Fe] handles (views of the file's 3-D or per-expert
+ * tensors, still in the file's format), so a pass multiplies only the
+ * experts its tokens were routed to.
  *
  * A model is shared by every request and client on it and is immutable after
  * load; it is reference counted because queued requests keep it alive.
@@ -25,6 +30,8 @@
 
 enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 };
 
+enum { TK_MAX_MOE_LAYERS = 256, TK_MAX_EXPERTS = 1024 }; /* bounds of an MoE config (mlp_only_layers bits) */
+
 struct tk_arch; /* arch.h */
 
 typedef struct {
@@ -37,6 +44,13 @@ typedef struct {
     int rope_scaling;    /* tk_rope_scaling */
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_context;
+    /* Mixture of experts (Qwen3-MoE): layer l's MLP is a routed block of n_experts SwiGLU experts of width
+     * d_ff_expert, n_experts_used per token, when tk_model_layer_is_moe(c, l); else the dense SwiGLU of d_ff. */
+    int moe;               /* the architecture has MoE layers (n_experts > 0) */
+    int n_experts, n_experts_used, d_ff_expert;
+    int norm_topk_prob;    /* renormalise the kept probabilities to sum 1 */
+    int decoder_sparse_step; /* layer l is sparse iff (l + 1) % step == 0 ... */
+    uint64_t mlp_only_layers[TK_MAX_MOE_LAYERS / 64]; /* ... and its bit here is clear */
 } tk_model_config;
 
 typedef struct {
@@ -48,6 +62,11 @@ typedef struct {
     float *mlp_norm;       /* [D] */
     tk_weight w_gate_up;   /* [2F, D]: gate rows, then up rows */
     tk_weight w_down;      /* [D, F] */
+    /* an MoE layer (moe = 1) has these instead of w_gate_up / w_down: */
+    int moe;
+    tk_weight router;      /* [E, D] */
+    tk_weight *expert_gate_up; /* [E] handles of [2Fe, D]: expert e's gate rows, then its up rows */
+    tk_weight *expert_down;    /* [E] handles of [D, Fe] */
 } tk_layer_weights;
 
 typedef struct {
@@ -56,6 +75,7 @@ typedef struct {
     tk_weight lm_head;     /* [V, D]; the embedding's storage when tied */
     float *rope_inv_freq;  /* [Dh/2] angle per position of each rotated pair */
     tk_layer_weights *layers; /* [n_layers] */
+    tk_weight *experts;    /* [2 E] per MoE layer: the layers' expert_gate_up / expert_down point into it */
     float *block;          /* the float32 vectors above point into it */
     size_t block_floats;
     uint8_t *wblock;       /* the resident storage of every tk_weight above (backend weight_bytes each) */
@@ -86,6 +106,7 @@ typedef struct {
     const char *name;      /* the file's tensor name, for messages */
     const char *role;      /* "embed", "q", "gate", ... (tk_role_name, arch.h) */
     int layer;             /* -1 for model-wide tensors */
+    int expert;            /* the expert of an expert tensor's slice (its shape is one expert's); else -1 */
     int file;              /* index into the list of mapped files */
     uint64_t offset, nbytes;
     int type;              /* ggml type id (safetensors F32/F16/BF16 use the same ids) */
@@ -95,6 +116,8 @@ typedef struct {
 } tk_tensor_source;
 
 int tk_model_qkv_rows(const tk_model_config *cfg);
+/* 1 when layer l's MLP is the routed MoE block (Hugging Face's Qwen3-MoE rule) */
+int tk_model_layer_is_moe(const tk_model_config *cfg, int layer);
 tk_status tk_model_config_check(const tk_model_config *cfg);
 /* Publishes the token byte table (copied); a table already set is kept. */
 tk_status tk_model_set_vocab_bytes(tk_model *m, const uint32_t *offsets, const char *bytes, int n_tokens);

@@ -7,7 +7,8 @@
  * scale * B (A x), applied per adapter segment of the batch (lora.c), so
  * sequences of different adapters share one pass over the base weights.
  * Architecture deltas are config flags: q/k/v biases (Qwen2), per-head q/k
- * RMSNorm before RoPE (Qwen3).
+ * RMSNorm before RoPE (Qwen3), and the layers whose MLP is a routed mixture
+ * of experts (Qwen3-MoE: moe.c's block in place of the SwiGLU).
  *
  * The same function is prefill, the training forward and a decoding step;
  * only the batch differs (transformer.h): positions come from the batch, new
@@ -26,6 +27,7 @@
 #include <math.h>
 
 #include "../core/arena.h"
+#include "moe.h"
 
 typedef struct {
     int T, D, H, Hkv, Dh, F, QKV, R, n_layers;
@@ -88,6 +90,7 @@ typedef struct {
     int32_t *pos;               /* [T] each row's position */
     /* backward only */
     float *dx, *dh, *dqkv, *datt, *dgate_up, *dact, *t, *head_out, *head_inv, *attn_bwd_work;
+    tk_moe_scratch moe;         /* the MoE block's (nothing for a model without experts) */
 } scratch;
 
 static size_t floats_for_bytes(size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); }
@@ -129,6 +132,7 @@ static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backe
         s->head_inv = tk_arena_take(&a, T);
         s->attn_bwd_work = tk_arena_take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
     }
+    tk_moe_carve(&s->moe, &a, &m->cfg, d.T, d.R, backward);
     return a.at;
 }
 
@@ -152,7 +156,14 @@ static size_t carve_store(tk_activations *st, tk_layer_acts *layers, float *mem,
         L->lse = tk_arena_take(&a, T * d.H);
         L->x2 = tk_arena_take(&a, T * d.D);
         L->inv_rms2 = tk_arena_take(&a, T);
-        L->gate_up = tk_arena_take(&a, T * 2 * d.F);
+        if (tk_model_layer_is_moe(&m->cfg, l)) { /* the expert-sorted rows' gate|up and the router logits */
+            const tk_model_config *c = &m->cfg;
+            L->gate_up = tk_arena_take(&a, T * (size_t)c->n_experts_used * 2 * (size_t)c->d_ff_expert);
+            L->router_logits = tk_arena_take(&a, T * (size_t)c->n_experts);
+        } else {
+            L->gate_up = tk_arena_take(&a, T * 2 * d.F);
+            L->router_logits = NULL;
+        }
         L->u = tk_arena_take(&a, T * TK_LORA_PER_LAYER * d.R);
     }
     tk_activations dummy_store;
@@ -230,17 +241,6 @@ static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, 
     be->rope(be, k, QKV, T, Hkv, Dh, s->cos, s->sin, 0);
 }
 
-/* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */
-#define FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, body)                                             \
-    for (int seg_s0_ = 0; (b)->adapters && seg_s0_ < (b)->n_seqs;) {                               \
-        const tk_adapter *ad = (b)->adapters[seg_s0_];                                             \
-        int seg_s1_ = seg_s0_ + 1;                                                                 \
-        while (seg_s1_ < (b)->n_seqs && (b)->adapters[seg_s1_] == ad) seg_s1_++;                   \
-        int r0 = (b)->seq_start[seg_s0_], r1 = (b)->seq_start[seg_s1_];                            \
-        if (ad) { body }                                                                           \
-        seg_s0_ = seg_s1_;                                                                         \
-    }
-
 /* The group's LoRA terms for every adapter segment; u [T, ldu] keeps scale x A^T per target. */
 static void lora_forward(tk_backend *be, const tk_batch *b, int layer, const tk_lora_group *g, const float *x,
                          int ldx, float *u, int ldu)
@@ -309,6 +309,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         decode ? be->matmul_w_decode : be->matmul_w;
     scratch s;
     carve_scratch(&s, work, m, be, b, 0);
+    const tk_moe_pass moe = {m, be, b, decode, &s.moe};
 
     embed_tokens(s.x, m, be, b, &s);
     rope_tables(&s, m, be, b);
@@ -339,9 +340,14 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         tk_lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
         lora_forward(be, b, l, &o_g, att, H * Dh, u, U);
 
-        /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x) */
+        /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x); or the experts' (moe.c) */
         if (st) copy_block(be, st->x2, s.x, (size_t)T * D);
         be->rmsnorm(be, s.h, D, s.x, D, L->mlp_norm, T, D, c->rms_eps, st ? st->inv_rms2 : NULL);
+        if (L->moe) {
+            tk_moe_forward(&moe, l, s.x, s.h, st ? st->router_logits : s.moe.logits, st ? gate_up : s.moe.gate_up,
+                           u, U);
+            continue;
+        }
         project(be, gate_up, 2 * F, s.h, D, &L->w_gate_up, T, 1.0f, 0.0f);
         tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
         lora_forward(be, b, l, &gate_up_g, s.h, D, u, U);
@@ -390,6 +396,7 @@ void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *
     const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh;
     scratch s;
     carve_scratch(&s, work, m, be, b, 1);
+    const tk_moe_pass moe = {m, be, b, 0, &s.moe};
     rope_tables(&s, m, be, b);
 
     /* through the final norm: dx is the gradient of the residual stream from here down */
@@ -399,16 +406,20 @@ void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *
         const tk_layer_weights *L = &m->w.layers[l];
         const tk_layer_acts *st = &store->layers[l];
 
-        /* MLP block, x3 = x2 + down(act), act = silu(g) * u, [g | u] = gate_up(h), h = norm(x2) */
+        /* MLP block, x3 = x2 + down(act), act = silu(g) * u, [g | u] = gate_up(h), h = norm(x2); or the experts' */
         be->rmsnorm(be, s.h, D, st->x2, D, L->mlp_norm, T, D, c->rms_eps, NULL);
-        be->swiglu(be, s.act, st->gate_up, T, F);
-        be->matmul_w_t(be, s.dact, F, s.dx, D, &L->w_down, T, 1.0f, 0.0f);
-        tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.dx}, D};
-        lora_backward(be, b, l, &down_g, s.act, F, st->u, U, s.dact, F, s.t);
-        be->swiglu_backward(be, s.dgate_up, s.dact, st->gate_up, T, F);
-        be->matmul_w_t(be, s.dh, D, s.dgate_up, 2 * F, &L->w_gate_up, T, 1.0f, 0.0f);
-        tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {s.dgate_up, s.dgate_up + F}, 2 * F};
-        lora_backward(be, b, l, &gate_up_g, s.h, D, st->u, U, s.dh, D, s.t);
+        if (L->moe) {
+            tk_moe_backward(&moe, l, s.dh, s.dx, s.h, st->router_logits, st->gate_up, st->u, U);
+        } else {
+            be->swiglu(be, s.act, st->gate_up, T, F);
+            be->matmul_w_t(be, s.dact, F, s.dx, D, &L->w_down, T, 1.0f, 0.0f);
+            tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.dx}, D};
+            lora_backward(be, b, l, &down_g, s.act, F, st->u, U, s.dact, F, s.t);
+            be->swiglu_backward(be, s.dgate_up, s.dact, st->gate_up, T, F);
+            be->matmul_w_t(be, s.dh, D, s.dgate_up, 2 * F, &L->w_gate_up, T, 1.0f, 0.0f);
+            tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {s.dgate_up, s.dgate_up + F}, 2 * F};
+            lora_backward(be, b, l, &gate_up_g, s.h, D, st->u, U, s.dh, D, s.t);
+        }
         be->rmsnorm_backward(be, s.dx, D, s.dh, D, st->x2, D, L->mlp_norm, st->inv_rms2, T, D, 1);
 
         /* attention block, x2 = x + o(att), att = attention(qkr), qkr = rope(norm(qkv(h))), h = norm(x) */

@@ -39,6 +39,17 @@ typedef struct {
     const tk_kv_seq *kv;               /* [n_seqs], or NULL: no cache (each sequence attends to its rows) */
 } tk_batch;
 
+/* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */
+#define FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, body)                                             \
+    for (int seg_s0_ = 0; (b)->adapters && seg_s0_ < (b)->n_seqs;) {                               \
+        const tk_adapter *ad = (b)->adapters[seg_s0_];                                             \
+        int seg_s1_ = seg_s0_ + 1;                                                                 \
+        while (seg_s1_ < (b)->n_seqs && (b)->adapters[seg_s1_] == ad) seg_s1_++;                   \
+        int r0 = (b)->seq_start[seg_s0_], r1 = (b)->seq_start[seg_s1_];                            \
+        if (ad) { body }                                                                           \
+        seg_s0_ = seg_s1_;                                                                         \
+    }
+
 /* 1 when every sequence of the batch is one new token over a cache: a decoding step. */
 int tk_batch_is_decode(const tk_batch *b);
 
@@ -52,8 +63,10 @@ typedef struct {
     float *lse;        /* [T, H] log-sum-exp of each attention row */
     float *x2;         /* [T, D] after the attention residual */
     float *inv_rms2;   /* [T] of the MLP norm */
-    float *gate_up;    /* [T, 2F] */
-    float *u;          /* [T, 7R] scale * (x A^T) of q|k|v|o|gate|up|down, R the batch's largest rank */
+    float *gate_up;    /* [T, 2F]; an MoE layer: [T k, 2Fe] of its expert-sorted rows (moe.c) */
+    float *router_logits; /* [T, E] of an MoE layer, else NULL */
+    float *u;          /* [T, 10R] scale * (x A^T) of q|k|v|o|gate|up|down|exp_gate|exp_up, and in an MoE layer
+                        * exp_down's per-token sum (moe.c); R the batch's largest rank */
 } tk_layer_acts;
 
 typedef struct {

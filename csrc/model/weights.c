@@ -8,7 +8,9 @@
  * maps: matrices into tk_weight handles whose resident form the backend chooses
  * (one allocation for all of them, the file's own bytes, no float32 copy),
  * vectors (norms, biases) decoded to float32 into one small block. GGUF llama
- * q/k rows are un-permuted on the way. Missing, duplicated or misshapen tensors
+ * q/k rows are un-permuted on the way. Expert tensors arrive as one slice per
+ * expert (the Python loader cuts GGUF's and transformers' 3-D tensors), and
+ * each expert gets its own handles, views of the same file bytes. Missing, duplicated or misshapen tensors
  * are reported with the file and tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
@@ -29,27 +31,34 @@ enum {
     R_ROPE_FREQS = TK_ROLE_ROPE_FREQS, R_ATTN_NORM = TK_ROLE_ATTN_NORM, R_Q = TK_ROLE_Q, R_K = TK_ROLE_K,
     R_V = TK_ROLE_V, R_O = TK_ROLE_O, R_Q_BIAS = TK_ROLE_Q_BIAS, R_K_BIAS = TK_ROLE_K_BIAS, R_V_BIAS = TK_ROLE_V_BIAS,
     R_Q_NORM = TK_ROLE_Q_NORM, R_K_NORM = TK_ROLE_K_NORM, R_MLP_NORM = TK_ROLE_MLP_NORM, R_GATE = TK_ROLE_GATE,
-    R_UP = TK_ROLE_UP, R_DOWN = TK_ROLE_DOWN, R_COUNT = TK_ROLE_COUNT,
+    R_UP = TK_ROLE_UP, R_DOWN = TK_ROLE_DOWN, R_ROUTER = TK_ROLE_ROUTER, R_EXP_GATE = TK_ROLE_EXP_GATE,
+    R_EXP_UP = TK_ROLE_EXP_UP, R_EXP_DOWN = TK_ROLE_EXP_DOWN, R_COUNT = TK_ROLE_COUNT,
 };
 
 /* ---- where each tensor goes ------------------------------------------------ */
 
 /* Vectors (norms, biases, RoPE frequencies) are decoded to float32 into one small block; matrices become
  * tk_weight handles in their file's type. A matrix role's rows start at *row0 of its handle: q, k and v
- * stack into one [(H + 2 Hkv) Dh, D] weight and gate, up into one [2F, D], so one matmul computes them. */
+ * stack into one [(H + 2 Hkv) Dh, D] weight and gate, up into one [2F, D], so one matmul computes them;
+ * likewise each expert's gate and up slices into its own [2Fe, D]. */
 static int is_matrix(int role)
 {
     return role == R_EMBED || role == R_LM_HEAD || role == R_Q || role == R_K || role == R_V || role == R_O ||
-           role == R_GATE || role == R_UP || role == R_DOWN;
+           role == R_GATE || role == R_UP || role == R_DOWN || role == R_ROUTER || role == R_EXP_GATE ||
+           role == R_EXP_UP || role == R_EXP_DOWN;
 }
 
-static tk_weight *matrix_dst(tk_model *m, int role, int layer, int *row0)
+static tk_weight *matrix_dst(tk_model *m, int role, int layer, int expert, int *row0)
 {
     const tk_model_config *c = &m->cfg;
     int q_rows = c->n_heads * c->head_dim, kv_rows = c->n_kv_heads * c->head_dim;
     tk_layer_weights *L = layer >= 0 ? &m->w.layers[layer] : NULL;
     *row0 = 0;
     switch (role) {
+    case R_ROUTER: return &L->router;
+    case R_EXP_GATE: return &L->expert_gate_up[expert];
+    case R_EXP_UP: *row0 = c->d_ff_expert; return &L->expert_gate_up[expert];
+    case R_EXP_DOWN: return &L->expert_down[expert];
     case R_EMBED: return &m->w.embed;
     case R_LM_HEAD: return &m->w.lm_head;
     case R_Q: return &L->wqkv;
@@ -161,6 +170,29 @@ static int same_shape(const tk_tensor_source *s, tk_shape want)
 
 /* Validates one source against the config and its file; fills the job
  * (except dst). Nothing is allocated yet, so a bad file fails fast. */
+/* The flag that says a (role, layer, expert) was supplied: one per expert for expert roles. */
+static unsigned char *filled_flag(unsigned char *filled, const tk_model_config *c, int role, int layer, int expert)
+{
+    size_t slots = (size_t)(c->n_experts > 1 ? c->n_experts : 1);
+    return &filled[((size_t)(layer + 1) * R_COUNT + (size_t)role) * slots + (size_t)(expert > 0 ? expert : 0)];
+}
+
+static size_t filled_bytes(const tk_model_config *c)
+{
+    return (size_t)(c->n_layers + 1) * R_COUNT * (size_t)(c->n_experts > 1 ? c->n_experts : 1);
+}
+
+/* The shape a source of the tensor must have: one expert's slice for an expert tensor. */
+static tk_shape source_shape(const tk_arch_tensor *t, const tk_model_config *c)
+{
+    tk_shape sl = tk_arch_shape(t, c);
+    if (t->per_expert) {
+        for (int d = 1; d < sl.n_dims; d++) sl.dim[d - 1] = sl.dim[d];
+        sl.n_dims--;
+    }
+    return sl;
+}
+
 static tk_status check_source(convert_job *job, const tk_model_config *c, const tk_tensor_source *s,
                               const tk_mapped_file *files, int n_files, unsigned char *filled)
 {
@@ -173,14 +205,18 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
     if (t && (t->per_layer ? (s->layer < 0 || s->layer >= c->n_layers) : s->layer != -1))
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is for layer %d, but the config has %d layers", path,
                         s->name, s->layer, c->n_layers);
-    if (!t || !tk_arch_used(t, c))
+    if (!t || !tk_arch_used(t, c, s->layer))
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (%s) is not used by this configuration (check the config: "
-                        "tied embeddings, qkv bias, q/k norm)", path, s->name, s->role);
-    unsigned char *flag = &filled[(size_t)(s->layer + 1) * R_COUNT + (size_t)role];
-    if (*flag) return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' supplies %s of layer %d a second time", path,
-                               s->name, s->role, s->layer);
+                        "tied embeddings, qkv bias, q/k norm, which layers are mixture-of-experts)", path, s->name,
+                        s->role);
+    if (t->per_expert ? (s->expert < 0 || s->expert >= c->n_experts) : s->expert != -1)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is for expert %d, but %s", path, s->name, s->expert,
+                        t->per_expert ? "the config has fewer experts" : "its role has no experts");
+    unsigned char *flag = filled_flag(filled, c, role, s->layer, s->expert);
+    if (*flag) return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' supplies %s of layer %d%s a second time", path,
+                               s->name, s->role, s->layer, t->per_expert ? " (that expert)" : "");
     *flag = 1;
-    tk_shape sl = tk_arch_shape(t, c);
+    tk_shape sl = source_shape(t, c);
     if (!same_shape(s, sl)) return shape_error(path, s, sl);
     if (!tk_quant_is_supported(s->type))
         return tk_error(TK_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s (ggml id %u), which this engine cannot "
@@ -213,17 +249,23 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
     return TK_OK;
 }
 
-static tk_status check_complete(const tk_model_config *c, const unsigned char *filled, const char *path)
+static tk_status check_complete(const tk_model_config *c, unsigned char *filled, const char *path)
 {
     for (int layer = -1; layer < c->n_layers; layer++) {
         for (int i = 0; i < c->arch->n_tensors; i++) {
             const tk_arch_tensor *t = &c->arch->tensors[i];
             int r = (int)t->role;
-            if (t->per_layer != (layer >= 0) || !tk_arch_required(t, c)) continue;
-            if (filled[(size_t)(layer + 1) * R_COUNT + (size_t)r]) continue;
-            const char *name = tk_role_name(r);
-            if (layer < 0) return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor", path, name);
-            return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for layer %d", path, name, layer);
+            if (t->per_layer != (layer >= 0) || !tk_arch_required(t, c, layer)) continue;
+            for (int e = 0; e < (t->per_expert ? c->n_experts : 1); e++) {
+                if (*filled_flag(filled, c, r, layer, t->per_expert ? e : -1)) continue;
+                const char *name = tk_role_name(r);
+                if (layer < 0) return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor", path, name);
+                if (t->per_expert)
+                    return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for expert %d of layer %d",
+                                    path, name, e, layer);
+                return tk_error(TK_ERR_FORMAT, "%s: the model files have no %s tensor for layer %d", path, name,
+                                layer);
+            }
         }
     }
     return TK_OK;
@@ -256,35 +298,68 @@ static void convert_task(void *ctx, int task, int thread)
 
 /* ---- the matrices: parts, their resident storage and one allocation ------------------------------- */
 
-/* Every matrix handle of the model (the lm_head only when untied: tied, it is the embedding's). */
+/* Every matrix handle of the model (the lm_head only when untied: tied, it is the embedding's), into out
+ * (NULL: only count). A dense layer has its MLP's two, an MoE layer its router and two per expert. */
 static int matrices(tk_model *m, tk_weight **out)
 {
     int n = 0;
-    out[n++] = &m->w.embed;
-    if (!m->cfg.tied_embeddings) out[n++] = &m->w.lm_head;
+#define ADD(w) (out ? (void)(out[n] = (w)) : (void)0, n++)
+    ADD(&m->w.embed);
+    if (!m->cfg.tied_embeddings) ADD(&m->w.lm_head);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         tk_layer_weights *L = &m->w.layers[l];
-        out[n++] = &L->wqkv;
-        out[n++] = &L->wo;
-        out[n++] = &L->w_gate_up;
-        out[n++] = &L->w_down;
+        ADD(&L->wqkv);
+        ADD(&L->wo);
+        if (!L->moe) {
+            ADD(&L->w_gate_up);
+            ADD(&L->w_down);
+            continue;
+        }
+        ADD(&L->router);
+        for (int e = 0; e < m->cfg.n_experts; e++) {
+            ADD(&L->expert_gate_up[e]);
+            ADD(&L->expert_down[e]);
+        }
     }
+#undef ADD
     return n;
 }
 
+/* The expert handles of the MoE layers: 2 E per layer, pointed at by the layers (calloc: zero rows, no parts). */
+static tk_status place_experts(tk_model *m)
+{
+    const tk_model_config *c = &m->cfg;
+    size_t n_moe = 0;
+    for (int l = 0; l < c->n_layers; l++) n_moe += (size_t)tk_model_layer_is_moe(c, l);
+    if (!n_moe) return TK_OK;
+    m->w.experts = calloc(n_moe * 2 * (size_t)c->n_experts, sizeof *m->w.experts);
+    if (!m->w.experts) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+    tk_weight *next = m->w.experts;
+    for (int l = 0; l < c->n_layers; l++) {
+        tk_layer_weights *L = &m->w.layers[l];
+        if (!(L->moe = tk_model_layer_is_moe(c, l))) continue;
+        L->expert_gate_up = next;
+        L->expert_down = next + c->n_experts;
+        next += 2 * (size_t)c->n_experts;
+    }
+    return TK_OK;
+}
+
 /* One part per source, in row order; neighbours of the same type merge into one part. */
-static void plan_parts(tk_model *m, const convert_job *jobs, int n_jobs)
+static tk_status plan_parts(tk_model *m, const convert_job *jobs, int n_jobs)
 {
     for (int j = 0; j < n_jobs; j++) {
         if (!is_matrix(jobs[j].role)) continue;
         int row0;
-        tk_weight *w = matrix_dst(m, jobs[j].role, jobs[j].src->layer, &row0);
+        tk_weight *w = matrix_dst(m, jobs[j].role, jobs[j].src->layer, jobs[j].src->expert, &row0);
         w->cols = (int)jobs[j].row_elems;
         w->rows += (int)jobs[j].rows;
         w->part[w->n_parts++] = (tk_weight_part){(int)jobs[j].src->type, row0, (int)jobs[j].rows, NULL};
     }
-    tk_weight *all[2 + 4 * m->cfg.n_layers];
-    int n = matrices(m, all);
+    int n = matrices(m, NULL);
+    tk_weight **all = malloc((size_t)n * sizeof *all);
+    if (!all) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+    matrices(m, all);
     for (int i = 0; i < n; i++) {
         tk_weight *w = all[i];
         for (int a = 1; a < w->n_parts; a++) /* insertion sort by first row: at most 3 parts */
@@ -300,6 +375,8 @@ static void plan_parts(tk_model *m, const convert_job *jobs, int n_jobs)
         }
         w->n_parts = kept;
     }
+    free(all);
+    return TK_OK;
 }
 
 static int is_float_type(int type) { return type == TK_GGML_F32 || type == TK_GGML_F16 || type == TK_GGML_BF16; }
@@ -307,8 +384,11 @@ static int is_float_type(int type) { return type == TK_GGML_F32 || type == TK_GG
 /* Sizes every part through the backend, allocates them as one zeroed block and points the parts into it. */
 static tk_status allocate_matrices(tk_model *m, tk_backend *be, const char *path)
 {
-    tk_weight *all[2 + 4 * m->cfg.n_layers];
-    int n = matrices(m, all);
+    int n = matrices(m, NULL);
+    tk_weight **all = malloc((size_t)n * sizeof *all);
+    if (!all) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+    matrices(m, all);
+    tk_status s = TK_OK;
     size_t total = 0;
     for (int pass = 0; pass < 2; pass++) {
         size_t at = 0;
@@ -316,9 +396,11 @@ static tk_status allocate_matrices(tk_model *m, tk_backend *be, const char *path
             for (int k = 0; k < all[i]->n_parts; k++) {
                 tk_weight_part *p = &all[i]->part[k];
                 size_t bytes = be->weight_bytes(be, p->type, p->rows, all[i]->cols);
-                if (!bytes)
-                    return tk_error(TK_ERR_UNSUPPORTED, "%s: the %s backend cannot hold a [%d, %d] weight of type %s",
-                                    path, be->name, p->rows, all[i]->cols, tk_quant_type_name(p->type));
+                if (!bytes) {
+                    s = tk_error(TK_ERR_UNSUPPORTED, "%s: the %s backend cannot hold a [%d, %d] weight of type %s",
+                                 path, be->name, p->rows, all[i]->cols, tk_quant_type_name(p->type));
+                    goto done;
+                }
                 if (pass) p->data = m->w.wblock + at;
                 else if (!is_float_type(p->type)) m->w.quantized_bytes += bytes;
                 at += bytes;
@@ -326,12 +408,16 @@ static tk_status allocate_matrices(tk_model *m, tk_backend *be, const char *path
         if (pass) break;
         total = at;
         m->w.wblock = be->alloc(be, total); /* zeroed: padding rows of tiled parts decode to 0 */
-        if (!m->w.wblock)
-            return tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for the model weights", (double)total / 1e6);
+        if (!m->w.wblock) {
+            s = tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB for the model weights", (double)total / 1e6);
+            goto done;
+        }
         m->w.wblock_bytes = total;
     }
     if (m->cfg.tied_embeddings) m->w.lm_head = m->w.embed;
-    return TK_OK;
+done:
+    free(all);
+    return s;
 }
 
 /* Points each job at its destination: a vector's floats in the host mirror, or a matrix's part and row. */
@@ -344,7 +430,7 @@ static void place_jobs(tk_model *m, tk_backend *be, convert_job *jobs, int n_job
             continue;
         }
         int row0;
-        tk_weight *w = matrix_dst(m, job->role, job->src->layer, &row0);
+        tk_weight *w = matrix_dst(m, job->role, job->src->layer, job->src->expert, &row0);
         int k = 0;
         while (k + 1 < w->n_parts && w->part[k + 1].row0 <= row0) k++;
         job->be = be;
@@ -394,12 +480,13 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     float *host = NULL; /* the vectors, before their upload */
     tk_mapped_file *files = calloc((size_t)(n_paths ? n_paths : 1), sizeof *files);
     convert_job *jobs = calloc((size_t)(n_src ? n_src : 1), sizeof *jobs);
-    unsigned char *filled = calloc((size_t)(m->cfg.n_layers + 1) * R_COUNT, 1);
+    unsigned char *filled = calloc(filled_bytes(&m->cfg), 1);
     m->w.layers = calloc((size_t)m->cfg.n_layers, sizeof *m->w.layers);
     if (!files || !jobs || !filled || !m->w.layers) {
         s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
         goto done;
     }
+    if ((s = place_experts(m)) != TK_OK) goto done;
     if (n_paths < 1) {
         s = tk_error(TK_ERR_INVALID, "no model files given");
         goto done;
@@ -408,14 +495,12 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     for (int i = 0; i < n_src && s == TK_OK; i++) s = check_source(&jobs[i], &m->cfg, &src[i], files, n_paths, filled);
     if (s == TK_OK) s = check_complete(&m->cfg, filled, paths[0]);
     if (s == TK_OK) s = allocate_vectors(m, &host);
-    if (s == TK_OK) {
-        plan_parts(m, jobs, n_src);
-        s = allocate_matrices(m, be, paths[0]);
-    }
+    if (s == TK_OK) s = plan_parts(m, jobs, n_src);
+    if (s == TK_OK) s = allocate_matrices(m, be, paths[0]);
     if (s == TK_OK) {
         place_jobs(m, be, jobs, n_src, host);
         tk_pool_run(pool, n_src, convert_task, jobs);
-        compute_rope(m, host, filled[R_ROPE_FREQS]);
+        compute_rope(m, host, *filled_flag(filled, &m->cfg, R_ROPE_FREQS, -1, -1));
         be->upload(be, m->w.block, host, m->w.block_floats * sizeof(float));
         s = be->sync(be);
     }
@@ -452,6 +537,39 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
 
 int tk_model_qkv_rows(const tk_model_config *c) { return (c->n_heads + 2 * c->n_kv_heads) * c->head_dim; }
 
+int tk_model_layer_is_moe(const tk_model_config *c, int l)
+{
+    if (!c->moe || c->n_experts <= 0 || c->decoder_sparse_step <= 0 || l < 0 || l >= TK_MAX_MOE_LAYERS) return 0;
+    if ((c->mlp_only_layers[l / 64] >> (l % 64)) & 1u) return 0;
+    return (l + 1) % c->decoder_sparse_step == 0;
+}
+
+/* The mixture-of-experts fields: all zero without experts, in range with them. */
+static tk_status check_moe_config(const tk_model_config *c)
+{
+    if (!c->moe) {
+        if (c->n_experts != 0)
+            return tk_error(TK_ERR_INVALID, "model config: n_experts is %d, but the architecture has no experts",
+                            c->n_experts);
+        return TK_OK;
+    }
+    if (c->n_experts < 1 || c->n_experts > TK_MAX_EXPERTS)
+        return tk_error(TK_ERR_INVALID, "model config: n_experts is %d, expected 1 to %d", c->n_experts,
+                        TK_MAX_EXPERTS);
+    if (c->n_experts_used < 1 || c->n_experts_used > c->n_experts)
+        return tk_error(TK_ERR_INVALID, "model config: n_experts_used is %d, expected 1 to n_experts (%d)",
+                        c->n_experts_used, c->n_experts);
+    if (c->d_ff_expert <= 0)
+        return tk_error(TK_ERR_INVALID, "model config: d_ff_expert is %d, expected > 0", c->d_ff_expert);
+    if (c->decoder_sparse_step < 1)
+        return tk_error(TK_ERR_INVALID, "model config: decoder_sparse_step is %d, expected >= 1",
+                        c->decoder_sparse_step);
+    if (c->n_layers > TK_MAX_MOE_LAYERS)
+        return tk_error(TK_ERR_INVALID, "model config: %d layers; mixture-of-experts models may have at most %d",
+                        c->n_layers, TK_MAX_MOE_LAYERS);
+    return TK_OK;
+}
+
 tk_status tk_model_config_check(const tk_model_config *c)
 {
     if (!c->arch) return tk_error(TK_ERR_INVALID, "model config: no architecture");
@@ -476,7 +594,10 @@ tk_status tk_model_config_check(const tk_model_config *c)
                         "0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0");
     if (c->rope_scaling < TK_ROPE_NONE || c->rope_scaling > TK_ROPE_LLAMA3)
         return tk_error(TK_ERR_INVALID, "model config: unknown rope scaling %d", c->rope_scaling);
-    return TK_OK;
+    if (c->moe != ((c->arch->flags & TK_ARCH_MOE) != 0))
+        return tk_error(TK_ERR_INVALID, "model config: moe is %d, but architecture %s %s experts", c->moe,
+                        c->arch->name, c->moe ? "has no" : "has");
+    return check_moe_config(c);
 }
 
 tk_status tk_model_set_vocab_bytes(tk_model *m, const uint32_t *offsets, const char *bytes, int n_tokens)
@@ -523,5 +644,6 @@ void tk_model_release(tk_model *m)
         tk_backend_release(m->be);
     }
     free(m->w.layers);
+    free(m->w.experts);
     free(m);
 }

@@ -328,9 +328,20 @@ static PyObject *model_get_config(ModelObject *self, void *closure)
 {
     (void)closure;
     const tk_model_config *c = &self->model->cfg;
-    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "arch", c->arch->name, "n_layers", c->n_layers,
-                         "d_model", c->d_model, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim",
-                         c->head_dim, "d_ff", c->d_ff, "vocab_size", c->vocab_size, "max_context", c->max_context);
+    PyObject *moe_layers = PyList_New(0);
+    for (int l = 0; moe_layers && l < c->n_layers; l++) {
+        if (!tk_model_layer_is_moe(c, l)) continue;
+        PyObject *x = PyLong_FromLong(l);
+        if (!x || PyList_Append(moe_layers, x) < 0) Py_CLEAR(moe_layers);
+        Py_XDECREF(x);
+    }
+    if (!moe_layers) return NULL;
+    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:N}", "arch", c->arch->name,
+                         "n_layers", c->n_layers, "d_model", c->d_model, "n_heads", c->n_heads, "n_kv_heads",
+                         c->n_kv_heads, "head_dim", c->head_dim, "d_ff", c->d_ff, "vocab_size", c->vocab_size,
+                         "max_context", c->max_context, "n_experts", c->n_experts, "n_experts_used",
+                         c->n_experts_used, "d_ff_expert", c->d_ff_expert, "norm_topk_prob", c->norm_topk_prob,
+                         "moe_layers", moe_layers);
 }
 
 static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
@@ -421,7 +432,8 @@ static void adapter_dealloc(AdapterObject *self)
     Py_DECREF(type);
 }
 
-/* [(name, offset, rows, cols)] of every trained tensor in the params array */
+/* [(name, offset, rows, cols, shape)] of every trained tensor in the params array; shape is (rows, cols), or
+ * (experts, rows / experts, cols) for an expert target's factors */
 static PyObject *adapter_get_tensors(AdapterObject *self, void *closure)
 {
     (void)closure;
@@ -431,8 +443,10 @@ static PyObject *adapter_get_tensors(AdapterObject *self, void *closure)
     tk_adapter_tensors(self->adapter, t, n);
     PyObject *list = PyList_New(n);
     for (int i = 0; list && i < n; i++) {
-        PyObject *item = Py_BuildValue("(snii)", t[i].name, (Py_ssize_t)(t[i].data - self->adapter->block), t[i].rows,
-                                       t[i].cols);
+        PyObject *shape = t[i].experts ? Py_BuildValue("(iii)", t[i].experts, t[i].rows / t[i].experts, t[i].cols)
+                                       : Py_BuildValue("(ii)", t[i].rows, t[i].cols);
+        PyObject *item = shape ? Py_BuildValue("(sniiN)", t[i].name, (Py_ssize_t)(t[i].data - self->adapter->block),
+                                               t[i].rows, t[i].cols, shape) : NULL;
         if (!item) Py_CLEAR(list);
         else PyList_SET_ITEM(list, i, item);
     }
@@ -453,7 +467,8 @@ static PyObject *adapter_get_scale(AdapterObject *self, void *closure)
 }
 
 static PyGetSetDef adapter_getset[] = {
-    {"tensors", (getter)adapter_get_tensors, NULL, "[(name, offset, rows, cols)] of the trained LoRA tensors", NULL},
+    {"tensors", (getter)adapter_get_tensors, NULL,
+     "[(name, offset, rows, cols, shape)] of the trained LoRA tensors", NULL},
     {"n_params", (getter)adapter_get_n_params, NULL, "number of trained parameters", NULL},
     {"scale", (getter)adapter_get_scale, NULL, "alpha / rank", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -503,6 +518,29 @@ static int dict_float(PyObject *d, const char *key, float *out, int required)
     return 0;
 }
 
+/* mlp_only_layers: a list of layer indices (MoE models) whose MLP stays dense, into the config's bits. */
+static int parse_mlp_only_layers(PyObject *d, tk_model_config *c)
+{
+    PyObject *v = PyDict_GetItemString(d, "mlp_only_layers");
+    if (!v || v == Py_None) return 0;
+    PyObject *seq = PySequence_Fast(v, "model config 'mlp_only_layers' must be a list of layer indices");
+    if (!seq) return -1;
+    int ok = 1;
+    for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long layer = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (layer == -1 && PyErr_Occurred()) ok = 0;
+        else if (layer < 0 || layer >= TK_MAX_MOE_LAYERS || layer >= c->n_layers) {
+            PyErr_Format(PyExc_ValueError, "model config 'mlp_only_layers' holds %ld, not a layer of the model (0 to "
+                         "%d)", layer, (c->n_layers < TK_MAX_MOE_LAYERS ? c->n_layers : TK_MAX_MOE_LAYERS) - 1);
+            ok = 0;
+        } else {
+            c->mlp_only_layers[layer / 64] |= (uint64_t)1 << (layer % 64);
+        }
+    }
+    Py_DECREF(seq);
+    return ok ? 0 : -1;
+}
+
 static int parse_config(PyObject *d, tk_model_config *c)
 {
     memset(c, 0, sizeof *c);
@@ -529,13 +567,18 @@ static int parse_config(PyObject *d, tk_model_config *c)
         dict_float(d, "rope_factor", &c->rope_factor, 0) < 0 ||
         dict_float(d, "rope_low_freq_factor", &c->rope_low_freq_factor, 0) < 0 ||
         dict_float(d, "rope_high_freq_factor", &c->rope_high_freq_factor, 0) < 0 ||
-        dict_int(d, "rope_original_context", &c->rope_original_context, 0) < 0)
+        dict_int(d, "rope_original_context", &c->rope_original_context, 0) < 0 ||
+        dict_int(d, "moe", &c->moe, 0) < 0 || dict_int(d, "n_experts", &c->n_experts, 0) < 0 ||
+        dict_int(d, "n_experts_used", &c->n_experts_used, 0) < 0 ||
+        dict_int(d, "d_ff_expert", &c->d_ff_expert, 0) < 0 ||
+        dict_int(d, "norm_topk_prob", &c->norm_topk_prob, 0) < 0 ||
+        dict_int(d, "decoder_sparse_step", &c->decoder_sparse_step, 0) < 0)
         return -1;
-    return 0;
+    return parse_mlp_only_layers(d, c);
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
- * shape, rope_rows_interleaved); names and roles borrow the tuples' strings. */
+ * shape, rope_rows_interleaved[, expert]); names and roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -543,9 +586,10 @@ static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
         unsigned long long offset, nbytes;
         unsigned int type;
         tk_tensor_source *s = &src[i];
-        if (!PyArg_ParseTuple(item, "ssiiKKIOp;tensor source must be (name, role, layer, file, offset, nbytes, "
-                              "type, shape, rope_rows_interleaved)", &s->name, &s->role, &s->layer, &s->file, &offset,
-                              &nbytes, &type, &shape, &s->rope_rows_interleaved))
+        s->expert = -1;
+        if (!PyArg_ParseTuple(item, "ssiiKKIOp|i;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, rope_rows_interleaved[, expert])", &s->name, &s->role, &s->layer, &s->file,
+                              &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved, &s->expert))
             return -1;
         s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;

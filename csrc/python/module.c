@@ -193,9 +193,10 @@ static PyObject *shape_to_py(const tk_arch_tensor *t)
 
 static PyObject *arch_tensor_to_py(const tk_arch_tensor *t)
 {
-    return Py_BuildValue("{s:s,s:N,s:N,s:s,s:z,s:z,s:N}", "role", tk_role_name((int)t->role), "per_layer",
+    return Py_BuildValue("{s:s,s:N,s:N,s:s,s:z,s:z,s:N,s:N}", "role", tk_role_name((int)t->role), "per_layer",
                          PyBool_FromLong(t->per_layer), "shape", shape_to_py(t), "when", tk_when_name((int)t->when),
-                         "gguf", t->gguf, "hf", t->hf, "gguf_rope_rows", PyBool_FromLong(t->gguf_rope_rows));
+                         "gguf", t->gguf, "hf", t->hf, "gguf_rope_rows", PyBool_FromLong(t->gguf_rope_rows),
+                         "per_expert", PyBool_FromLong(t->per_expert));
 }
 
 static PyObject *arch_lora_to_py(const tk_arch *a, const tk_arch_lora *l)
@@ -203,9 +204,23 @@ static PyObject *arch_lora_to_py(const tk_arch *a, const tk_arch_lora *l)
     const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)l->role); /* a 2-D (or more) tensor: tk_arch_validate */
     int n = 0;
     while (n < TK_ARCH_MAX_DIMS && t->shape[n]) n++;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:s}", "name", l->name, "role", tk_role_name((int)l->role),
-                         "trained_by", tk_train_name((int)l->trained_by), "peft", l->peft, "per_layer",
-                         PyBool_FromLong(t->per_layer), "in", t->shape[n - 1], "out", t->shape[n - 2]);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:s,s:N,s:N,s:N}", "name", l->name, "role",
+                         tk_role_name((int)l->role), "trained_by", tk_train_name((int)l->trained_by), "peft", l->peft,
+                         "per_layer", PyBool_FromLong(t->per_layer), "in", t->shape[n - 1], "out", t->shape[n - 2],
+                         "per_expert", PyBool_FromLong(t->per_expert), "a_per_expert",
+                         PyBool_FromLong(l->a_per_expert), "b_per_expert", PyBool_FromLong(l->b_per_expert));
+}
+
+static PyObject *arch_fused_to_py(const tk_arch *a, int i)
+{
+    const tk_arch_fused *f = &a->fused[i];
+    PyObject *roles = PyTuple_New(f->n_roles);
+    for (int r = 0; roles && r < f->n_roles; r++) {
+        PyObject *name = PyUnicode_FromString(tk_role_name((int)f->roles[r]));
+        if (!name) Py_CLEAR(roles);
+        else PyTuple_SET_ITEM(roles, r, name);
+    }
+    return roles ? Py_BuildValue("{s:s,s:N}", "hf", f->hf, "roles", roles) : NULL;
 }
 
 /* A tuple of f(item) over n items; NULL (with the error set) when one fails. */
@@ -233,9 +248,10 @@ static PyObject *arch_to_py(const tk_arch *a)
         if (failed) Py_CLEAR(flags);
     }
     if (!flags) return NULL;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:N,s:N}", "name", a->name, "hf_model_type", a->hf_model_type,
-                         "hf_class", a->hf_class, "gguf_name", a->gguf_name, "flags", flags, "hf_config", a->hf_config,
-                         "tensors", tuple_of(a, a->n_tensors, tensor_at), "lora", tuple_of(a, a->n_lora, lora_at));
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:N,s:N,s:N}", "name", a->name, "hf_model_type",
+                         a->hf_model_type, "hf_class", a->hf_class, "gguf_name", a->gguf_name, "flags", flags,
+                         "hf_config", a->hf_config, "tensors", tuple_of(a, a->n_tensors, tensor_at), "lora",
+                         tuple_of(a, a->n_lora, lora_at), "fused", tuple_of(a, a->n_fused, arch_fused_to_py));
 }
 
 static PyObject *py_architectures(PyObject *module, PyObject *unused)

@@ -33,7 +33,9 @@
  *   matmul_w_t, on weights of extreme scales); embed bit for bit the
  *   tk_dequantize rows (NaN and infinite F16 / BF16 included).
  * - memory (alloc zeroed and 64-byte aligned, upload / download, copy_rows,
- *   sync), gather / scatter_add (repeats accumulate in order), sum_squares
+ *   sync), the MoE block's row ops (add_rows with repeated destinations and
+ *   scales, scale_rows, row_dot, zero_rows; strided, padding untouched),
+ *   gather / scatter_add (repeats accumulate in order), sum_squares
  *   (a double sum, the same for every thread count), adamw (bit for bit
  *   torch's float32 operations, and within 1e-6 of the float64 formula),
  *   rope_table (cosf / sinf of the float32 angle, within 1 ulp of float64).
@@ -157,6 +159,23 @@ static void call_copy_rows(tk_backend *be, float *const *dst, const float *const
     be->copy_rows(be, dst, src, rows, n);
 }
 static tk_status call_sync(tk_backend *be) { return be->sync(be); }
+
+/* ---- rows (the MoE block) ---- */
+
+static void call_add_rows(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows,
+                          int n)
+{
+    be->add_rows(be, dst, src, scale, rows, n);
+}
+static void call_scale_rows(tk_backend *be, mat *x, const float *scale)
+{
+    be->scale_rows(be, x->f, x->ld, scale, x->rows, x->cols);
+}
+static void call_row_dot(tk_backend *be, float *out, const mat *a, const mat *b)
+{
+    be->row_dot(be, out, a->f, a->ld, b->f, b->ld, a->rows, a->cols);
+}
+static void call_zero_rows(tk_backend *be, mat *x) { be->zero_rows(be, x->f, x->ld, x->rows, x->cols); }
 
 /* ---- indexing, the optimizer ---- */
 
@@ -1495,6 +1514,115 @@ static void test_copy_rows(tk_backend *be, rng_t *r)
     }
 }
 
+/* ==== rows: the MoE block's grouping of tokens by expert and back =================================== */
+
+static const int ROW_CASES[][3] = {{1, 1, 0}, {5, 17, 3}, {64, 577, 1}, {300, 64, 0}}; /* rows, n, pad */
+
+/* add_rows: src rows (shuffled) added into dst rows that repeat (a token gets one row per expert), with and
+ * without scales; within float rounding of the float64 sums (2 roundings per term: the product, the add) */
+static void test_add_rows(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_ADD_ROWS = {1e-30, 2.4e-7, 0}; /* relative to sum |terms| per element */
+    for (int ci = 0; ci < 4; ci++) {
+        for (int scaled = 0; scaled < 2; scaled++) {
+            int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1], dst_rows = rows / 3 + 1;
+            mat src = mat_new(rows + 2, n, n + ROW_CASES[ci][2]), dst = mat_new(dst_rows, n, n + 2);
+            mat_randn(&src, r, 1), mat_randn(&dst, r, 1);
+            float **dp = malloc((size_t)rows * sizeof *dp), *scale = fvec((size_t)rows);
+            const float **sp = malloc((size_t)rows * sizeof *sp);
+            double *want = copy_of(&dst), *mag = abs_of(&dst);
+            for (int i = 0; i < rows; i++) {
+                int d = rng_int(r, 0, dst_rows - 1), s_row = (i * 7 + 1) % (rows + 2);
+                scale[i] = scaled ? (float)rng_normal(r) : 1.0f;
+                dp[i] = dst.f + (size_t)d * dst.ld, sp[i] = src.f + (size_t)s_row * src.ld;
+                for (int j = 0; j < n; j++) {
+                    double term = (double)scale[i] * src.d[(size_t)s_row * src.ld + j];
+                    want[(size_t)d * dst.ld + j] += term;
+                    mag[(size_t)d * dst.ld + j] += fabs(term);
+                }
+            }
+            call_add_rows(be, dp, sp, scaled ? scale : NULL, rows, n);
+            char what[128];
+            snprintf(what, sizeof what, "rows=%d into %d rows, n=%d, %s", rows, dst_rows, n,
+                     scaled ? "scaled" : "scale NULL");
+            int guard = mat_guard_ok(&dst) && mat_guard_ok(&src);
+            report("add_rows", what, compare(dst.f, want, mag, dst_rows, n, dst.ld, TOL_ADD_ROWS), TOL_ADD_ROWS,
+                   guard, guard_note(guard));
+            free(dp), free(sp), free(scale), free(want), free(mag);
+            mat_free(&src), mat_free(&dst);
+        }
+    }
+}
+
+/* scale_rows: one float product per element (exact against the float64 product rounded once) */
+static void test_scale_rows(tk_backend *be, rng_t *r)
+{
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
+        mat x = mat_new(rows, n, n + ROW_CASES[ci][2]);
+        mat_randn(&x, r, 1);
+        float *scale = fvec((size_t)rows);
+        for (int i = 0; i < rows; i++) scale[i] = i % 5 == 4 ? 0.0f : (float)rng_normal(r);
+        double *want = copy_of(&x);
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < n; j++) want[(size_t)i * x.ld + j] *= scale[i];
+        call_scale_rows(be, &x, scale);
+        char what[96];
+        snprintf(what, sizeof what, "rows=%d n=%d ldx=%d (some scales 0)", rows, n, x.ld);
+        int guard = mat_guard_ok(&x);
+        report("scale_rows", what, compare(x.f, want, NULL, rows, n, x.ld, TOL_EXACT), TOL_EXACT, guard,
+               guard_note(guard));
+        free(scale), free(want);
+        mat_free(&x);
+    }
+}
+
+/* row_dot: a double sum rounded once: within half an ulp-ish of sum |a b| */
+static void test_row_dot(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_ROW_DOT = {1e-30, 1.2e-7, 0};
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
+        mat a = mat_new(rows, n, n + ROW_CASES[ci][2]), b = mat_new(rows, n, n + 5);
+        mat_randn(&a, r, 1), mat_randn(&b, r, 3);
+        float *out = fvec((size_t)rows);
+        double *want = dvec((size_t)rows), *mag = dvec((size_t)rows);
+        for (int i = 0; i < rows; i++) {
+            out[i] = NAN;
+            for (int j = 0; j < n; j++) {
+                double t = a.d[(size_t)i * a.ld + j] * b.d[(size_t)i * b.ld + j];
+                want[i] += t, mag[i] += fabs(t);
+            }
+        }
+        call_row_dot(be, out, &a, &b);
+        char what[96];
+        snprintf(what, sizeof what, "rows=%d n=%d lda=%d ldb=%d", rows, n, a.ld, b.ld);
+        report("row_dot", what, compare(out, want, mag, 1, rows, rows, TOL_ROW_DOT), TOL_ROW_DOT, 1, NULL);
+        free(out), free(want), free(mag);
+        mat_free(&a), mat_free(&b);
+    }
+}
+
+/* zero_rows: NaN rows become 0, their padding stays */
+static void test_zero_rows(tk_backend *be, rng_t *r)
+{
+    (void)r;
+    for (int ci = 0; ci < 4; ci++) {
+        int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
+        mat x = mat_new(rows, n, n + ROW_CASES[ci][2] + 1);
+        mat_fill(&x, NAN);
+        double *want = dvec((size_t)rows * x.ld);
+        call_zero_rows(be, &x);
+        char what[96];
+        snprintf(what, sizeof what, "rows=%d n=%d ldx=%d", rows, n, x.ld);
+        int guard = mat_guard_ok(&x);
+        report("zero_rows", what, compare(x.f, want, NULL, rows, n, x.ld, TOL_EXACT), TOL_EXACT, guard,
+               guard_note(guard));
+        free(want);
+        mat_free(&x);
+    }
+}
+
 /* ==== indexing (the loss's targets) ================================================================= */
 
 static const int INDEX_CASES[][4] = {{1, 1, 0, 1}, {3, 17, 3, 0}, {65, 577, 2, 1000}, {7, 50257, 5, 7}}; /* rows, cols, pad, n */
@@ -1811,6 +1939,10 @@ static const op_test OP_TESTS[] = {
     {"matmul_tn_acc", test_matmul_tn_acc},
     {"memory", test_memory}, /* alloc, free, upload, download, sync */
     {"copy_rows", test_copy_rows},
+    {"add_rows", test_add_rows},
+    {"scale_rows", test_scale_rows},
+    {"row_dot", test_row_dot},
+    {"zero_rows", test_zero_rows},
     {"gather", test_gather},
     {"scatter_add", test_scatter_add},
     {"sum_squares", test_sum_squares},

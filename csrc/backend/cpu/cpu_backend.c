@@ -320,6 +320,42 @@ static void cpu_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *ro
     for (int i = 0; i < n; i++) x[(size_t)row[i] * ldx + col[i]] += val[i];
 }
 
+/* ---- rows ------------------------------------------------------------------------------ */
+
+static void cpu_add_rows(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows,
+                         int n)
+{
+    (void)be;
+    for (int i = 0; i < rows; i++) {
+        float a = scale ? scale[i] : 1.0f, *y = dst[i];
+        const float *x = src[i];
+        for (int j = 0; j < n; j++) y[j] += a * x[j];
+    }
+}
+
+static void cpu_scale_rows(tk_backend *be, float *x, int ldx, const float *scale, int rows, int n)
+{
+    (void)be;
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < n; j++) x[(size_t)r * ldx + j] *= scale[r];
+}
+
+static void cpu_row_dot(tk_backend *be, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n)
+{
+    (void)be;
+    for (int r = 0; r < rows; r++) {
+        double sum = 0;
+        for (int j = 0; j < n; j++) sum += (double)a[(size_t)r * lda + j] * b[(size_t)r * ldb + j];
+        out[r] = (float)sum;
+    }
+}
+
+static void cpu_zero_rows(tk_backend *be, float *x, int ldx, int rows, int n)
+{
+    (void)be;
+    for (int r = 0; r < rows && n > 0; r++) memset(x + (size_t)r * ldx, 0, (size_t)n * sizeof *x);
+}
+
 /* ---- the optimizer (optim_ops.c) ------------------------------------------------------------ */
 
 static double cpu_sum_squares(tk_backend *be, const float *x, size_t n)
@@ -984,6 +1020,10 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .download = cpu_copy,
         .copy_rows = cpu_copy_rows,
         .sync = cpu_sync,
+        .add_rows = cpu_add_rows,
+        .scale_rows = cpu_scale_rows,
+        .row_dot = cpu_row_dot,
+        .zero_rows = cpu_zero_rows,
         .gather = cpu_gather,
         .scatter_add = cpu_scatter_add,
         .sum_squares = cpu_sum_squares,
