@@ -19,13 +19,18 @@ import itertools
 import json
 import threading
 import uuid
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ... import _deprecation as deprecation
 from ..._engine import LoadedModel, load_model
 from ..._exceptions import BadRequestError, NotFoundError
-from ..._futures import ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future
+from ..._futures import (
+    ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future,
+    forward_client_methods,
+)
 from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
@@ -240,6 +245,7 @@ class SamplingClient:
         return concurrent_future(pending._request,
                                  lambda: _sample_response(pending, self.sampling_session_id, extras))
 
+    @deprecation.awaitable_twin("SamplingClient", "sample")
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
                            topk_sample_logprobs: int = 0, target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0,
@@ -269,6 +275,7 @@ class SamplingClient:
             return failed_concurrent_future(e)
         return concurrent_future(pending._request, lambda: self._logprobs(pending, extras))
 
+    @deprecation.awaitable_twin("SamplingClient", "compute_logprobs")
     async def compute_logprobs_async(self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
                                      ) -> list[float | None]:
         pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
@@ -282,6 +289,7 @@ class SamplingClient:
     def get_base_model(self) -> str:
         return self._base_model
 
+    @deprecation.local_answer_twin("SamplingClient", "get_base_model")
     async def get_base_model_async(self) -> str:
         return self._base_model
 
@@ -377,7 +385,15 @@ def _rebuild_sampling_client(base_model: str, model_path: str | None, weights) -
 
 class BackcompatSamplingClientFuture(ClientFuture[SamplingClient], SamplingClient):
     """What the SamplingClient factories return: a future of the client (`.result()`, `await`) that
-    also works as the SamplingClient itself, as the factories' return value did before 0.38."""
+    also works as the SamplingClient itself, as the factories' return value did before 0.38 (with
+    0.38's FutureWarning: get the client with `.result()` or `await` first)."""
+
+    def __reduce__(self):
+        warnings.warn(deprecation.future_as_client_message("SamplingClient"), FutureWarning, stacklevel=2)
+        return self.result().__reduce__()
+
+
+forward_client_methods(BackcompatSamplingClientFuture, SamplingClient, "SamplingClient")
 
 
 def check_model_path(model_path) -> None:
