@@ -3,10 +3,11 @@
 Teaches SmolLM2-135M-Instruct Pig Latin with a LoRA adapter: builds supervised examples, trains for a
 few steps (printing the loss per completion token), samples 8 completions of a new prompt, and
 reads prompt logprobs and top-k prompt logprobs. The code is the Tinker documentation's, apart from
-the base_model name: it runs unchanged against the Tinker service too.
+the base_model name, in SDK 0.38's style (a client factory's future is resolved with `.result()` or
+`await` before use): it runs unchanged against the Tinker service too.
 
     python examples/getting_started.py            # sync API
-    python examples/getting_started.py --async    # the same flow with the *_async methods
+    python examples/getting_started.py --async    # the same flow, awaiting the same methods' futures
 """
 
 import argparse
@@ -67,7 +68,7 @@ def show_prompt_logprobs(prompt_tokens, logprobs, topk, tokenizer) -> None:
 def run_sync() -> None:
     t0 = time.perf_counter()
     service_client = tinker.ServiceClient()
-    training_client = service_client.create_lora_training_client(base_model=BASE_MODEL, rank=32)
+    training_client = service_client.create_lora_training_client(base_model=BASE_MODEL, rank=32).result()
     tokenizer = training_client.get_tokenizer()
     print(f"Loaded {BASE_MODEL} and a rank-32 LoRA adapter in {time.perf_counter() - t0:.1f} s")
 
@@ -84,7 +85,7 @@ def run_sync() -> None:
         print(f"  step {step + 1}/{STEPS}: loss per token {loss_per_token(fwdbwd_result, processed_examples):.4f}"
               f"  ({time.perf_counter() - t:.2f} s)")
 
-    sampling_client = training_client.save_weights_and_get_sampling_client()
+    sampling_client = training_client.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tokenizer.encode("English: coffee break\nPig Latin:"))
     params = types.SamplingParams(max_tokens=20, temperature=0.0, stop=["\n"])
     result = sampling_client.sample(prompt=prompt, sampling_params=params, num_samples=8).result()
@@ -108,31 +109,32 @@ def run_sync() -> None:
 async def run_async() -> None:
     t0 = time.perf_counter()
     service_client = tinker.ServiceClient()
-    training_client = await service_client.create_lora_training_client_async(base_model=BASE_MODEL, rank=32)
+    training_client = await service_client.create_lora_training_client(base_model=BASE_MODEL, rank=32)
     tokenizer = training_client.get_tokenizer()
     processed_examples = [process_example(ex, tokenizer) for ex in EXAMPLES]
     print(f"Training (async) on {len(processed_examples)} examples for {STEPS} steps")
     for step in range(STEPS):
-        fwdbwd_future = await training_client.forward_backward_async(processed_examples, "cross_entropy")
-        optim_future = await training_client.optim_step_async(types.AdamParams(learning_rate=1e-3))
+        # Both submitted before either is awaited: the optimizer step queues behind the gradients.
+        fwdbwd_future = training_client.forward_backward(processed_examples, "cross_entropy")
+        optim_future = training_client.optim_step(types.AdamParams(learning_rate=1e-3))
         fwdbwd_result = await fwdbwd_future
         await optim_future
         print(f"  step {step + 1}/{STEPS}: loss per token {loss_per_token(fwdbwd_result, processed_examples):.4f}")
 
-    sampling_client = await training_client.save_weights_and_get_sampling_client_async()
+    sampling_client = await training_client.save_weights_and_get_sampling_client()
     prompt = types.ModelInput.from_ints(tokenizer.encode("English: coffee break\nPig Latin:"))
     params = types.SamplingParams(max_tokens=20, temperature=0.0, stop=["\n"])
-    result = await sampling_client.sample_async(prompt=prompt, sampling_params=params, num_samples=8)
+    result = await sampling_client.sample(prompt=prompt, sampling_params=params, num_samples=8)
     print("8 greedy samples")
     show_samples(result, tokenizer)
-    logprobs = await sampling_client.compute_logprobs_async(prompt)
+    logprobs = await sampling_client.compute_logprobs(prompt)
     print(f"compute_logprobs: {len(logprobs)} entries, first {logprobs[0]}, sum {sum(logprobs[1:]):.3f}")
     print(f"Done in {time.perf_counter() - t0:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--async", dest="use_async", action="store_true", help="use the *_async methods")
+    parser.add_argument("--async", dest="use_async", action="store_true", help="await the futures (asyncio)")
     args = parser.parse_args()
     if args.use_async:
         asyncio.run(run_async())

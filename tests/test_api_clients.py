@@ -235,7 +235,7 @@ def test_snapshot_is_frozen(service, examples):
 
 
 def test_save_weights_name_is_deprecated(service):
-    tc = service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=1)
+    tc = service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=1).result()
     with pytest.warns(DeprecationWarning):
         tc.save_weights_and_get_sampling_client(name="x")
     with warnings.catch_warnings():
@@ -316,8 +316,9 @@ def test_info_tokenizer_capabilities(service, tokenizer):
 
 
 def test_service_client_accepts_tinker_arguments():
-    client = tinker.ServiceClient(api_key="tml-xyz", base_url="https://example.invalid", timeout=3, max_retries=1,
-                                  user_metadata={"recipe": "x"}, project_id="p")
+    with pytest.warns(FutureWarning, match="ignores unsupported arguments: max_retries, timeout"):  # as 0.38 does
+        client = tinker.ServiceClient(api_key="tml-xyz", base_url="https://example.invalid", timeout=3, max_retries=1,
+                                      user_metadata={"recipe": "x"}, project_id="p")
     assert client.user_metadata == {"recipe": "x"}
 
 

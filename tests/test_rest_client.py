@@ -530,7 +530,7 @@ def test_service_only_operations_raise_a_clear_error(service, rc, base):
     for coroutine in (rc.publish_checkpoint_from_tinker_path_async(path),
                       rc.unpublish_checkpoint_from_tinker_path_async(path), rc.get_audit_log_async(),
                       rc.assign_session_project_async("s", "p"), rc.export_session_trace_async("s"),
-                      rc.get_billing_usage_async("a", "b")):
+                      rc.get_billing_usage_async("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")):
         with pytest.raises(tinker.BadRequestError, match="local engine"):
             asyncio.run(coroutine)
     assert rc.get_weights_info_by_tinker_path(path).result().lora_rank == 2  # nothing was changed

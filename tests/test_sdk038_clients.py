@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import pickle
+import re
 import warnings
 
 import pytest
@@ -58,15 +59,29 @@ def test_training_client_future_every_way(sc, tiny_llama):
 
 
 def test_client_future_used_directly_as_the_client(sc, tiny_llama):
-    # the getting-started guide's style: no .result(); it must keep working, without warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # the getting-started guide's style: no .result(); it keeps working, with 0.38's FutureWarning at
+    # each use of the future as the client (the SDK's words)
+    with pytest.warns(FutureWarning) as record:
         tc = sc.create_lora_training_client(base_model=tiny_llama, rank=2, seed=0)
         loss = tc.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"]
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         assert tc.model_id == tc.result().model_id and tc.get_info().lora_rank == 2
         sampler = tc.save_weights_and_get_sampling_client()
         assert len(sampler.sample(prompt(), 1, PARAMS).result().sequences[0].tokens) == 3
+    messages = [str(w.message) for w in record]
+    using = ("Using the future as the {0} is deprecated; call .result() on it, or await it, to get the {0} "
+             "first")
+    assert messages == [using.format("TrainingClient")] * 2 + [
+        "Reading `.model_id` from the future returned by a client-creation method is deprecated and will stop "
+        "working in a future tinker SDK version. Call .result() on the future, or await it, to get the client first.",
+        using.format("TrainingClient"), using.format("TrainingClient"), using.format("SamplingClient")]
+    assert all(w.filename == __file__ for w in record)  # each points at the caller's line
+    # 0.38's own style (the client first) warns about nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client = tc.result()
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        assert client.save_weights_and_get_sampling_client().result().sample(prompt(), 1, PARAMS).result()
     assert tc.forward([datum()], "cross_entropy").result().metrics["loss:sum"] < loss
     # state written through the future is the client's own
     tc.some_attribute = 5
@@ -361,3 +376,186 @@ def test_validation_at_use_not_construction(sc, tiny_llama):
                .sequences[0].tokens) == 3
     with pytest.raises(tinker.BadRequestError, match="temperature"):
         sampler.sample(prompt(), 1, types.SamplingParams(max_tokens=3, temperature=-1.0)).result()
+
+
+# ---- AdminClient (0.38) -----------------------------------------------------------------------------
+
+
+def test_admin_client(tiny_llama):
+    import datetime
+
+    import pydantic
+
+    from tinker.lib.public_interfaces.rest_client import UnsupportedOperationError
+
+    admin = tinker.AdminClient()
+    assert isinstance(tinker.AdminClient(base_url="https://example.invalid", api_key="tml-x"), tinker.AdminClient)
+    with pytest.raises(ValueError, match="not both"):
+        tinker.AdminClient(tinker.ServiceClient(), api_key="tml-x")
+    empty = admin.get_current_checkpoint_storage_usage().result()
+    assert isinstance(empty, types.CurrentCheckpointStorageUsageResponse) and empty.data == []
+
+    service = tinker.ServiceClient(project_id="p1")
+    tc = service.create_lora_training_client(tiny_llama, rank=2).result()
+    tc.save_state("s").result()
+    tc.save_weights_for_sampler("w").result()
+
+    async def usage_of(project_id=None):
+        return await admin.get_current_checkpoint_storage_usage(project_id)
+
+    usage = asyncio.run(usage_of())
+    (item,) = usage.data
+    assert item.project_id == "p1" and item.checkpoint_count == 2 and item.size_bytes > 0
+    assert item.size_gigabytes == pytest.approx(item.size_bytes / 1e9)
+    assert item.estimated_monthly_cost_usd is None and usage.effective_rate_usd_per_gigabyte_month is None
+    assert asyncio.run(usage_of("p1")) == usage and asyncio.run(usage_of("p2")).data == []
+
+    # Billing and the audit log mean nothing here: the future says so, as a BadRequestError.
+    billing = admin.get_billing_usage("2026-07-13T00:00:00Z", datetime.datetime(2026, 7, 14, tzinfo=datetime.UTC))
+    assert isinstance(billing, tinker.APIFuture)
+    with pytest.raises(UnsupportedOperationError, match="get_billing_usage does not apply to the local engine"):
+        billing.result()
+    with pytest.raises(pydantic.ValidationError):  # as the SDK's request model checks them, at the call
+        admin.get_billing_usage("last week", "today")
+
+    async def audit():
+        return await admin.get_audit_log(event_type="checkpoints", day=datetime.date(2025, 1, 15))
+
+    with pytest.raises(tinker.BadRequestError, match="get_audit_log does not apply") as err:
+        asyncio.run(audit())
+    assert isinstance(err.value, NotImplementedError)
+
+    # The deprecated twins warn and give the same.
+    with pytest.warns(FutureWarning, match=r"^DEPRECATED: AdminClient.get_current_checkpoint_storage_usage_async"):
+        assert asyncio.run(admin.get_current_checkpoint_storage_usage_async("p1")) == usage
+    with pytest.warns(FutureWarning, match=r"^DEPRECATED: AdminClient.get_billing_usage_async\(\) is deprecated"):
+        with pytest.raises(UnsupportedOperationError):
+            asyncio.run(admin.get_billing_usage_async("2026-07-13T00:00:00Z", "2026-07-14T00:00:00Z"))
+    # RestClient's admin methods moved to AdminClient in 0.38: they still answer, deprecated.
+    rest = tinker.RestClient()
+    with pytest.warns(FutureWarning, match=r"Use AdminClient.get_current_checkpoint_storage_usage\(\) instead"):
+        assert rest.get_current_checkpoint_storage_usage().result() == usage
+    with pytest.warns(FutureWarning, match=r"Use AdminClient.get_audit_log\(\) instead"):
+        with pytest.raises(UnsupportedOperationError):
+            rest.get_audit_log().result()
+
+
+# ---- 0.38's deprecations ----------------------------------------------------------------------------
+
+_REMOVED = "is deprecated and will be removed in a future tinker SDK version."
+# Every deprecation 0.38 gives on a method this project also has (PEP 702's __deprecated__ holds the
+# message the call warns with), as the SDK words them.
+_DEPRECATED = {
+    **{(cls, f"{m}_async"): f"DEPRECATED: {cls}.{m}_async() {_REMOVED} Use `await {cls}.{m}(...)` instead; {m}() "
+       f"returns an APIFuture that can be awaited."
+       for cls, methods in {
+           "RestClient": [
+               "get_training_run", "get_training_run_by_tinker_path", "list_training_runs", "list_checkpoints",
+               "get_external_weights_urls", "delete_checkpoint", "delete_checkpoint_from_tinker_path", "copy_weights",
+               "publish_checkpoint_from_tinker_path", "unpublish_checkpoint_from_tinker_path",
+               "set_checkpoint_ttl_from_tinker_path", "list_user_checkpoints", "get_session", "list_sessions",
+               "assign_session_project", "export_session_trace", "get_sampler"],
+           "SamplingClient": ["sample", "compute_logprobs"],
+           "AdminClient": ["get_audit_log", "get_billing_usage", "get_current_checkpoint_storage_usage"]}.items()
+       for m in methods},
+    **{(cls, f"{m}_async"): f"DEPRECATED: {cls}.{m}_async() {_REMOVED} Use `await {cls}.{m}(...)` instead; it returns "
+       f"a future of the client that can be awaited."
+       for cls, m in [("ServiceClient", "create_lora_training_client"), ("ServiceClient", "create_sampling_client"),
+                      ("ServiceClient", "create_training_client_from_state"),
+                      ("ServiceClient", "create_training_client_from_state_with_optimizer"),
+                      ("TrainingClient", "create_sampling_client"),
+                      ("TrainingClient", "save_weights_and_get_sampling_client")]},
+    **{("TrainingClient", f"{m}_async"): f"DEPRECATED: TrainingClient.{m}_async() {_REMOVED} Use "
+       f"TrainingClient.{m}(...) instead: it returns an APIFuture that can be awaited "
+       f"(`await TrainingClient.{m}(...)`)."
+       for m in ["save_state", "save_weights_for_sampler", "save_weights_external"]},
+    ("TrainingClient", "get_info_async"): f"DEPRECATED: TrainingClient.get_info_async() {_REMOVED} Use "
+    "TrainingClient.get_info() instead; it answers from the client without a request.",
+    ("SamplingClient", "get_base_model_async"): f"DEPRECATED: SamplingClient.get_base_model_async() {_REMOVED} Use "
+    "SamplingClient.get_base_model() instead; it answers from the client without a request.",
+    ("TrainingClient", "forward_async"): f"DEPRECATED: TrainingClient.forward_async() {_REMOVED} Use "
+    "TrainingClient.forward(...) instead: it returns an APIFuture at once. Submit the requests that follow before "
+    "waiting: `fwd_future = client.forward(...); ...; await fwd_future` (or `fwd_future.result()`).",
+    ("TrainingClient", "optim_step_async"): f"DEPRECATED: TrainingClient.optim_step_async() {_REMOVED} Use "
+    "TrainingClient.optim_step(...) instead: it returns an APIFuture at once. Submit it right after forward_backward, "
+    "then wait for both: `fwd_bwd_future = client.forward_backward(...); optim_future = client.optim_step(...); "
+    "await fwd_bwd_future; await optim_future` (or `.result()` on each).",
+    **{("TrainingClient", f"{m}_async"): f"DEPRECATED: TrainingClient.{m}_async() {_REMOVED} Use "
+       f"TrainingClient.{m}(...) instead: it returns an APIFuture at once. Submit the optimizer step before "
+       f"waiting: `fwd_bwd_future = client.{m}(...); optim_future = client.optim_step(...); await fwd_bwd_future; "
+       f"await optim_future` (or `.result()` on each)." for m in ["forward_backward", "forward_backward_custom"]},
+    **{("TrainingClient", m): "DEPRECATED: TrainingClient.load_state*() is deprecated and will NOT be supported in "
+       "future tinker SDK versions. Migrate now: create a new training client from the checkpoint with "
+       "ServiceClient.create_training_client_from_state() or "
+       "ServiceClient.create_training_client_from_state_with_optimizer()."
+       for m in ["load_state", "load_state_async", "load_state_with_optimizer", "load_state_with_optimizer_async"]},
+    ("ServiceClient", "create_rest_client"): f"DEPRECATED: ServiceClient.create_rest_client() {_REMOVED} Construct "
+    "tinker.RestClient() directly instead; it takes the same base_url and api_key and needs no ServiceClient.",
+    ("ServiceClient", "get_server_capabilities"): f"DEPRECATED: ServiceClient.get_server_capabilities() {_REMOVED} "
+    "Use tinker.RestClient().get_server_capabilities() instead; it returns an APIFuture: call .result() on it, or "
+    "await it. RestClient needs no ServiceClient.",
+    ("ServiceClient", "get_server_capabilities_async"): f"DEPRECATED: ServiceClient.get_server_capabilities_async() "
+    f"{_REMOVED} Use `await tinker.RestClient().get_server_capabilities()` instead; RestClient needs no ServiceClient.",
+    **{("RestClient", m): f"DEPRECATED: RestClient.{m}() {_REMOVED} Use AdminClient.{m}() instead; AdminClient is "
+       f"constructed the same way as RestClient."
+       for m in ["get_audit_log", "get_billing_usage", "get_current_checkpoint_storage_usage"]},
+    **{("RestClient", f"{m}_async"): f"DEPRECATED: RestClient.{m}_async() {_REMOVED} Use `await AdminClient.{m}(...)` "
+       f"instead; AdminClient is constructed the same way as RestClient, and {m}() returns an APIFuture that can be "
+       f"awaited." for m in ["get_audit_log", "get_billing_usage", "get_current_checkpoint_storage_usage"]},
+}
+
+
+def test_every_0_38_deprecation_is_marked_with_the_sdks_words():
+    marked = {}
+    for cls in (tinker.ServiceClient, tinker.TrainingClient, tinker.SamplingClient, tinker.RestClient,
+                tinker.AdminClient):
+        for name, member in vars(cls).items():
+            if getattr(member, "__deprecated__", None) is not None:
+                marked[cls.__name__, name] = member.__deprecated__
+    assert marked == _DEPRECATED
+    # and nothing else: the calls 0.38 recommends are not marked
+    assert not hasattr(tinker.TrainingClient.forward_backward, "__deprecated__")
+    assert not hasattr(tinker.SamplingClient.sample, "__deprecated__")
+
+
+def test_deprecated_calls_warn_and_keep_working(sc, tiny_llama):
+    tc = sc.create_lora_training_client(tiny_llama, rank=2, seed=0).result()
+
+    def warns(key):
+        return pytest.warns(FutureWarning, match=f"^{re.escape(_DEPRECATED[key])}$")
+
+    async def train():
+        with warns(("TrainingClient", "forward_backward_async")):
+            fwd_bwd = await tc.forward_backward_async([datum()], "cross_entropy")  # still 2 awaits
+        with warns(("TrainingClient", "optim_step_async")):
+            optim = await tc.optim_step_async(types.AdamParams(learning_rate=1e-2))
+        return (await fwd_bwd).metrics["loss:sum"], await optim
+
+    loss, _ = asyncio.run(train())
+    assert loss > 0
+    path = tc.save_state("s").result().path
+    with warns(("TrainingClient", "load_state")):
+        assert tc.load_state(path).result().path == path
+    with warns(("ServiceClient", "create_rest_client")) as record:
+        rest = sc.create_rest_client()
+    assert isinstance(rest, tinker.RestClient) and record[0].filename == __file__  # the caller's line
+    with warns(("RestClient", "list_checkpoints_async")):
+        assert [c.tinker_path for c in asyncio.run(rest.list_checkpoints_async(tc.model_id)).checkpoints] == [path]
+    with warns(("ServiceClient", "get_server_capabilities")):
+        assert sc.get_server_capabilities().supported_models
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    with warns(("SamplingClient", "sample_async")):
+        response = asyncio.run(sampler.sample_async(prompt(), 1, PARAMS))
+    assert response.sequences[0].tokens == sampler.sample(prompt(), 1, PARAMS).result().sequences[0].tokens
+    with warns(("ServiceClient", "create_sampling_client_async")):
+        assert isinstance(asyncio.run(sc.create_sampling_client_async(base_model=tiny_llama)), tinker.SamplingClient)
+    with pytest.warns(FutureWarning, match=re.escape(
+            "ServiceClient ignores unsupported arguments: retries, timeout. Passing them will be an error in a "
+            "future version of the Tinker SDK.")):
+        tinker.ServiceClient(timeout=3, retries=2)
+    # Making a training client from a checkpoint loads it without a load_state warning of its own.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = sc.create_training_client_from_state_with_optimizer(path).result()
+        assert resumed.get_info().lora_rank == 2
+        sc.copy_weights(path).result()  # (through a RestClient, without create_rest_client's warning)

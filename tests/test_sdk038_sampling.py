@@ -9,6 +9,7 @@ position, within 1e-4 absolute.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -141,3 +142,98 @@ def test_sample_request_and_response_types():
     resp = types.SampleResponse(sequences=[seq], prompt_logprobs_np=np.array([np.nan, -2.0], np.float32))
     assert resp.prompt_logprobs == [None, -2.0] and resp.target_prompt_logprobs is None
     assert types.TopkLogprobs is types.TopkPromptLogprobs
+
+
+# ---- sampler handles (0.33+) -------------------------------------------------------------------
+
+GREEDY = types.SamplingParams(max_tokens=5, temperature=0.0, stop=[])
+
+
+def _trained(service, model_name):
+    """A training client whose adapter is far from zero (its samples differ from the base model's)."""
+    tc = service.create_lora_training_client(model_name, rank=4, seed=3).result()
+    tokens = [5, 17, 3, 44, 9, 12, 30, 31, 32, 33]
+    d = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 9})
+    for _ in range(4):
+        tc.forward_backward([d], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-2))
+    return tc
+
+
+def _same_weights(a, b):
+    np.testing.assert_array_equal(a.compute_logprobs(PROMPT).result()[1:], b.compute_logprobs(PROMPT).result()[1:])
+    assert a.sample(PROMPT, 1, GREEDY).result().sequences[0].tokens == \
+        b.sample(PROMPT, 1, GREEDY).result().sequences[0].tokens
+
+
+def test_sampler_handle_in_process(service, model_name, store):
+    import gc
+    import pickle
+
+    tc = _trained(service, model_name)
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    base = service.create_sampling_client(base_model=model_name).result()
+    frozen = sampler.compute_logprobs(PROMPT).result()
+    assert not np.allclose(frozen[1:], base.compute_logprobs(PROMPT).result()[1:], atol=1e-3)
+
+    handle = sampler.get_sampler_handle()
+    assert isinstance(handle, str) and handle == sampler.get_sampler_handle()
+    restored = tinker.SamplingClient.from_sampler_handle(handle)
+    again = tinker.SamplingClient.from_sampler_handle(handle, api_key="tml-unused")
+    assert isinstance(restored, tinker.SamplingClient) and restored is not sampler
+    assert restored.record_stability_info and restored.get_base_model() == model_name
+    _same_weights(restored, sampler)
+    _same_weights(again, sampler)
+    # Training on does not reach the snapshot the handle names, nor does dropping the original client.
+    tc.forward_backward([types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                                     loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0] * 3})],
+                        "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    del sampler, again
+    gc.collect()
+    late = tinker.SamplingClient.from_sampler_handle(handle)
+    np.testing.assert_array_equal(late.compute_logprobs(PROMPT).result()[1:], frozen[1:])
+    copy = pickle.loads(pickle.dumps(late))  # a client from a handle pickles like any other
+    np.testing.assert_array_equal(copy.compute_logprobs(PROMPT).result()[1:], frozen[1:])
+    # The future a factory returns hands out the same kind of handle.
+    fut = tc.save_weights_and_get_sampling_client()
+    _same_weights(tinker.SamplingClient.from_sampler_handle(fut.result().get_sampler_handle()), fut.result())
+
+    with pytest.raises(ValueError, match="sampler handle"):
+        tinker.SamplingClient.from_sampler_handle("not-a-handle")
+
+
+def test_sampler_handle_in_another_process(service, model_name, store):
+    import os
+    import subprocess
+    import sys
+
+    tc = _trained(service, model_name)
+    path = tc.save_weights_for_sampler("handle").result().path
+    saved = service.create_sampling_client(model_path=path).result()
+    base = service.create_sampling_client(base_model=model_name).result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    script = (
+        "import json, sys, tinker\n"
+        "from tinker import types\n"
+        "prompt = types.ModelInput.from_ints(json.loads(sys.argv[1]))\n"
+        "out = []\n"
+        "for handle in sys.argv[2:4]:\n"
+        "    client = tinker.SamplingClient.from_sampler_handle(handle)\n"
+        "    out.append(client.compute_logprobs(prompt).result()[1:])\n"
+        "try:\n"
+        "    tinker.SamplingClient.from_sampler_handle(sys.argv[4])\n"
+        "except tinker.NotFoundError as e:\n"
+        "    out.append(str(e))\n"
+        "print(json.dumps(out))\n"
+    )
+    handles = [saved.get_sampler_handle(), base.get_sampler_handle(), snapshot.get_sampler_handle()]
+    run = subprocess.run([sys.executable, "-c", script, str(PROMPT.to_ints()), *handles], capture_output=True,
+                         text=True, timeout=300, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved_lp, base_lp, error = json.loads(run.stdout.splitlines()[-1])
+    np.testing.assert_allclose(saved_lp, saved.compute_logprobs(PROMPT).result()[1:], atol=1e-6)
+    np.testing.assert_allclose(base_lp, base.compute_logprobs(PROMPT).result()[1:], atol=1e-6)
+    assert not np.allclose(saved_lp, base_lp, atol=1e-3)
+    assert "pickle" in error and "save_weights_for_sampler" in error

@@ -42,7 +42,7 @@ from ._exceptions import (  # noqa: E402
 from ._options import RequestOptions, Timeout  # noqa: E402
 from .lib.experimental import ExperimentalWarning  # noqa: E402
 from .lib.public_interfaces import (  # noqa: E402
-    APIFuture, BackcompatSamplingClientFuture, BackcompatTrainingClientFuture, LossHandle, PerDatumLossFn,
+    AdminClient, APIFuture, BackcompatSamplingClientFuture, BackcompatTrainingClientFuture, LossHandle, PerDatumLossFn,
     RestClient, SamplingClient, ServiceClient, TrainingClient,
 )
 from .types import (  # noqa: E402
@@ -57,7 +57,7 @@ from .types import (  # noqa: E402
 
 __all__ = [
     "ServiceClient", "TrainingClient", "BackcompatTrainingClientFuture", "SamplingClient",
-    "BackcompatSamplingClientFuture", "RestClient", "APIFuture", "auth", "Timeout", "RequestOptions",
+    "BackcompatSamplingClientFuture", "RestClient", "AdminClient", "APIFuture", "auth", "Timeout", "RequestOptions",
     "AdamParams", "Checkpoint", "CheckpointType", "Datum", "DmelChunk", "EncodedTextChunk", "ForwardBackwardOutput",
     "LoraConfig", "ModelID", "ModelInput", "ModelInputChunk", "OptimStepRequest", "OptimStepResponse",
     "ParsedCheckpointTinkerPath", "SampledSequence", "SampleRequest", "SampleResponse", "SamplingParams",

@@ -30,11 +30,15 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
+import inspect
 import select
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Generic, TypeVar
 
+from ._deprecation import future_as_client, reading_from_client_future
 from ._engine import get_engine
 from ._exceptions import BadRequestError, RequestFailedError
 from .types import RequestErrorCategory
@@ -343,7 +347,7 @@ class ClientFuture(APIFuture[T]):
     since 0.38 (`create_lora_training_client(...)`, `save_weights_and_get_sampling_client()`, ...).
 
     0.38 code calls `.result()` or awaits it; older code, and the getting-started guide, use it as
-    the client directly. A subclass pairs this class with the client class (see
+    the client directly, which keeps working with 0.38's FutureWarning (forward_client_methods). A subclass pairs this class with the client class (see
     BackcompatTrainingClientFuture), so the client's methods are its methods and isinstance checks
     hold. It keeps no client state of its own: every instance attribute those methods read or
     write is the finished client's (waiting for it if need be), so the two views never diverge.
@@ -365,6 +369,8 @@ class ClientFuture(APIFuture[T]):
         # Only reached for names not found on the class: the client's instance attributes.
         if name == "_source":  # not set up (e.g. a bare copy): nothing to delegate to
             raise AttributeError(name)
+        if not name.startswith("_"):  # deprecated in 0.38, as the client's methods are (forward_client_methods)
+            warnings.warn(reading_from_client_future(name), FutureWarning, stacklevel=2)
         return getattr(self._source.result(), name)
 
     def __setattr__(self, name: str, value) -> None:
@@ -377,6 +383,29 @@ class ClientFuture(APIFuture[T]):
             return repr(self._source.result())
         except Exception as e:  # noqa: BLE001 - a failed creation shows its error
             return f"<{type(self).__name__}: failed: {e!r}>"
+
+
+def forward_client_methods(future_cls: type, client_cls: type, what: str) -> None:
+    """Gives `future_cls` (a ClientFuture paired with `client_cls`) each public method of the
+    client, run on the finished client (waiting for it), with the FutureWarning 0.38 gives for
+    using the future as the client. Sync methods wait with `.result()`, async ones await the
+    client."""
+    warn = future_as_client(what)
+    for name, member in vars(client_cls).items():
+        if name.startswith("_") or not callable(member) or isinstance(member, (staticmethod, classmethod, type)):
+            continue
+        setattr(future_cls, name, warn(_forwarder(name, inspect.iscoroutinefunction(inspect.unwrap(member)), member)))
+
+
+def _forwarder(name: str, is_async: bool, member: Callable) -> Callable:
+    if is_async:
+        async def forward(self, *args, **kwargs):
+            return await getattr(await self.result_async(), name)(*args, **kwargs)
+    else:
+        def forward(self, *args, **kwargs):
+            return getattr(self.result(), name)(*args, **kwargs)
+    functools.update_wrapper(forward, member)  # the client method's name, doc and signature
+    return forward
 
 
 _creator: concurrent.futures.ThreadPoolExecutor | None = None

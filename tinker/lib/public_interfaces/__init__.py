@@ -1,6 +1,7 @@
 """The public clients, at the import paths Tinker's SDK uses (e.g.
 `from tinker.lib.public_interfaces import APIFuture`)."""
 
+from .admin_client import AdminClient
 from .api_future import APIFuture, AwaitableConcurrentFuture
 from .custom_loss import LossHandle, PerDatumLossFn
 from .rest_client import RestClient
@@ -9,6 +10,7 @@ from .service_client import ServiceClient
 from .training_client import BackcompatTrainingClientFuture, TrainingClient
 
 __all__ = [
-    "APIFuture", "AwaitableConcurrentFuture", "BackcompatSamplingClientFuture", "BackcompatTrainingClientFuture",
+    "AdminClient", "APIFuture", "AwaitableConcurrentFuture", "BackcompatSamplingClientFuture",
+    "BackcompatTrainingClientFuture",
     "LossHandle", "PerDatumLossFn", "RestClient", "SamplingClient", "ServiceClient", "TrainingClient",
 ]  # fmt: skip

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from ... import _checkpoints as ckpt
+from ... import _deprecation as deprecation
 from ..._exceptions import BadRequestError, NotFoundError
 from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
@@ -508,10 +509,8 @@ _publish = _unsupported("publish_checkpoint_from_tinker_path",
                         f"get_checkpoint_archive_url_from_tinker_path, instead")
 _unpublish = _unsupported("unpublish_checkpoint_from_tinker_path",
                           f"{_LOCAL}; nothing is ever published (control access with file permissions)")
-_audit_log = _unsupported("get_audit_log", "there is no service, so there is no audit log of its accesses")
 _assign_project = _unsupported("assign_session_project", "there are no service projects locally")
 _export_trace = _unsupported("export_session_trace", "the local engine records no service-side session traces")
-_billing = _unsupported("get_billing_usage", "running locally is not billed")
 
 
 # ---- the client ----------------------------------------------------------------------------------
@@ -546,6 +545,7 @@ class RestClient:
         """The run's base model, LoRA rank, user metadata and latest checkpoints."""
         return _completed(_training_run, training_run_id)
 
+    @deprecation.awaitable_twin("RestClient", "get_training_run")
     async def get_training_run_async(self, training_run_id: str, access_scope: AccessScope = "owned") -> TrainingRun:
         return await asyncio.to_thread(_training_run, training_run_id)
 
@@ -554,6 +554,7 @@ class RestClient:
         """The training run a checkpoint path belongs to."""
         return _completed(lambda: _training_run(ckpt.parse_path(tinker_path)[0]))
 
+    @deprecation.awaitable_twin("RestClient", "get_training_run_by_tinker_path")
     async def get_training_run_by_tinker_path_async(self, tinker_path: str, access_scope: AccessScope = "owned"
                                                     ) -> TrainingRun:
         return await asyncio.to_thread(lambda: _training_run(ckpt.parse_path(tinker_path)[0]))
@@ -567,6 +568,7 @@ class RestClient:
         checkpoint, keyed by file name (`<file>.age` when it was saved for age recipients)."""
         return _completed(_at, tinker_path, _external_urls)
 
+    @deprecation.awaitable_twin("RestClient", "get_external_weights_urls")
     async def get_external_weights_urls_async(self, tinker_path: str) -> ExternalWeightsUrlsResponse:
         return await asyncio.to_thread(_at, tinker_path, _external_urls)
 
@@ -575,6 +577,7 @@ class RestClient:
         """Runs, most recently used first; `cursor.total_count` counts them all."""
         return _completed(_list_training_runs, limit, offset)
 
+    @deprecation.awaitable_twin("RestClient", "list_training_runs")
     async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned",
                                        project_id: str | None = None) -> TrainingRunsResponse:
         return await asyncio.to_thread(_list_training_runs, limit, offset)
@@ -585,6 +588,7 @@ class RestClient:
         """The run's live checkpoints of both kinds, newest first."""
         return _completed(_list_checkpoints, training_run_id)
 
+    @deprecation.awaitable_twin("RestClient", "list_checkpoints")
     async def list_checkpoints_async(self, training_run_id: str) -> CheckpointsListResponse:
         return await asyncio.to_thread(_list_checkpoints, training_run_id)
 
@@ -593,6 +597,7 @@ class RestClient:
         """Checkpoints of every run, newest first, one page of them."""
         return _completed(_list_user_checkpoints, limit, offset)
 
+    @deprecation.awaitable_twin("RestClient", "list_user_checkpoints")
     async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> CheckpointsListResponse:
         return await asyncio.to_thread(_list_user_checkpoints, limit, offset)
 
@@ -617,12 +622,14 @@ class RestClient:
         """Deletes the checkpoint (and its archive); NotFoundError if there is none."""
         return _completed(_by_id, training_run_id, checkpoint_id, _delete)
 
+    @deprecation.awaitable_twin("RestClient", "delete_checkpoint")
     async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
         await asyncio.to_thread(_by_id, training_run_id, checkpoint_id, _delete)
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> ConcurrentAPIFuture[None]:
         return _completed(_at, tinker_path, _delete)
 
+    @deprecation.awaitable_twin("RestClient", "delete_checkpoint_from_tinker_path")
     async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         await asyncio.to_thread(_at, tinker_path, _delete)
 
@@ -631,6 +638,7 @@ class RestClient:
         """Makes the checkpoint expire `ttl_seconds` from now; None keeps it forever."""
         return _completed(_at, tinker_path, _set_ttl, ttl_seconds)
 
+    @deprecation.awaitable_twin("RestClient", "set_checkpoint_ttl_from_tinker_path")
     async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
         await asyncio.to_thread(_at, tinker_path, _set_ttl, ttl_seconds)
 
@@ -638,6 +646,7 @@ class RestClient:
         """Not available locally: raises UnsupportedOperationError (a BadRequestError)."""
         return _completed(_publish)
 
+    @deprecation.awaitable_twin("RestClient", "publish_checkpoint_from_tinker_path")
     async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         _publish()
 
@@ -645,6 +654,7 @@ class RestClient:
         """Not available locally: raises UnsupportedOperationError (a BadRequestError)."""
         return _completed(_unpublish)
 
+    @deprecation.awaitable_twin("RestClient", "unpublish_checkpoint_from_tinker_path")
     async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         _unpublish()
 
@@ -657,18 +667,21 @@ class RestClient:
             destination_project_id = os.environ.get("TINKER_PROJECT_ID") or None
         return _completed(_copy_weights, path, destination_project_id, ttl_seconds)
 
+    @deprecation.awaitable_twin("RestClient", "copy_weights")
     async def copy_weights_async(self, path: str, destination_project_id: str | None = None, *,
                                  ttl_seconds: int | None = None, weights_access_token: str | None = None) -> str:
         return await self.copy_weights(path, destination_project_id, ttl_seconds=ttl_seconds)
 
+    @deprecation.moved_to_admin("get_current_checkpoint_storage_usage")
     def get_current_checkpoint_storage_usage(self, project_id: str | None = None
                                              ) -> ConcurrentAPIFuture[CurrentCheckpointStorageUsageResponse]:
-        """Live checkpoints and their size, one entry per project (no cost: nothing is billed)."""
-        return _completed(_storage_usage, project_id)
+        """Deprecated (0.38): AdminClient.get_current_checkpoint_storage_usage, which this calls."""
+        return self._admin_client().get_current_checkpoint_storage_usage(project_id)
 
+    @deprecation.moved_to_admin_twin("get_current_checkpoint_storage_usage")
     async def get_current_checkpoint_storage_usage_async(self, project_id: str | None = None
                                                          ) -> CurrentCheckpointStorageUsageResponse:
-        return await asyncio.to_thread(_storage_usage, project_id)
+        return await self._admin_client().get_current_checkpoint_storage_usage(project_id)
 
     # ---- sessions, samplers, user ----------------------------------------------------------
 
@@ -683,6 +696,7 @@ class RestClient:
         recorded locally, so `sampler_ids` is empty."""
         return _completed(_get_session, session_id, self._session_id)
 
+    @deprecation.awaitable_twin("RestClient", "get_session")
     async def get_session_async(self, session_id: str, access_scope: AccessScope = "owned") -> GetSessionResponse:
         return await asyncio.to_thread(_get_session, session_id, self._session_id)
 
@@ -691,6 +705,7 @@ class RestClient:
         """Sessions that saved checkpoints, most recently active first."""
         return _completed(_list_sessions, limit, offset)
 
+    @deprecation.awaitable_twin("RestClient", "list_sessions")
     async def list_sessions_async(self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned"
                                   ) -> ListSessionsResponse:
         return await asyncio.to_thread(_list_sessions, limit, offset)
@@ -699,6 +714,7 @@ class RestClient:
         """Always NotFoundError: live sampling clients are objects in their process, not registered."""
         return _completed(_get_sampler, sampler_id)
 
+    @deprecation.awaitable_twin("RestClient", "get_sampler")
     async def get_sampler_async(self, sampler_id: str) -> GetSamplerResponse:
         return _get_sampler(sampler_id)
 
@@ -711,29 +727,42 @@ class RestClient:
 
     # ---- service-only ----------------------------------------------------------------------
 
-    def get_audit_log(self, event_type: str = "all", day=None) -> ConcurrentAPIFuture:
-        return _completed(_audit_log)
+    def _admin_client(self):
+        from .admin_client import AdminClient
 
+        return AdminClient(self.holder)
+
+    @deprecation.moved_to_admin("get_audit_log")
+    def get_audit_log(self, event_type: str = "all", day=None) -> ConcurrentAPIFuture:
+        """Deprecated (0.38): AdminClient.get_audit_log, which this calls (UnsupportedOperationError)."""
+        return self._admin_client().get_audit_log(event_type, day)
+
+    @deprecation.moved_to_admin_twin("get_audit_log")
     async def get_audit_log_async(self, event_type: str = "all", day=None):
-        _audit_log()
+        return await self._admin_client().get_audit_log(event_type, day)
 
     def assign_session_project(self, session_id: str, project_id: str) -> ConcurrentAPIFuture:
         return _completed(_assign_project)
 
+    @deprecation.awaitable_twin("RestClient", "assign_session_project")
     async def assign_session_project_async(self, session_id: str, project_id: str):
         _assign_project()
 
     def export_session_trace(self, session_id: str) -> ConcurrentAPIFuture:
         return _completed(_export_trace)
 
+    @deprecation.awaitable_twin("RestClient", "export_session_trace")
     async def export_session_trace_async(self, session_id: str):
         _export_trace()
 
+    @deprecation.moved_to_admin("get_billing_usage")
     def get_billing_usage(self, starting_on, ending_before) -> ConcurrentAPIFuture:
-        return _completed(_billing)
+        """Deprecated (0.38): AdminClient.get_billing_usage, which this calls (UnsupportedOperationError)."""
+        return self._admin_client().get_billing_usage(starting_on, ending_before)
 
+    @deprecation.moved_to_admin_twin("get_billing_usage")
     async def get_billing_usage_async(self, starting_on, ending_before):
-        _billing()
+        return await self._admin_client().get_billing_usage(starting_on, ending_before)
 
     def get_telemetry(self):
         return None

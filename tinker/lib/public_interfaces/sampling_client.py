@@ -5,21 +5,32 @@ also a `concurrent.futures.Future`, as they returned before; their `*_async` twi
 after a single await. Requests from many clients and coroutines
 on the same model and weights are batched by the engine into shared decode steps.
 
-A SamplingClient pickles, so it can be handed to worker processes. A base-model client pickles as
+A SamplingClient pickles, so it can be handed to worker processes, and `get_sampler_handle()` names
+its sampler in a string for `SamplingClient.from_sampler_handle` (see there for where a handle works). A base-model client pickles as
 its model name. A snapshot client pickles as its LoRA config and weights (a few MB), and the copy
 in the other process loads the base model and rebuilds the snapshot there.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
+import json
+import threading
+import uuid
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ... import _deprecation as deprecation
 from ..._engine import LoadedModel, bool_arg, int_arg, load_model
-from ..._exceptions import BadRequestError
-from ..._futures import ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future
+from ..._exceptions import BadRequestError, NotFoundError
+from ..._futures import (
+    ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future,
+    forward_client_methods,
+)
 from ..._restore import sampling_adapter
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
@@ -233,6 +244,7 @@ class SamplingClient:
         return concurrent_future(pending._request,
                                  lambda: _sample_response(pending, self.sampling_session_id, extras))
 
+    @deprecation.awaitable_twin("SamplingClient", "sample")
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
                            topk_sample_logprobs: int = 0, target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0,
@@ -262,6 +274,7 @@ class SamplingClient:
             return failed_concurrent_future(e)
         return concurrent_future(pending._request, lambda: self._logprobs(pending, extras))
 
+    @deprecation.awaitable_twin("SamplingClient", "compute_logprobs")
     async def compute_logprobs_async(self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
                                      ) -> list[float | None]:
         pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
@@ -275,8 +288,60 @@ class SamplingClient:
     def get_base_model(self) -> str:
         return self._base_model
 
+    @deprecation.local_answer_twin("SamplingClient", "get_base_model")
     async def get_base_model_async(self) -> str:
         return self._base_model
+
+    # ---- handles (0.33+) ---------------------------------------------------------------
+
+    def get_sampler_handle(self) -> str:
+        """A string that names this client's sampler: `SamplingClient.from_sampler_handle(handle)`
+        makes another client on the same weights, any number of times. It carries no credentials
+        (none are used here) and no weights.
+
+        A sampler on saved weights (a tinker:// model_path) or on a base model can be rebuilt from
+        its handle in any process that sees the same checkpoint store ($TINKER_HOME). A snapshot
+        from `save_weights_and_get_sampling_client()` lives in this process only: its handle keeps
+        it in memory for the rest of the process (as the service keeps a session's samplers), and
+        other processes get the client itself by pickling it."""
+        state = {"sampling_session_id": self.sampling_session_id, "base_model": self._base_model,
+                 "model_path": self._model_path, "record_stability_info": self.record_stability_info}
+        if self._snapshot is not None:
+            with _handles_lock:
+                _handle_samplers.setdefault(self.sampling_session_id,
+                                            (self._model, self._snapshot, self._lora_config))
+            state["process"] = _PROCESS
+        return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
+
+    @staticmethod
+    def from_sampler_handle(handle: str, *, api_key: str | None = None) -> "SamplingClient":
+        """A new SamplingClient on the sampler that `handle` (from `get_sampler_handle`) names.
+        `api_key` is accepted for the SDK's signature and not used (no credentials here)."""
+        try:
+            state = json.loads(base64.urlsafe_b64decode(handle.encode() if isinstance(handle, str) else handle))
+            session_id, base_model = state["sampling_session_id"], state["base_model"]
+            model_path = state.get("model_path")
+        except (AttributeError, TypeError, KeyError, ValueError, binascii.Error):
+            raise ValueError(f"not a sampler handle (from SamplingClient.get_sampler_handle()): {handle!r:.80}") from None
+        with _handles_lock:
+            live = _handle_samplers.get(session_id)
+        if live is not None:  # this process's own sampler: the same weights, not a copy
+            model, snapshot, lora_config = live
+            client = SamplingClient(None, sampling_session_id=session_id, base_model=base_model, model=model,
+                                    snapshot=snapshot, lora_config=lora_config, model_path=model_path)
+        elif model_path is not None:
+            client = SamplingClient._for_path(None, model_path)
+            client.sampling_session_id = session_id
+        elif "process" not in state:
+            client = SamplingClient._for_base(None, base_model)
+            client.sampling_session_id = session_id
+        else:
+            where = "this process" if state["process"] == _PROCESS else "the process that made the handle"
+            raise NotFoundError(f"sampler {session_id} (a snapshot from save_weights_and_get_sampling_client) "
+                                f"lives only in {where}'s memory; to sample from it in another process, pickle "
+                                f"the SamplingClient or save the weights with save_weights_for_sampler")
+        client.record_stability_info = bool(state.get("record_stability_info", False))
+        return client
 
     # ---- pickling ----------------------------------------------------------------------
 
@@ -285,6 +350,13 @@ class SamplingClient:
         if self._snapshot is not None and self._model_path is None:  # an ephemeral snapshot travels by value
             weights = (self._lora_config, self._snapshot.parameters())
         return (_rebuild_sampling_client, (self._base_model, self._model_path, weights))
+
+
+# Snapshot samplers that a handle names (sampling_session_id -> model, snapshot, LoRA config): they
+# stay in memory for the rest of the process, so a handle never outlives its weights.
+_handle_samplers: dict[str, tuple] = {}
+_handles_lock = threading.Lock()
+_PROCESS = uuid.uuid4().hex  # names this process in the handles it gives out
 
 
 def _new_sampler_id(holder) -> str:
@@ -306,7 +378,15 @@ def _rebuild_sampling_client(base_model: str, model_path: str | None, weights) -
 
 class BackcompatSamplingClientFuture(ClientFuture[SamplingClient], SamplingClient):
     """What the SamplingClient factories return: a future of the client (`.result()`, `await`) that
-    also works as the SamplingClient itself, as the factories' return value did before 0.38."""
+    also works as the SamplingClient itself, as the factories' return value did before 0.38 (with
+    0.38's FutureWarning: get the client with `.result()` or `await` first)."""
+
+    def __reduce__(self):
+        warnings.warn(deprecation.future_as_client_message("SamplingClient"), FutureWarning, stacklevel=2)
+        return self.result().__reduce__()
+
+
+forward_client_methods(BackcompatSamplingClientFuture, SamplingClient, "SamplingClient")
 
 
 def check_model_path(model_path) -> None:

@@ -23,6 +23,7 @@ import warnings
 from typing import Any, Literal, Mapping
 
 from ... import _checkpoints as ckpt
+from ... import _deprecation as deprecation
 from ..._engine import load_model
 from ..._exceptions import BadRequestError
 from ..._futures import APIFuture, DoneFuture, background_work_done, in_background
@@ -57,8 +58,7 @@ class ServiceClient:
                  display_name: str | None = None, base_url: str | None = None, api_key: str | None = None,
                  default_headers_overrides: Mapping[str, str] | None = None, **kwargs: Any):
         if kwargs:
-            warnings.warn(f"ServiceClient ignores unsupported arguments: {', '.join(sorted(kwargs))}",
-                          FutureWarning, stacklevel=2)
+            warnings.warn(deprecation.unknown_service_arguments(kwargs), FutureWarning, stacklevel=2)
         self.user_metadata = dict(user_metadata or {})
         self.project_id = project_id if project_id is not None else (os.environ.get("TINKER_PROJECT_ID") or None)
         self.display_name = display_name
@@ -107,10 +107,12 @@ class ServiceClient:
 
     # ---- capabilities ------------------------------------------------------------------
 
+    @deprecation.GET_SERVER_CAPABILITIES
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
         """The base models that load here (no downloads), with their context lengths."""
         return server_capabilities()
 
+    @deprecation.GET_SERVER_CAPABILITIES_ASYNC
     async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
         return await asyncio.to_thread(server_capabilities)
 
@@ -141,6 +143,7 @@ class ServiceClient:
             self._new_training_client, seq_id, base_model, rank, seed, train_mlp, train_attn, train_unembed,
             user_metadata, optimizer))
 
+    @deprecation.client_factory_twin("ServiceClient", "create_lora_training_client")
     async def create_lora_training_client_async(self, base_model: str, rank: int = 32, seed: int | None = None,
                                                 train_mlp: bool = True, train_attn: bool = True,
                                                 train_unembed: bool = True,
@@ -166,6 +169,7 @@ class ServiceClient:
         return BackcompatSamplingClientFuture(in_background(
             lambda: SamplingClient._for_base(self, base_model)._recording(record_stability_info)))
 
+    @deprecation.client_factory_twin("ServiceClient", "create_sampling_client")
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
                                            retry_config=None, record_stability_info: bool = False) -> SamplingClient:
         return await self.create_sampling_client(model_path, base_model, retry_config, record_stability_info)
@@ -193,8 +197,7 @@ class ServiceClient:
             raise BadRequestError(f"{path}: the adapter does not name its base model; pass base_model=")
         client = self._new_training_client(seq_id, base, config.rank, None, config.train_mlp, config.train_attn,
                                            config.train_unembed, user_metadata, optimizer)
-        load = client.load_state_with_optimizer if with_optimizer else client.load_state
-        load(path).result()
+        client._load(path, with_optimizer).result()
         return client
 
     def _submit_from_state(self, path, base_model, user_metadata, with_optimizer,
@@ -214,6 +217,7 @@ class ServiceClient:
         starts afresh."""
         return self._submit_from_state(path, base_model, user_metadata, with_optimizer=False, optimizer=optimizer)
 
+    @deprecation.client_factory_twin("ServiceClient", "create_training_client_from_state")
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
                                                       user_metadata: dict[str, str] | None = None,
                                                       weights_access_token: str | None = None,
@@ -228,6 +232,7 @@ class ServiceClient:
         """As create_training_client_from_state, also restoring the Adam moments and step (resuming)."""
         return self._submit_from_state(path, base_model, user_metadata, with_optimizer=True)
 
+    @deprecation.client_factory_twin("ServiceClient", "create_training_client_from_state_with_optimizer")
     async def create_training_client_from_state_with_optimizer_async(
             self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
             weights_access_token: str | None = None) -> TrainingClient:
@@ -239,9 +244,12 @@ class ServiceClient:
                      weights_access_token: str | None = None) -> APIFuture[str]:
         """Copies a checkpoint into a new training run (in a new session) of this client's project;
         the future gives the copy's tinker:// path."""
-        return self.create_rest_client().copy_weights(path, self.project_id, ttl_seconds=ttl_seconds,
-                                                      weights_access_token=weights_access_token)
+        from .rest_client import RestClient
 
+        return RestClient(self).copy_weights(path, self.project_id, ttl_seconds=ttl_seconds,
+                                             weights_access_token=weights_access_token)
+
+    @deprecation.CREATE_REST_CLIENT
     def create_rest_client(self):
         """A RestClient over the local checkpoint store: list, inspect and delete runs and checkpoints."""
         from .rest_client import RestClient

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ... import _checkpoints as ckpt
+from ... import _deprecation as deprecation
 from ... import _restore as restore
 from ..._engine import bool_arg
 from ..._exceptions import BadRequestError, TinkerError
 from ..._futures import (
-    APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, in_background,
+    APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, forward_client_methods,
+    in_background,
 )
 from ..._training import EXP_AVG, EXP_AVG_SQ, PARAMS, LoraAdapter, optim_metrics
 from ...types import (
@@ -108,6 +110,7 @@ class TrainingClient:
         """The loss and per-token logprobs under the current weights; gradients are untouched."""
         return self._submit(data, loss_fn, loss_fn_config, backward=False)
 
+    @deprecation.train_op_twin("forward")
     async def forward_async(self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
                             ) -> APIFuture[ForwardBackwardOutput]:
         return self.forward(data, loss_fn, loss_fn_config)
@@ -117,6 +120,7 @@ class TrainingClient:
         """The loss (summed over tokens and datums) and its gradients, added to the adapter's."""
         return self._submit(data, loss_fn, loss_fn_config, backward=True)
 
+    @deprecation.train_op_twin("forward_backward")
     async def forward_backward_async(self, data: list[Datum], loss_fn: str,
                                      loss_fn_config: dict[str, float] | None = None
                                      ) -> APIFuture[ForwardBackwardOutput]:
@@ -233,6 +237,7 @@ class TrainingClient:
         threading.Thread(target=run, name="tinker-custom-loss", daemon=True).start()
         return BackgroundFuture(result)
 
+    @deprecation.train_op_twin("forward_backward_custom")
     async def forward_backward_custom_async(self, data: list[Datum], loss_fn: Callable, *,
                                             loss_type_input: str | None = None) -> APIFuture[ForwardBackwardOutput]:
         return self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
@@ -264,6 +269,7 @@ class TrainingClient:
             return DoneFuture(error=e)
         return EngineFuture(request, lambda: OptimStepResponse(metrics=optim_metrics(request, params.learning_rate)))
 
+    @deprecation.train_op_twin("optim_step")
     async def optim_step_async(self, optim_params: "AdamParams | DimuonParams | None" = None, *,
                                adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         return self.optim_step(optim_params, adam_params=adam_params)
@@ -295,6 +301,7 @@ class TrainingClient:
         return BackcompatSamplingClientFuture(EngineFuture(
             request, lambda: self._sampling_client(request.result())._recording(record_stability_info)))
 
+    @deprecation.client_factory_twin("TrainingClient", "save_weights_and_get_sampling_client")
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config=None,
                                                          record_stability_info: bool = False,
                                                          kind: SamplingClientKind = "snapshot") -> "SamplingClient":
@@ -345,6 +352,7 @@ class TrainingClient:
         is listed back in the Checkpoint records."""
         return self._save("weights", name, ttl_seconds, overwrite, SaveWeightsResponse, user_metadata)
 
+    @deprecation.save_twin("TrainingClient", "save_state")
     async def save_state_async(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                                user_metadata: dict[str, str] | None = None) -> APIFuture[SaveWeightsResponse]:
         return self.save_state(name, ttl_seconds, overwrite, user_metadata)
@@ -356,6 +364,7 @@ class TrainingClient:
         Saving under an existing name replaces it."""
         return self._save("sampler_weights", name, ttl_seconds, True, SaveWeightsForSamplerResponse, user_metadata)
 
+    @deprecation.save_twin("TrainingClient", "save_weights_for_sampler")
     async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
                                              user_metadata: dict[str, str] | None = None
                                              ) -> APIFuture[SaveWeightsForSamplerResponse]:
@@ -374,6 +383,7 @@ class TrainingClient:
             return DoneFuture(error=e)
         return self._save("external_weights", name, ttl_seconds, True, SaveWeightsExternalResponse, encrypt=encrypt)
 
+    @deprecation.save_twin("TrainingClient", "save_weights_external")
     async def save_weights_external_async(self, name: str, ttl_seconds: int | None = None,
                                           age_encryption_recipients: list[str] | None = None
                                           ) -> APIFuture[SaveWeightsExternalResponse]:
@@ -390,23 +400,27 @@ class TrainingClient:
         request = self._adapter.submit_write_all(*state, notify=True)
         return EngineFuture(request, lambda: LoadWeightsResponse(path=path, model_id=self.model_id))
 
+    @deprecation.LOAD_STATE
     def load_state(self, path: str, weights_access_token: str | None = None) -> APIFuture[LoadWeightsResponse]:
         """Loads the weights saved at `path` (a tinker:// path, or a PEFT adapter directory), at this
         call's place in the queue. The optimizer starts afresh: zero moments, step 0, no gradients."""
         return self._load(path, with_optimizer=False)
 
+    @deprecation.LOAD_STATE
     async def load_state_async(self, path: str, weights_access_token: str | None = None
                                ) -> APIFuture[LoadWeightsResponse]:
-        return self.load_state(path)
+        return self._load(path, with_optimizer=False)
 
+    @deprecation.LOAD_STATE
     def load_state_with_optimizer(self, path: str, weights_access_token: str | None = None
                                   ) -> APIFuture[LoadWeightsResponse]:
         """Loads the weights and the Adam moments and step saved by save_state at `path`."""
         return self._load(path, with_optimizer=True)
 
+    @deprecation.LOAD_STATE
     async def load_state_with_optimizer_async(self, path: str, weights_access_token: str | None = None
                                               ) -> APIFuture[LoadWeightsResponse]:
-        return self.load_state_with_optimizer(path)
+        return self._load(path, with_optimizer=True)
 
     def create_sampling_client(self, model_path: str, retry_config=None,
                                record_stability_info: bool = False) -> "BackcompatSamplingClientFuture":
@@ -417,6 +431,7 @@ class TrainingClient:
         return BackcompatSamplingClientFuture(in_background(
             lambda: SamplingClient._for_path(self.holder, model_path)._recording(record_stability_info)))
 
+    @deprecation.client_factory_twin("TrainingClient", "create_sampling_client")
     async def create_sampling_client_async(self, model_path: str, retry_config=None,
                                            record_stability_info: bool = False) -> "SamplingClient":
         return await self.create_sampling_client(model_path, retry_config, record_stability_info)
@@ -430,6 +445,7 @@ class TrainingClient:
             model_id=self.model_id, is_lora=True, lora_rank=self._adapter.rank, model_name=self._base_model,
             optimizer_config=self._optimizer)
 
+    @deprecation.local_answer_twin("TrainingClient", "get_info")
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()
 
@@ -471,13 +487,14 @@ class _CustomOutput(APIFuture[ForwardBackwardOutput]):
 
 
 def _check_loss_type_input(loss_type_input: str | None) -> None:
-    """Deprecated in 0.38: the loss always receives logprobs."""
+    """Deprecated in 0.38 (the SDK's words): the loss always receives logprobs."""
     if loss_type_input is None:
         return
-    warnings.warn("forward_backward_custom(loss_type_input=...) is deprecated: the loss always receives logprobs; "
-                  "remove the argument", DeprecationWarning, stacklevel=3)
+    warnings.warn("The 'loss_type_input' parameter of forward_backward_custom() is deprecated: the loss always "
+                  "receives logprobs. This parameter will be removed in a future release; remove it from your call.",
+                  DeprecationWarning, stacklevel=3)
     if loss_type_input != "logprobs":
-        raise ValueError(f"loss_type_input must be 'logprobs', got {loss_type_input!r}")
+        raise ValueError(f"Unsupported loss_type_input={loss_type_input!r}. Supported values are: logprobs")
 
 
 def _check_metadata(user_metadata) -> dict[str, str] | None:
@@ -553,15 +570,21 @@ def _age_encryptor(recipients):
 
 
 def _warn_name(name) -> None:
-    if name is not None:
-        warnings.warn("save_weights_and_get_sampling_client(name=...) is deprecated and ignored: the snapshot is "
-                      "ephemeral; use save_weights_for_sampler(name) for a named checkpoint",
+    if name is not None:  # the SDK's words
+        warnings.warn("The 'name' parameter of save_weights_and_get_sampling_client() is deprecated and has no effect "
+                      "\u2014 checkpoints are always ephemeral. This parameter will be removed in a future release. "
+                      "Remove the 'name' argument from your call. If you need a persistent checkpoint, use "
+                      "save_weights_for_sampler(name=...) + create_sampling_client(model_path=...) instead.",
                       DeprecationWarning, stacklevel=3)
 
 
 class BackcompatTrainingClientFuture(ClientFuture[TrainingClient], TrainingClient):
     """What the TrainingClient factories return: a future of the client (`.result()`, `await`) that
-    also works as the TrainingClient itself, as the factories' return value did before 0.38."""
+    also works as the TrainingClient itself, as the factories' return value did before 0.38 (with
+    0.38's FutureWarning: get the client with `.result()` or `await` first)."""
+
+
+forward_client_methods(BackcompatTrainingClientFuture, TrainingClient, "TrainingClient")
 
 
 __all__ = ["TrainingClient", "BackcompatTrainingClientFuture"]
