@@ -119,3 +119,59 @@ def test_requests_queued_during_a_decode_join_it_and_finish_on_their_own(model, 
     assert_same(got, alone)
     assert_same([(None, first.result())], [run(model, [long], together=False)[0]])
 
+
+
+@pytest.fixture
+def sampler(tiny_llama):
+    import tinker
+
+    return tinker.ServiceClient().create_sampling_client(base_model=tiny_llama).result()
+
+
+LONG = dict(max_tokens=1000, temperature=1.0, stop=[])
+
+
+def test_cancelling_a_sample_future_stops_it_and_frees_its_slot(sampler):
+    import concurrent.futures
+
+    from tinker import types
+
+    long = sampler.sample(types.ModelInput.from_ints(PROMPTS[0]), 64, types.SamplingParams(**LONG))
+    time.sleep(0.005)
+    short = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3))
+    assert long.cancel() and long.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        long.result()
+    assert len(short.result().sequences[0].tokens) == 3
+    # the engine stopped it between steps (it finished cancelled, not after its 64 000 tokens)
+    with pytest.raises(InterruptedError, match="cancelled"):
+        long._request.result()
+    assert not short.cancel()  # a finished future cannot be cancelled
+    out = sampler.sample(types.ModelInput.from_ints(PROMPTS[2]), 2, types.SamplingParams(max_tokens=4)).result()
+    assert [len(s.tokens) for s in out.sequences] == [4, 4]
+
+
+def test_cancelling_the_awaiting_task_cancels_the_request(sampler):
+    import asyncio
+
+    from tinker import types
+
+    async def main():
+        started = {}
+
+        async def sample_long():
+            future = sampler.sample(types.ModelInput.from_ints(PROMPTS[0]), 64, types.SamplingParams(**LONG))
+            started["future"] = future._request
+            return await future
+
+        task = asyncio.create_task(sample_long())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(InterruptedError, match="cancelled"):
+            await asyncio.to_thread(started["future"].result)
+        out = await sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=2))
+        assert len(out.sequences[0].tokens) == 2
+
+    asyncio.run(main())

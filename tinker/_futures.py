@@ -423,12 +423,38 @@ def in_background(fn: Callable[..., T], *args) -> AwaitableConcurrentFuture[T]:
     return AwaitableConcurrentFuture(_creator.submit(fn, *args))
 
 
-def concurrent_future(request, convert: Callable[[], T]) -> ConcurrentAPIFuture[T]:
-    """The future `sample` returns, completed when `request` finishes."""
-    out: ConcurrentAPIFuture = ConcurrentAPIFuture()
-    out.set_running_or_notify_cancel()
+class CancellableFuture(ConcurrentAPIFuture[T]):
+    """The future of a sample or compute_logprobs request: `cancel()` (or cancelling the asyncio task that
+    awaits it) stops the request between decoding steps and frees its place in the batch for others."""
+
+    def __init__(self, request):
+        super().__init__()
+        self._request = request
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()  # False once the result is in
+        if cancelled:
+            self._request.cancel()
+        return cancelled
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        try:
+            return await _await_concurrent(self, timeout)
+        except asyncio.CancelledError:
+            self.cancel()  # the awaiting task was cancelled: nobody wants this result
+            raise
+
+
+def concurrent_future(request, convert: Callable[[], T], cancellable: bool = False) -> ConcurrentAPIFuture[T]:
+    """The future `sample` returns, completed when `request` finishes; a `cancellable` one stays pending
+    until then, so `cancel()` works on it (concurrent.futures cannot cancel a running future)."""
+    out: ConcurrentAPIFuture = CancellableFuture(request) if cancellable else ConcurrentAPIFuture()
+    if not cancellable:
+        out.set_running_or_notify_cancel()
 
     def complete():
+        if cancellable and not out.set_running_or_notify_cancel():
+            return  # cancelled: the request stopped (or finished unread)
         try:
             out.set_result(convert())
         except Exception as e:  # noqa: BLE001 - delivered through the future

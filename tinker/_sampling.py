@@ -13,6 +13,7 @@ SamplingParams ignores unknown fields, so code using them stays portable).
 
 from __future__ import annotations
 
+import concurrent.futures
 import secrets
 from dataclasses import dataclass
 
@@ -84,6 +85,8 @@ class PendingSample:
                 raw = self._request.result()
             except ValueError as e:
                 raise BadRequestError(str(e)) from e
+            except InterruptedError as e:  # the engine's TK_ERR_CANCELLED
+                raise concurrent.futures.CancelledError(str(e)) from e
             seqs = [_sequence(*item) for item in raw["sequences"]]
             prompt_lp = raw["prompt_logprobs"]
             if prompt_lp is not None:

@@ -21,6 +21,7 @@
 struct tk_request {
     uint64_t id;
     atomic_int refcount;
+    atomic_int cancelled;
     int notify;
     tk_request_fn run;
     tk_batch_fn run_batch;   /* with batch_key: runs with its queued neighbours */
@@ -66,6 +67,7 @@ tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn 
     tk_request *req = calloc(1, sizeof *req);
     if (!req) return NULL;
     atomic_init(&req->refcount, 1);
+    atomic_init(&req->cancelled, 0);
     req->run = run;
     req->payload = payload;
     req->free_payload = free_payload;
@@ -97,6 +99,10 @@ void tk_request_release(tk_request *req)
 }
 
 void *tk_request_payload(tk_request *req) { return req->payload; }
+
+void tk_request_cancel(tk_request *req) { atomic_store(&req->cancelled, 1); }
+
+const atomic_int *tk_request_cancel_flag(tk_request *req) { return &req->cancelled; }
 
 int tk_request_done(tk_request *req)
 {

@@ -15,6 +15,7 @@
 #ifndef TK_ENGINE_H
 #define TK_ENGINE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -85,5 +86,10 @@ int tk_request_done(tk_request *req);
 /* Valid once done: the status and, on failure, the message. */
 tk_status tk_request_status(const tk_request *req, const char **message);
 void *tk_request_payload(tk_request *req);
+/* Asks a request to stop: the kinds that can stop early (sampling) check the flag and finish with
+ * TK_ERR_CANCELLED, freeing what they held; the others run to completion (training is never half-applied). */
+void tk_request_cancel(tk_request *req);
+/* The flag a payload may keep to check (valid as long as the request). */
+const atomic_int *tk_request_cancel_flag(tk_request *req);
 
 #endif

@@ -18,6 +18,7 @@ typedef enum {
     TK_ERR_UNSUPPORTED = 4, /* valid, but not implemented (tensor type, rope kind) */
     TK_ERR_NOMEM = 5,       /* an allocation failed */
     TK_ERR_INTERNAL = 6,    /* a broken invariant inside the engine */
+    TK_ERR_CANCELLED = 7,   /* the submitter cancelled the request */
 } tk_status;
 
 #if defined(__GNUC__)

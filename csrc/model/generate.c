@@ -28,6 +28,7 @@ typedef struct {
     int group_requests, group_prompts; /* its cohort: requests admitted with it, distinct prompts prefilled */
     int joined;                        /* 1: it joined a decode already running */
     int remaining;                     /* samples still decoding (it finishes at 0) */
+    const atomic_int *cancelled;       /* its request's cancel flag */
     int32_t *tokens;          /* [num_samples, max_tokens] */
     float *logprobs;          /* [num_samples, max_tokens] */
     int32_t *sample_topk_ids; /* [num_samples, max_tokens, topk_sample] or NULL */
@@ -289,6 +290,17 @@ static void cohort_release(session *S, cohort *co)
     cohort_free(S->exec->backend, co);
 }
 
+static int is_cancelled(const sample_payload *sp) { return atomic_load(sp->cancelled); }
+
+/* A cancelled request finishes at once, with TK_ERR_CANCELLED (once: its other sequences find it finished). */
+static void finish_cancelled(tk_exec *exec, sample_payload *sp)
+{
+    if (sp->remaining < 0) return;
+    sp->remaining = -1;
+    tk_error(TK_ERR_CANCELLED, "sample: cancelled");
+    tk_exec_finish(exec, sp, TK_ERR_CANCELLED);
+}
+
 /* A request is finished when its last sample is: its waiters wake now, whatever else still decodes. */
 static void sequence_done(session *S, sequence *q)
 {
@@ -406,6 +418,33 @@ done:
     return status;
 }
 
+/* Drops the live sequences of cancelled requests: their slots and caches are free for the requests waiting. */
+static void drop_cancelled(session *S)
+{
+    int still = 0;
+    for (int j = 0; j < S->n_live; j++) {
+        sequence *q = &S->seqs[S->live[j]];
+        if (!is_cancelled(q->req)) {
+            S->live[still++] = S->live[j];
+            continue;
+        }
+        finish_cancelled(S->exec, q->req);
+        cohort_release(S, q->co);
+    }
+    S->n_live = still;
+}
+
+/* Moves the cancelled requests of reqs[0..n) out (finishing them); returns how many are left. */
+static int without_cancelled(tk_exec *exec, sample_payload **reqs, int n)
+{
+    int kept = 0;
+    for (int r = 0; r < n; r++) {
+        if (is_cancelled(reqs[r])) finish_cancelled(exec, reqs[r]);
+        else reqs[kept++] = reqs[r];
+    }
+    return kept;
+}
+
 /* One decoding step of every live sequence: one token each. */
 static void step(session *S)
 {
@@ -457,6 +496,7 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     sample_payload **reqs = (sample_payload **)payloads;
     session S;
     tk_status status = session_init(&S, reqs[0]->model, exec);
+    n_req = without_cancelled(exec, reqs, n_req);
     for (int first = 0; status == TK_OK && first < n_req;) { /* the popped requests, as many as fit at once */
         int last = first + 1, seqs = reqs[first]->p.num_samples;
         while (last < n_req && seqs + reqs[last]->p.num_samples <= SESSION_SEQUENCES - S.n_live)
@@ -475,10 +515,12 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
         int room = SESSION_SEQUENCES - S.n_live;
         while (n_joined < TK_MAX_BATCH && (joined[n_joined] = tk_exec_join(exec, fits, &room)) != NULL)
             room -= joined[n_joined++]->p.num_samples;
+        n_joined = without_cancelled(exec, joined, n_joined);
         if (n_joined > 0) {
             tk_status s = admit(&S, joined, n_joined);
             for (int r = 0; s != TK_OK && r < n_joined; r++) tk_exec_finish(exec, joined[r], s);
         }
+        drop_cancelled(&S);
         if (S.n_live > 0) step(&S);
     }
     session_free(&S);
@@ -563,6 +605,7 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
     }
     memcpy(sp->prompt, prompt, P * sizeof *prompt);
     sp->prompt_len = prompt_len;
+    sp->cancelled = tk_request_cancel_flag(req);
     sp->p = *p;
     if (sp->p.topk_sample > m->cfg.vocab_size) sp->p.topk_sample = m->cfg.vocab_size; /* the rows allocated */
     memcpy(sp->stop_ids, stop_ids, (size_t)n_stop_ids * sizeof *stop_ids);

@@ -116,6 +116,13 @@ static PyObject *request_done(RequestObject *self, PyObject *unused)
     return PyBool_FromLong(tk_request_done(self->req));
 }
 
+static PyObject *request_cancel(RequestObject *self, PyObject *unused)
+{
+    (void)unused;
+    tk_request_cancel(self->req);
+    Py_RETURN_NONE;
+}
+
 /* The float results a finished request exports: pointer, rows, cols. */
 static const float *request_floats(RequestObject *self, Py_ssize_t *rows, Py_ssize_t *cols)
 {
@@ -289,6 +296,9 @@ static PyMethodDef request_methods[] = {
     {"wait", (PyCFunction)request_wait, METH_VARARGS,
      "wait(timeout=None) -> bool: block (GIL released, Ctrl-C honoured) until done or timeout"},
     {"done", (PyCFunction)request_done, METH_NOARGS, "done() -> bool"},
+    {"cancel", (PyCFunction)request_cancel, METH_NOARGS,
+     "cancel(): ask the request to stop (sampling stops between decoding steps and frees its slot; training "
+     "requests run to completion)"},
     {"result", (PyCFunction)request_result, METH_NOARGS,
      "result(): wait, then return the Model (load) or the [T, V] float32 logits (forward); raises on failure"},
     {NULL, NULL, 0, NULL},

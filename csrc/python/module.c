@@ -16,6 +16,7 @@ PyObject *tk_py_raise(tk_status status, const char *message)
     case TK_ERR_IO: type = PyExc_OSError; break;
     case TK_ERR_FORMAT: case TK_ERR_INVALID: case TK_ERR_UNSUPPORTED: type = PyExc_ValueError; break;
     case TK_ERR_NOMEM: type = PyExc_MemoryError; break;
+    case TK_ERR_CANCELLED: type = PyExc_InterruptedError; break; /* the Python side turns it into CancelledError */
     default: break;
     }
     /* messages may quote bytes from a corrupt file: decode leniently */

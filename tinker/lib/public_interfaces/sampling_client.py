@@ -13,6 +13,8 @@ in the other process loads the base model and rebuilds the snapshot there.
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import binascii
 import itertools
@@ -242,7 +244,7 @@ class SamplingClient:
         except BadRequestError as e:
             return failed_concurrent_future(e)
         return concurrent_future(pending._request,
-                                 lambda: _sample_response(pending, self.sampling_session_id, extras))
+                                 lambda: _sample_response(pending, self.sampling_session_id, extras), cancellable=True)
 
     @deprecation.awaitable_twin("SamplingClient", "sample")
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
@@ -253,8 +255,8 @@ class SamplingClient:
                               target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
         pending = self._submit(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
                                topk_sample_logprobs=topk_sample_logprobs)
-        return await EngineFuture(pending._request,
-                                  lambda: _sample_response(pending, self.sampling_session_id, extras)).result_async()
+        return await _cancel_when_cancelled(pending, EngineFuture(
+            pending._request, lambda: _sample_response(pending, self.sampling_session_id, extras)))
 
     def _submit_logprobs(self, prompt, last_n) -> tuple[PendingSample, dict]:
         extras = self._extras(prompt, None, True, 0, None, 0, last_n)
@@ -272,13 +274,14 @@ class SamplingClient:
             pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
         except BadRequestError as e:
             return failed_concurrent_future(e)
-        return concurrent_future(pending._request, lambda: self._logprobs(pending, extras))
+        return concurrent_future(pending._request, lambda: self._logprobs(pending, extras), cancellable=True)
 
     @deprecation.awaitable_twin("SamplingClient", "compute_logprobs")
     async def compute_logprobs_async(self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
                                      ) -> list[float | None]:
         pending, extras = self._submit_logprobs(prompt, prompt_logprobs_last_n)
-        return await EngineFuture(pending._request, lambda: self._logprobs(pending, extras)).result_async()
+        return await _cancel_when_cancelled(pending, EngineFuture(pending._request,
+                                                                  lambda: self._logprobs(pending, extras)))
 
     # ---- information -------------------------------------------------------------------
 
@@ -357,6 +360,15 @@ class SamplingClient:
 _handle_samplers: dict[str, tuple] = {}
 _handles_lock = threading.Lock()
 _PROCESS = uuid.uuid4().hex  # names this process in the handles it gives out
+
+
+async def _cancel_when_cancelled(pending: PendingSample, future: EngineFuture):
+    """Awaits the request; a cancelled task cancels it too (its slot in the batch goes to others)."""
+    try:
+        return await future.result_async()
+    except asyncio.CancelledError:
+        pending._request.cancel()
+        raise
 
 
 def _new_sampler_id(holder) -> str:
