@@ -6,8 +6,14 @@ single-request form of the same work (issue: many adapters, one pass).
 - adapters: 8 sampling clients with 8 different LoRA adapters, 8 concurrent `sample` calls of 1 sample
   each, against one client asking for 8 samples;
 - same prompt: 64 concurrent single-sample requests on one adapter with the same prompt, against one
-  request for 64 samples.
-Every request generates exactly --new-tokens tokens (no stop). Tokens/s are the best of --reps runs.
+  request for 64 samples;
+- training: 4 training clients (different learning rates) each doing forward_backward on 2 x 128 tokens and
+  optim_step, all submitted at once, against the same calls run one after another;
+- RL step: 64 concurrent single-sample requests from a snapshot, compute_logprobs of each completion on the
+  base model, then forward_backward + optim_step on the policy, submitted as an async RL loop does, against
+  the same calls each awaited before the next.
+Every request generates exactly --new-tokens tokens (no stop). Tokens/s are the best of --reps runs; times
+the best of --reps.
 """
 
 from __future__ import annotations
@@ -60,6 +66,58 @@ def main():
     one_request_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 64, params)])
     concurrent_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 1, params) for _ in range(64)])
 
+    trainers = [sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=10 + i) for i in range(4)]
+    batches = [[types.Datum(model_input=types.ModelInput.from_ints(rng.integers(100, 10000, 128).tolist()),
+                            loss_fn_inputs={"target_tokens": rng.integers(100, 10000, 128).tolist(),
+                                            "weights": [1.0] * 128}) for _ in range(2)] for _ in range(4)]
+
+    def train_concurrently():
+        fbs = [tc.forward_backward(b, "cross_entropy") for tc, b in zip(trainers, batches)]
+        opts = [tc.optim_step(types.AdamParams(learning_rate=1e-4 * (i + 1))) for i, tc in enumerate(trainers)]
+        [f.result() for f in fbs + opts]
+
+    def train_one_after_another():
+        for i, (tc, b) in enumerate(zip(trainers, batches)):
+            tc.forward_backward(b, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-4 * (i + 1))).result()
+
+    policy = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=99)
+    base = sc.create_sampling_client(base_model=DEFAULT_MODEL)
+    rl_params = types.SamplingParams(max_tokens=args.new_tokens, temperature=1.0, stop=[])
+
+    def rl_step(concurrent: bool):
+        snapshot = policy.save_weights_and_get_sampling_client()
+        if concurrent:
+            samples = [f.result() for f in [snapshot.sample(prompt, 1, rl_params) for _ in range(64)]]
+        else:
+            samples = [snapshot.sample(prompt, 1, rl_params).result() for _ in range(64)]
+        seqs = [prompt.to_ints() + s.sequences[0].tokens for s in samples]
+        scoring = [base.compute_logprobs(types.ModelInput.from_ints(t)) for t in seqs]
+        if not concurrent:
+            scoring = [f.result() for f in scoring]
+        data = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]),
+                            loss_fn_inputs={"target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)}) for t in seqs[:8]]
+        fb = policy.forward_backward(data, "cross_entropy")
+        if not concurrent:
+            fb.result()
+        opt = policy.optim_step(types.AdamParams(learning_rate=1e-5))
+        if concurrent:
+            scoring = [f.result() for f in scoring]
+        fb.result(), opt.result()
+
+    def best_time(fn) -> float:
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    t_train_together = best_time(train_concurrently)
+    t_train_apart = best_time(train_one_after_another)
+    t_rl_together = best_time(lambda: rl_step(True))
+    t_rl_apart = best_time(lambda: rl_step(False))
+
     print(f"SmolLM2-135M, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens per sequence")
     print(f"{'case':58s} {'tok/s':>8s} {'ratio':>6s}")
     print(f"{'one client, 8 samples':58s} {one_client_8:8.0f}")
@@ -68,6 +126,11 @@ def main():
     print(f"{'one request, 64 samples':58s} {one_request_64:8.0f}")
     print(f"{'64 concurrent 1-sample requests, same prompt, one adapter':58s} {concurrent_64:8.0f} "
           f"{concurrent_64 / one_request_64:6.2f}")
+    print(f"{'case':58s} {'s':>8s} {'speedup':>7s}")
+    print(f"{'4 training clients, one after another':58s} {t_train_apart:8.2f}")
+    print(f"{'4 training clients, concurrently':58s} {t_train_together:8.2f} {t_train_apart / t_train_together:7.2f}")
+    print(f"{'RL step, each call awaited before the next':58s} {t_rl_apart:8.2f}")
+    print(f"{'RL step, submitted concurrently':58s} {t_rl_together:8.2f} {t_rl_apart / t_rl_together:7.2f}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class PendingTrain:
     def result(self) -> TrainResult:
         if self._result is None:
             try:
-                view, loss = self._request.result()
+                view, loss, _pass_requests = self._request.result()
             except ValueError as e:
                 raise BadRequestError(str(e)) from e
             flat = np.asarray(view)

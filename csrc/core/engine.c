@@ -40,6 +40,7 @@ struct tk_request {
 struct tk_running {
     tk_engine *engine;
     const void *key;
+    tk_batch_fn run_batch;
     tk_request **reqs;
     unsigned char *finished;
     int n, cap;
@@ -220,7 +221,8 @@ static int pop(tk_engine *e, tk_request **out, int *stopping)
     int n = 0;
     while (e->head && n < (n == 0 || out[0]->batch_key ? TK_MAX_BATCH : 1)) {
         tk_request *req = e->head;
-        if (n > 0 && (!req->batch_key || req->batch_key != out[0]->batch_key)) break;
+        if (n > 0 && (!req->batch_key || req->batch_key != out[0]->batch_key || req->run_batch != out[0]->run_batch))
+            break;
         e->head = req->next;
         if (!e->head) e->tail = NULL;
         req->next = NULL;
@@ -251,7 +253,8 @@ void *tk_exec_join(tk_exec *exec, int (*accept)(const void *payload, void *ctx),
     tk_engine *e = r->engine;
     pthread_mutex_lock(&e->mutex);
     tk_request *req = e->head;
-    if (!req || e->stopping || req->batch_key != r->key || !req->run_batch || !accept(req->payload, ctx)) {
+    if (!req || e->stopping || req->batch_key != r->key || req->run_batch != r->run_batch ||
+        !accept(req->payload, ctx)) {
         pthread_mutex_unlock(&e->mutex);
         return NULL;
     }
@@ -287,6 +290,7 @@ static void *worker_main(void *arg)
         running.n = n;
         memset(running.finished, 0, (size_t)n);
         running.key = running.reqs[0]->batch_key;
+        running.run_batch = running.reqs[0]->run_batch;
         tk_status s = TK_ERR_INVALID;
         const char *message = "the engine was shut down before this request ran";
         if (!stopping) {

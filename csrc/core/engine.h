@@ -70,8 +70,8 @@ size_t tk_engine_drain(tk_engine *engine, uint64_t *ids, size_t max);
  * reference goes). The caller holds one reference. */
 tk_request *tk_request_new(tk_request_fn run, void *payload, tk_payload_free_fn free_payload);
 /* A request the worker may run together with the requests queued right
- * behind it that have the same key (e.g. sampling on one model): up to
- * TK_MAX_BATCH of them go through run_batch in one go. */
+ * behind it that have the same key and batch function (e.g. sampling on one
+ * model): up to TK_MAX_BATCH of them go through run_batch in one go. */
 enum { TK_MAX_BATCH = 128 };
 tk_request *tk_request_new_batched(tk_batch_fn run_batch, const void *key, void *payload,
                                    tk_payload_free_fn free_payload);

@@ -296,6 +296,7 @@ typedef struct {
     int backward;
     float *logprobs;     /* [E] result */
     double loss_sum;     /* result */
+    int pass_requests;   /* result: the requests its pass ran (1: alone; more: a pass shared with other clients) */
 } train_payload;
 
 enum { ARR_WEIGHTS, ARR_ADVANTAGES, ARR_SAMPLER_LP, ARR_CLIP_LOW, ARR_CLIP_HIGH, ARR_RATIO_MASK, ARR_COUNT };
@@ -314,6 +315,30 @@ static void train_free(void *p)
     free(tp->logprobs);
     free(tp->seq_log_ratio);
     free(tp);
+}
+
+/* The head and loss of datums [first, last) of tp, whose final hidden states are h [T, D] (and dh [T, D] their
+ * gradient, when training), into tp's logprobs and loss_sum. */
+static void group_head(train_payload *tp, tk_backend *be, int first, int last, const float *h, float *dh,
+                       float *work)
+{
+    tk_adapter *ad = tp->adapter;
+    const tk_model *m = ad->model;
+    int t0 = tp->batch.seq_start[first], T = tp->batch.seq_start[last] - t0, n_seqs = last - first;
+    /* per-target arrays of this group start at the group's first target */
+    long e0 = tp->tgt_start[t0];
+    int32_t local_start[T + 1];
+    for (int t = 0; t <= T; t++) local_start[t] = tp->tgt_start[t0 + t] - (int32_t)e0;
+    int32_t seq_tgt[n_seqs + 1];
+    for (int s = 0; s <= n_seqs; s++) seq_tgt[s] = local_start[tp->batch.seq_start[first + s] - t0];
+    tk_loss_inputs in = {local_start, tp->targets + e0, NULL, NULL, NULL, NULL, NULL, NULL, seq_tgt, n_seqs,
+                         tp->seq_log_ratio ? tp->seq_log_ratio + e0 : NULL};
+    const float **fields[ARR_COUNT] = {&in.weights, &in.advantages, &in.sampler_lp, &in.clip_low, &in.clip_high,
+                                       &in.ratio_mask};
+    for (int a = 0; a < ARR_COUNT; a++) *fields[a] = tp->arrays[a] ? tp->arrays[a] + e0 : NULL;
+    double loss = 0;
+    tk_head_loss(tp->logprobs + e0, &loss, m, ad, be, h, T, &tp->loss, &in, tp->backward ? dh : NULL, work);
+    tp->loss_sum += loss;
 }
 
 /* One group of whole datums [first, last): forward with stored activations,
@@ -341,22 +366,7 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     tk_activations store;
     if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, T, ad->cfg.rank);
     tk_transformer_forward(h, m, exec->backend, &b, tp->backward ? &store : NULL, rest);
-
-    /* per-target arrays of this group start at the group's first target */
-    long e0 = tp->tgt_start[t0];
-    int32_t local_start[T + 1];
-    for (int t = 0; t <= T; t++) local_start[t] = tp->tgt_start[t0 + t] - (int32_t)e0;
-    int32_t seq_tgt[n_seqs + 1];
-    for (int s = 0; s <= n_seqs; s++) seq_tgt[s] = local_start[seq_start[s]];
-    tk_loss_inputs in = {local_start, tp->targets + e0, NULL, NULL, NULL, NULL, NULL, NULL, seq_tgt, n_seqs,
-                         tp->seq_log_ratio ? tp->seq_log_ratio + e0 : NULL};
-    const float **fields[ARR_COUNT] = {&in.weights, &in.advantages, &in.sampler_lp, &in.clip_low, &in.clip_high,
-                                       &in.ratio_mask};
-    for (int a = 0; a < ARR_COUNT; a++) *fields[a] = tp->arrays[a] ? tp->arrays[a] + e0 : NULL;
-    double loss = 0;
-    tk_head_loss(tp->logprobs + e0, &loss, m, ad, exec->backend, h, T, &tp->loss, &in, tp->backward ? dh : NULL,
-                 rest);
-    tp->loss_sum += loss;
+    group_head(tp, exec->backend, first, last, h, dh, rest);
 
     int trains_layers = ad->cfg.train_attn || ad->cfg.train_mlp;
     if (tp->backward && trains_layers) tk_transformer_backward(m, exec->backend, &b, &store, dh, rest);
@@ -446,6 +456,131 @@ static tk_status train_run(void *p, tk_exec *exec)
     if (s != TK_OK && saved) be->upload(be, grads, saved, grad_bytes);
     free(saved);
     return s;
+}
+
+/* ---- several training clients' requests in one pass (issue: many adapters, one pass) ---------------- */
+
+/* Whether tp runs whole in one group (a shared pass takes only such requests). */
+static int fits_one_group(const train_payload *tp) { return tp->batch.n_tokens <= group_tokens(tp); }
+
+/* The distinct adapters of tps[0..n) into ads; returns how many. */
+static int distinct_adapters(train_payload **tps, int n, tk_adapter **ads)
+{
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        int seen = 0;
+        for (int j = 0; j < k && !seen; j++) seen = ads[j] == tps[i]->adapter;
+        if (!seen) ads[k++] = tps[i]->adapter;
+    }
+    return k;
+}
+
+/* One pass over the requests tps[0..n) (each whole in one group, all forward or all forward_backward, of any
+ * adapters of one model): the base weights are read once for all of them; each request's loss uses its own
+ * adapter and inputs, and the gradients go to each sequence's adapter. Returns nonzero when a request's loss or
+ * an adapter's gradients came out non-finite (nothing is then applied: the caller runs them one by one). */
+static int shared_pass(train_payload **tps, int n, tk_exec *exec, tk_adapter **ads, int n_ads, tk_status *status)
+{
+    const tk_model *m = tps[0]->adapter->model;
+    tk_backend *be = exec->backend;
+    int backward = tps[0]->backward, n_seqs = 0, T = 0;
+    for (int i = 0; i < n; i++) n_seqs += tps[i]->batch.n_seqs, T += tps[i]->batch.n_tokens;
+    int32_t *tokens = malloc((size_t)T * sizeof *tokens), *seq_start = malloc(((size_t)n_seqs + 1) * sizeof *seq_start);
+    const tk_adapter **adapters = malloc((size_t)n_seqs * sizeof *adapters);
+    tk_layer_acts *layers = malloc((size_t)m->cfg.n_layers * sizeof *layers);
+    tk_activations store;
+    *status = TK_OK;
+    if (!tokens || !seq_start || !adapters || !layers) {
+        *status = tk_error(TK_ERR_NOMEM, "forward_backward: out of memory");
+        goto done;
+    }
+    seq_start[0] = 0;
+    for (int i = 0, q = 0, t = 0; i < n; i++) {
+        const packed *pk = &tps[i]->batch;
+        memcpy(tokens + t, pk->tokens, (size_t)pk->n_tokens * sizeof *tokens);
+        for (int s = 0; s < pk->n_seqs; s++, q++) seq_start[q + 1] = t + pk->seq_start[s + 1], adapters[q] = tps[i]->adapter;
+        t += pk->n_tokens;
+        tps[i]->loss_sum = 0;
+        tps[i]->pass_requests = n;
+    }
+    tk_batch b = {n_seqs, T, tokens, seq_start, NULL, NULL, NULL, adapters, NULL};
+    int R = tk_batch_max_rank(&b);
+    size_t D = (size_t)m->cfg.d_model;
+    size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
+    size_t body = tk_transformer_workspace(m, be, &b, backward), head = 0;
+    for (int i = 0; i < n; i++) {
+        size_t need = tk_head_workspace(m, tps[i]->adapter);
+        head = need > head ? need : head;
+    }
+    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + store_floats + (body > head ? body : head));
+    if (!work) {
+        *status = tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
+        goto done;
+    }
+    float *h = work, *dh = h + (size_t)T * D, *store_mem = dh + (size_t)T * D, *rest = store_mem + store_floats;
+    if (backward) tk_activations_carve(&store, layers, store_mem, m, T, R);
+    tk_transformer_forward(h, m, be, &b, backward ? &store : NULL, rest);
+    int trains_layers = 0;
+    for (int i = 0, t = 0; i < n; i++) {
+        group_head(tps[i], be, 0, tps[i]->batch.n_seqs, h + (size_t)t * D, dh + (size_t)t * D, rest);
+        t += tps[i]->batch.n_tokens;
+        trains_layers |= tps[i]->adapter->cfg.train_attn || tps[i]->adapter->cfg.train_mlp;
+    }
+    if (backward && trains_layers) tk_transformer_backward(m, be, &b, &store, dh, rest);
+done:
+    free(tokens), free(seq_start), free(adapters), free(layers);
+    if (*status != TK_OK) return 0;
+    /* the checks of check_finite_pass, per request and per adapter */
+    int bad = 0;
+    for (int i = 0; i < n; i++) bad |= !isfinite(tps[i]->loss_sum);
+    for (int a = 0; backward && a < n_ads; a++) {
+        double norm = sqrt(be->sum_squares(be, ads[a]->block + ads[a]->n_params, ads[a]->n_params));
+        bad |= !(norm <= GRADIENT_NORM_LIMIT);
+    }
+    return bad;
+}
+
+/* Runs the engine's batch of training requests (forward / forward_backward of any clients on one model, in
+ * submission order): consecutive requests that fit one group together share a pass; the others run as before. */
+static tk_status train_batch(void **payloads, int n, tk_exec *exec)
+{
+    train_payload **tps = (train_payload **)payloads;
+    tk_backend *be = exec->backend;
+    for (int first = 0; first < n;) {
+        int last = first + 1, tokens = tps[first]->batch.n_tokens;
+        if (fits_one_group(tps[first]))
+            while (last < n && tps[last]->backward == tps[first]->backward && fits_one_group(tps[last]) &&
+                   tokens + tps[last]->batch.n_tokens <= group_tokens(tps[last]) &&
+                   tokens + tps[last]->batch.n_tokens <= group_tokens(tps[first]))
+                tokens += tps[last++]->batch.n_tokens;
+        int k = last - first, shared_ok = 0;
+        if (k > 1) {
+            tk_adapter *ads[k];
+            float *saved[k];
+            int n_ads = distinct_adapters(tps + first, k, ads), have = 1;
+            /* the gradients accumulated so far, restored when the shared pass fails a check */
+            for (int a = 0; a < n_ads; a++) {
+                size_t bytes = ads[a]->n_params * sizeof(float);
+                saved[a] = tps[first]->backward ? malloc(bytes ? bytes : 1) : NULL;
+                if (tps[first]->backward && !saved[a]) have = 0;
+                else if (saved[a]) be->download(be, saved[a], ads[a]->block + ads[a]->n_params, bytes);
+            }
+            tk_status s = TK_ERR_NOMEM;
+            if (have && !shared_pass(tps + first, k, exec, ads, n_ads, &s) && s == TK_OK) shared_ok = 1;
+            for (int a = 0; a < n_ads; a++) {
+                if (!shared_ok && saved[a])
+                    be->upload(be, ads[a]->block + ads[a]->n_params, saved[a], ads[a]->n_params * sizeof(float));
+                free(saved[a]);
+            }
+        }
+        for (int i = first; !shared_ok && i < last; i++) { /* alone, each with its own checks and error */
+            tps[i]->pass_requests = 1;
+            tk_status s = train_run(tps[i], exec);
+            if (s != TK_OK) tk_exec_finish(exec, tps[i], s);
+        }
+        first = last;
+    }
+    return TK_OK;
 }
 
 static int loss_uses(int kind, int array)
@@ -543,7 +678,7 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
             if (arrays[a] && loss_uses(loss->kind, a)) ok = (tp->arrays[a] = copy_floats(arrays[a], tb->n_targets)) != NULL;
         if (!ok) s = tk_error(TK_ERR_NOMEM, "out of memory");
     }
-    tk_request *req = s == TK_OK ? tk_request_new(train_run, tp, train_free) : NULL;
+    tk_request *req = s == TK_OK ? tk_request_new_batched(train_batch, ad->model, tp, train_free) : NULL;
     if (!req) {
         train_free(tp);
         return s != TK_OK ? s : tk_error(TK_ERR_NOMEM, "out of memory");
@@ -562,12 +697,13 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
     return TK_OK;
 }
 
-const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss)
+const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss, int *pass_requests)
 {
     train_payload *tp = tk_request_payload(req);
     if (!tk_request_done(req)) return NULL;
     *n_targets = tp->n_targets;
     *loss = tp->loss_sum;
+    if (pass_requests) *pass_requests = tp->pass_requests;
     return tp->logprobs;
 }
 

@@ -53,7 +53,8 @@ typedef struct {
 tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_train_batch *batch,
                                   const tk_loss_config *loss, int backward);
 /* logprobs[n_targets] and the summed loss, once done and ok. */
-const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss);
+/* pass_requests (optional): how many requests its pass ran (more than 1: shared with other clients' requests). */
+const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss, int *pass_requests);
 
 tk_status tk_optim_request_create(tk_request **out, tk_adapter *ad, const tk_adam_params *params);
 const tk_optim_result *tk_optim_request_result(tk_request *req);

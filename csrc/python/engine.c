@@ -138,7 +138,7 @@ static const float *request_floats(RequestObject *self, Py_ssize_t *rows, Py_ssi
         if ((data = tk_forward_request_logits(self->req, &r, &c))) *rows = r, *cols = c;
         break;
     case REQUEST_TRAIN:
-        if ((data = tk_train_request_result(self->req, &n_targets, &loss))) *rows = n_targets;
+        if ((data = tk_train_request_result(self->req, &n_targets, &loss, NULL))) *rows = n_targets;
         break;
     case REQUEST_ADAPTER_READ:
         if ((data = tk_adapter_read_result(self->req, &n, &step))) *rows = (Py_ssize_t)n;
@@ -238,8 +238,11 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
         return (PyObject *)m;
     }
     case REQUEST_TRAIN:
-        tk_train_request_result(self->req, &n_targets, &loss);
-        return Py_BuildValue("(Nd)", PyMemoryView_FromObject((PyObject *)self), loss);
+    {
+        int pass_requests;
+        tk_train_request_result(self->req, &n_targets, &loss, &pass_requests);
+        return Py_BuildValue("(Ndi)", PyMemoryView_FromObject((PyObject *)self), loss, pass_requests);
+    }
     case REQUEST_OPTIM: {
         const tk_optim_result *r = tk_optim_request_result(self->req);
         return Py_BuildValue("{s:d,s:d,s:L}", "grad_norm", r->grad_norm, "clip_scale", (double)r->clip_scale, "step",
