@@ -24,26 +24,16 @@ from tinker._exceptions import ModelLoadError
 from tinker.cli import cli
 from tinker.lib.public_interfaces.rest_client import RestClient
 
+from robustness import make_clients, still_works  # noqa: E402
+
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on this
 
-
-def datum(tokens):
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                       loss_fn_inputs={"target_tokens": [1] * len(tokens), "weights": [1.0] * len(tokens)})
 
 
 @pytest.fixture(scope="module")
 def clients(tiny_llama):
-    sc = tinker.ServiceClient()
-    tc = sc.create_lora_training_client(tiny_llama, rank=2).result()
-    return sc, tc, sc.create_sampling_client(base_model=tiny_llama).result()
+    return make_clients(tiny_llama)
 
-
-def still_works(tc, sampler):
-    assert tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] > 0
-    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    params = types.SamplingParams(max_tokens=2, temperature=0.0)
-    assert len(sampler.sample(types.ModelInput.from_ints([1, 2]), 1, params).result().sequences[0].tokens) == 2
 
 
 DELETE = object()  # a field to remove

@@ -11,27 +11,17 @@ import pytest
 import tinker
 from tinker import types
 
+from robustness import datum, make_clients, still_works  # noqa: E402
+
 HUGE = [2**31, 2**63, 2**70, 10**400]
 PROMPT = types.ModelInput.from_ints([1, 2, 3])
 
 
-def datum():
-    return types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                       loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
-
 
 @pytest.fixture(scope="module")
 def clients(tiny_llama):
-    sc = tinker.ServiceClient()
-    tc = sc.create_lora_training_client(tiny_llama, rank=2).result()
-    return sc, tc, sc.create_sampling_client(base_model=tiny_llama).result()
+    return make_clients(tiny_llama)
 
-
-def still_works(tc, sampler):
-    assert tc.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
-    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    out = sampler.sample(PROMPT, 2, types.SamplingParams(max_tokens=3, temperature=0.0)).result()
-    assert [len(s.tokens) for s in out.sequences] == [3, 3]
 
 
 def sample_with(sampler, num_samples=1, params=None, **options):

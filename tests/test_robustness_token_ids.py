@@ -12,26 +12,16 @@ import pytest
 import tinker
 from tinker import types
 
+from robustness import datum, make_clients, still_works  # noqa: E402
+
 BIG = [2**32 + 5, 2**63 - 1, 2**64 + 5, -(2**40)]
 
-
-def datum(tokens):
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                       loss_fn_inputs={"target_tokens": [1] * len(tokens), "weights": [1.0] * len(tokens)})
 
 
 @pytest.fixture(scope="module")
 def clients(tiny_llama):
-    sc = tinker.ServiceClient()
-    tc = sc.create_lora_training_client(tiny_llama, rank=2).result()
-    return sc, tc, sc.create_sampling_client(base_model=tiny_llama).result()
+    return make_clients(tiny_llama)
 
-
-def still_works(tc, sampler):
-    assert tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] > 0
-    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    params = types.SamplingParams(max_tokens=2, temperature=0.0)
-    assert len(sampler.sample(types.ModelInput.from_ints([1, 2]), 1, params).result().sequences[0].tokens) == 2
 
 
 @pytest.mark.parametrize("bad", BIG)
