@@ -504,6 +504,104 @@ def test_mixed_adapter_batch_equals_each_sequence_alone(models):
     assert np.abs(full_alone - mixed[0]).max() > 1e-3, "the adapters do not differ: the test would prove nothing"
 
 
+# ---- routing metrics -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_expert_tokens(model, data) -> np.ndarray:
+    """[sparse layers, E]: the (token, expert) assignments each expert gets in the reference's routing (top k of
+    the router softmax of each sparse layer), summed over the datums."""
+    config = getattr(model, "config", None) or model.base_model.model.config
+    total = None
+    for tokens, _ in data:
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+        chosen = [torch.topk(torch.softmax(z.float(), -1), config.num_experts_per_tok, dim=-1).indices
+                  for z in out.router_logits]  # fmt: skip
+        counts = torch.stack([torch.bincount(c.reshape(-1), minlength=config.num_experts) for c in chosen])
+        total = counts if total is None else total + counts
+    return total.numpy()
+
+
+def reference_moe_metrics(counts: np.ndarray, k: int, n_tokens: int) -> dict[str, float]:
+    """Tinker's MoE metrics (qwen3-moe-vl.md §1.8) by their definitions, in torch float64: per layer, perfect
+    balance = T k / E assignments per expert; then mean (max) over sparse layers."""
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    E = c.shape[1]
+    perfect = n_tokens * k / E
+    per_layer = {
+        "e_frac_with_tokens": (c >= 1).double().sum(1) / E,
+        "e_frac_oversubscribed": (c > perfect).double().sum(1) / E,
+        "e_max_violation": (c.max(1).values - perfect) / perfect,
+        "e_min_violation": (c.min(1).values - perfect) / perfect,
+    }
+    return {"e_frac_with_tokens:mean": float(per_layer["e_frac_with_tokens"].mean()),
+            "e_frac_oversubscribed:mean": float(per_layer["e_frac_oversubscribed"].mean()),
+            "e_max_violation:mean": float(per_layer["e_max_violation"].mean()),
+            "e_max_violation:max": float(per_layer["e_max_violation"].max()),
+            "e_min_violation:mean": float(per_layer["e_min_violation"].mean())}  # fmt: skip
+
+
+MOE_METRICS = ("e_frac_with_tokens:mean", "e_frac_oversubscribed:mean", "e_max_violation:mean",
+               "e_max_violation:max", "e_min_violation:mean")  # fmt: skip
+
+
+@pytest.mark.parametrize("name,lengths", [("norm", (5, 33, 61, 2)), ("nonorm", (5, 33, 61, 2)), ("norm", (1, 2))])
+def test_moe_metrics_equal_the_reference_routing(models, name, lengths):
+    """forward_backward and forward report Tinker's MoE metrics, computed from the routing the engine did: the
+    counts per expert equal those of the reference's routing (adapter included: LoRA on attention and experts
+    moves the routers' inputs) and the metrics equal their definitions on them (float64, 1e-12)."""
+    path, hf = models.get(name)
+    rank = 4
+    adapter = _training.LoraAdapter(models.engine(name), rank=rank, seed=2)
+    values = random_values({k: v.shape for k, v in adapter.parameters().items()}, rank, _seed("metrics", name))
+    adapter.set_parameters(values)
+    ref = MoeLoraReference(hf, rank, (True, True, True))
+    ref.load(values)
+    data = make_data(name, hf.config.vocab_size, lengths, _seed("metrics-data", name), ref.model)
+    counts = reference_expert_tokens(ref.model, data)
+    k = hf.config.num_experts_per_tok
+    assert counts.shape == (len(models.engine(name).handle.config["moe_layers"]), hf.config.num_experts)
+    assert (counts.sum(1) == sum(lengths) * k).all()
+    assert (counts.max(1) > counts.min(1)).all(), "a trivially balanced routing"
+    if sum(lengths) * k < hf.config.num_experts:
+        assert (counts == 0).any(1).all(), "some expert idle in every layer"
+    want = reference_moe_metrics(counts, k, sum(lengths))
+    for backward in (True, False):
+        request = adapter.submit(data, "cross_entropy", backward=backward)
+        got_counts = np.asarray(request._request.result()[2])
+        np.testing.assert_array_equal(got_counts, counts)
+        metrics = request.result().metrics
+        assert set(metrics) == {"loss:sum", *MOE_METRICS}
+        for key in MOE_METRICS:
+            assert abs(metrics[key] - want[key]) <= 1e-12, (key, metrics[key], want[key])
+    print(name, want)
+
+
+def test_moe_metrics_through_the_public_api(models, tmp_path):
+    """TrainingClient.forward_backward / forward outputs carry the metrics for an MoE model, not for a dense
+    one; a batch that takes several engine groups counts every token once."""
+    path, _ = models.get("norm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=2, seed=1)
+    fb = tc.forward_backward(_datums(3), "cross_entropy").result()
+    fw = tc.forward(_datums(3), "cross_entropy").result()
+    assert set(MOE_METRICS) <= set(fb.metrics) and fb.metrics == fw.metrics
+    assert 0 < fb.metrics["e_frac_with_tokens:mean"] <= 1 and fb.metrics["e_min_violation:mean"] >= -1
+    assert fb.metrics["e_max_violation:max"] >= fb.metrics["e_max_violation:mean"] >= 0
+    dense_path, _ = tm.make_hf_checkpoint(tmp_path / "dense", "qwen3", seed=1, vocab=320)
+    dense = service.create_lora_training_client(str(dense_path), rank=2, seed=1)
+    out = dense.forward_backward(_datums(3), "cross_entropy").result()
+    assert set(out.metrics) == {"loss:sum"}
+
+    n = 500
+    datum = ((np.arange(n) * 7 % 320).tolist(), {"target_tokens": np.zeros(n, np.int64),
+                                                  "weights": np.ones(n, np.float32)})  # fmt: skip
+    request = tc._adapter.submit([datum] * 6, "cross_entropy", backward=True)  # 3000 tokens: two engine groups
+    counts = np.asarray(request._request.result()[2])
+    assert (counts.sum(1) == 6 * n * 2).all()
+
+
 # ---- sampling --------------------------------------------------------------------------------------------------
 
 

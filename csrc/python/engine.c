@@ -209,8 +209,29 @@ static PyObject *sample_result(tk_request *req)
     return out;
 }
 
+/* An MoE model's routing of a finished train request: one list per sparse layer of the (token, expert)
+ * assignments each expert received; None for a dense model. */
+static PyObject *expert_tokens(tk_request *req)
+{
+    int layers, experts;
+    const int64_t *counts = tk_train_request_expert_tokens(req, &layers, &experts);
+    if (!counts) Py_RETURN_NONE;
+    PyObject *out = PyList_New(layers);
+    for (int l = 0; out && l < layers; l++) {
+        PyObject *row = PyList_New(experts);
+        for (int e = 0; row && e < experts; e++) {
+            PyObject *x = PyLong_FromLongLong((long long)counts[(size_t)l * experts + e]);
+            if (!x) Py_CLEAR(row);
+            else PyList_SET_ITEM(row, e, x);
+        }
+        if (!row) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, l, row);
+    }
+    return out;
+}
+
 /* Waits, then returns the kind's result: the Model (load); the [T, V] logits
- * (forward); (logprobs [E], loss) (train); a metrics dict (optim);
+ * (forward); (logprobs [E], loss, tokens per expert per sparse layer or None) (train); a metrics dict (optim);
  * (floats, step) (adapter read); None (adapter write). */
 static PyObject *request_result(RequestObject *self, PyObject *unused)
 {
@@ -232,7 +253,7 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
     }
     case REQUEST_TRAIN:
         tk_train_request_result(self->req, &n_targets, &loss);
-        return Py_BuildValue("(Nd)", PyMemoryView_FromObject((PyObject *)self), loss);
+        return Py_BuildValue("(NdN)", PyMemoryView_FromObject((PyObject *)self), loss, expert_tokens(self->req));
     case REQUEST_OPTIM: {
         const tk_optim_result *r = tk_optim_request_result(self->req);
         return Py_BuildValue("{s:d,s:d,s:L}", "grad_norm", r->grad_norm, "clip_scale", (double)r->clip_scale, "step",
@@ -1092,7 +1113,8 @@ static PyMethodDef engine_methods[] = {
     {"train", (PyCFunction)(void (*)(void))engine_train, METH_VARARGS | METH_KEYWORDS,
      "train(adapter, tokens, seq_lens, k_per_datum, targets, weights=None, advantages=None, logprobs=None,\n"
      "      clip_low=None, clip_high=None, loss=0, clip_low_threshold=0.8, clip_high_threshold=1.2, beta=0,\n"
-     "      backward=True, notify=False, ratio_mask=None) -> Request; result() -> (logprobs, loss_sum)"},
+     "      backward=True, notify=False, ratio_mask=None) -> Request; result() -> (logprobs, loss_sum, "
+     "expert_tokens)"},
     {"optim_step", (PyCFunction)(void (*)(void))engine_optim_step, METH_VARARGS | METH_KEYWORDS,
      "optim_step(adapter, learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm, notify=False) -> Request"},
     {"read_adapter", (PyCFunction)(void (*)(void))engine_read_adapter, METH_VARARGS | METH_KEYWORDS,
