@@ -510,13 +510,25 @@ def model_spec(source: ModelSource) -> ModelSpec:
 # ---- what can be served here -----------------------------------------------------------------
 
 
-def available_models() -> list[tuple[str, int]]:
-    """(name, context length) of every base model that loads here without a download: the built-in
-    default model and each Hugging Face cache snapshot of a supported architecture."""
-    found: dict[str, int] = {}
+@dataclass(frozen=True)
+class AvailableModel:
+    name: str
+    max_context: int
+    arch: str
+    moe: bool  # a mixture-of-experts model
+
+
+def available_models() -> list[AvailableModel]:
+    """Every base model that loads here without a download, by name: the built-in default model and each
+    Hugging Face cache snapshot of a supported architecture."""
+    found: dict[str, AvailableModel] = {}
+
+    def add(name: str, config: dict):
+        found[name] = AvailableModel(name, config["max_context"], config["arch"], bool(config.get("moe")))
+
     if _default_gguf_path() is not None:
         try:
-            found[DEFAULT_MODEL] = model_spec(resolve_model(DEFAULT_MODEL)).config["max_context"]
+            add(DEFAULT_MODEL, model_spec(resolve_model(DEFAULT_MODEL)).config)
         except ModelLoadError:
             pass
     for cache in _hf_cache_dirs():
@@ -528,9 +540,9 @@ def available_models() -> list[tuple[str, int]]:
             if snapshot is None or name in found:
                 continue
             try:
-                context = _hf_config(snapshot)[1]["max_context"]
+                config = _hf_config(snapshot)[1]
                 _safetensors_files(snapshot)  # weights present, not just a config
             except ModelLoadError:
                 continue  # an architecture the engine does not run, or an incomplete download
-            found[name] = context
-    return sorted(found.items())
+            add(name, config)
+    return [found[name] for name in sorted(found)]
