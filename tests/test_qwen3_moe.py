@@ -23,7 +23,10 @@ What is checked, with the tolerances:
 - save_state / load_state(_with_optimizer) round-trip an MoE adapter, whose PEFT file has Tinker's names and
   shapes (mlp.experts.w1.lora_A.weight [1, r, H], lora_B [E, I, r]; w3 likewise; w2 lora_A [E, r, I],
   lora_B [1, H, r]); a sampler checkpoint samples like the live adapter; its exported adapter directory
-  trains on; export --merge refuses an MoE base (not supported yet).
+  trains on; export --merge writes a checkpoint transformers loads whose logits equal the engine's through the
+  adapter within 1e-4 * max(1, |logit|) (per-expert, fused and GGUF bases);
+- the MoE routing metrics: the engine's tokens per expert equal the reference routing's exactly, the metrics
+  their definitions within 1e-12.
 Test sequences are drawn (redrawn where needed) so that the reference's routing has a gap > 1e-4 between the
 k-th and (k+1)-th router probability at every token and sparse layer: float32 noise cannot flip a routing
 decision (the engine's router probabilities differ from transformers' by ~1e-7).
@@ -110,9 +113,10 @@ class Models:
         elif name == "fused":
             path, ref = self.get("norm")
             path = write_fused_checkpoint(path, ref, self.root / "fused")
-        elif name.startswith("gguf_"):
+        elif name.startswith("gguf_"):  # with a tokenizer, which the merged export rebuilds
             _, ref = self.get("norm")
-            path, ref = tm.write_gguf(self.root / f"{name}.gguf", ref, "qwen3moe", name.split("_", 1)[1])
+            path, ref = tm.write_gguf(self.root / f"{name}.gguf", ref, "qwen3moe", name.split("_", 1)[1],
+                                      byte_tokenizer=True)
             ref.config._experts_implementation = "eager"
         else:
             raise KeyError(name)
@@ -701,9 +705,8 @@ def test_save_and_load_state_round_trip(models, store):
 
 def test_saved_adapter_leaves_the_store(models, store, tmp_path):
     """The sampler checkpoint samples like the trained adapter; the adapter directory exported from it
-    (Tinker's layout) trains on elsewhere; merging into an MoE base is refused with a clear error."""
-    from tinker._exceptions import BadRequestError
-    from tinker._export import export_adapter, export_merged
+    (Tinker's layout) trains on elsewhere."""
+    from tinker._export import export_adapter
 
     path, hf = models.get("nonorm")
     service = tinker.ServiceClient()
@@ -721,5 +724,44 @@ def test_saved_adapter_leaves_the_store(models, store, tmp_path):
     resumed = service.create_training_client_from_state(str(directory), base_model=str(path))
     params = tc._adapter.parameters()
     assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
-    with pytest.raises(BadRequestError, match="mixture-of-experts"):
-        export_merged(sampler_path, tmp_path / "merged")
+
+
+MERGE_TOL = 1e-4  # merged checkpoint in transformers vs the engine with the adapter, relative to max(1, |logit|)
+
+
+@pytest.mark.parametrize("name", ["nonorm", "fused", "gguf_F32"])
+def test_merged_export_equals_the_engine_with_the_adapter(models, store, tmp_path, name):
+    """export_merged of an MoE adapter (each expert's delta (32/r) B_e A_e, the shared factor broadcast; attention,
+    the dense layers' MLP and lm_head as for dense models) writes a checkpoint that transformers loads and whose
+    logits equal the engine's through the adapter. Bases: per-expert safetensors (the adapter read back from its
+    exported PEFT directory), fused 3-D safetensors, a GGUF (its config.json written from the engine config)."""
+    from transformers import AutoModelForCausalLM
+
+    from tinker._engine import get_engine
+    from tinker._export import export_adapter, export_merged
+
+    path, _ = models.get(name)
+    tc = tinker.ServiceClient().create_lora_training_client(str(path), rank=4, seed=3)
+    adapter = tc._adapter
+    adapter.set_parameters(random_values({k: v.shape for k, v in adapter.parameters().items()}, 4,
+                                         _seed("merge", name), gain=0.5))  # fmt: skip
+    source = tc.save_weights_for_sampler("merge").result().path
+    if name == "nonorm":
+        source = str(export_adapter(source, tmp_path / "adapter"))
+    out = export_merged(source, tmp_path / "merged", base_model=str(path))
+    keys = safetensors_keys(out)
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys), "per-expert names"
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
+    merged.config._experts_implementation = "eager"
+    merged.eval()
+
+    seqs = _sequences(f"merge/{name}", 320, (3, 40, 97), model=merged)
+    tokens = np.concatenate(seqs).astype(np.int32)
+    lens = np.array([len(x) for x in seqs], dtype=np.int32)
+    got = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens, adapter=adapter.handle).result())
+    base = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens).result())
+    bounds = np.cumsum([0, *lens])
+    for i, seq in enumerate(seqs):
+        want = tm.reference_logits(merged, seq)
+        assert_logits_close(got[bounds[i]:bounds[i + 1]], want, MERGE_TOL, f"{name}, length {len(seq)}")
+        assert np.abs(base[bounds[i]:bounds[i + 1]] - want).max() > 1e-2, "the adapter changes nothing"
