@@ -261,18 +261,78 @@ def test_quantized_gguf_matches_its_dequantised_reference(models):
         assert_logits_close(logits, tm.reference_logits(ref, seq), LOGIT_TOL, f"Q8_0 GGUF, length {len(seq)}")
 
 
-def test_transposed_fused_layout_is_refused(models, tmp_path):
-    """[E, H, 2I] (Qwen3-VL-MoE's x @ W[e] orientation) is not read as [E, 2I, H]: a clear error."""
+def write_transposed_checkpoint(source: Path, reference, directory: Path, dtype=torch.float32) -> Path:
+    """The reference's fused experts stored [E, in, n out] as Qwen3-VL-MoE's files are (gate_up_proj [E, H, 2I], gate
+    columns first; down_proj [E, I, H]; used as x @ W[e]), the rest as in the fused checkpoint."""
     from safetensors.torch import save_file
 
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "config.json", directory / "config.json")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in reference.state_dict().items()}
+    for k in [k for k in state if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        state[k] = state[k].transpose(1, 2).contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_fused_layout_loads(models, tmp_path, dtype):
+    """[E, H, 2I] and [E, I, H] (Qwen3-VL-MoE's x @ W[e] orientation) load: each expert's slices are gathered
+    column by column. float32: the per-expert checkpoint's logits within 1e-5; bfloat16: the same as a per-expert
+    bfloat16 file of the same values, bit for bit; the exporter reads the same weights back."""
+    from safetensors.torch import save_file
+
+    from tinker._export import _read_tensor
+    from tinker._models import model_spec, resolve_model
+
     path, ref = models.get("norm")
-    shutil.copyfile(path / "config.json", tmp_path / "config.json")
-    state = {k: v.detach().contiguous() for k, v in ref.state_dict().items()}
-    state["model.layers.0.mlp.experts.gate_up_proj"] = state["model.layers.0.mlp.experts.gate_up_proj"].transpose(
-        1, 2).contiguous()
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"\[experts, in, out\]"):
-        load_model(str(tmp_path))
+    transposed = write_transposed_checkpoint(path, ref, tmp_path / "transposed", dtype)
+    keys = safetensors_keys(transposed)
+    assert keys["model.layers.0.mlp.experts.gate_up_proj"] == [8, 64, 192]
+    assert keys["model.layers.0.mlp.experts.down_proj"] == [8, 96, 64]
+    if dtype == torch.float32:
+        want_path = path
+    else:  # the per-expert file of the same bfloat16 values
+        want_path = tmp_path / "per_expert"
+        want_path.mkdir()
+        shutil.copyfile(path / "config.json", want_path / "config.json")
+        from safetensors.torch import load_file
+
+        save_file({k: v.to(dtype).contiguous() for k, v in load_file(str(path / "model.safetensors")).items()},
+                  str(want_path / "model.safetensors"), metadata={"format": "pt"})
+    seqs = _sequences("transposed", 320)
+    got = load_model(str(transposed)).forward_logits(seqs)
+    want = load_model(str(want_path)).forward_logits(seqs)
+    for seq, g, w in zip(seqs, got, want):
+        if dtype == torch.float32:
+            assert_logits_close(g, w.astype(np.float64), SAME_TOL, f"transposed, length {len(seq)}")
+        else:
+            np.testing.assert_array_equal(g, w)
+    spec, base = model_spec(resolve_model(str(transposed))), model_spec(resolve_model(str(want_path)))
+    by_key = {(t[1], t[2], t[9]): t for t in base.tensors}
+    experts = [t for t in spec.tensors if t[10]]
+    assert len(experts) == 2 * 8 * 3  # two sparse layers, 8 experts, gate / up / down
+    for t in experts:
+        np.testing.assert_array_equal(_read_tensor(spec, t), _read_tensor(base, by_key[(t[1], t[2], t[9])]))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t[:10] + (t[7][0] - 1,), r"column stride 95 is below its 96 rows"),
+    (lambda t: t[:5] + (t[5] - 4,) + t[6:], r"stored transposed\) has \d+ bytes, but its shape, column stride 192"),
+    (lambda t: t[:6] + (8,) + t[7:], r"only 2-D F32, F16 and BF16"),  # Q8_0
+])  # fmt: skip
+def test_bad_transposed_sources_are_refused(models, tmp_path, change, match):
+    """The engine checks what the Python loader says of a transposed slice (stride, byte span, type)."""
+    from tinker._engine import get_engine
+    from tinker._models import model_spec, resolve_model
+
+    path, ref = models.get("norm")
+    spec = model_spec(resolve_model(str(write_transposed_checkpoint(path, ref, tmp_path / "t"))))
+    at = next(i for i, t in enumerate(spec.tensors) if t[10] and t[1] == "exp_gate")
+    tensors = list(spec.tensors)
+    tensors[at] = change(tensors[at])
+    with pytest.raises(ValueError, match=match):
+        get_engine().load_model(spec.config, spec.paths, tensors).result()
 
 
 def _broken_copy(source: Path, directory: Path, drop: str | None = None, config_changes: dict | None = None) -> Path:

@@ -132,12 +132,17 @@ def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> 
 
 def _read_tensor(spec: ModelSpec, entry: tuple) -> np.ndarray:
     """One base tensor in float32, HF row order: decoded and un-permuted as the engine's loader does."""
-    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved, _expert = entry
+    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved, _expert, col_stride = entry
     with open(spec.paths[file], "rb") as f:
         f.seek(offset)
         data = f.read(nbytes)
     if len(data) != nbytes:
         raise BadRequestError(f"{spec.paths[file]}: tensor {name!r} lies past the end of the file (truncated?)")
+    if col_stride:  # stored transposed: element (r, c) at c * col_stride + r (a float type: one element each)
+        rows, cols = shape
+        span = np.frombuffer(_C.dequantize(ggml_type, data, (cols - 1) * col_stride + rows), dtype=np.float32)
+        padded = np.concatenate([span, np.zeros(col_stride - rows, np.float32)])
+        return np.ascontiguousarray(padded.reshape(cols, col_stride)[:, :rows].T)
     values = np.frombuffer(_C.dequantize(ggml_type, data, math.prod(shape)), dtype=np.float32).reshape(shape)
     if interleaved:  # llama.cpp stores each head's rotate_half partners (i, i + hd/2) as adjacent rows
         hd = spec.config["head_dim"]

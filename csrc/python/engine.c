@@ -599,19 +599,21 @@ static int parse_config(PyObject *d, tk_model_config *c)
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
- * shape, rope_rows_interleaved[, expert]); names and roles borrow the tuples' strings. */
+ * shape, rope_rows_interleaved[, expert[, col_stride]]); names and roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *shape;
-        unsigned long long offset, nbytes;
+        unsigned long long offset, nbytes, col_stride = 0;
         unsigned int type;
         tk_tensor_source *s = &src[i];
         s->expert = -1;
-        if (!PyArg_ParseTuple(item, "ssiiKKIOp|i;tensor source must be (name, role, layer, file, offset, nbytes, "
-                              "type, shape, rope_rows_interleaved[, expert])", &s->name, &s->role, &s->layer, &s->file,
-                              &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved, &s->expert))
+        if (!PyArg_ParseTuple(item, "ssiiKKIOp|iK;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, rope_rows_interleaved[, expert[, col_stride]])", &s->name, &s->role,
+                              &s->layer, &s->file, &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved,
+                              &s->expert, &col_stride))
             return -1;
+        s->col_stride = col_stride;
         s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;
         s->nbytes = nbytes;
