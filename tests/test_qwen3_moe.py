@@ -786,6 +786,85 @@ def test_saved_adapter_leaves_the_store(models, store, tmp_path):
     assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
 
 
+def write_per_expert_peft(directory: Path, params: dict[str, np.ndarray], rank: int, alpha: float, E: int) -> Path:
+    """An adapter directory with one PEFT pair per expert module (mlp.experts.{e}.gate_proj ...), as the cookbook's
+    build_lora_adapter writes Tinker's adapters (the shared factor repeated in every expert) and as PEFT saves a
+    transformers 4.x model's per-expert nn.Linear's; B scaled for lora_alpha = alpha."""
+    from safetensors.numpy import save_file
+
+    proj = {"exp_gate": "gate_proj", "exp_up": "up_proj", "exp_down": "down_proj"}
+    other = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "q": "self_attn.q_proj",
+             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}  # fmt: skip
+    rescale = np.float32((32 / rank) / (alpha / rank))
+    out = {}
+    for name, value in params.items():
+        target, layer, ab = ckpt.split_engine_name(name)
+        value = value * rescale if ab == "lora_B" else value
+        if target in proj:
+            for e in range(E):
+                out[f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj[target]}.{ab}.weight"] = \
+                    np.ascontiguousarray(value[e if value.shape[0] > 1 else 0])
+        elif target == "unembed":
+            out[f"base_model.model.lm_head.{ab}.weight"] = value
+        else:
+            out[f"base_model.model.model.layers.{layer}.{other[target]}.{ab}.weight"] = value
+    directory.mkdir(parents=True)
+    save_file(out, str(directory / ckpt.ADAPTER_WEIGHTS))
+    (directory / ckpt.ADAPTER_CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": None,
+        "target_modules": ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]}))
+    return directory
+
+
+def test_per_expert_peft_adapters_load_in_tinkers_layout(models, store, tmp_path):
+    """load_state / create_training_client_from_state of a PEFT directory with per-expert modules (the cookbook's
+    build_lora_adapter output): gate/up's A and down's B agree across experts, so they convert to Tinker's layout
+    exactly (lora_alpha 32: bit for bit; 16: B rescaled as for any PEFT adapter); an adapter whose shared factor
+    differs between experts, and a LoRA on fused expert parameters (peft target_parameters), are refused saying
+    why."""
+    from tinker._exceptions import BadRequestError
+    from safetensors.numpy import load_file, save_file
+
+    path, hf = models.get("norm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=3)
+    values = random_values({k: v.shape for k, v in tc._adapter.parameters().items()}, 4, 17, gain=0.5)
+    tc._adapter.set_parameters(values)
+    for alpha in (32.0, 16.0):
+        directory = write_per_expert_peft(tmp_path / f"alpha{alpha:g}", values, 4, alpha, 8)
+        other = service.create_lora_training_client(str(path), rank=4, seed=9)
+        other.load_state(str(directory)).result()
+        got = other._adapter.parameters()
+        assert set(got) == set(values)
+        for k, v in values.items():
+            if alpha == 32.0:
+                np.testing.assert_array_equal(got[k], v, err_msg=k)
+            else:
+                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=0, err_msg=k)
+    resumed = service.create_training_client_from_state(str(tmp_path / "alpha32"), base_model=str(path))
+    assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in values.items())
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "alpha32", broken)
+    tensors = load_file(str(broken / ckpt.ADAPTER_WEIGHTS))
+    tensors["base_model.model.model.layers.2.mlp.experts.5.down_proj.lora_B.weight"] *= 1.5
+    save_file(tensors, str(broken / ckpt.ADAPTER_WEIGHTS))
+    with pytest.raises(BadRequestError, match=r"experts' exp_down adapters of layer 2: expert 5's lora_B differs from "
+                                              r"expert 0's\. Tinker's expert LoRA shares one factor across the "
+                                              r"experts \(B for down_proj\)"):  # fmt: skip
+        service.create_lora_training_client(str(path), rank=4).load_state(str(broken)).result()
+
+    fused = tmp_path / "fused_peft"
+    fused.mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight": np.zeros((32, 64), np.float32),
+               "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight": np.zeros((192, 32), np.float32)},
+              str(fused / ckpt.ADAPTER_WEIGHTS))  # fmt: skip
+    (fused / ckpt.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 32,
+                                                         "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    with pytest.raises(BadRequestError, match=r"LoRA on fused expert parameters \(peft target_parameters"):
+        service.create_lora_training_client(str(path), rank=4).load_state(str(fused)).result()
+
+
 MERGE_TOL = 1e-4  # merged checkpoint in transformers vs the engine with the adapter, relative to max(1, |logit|)
 
 
@@ -794,7 +873,8 @@ def test_merged_export_equals_the_engine_with_the_adapter(models, store, tmp_pat
     """export_merged of an MoE adapter (each expert's delta (32/r) B_e A_e, the shared factor broadcast; attention,
     the dense layers' MLP and lm_head as for dense models) writes a checkpoint that transformers loads and whose
     logits equal the engine's through the adapter. Bases: per-expert safetensors (the adapter read back from its
-    exported PEFT directory), fused 3-D safetensors, a GGUF (its config.json written from the engine config)."""
+    exported PEFT directory), fused 3-D safetensors (the adapter as per-expert PEFT modules), a GGUF (its
+    config.json written from the engine config)."""
     from transformers import AutoModelForCausalLM
 
     from tinker._engine import get_engine
@@ -806,8 +886,10 @@ def test_merged_export_equals_the_engine_with_the_adapter(models, store, tmp_pat
     adapter.set_parameters(random_values({k: v.shape for k, v in adapter.parameters().items()}, 4,
                                          _seed("merge", name), gain=0.5))  # fmt: skip
     source = tc.save_weights_for_sampler("merge").result().path
-    if name == "nonorm":
+    if name == "nonorm":  # the adapter's PEFT directory (Tinker's layout)
         source = str(export_adapter(source, tmp_path / "adapter"))
+    elif name == "fused":  # the same adapter as per-expert PEFT modules, lora_alpha 16
+        source = str(write_per_expert_peft(tmp_path / "per_expert", adapter.parameters(), 4, 16.0, 8))
     out = export_merged(source, tmp_path / "merged", base_model=str(path))
     keys = safetensors_keys(out)
     assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys), "per-expert names"
