@@ -411,18 +411,25 @@ def test_capabilities_list_the_hugging_face_cache(tmp_path, monkeypatch):
     tm.make_hf_checkpoint(snapshot, "llama", max_positions=96)
     (cache / "models--acme--tiny-llama" / "refs").mkdir()
     (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("abc123")
-    other = cache / "models--acme--moe" / "snapshots" / "def456"  # an architecture the engine does not run
+    other = cache / "models--acme--moe" / "snapshots" / "def456"  # a config the engine cannot read (no sizes)
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     partial = cache / "models--acme--partial" / "snapshots" / "0"  # config only: weights not downloaded
     partial.mkdir(parents=True)
     shutil.copy(snapshot / "config.json", partial / "config.json")
+    tm.make_hf_checkpoint(cache / "models--acme--tiny-moe" / "snapshots" / "1", "qwen3moe", max_positions=64)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
 
-    models = {m.model_name: m.max_context_length
-              for m in tinker.ServiceClient().get_server_capabilities().supported_models}
-    assert models["acme/tiny-llama"] == 96
+    listed = {m.model_name: m for m in tinker.ServiceClient().get_server_capabilities().supported_models}
+    models = {name: m.max_context_length for name, m in listed.items()}
+    assert models["acme/tiny-llama"] == 96 and models["acme/tiny-moe"] == 64
     assert "acme/moe" not in models and "acme/partial" not in models
     assert models[DEFAULT_MODEL] == 8192
+    for name, m in listed.items():  # every listed model trains and samples; none takes images (text models)
+        assert (m.trainable, m.sampleable, m.supports_images) == (True, True, False), name
+    assert listed["acme/tiny-moe"].is_moe is True
+    assert listed["acme/tiny-llama"].is_moe is False and listed[DEFAULT_MODEL].is_moe is False
+    rest = tinker.RestClient().get_server_capabilities().result()
+    assert {m.model_name: m for m in rest.supported_models} == listed
     tc = tinker.ServiceClient().create_lora_training_client("acme/tiny-llama", rank=2)
     assert tc.get_info().model_name == "acme/tiny-llama"

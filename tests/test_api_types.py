@@ -869,6 +869,10 @@ def test_info_responses():
     caps = GetServerCapabilitiesResponse(supported_models=[SupportedModel(model_name="m", max_context_length=2048)])
     assert caps.supported_models[0].max_context_length == 2048
     assert SupportedModel().model_name is None and SupportedModel().max_context_length is None
+    # the SDK's fields, then this server's additions (None unless filled in)
+    assert list(SupportedModel.model_fields) == ["model_name", "max_context_length", "trainable", "sampleable",
+                                                 "supports_images", "is_moe"]
+    assert SupportedModel(model_name="m").is_moe is None and SupportedModel().supports_images is None
 
 
 def test_request_error_category():

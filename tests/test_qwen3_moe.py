@@ -23,7 +23,10 @@ What is checked, with the tolerances:
 - save_state / load_state(_with_optimizer) round-trip an MoE adapter, whose PEFT file has Tinker's names and
   shapes (mlp.experts.w1.lora_A.weight [1, r, H], lora_B [E, I, r]; w3 likewise; w2 lora_A [E, r, I],
   lora_B [1, H, r]); a sampler checkpoint samples like the live adapter; its exported adapter directory
-  trains on; export --merge refuses an MoE base (not supported yet).
+  trains on; export --merge writes a checkpoint transformers loads whose logits equal the engine's through the
+  adapter within 1e-4 * max(1, |logit|) (per-expert, fused and GGUF bases);
+- the MoE routing metrics: the engine's tokens per expert equal the reference routing's exactly, the metrics
+  their definitions within 1e-12.
 Test sequences are drawn (redrawn where needed) so that the reference's routing has a gap > 1e-4 between the
 k-th and (k+1)-th router probability at every token and sparse layer: float32 noise cannot flip a routing
 decision (the engine's router probabilities differ from transformers' by ~1e-7).
@@ -110,9 +113,10 @@ class Models:
         elif name == "fused":
             path, ref = self.get("norm")
             path = write_fused_checkpoint(path, ref, self.root / "fused")
-        elif name.startswith("gguf_"):
+        elif name.startswith("gguf_"):  # with a tokenizer, which the merged export rebuilds
             _, ref = self.get("norm")
-            path, ref = tm.write_gguf(self.root / f"{name}.gguf", ref, "qwen3moe", name.split("_", 1)[1])
+            path, ref = tm.write_gguf(self.root / f"{name}.gguf", ref, "qwen3moe", name.split("_", 1)[1],
+                                      byte_tokenizer=True)
             ref.config._experts_implementation = "eager"
         else:
             raise KeyError(name)
@@ -257,18 +261,78 @@ def test_quantized_gguf_matches_its_dequantised_reference(models):
         assert_logits_close(logits, tm.reference_logits(ref, seq), LOGIT_TOL, f"Q8_0 GGUF, length {len(seq)}")
 
 
-def test_transposed_fused_layout_is_refused(models, tmp_path):
-    """[E, H, 2I] (Qwen3-VL-MoE's x @ W[e] orientation) is not read as [E, 2I, H]: a clear error."""
+def write_transposed_checkpoint(source: Path, reference, directory: Path, dtype=torch.float32) -> Path:
+    """The reference's fused experts stored [E, in, n out] as Qwen3-VL-MoE's files are (gate_up_proj [E, H, 2I], gate
+    columns first; down_proj [E, I, H]; used as x @ W[e]), the rest as in the fused checkpoint."""
     from safetensors.torch import save_file
 
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "config.json", directory / "config.json")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in reference.state_dict().items()}
+    for k in [k for k in state if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        state[k] = state[k].transpose(1, 2).contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_fused_layout_loads(models, tmp_path, dtype):
+    """[E, H, 2I] and [E, I, H] (Qwen3-VL-MoE's x @ W[e] orientation) load: each expert's slices are gathered
+    column by column. float32: the per-expert checkpoint's logits within 1e-5; bfloat16: the same as a per-expert
+    bfloat16 file of the same values, bit for bit; the exporter reads the same weights back."""
+    from safetensors.torch import save_file
+
+    from tinker._export import _read_tensor
+    from tinker._models import model_spec, resolve_model
+
     path, ref = models.get("norm")
-    shutil.copyfile(path / "config.json", tmp_path / "config.json")
-    state = {k: v.detach().contiguous() for k, v in ref.state_dict().items()}
-    state["model.layers.0.mlp.experts.gate_up_proj"] = state["model.layers.0.mlp.experts.gate_up_proj"].transpose(
-        1, 2).contiguous()
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"\[experts, in, out\]"):
-        load_model(str(tmp_path))
+    transposed = write_transposed_checkpoint(path, ref, tmp_path / "transposed", dtype)
+    keys = safetensors_keys(transposed)
+    assert keys["model.layers.0.mlp.experts.gate_up_proj"] == [8, 64, 192]
+    assert keys["model.layers.0.mlp.experts.down_proj"] == [8, 96, 64]
+    if dtype == torch.float32:
+        want_path = path
+    else:  # the per-expert file of the same bfloat16 values
+        want_path = tmp_path / "per_expert"
+        want_path.mkdir()
+        shutil.copyfile(path / "config.json", want_path / "config.json")
+        from safetensors.torch import load_file
+
+        save_file({k: v.to(dtype).contiguous() for k, v in load_file(str(path / "model.safetensors")).items()},
+                  str(want_path / "model.safetensors"), metadata={"format": "pt"})
+    seqs = _sequences("transposed", 320)
+    got = load_model(str(transposed)).forward_logits(seqs)
+    want = load_model(str(want_path)).forward_logits(seqs)
+    for seq, g, w in zip(seqs, got, want):
+        if dtype == torch.float32:
+            assert_logits_close(g, w.astype(np.float64), SAME_TOL, f"transposed, length {len(seq)}")
+        else:
+            np.testing.assert_array_equal(g, w)
+    spec, base = model_spec(resolve_model(str(transposed))), model_spec(resolve_model(str(want_path)))
+    by_key = {(t[1], t[2], t[9]): t for t in base.tensors}
+    experts = [t for t in spec.tensors if t[10]]
+    assert len(experts) == 2 * 8 * 3  # two sparse layers, 8 experts, gate / up / down
+    for t in experts:
+        np.testing.assert_array_equal(_read_tensor(spec, t), _read_tensor(base, by_key[(t[1], t[2], t[9])]))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t[:10] + (t[7][0] - 1,), r"column stride 95 is below its 96 rows"),
+    (lambda t: t[:5] + (t[5] - 4,) + t[6:], r"stored transposed\) has \d+ bytes, but its shape, column stride 192"),
+    (lambda t: t[:6] + (8,) + t[7:], r"only 2-D F32, F16 and BF16"),  # Q8_0
+])  # fmt: skip
+def test_bad_transposed_sources_are_refused(models, tmp_path, change, match):
+    """The engine checks what the Python loader says of a transposed slice (stride, byte span, type)."""
+    from tinker._engine import get_engine
+    from tinker._models import model_spec, resolve_model
+
+    path, ref = models.get("norm")
+    spec = model_spec(resolve_model(str(write_transposed_checkpoint(path, ref, tmp_path / "t"))))
+    at = next(i for i, t in enumerate(spec.tensors) if t[10] and t[1] == "exp_gate")
+    tensors = list(spec.tensors)
+    tensors[at] = change(tensors[at])
+    with pytest.raises(ValueError, match=match):
+        get_engine().load_model(spec.config, spec.paths, tensors).result()
 
 
 def _broken_copy(source: Path, directory: Path, drop: str | None = None, config_changes: dict | None = None) -> Path:
@@ -504,6 +568,104 @@ def test_mixed_adapter_batch_equals_each_sequence_alone(models):
     assert np.abs(full_alone - mixed[0]).max() > 1e-3, "the adapters do not differ: the test would prove nothing"
 
 
+# ---- routing metrics -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_expert_tokens(model, data) -> np.ndarray:
+    """[sparse layers, E]: the (token, expert) assignments each expert gets in the reference's routing (top k of
+    the router softmax of each sparse layer), summed over the datums."""
+    config = getattr(model, "config", None) or model.base_model.model.config
+    total = None
+    for tokens, _ in data:
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+        chosen = [torch.topk(torch.softmax(z.float(), -1), config.num_experts_per_tok, dim=-1).indices
+                  for z in out.router_logits]  # fmt: skip
+        counts = torch.stack([torch.bincount(c.reshape(-1), minlength=config.num_experts) for c in chosen])
+        total = counts if total is None else total + counts
+    return total.numpy()
+
+
+def reference_moe_metrics(counts: np.ndarray, k: int, n_tokens: int) -> dict[str, float]:
+    """Tinker's MoE metrics (qwen3-moe-vl.md §1.8) by their definitions, in torch float64: per layer, perfect
+    balance = T k / E assignments per expert; then mean (max) over sparse layers."""
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    E = c.shape[1]
+    perfect = n_tokens * k / E
+    per_layer = {
+        "e_frac_with_tokens": (c >= 1).double().sum(1) / E,
+        "e_frac_oversubscribed": (c > perfect).double().sum(1) / E,
+        "e_max_violation": (c.max(1).values - perfect) / perfect,
+        "e_min_violation": (c.min(1).values - perfect) / perfect,
+    }
+    return {"e_frac_with_tokens:mean": float(per_layer["e_frac_with_tokens"].mean()),
+            "e_frac_oversubscribed:mean": float(per_layer["e_frac_oversubscribed"].mean()),
+            "e_max_violation:mean": float(per_layer["e_max_violation"].mean()),
+            "e_max_violation:max": float(per_layer["e_max_violation"].max()),
+            "e_min_violation:mean": float(per_layer["e_min_violation"].mean())}  # fmt: skip
+
+
+MOE_METRICS = ("e_frac_with_tokens:mean", "e_frac_oversubscribed:mean", "e_max_violation:mean",
+               "e_max_violation:max", "e_min_violation:mean")  # fmt: skip
+
+
+@pytest.mark.parametrize("name,lengths", [("norm", (5, 33, 61, 2)), ("nonorm", (5, 33, 61, 2)), ("norm", (1, 2))])
+def test_moe_metrics_equal_the_reference_routing(models, name, lengths):
+    """forward_backward and forward report Tinker's MoE metrics, computed from the routing the engine did: the
+    counts per expert equal those of the reference's routing (adapter included: LoRA on attention and experts
+    moves the routers' inputs) and the metrics equal their definitions on them (float64, 1e-12)."""
+    path, hf = models.get(name)
+    rank = 4
+    adapter = _training.LoraAdapter(models.engine(name), rank=rank, seed=2)
+    values = random_values({k: v.shape for k, v in adapter.parameters().items()}, rank, _seed("metrics", name))
+    adapter.set_parameters(values)
+    ref = MoeLoraReference(hf, rank, (True, True, True))
+    ref.load(values)
+    data = make_data(name, hf.config.vocab_size, lengths, _seed("metrics-data", name), ref.model)
+    counts = reference_expert_tokens(ref.model, data)
+    k = hf.config.num_experts_per_tok
+    assert counts.shape == (len(models.engine(name).handle.config["moe_layers"]), hf.config.num_experts)
+    assert (counts.sum(1) == sum(lengths) * k).all()
+    assert (counts.max(1) > counts.min(1)).all(), "a trivially balanced routing"
+    if sum(lengths) * k < hf.config.num_experts:
+        assert (counts == 0).any(1).all(), "some expert idle in every layer"
+    want = reference_moe_metrics(counts, k, sum(lengths))
+    for backward in (True, False):
+        request = adapter.submit(data, "cross_entropy", backward=backward)
+        got_counts = np.asarray(request._request.result()[2])
+        np.testing.assert_array_equal(got_counts, counts)
+        metrics = request.result().metrics
+        assert set(metrics) == {"loss:sum", *MOE_METRICS}
+        for key in MOE_METRICS:
+            assert abs(metrics[key] - want[key]) <= 1e-12, (key, metrics[key], want[key])
+    print(name, want)
+
+
+def test_moe_metrics_through_the_public_api(models, tmp_path):
+    """TrainingClient.forward_backward / forward outputs carry the metrics for an MoE model, not for a dense
+    one; a batch that takes several engine groups counts every token once."""
+    path, _ = models.get("norm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=2, seed=1)
+    fb = tc.forward_backward(_datums(3), "cross_entropy").result()
+    fw = tc.forward(_datums(3), "cross_entropy").result()
+    assert set(MOE_METRICS) <= set(fb.metrics) and fb.metrics == fw.metrics
+    assert 0 < fb.metrics["e_frac_with_tokens:mean"] <= 1 and fb.metrics["e_min_violation:mean"] >= -1
+    assert fb.metrics["e_max_violation:max"] >= fb.metrics["e_max_violation:mean"] >= 0
+    dense_path, _ = tm.make_hf_checkpoint(tmp_path / "dense", "qwen3", seed=1, vocab=320)
+    dense = service.create_lora_training_client(str(dense_path), rank=2, seed=1)
+    out = dense.forward_backward(_datums(3), "cross_entropy").result()
+    assert set(out.metrics) == {"loss:sum"}
+
+    n = 500
+    datum = ((np.arange(n) * 7 % 320).tolist(), {"target_tokens": np.zeros(n, np.int64),
+                                                  "weights": np.ones(n, np.float32)})  # fmt: skip
+    request = tc._adapter.submit([datum] * 6, "cross_entropy", backward=True)  # 3000 tokens: two engine groups
+    counts = np.asarray(request._request.result()[2])
+    assert (counts.sum(1) == 6 * n * 2).all()
+
+
 # ---- sampling --------------------------------------------------------------------------------------------------
 
 
@@ -603,9 +765,8 @@ def test_save_and_load_state_round_trip(models, store):
 
 def test_saved_adapter_leaves_the_store(models, store, tmp_path):
     """The sampler checkpoint samples like the trained adapter; the adapter directory exported from it
-    (Tinker's layout) trains on elsewhere; merging into an MoE base is refused with a clear error."""
-    from tinker._exceptions import BadRequestError
-    from tinker._export import export_adapter, export_merged
+    (Tinker's layout) trains on elsewhere."""
+    from tinker._export import export_adapter
 
     path, hf = models.get("nonorm")
     service = tinker.ServiceClient()
@@ -623,5 +784,126 @@ def test_saved_adapter_leaves_the_store(models, store, tmp_path):
     resumed = service.create_training_client_from_state(str(directory), base_model=str(path))
     params = tc._adapter.parameters()
     assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
-    with pytest.raises(BadRequestError, match="mixture-of-experts"):
-        export_merged(sampler_path, tmp_path / "merged")
+
+
+def write_per_expert_peft(directory: Path, params: dict[str, np.ndarray], rank: int, alpha: float, E: int) -> Path:
+    """An adapter directory with one PEFT pair per expert module (mlp.experts.{e}.gate_proj ...), as the cookbook's
+    build_lora_adapter writes Tinker's adapters (the shared factor repeated in every expert) and as PEFT saves a
+    transformers 4.x model's per-expert nn.Linear's; B scaled for lora_alpha = alpha."""
+    from safetensors.numpy import save_file
+
+    proj = {"exp_gate": "gate_proj", "exp_up": "up_proj", "exp_down": "down_proj"}
+    other = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "q": "self_attn.q_proj",
+             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}  # fmt: skip
+    rescale = np.float32((32 / rank) / (alpha / rank))
+    out = {}
+    for name, value in params.items():
+        target, layer, ab = ckpt.split_engine_name(name)
+        value = value * rescale if ab == "lora_B" else value
+        if target in proj:
+            for e in range(E):
+                out[f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj[target]}.{ab}.weight"] = \
+                    np.ascontiguousarray(value[e if value.shape[0] > 1 else 0])
+        elif target == "unembed":
+            out[f"base_model.model.lm_head.{ab}.weight"] = value
+        else:
+            out[f"base_model.model.model.layers.{layer}.{other[target]}.{ab}.weight"] = value
+    directory.mkdir(parents=True)
+    save_file(out, str(directory / ckpt.ADAPTER_WEIGHTS))
+    (directory / ckpt.ADAPTER_CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": None,
+        "target_modules": ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]}))
+    return directory
+
+
+def test_per_expert_peft_adapters_load_in_tinkers_layout(models, store, tmp_path):
+    """load_state / create_training_client_from_state of a PEFT directory with per-expert modules (the cookbook's
+    build_lora_adapter output): gate/up's A and down's B agree across experts, so they convert to Tinker's layout
+    exactly (lora_alpha 32: bit for bit; 16: B rescaled as for any PEFT adapter); an adapter whose shared factor
+    differs between experts, and a LoRA on fused expert parameters (peft target_parameters), are refused saying
+    why."""
+    from tinker._exceptions import BadRequestError
+    from safetensors.numpy import load_file, save_file
+
+    path, hf = models.get("norm")
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=3)
+    values = random_values({k: v.shape for k, v in tc._adapter.parameters().items()}, 4, 17, gain=0.5)
+    tc._adapter.set_parameters(values)
+    for alpha in (32.0, 16.0):
+        directory = write_per_expert_peft(tmp_path / f"alpha{alpha:g}", values, 4, alpha, 8)
+        other = service.create_lora_training_client(str(path), rank=4, seed=9)
+        other.load_state(str(directory)).result()
+        got = other._adapter.parameters()
+        assert set(got) == set(values)
+        for k, v in values.items():
+            if alpha == 32.0:
+                np.testing.assert_array_equal(got[k], v, err_msg=k)
+            else:
+                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=0, err_msg=k)
+    resumed = service.create_training_client_from_state(str(tmp_path / "alpha32"), base_model=str(path))
+    assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in values.items())
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "alpha32", broken)
+    tensors = load_file(str(broken / ckpt.ADAPTER_WEIGHTS))
+    tensors["base_model.model.model.layers.2.mlp.experts.5.down_proj.lora_B.weight"] *= 1.5
+    save_file(tensors, str(broken / ckpt.ADAPTER_WEIGHTS))
+    with pytest.raises(BadRequestError, match=r"experts' exp_down adapters of layer 2: expert 5's lora_B differs from "
+                                              r"expert 0's\. Tinker's expert LoRA shares one factor across the "
+                                              r"experts \(B for down_proj\)"):  # fmt: skip
+        service.create_lora_training_client(str(path), rank=4).load_state(str(broken)).result()
+
+    fused = tmp_path / "fused_peft"
+    fused.mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight": np.zeros((32, 64), np.float32),
+               "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight": np.zeros((192, 32), np.float32)},
+              str(fused / ckpt.ADAPTER_WEIGHTS))  # fmt: skip
+    (fused / ckpt.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 32,
+                                                         "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    with pytest.raises(BadRequestError, match=r"LoRA on fused expert parameters \(peft target_parameters"):
+        service.create_lora_training_client(str(path), rank=4).load_state(str(fused)).result()
+
+
+MERGE_TOL = 1e-4  # merged checkpoint in transformers vs the engine with the adapter, relative to max(1, |logit|)
+
+
+@pytest.mark.parametrize("name", ["nonorm", "fused", "gguf_F32"])
+def test_merged_export_equals_the_engine_with_the_adapter(models, store, tmp_path, name):
+    """export_merged of an MoE adapter (each expert's delta (32/r) B_e A_e, the shared factor broadcast; attention,
+    the dense layers' MLP and lm_head as for dense models) writes a checkpoint that transformers loads and whose
+    logits equal the engine's through the adapter. Bases: per-expert safetensors (the adapter read back from its
+    exported PEFT directory), fused 3-D safetensors (the adapter as per-expert PEFT modules), a GGUF (its
+    config.json written from the engine config)."""
+    from transformers import AutoModelForCausalLM
+
+    from tinker._engine import get_engine
+    from tinker._export import export_adapter, export_merged
+
+    path, _ = models.get(name)
+    tc = tinker.ServiceClient().create_lora_training_client(str(path), rank=4, seed=3)
+    adapter = tc._adapter
+    adapter.set_parameters(random_values({k: v.shape for k, v in adapter.parameters().items()}, 4,
+                                         _seed("merge", name), gain=0.5))  # fmt: skip
+    source = tc.save_weights_for_sampler("merge").result().path
+    if name == "nonorm":  # the adapter's PEFT directory (Tinker's layout)
+        source = str(export_adapter(source, tmp_path / "adapter"))
+    elif name == "fused":  # the same adapter as per-expert PEFT modules, lora_alpha 16
+        source = str(write_per_expert_peft(tmp_path / "per_expert", adapter.parameters(), 4, 16.0, 8))
+    out = export_merged(source, tmp_path / "merged", base_model=str(path))
+    keys = safetensors_keys(out)
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys), "per-expert names"
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
+    merged.config._experts_implementation = "eager"
+    merged.eval()
+
+    seqs = _sequences(f"merge/{name}", 320, (3, 40, 97), model=merged)
+    tokens = np.concatenate(seqs).astype(np.int32)
+    lens = np.array([len(x) for x in seqs], dtype=np.int32)
+    got = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens, adapter=adapter.handle).result())
+    base = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens).result())
+    bounds = np.cumsum([0, *lens])
+    for i, seq in enumerate(seqs):
+        want = tm.reference_logits(merged, seq)
+        assert_logits_close(got[bounds[i]:bounds[i + 1]], want, MERGE_TOL, f"{name}, length {len(seq)}")
+        assert np.abs(base[bounds[i]:bounds[i + 1]] - want).max() > 1e-2, "the adapter changes nothing"

@@ -91,7 +91,7 @@ def run(model, requests, together: bool, submit=submit):
 
 def outcome(p):
     try:
-        return p.result(), p._request.result()[2]
+        return p.result(), p._request.result()[3]
     except BadRequestError as e:
         return e, None
 
@@ -116,7 +116,8 @@ def assert_same_results(together, alone, requests):
 
 def test_clients_share_a_pass_and_get_what_they_get_alone(model):
     together = run(model, REQUESTS, together=True)
-    assert [outcome(p)[1] for p in together[1]] == [len(REQUESTS)] * len(REQUESTS)  # one shared pass
+    # shared passes of different clients; a client's second request starts the next pass
+    assert [outcome(p)[1] for p in together[1]] == [2, 2, 3, 3, 3]
     alone = run(model, REQUESTS, together=False)
     assert [outcome(p)[1] for p in alone[1]] == [1] * len(REQUESTS)
     assert_same_results(together, alone, REQUESTS)
@@ -135,8 +136,8 @@ def test_forward_only_requests_share_their_own_pass(model):
 def test_a_poisoned_request_fails_alone_and_the_others_are_applied(model):
     """A request whose gradients overflow makes the shared pass fail its checks: nothing of it is kept, the
     requests run one by one, and only the poisoned one fails (its adapter's gradients as they were)."""
-    requests = REQUESTS[:2] + [("b", 6, "cross_entropy", None, True)] + REQUESTS[2:]
-    poisoned = dict(enumerate(requests))[2]
+    poisoned = ("b", 6, "cross_entropy", None, True)
+    requests = [REQUESTS[0], poisoned, REQUESTS[3], REQUESTS[1], REQUESTS[2]]  # passes: [a, b*, c], [b, a]
 
     def submit_poisoned(adapters, request):
         if request is poisoned:
@@ -148,8 +149,8 @@ def test_a_poisoned_request_fails_alone_and_the_others_are_applied(model):
     together = run(model, requests, together=True, submit=submit_poisoned)
     alone = run(model, requests, together=False, submit=submit_poisoned)
     results = [outcome(p) for p in together[1]]
-    assert isinstance(results[2][0], BadRequestError) and "not finite" in str(results[2][0])
-    assert all(passes == 1 for _, passes in results[:2] + results[3:])  # run one by one after the failed check
+    assert isinstance(results[1][0], BadRequestError) and "not finite" in str(results[1][0])
+    assert [passes for _, passes in results] == [1, None, 1, 2, 2]  # one by one after the failed check
     assert_same_results(together, alone, requests)
 
 

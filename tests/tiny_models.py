@@ -342,8 +342,22 @@ def _moe_expert_tensors(config, state) -> list[tuple]:
     return out
 
 
-def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
-    """Writes `hf_model` as a GGUF file like convert_hf_to_gguf + llama-quantize would.
+def _byte_level_tokens(vocab: int) -> tuple[list[str], list[str]]:
+    """(tokens, merges) of a small byte-level BPE vocabulary of `vocab` tokens (GPT-2's byte-to-character
+    map for the 256 bytes, one merge "Ġ t", then filler tokens)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+    tokens = [chars[b] for b in range(256)] + ["Ġt"]
+    tokens += [f"<filler_{i}>" for i in range(len(tokens), vocab)]
+    if len(tokens) != vocab:
+        raise ValueError(f"a byte-level vocabulary needs at least 257 tokens, not {vocab}")
+    return tokens, ["Ġ t"]
+
+
+def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32", byte_tokenizer: bool = False):
+    """Writes `hf_model` as a GGUF file like convert_hf_to_gguf + llama-quantize would; with byte_tokenizer, also
+    a byte-level BPE tokenizer (tokenizer.ggml.model gpt2) of the model's vocabulary size, for the exporter.
 
     tensor_type: a ggml type name ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q4_K", ...) or
     GGMLQuantizationType for every 2-D weight, or a callable (gguf_name, shape) -> type for a mix.
@@ -379,6 +393,13 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32"):
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if byte_tokenizer:
+        tokens, merges = _byte_level_tokens(config.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(config.vocab_size - 1)
     if arch == "qwen3moe":  # as convert_hf_to_gguf's Qwen3MoeModel writes them
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.num_experts_per_tok)

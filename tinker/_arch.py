@@ -204,6 +204,31 @@ def target_of_peft_module(module: str, arch: str | None = None) -> tuple[str, in
     return None
 
 
+@lru_cache(maxsize=None)
+def _expert_peft_patterns(arch: str | None) -> tuple[tuple[re.Pattern, str], ...]:
+    """(module regex with groups layer and expert, target name) of the per-expert PEFT modules of the experts'
+    LoRA targets: each expert's own nn.Linear in transformers 4.x ("model.layers.%d.mlp.experts.%d.gate_proj",
+    its Hugging Face tensor name without ".weight"), where PEFT puts an independent pair per expert."""
+    out = []
+    for a in [ARCHS[arch]] if arch else ARCHS.values():
+        for t in a["lora"]:
+            if not t["per_expert"]:
+                continue
+            module = tensor(a["name"], t["role"])["hf"].removesuffix(".weight")
+            out.append((re.compile(re.escape(module).replace("%d", r"(\d+)"), re.ASCII), t["name"]))
+    return tuple(out)
+
+
+def target_of_expert_peft_module(module: str, arch: str | None = None) -> tuple[str, int, int] | None:
+    """(target, layer, expert) of a per-expert PEFT module name ("model.layers.3.mlp.experts.5.down_proj" ->
+    ("exp_down", 3, 5)), or None."""
+    for regex, name in _expert_peft_patterns(arch):
+        m = regex.fullmatch(module)
+        if m:
+            return name, int(m.group(1)), int(m.group(2))
+    return None
+
+
 def trained_by(target: str, arch: str | None = None) -> str:
     """The LoRA config flag (train_attn / train_mlp / train_unembed) that trains a target in the given
     architecture or, without one, in every architecture that has it (they agree: checked here)."""

@@ -577,9 +577,66 @@ class PeftAdapter:
     params: dict[str, np.ndarray]  # engine tensor names, B rescaled to the engine's alpha 32
 
 
-def read_peft_dir(directory: Path, arch: str | None = None) -> PeftAdapter:
+def _unreadable_key(path: Path, key: str) -> str:
+    if re.fullmatch(r"base_model\.model\..*\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight", key):
+        return (f"{path}: tensor {key!r} is a LoRA on fused expert parameters (peft target_parameters on "
+                f"mlp.experts.gate_up_proj / down_proj): one independent pair per expert, stacked [r * experts, ...], "
+                f"and over gate and up jointly. The engine trains Tinker's expert layout (gate, up and down apart; "
+                f"A shared by the experts for gate and up, B for down), into which such an adapter does not convert; "
+                f"merge it into the base model with peft, or save it with per-expert modules "
+                f"(mlp.experts.{{e}}.gate_proj ...), which convert where their shared factors agree")
+    return (f"{path}: tensor {key!r} is not a LoRA weight of q/k/v/o, gate/up/down (per expert or in Tinker's "
+            f"expert layout) or lm_head, which is what the engine trains")
+
+
+def _shared_outer(per_expert: dict, path: Path, rank: int, n_experts: int | None) -> dict[str, np.ndarray]:
+    """Per-expert PEFT pairs ({(target, layer): {expert: {"lora_A": [r, in], "lora_B": [out, r]}}}, the cookbook's
+    build_lora_adapter output or a transformers 4.x PEFT model's) in Tinker's shared-outer layout: the factor the
+    target shares (A of gate and up, B of down) must be the same array in every expert, and is kept once
+    ([1, r, in] / [1, out, r]); the other is stacked over the experts ([E, ...]), zero for an expert the file
+    lacks (no delta). E: n_experts, else one past the highest expert index."""
+    out = {}
+    for (target, layer), experts in sorted(per_expert.items()):
+        found = next(t for a in _arch.ARCHS.values() for t in a["lora"] if t["name"] == target)
+        shared_ab = "lora_B" if found["a_per_expert"] else "lora_A"
+        own_ab = "lora_A" if shared_ab == "lora_B" else "lora_B"
+        count = n_experts if n_experts is not None else max(experts) + 1
+        what = f"the experts' {found['role']} adapters of layer {layer}"
+        if max(experts) >= count:
+            raise BadRequestError(f"{path}: {what} include expert {max(experts)}, but the model has {count} experts")
+        shapes = set()
+        for e, pair in experts.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise BadRequestError(f"{path}: {what}: expert {e} has only {', '.join(pair)}")
+            a, b = pair["lora_A"], pair["lora_B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+                raise BadRequestError(f"{path}: {what}: expert {e} has lora_A {a.shape}, lora_B {b.shape}; expected "
+                                      f"[{rank}, in] and [out, {rank}] for rank {rank}")
+            shapes.add((a.shape, b.shape))
+        if len(shapes) > 1:
+            raise BadRequestError(f"{path}: {what} differ in shape between experts: {sorted(shapes)}")
+        first = min(experts)
+        sharing = "A for gate_proj and up_proj" if shared_ab == "lora_A" else "B for down_proj"
+        for e in sorted(experts):
+            if not np.array_equal(experts[e][shared_ab], experts[first][shared_ab]):
+                raise BadRequestError(
+                    f"{path}: {what}: expert {e}'s {shared_ab} differs from expert {first}'s. Tinker's expert LoRA "
+                    f"shares one factor across the experts ({sharing}), so an adapter with independent per-expert "
+                    f"{shared_ab} factors cannot be expressed in it; merge it into the base model with peft instead")
+        own = np.zeros((count, *experts[first][own_ab].shape), np.float32)
+        for e, pair in experts.items():
+            own[e] = pair[own_ab]
+        prefix = f"layers.{layer}.{target}"
+        out[f"{prefix}.{shared_ab}"] = np.asarray(experts[first][shared_ab], np.float32)[None]
+        out[f"{prefix}.{own_ab}"] = own
+    return out
+
+
+def read_peft_dir(directory: Path, arch: str | None = None, n_experts: int | None = None) -> PeftAdapter:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) from any source, with
-    the PEFT module names of `arch` (else of any architecture the engine runs).
+    the PEFT module names of `arch` (else of any architecture the engine runs). Experts' adapters may come in
+    Tinker's layout (mlp.experts.w1 / w2 / w3) or per expert (mlp.experts.{e}.gate_proj ..., converted where
+    they fit Tinker's layout, see _shared_outer; n_experts: the model's expert count).
 
     The engine's scale is 32 / r; PEFT's is lora_alpha / r (or lora_alpha / sqrt(r) with rslora),
     so B is multiplied by the ratio and the adapter computes the same function. q/k/v/o go together
@@ -597,13 +654,26 @@ def read_peft_dir(directory: Path, arch: str | None = None) -> PeftAdapter:
         data = weights_path.read_bytes()
     except OSError as e:
         raise BadRequestError(f"{directory}: cannot read {ADAPTER_WEIGHTS}: {e}") from None
-    params = {}
+    params, per_expert = {}, {}
     for key, value in _read_safetensors(weights_path, data).items():
-        name = engine_name(key.replace(".default.weight", ".weight"), arch)
-        if name is None:
-            raise BadRequestError(f"{weights_path}: tensor {key!r} is not a LoRA weight of q/k/v/o, gate/up/down or "
-                                  f"lm_head, which is what the engine trains")
-        params[name] = value * np.float32(scale / (LORA_ALPHA / rank)) if name.endswith("lora_B") else value
+        key = key.replace(".default.weight", ".weight")
+        name = engine_name(key, arch)
+        if name is not None:
+            params[name] = value
+            continue
+        m = _PEFT_KEY.fullmatch(key)
+        found = _arch.target_of_expert_peft_module(m.group(1), arch) if m else None
+        if found is None:
+            raise BadRequestError(_unreadable_key(weights_path, key))
+        target, layer, expert = found
+        per_expert.setdefault((target, layer), {}).setdefault(expert, {})[m.group(2)] = value
+    for name, value in _shared_outer(per_expert, weights_path, rank, n_experts).items():
+        if name in params:
+            raise BadRequestError(f"{weights_path}: holds the experts of {name} both in Tinker's layout and per "
+                                  f"expert")
+        params[name] = value
+    for name in [n for n in params if n.endswith("lora_B")]:
+        params[name] = params[name] * np.float32(scale / (LORA_ALPHA / rank))
     flags = {_arch.trained_by(split_engine_name(n)[0], arch) for n in params}
     return PeftAdapter(base or None, rank,
                        train_attn="train_attn" in flags, train_mlp="train_mlp" in flags,

@@ -17,6 +17,14 @@ float64, then rounded once. The engine's unembedding adapter changes the output 
 so a tied base whose adapter has a non-zero unembedding delta is untied: lm_head = embed + delta,
 embed unchanged, tie_word_embeddings false.
 
+Mixture-of-experts models (Qwen3-MoE): the experts' LoRA tensors are Tinker's shared-outer layout,
+3-D with the expert first and a size-1 expert axis on the factor all experts share (gate and up:
+A [1, r, H], B [E, I, r]; down: A [E, r, I], B [1, H, r]); expert e's delta is (32 / r) · B_e @ A_e
+with the shared factor broadcast, merged into that expert's own weights. The experts are written
+under transformers' per-expert names (model.layers.{l}.mlp.experts.{e}.gate_proj.weight ...), which
+transformers 4.x and 5.x both load, whatever layout the base stored them in (fused 3-D, GGUF); the
+router is not adapted and is copied as it is.
+
 Output is written into a hidden temporary directory beside the target and renamed into place, so
 a killed export leaves no half-written checkpoint under the target name.
 """
@@ -51,8 +59,8 @@ _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.j
                  "chat_template.json")  # fmt: skip
 
 
-def _hf_name(arch: str, role: str, layer: int) -> str:
-    return _arch.tensor_name(arch, "hf", role, layer)
+def _hf_name(arch: str, role: str, layer: int, expert: int = -1) -> str:
+    return _arch.tensor_name(arch, "hf", role, layer, expert if expert >= 0 else None)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------
@@ -77,10 +85,23 @@ def _adapter(source) -> tuple[str | None, int, dict[str, np.ndarray], Path]:
     return peft.base_model, peft.rank, peft.params, directory
 
 
-def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> dict[tuple[str, int], tuple]:
-    """{(role, layer): (A, B)} of the adapter, keyed by the base tensor each target adapts (the unembedding's
-    is ("lm_head", -1))."""
+def _expert_pairs(key: tuple[str, int], a: np.ndarray, b: np.ndarray, rank: int, where: str,
+                  name: str) -> dict[tuple[str, int, int], tuple]:
+    """{(role, layer, e): (A_e, B_e)} of one expert target's 3-D factors (shared-outer: one of them has a size-1
+    expert axis, broadcast to every expert)."""
+    experts = max(a.shape[0], b.shape[0])
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1] != rank or b.shape[2] != rank or \
+            {a.shape[0], b.shape[0]} - {1, experts}:
+        raise BadRequestError(f"{where}: LoRA tensors of {name} have shapes A {a.shape}, B {b.shape}; expected "
+                              f"[experts or 1, {rank}, in] and [experts or 1, out, {rank}] for rank {rank}")
+    return {(*key, e): (a[e if a.shape[0] > 1 else 0], b[e if b.shape[0] > 1 else 0]) for e in range(experts)}
+
+
+def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> dict[tuple[str, int, int], tuple]:
+    """{(role, layer, expert): (A, B)} of the adapter, keyed by the base tensor each target adapts (the
+    unembedding's is ("lm_head", -1, -1); expert -1 but for the experts' own weights)."""
     pairs: dict[tuple[str, int], dict] = {}
+    per_expert = set()
     for name, value in params.items():
         target, layer, ab = ckpt.split_engine_name(name)
         found = _arch.lora_target(arch, target)
@@ -88,15 +109,21 @@ def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> 
             raise BadRequestError(f"{where}: the adapter has LoRA tensor {name!r}, which the {arch} architecture "
                                   f"does not train")
         pairs.setdefault((found["role"], layer), {})[ab] = value
+        if found["per_expert"]:
+            per_expert.add((found["role"], layer))
     out = {}
     for key, pair in pairs.items():
         a, b = pair.get("lora_A"), pair.get("lora_B")
         if a is None or b is None:
-            raise BadRequestError(f"{where}: the adapter has only one of lora_A / lora_B for {_hf_name(arch, *key)}")
+            name = _hf_name(arch, *key, 0) if key in per_expert else _hf_name(arch, *key)
+            raise BadRequestError(f"{where}: the adapter has only one of lora_A / lora_B for {name}")
+        if key in per_expert:
+            out.update(_expert_pairs(key, a, b, rank, where, f"the experts of layer {key[1]} ({key[0]})"))
+            continue
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise BadRequestError(f"{where}: LoRA tensors of {_hf_name(arch, *key)} have shapes A {a.shape}, B "
                                   f"{b.shape}; expected [{rank}, in] and [out, {rank}] for rank {rank}")
-        out[key] = (a, b)
+        out[(*key, -1)] = (a, b)
     return out
 
 
@@ -105,12 +132,17 @@ def _deltas(arch: str, params: dict[str, np.ndarray], rank: int, where: str) -> 
 
 def _read_tensor(spec: ModelSpec, entry: tuple) -> np.ndarray:
     """One base tensor in float32, HF row order: decoded and un-permuted as the engine's loader does."""
-    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved, _expert = entry
+    name, _role, _layer, file, offset, nbytes, ggml_type, shape, interleaved, _expert, col_stride = entry
     with open(spec.paths[file], "rb") as f:
         f.seek(offset)
         data = f.read(nbytes)
     if len(data) != nbytes:
         raise BadRequestError(f"{spec.paths[file]}: tensor {name!r} lies past the end of the file (truncated?)")
+    if col_stride:  # stored transposed: element (r, c) at c * col_stride + r (a float type: one element each)
+        rows, cols = shape
+        span = np.frombuffer(_C.dequantize(ggml_type, data, (cols - 1) * col_stride + rows), dtype=np.float32)
+        padded = np.concatenate([span, np.zeros(col_stride - rows, np.float32)])
+        return np.ascontiguousarray(padded.reshape(cols, col_stride)[:, :rows].T)
     values = np.frombuffer(_C.dequantize(ggml_type, data, math.prod(shape)), dtype=np.float32).reshape(shape)
     if interleaved:  # llama.cpp stores each head's rotate_half partners (i, i + hd/2) as adjacent rows
         hd = spec.config["head_dim"]
@@ -154,6 +186,11 @@ def _gguf_hf_config(spec: ModelSpec, tied: bool, dtype: str) -> dict:
     }  # fmt: skip
     for key, value in json.loads(arch["hf_config"]).items():  # "$n_layers": that engine config value
         cfg[key] = c[value[1:]] if isinstance(value, str) and value.startswith("$") else value
+    if c.get("moe"):  # llama.cpp's qwen3moe metadata: every layer with a router is sparse
+        cfg.update(num_experts=c["n_experts"], num_experts_per_tok=c["n_experts_used"],
+                   moe_intermediate_size=c["d_ff_expert"], norm_topk_prob=bool(c["norm_topk_prob"]),
+                   decoder_sparse_step=c["decoder_sparse_step"], mlp_only_layers=list(c["mlp_only_layers"]),
+                   output_router_logits=False, router_aux_loss_coef=0.001)  # fmt: skip
     return cfg
 
 
@@ -284,25 +321,22 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
         raise BadRequestError(f"{source}: the adapter does not name its base model (base_model_name_or_path); "
                               f"pass base_model=")
     spec = model_spec(resolve_model(base_model))  # ModelLoadError (a BadRequestError) when not found
-    if spec.config.get("moe"):
-        raise BadRequestError(f"{base_model!r} is a mixture-of-experts model ({spec.arch}); merging an adapter into "
-                              f"its experts is not supported yet: export the adapter itself (export_adapter)")
     final = _prepare_target(output_dir, overwrite, [adapter_dir, spec.source.path])
     where = f"adapter {source} on base model {base_model!r}"
 
-    base = {(t[1], t[2]): t for t in spec.tensors}
-    if ("rope_freqs", -1) in base:
+    base = {(t[1], t[2], t[9]): t for t in spec.tensors}  # (role, layer, expert)
+    if ("rope_freqs", -1, -1) in base:
         raise BadRequestError(f"{spec.source.path}: a GGUF with a rope_freqs tensor (llama3 rope scaling) has no "
                               f"exact Hugging Face config; export from the original Hugging Face checkpoint instead")
     arch = spec.arch
     deltas = _deltas(arch, params, rank, where)
     tied = bool(spec.config["tied_embeddings"])
-    unembed = deltas.get(("lm_head", -1))
+    unembed = deltas.get(("lm_head", -1, -1))
     if tied and unembed is not None and not np.any(unembed[1]):
-        del deltas[("lm_head", -1)]  # a zero output delta: the model stays tied
-    untie = tied and ("lm_head", -1) in deltas
+        del deltas[("lm_head", -1, -1)]  # a zero output delta: the model stays tied
+    untie = tied and ("lm_head", -1, -1) in deltas
     for key, (a, b) in deltas.items():
-        target = base.get(("embed", -1) if key == ("lm_head", -1) and tied else key)
+        target = base.get(("embed", -1, -1) if key == ("lm_head", -1, -1) and tied else key)
         if target is None:
             raise BadRequestError(f"{where}: the adapter changes {_hf_name(arch, *key)}, which the base model lacks "
                                   f"(was the adapter trained on another model?)")
@@ -313,13 +347,13 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
 
     scale = ckpt.LORA_ALPHA / rank
     entries = []
-    for (role, layer), t in base.items():
-        entries.append((_hf_name(arch, role, layer), tuple(t[7]),
-                        lambda t=t, d=deltas.get((role, layer)): _merged(_read_tensor(spec, t), d, scale)))
+    for key, t in base.items():
+        entries.append((_hf_name(arch, *key), tuple(t[7]),
+                        lambda t=t, d=deltas.get(key): _merged(_read_tensor(spec, t), d, scale)))
     if untie:
-        embed = base[("embed", -1)]
+        embed = base[("embed", -1, -1)]
         entries.append((_hf_name(arch, "lm_head", -1), tuple(embed[7]),
-                        lambda: _merged(_read_tensor(spec, embed), deltas[("lm_head", -1)], scale)))
+                        lambda: _merged(_read_tensor(spec, embed), deltas[("lm_head", -1, -1)], scale)))
 
     def fill(tmp: Path):
         _write_safetensors(tmp / "model.safetensors", entries, dtype)

@@ -50,7 +50,9 @@ class ModelSpec:
     config: dict                 # the engine's config keys (see csrc/model/model.h)
     paths: list[str]
     tensors: list[tuple]         # (name, role, layer, file, offset, nbytes, type, shape, rope_rows_interleaved,
-                                 #  expert): expert tensors come as one 2-D slice per expert, others have expert -1
+                                 #  expert, col_stride): expert tensors come as one 2-D slice per expert, others
+                                 #  have expert -1; col_stride > 0: the slice is stored transposed (element (r, c)
+                                 #  at c * col_stride + r), else 0
     gguf_metadata: dict | None = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)  # end generation (from the checkpoint's own files)
 
@@ -414,13 +416,26 @@ def _expert_slices(where: str, name: str, shape, offset: int, nbytes: int, roles
             for e in range(experts) for i, role in enumerate(roles)]
 
 
+def _transposed_slices(shape, offset: int, nbytes: int, roles) -> list[tuple]:
+    """(role, expert, offset, nbytes, shape, col_stride) of each expert's slice of a 3-D expert tensor stored
+    [E, cols, n * rows] (used as x @ W[e]; the n `roles` side by side along the last dimension, the first role's
+    columns first): role i of expert e is the transpose of the [cols, rows] block at columns i * rows."""
+    experts, cols, width = shape
+    rows, elem = width // len(roles), nbytes // (experts * cols * width)
+    span = ((cols - 1) * width + rows) * elem
+    return [(role, e, offset + (e * cols * width + i * rows) * elem, span, (rows, cols), width)
+            for e in range(experts) for i, role in enumerate(roles)]
+
+
 def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int) -> list[tuple]:
-    """(role, layer, expert, offset, nbytes, shape) of the tensors a safetensors entry holds: one, or one per
-    expert (and role) of a fused expert tensor."""
+    """(role, layer, expert, offset, nbytes, shape, col_stride) of the tensors a safetensors entry holds: one, or
+    one per expert (and role) of a fused expert tensor, in either orientation: [E, n * out, in] (transformers 5's
+    in-memory layout, used as linear(x, W[e])) or [E, in, n * out] (Qwen3-VL-MoE's files, used as x @ W[e]),
+    told apart by the shapes (a square case is read as the first)."""
     found = _arch.locate(arch, "hf", name)
     if found is not None:
         role, layer, expert = found
-        return [(role, layer, expert, offset, nbytes, tuple(shape))]
+        return [(role, layer, expert, offset, nbytes, tuple(shape), 0)]
     fused = _arch.fused_of(arch, name)
     if fused is None:
         raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
@@ -429,10 +444,9 @@ def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: i
     experts, rows, cols = _arch.shape_of(arch, roles[0], config)
     want, transposed = (experts, rows * len(roles), cols), (experts, cols, rows * len(roles))
     if tuple(shape) == transposed != want:
-        raise ModelLoadError(f"{path}: expert tensor {name!r} has shape {list(shape)}: it is stored [experts, in, "
-                             f"out] (used as x @ W[e], as Qwen3-VL-MoE files are); the engine reads the "
-                             f"[experts, out, in] layout, {list(want)}")
-    return [(role, layer, e, off, size, sh) for role, e, off, size, sh in
+        return [(role, layer, e, off, size, sh, stride) for role, e, off, size, sh, stride in
+                _transposed_slices(shape, offset, nbytes, roles)]
+    return [(role, layer, e, off, size, sh, 0) for role, e, off, size, sh in
             _expert_slices(str(path), name, shape, offset, nbytes, roles)]
 
 
@@ -466,9 +480,9 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
             if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
                 raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
-            for role, layer, expert, off, size, sh in entries:
+            for role, layer, expert, off, size, sh, stride in entries:
                 tensors.append((name, role, layer, file_index, off, size, _SAFETENSORS_TYPES[dtype], sh, False,
-                                expert))
+                                expert, stride))
     where = str(files[0] if len(files) == 1 else source.path)
     _check_tensors(where, arch, "hf", config, tensors)
     return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path))
@@ -492,12 +506,12 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
         if described["per_expert"]:  # one 3-D tensor [E, rows, cols] of the layer: a slice per expert
             for r, expert, offset, nbytes, shape in _expert_slices(str(source.path), t["name"], t["shape"],
                                                                    t["offset"], t["nbytes"], (role[0],)):
-                tensors.append((t["name"], r, role[1], 0, offset, nbytes, t["type"], shape, False, expert))
+                tensors.append((t["name"], r, role[1], 0, offset, nbytes, t["type"], shape, False, expert, 0))
             continue
         # llama.cpp's converter interleaves each head's rotate_half halves in llama's q and k; the engine undoes it
         interleaved = described["gguf_rope_rows"]
         tensors.append((t["name"], role[0], role[1], 0, t["offset"], t["nbytes"], t["type"], t["shape"], interleaved,
-                        -1))
+                        -1, 0))
     _check_tensors(str(source.path), arch, "gguf", config, tensors)
     eos = _ids(meta.get("tokenizer.ggml.eos_token_id"))
     return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos)
@@ -510,13 +524,25 @@ def model_spec(source: ModelSource) -> ModelSpec:
 # ---- what can be served here -----------------------------------------------------------------
 
 
-def available_models() -> list[tuple[str, int]]:
-    """(name, context length) of every base model that loads here without a download: the built-in
-    default model and each Hugging Face cache snapshot of a supported architecture."""
-    found: dict[str, int] = {}
+@dataclass(frozen=True)
+class AvailableModel:
+    name: str
+    max_context: int
+    arch: str
+    moe: bool  # a mixture-of-experts model
+
+
+def available_models() -> list[AvailableModel]:
+    """Every base model that loads here without a download, by name: the built-in default model and each
+    Hugging Face cache snapshot of a supported architecture."""
+    found: dict[str, AvailableModel] = {}
+
+    def add(name: str, config: dict):
+        found[name] = AvailableModel(name, config["max_context"], config["arch"], bool(config.get("moe")))
+
     if _default_gguf_path() is not None:
         try:
-            found[DEFAULT_MODEL] = model_spec(resolve_model(DEFAULT_MODEL)).config["max_context"]
+            add(DEFAULT_MODEL, model_spec(resolve_model(DEFAULT_MODEL)).config)
         except ModelLoadError:
             pass
     for cache in _hf_cache_dirs():
@@ -528,9 +554,9 @@ def available_models() -> list[tuple[str, int]]:
             if snapshot is None or name in found:
                 continue
             try:
-                context = _hf_config(snapshot)[1]["max_context"]
+                config = _hf_config(snapshot)[1]
                 _safetensors_files(snapshot)  # weights present, not just a config
             except ModelLoadError:
                 continue  # an architecture the engine does not run, or an incomplete download
-            found[name] = context
-    return sorted(found.items())
+            add(name, config)
+    return [found[name] for name in sorted(found)]

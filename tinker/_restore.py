@@ -72,7 +72,8 @@ def adapter_state(adapter: LoraAdapter, source, with_optimizer: bool):
                 adapter.flatten(loaded.exp_avg_sq, f"the optimizer state of {source}"), loaded.step)
     if with_optimizer:
         raise BadRequestError(f"{source}: a PEFT adapter directory holds no optimizer state; use load_state")
-    peft = ckpt.read_peft_dir(_peft_dir(source), adapter.model.spec.arch)  # module names of this model's arch
+    peft = ckpt.read_peft_dir(_peft_dir(source), adapter.model.spec.arch,  # module names of this model's arch
+                              adapter.model.spec.config.get("n_experts") or None)
     if peft.rank != adapter.rank:
         raise BadRequestError(f"{source}: the adapter has rank {peft.rank}, this client {adapter.rank}")
     current = adapter.parameters()  # modules the PEFT adapter lacks keep their fresh values (B = 0)

@@ -178,7 +178,7 @@ class PendingTrain:
     def result(self) -> TrainResult:
         if self._result is None:
             try:
-                view, loss, _pass_requests = self._request.result()
+                view, loss, expert_tokens, _pass_requests = self._request.result()
             except ValueError as e:
                 raise BadRequestError(str(e)) from e
             flat = np.asarray(view)
@@ -187,8 +187,32 @@ class PendingTrain:
                 n = int(np.prod(shape))
                 logprobs.append(flat[at:at + n].reshape(shape).copy())
                 at += n
-            self._result = TrainResult(logprobs, {"loss:sum": float(loss)})
+            metrics = {"loss:sum": float(loss)}
+            if expert_tokens is not None:
+                metrics.update(moe_metrics(expert_tokens))
+            self._result = TrainResult(logprobs, metrics)
         return self._result
+
+
+def moe_metrics(expert_tokens) -> dict[str, float]:
+    """The routing-balance metrics Tinker reports for an MoE model, from the (token, expert) assignments each
+    expert received in each sparse layer over the whole request ([layers][E]; qwen3-moe-vl.md §1.8).
+
+    Per layer, perfect balance is an equal share of the assignments, T k / E (T tokens, k experts per token;
+    the reading under which the documented signs hold: min violation <= 0 <= max violation):
+    frac_with_tokens = experts with >= 1 token / E, frac_oversubscribed = experts above perfect / E,
+    max (min) violation = (max (min) tokens - perfect) / perfect; then the mean over layers (and the max for
+    the max violation)."""
+    counts = np.asarray(expert_tokens, dtype=np.float64)  # [layers, E]
+    perfect = counts.sum(axis=1) / counts.shape[1]
+    max_violation = (counts.max(axis=1) - perfect) / perfect
+    return {
+        "e_frac_with_tokens:mean": float(np.mean((counts > 0).mean(axis=1))),
+        "e_frac_oversubscribed:mean": float(np.mean((counts > perfect[:, None]).mean(axis=1))),
+        "e_max_violation:mean": float(np.mean(max_violation)),
+        "e_max_violation:max": float(np.max(max_violation)),
+        "e_min_violation:mean": float(np.mean((counts.min(axis=1) - perfect) / perfect)),
+    }
 
 
 def optim_metrics(request, learning_rate) -> dict:

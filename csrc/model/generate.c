@@ -367,7 +367,7 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
         kvs[u] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + (size_t)starts[u] * KV, co->prompt_v + (size_t)starts[u] * KV,
                              0, 0, prompt_stride};
     }
-    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads, kvs};
+    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads, kvs, NULL};
     size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
     float *work = tk_exec_scratch(S->exec, (size_t)total_p * D + rows * D + rows * V + rows + body + head + 64);
     if (!work) {
@@ -458,7 +458,7 @@ static void step(session *S)
         S->step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
         S->step_ads[j] = q->req->adapter;
     }
-    tk_batch step = {n, n, S->step_tok, S->step_rows, NULL, NULL, NULL, S->step_ads, S->step_kv};
+    tk_batch step = {n, n, S->step_tok, S->step_rows, NULL, NULL, NULL, S->step_ads, S->step_kv, NULL};
     const tk_adapter *widest = widest_unembed(S->step_ads, n);
     size_t body = tk_transformer_workspace(m, be, &step, 0), head = tk_head_workspace(m, widest);
     float *work = tk_exec_scratch(S->exec, (size_t)n * D + (size_t)n * V + body + head + 64);

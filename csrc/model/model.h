@@ -113,6 +113,10 @@ typedef struct {
     int n_dims;
     int64_t shape[2];
     int rope_rows_interleaved; /* GGUF llama q/k: each head's rotate_half partners are adjacent rows */
+    uint64_t col_stride;   /* 0: rows stored one after another. Else the [rows, cols] tensor is stored transposed,
+                            * element (r, c) being element c * col_stride + r from offset (an expert's slice of a
+                            * fused [E, in, n out] tensor used as x @ W[e], Qwen3-VL-MoE's layout); float types
+                            * only, nbytes spans ((cols - 1) col_stride + rows) elements */
 } tk_tensor_source;
 
 int tk_model_qkv_rows(const tk_model_config *cfg);

@@ -331,6 +331,24 @@ static void route_pass(const tk_moe_pass *p, const float *logits)
     route(&p->s->r, z, c, T);
 }
 
+/* Row of the batch's expert_tokens for `layer`: its index among the MoE layers. */
+static int moe_layer_index(const tk_model *m, int layer)
+{
+    int i = 0;
+    for (int l = 0; l < layer; l++) i += m->w.layers[l].moe != 0;
+    return i;
+}
+
+/* The batch's expert_tokens row of `layer` += the tokens routed to each expert (the routing's group sizes). */
+static void count_routed(const tk_moe_pass *p, int layer)
+{
+    int64_t *row = p->b->expert_tokens;
+    if (!row) return;
+    int E = p->m->cfg.n_experts;
+    row += (size_t)moe_layer_index(p->m, layer) * E;
+    for (int e = 0; e < E; e++) row[e] += p->s->r.expert_start[e + 1] - p->s->r.expert_start[e];
+}
+
 void tk_moe_forward(const tk_moe_pass *p, int layer, float *x, const float *h, float *logits, float *gate_up,
                     float *u, int ldu)
 {
@@ -344,6 +362,7 @@ void tk_moe_forward(const tk_moe_pass *p, int layer, float *x, const float *h, f
 
     project(be, logits, E, h, D, &L->router, T, 1.0f, 0.0f);
     route_pass(p, logits);
+    count_routed(p, layer);
     gather_rows(p, s->rows, D, h, D, 0, n, D);
     for (int e = 0; e < E; e++) { /* gate|up of each expert's rows, one matmul per expert */
         int a = s->r.expert_start[e], rows = s->r.expert_start[e + 1] - a;

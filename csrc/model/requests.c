@@ -182,7 +182,7 @@ static tk_status forward_run(void *p, tk_exec *exec)
     const tk_model *m = fp->model;
     tk_backend *be = exec->backend;
     tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start, NULL, NULL,
-                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL};
+                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL, NULL};
     size_t T = (size_t)b.n_tokens, D = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab_size;
     size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_embeds = 0;
     for (int s = 0; s < b.n_seqs; s++) {
@@ -297,6 +297,8 @@ typedef struct {
     float *logprobs;     /* [E] result */
     double loss_sum;     /* result */
     int pass_requests;   /* result: the requests its pass ran (1: alone; more: a pass shared with other clients) */
+    int64_t *expert_tokens; /* [n_moe_layers, experts] result: tokens routed to each expert, or NULL (dense) */
+    int n_moe_layers;
 } train_payload;
 
 enum { ARR_WEIGHTS, ARR_ADVANTAGES, ARR_SAMPLER_LP, ARR_CLIP_LOW, ARR_CLIP_HIGH, ARR_RATIO_MASK, ARR_COUNT };
@@ -314,6 +316,7 @@ static void train_free(void *p)
     for (int a = 0; a < ARR_COUNT; a++) free(tp->arrays[a]);
     free(tp->logprobs);
     free(tp->seq_log_ratio);
+    free(tp->expert_tokens);
     free(tp);
 }
 
@@ -352,7 +355,7 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     const tk_adapter *adapters[n_seqs];
     for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
     for (int s = 0; s < n_seqs; s++) adapters[s] = ad;
-    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL};
+    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL, tp->expert_tokens};
 
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = tp->backward ? tk_activation_floats(m, T, ad->cfg.rank) : 0;
@@ -386,6 +389,8 @@ static tk_status train_groups(train_payload *tp, tk_exec *exec)
 {
     int budget = group_tokens(tp);
     tp->loss_sum = 0;
+    if (tp->expert_tokens)
+        memset(tp->expert_tokens, 0, (size_t)tp->n_moe_layers * tp->adapter->model->cfg.n_experts * sizeof(int64_t));
     for (int first = 0; first < tp->batch.n_seqs;) {
         int last = first + 1;
         while (last < tp->batch.n_seqs && tp->batch.seq_start[last + 1] - tp->batch.seq_start[first] <= budget)
@@ -503,7 +508,7 @@ static int shared_pass(train_payload **tps, int n, tk_exec *exec, tk_adapter **a
         tps[i]->loss_sum = 0;
         tps[i]->pass_requests = n;
     }
-    tk_batch b = {n_seqs, T, tokens, seq_start, NULL, NULL, NULL, adapters, NULL};
+    tk_batch b = {n_seqs, T, tokens, seq_start, NULL, NULL, NULL, adapters, NULL, NULL};
     int R = tk_batch_max_rank(&b);
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
@@ -540,16 +545,28 @@ done:
     return bad;
 }
 
+/* Whether ad is the adapter of one of tps[0..n). */
+static int adapter_among(train_payload **tps, int n, const tk_adapter *ad)
+{
+    for (int i = 0; i < n; i++)
+        if (tps[i]->adapter == ad) return 1;
+    return 0;
+}
+
 /* Runs the engine's batch of training requests (forward / forward_backward of any clients on one model, in
- * submission order): consecutive requests that fit one group together share a pass; the others run as before. */
+ * submission order): consecutive requests of different adapters that fit one group together share a pass; the
+ * others run as before. Two requests of one client never share a pass, so a client's results are the same
+ * whether it submits its calls at once or one by one (its gradients summed pass by pass, as alone). */
 static tk_status train_batch(void **payloads, int n, tk_exec *exec)
 {
     train_payload **tps = (train_payload **)payloads;
     tk_backend *be = exec->backend;
     for (int first = 0; first < n;) {
         int last = first + 1, tokens = tps[first]->batch.n_tokens;
-        if (fits_one_group(tps[first]))
+        /* an MoE model's routing counts are per request (its metrics): its requests keep their own passes */
+        if (fits_one_group(tps[first]) && !tps[first]->expert_tokens)
             while (last < n && tps[last]->backward == tps[first]->backward && fits_one_group(tps[last]) &&
+                   !adapter_among(tps + first, last - first, tps[last]->adapter) &&
                    tokens + tps[last]->batch.n_tokens <= group_tokens(tps[last]) &&
                    tokens + tps[last]->batch.n_tokens <= group_tokens(tps[first]))
                 tokens += tps[last++]->batch.n_tokens;
@@ -672,6 +689,10 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
         const float *arrays[ARR_COUNT] = {tb->weights, tb->advantages, tb->sampler_lp, tb->clip_low, tb->clip_high,
                                           tb->ratio_mask};
         int ok = tp->tgt_start && tp->targets && tp->logprobs;
+        const tk_model_config *c = &ad->model->cfg;
+        for (int l = 0; l < c->n_layers; l++) tp->n_moe_layers += tk_model_layer_is_moe(c, l);
+        if (ok && tp->n_moe_layers)
+            ok = (tp->expert_tokens = calloc((size_t)tp->n_moe_layers * c->n_experts, sizeof(int64_t))) != NULL;
         if (ok && loss->kind == TK_LOSS_GSPO)
             ok = (tp->seq_log_ratio = malloc((size_t)(tb->n_targets > 0 ? tb->n_targets : 1) * sizeof(float))) != NULL;
         for (int a = 0; ok && a < ARR_COUNT; a++)
@@ -705,6 +726,15 @@ const float *tk_train_request_result(tk_request *req, long *n_targets, double *l
     *loss = tp->loss_sum;
     if (pass_requests) *pass_requests = tp->pass_requests;
     return tp->logprobs;
+}
+
+const int64_t *tk_train_request_expert_tokens(tk_request *req, int *n_moe_layers, int *n_experts)
+{
+    train_payload *tp = tk_request_payload(req);
+    if (!tk_request_done(req) || !tp->expert_tokens) return NULL;
+    *n_moe_layers = tp->n_moe_layers;
+    *n_experts = tp->adapter->model->cfg.n_experts;
+    return tp->expert_tokens;
 }
 
 /* ---- optim_step ------------------------------------------------------------------------ */

@@ -55,6 +55,10 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
 /* logprobs[n_targets] and the summed loss, once done and ok. */
 /* pass_requests (optional): how many requests its pass ran (more than 1: shared with other clients' requests). */
 const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss, int *pass_requests);
+/* An MoE model's routing over the whole request, once done: [n_moe_layers, n_experts], the (token, expert)
+ * assignments each expert received in each sparse layer (in layer order), summed over the datums; NULL for a
+ * model without experts. */
+const int64_t *tk_train_request_expert_tokens(tk_request *req, int *n_moe_layers, int *n_experts);
 
 tk_status tk_optim_request_create(tk_request **out, tk_adapter *ad, const tk_adam_params *params);
 const tk_optim_result *tk_optim_request_result(tk_request *req);

@@ -37,6 +37,8 @@ typedef struct {
     const int32_t *embed_row;          /* [T]: -1 (the token's embedding) or a row of embeds; NULL: none */
     const tk_adapter *const *adapters; /* [n_seqs], NULL entries: the base model; NULL: no adapter at all */
     const tk_kv_seq *kv;               /* [n_seqs], or NULL: no cache (each sequence attends to its rows) */
+    int64_t *expert_tokens;            /* out: [MoE layers, E], or NULL: the forward pass adds each MoE layer's
+                                        * (token, expert) assignments per expert to its row (moe.c) */
 } tk_batch;
 
 /* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */

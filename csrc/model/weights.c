@@ -10,7 +10,9 @@
  * vectors (norms, biases) decoded to float32 into one small block. GGUF llama
  * q/k rows are un-permuted on the way. Expert tensors arrive as one slice per
  * expert (the Python loader cuts GGUF's and transformers' 3-D tensors), and
- * each expert gets its own handles, views of the same file bytes. Missing, duplicated or misshapen tensors
+ * each expert gets its own handles, views of the same file bytes. A slice
+ * stored transposed (Qwen3-VL-MoE's fused [E, in, out] experts) is gathered
+ * column by column, a tile of rows at a time, into the handle's rows. Missing, duplicated or misshapen tensors
  * are reported with the file and tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
@@ -134,6 +136,8 @@ typedef struct {
     const uint8_t *bytes;   /* in the map */
     size_t rows, row_elems, row_bytes;
     int head_dim;           /* for un-permuting GGUF q/k rows */
+    size_t col_stride;      /* a transposed source (tk_tensor_source): element (r, c) at c * col_stride + r */
+    size_t elem_bytes;      /* of a transposed source's (float) type */
     /* set once memory is allocated: */
     float *dst;             /* a vector's place in the float block, or NULL for a matrix ... */
     tk_backend *be;
@@ -193,6 +197,30 @@ static tk_shape source_shape(const tk_arch_tensor *t, const tk_model_config *c)
     return sl;
 }
 
+static int is_float_type(int type);
+
+/* A transposed source (col_stride > 0): a float matrix whose bytes span ((cols - 1) col_stride + rows)
+ * elements; sets the job's stride and element size. */
+static tk_status check_transposed(convert_job *job, const tk_tensor_source *s, const char *path, size_t rows,
+                                  size_t cols)
+{
+    if (!is_float_type(s->type) || s->n_dims != 2)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is stored transposed, which only 2-D F32, F16 and BF16 "
+                        "tensors can be read from (type %s)", path, s->name, tk_quant_type_name(s->type));
+    size_t elem = tk_quant_row_bytes(s->type, 1);
+    if (s->col_stride < rows || s->col_stride > ((uint64_t)1 << 40))
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s': column stride %llu is below its %zu rows", path, s->name,
+                        (unsigned long long)s->col_stride, rows);
+    size_t span = ((cols - 1) * (size_t)s->col_stride + rows) * elem;
+    if (s->nbytes != span)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' (stored transposed) has %llu bytes, but its shape, column "
+                        "stride %llu and type %s span %zu", path, s->name, (unsigned long long)s->nbytes,
+                        (unsigned long long)s->col_stride, tk_quant_type_name(s->type), span);
+    job->col_stride = (size_t)s->col_stride;
+    job->elem_bytes = elem;
+    return TK_OK;
+}
+
 static tk_status check_source(convert_job *job, const tk_model_config *c, const tk_tensor_source *s,
                               const tk_mapped_file *files, int n_files, unsigned char *filled)
 {
@@ -229,7 +257,8 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' of type %s has rows of %zu elements, not a multiple of "
                         "its block size %d", path, s->name, tk_quant_type_name(s->type), row_elems,
                         tk_quant_block_elems(s->type));
-    if (s->nbytes != row_bytes * rows)
+    if (s->col_stride) TK_TRY(check_transposed(job, s, path, rows, row_elems));
+    else if (s->nbytes != row_bytes * rows)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has %llu bytes, but shape and type %s need %zu", path,
                         s->name, (unsigned long long)s->nbytes, tk_quant_type_name(s->type), row_bytes * rows);
     if (s->offset > files[s->file].size || s->nbytes > files[s->file].size - s->offset)
@@ -283,10 +312,39 @@ static size_t source_row(size_t row, int head_dim)
     return row - within + 2 * (within % half) + within / half;
 }
 
+/* The conversion's jobs, and per pool thread a gather buffer of GATHER_ROWS rows for transposed sources. */
+enum { GATHER_ROWS = 16 };
+typedef struct {
+    convert_job *jobs;
+    uint8_t *gather;      /* [threads][GATHER_ROWS][gather_row] */
+    size_t gather_row;    /* bytes: the widest transposed row */
+} convert_ctx;
+
+/* Rows of a transposed source, GATHER_ROWS at a time: for each column the tile's rows are adjacent in the file
+ * (one short contiguous read), and each gathered row is then stored like a row of any other source. */
+static void convert_transposed(convert_job *job, uint8_t *buf)
+{
+    size_t es = job->elem_bytes, cols = job->row_elems;
+    for (size_t r0 = 0; r0 < job->rows; r0 += GATHER_ROWS) {
+        size_t n = job->rows - r0 < GATHER_ROWS ? job->rows - r0 : GATHER_ROWS;
+        for (size_t c = 0; c < cols; c++) {
+            const uint8_t *src = job->bytes + (c * job->col_stride + r0) * es;
+            for (size_t i = 0; i < n; i++) memcpy(buf + i * job->row_bytes + c * es, src + i * es, es);
+        }
+        for (size_t i = 0; i < n; i++)
+            job->be->weight_put_row(job->be, job->part, job->cols, job->part_row + (int)(r0 + i),
+                                    buf + i * job->row_bytes);
+    }
+}
+
 static void convert_task(void *ctx, int task, int thread)
 {
-    (void)thread;
-    convert_job *job = &((convert_job *)ctx)[task];
+    convert_ctx *cc = ctx;
+    convert_job *job = &cc->jobs[task];
+    if (job->col_stride) {
+        convert_transposed(job, cc->gather + (size_t)thread * GATHER_ROWS * cc->gather_row);
+        return;
+    }
     for (size_t r = 0; r < job->rows; r++) {
         const uint8_t *row = job->bytes + source_row(r, job->head_dim) * job->row_bytes;
         if (job->dst)
@@ -497,13 +555,20 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     if (s == TK_OK) s = allocate_vectors(m, &host);
     if (s == TK_OK) s = plan_parts(m, jobs, n_src);
     if (s == TK_OK) s = allocate_matrices(m, be, paths[0]);
+    convert_ctx cc = {jobs, NULL, 0};
+    for (int j = 0; s == TK_OK && j < n_src; j++)
+        if (jobs[j].col_stride && jobs[j].row_bytes > cc.gather_row) cc.gather_row = jobs[j].row_bytes;
+    if (s == TK_OK && cc.gather_row &&
+        !(cc.gather = malloc((size_t)tk_pool_threads(pool) * GATHER_ROWS * cc.gather_row)))
+        s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
     if (s == TK_OK) {
         place_jobs(m, be, jobs, n_src, host);
-        tk_pool_run(pool, n_src, convert_task, jobs);
+        tk_pool_run(pool, n_src, convert_task, &cc);
         compute_rope(m, host, *filled_flag(filled, &m->cfg, R_ROPE_FREQS, -1, -1));
         be->upload(be, m->w.block, host, m->w.block_floats * sizeof(float));
         s = be->sync(be);
     }
+    free(cc.gather);
 done:
     free(host);
     for (int f = 0; files && f < n_paths; f++) tk_file_unmap(&files[f]);

@@ -216,8 +216,29 @@ static PyObject *sample_result(tk_request *req)
     return out;
 }
 
+/* An MoE model's routing of a finished train request: one list per sparse layer of the (token, expert)
+ * assignments each expert received; None for a dense model. */
+static PyObject *expert_tokens(tk_request *req)
+{
+    int layers, experts;
+    const int64_t *counts = tk_train_request_expert_tokens(req, &layers, &experts);
+    if (!counts) Py_RETURN_NONE;
+    PyObject *out = PyList_New(layers);
+    for (int l = 0; out && l < layers; l++) {
+        PyObject *row = PyList_New(experts);
+        for (int e = 0; row && e < experts; e++) {
+            PyObject *x = PyLong_FromLongLong((long long)counts[(size_t)l * experts + e]);
+            if (!x) Py_CLEAR(row);
+            else PyList_SET_ITEM(row, e, x);
+        }
+        if (!row) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, l, row);
+    }
+    return out;
+}
+
 /* Waits, then returns the kind's result: the Model (load); the [T, V] logits
- * (forward); (logprobs [E], loss) (train); a metrics dict (optim);
+ * (forward); (logprobs [E], loss, tokens per expert per sparse layer or None) (train); a metrics dict (optim);
  * (floats, step) (adapter read); None (adapter write). */
 static PyObject *request_result(RequestObject *self, PyObject *unused)
 {
@@ -241,7 +262,8 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
     {
         int pass_requests;
         tk_train_request_result(self->req, &n_targets, &loss, &pass_requests);
-        return Py_BuildValue("(Ndi)", PyMemoryView_FromObject((PyObject *)self), loss, pass_requests);
+        return Py_BuildValue("(NdNi)", PyMemoryView_FromObject((PyObject *)self), loss, expert_tokens(self->req),
+                             pass_requests);
     }
     case REQUEST_OPTIM: {
         const tk_optim_result *r = tk_optim_request_result(self->req);
@@ -591,19 +613,21 @@ static int parse_config(PyObject *d, tk_model_config *c)
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
- * shape, rope_rows_interleaved[, expert]); names and roles borrow the tuples' strings. */
+ * shape, rope_rows_interleaved[, expert[, col_stride]]); names and roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *shape;
-        unsigned long long offset, nbytes;
+        unsigned long long offset, nbytes, col_stride = 0;
         unsigned int type;
         tk_tensor_source *s = &src[i];
         s->expert = -1;
-        if (!PyArg_ParseTuple(item, "ssiiKKIOp|i;tensor source must be (name, role, layer, file, offset, nbytes, "
-                              "type, shape, rope_rows_interleaved[, expert])", &s->name, &s->role, &s->layer, &s->file,
-                              &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved, &s->expert))
+        if (!PyArg_ParseTuple(item, "ssiiKKIOp|iK;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, rope_rows_interleaved[, expert[, col_stride]])", &s->name, &s->role,
+                              &s->layer, &s->file, &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved,
+                              &s->expert, &col_stride))
             return -1;
+        s->col_stride = col_stride;
         s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;
         s->nbytes = nbytes;
@@ -1105,7 +1129,8 @@ static PyMethodDef engine_methods[] = {
     {"train", (PyCFunction)(void (*)(void))engine_train, METH_VARARGS | METH_KEYWORDS,
      "train(adapter, tokens, seq_lens, k_per_datum, targets, weights=None, advantages=None, logprobs=None,\n"
      "      clip_low=None, clip_high=None, loss=0, clip_low_threshold=0.8, clip_high_threshold=1.2, beta=0,\n"
-     "      backward=True, notify=False, ratio_mask=None) -> Request; result() -> (logprobs, loss_sum)"},
+     "      backward=True, notify=False, ratio_mask=None) -> Request; result() -> (logprobs, loss_sum, "
+     "expert_tokens)"},
     {"optim_step", (PyCFunction)(void (*)(void))engine_optim_step, METH_VARARGS | METH_KEYWORDS,
      "optim_step(adapter, learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm, notify=False) -> Request"},
     {"read_adapter", (PyCFunction)(void (*)(void))engine_read_adapter, METH_VARARGS | METH_KEYWORDS,

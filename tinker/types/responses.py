@@ -102,10 +102,18 @@ class GetInfoResponse(BaseModel):
 
 
 class SupportedModel(BaseModel):
+    """A model the server can load. The SDK's fields (model_name, max_context_length, trainable,
+    sampleable) come first; `supports_images` and `is_moe` are this local server's additions (None
+    where not filled in), so code written for the SDK reads the same fields."""
+
     model_name: Optional[str] = None
     max_context_length: Optional[int] = None
     trainable: Optional[bool] = None
     sampleable: Optional[bool] = None
+    supports_images: Optional[bool] = None
+    """Whether model inputs may carry ImageChunks (vision-language models)."""
+    is_moe: Optional[bool] = None
+    """Whether the model is a mixture of experts (its forward_backward reports the e_* routing metrics)."""
 
 
 class GetServerCapabilitiesResponse(BaseModel):

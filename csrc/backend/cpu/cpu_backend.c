@@ -81,20 +81,51 @@ typedef struct {
  * faster than this loop. */
 enum { SMALL_M = 1 };
 
+/* 16 floats as one vector (gcc's vector extension: a zmm, or two ymm on AVX2), loadable at any float address */
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+
+static void store_dot(const gemm_args *a, float *y, float s)
+{
+    *y = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *y;
+}
+
+/* Each output is lane sums over k = j mod 16 (elements in order), the tail k >= K - K % 16 summed first, then
+ * lanes 0..15 added in order: the same sums whatever the row grouping. Four weight rows share each load of x
+ * (four independent chains keep the adds' latency hidden, and the weights stream at memory speed). */
 static void small_m_nt(const gemm_args *a, int n0, int n1)
 {
-    for (int n = n0; n < n1; n++) {
-        const float *wn = a->w + (size_t)n * a->K;
-        for (int t = 0; t < a->T; t++) {
-            const float *xt = a->x + (size_t)t * a->ldx;
-            float acc[16] = {0}, s = 0;
-            int k = 0;
-            for (; k + 16 <= a->K; k += 16)
-                for (int j = 0; j < 16; j++) acc[j] += wn[k + j] * xt[k + j];
-            for (; k < a->K; k++) s += wn[k] * xt[k];
-            for (int j = 0; j < 16; j++) s += acc[j];
-            float *yt = a->y + (size_t)t * a->ldy + n;
-            *yt = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *yt;
+    const int K = a->K, K16 = K & ~15;
+    for (int t = 0; t < a->T; t++) {
+        const float *xt = a->x + (size_t)t * a->ldx;
+        float *yt = a->y + (size_t)t * a->ldy;
+        int n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            const float *w0 = a->w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            v16f c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int k = 0; k < K16; k += 16) {
+                v16f xv = *(const v16f *)(xt + k);
+                c0 += *(const v16f *)(w0 + k) * xv;
+                c1 += *(const v16f *)(w1 + k) * xv;
+                c2 += *(const v16f *)(w2 + k) * xv;
+                c3 += *(const v16f *)(w3 + k) * xv;
+            }
+            const float *w[4] = {w0, w1, w2, w3};
+            v16f c[4] = {c0, c1, c2, c3};
+            for (int r = 0; r < 4; r++) {
+                float s = 0;
+                for (int k = K16; k < K; k++) s += w[r][k] * xt[k];
+                for (int j = 0; j < 16; j++) s += c[r][j];
+                store_dot(a, yt + n + r, s);
+            }
+        }
+        for (; n < n1; n++) {
+            const float *wn = a->w + (size_t)n * K;
+            v16f c = {0};
+            for (int k = 0; k < K16; k += 16) c += *(const v16f *)(wn + k) * *(const v16f *)(xt + k);
+            float s = 0;
+            for (int k = K16; k < K; k++) s += wn[k] * xt[k];
+            for (int j = 0; j < 16; j++) s += c[j];
+            store_dot(a, yt + n, s);
         }
     }
 }
@@ -292,12 +323,6 @@ static void cpu_copy(tk_backend *be, void *dst, const void *src, size_t bytes)
     if (bytes && dst != src) memcpy(dst, src, bytes);
 }
 
-static void cpu_copy_rows(tk_backend *be, float *const *dst, const float *const *src, int rows, int n)
-{
-    (void)be;
-    for (int i = 0; i < rows; i++) memcpy(dst[i], src[i], (size_t)n * sizeof(float));
-}
-
 static tk_status cpu_sync(tk_backend *be)
 {
     (void)be;
@@ -322,38 +347,108 @@ static void cpu_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *ro
 
 /* ---- rows ------------------------------------------------------------------------------ */
 
+/* The row ops of an MoE block (moe.c), split over the pool when there is work enough: by rows, or, for add_rows
+ * (whose destinations may repeat), by columns, every task adding all rows to its columns in order. Each output
+ * element sees the same operations in the same order whatever the split. */
+typedef struct {
+    float *const *dst;
+    const float *const *src;
+    const float *scale, *b;
+    float *x, *out;
+    const float *a;
+    int ldx, lda, ldb, rows, n, n_tasks;
+} moe_rows_args;
+
+static void add_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const moe_rows_args *a = ctx;
+    int c0, c1;
+    block16_range(task, a->n_tasks, a->n, &c0, &c1);
+    for (int i = 0; i < a->rows; i++) {
+        float s = a->scale ? a->scale[i] : 1.0f, *y = a->dst[i];
+        const float *x = a->src[i];
+        for (int j = c0; j < c1; j++) y[j] += s * x[j];
+    }
+}
+
 static void cpu_add_rows(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows,
                          int n)
 {
-    (void)be;
-    for (int i = 0; i < rows; i++) {
-        float a = scale ? scale[i] : 1.0f, *y = dst[i];
-        const float *x = src[i];
-        for (int j = 0; j < n; j++) y[j] += a * x[j];
-    }
+    moe_rows_args a = {.dst = dst, .src = src, .scale = scale, .rows = rows, .n = n};
+    int threads = tk_pool_threads(pool_of(be));
+    a.n_tasks = (long)rows * n >= 32768 && n >= 32 * threads ? threads : 1; /* columns in 64-byte blocks */
+    tk_pool_run(pool_of(be), a.n_tasks, add_rows_task, &a);
+}
+
+static void copy_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const moe_rows_args *a = ctx;
+    int r0, r1;
+    chunk_range(task, a->n_tasks, a->rows, &r0, &r1);
+    for (int i = r0; i < r1; i++) memcpy(a->dst[i], a->src[i], (size_t)a->n * sizeof(float));
+}
+
+static void cpu_copy_rows(tk_backend *be, float *const *dst, const float *const *src, int rows, int n)
+{
+    moe_rows_args a = {.dst = dst, .src = src, .rows = rows, .n = n};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, copy_rows_task, &a);
+}
+
+static void scale_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const moe_rows_args *a = ctx;
+    int r0, r1;
+    chunk_range(task, a->n_tasks, a->rows, &r0, &r1);
+    for (int r = r0; r < r1; r++)
+        for (int j = 0; j < a->n; j++) a->x[(size_t)r * a->ldx + j] *= a->scale[r];
 }
 
 static void cpu_scale_rows(tk_backend *be, float *x, int ldx, const float *scale, int rows, int n)
 {
-    (void)be;
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < n; j++) x[(size_t)r * ldx + j] *= scale[r];
+    moe_rows_args a = {.x = x, .ldx = ldx, .scale = scale, .rows = rows, .n = n};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, scale_rows_task, &a);
+}
+
+static void row_dot_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const moe_rows_args *a = ctx;
+    int r0, r1;
+    chunk_range(task, a->n_tasks, a->rows, &r0, &r1);
+    for (int r = r0; r < r1; r++) {
+        double sum = 0;
+        for (int j = 0; j < a->n; j++) sum += (double)a->a[(size_t)r * a->lda + j] * a->b[(size_t)r * a->ldb + j];
+        a->out[r] = (float)sum;
+    }
 }
 
 static void cpu_row_dot(tk_backend *be, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n)
 {
-    (void)be;
-    for (int r = 0; r < rows; r++) {
-        double sum = 0;
-        for (int j = 0; j < n; j++) sum += (double)a[(size_t)r * lda + j] * b[(size_t)r * ldb + j];
-        out[r] = (float)sum;
-    }
+    moe_rows_args r = {.out = out, .a = a, .lda = lda, .b = b, .ldb = ldb, .rows = rows, .n = n};
+    r.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), r.n_tasks, row_dot_task, &r);
+}
+
+static void zero_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const moe_rows_args *a = ctx;
+    int r0, r1;
+    chunk_range(task, a->n_tasks, a->rows, &r0, &r1);
+    for (int r = r0; r < r1; r++) memset(a->x + (size_t)r * a->ldx, 0, (size_t)a->n * sizeof(float));
 }
 
 static void cpu_zero_rows(tk_backend *be, float *x, int ldx, int rows, int n)
 {
-    (void)be;
-    for (int r = 0; r < rows && n > 0; r++) memset(x + (size_t)r * ldx, 0, (size_t)n * sizeof *x);
+    if (n <= 0) return;
+    moe_rows_args a = {.x = x, .ldx = ldx, .rows = rows, .n = n};
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, zero_rows_task, &a);
 }
 
 /* ---- the optimizer (optim_ops.c) ------------------------------------------------------------ */
