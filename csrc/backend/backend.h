@@ -90,6 +90,15 @@ struct tk_backend {
     /* y[T, cols] = alpha * x[T, rows] . W + beta * y     (input gradients: dx = dy . W) */
     void (*matmul_w_t)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                        float alpha, float beta);
+    /* The experts of an MoE layer in one call: for every group g < n_groups, the rows [start[g], start[g + 1])
+     * of x and y (groups back to back, any of them empty) through w[g]: matmul_w (decoding: matmul_w_decode)
+     * of each group, and, _t, matmul_w_t. The same results up to float32 summation order; one call spreads
+     * all the groups' work over the device, where a call per group would wait for each (a decoding step has
+     * k one-row groups a layer, a prefill E of tens of rows). */
+    void (*matmul_w_grouped)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                             const int32_t *start, int n_groups, float alpha, float beta, int decoding);
+    void (*matmul_w_t_grouped)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                               const int32_t *start, int n_groups, float alpha, float beta);
 
     /* ---- matmuls on float32 tensors (LoRA) ---- */
     /* y[T, N] = alpha * x[T, K] . w[N, K]^T + beta * y   (projections; w rows contiguous) */

@@ -364,18 +364,13 @@ void tk_moe_forward(const tk_moe_pass *p, int layer, float *x, const float *h, f
     route_pass(p, logits);
     count_routed(p, layer);
     gather_rows(p, s->rows, D, h, D, 0, n, D);
-    for (int e = 0; e < E; e++) { /* gate|up of each expert's rows, one matmul per expert */
-        int a = s->r.expert_start[e], rows = s->r.expert_start[e + 1] - a;
-        if (rows) project(be, gate_up + (size_t)a * 2 * Fe, 2 * Fe, s->rows + (size_t)a * D, D, &L->expert_gate_up[e],
-                          rows, 1.0f, 0.0f);
-    }
+    /* gate|up of each expert's rows through its own weights (all experts in one call) */
+    be->matmul_w_grouped(be, gate_up, 2 * Fe, s->rows, D, L->expert_gate_up, s->r.expert_start, E, 1.0f, 0.0f,
+                         p->decode);
     FOR_EACH_ADAPTER_SEGMENT(p->b, ad, t0, t1, { lora_gate_up_forward(p, ad, layer, t0, t1, h, gate_up, u, ldu); })
     be->swiglu(be, s->act, gate_up, n, Fe);
-    for (int e = 0; e < E; e++) { /* the experts' outputs f, over the sorted inputs (no longer needed) */
-        int a = s->r.expert_start[e], rows = s->r.expert_start[e + 1] - a;
-        if (rows) project(be, s->rows + (size_t)a * D, D, s->act + (size_t)a * Fe, Fe, &L->expert_down[e], rows,
-                          1.0f, 0.0f);
-    }
+    /* the experts' outputs f, over the sorted inputs (no longer needed) */
+    be->matmul_w_grouped(be, s->rows, D, s->act, Fe, L->expert_down, s->r.expert_start, E, 1.0f, 0.0f, p->decode);
     scatter_add_rows(p, x, D, s->rows, D, s->r.weight, 0, n, D);
     FOR_EACH_ADAPTER_SEGMENT(p->b, ad, t0, t1, { lora_down_forward(p, ad, layer, t0, t1, x, u, ldu); })
 }
@@ -393,11 +388,7 @@ void tk_moe_backward(const tk_moe_pass *p, int layer, float *dh, const float *dy
     route_pass(p, logits);
     /* a_j = dy_t Wd_e (+ the LoRA part): dL/d act_j before the gate weight, in s->dact */
     gather_rows(p, s->rows, D, dy, D, 0, n, D);
-    for (int e = 0; e < E; e++) {
-        int a = s->r.expert_start[e], rows = s->r.expert_start[e + 1] - a;
-        if (rows) be->matmul_w_t(be, s->dact + (size_t)a * Fe, Fe, s->rows + (size_t)a * D, D, &L->expert_down[e],
-                                 rows, 1.0f, 0.0f);
-    }
+    be->matmul_w_t_grouped(be, s->dact, Fe, s->rows, D, L->expert_down, s->r.expert_start, E, 1.0f, 0.0f);
     FOR_EACH_ADAPTER_SEGMENT(p->b, ad, t0, t1, { lora_down_backward_input(p, ad, layer, t0, t1, dy, u, ldu); })
 
     /* the gate weights' gradients c_j = <a_j, act_j>, and through the router to its logits */
@@ -413,11 +404,8 @@ void tk_moe_backward(const tk_moe_pass *p, int layer, float *dh, const float *dy
     FOR_EACH_ADAPTER_SEGMENT(p->b, ad, t0, t1, { lora_down_backward_weights(p, ad, layer, t0, t1); })
     be->swiglu_backward(be, s->dgate_up, s->dact, gate_up, n, Fe);
     be->matmul_w_t(be, dh, D, s->dz, E, &L->router, T, 1.0f, 0.0f);
-    for (int e = 0; e < E; e++) {
-        int a = s->r.expert_start[e], rows = s->r.expert_start[e + 1] - a;
-        if (rows) be->matmul_w_t(be, s->rows + (size_t)a * D, D, s->dgate_up + (size_t)a * 2 * Fe, 2 * Fe,
-                                 &L->expert_gate_up[e], rows, 1.0f, 0.0f);
-    }
+    be->matmul_w_t_grouped(be, s->rows, D, s->dgate_up, 2 * Fe, L->expert_gate_up, s->r.expert_start, E, 1.0f,
+                           0.0f);
     scatter_add_rows(p, dh, D, s->rows, D, NULL, 0, n, D);
     FOR_EACH_ADAPTER_SEGMENT(p->b, ad, t0, t1, { lora_gate_up_backward(p, ad, layer, t0, t1, h, dh, u, ldu); })
 }

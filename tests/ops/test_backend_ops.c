@@ -32,6 +32,10 @@
  *   another; exact decoding (x = identity rows gives W^T, W through
  *   matmul_w_t, on weights of extreme scales); embed bit for bit the
  *   tk_dequantize rows (NaN and infinite F16 / BF16 included).
+ * - matmul_w_grouped / matmul_w_t_grouped (an MoE layer's experts in one
+ *   call): groups of 0, 1 and tens of rows through experts of F32, BF16,
+ *   F16, tiled and K-quant types and of two parts (one off a 16-row group),
+ *   prefill and decoding, against each group's float64 product.
  * - memory (alloc zeroed and 64-byte aligned, upload / download, copy_rows,
  *   sync), the MoE block's row ops (add_rows with repeated destinations and
  *   scales, scale_rows, row_dot, zero_rows; strided, padding untouched),
@@ -138,6 +142,19 @@ static void call_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, i
                             float alpha, float beta)
 {
     be->matmul_w_t(be, y, ldy, x, ldx, w, T, alpha, beta);
+}
+
+/* the groups' rows of y through w[g] (MoE experts) */
+static void call_matmul_w_grouped(tk_backend *be, mat *y, const mat *x, const tk_weight *w, const int32_t *start,
+                                  int n_groups, float alpha, float beta, int decoding)
+{
+    be->matmul_w_grouped(be, y->f, y->ld, x->f, x->ld, w, start, n_groups, alpha, beta, decoding);
+}
+
+static void call_matmul_w_t_grouped(tk_backend *be, mat *y, const mat *x, const tk_weight *w, const int32_t *start,
+                                    int n_groups, float alpha, float beta)
+{
+    be->matmul_w_t_grouped(be, y->f, y->ld, x->f, x->ld, w, start, n_groups, alpha, beta);
 }
 
 static void call_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
@@ -816,6 +833,111 @@ static void test_weight_matmuls(tk_backend *be, rng_t *r)
     }
 }
 
+/* ==== grouped weight matmuls: an MoE layer's experts in one call ======================================= */
+
+/* Experts of one storage form, the rows each gets (0: none; the decoding cases give every chosen expert one
+ * row), and whether the call is a decoding step's. */
+typedef struct {
+    part_spec parts[TK_WEIGHT_MAX_PARTS];
+    int n_parts, K;
+    int rows[12], n_groups, decoding;
+} wgrouped;
+
+static const wgrouped WGROUPED[] = {
+    /* F32 experts (sgemm / the one-row kernel), the group sizes a prefill gives: empty, 1, tens */
+    {{{TK_GGML_F32, 70}}, 1, 96, {3, 0, 1, 17, 0, 9, 40, 2}, 8, 0},
+    {{{TK_GGML_F32, 70}}, 1, 96, {1, 0, 1, 1, 0, 1}, 6, 1},
+    /* BF16 (decoded panels, or dotted rows when decoding) and a tiled type (tgemm / the register kernel) */
+    {{{TK_GGML_BF16, 48}}, 1, 64, {5, 1, 0, 33, 2, 7, 1, 1, 65}, 9, 0},
+    {{{TK_GGML_BF16, 48}}, 1, 64, {1, 1, 0, 1, 1}, 5, 1},
+    {{{TK_GGML_Q8_0, 100}}, 1, 128, {9, 0, 70, 1, 3, 3, 12}, 7, 0},
+    {{{TK_GGML_Q4_1, 100}}, 1, 128, {1, 0, 1, 1}, 4, 1},
+    /* gate|up: two parts; one starting off a 16-row group (whose rows cannot be cut), one of them F32 */
+    {{{TK_GGML_Q8_0, 37}, {TK_GGML_F32, 23}}, 2, 96, {4, 0, 20, 1, 6, 2, 1}, 7, 0},
+    {{{TK_GGML_Q4_K, 32}, {TK_GGML_Q6_K, 32}}, 2, 256, {2, 1, 0, 1}, 4, 1},
+    /* a single group */
+    {{{TK_GGML_F16, 40}}, 1, 64, {30}, 1, 0},
+    /* decoding steps with work enough to be cut in blocks of rows over the threads */
+    {{{TK_GGML_F32, 300}}, 1, 512, {1, 0, 1, 1}, 4, 1},
+    {{{TK_GGML_BF16, 300}}, 1, 512, {1, 1, 0, 1}, 4, 1},
+    {{{TK_GGML_Q8_0, 256}}, 1, 512, {0, 1, 1, 1}, 4, 1},
+};
+
+/* y rows of group g = alpha x rows . W_g^T + beta y (and, _t, x rows . W_g) against the float64 products with
+ * each expert's decoded W, every alpha / beta variant in one line */
+static void check_grouped(tk_backend *be, rng_t *r, const test_weight *tws, const wgrouped *c, int transposed,
+                          const char *what)
+{
+    int32_t start[13] = {0};
+    for (int g = 0; g < c->n_groups; g++) start[g + 1] = start[g] + c->rows[g];
+    int T = start[c->n_groups], N = tws[0].w.rows, K = c->K, n_in = transposed ? N : K, n_out = transposed ? K : N;
+    tk_weight w[12];
+    for (int g = 0; g < c->n_groups; g++) w[g] = tws[g].w;
+    mat x = mat_new(T, n_in, n_in + 3);
+    mat_randn(&x, r, 1);
+    double *p = dvec((size_t)T * n_out), *sc = dvec((size_t)T * n_out);
+    for (int g = 0; g < c->n_groups; g++) {
+        int rows = c->rows[g];
+        if (!rows) continue;
+        const double *Wd = tws[g].W.d;
+        double *WT = transposed ? dvec((size_t)K * N) : NULL;
+        for (int n = 0; transposed && n < N; n++)
+            for (int k = 0; k < K; k++) WT[(size_t)k * N + n] = Wd[(size_t)n * K + k];
+        product_nt(p + (size_t)start[g] * n_out, sc + (size_t)start[g] * n_out, x.d + (size_t)start[g] * x.ld,
+                   x.ld, transposed ? WT : Wd, transposed ? N : K, rows, n_out, n_in);
+        free(WT);
+    }
+    cmp_t worst = {0, 0, 0, 0};
+    int guard = 1;
+    for (int v = 0; v < 3; v++) {
+        float alpha = W_ALPHA_BETA[v][0], beta = W_ALPHA_BETA[v][1];
+        mat y = mat_new(T, n_out, n_out + 5);
+        if (beta == 0) mat_fill(&y, NAN);
+        else mat_randn(&y, r, 1);
+        double *want = dvec((size_t)(T ? T : 1) * y.ld), *scale = dvec((size_t)(T ? T : 1) * y.ld);
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < n_out; n++) {
+                size_t i = (size_t)t * y.ld + n, j = (size_t)t * n_out + n;
+                double y0 = beta == 0 ? 0 : y.d[i];
+                want[i] = alpha * p[j] + beta * y0;
+                scale[i] = fabs(alpha) * sc[j] + fabs(beta * y0);
+            }
+        if (transposed) call_matmul_w_t_grouped(be, &y, &x, w, start, c->n_groups, alpha, beta);
+        else call_matmul_w_grouped(be, &y, &x, w, start, c->n_groups, alpha, beta, c->decoding);
+        cmp_t cm = compare(y.f, want, scale, T, n_out, y.ld, TOL_MATMUL);
+        worst = v ? cmp_merge(worst, cm) : cm;
+        guard &= mat_guard_ok(&y) && mat_guard_ok(&x);
+        free(want), free(scale);
+        mat_free(&y);
+    }
+    report(transposed ? "matmul_w_t_grouped" : "matmul_w_grouped", what, worst, TOL_MATMUL, guard,
+           guard_note(guard));
+    free(p), free(sc);
+    mat_free(&x);
+}
+
+static void test_weight_grouped(tk_backend *be, rng_t *r)
+{
+    for (size_t ci = 0; ci < sizeof WGROUPED / sizeof WGROUPED[0]; ci++) {
+        const wgrouped *c = &WGROUPED[ci];
+        test_weight tws[12];
+        int ok = 1;
+        for (int g = 0; g < c->n_groups; g++) ok &= (tws[g] = make_weight(be, c->parts, c->n_parts, c->K, r,
+                                                                          QREF_SANE)).ok;
+        char label[64], what[200];
+        describe_parts(label, sizeof label, c->parts, c->n_parts);
+        size_t at = (size_t)snprintf(what, sizeof what, "%s K=%d%s, rows", label, c->K,
+                                     c->decoding ? " decoding" : "");
+        for (int g = 0; g < c->n_groups && at < sizeof what; g++)
+            at += (size_t)snprintf(what + at, sizeof what - at, " %d", c->rows[g]);
+        if (ok) {
+            check_grouped(be, r, tws, c, 0, what);
+            if (!c->decoding) check_grouped(be, r, tws, c, 1, what);
+        }
+        for (int g = 0; g < c->n_groups; g++) free_weight(be, &tws[g]);
+    }
+}
+
 /* weight_bytes: a positive multiple of 64 for every type on shapes it holds; 0 for a type outside the 11,
  * no rows, or cols that are not whole blocks */
 static void test_weight_bytes(tk_backend *be, rng_t *r)
@@ -1475,8 +1597,8 @@ static void test_memory(tk_backend *be, rng_t *r)
  * offset); everything else in the destination untouched */
 static void test_copy_rows(tk_backend *be, rng_t *r)
 {
-    static const int cases[][2] = {{0, 5}, {1, 1}, {7, 33}, {64, 577}, {300, 64}}; /* rows, n */
-    for (int ci = 0; ci < 5; ci++) {
+    static const int cases[][2] = {{0, 5}, {1, 1}, {7, 33}, {64, 577}, {300, 64}, {300, 1025}}; /* rows, n */
+    for (int ci = 0; ci < 6; ci++) {
         int rows = cases[ci][0], n = cases[ci][1];
         int src_rows = rows + 9, ld_s = n + 3, dst_rows = 2 * rows + 5, ld_d = n + 7;
         size_t src_floats = (size_t)src_rows * ld_s, dst_floats = (size_t)dst_rows * ld_d;
@@ -1516,14 +1638,17 @@ static void test_copy_rows(tk_backend *be, rng_t *r)
 
 /* ==== rows: the MoE block's grouping of tokens by expert and back =================================== */
 
-static const int ROW_CASES[][3] = {{1, 1, 0}, {5, 17, 3}, {64, 577, 1}, {300, 64, 0}}; /* rows, n, pad */
+/* rows, n, pad; the last two are work enough for the CPU backend to split them over its threads (by rows, and by
+ * columns for add_rows) */
+static const int ROW_CASES[][3] = {{1, 1, 0}, {5, 17, 3}, {64, 577, 1}, {300, 64, 0}, {300, 1025, 2}};
+enum { N_ROW_CASES = sizeof ROW_CASES / sizeof ROW_CASES[0] };
 
 /* add_rows: src rows (shuffled) added into dst rows that repeat (a token gets one row per expert), with and
  * without scales; within float rounding of the float64 sums (2 roundings per term: the product, the add) */
 static void test_add_rows(tk_backend *be, rng_t *r)
 {
     static const tol_t TOL_ADD_ROWS = {1e-30, 2.4e-7, 0}; /* relative to sum |terms| per element */
-    for (int ci = 0; ci < 4; ci++) {
+    for (int ci = 0; ci < N_ROW_CASES; ci++) {
         for (int scaled = 0; scaled < 2; scaled++) {
             int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1], dst_rows = rows / 3 + 1;
             mat src = mat_new(rows + 2, n, n + ROW_CASES[ci][2]), dst = mat_new(dst_rows, n, n + 2);
@@ -1557,7 +1682,7 @@ static void test_add_rows(tk_backend *be, rng_t *r)
 /* scale_rows: one float product per element (exact against the float64 product rounded once) */
 static void test_scale_rows(tk_backend *be, rng_t *r)
 {
-    for (int ci = 0; ci < 4; ci++) {
+    for (int ci = 0; ci < N_ROW_CASES; ci++) {
         int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
         mat x = mat_new(rows, n, n + ROW_CASES[ci][2]);
         mat_randn(&x, r, 1);
@@ -1581,7 +1706,7 @@ static void test_scale_rows(tk_backend *be, rng_t *r)
 static void test_row_dot(tk_backend *be, rng_t *r)
 {
     static const tol_t TOL_ROW_DOT = {1e-30, 1.2e-7, 0};
-    for (int ci = 0; ci < 4; ci++) {
+    for (int ci = 0; ci < N_ROW_CASES; ci++) {
         int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
         mat a = mat_new(rows, n, n + ROW_CASES[ci][2]), b = mat_new(rows, n, n + 5);
         mat_randn(&a, r, 1), mat_randn(&b, r, 3);
@@ -1607,7 +1732,7 @@ static void test_row_dot(tk_backend *be, rng_t *r)
 static void test_zero_rows(tk_backend *be, rng_t *r)
 {
     (void)r;
-    for (int ci = 0; ci < 4; ci++) {
+    for (int ci = 0; ci < N_ROW_CASES; ci++) {
         int rows = ROW_CASES[ci][0], n = ROW_CASES[ci][1];
         mat x = mat_new(rows, n, n + ROW_CASES[ci][2] + 1);
         mat_fill(&x, NAN);
@@ -1934,6 +2059,7 @@ typedef struct {
 static const op_test OP_TESTS[] = {
     {"weight_bytes", test_weight_bytes},
     {"matmul_w", test_weight_matmuls}, /* matmul_w, matmul_w_decode, matmul_w_t (and weight_put_row) */
+    {"matmul_w_grouped", test_weight_grouped}, /* matmul_w_grouped, matmul_w_t_grouped */
     {"matmul_nt", test_matmul_nt},
     {"matmul_nn", test_matmul_nn},
     {"matmul_tn_acc", test_matmul_tn_acc},

@@ -81,52 +81,25 @@ typedef struct {
  * faster than this loop. */
 enum { SMALL_M = 1 };
 
-/* 16 floats as one vector (gcc's vector extension: a zmm, or two ymm on AVX2), loadable at any float address */
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-
 static void store_dot(const gemm_args *a, float *y, float s)
 {
     *y = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *y;
 }
 
-/* Each output is lane sums over k = j mod 16 (elements in order), the tail k >= K - K % 16 summed first, then
- * lanes 0..15 added in order: the same sums whatever the row grouping. Four weight rows share each load of x
- * (four independent chains keep the adds' latency hidden, and the weights stream at memory speed). */
+/* Four weight rows at a time (tk_dot4): the same sums as one at a time. */
 static void small_m_nt(const gemm_args *a, int n0, int n1)
 {
-    const int K = a->K, K16 = K & ~15;
+    const int K = a->K;
     for (int t = 0; t < a->T; t++) {
         const float *xt = a->x + (size_t)t * a->ldx;
-        float *yt = a->y + (size_t)t * a->ldy;
+        float *yt = a->y + (size_t)t * a->ldy, s[4];
         int n = n0;
         for (; n + 4 <= n1; n += 4) {
-            const float *w0 = a->w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-            v16f c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            for (int k = 0; k < K16; k += 16) {
-                v16f xv = *(const v16f *)(xt + k);
-                c0 += *(const v16f *)(w0 + k) * xv;
-                c1 += *(const v16f *)(w1 + k) * xv;
-                c2 += *(const v16f *)(w2 + k) * xv;
-                c3 += *(const v16f *)(w3 + k) * xv;
-            }
-            const float *w[4] = {w0, w1, w2, w3};
-            v16f c[4] = {c0, c1, c2, c3};
-            for (int r = 0; r < 4; r++) {
-                float s = 0;
-                for (int k = K16; k < K; k++) s += w[r][k] * xt[k];
-                for (int j = 0; j < 16; j++) s += c[r][j];
-                store_dot(a, yt + n + r, s);
-            }
+            const float *w = a->w + (size_t)n * K;
+            tk_dot4(s, w, w + K, w + 2 * K, w + 3 * K, xt, K);
+            for (int r = 0; r < 4; r++) store_dot(a, yt + n + r, s[r]);
         }
-        for (; n < n1; n++) {
-            const float *wn = a->w + (size_t)n * K;
-            v16f c = {0};
-            for (int k = 0; k < K16; k += 16) c += *(const v16f *)(wn + k) * *(const v16f *)(xt + k);
-            float s = 0;
-            for (int k = K16; k < K; k++) s += wn[k] * xt[k];
-            for (int j = 0; j < 16; j++) s += c[j];
-            store_dot(a, yt + n, s);
-        }
+        for (; n < n1; n++) store_dot(a, yt + n, tk_dot1(a->w + (size_t)n * K, xt, K));
     }
 }
 
@@ -262,6 +235,171 @@ static void cpu_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, in
             tk_cpu_matmul_part_t(pool_of(be), &((cpu_backend *)be)->panels, y, ldy, x + p->row0, ldx, p, w->cols, T,
                                  alpha, b);
     }
+}
+
+/* ---- an MoE layer's experts: every group in one pool run ----------------------------------------------- */
+
+/* Tasks are (group, block of W's rows) pairs, the groups with most work first (the pool hands tasks out in
+ * order, so the big ones do not come last); each task runs the one-thread kernels, over this thread's panel. */
+typedef struct {
+    float *y;
+    const float *x;
+    const tk_weight *w;
+    const int32_t *start;
+    int ldy, ldx, decoding;
+    float alpha, beta;
+    const int *order;  /* [n]: the non-empty groups, by work, most first */
+    const int *first;  /* [n + 1]: order[i]'s tasks are first[i] .. first[i + 1] - 1 */
+    int n;
+    tk_cpu_panels *panels;
+} grouped_args;
+
+static long group_work(const grouped_args *a, int g)
+{
+    return (long)(a->start[g + 1] - a->start[g]) * a->w[g].rows * a->w[g].cols;
+}
+
+/* Whether W's rows may be cut at any multiple of 16 (each tiled part's tiles start on one). */
+static int rows_split(const tk_weight *w)
+{
+    for (int i = 0; i < w->n_parts; i++)
+        if (!tk_cpu_part_row_splits(&w->part[i], (16 - w->part[i].row0 % 16) % 16)) return 0;
+    return 1;
+}
+
+/* The y columns [n0, n1) of group g's rows: each part's share through the one-thread kernels. */
+static void grouped_forward_rows(const grouped_args *a, int g, int n0, int n1, int thread)
+{
+    const tk_weight *w = &a->w[g];
+    int T = a->start[g + 1] - a->start[g], K = w->cols;
+    const float *x = a->x + (size_t)a->start[g] * a->ldx;
+    float *y = a->y + (size_t)a->start[g] * a->ldy;
+    tk_cpu_panels one = {&a->panels->buf[thread], a->panels->floats, 1};
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        int end = p->row0 + p->rows;
+        int r0 = (n0 > p->row0 ? n0 : p->row0) - p->row0, r1 = (n1 < end ? n1 : end) - p->row0;
+        if (r1 <= r0) continue;
+        if (p->type != TK_GGML_F32) {
+            tk_weight_part v = tk_cpu_part_rows(p, K, r0, r1);
+            tk_cpu_matmul_part(NULL, &one, y + v.row0, a->ldy, x, a->ldx, &v, K, T, a->alpha, a->beta, a->decoding);
+            continue;
+        }
+        const float *wp = (const float *)p->data + (size_t)r0 * K;
+        float *yp = y + p->row0 + r0;
+        gemm_args ga = {yp, x, wp, a->ldy, a->ldx, K, T, r1 - r0, K, 1, 0, a->alpha, a->beta, 1};
+        if (a->decoding && T <= SMALL_M)
+            small_m_nt(&ga, 0, r1 - r0);
+        else
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, r1 - r0, K, a->alpha, x, a->ldx, wp, K,
+                           a->beta, yp, a->ldy);
+    }
+}
+
+/* the i with first[i] <= task < first[i + 1] */
+static int task_group(const grouped_args *a, int task)
+{
+    int lo = 0, hi = a->n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (a->first[mid] <= task) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void grouped_forward_task(void *ctx, int task, int thread)
+{
+    const grouped_args *a = ctx;
+    int i = task_group(a, task), g = a->order[i], chunks = a->first[i + 1] - a->first[i], n0, n1;
+    block16_range(task - a->first[i], chunks, a->w[g].rows, &n0, &n1);
+    if (n1 > n0) grouped_forward_rows(a, g, n0, n1, thread);
+}
+
+/* group g's rows of y = alpha x . W_g + beta y, whole (the parts' rows are the sum) */
+static void grouped_backward_task(void *ctx, int task, int thread)
+{
+    const grouped_args *a = ctx;
+    int g = a->order[task], T = a->start[g + 1] - a->start[g];
+    const tk_weight *w = &a->w[g];
+    const float *x = a->x + (size_t)a->start[g] * a->ldx;
+    float *y = a->y + (size_t)a->start[g] * a->ldy;
+    tk_cpu_panels one = {&a->panels->buf[thread], a->panels->floats, 1};
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        float beta = i == 0 ? a->beta : 1.0f;
+        if (p->type == TK_GGML_F32)
+            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, w->cols, p->rows, a->alpha, x + p->row0,
+                           a->ldx, p->data, w->cols, beta, y, a->ldy);
+        else
+            tk_cpu_matmul_part_t(NULL, &one, y, a->ldy, x + p->row0, a->ldx, p, w->cols, T, a->alpha, beta);
+    }
+}
+
+typedef struct {
+    long work;
+    int g;
+} group_rank;
+
+static int by_work_desc(const void *l, const void *r)
+{
+    const group_rank *a = l, *b = r;
+    return a->work != b->work ? (a->work < b->work ? 1 : -1) : a->g - b->g;
+}
+
+/* The non-empty groups by work, most first; returns how many, and their total work. */
+static int rank_groups(const grouped_args *a, int n_groups, int *order, long *total)
+{
+    group_rank ranks[n_groups > 0 ? n_groups : 1];
+    int n = 0;
+    *total = 0;
+    for (int g = 0; g < n_groups; g++)
+        if (a->start[g + 1] > a->start[g]) {
+            ranks[n] = (group_rank){group_work(a, g), g};
+            *total += ranks[n++].work;
+        }
+    qsort(ranks, (size_t)n, sizeof *ranks, by_work_desc);
+    for (int i = 0; i < n; i++) order[i] = ranks[i].g;
+    return n;
+}
+
+static void cpu_matmul_w_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                 const int32_t *start, int n_groups, float alpha, float beta, int decoding)
+{
+    int order[n_groups > 0 ? n_groups : 1], first[n_groups + 1];
+    long total;
+    grouped_args a = {y, x, w, start, ldy, ldx, decoding, alpha, beta, order, first, 0, &((cpu_backend *)be)->panels};
+    a.n = rank_groups(&a, n_groups, order, &total);
+    int threads = tk_pool_threads(pool_of(be));
+    /* about 4 tasks a thread, a group's rows cut in blocks of 16 where it has that much of the work */
+    long per_task = total / (4L * threads) + 1;
+    first[0] = 0;
+    for (int i = 0; i < a.n; i++) {
+        const tk_weight *wg = &w[order[i]];
+        long chunks = threads == 1 || !rows_split(wg) ? 1 : (group_work(&a, order[i]) + per_task - 1) / per_task;
+        long most = (wg->rows + 15) / 16;
+        first[i + 1] = first[i] + (int)(chunks < 1 ? 1 : chunks > most ? most : chunks);
+    }
+    tk_pool_run(total >= (1L << 18) ? pool_of(be) : NULL, first[a.n], grouped_forward_task, &a);
+}
+
+static void cpu_matmul_w_t_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                   const int32_t *start, int n_groups, float alpha, float beta)
+{
+    int order[n_groups > 0 ? n_groups : 1];
+    long total;
+    grouped_args a = {y, x, w, start, ldy, ldx, 0, alpha, beta, order, NULL, 0, &((cpu_backend *)be)->panels};
+    a.n = rank_groups(&a, n_groups, order, &total);
+    int threads = tk_pool_threads(pool_of(be));
+    if (a.n < 2 * threads) { /* too few groups to share out whole: each one over the pool */
+        for (int i = 0; i < a.n; i++) {
+            int g = order[i];
+            cpu_matmul_w_t(be, y + (size_t)start[g] * ldy, ldy, x + (size_t)start[g] * ldx, ldx, &w[g],
+                           start[g + 1] - start[g], alpha, beta);
+        }
+        return;
+    }
+    tk_pool_run(total >= (1L << 18) ? pool_of(be) : NULL, a.n, grouped_backward_task, &a);
 }
 
 /* ---- memory: host memory is the device's ---------------------------------------------- */
@@ -1106,6 +1244,8 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .matmul_w = cpu_matmul_w,
         .matmul_w_decode = cpu_matmul_w_decode,
         .matmul_w_t = cpu_matmul_w_t,
+        .matmul_w_grouped = cpu_matmul_w_grouped,
+        .matmul_w_t_grouped = cpu_matmul_w_t_grouped,
         .matmul_nt = cpu_matmul_nt,
         .matmul_nn = cpu_matmul_nn,
         .matmul_tn_acc = cpu_matmul_tn_acc,

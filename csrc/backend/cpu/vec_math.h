@@ -75,4 +75,42 @@ static inline float tk_max(const float *x, int n)
     return m;
 }
 
+/* 16 floats as one vector (gcc's vector extension: a zmm, or two ymm on AVX2), loadable at any float address */
+typedef float tk_v16f __attribute__((vector_size(64), aligned(4)));
+
+/* s[r] = w_r . x over K elements for four rows w_r sharing each load of x (four independent chains hide the adds'
+ * latency; the weights stream at memory speed). Each sum is 16 lane sums over k = j mod 16 in order, the tail
+ * k >= K - K % 16 summed first, then lanes 0..15 added in order: tk_dot1's order, whatever the grouping. */
+static inline void tk_dot4(float s[4], const float *w0, const float *w1, const float *w2, const float *w3,
+                           const float *x, int K)
+{
+    const int K16 = K & ~15;
+    tk_v16f c[4] = {{0}, {0}, {0}, {0}};
+    for (int k = 0; k < K16; k += 16) {
+        tk_v16f xv = *(const tk_v16f *)(x + k);
+        c[0] += *(const tk_v16f *)(w0 + k) * xv;
+        c[1] += *(const tk_v16f *)(w1 + k) * xv;
+        c[2] += *(const tk_v16f *)(w2 + k) * xv;
+        c[3] += *(const tk_v16f *)(w3 + k) * xv;
+    }
+    const float *w[4] = {w0, w1, w2, w3};
+    for (int r = 0; r < 4; r++) {
+        float sum = 0;
+        for (int k = K16; k < K; k++) sum += w[r][k] * x[k];
+        for (int j = 0; j < 16; j++) sum += c[r][j];
+        s[r] = sum;
+    }
+}
+
+static inline float tk_dot1(const float *w, const float *x, int K)
+{
+    const int K16 = K & ~15;
+    tk_v16f c = {0};
+    for (int k = 0; k < K16; k += 16) c += *(const tk_v16f *)(w + k) * *(const tk_v16f *)(x + k);
+    float sum = 0;
+    for (int k = K16; k < K; k++) sum += w[k] * x[k];
+    for (int j = 0; j < 16; j++) sum += c[j];
+    return sum;
+}
+
 #endif

@@ -35,6 +35,7 @@
 #include "blas.h"
 #include "qmatmul.h"
 #include "tgemm.h"
+#include "vec_math.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -42,7 +43,7 @@
 
 /* Floats of one thread's panel: 4 MB. sgemm packs the token rows x again for every panel, so panels are as
  * tall as this allows (a whole thread's share of SmolLM2's projections); cols up to 65536 still get 16 rows. */
-enum { PANEL_FLOATS = 1 << 20, PANEL_MAX_ROWS = 4096, SMALL_T = 8 };
+enum { PANEL_FLOATS = 1 << 20, PANEL_MAX_ROWS = 4096, SMALL_T = 8, DOT_PANEL_ROWS = 16 };
 
 int tk_cpu_panels_init(tk_cpu_panels *p, int threads)
 {
@@ -164,6 +165,19 @@ static void decode_rows(float *panel, int ld, const tk_weight_part *p, int cols,
                       (size_t)(k1 - k0));
 }
 
+int tk_cpu_part_row_splits(const tk_weight_part *p, int row) { return !tiled(p->type) || row % TK_QROWS == 0; }
+
+tk_weight_part tk_cpu_part_rows(const tk_weight_part *p, int cols, int r0, int r1)
+{
+    tk_weight_part out = *p;
+    size_t skip = tiled(p->type) ? (size_t)(r0 / TK_QROWS) * ((size_t)cols / TK_QBLOCK) * tk_qmatrix_tile_bytes(p->type)
+                                 : (size_t)r0 * tk_quant_row_bytes(p->type, (size_t)cols);
+    out.data = (uint8_t *)p->data + skip;
+    out.row0 = p->row0 + r0;
+    out.rows = r1 - r0;
+    return out;
+}
+
 void tk_cpu_weight_row(float *dst, const tk_weight_part *p, int cols, int row)
 {
     if (!tiled(p->type)) {
@@ -208,23 +222,26 @@ static int panel_rows(int width)
     return rows > PANEL_MAX_ROWS ? PANEL_MAX_ROWS : rows;
 }
 
-/* y[t, r] = alpha panel[r] . x[t] + beta y[t, r] for a few token rows (sgemm would pack the panel first) */
+static void store_dot(const part_args *a, float *y, float s)
+{
+    *y = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *y;
+}
+
+/* y[t, r] = alpha panel[r] . x[t] + beta y[t, r] for a few token rows (sgemm would pack the panel first), four
+ * panel rows per pass over x (tk_dot4: the same sums as one row at a time) */
 static void dot_rows(const part_args *a, float *y, const float *panel, int n)
 {
     int K = a->cols;
-    for (int r = 0; r < n; r++) {
-        const float *w = panel + (size_t)r * K;
-        for (int t = 0; t < a->T; t++) {
-            const float *xt = a->x + (size_t)t * a->ldx;
-            float acc[16] = {0}, s = 0;
-            int k = 0;
-            for (; k + 16 <= K; k += 16)
-                for (int j = 0; j < 16; j++) acc[j] += w[k + j] * xt[k + j];
-            for (; k < K; k++) s += w[k] * xt[k];
-            for (int j = 0; j < 16; j++) s += acc[j];
-            float *yt = y + (size_t)t * a->ldy + r;
-            *yt = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *yt;
+    for (int t = 0; t < a->T; t++) {
+        const float *xt = a->x + (size_t)t * a->ldx;
+        float *yt = y + (size_t)t * a->ldy, s[4];
+        int r = 0;
+        for (; r + 4 <= n; r += 4) {
+            const float *w = panel + (size_t)r * K;
+            tk_dot4(s, w, w + K, w + 2 * K, w + 3 * K, xt, K);
+            for (int i = 0; i < 4; i++) store_dot(a, yt + r + i, s[i]);
         }
+        for (; r < n; r++) store_dot(a, yt + r, tk_dot1(panel + (size_t)r * K, xt, K));
     }
 }
 
@@ -265,7 +282,8 @@ static void forward_tiles(const part_args *a, float *buf, int r0, int r1)
 static void forward_task(void *ctx, int task, int thread)
 {
     part_args *a = ctx;
-    int begin, end, K = a->cols, step = panel_rows(K);
+    /* a decoding step dots each few decoded rows while they are in L1, instead of a whole panel through L2 */
+    int begin, end, K = a->cols, step = a->dot ? DOT_PANEL_ROWS : panel_rows(K);
     unit_range(task, a->n_tasks, a->p->rows, a->unit, &begin, &end);
     float *panel = a->panels->buf[thread];
     if (tiled(a->p->type)) {

@@ -28,6 +28,11 @@ void tk_cpu_matmul_part(tk_pool *pool, tk_cpu_panels *panels, float *y, int ldy,
                         const tk_weight_part *p, int cols, int T, float alpha, float beta, int decoding);
 void tk_cpu_matmul_part_t(tk_pool *pool, tk_cpu_panels *panels, float *y, int ldy, const float *x, int ldx,
                           const tk_weight_part *p, int cols, int T, float alpha, float beta);
+/* The rows [r0, r1) of a part as a part of their own (r0 a multiple of TK_QROWS for a tiled type; any row
+ * otherwise), for a caller that splits a weight's rows itself. */
+tk_weight_part tk_cpu_part_rows(const tk_weight_part *p, int cols, int r0, int r1);
+/* Whether tk_cpu_part_rows may start at this part-local row. */
+int tk_cpu_part_row_splits(const tk_weight_part *p, int row);
 /* dst[cols] = row `row` of the part, decoded */
 void tk_cpu_weight_row(float *dst, const tk_weight_part *p, int cols, int row);
 
