@@ -287,6 +287,10 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
     if spec.config.get("moe"):
         raise BadRequestError(f"{base_model!r} is a mixture-of-experts model ({spec.arch}); merging an adapter into "
                               f"its experts is not supported yet: export the adapter itself (export_adapter)")
+    if spec.vision is not None:
+        raise BadRequestError(f"{base_model!r} is a vision-language model ({spec.arch}); a merged export of it (the "
+                              f"vision tower copied beside the merged language model) is not supported yet: export "
+                              f"the adapter itself (export_adapter)")
     final = _prepare_target(output_dir, overwrite, [adapter_dir, spec.source.path])
     where = f"adapter {source} on base model {base_model!r}"
 
