@@ -297,9 +297,10 @@ def _hf_moe_config(where: str, cfg: dict, n_layers: int) -> dict:
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
     where = str(path)
     descriptor = _arch.by_key("gguf_name", meta.get("general.architecture"))
-    if descriptor is None:
+    if descriptor is None:  # (vision-language models have no GGUF form here: llama.cpp splits off their tower)
+        supported = ", ".join(a["gguf_name"] for a in _arch.ARCHS.values() if a["gguf_name"])
         raise ModelLoadError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported "
-                             f"(supported: {', '.join(a['gguf_name'] for a in _arch.ARCHS.values())})")
+                             f"(supported: {supported})")
     arch, prefix = descriptor["name"], descriptor["gguf_name"]  # metadata keys are "{prefix}.block_count", ...
 
     def key(name, default=None, kind=_positive_int):
