@@ -42,7 +42,7 @@ def evaluate(expr: str, config: dict) -> int:
 
 def test_the_engine_lists_the_architectures_the_loader_accepts():
     assert tuple(_C.architectures()) == _models._SUPPORTED_ARCHS == _arch.NAMES
-    assert set(_arch.NAMES) >= {"llama", "qwen2", "qwen3", "qwen3moe"}
+    assert set(_arch.NAMES) >= {"llama", "qwen2", "qwen3", "qwen3moe", "qwen3vl"}
 
 
 def _layer_and_expert(t: dict, fmt: str):
@@ -141,8 +141,20 @@ def test_descriptor_matches_transformers_and_the_gguf_writer(arch):
     state = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     expected = {(t["role"], layer) for t in d["tensors"] if t["when"] != "optional"
                 for layer in (range(config["n_layers"]) if t["per_layer"] else (-1,)) if _arch.used(t, config, layer)}
-    found = {}
-    gguf_names = tm._hf_to_gguf_names(arch, model.config)
+    found, vision_found = {}, set()
+    gguf_names = tm._hf_to_gguf_names(arch, model.config) if d["gguf_name"] else {}
+    if d["flags"]["vision"]:  # the vision tower's tensors, with the shapes the descriptor's expressions give
+        v = model.config.vision_config
+        letters = {"Dv": v.hidden_size, "Fv": v.intermediate_size, "C": v.in_channels, "Tp": v.temporal_patch_size,
+                   "P": v.patch_size, "Np": v.num_position_embeddings, "S": v.spatial_merge_size,
+                   "O": v.out_hidden_size}  # fmt: skip
+        for name in [n for n in state if _arch.locate_vision(arch, n)]:
+            vname, index = _arch.locate_vision(arch, name)
+            assert _arch.vision_tensor_name(arch, vname, index) == name
+            assert state.pop(name) == _arch.vision_shape(arch, vname, letters), (arch, name)
+            vision_found.add((vname, index))
+        counts = {"model": [-1], "block": range(v.depth), "deepstack": range(len(v.deepstack_visual_indexes))}
+        assert vision_found == {(t["name"], i) for t in d["vision"] for i in counts[t["scope"]]}
     for name, shape in state.items():
         fused = _arch.fused_of(arch, name)
         if fused is not None:  # transformers 5.x holds the experts as 3-D [E, n rows, cols] parameters
@@ -155,7 +167,10 @@ def test_descriptor_matches_transformers_and_the_gguf_writer(arch):
         assert role is not None, f"{arch}: transformers tensor {name} is not in the descriptor"
         t = _arch.tensor(arch, role[0])
         assert shape == tuple(evaluate(e, config) for e in t["shape"]), (arch, name, shape, t["shape"])
-        assert _arch.tensor_name(arch, "gguf", *role) == gguf_names[name]
+        if d["gguf_name"]:
+            assert _arch.tensor_name(arch, "gguf", *role) == gguf_names[name]
+        else:
+            assert all(t["gguf"] is None for t in d["tensors"]), f"{arch} has no GGUF form but GGUF names"
         found[role] = name
     assert set(found) == expected
 
@@ -180,7 +195,7 @@ def test_peft_wraps_the_descriptor_modules(arch):
     engine = {ckpt.engine_name(k, arch) for k in keys}
     assert None not in engine, [k for k in keys if ckpt.engine_name(k, arch) is None]
     config = {**tm.expected_engine_config(model.config), "mlp_only_layers": list(kwargs.get("mlp_only_layers", []))}
-    layers = model.config.num_hidden_layers
+    layers = getattr(model.config, "text_config", model.config).num_hidden_layers  # (a VL model's language model)
     per_layer = [t for t in d["lora"] if t["per_layer"] and not t["per_expert"]
                  and not (d["flags"]["moe"] and t["trained_by"] == "train_mlp")]
     assert engine == {f"layers.{l}.{t['name']}.{ab}" for l in range(layers) for t in per_layer

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # transformers'
+VL_ARCHS = ("qwen3vl", "qwen3vlmoe")  # vision-language models (make_vl_model)
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+               "qwen3vl": "qwen3_vl", "qwen3vlmoe": "qwen3_vl_moe"}  # transformers'
 
 # default hyperparameters per architecture (overridable through make_hf_model's keyword arguments)
 _DEFAULTS = {
@@ -111,21 +113,119 @@ def randomize_(model, seed: int = 0, *, matrix_gain: float = 1.2, embed_std: flo
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
         if name.endswith("mlp.gate.weight"):  # the router (transformers' name)
             value = router_std * noise
+        elif name.endswith(".bias"):  # (a vision LayerNorm's bias too)
+            value = bias_std * noise
         elif "norm" in name:
             value = 1.0 + norm_std * noise
-        elif name.endswith(".bias"):
-            value = bias_std * noise
         elif "embed_tokens" in name:
             value = embed_std * noise
+        elif "patch_embed" in name:  # a Conv3d [out, C, T, P, P]: its fan-in is C T P P
+            value = matrix_gain / math.sqrt(p[0].numel()) * noise
         else:
             value = matrix_gain / math.sqrt(p.shape[-1]) * noise
         p.copy_(value.to(p.dtype))
     return model
 
 
+# ---- vision-language models (Qwen3-VL) ---------------------------------------------------------------------
+
+VL_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302, "vision_end_token_id": 303}
+VL_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
+                 spatial_merge_size=2, in_channels=3, num_position_embeddings=64, deepstack_visual_indexes=[0, 2],
+                 hidden_act="gelu_pytorch_tanh")  # fmt: skip
+# The image processor's pixel bounds for tests: 4 to 36 merged tokens (32 x 32 pixels each)
+VL_PIXELS = (4 * 32 * 32, 36 * 32 * 32)
+
+
+def tiny_vl_config(arch: str = "qwen3vl", *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                   head_dim: int = 16, intermediate: int = 128, vocab: int = 320, max_positions: int = 1024,
+                   rope_theta: float = 10000.0, mrope_section=(4, 2, 2), tied: bool = False, vision: dict | None = None,
+                   **unused):  # fmt: skip
+    """A transformers Qwen3-VL config (reference/qwen3-moe-vl.md 4.2): text hidden 64, head_dim 16 (8 rotary
+    frequencies: T at 0, 3, 6, 7, H at 1, 4, W at 2, 5), vision depth 3 of width 32 with deepstack taps after
+    blocks 0 and 2, an 8 x 8 learned position grid (interpolated for every image), special ids 300-303.
+    qwen3vlmoe (Qwen3-VL-MoE) adds MOE_DEFAULTS' experts (8 of width 96, top 2; 2 x 96 != hidden, so the fused
+    layouts' orientation is unambiguous; mlp_only_layers and the other MOE_DEFAULTS keys as keyword arguments)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    if arch not in VL_ARCHS:
+        raise ValueError(f"arch must be one of {VL_ARCHS}, got {arch!r}")
+    moe = {k: unused.pop(k) for k in list(unused) if k in MOE_DEFAULTS}
+    if moe and arch != "qwen3vlmoe":
+        raise ValueError(f"{arch} has no experts: unexpected {sorted(moe)}")
+    unknown = set(unused) - {"rope_scaling", "rms_norm_eps"}
+    if unknown or unused.get("rope_scaling"):
+        raise ValueError(f"unsupported settings for {arch}: {sorted(unused)}")
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                rms_norm_eps=float(unused.get("rms_norm_eps") or 1e-6), max_position_embeddings=max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
+                                 "mrope_section": list(mrope_section), "mrope_interleaved": True})  # fmt: skip
+    cls = Qwen3VLConfig
+    if arch == "qwen3vlmoe":
+        m = {**MOE_DEFAULTS, **moe}
+        text.update(num_experts=m["experts"], num_experts_per_tok=m["experts_per_token"],
+                    moe_intermediate_size=m["expert_intermediate"], norm_topk_prob=m["norm_topk_prob"],
+                    decoder_sparse_step=m["sparse_step"], mlp_only_layers=list(m["mlp_only_layers"]))  # fmt: skip
+        cls = Qwen3VLMoeConfig
+    config = cls(text_config=text, vision_config={**VL_VISION, "out_hidden_size": hidden, **(vision or {})},
+                 tie_word_embeddings=tied, **VL_TOKENS)
+    config._attn_implementation = "eager"
+    if arch == "qwen3vlmoe":
+        config._experts_implementation = config.text_config._experts_implementation = "eager"
+    return config
+
+
+def make_vl_model(arch: str = "qwen3vl", *, seed: int = 0, **config_kwargs):
+    """A tiny float32 transformers Qwen3-VL (vision tower included) with randomised weights, in eval mode."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    config = tiny_vl_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    cls = Qwen3VLMoeForConditionalGeneration if arch == "qwen3vlmoe" else Qwen3VLForConditionalGeneration
+    model = cls._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    randomize_(model, seed)
+    return model.eval()
+
+
+def vl_image_processor(min_pixels: int = VL_PIXELS[0], max_pixels: int = VL_PIXELS[1]):
+    """The Qwen2-VL image processor transformers runs for Qwen3-VL (its Pillow backend: torchvision is not a
+    dependency here), with the tiny model's patch sizes and test-sized pixel bounds."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=VL_VISION["patch_size"], merge_size=VL_VISION["spatial_merge_size"],
+                                    temporal_patch_size=VL_VISION["temporal_patch_size"], image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, size={"shortest_edge": min_pixels,
+                                                               "longest_edge": max_pixels})  # fmt: skip
+
+
+def make_vl_checkpoint(directory, arch: str = "qwen3vl", *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                       processor: bool = True, **config_kwargs):  # fmt: skip
+    """Saves a tiny random Qwen3-VL checkpoint (config.json + model.safetensors, and the image processor's
+    preprocessor_config.json unless processor=False) under `directory`; returns (path, float32 reference)."""
+    from transformers.utils import logging as hf_logging
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = make_vl_model(arch, seed=seed, **config_kwargs)
+    hf_logging.disable_progress_bar()
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)
+    if processor:
+        vl_image_processor().save_pretrained(directory)
+    if dtype != torch.float32:
+        model = type(model).from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+        if arch == "qwen3vlmoe":
+            model.config._experts_implementation = model.config.text_config._experts_implementation = "eager"
+    return directory, model.eval()
+
+
 def make_hf_model(arch: str, *, seed: int = 0, **config_kwargs):
-    """A tiny float32 transformers CausalLM of `arch` with randomised weights, in eval mode."""
+    """A tiny float32 transformers CausalLM of `arch` (a vision-language model for VL_ARCHS) with randomised
+    weights, in eval mode."""
     from transformers import AutoModelForCausalLM
+
+    if arch in VL_ARCHS:
+        return make_vl_model(arch, seed=seed, **config_kwargs)
 
     config = tiny_config(arch, **config_kwargs)
     torch.manual_seed(seed)
@@ -487,21 +587,30 @@ def reference_logits(model, tokens) -> np.ndarray:
 
 
 def expected_engine_config(config) -> dict:
-    """The engine config keys (tinker._models) a checkpoint with this transformers config must yield."""
+    """The engine config keys (tinker._models) a checkpoint with this transformers config must yield (of the
+    language model, for a vision-language config)."""
+    vision = config.model_type in ("qwen3_vl", "qwen3_vl_moe")
+    tied = config.tie_word_embeddings
+    if vision:
+        config = config.text_config
     rope = config.rope_parameters
-    moe = config.model_type == "qwen3_moe"
+    moe = config.model_type in ("qwen3_moe", "qwen3_vl_moe_text")
     out = {
         "n_layers": config.num_hidden_layers, "d_model": config.hidden_size,
         "n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads,
         "head_dim": config.head_dim, "d_ff": config.intermediate_size, "vocab_size": config.vocab_size,
         "max_context": config.max_position_embeddings, "rms_eps": config.rms_norm_eps,
-        "tied_embeddings": int(bool(config.tie_word_embeddings)),
-        "qkv_bias": int(config.model_type == "qwen2"), "qk_norm": int(config.model_type in ("qwen3", "qwen3_moe")),
-        "moe": int(moe), "rope_theta": float(rope["rope_theta"]),
+        "tied_embeddings": int(bool(tied)),
+        "qkv_bias": int(config.model_type == "qwen2"),
+        "qk_norm": int(config.model_type in ("qwen3", "qwen3_moe", "qwen3_vl_text", "qwen3_vl_moe_text")),
+        "moe": int(moe), "vision": int(vision), "rope_theta": float(rope["rope_theta"]),
     }  # fmt: skip
+    if vision:
+        out.update(mrope_section=list(rope["mrope_section"]))
     if moe:
         out.update(n_experts=config.num_experts, n_experts_used=config.num_experts_per_tok,
-                   d_ff_expert=config.moe_intermediate_size, norm_topk_prob=int(bool(config.norm_topk_prob)),
+                   d_ff_expert=config.moe_intermediate_size,
+                   norm_topk_prob=int(bool(config.norm_topk_prob) or vision),  # (Qwen3-VL-MoE always renormalises)
                    moe_layers=[i for i in range(config.num_hidden_layers) if moe_layer(config, i)])  # fmt: skip
     kind = rope.get("rope_type", "default")
     if kind == "default":

@@ -4,10 +4,11 @@ Every tensor name, shape, LoRA target and PEFT module name the Python side uses 
 loader (`_models`), checkpoints (`_checkpoints`), export (`_export`) and restore (`_restore`) keep no
 tables of their own. Adding an architecture is one table in arch.c.
 
-A descriptor is a plain dict: name, hf_model_type, hf_class, gguf_name, flags ({config key: bool}),
-hf_config (JSON text), tensors (role, per_layer, shape, when, gguf, hf, gguf_rope_rows, per_expert), lora
-(name, role, trained_by, peft, per_layer, in, out, per_expert, a_per_expert, b_per_expert) and fused (hf,
-roles). Name patterns hold "%d" for the layer; the Hugging Face name of an expert tensor (per_expert, shape
+A descriptor is a plain dict: name, hf_model_type, hf_class, gguf_name (None: no GGUF form), flags ({config
+key: bool}), hf_config (JSON text), tensors (role, per_layer, shape, when, gguf, hf, gguf_rope_rows,
+per_expert), lora (name, role, trained_by, peft, per_layer, in, out, per_expert, a_per_expert, b_per_expert),
+fused (hf, roles) and vision (name, scope "model" / "block" / "deepstack", hf, shape: the vision tower's tensors
+of a vision-language model, which tinker._vision runs). Name patterns hold "%d" for the layer; the Hugging Face name of an expert tensor (per_expert, shape
 [E, ...]) holds a second "%d", the expert: those files store one 2-D tensor per expert, GGUF one 3-D tensor per
 layer, and a fused form ([E, n * rows, cols], n roles stacked along dimension 1) one 3-D tensor for n roles.
 """
@@ -166,6 +167,48 @@ def shape_of(arch: str, role: str, config: dict) -> tuple[int, ...]:
 def tensor_ranks(arch: str) -> list[int]:
     """The numbers of dimensions the architecture's tensors have, ascending."""
     return sorted({len(t["shape"]) for t in ARCHS[arch]["tensors"]})
+
+
+# ---- vision towers -------------------------------------------------------------------------------------
+
+
+def has_vision(arch: str) -> bool:
+    """Whether the architecture reads images (a vision tower before its language model)."""
+    return bool(ARCHS[arch]["flags"].get("vision"))
+
+
+def vision_tensor(arch: str, name: str) -> dict | None:
+    return next((t for t in ARCHS[arch]["vision"] if t["name"] == name), None)
+
+
+def vision_tensor_name(arch: str, name: str, index: int = -1) -> str:
+    """The file name of a vision tower tensor; `index` is the block or deepstack merger where the name has one."""
+    pattern = vision_tensor(arch, name)["hf"]
+    return pattern % index if "%d" in pattern else pattern
+
+
+def locate_vision(arch: str, name: str) -> tuple[str, int] | None:
+    """(vision tensor name, block or deepstack index, -1 for model-wide) of a file's tensor name, or None."""
+    for t in ARCHS[arch]["vision"]:
+        if "%d" not in t["hf"]:
+            if t["hf"] == name:
+                return t["name"], -1
+            continue
+        found = _match(t["hf"], name)
+        if found is not None:
+            return t["name"], found[0]
+    return None
+
+
+def vision_shape(arch: str, name: str, letters: dict[str, int]) -> tuple[int, ...]:
+    """A vision tensor's shape from its expression ("3*Dv,Dv") and the vision config's letters (arch.h)."""
+    dims = []
+    for expr in vision_tensor(arch, name)["shape"].split(","):
+        value = 1
+        for term in expr.split("*"):
+            value *= int(term) if term.isdigit() else int(letters[term])
+        dims.append(value)
+    return tuple(dims)
 
 
 # ---- LoRA targets and PEFT names ----------------------------------------------------------------------

@@ -116,6 +116,22 @@ class LoadedModel:
         return load_hf_tokenizer(str(self.spec.source.path))
 
     @cached_property
+    def vision_tower(self):
+        """The vision tower (vision-language models; tinker._vision), its weights read on first use."""
+        from ._vision import VisionTower
+
+        if self.spec.vision is None:
+            raise BadRequestError(f"{self.name!r} is a text-only model: it has no vision tower")
+        return VisionTower(self.spec.arch, self.spec.vision)
+
+    @cached_property
+    def feature_cache(self):
+        """Image features by content hash (tinker._multimodal)."""
+        from ._multimodal import FeatureCache
+
+        return FeatureCache()
+
+    @cached_property
     def _token_bytes_published(self) -> bool:
         from ._tokenizer import token_bytes
 
@@ -128,7 +144,12 @@ class LoadedModel:
 
     def submit_forward(self, sequences, notify: bool = False, adapter=None) -> _C.Request:
         """Queues a forward pass over token sequences of any lengths (packed, no padding), through a
-        LoRA adapter's handle when one is given."""
+        LoRA adapter's handle when one is given. A sequence may be a tinker._multimodal.EngineInput (a
+        vision-language model's tokens with images)."""
+        from ._multimodal import EngineInput, pack
+
+        mm = pack(list(sequences))
+        sequences = [s.tokens if isinstance(s, EngineInput) else s for s in sequences]
         seqs = []
         for i, s in enumerate(sequences):
             try:
@@ -146,7 +167,7 @@ class LoadedModel:
         tokens = np.concatenate(seqs).astype(np.int32)
         lens = np.array([s.size for s in seqs], dtype=np.int32)
         try:
-            return get_engine().forward(self.handle, tokens, lens, notify=notify, adapter=adapter)
+            return get_engine().forward(self.handle, tokens, lens, notify=notify, adapter=adapter, mm=mm)
         except ValueError as e:
             raise BadRequestError(str(e)) from e
 
@@ -154,7 +175,7 @@ class LoadedModel:
         """Logits [len_i, V] (float32) at every position of each sequence."""
         request = self.submit_forward(sequences, adapter=adapter)
         logits = np.asarray(request.result())  # [T, V], a view of the engine's buffer
-        bounds = np.cumsum([0] + [len(s) for s in sequences])
+        bounds = np.cumsum([0] + [len(getattr(s, "tokens", s)) for s in sequences])
         return [logits[bounds[i]:bounds[i + 1]] for i in range(len(sequences))]
 
 

@@ -321,6 +321,10 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
         raise BadRequestError(f"{source}: the adapter does not name its base model (base_model_name_or_path); "
                               f"pass base_model=")
     spec = model_spec(resolve_model(base_model))  # ModelLoadError (a BadRequestError) when not found
+    if spec.vision is not None:
+        raise BadRequestError(f"{base_model!r} is a vision-language model ({spec.arch}); a merged export of it (the "
+                              f"vision tower copied beside the merged language model) is not supported yet: export "
+                              f"the adapter itself (export_adapter)")
     final = _prepare_target(output_dir, overwrite, [adapter_dir, spec.source.path])
     where = f"adapter {source} on base model {base_model!r}"
 

@@ -55,6 +55,7 @@ class ModelSpec:
                                  #  at c * col_stride + r), else 0
     gguf_metadata: dict | None = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)  # end generation (from the checkpoint's own files)
+    vision: dict | None = field(default=None, repr=False)   # a vision-language model's tower (_vision_spec)
 
 
 # ---- resolution ---------------------------------------------------------------------------
@@ -183,9 +184,9 @@ def _rope_from_hf(where: str, cfg: dict) -> dict:
     raise ModelLoadError(f"{where}: rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def _hf_config(directory: Path) -> tuple[str, dict, bool]:
+def _read_hf_config(directory: Path) -> tuple[Path, dict, dict]:
+    """(config.json's path, its object, the architecture descriptor of its model_type)."""
     path = directory / "config.json"
-    where = str(path)
     try:
         cfg = read_json(path)
     except (OSError, ValueError) as e:
@@ -196,7 +197,41 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     if descriptor is None:
         raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (supported: "
                              f"{', '.join(a['hf_model_type'] for a in _arch.ARCHS.values())})")
+    return path, cfg, descriptor
+
+
+def _language_config(path: Path, cfg: dict, vision: bool) -> dict:
+    """The object that describes the language model: config.json itself, or a vision-language model's
+    text_config (where the top-level tie_word_embeddings governs, as in transformers)."""
+    if not vision:
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelLoadError(f"{path}: a {cfg.get('model_type')} config needs a text_config object, got "
+                             f"{describe(text)}")
+    return {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+
+
+def _mrope_section(where: str, cfg: dict) -> list[int]:
+    """M-RoPE's [temporal, height, width] section sizes of a vision-language text config; only Qwen3-VL's
+    interleaved layout (mrope_interleaved true) is supported."""
+    rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+    section = rope.get("mrope_section")
+    half = (cfg.get("head_dim") or 0) // 2
+    if not isinstance(section, list) or len(section) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= half for v in section):
+        raise ModelLoadError(f"{where}: rope mrope_section must be a list of 3 integers from 0 to head_dim / 2 "
+                             f"({half}), got {describe(section)}")
+    if rope.get("mrope_interleaved") is not True:
+        raise ModelLoadError(f"{where}: only interleaved M-RoPE (mrope_interleaved: true, as Qwen3-VL) is supported")
+    return section
+
+
+def _hf_config(directory: Path) -> tuple[str, dict, bool]:
+    path, file_cfg, descriptor = _read_hf_config(directory)
+    where = str(path)
     arch = descriptor["name"]
+    cfg = _language_config(path, file_cfg, _arch.has_vision(arch))
     fields = Fields(where, ModelLoadError)
     flags = {key: fields.get(cfg, key, optional(BOOL), None)
              for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings")}
@@ -230,6 +265,8 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     }
     if config["moe"]:
         config.update(_hf_moe_config(where, cfg, config["n_layers"]))
+    if config.get("vision"):
+        config["mrope_section"] = _mrope_section(where, cfg)
     return arch, config, bool(config["tied_embeddings"])
 
 
@@ -262,9 +299,10 @@ def _hf_moe_config(where: str, cfg: dict, n_layers: int) -> dict:
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
     where = str(path)
     descriptor = _arch.by_key("gguf_name", meta.get("general.architecture"))
-    if descriptor is None:
+    if descriptor is None:  # (vision-language models have no GGUF form here: llama.cpp splits off their tower)
+        supported = ", ".join(a["gguf_name"] for a in _arch.ARCHS.values() if a["gguf_name"])
         raise ModelLoadError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported "
-                             f"(supported: {', '.join(a['gguf_name'] for a in _arch.ARCHS.values())})")
+                             f"(supported: {supported})")
     arch, prefix = descriptor["name"], descriptor["gguf_name"]  # metadata keys are "{prefix}.block_count", ...
 
     def key(name, default=None, kind=_positive_int):
@@ -467,14 +505,160 @@ def _hf_eos(directory: Path) -> list[int]:
     return []
 
 
+# ---- vision-language models: the vision tower's config, tensors and image preprocessing ----------------------
+
+_VISION_ACTS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "quick_gelu")
+
+# Qwen3-VL's preprocessor_config.json (reference/qwen3-moe-vl.md 2.3); a checkpoint without that file gets these,
+# with the patch sizes of its vision config (transformers' class defaults are Qwen2-VL's and would be wrong)
+_QWEN3VL_PIXELS = (65536, 16777216)
+
+
+def _vision_config(where: str, file_cfg: dict, text: dict) -> dict:
+    """The vision tower's settings from config.json's vision_config, checked."""
+    v = file_cfg.get("vision_config")
+    if not isinstance(v, dict):
+        raise ModelLoadError(f"{where}: a {file_cfg.get('model_type')} config needs a vision_config object")
+    w = f"{where}: vision_config"
+
+    def pos(key, default=None, limit=1 << 20):
+        return _positive_int(w, key, v.get(key, default), limit)
+
+    out = {"depth": pos("depth"), "hidden": pos("hidden_size"), "intermediate": pos("intermediate_size"),
+           "heads": pos("num_heads", v.get("num_attention_heads")), "in_channels": pos("in_channels", 3, 16),
+           "patch": pos("patch_size", 16, 1024), "temporal_patch": pos("temporal_patch_size", 2, 64),
+           "merge": pos("spatial_merge_size", 2, 64), "out_hidden": pos("out_hidden_size"),
+           "num_pos": pos("num_position_embeddings", 2304, 1 << 24)}  # fmt: skip
+    act = v.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _VISION_ACTS:
+        raise ModelLoadError(f"{w}: hidden_act {short(act)} is not supported (supported: {', '.join(_VISION_ACTS)})")
+    out["act"] = act
+    side = int(round(out["num_pos"] ** 0.5))
+    if side * side != out["num_pos"]:
+        raise ModelLoadError(f"{w}: num_position_embeddings {out['num_pos']} is not a square (the learned position "
+                             f"table is a square grid)")
+    out["grid_side"] = side
+    if out["hidden"] % out["heads"] or (out["hidden"] // out["heads"]) % 4:
+        raise ModelLoadError(f"{w}: hidden_size {out['hidden']} over num_heads {out['heads']} must be a head width "
+                             f"divisible by 4 (2-D rotary positions)")
+    if out["out_hidden"] != text["hidden_size"]:
+        raise ModelLoadError(f"{w}: out_hidden_size {out['out_hidden']} must equal the language model's hidden_size "
+                             f"{text['hidden_size']}")
+    deep = v.get("deepstack_visual_indexes", [])
+    if not isinstance(deep, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < out["depth"]
+                                         for i in deep) or len(set(deep)) != len(deep):
+        raise ModelLoadError(f"{w}: deepstack_visual_indexes must be distinct block indices from 0 to "
+                             f"{out['depth'] - 1}, got {describe(deep)}")
+    if len(deep) > text["num_hidden_layers"]:
+        raise ModelLoadError(f"{w}: {len(deep)} deepstack taps, more than the {text['num_hidden_layers']} language "
+                             f"layers they feed")
+    out["deepstack"] = list(deep)
+    rope = v.get("rope_parameters") or {}
+    out["rope_theta"] = _positive_float(w, "rope_theta", rope.get("rope_theta", v.get("rope_theta", 10000.0)))
+    return out
+
+
+def _processor_config(directory: Path, vision: dict) -> dict:
+    """How images are turned into patches: preprocessor_config.json's settings (Qwen2-VL-style image processor),
+    or Qwen3-VL's when the checkpoint has no such file."""
+    path = directory / "preprocessor_config.json"
+    raw = {}
+    if path.is_file():
+        try:
+            raw = read_json(path)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: cannot read the image processor config: {e}") from e
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{path}: not a JSON object")
+    where = str(path)
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    min_pixels = raw.get("min_pixels", size.get("shortest_edge", _QWEN3VL_PIXELS[0]))
+    max_pixels = raw.get("max_pixels", size.get("longest_edge", _QWEN3VL_PIXELS[1]))
+    out = {
+        "patch": _positive_int(where, "patch_size", raw.get("patch_size", vision["patch"]), 1024),
+        "temporal_patch": _positive_int(where, "temporal_patch_size",
+                                        raw.get("temporal_patch_size", vision["temporal_patch"]), 64),
+        "merge": _positive_int(where, "merge_size", raw.get("merge_size", vision["merge"]), 64),
+        "min_pixels": _positive_int(where, "min_pixels", min_pixels, 1 << 40),
+        "max_pixels": _positive_int(where, "max_pixels", max_pixels, 1 << 40),
+        "rescale_factor": float(raw.get("rescale_factor", 1 / 255)),
+        "do_resize": raw.get("do_resize", True) is not False, "do_rescale": raw.get("do_rescale", True) is not False,
+        "do_normalize": raw.get("do_normalize", True) is not False,
+        "do_convert_rgb": raw.get("do_convert_rgb", True) is not False,
+        "resample": raw.get("resample", 3),
+    }  # fmt: skip
+    for key in ("image_mean", "image_std"):
+        value = raw.get(key, [0.5, 0.5, 0.5])
+        if not isinstance(value, list) or len(value) != vision["in_channels"] or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise ModelLoadError(f"{where}: {key} must be a list of {vision['in_channels']} numbers")
+        out[key] = [float(x) for x in value]
+    if any(x == 0 for x in out["image_std"]):
+        raise ModelLoadError(f"{where}: image_std must not be 0")
+    if (out["patch"], out["temporal_patch"], out["merge"]) != (vision["patch"], vision["temporal_patch"],
+                                                              vision["merge"]):
+        raise ModelLoadError(f"{where}: patch_size / temporal_patch_size / merge_size disagree with the model's "
+                             f"vision_config")
+    if out["min_pixels"] > out["max_pixels"]:
+        raise ModelLoadError(f"{where}: the minimum pixel count {out['min_pixels']} exceeds the maximum "
+                             f"{out['max_pixels']}")
+    if out["resample"] != 3:
+        raise ModelLoadError(f"{where}: resample {short(out['resample'])} is not supported (only 3, bicubic)")
+    return out
+
+
+def _vision_letters(vision: dict) -> dict[str, int]:
+    """The vision tensors' shape letters (arch.h's tk_arch_vision_tensor) for a vision config."""
+    return {"Dv": vision["hidden"], "Fv": vision["intermediate"], "C": vision["in_channels"],
+            "Tp": vision["temporal_patch"], "P": vision["patch"], "Np": vision["num_pos"], "S": vision["merge"],
+            "O": vision["out_hidden"]}  # fmt: skip
+
+
+def _vision_spec(source: ModelSource, arch: str, where: str, found: dict) -> dict:
+    """A vision-language checkpoint's tower: its config, image processor settings, special token ids and the
+    file places of its tensors (found: {(name, index): (path, dtype, shape, offset, nbytes)}), each checked."""
+    path, file_cfg, _ = _read_hf_config(source.path)
+    text = _language_config(path, file_cfg, True)
+    vision = _vision_config(str(path), file_cfg, text)
+    ids = {}
+    for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+        ids[key] = _positive_int(str(path), key, file_cfg.get(key), text["vocab_size"] - 1) \
+            if file_cfg.get(key) != 0 else 0
+    letters = _vision_letters(vision)
+    counts = {"model": 1, "block": vision["depth"], "deepstack": len(vision["deepstack"])}
+    for t in _arch.ARCHS[arch]["vision"]:
+        for index in range(counts[t["scope"]]) if t["scope"] != "model" else (-1,):
+            name = _arch.vision_tensor_name(arch, t["name"], index)
+            if (t["name"], index) not in found:
+                raise ModelLoadError(f"{where}: tensor {name!r} of the vision tower is missing")
+            want = _arch.vision_shape(arch, t["name"], letters)
+            if tuple(found[t["name"], index][2]) != want:
+                raise ModelLoadError(f"{where}: vision tensor {name!r} has shape {list(found[t['name'], index][2])}, "
+                                     f"but the vision_config needs {list(want)}")
+    for vname, index in sorted(found):
+        scope = _arch.vision_tensor(arch, vname)["scope"]
+        if scope != "model" and index >= counts[scope]:
+            raise ModelLoadError(f"{where}: vision tensor {_arch.vision_tensor_name(arch, vname, index)!r} is beyond "
+                                 f"the vision_config (depth {vision['depth']}, {counts['deepstack']} deepstack "
+                                 f"mergers)")
+    return {"config": vision, "processor": _processor_config(source.path, vision), "tensors": found, **ids}
+
+
 def _hf_spec(source: ModelSource) -> ModelSpec:
     arch, config, tied = _hf_config(source.path)
     files = _safetensors_files(source.path)
     tensors = []
+    vision_found = {}
     for file_index, path in enumerate(files):
         for name, (dtype, shape, offset, nbytes) in read_safetensors_header(path).items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed from the config
+            vision = _arch.locate_vision(arch, name) if config.get("vision") else None
+            if vision is not None:  # the vision tower's: tinker._vision reads it, not the engine
+                if dtype not in _SAFETENSORS_TYPES:
+                    raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
+                vision_found[vision] = (str(path), dtype, tuple(shape), offset, nbytes)
+                continue
             entries = _hf_entries(path, arch, config, name, shape, offset, nbytes)
             if entries[0][0] == "lm_head" and tied:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
@@ -485,7 +669,9 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                                 expert, stride))
     where = str(files[0] if len(files) == 1 else source.path)
     _check_tensors(where, arch, "hf", config, tensors)
-    return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path))
+    vision = _vision_spec(source, arch, where, vision_found) if config.get("vision") else None
+    return ModelSpec(source, arch, config, [str(p) for p in files], tensors, eos_token_ids=_hf_eos(source.path),
+                     vision=vision)
 
 
 def _gguf_spec(source: ModelSource) -> ModelSpec:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._engine import INT32_MAX, LoadedModel, bool_arg, get_engine, int_arg, seed_arg, token_ids
 from ._exceptions import BadRequestError
+from ._multimodal import EngineInput
 
 
 @dataclass
@@ -104,6 +105,10 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
                   topk_prompt_logprobs: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, adapter=None, notify: bool = False,
                   topk_sample_logprobs: int = 0) -> PendingSample:
+    mm = None
+    if isinstance(prompt, EngineInput):  # a vision-language model's prompt with images (tinker._multimodal)
+        mm = prompt.mm(with_delta=True)
+        prompt = prompt.tokens
     if hasattr(prompt, "__len__") and len(prompt) == 0:
         raise BadRequestError("the prompt is empty; it needs at least one token")
     ids = token_ids(prompt, model.vocab_size, "prompt")
@@ -129,7 +134,7 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
             stop_ids=np.array(stop_ids, dtype=np.int32), stop_strings=stop_strings,
             prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
             adapter=None if adapter is None else adapter.handle, notify=notify,
-            topk_sample_logprobs=topk_sample_logprobs)
+            topk_sample_logprobs=topk_sample_logprobs, mm=mm)
     except (ValueError, OverflowError) as e:
         raise BadRequestError(str(e)) from e
     return PendingSample(request)

@@ -18,6 +18,8 @@ import numpy as np
 
 from ._engine import LoadedModel, bool_arg, get_engine, int_arg, seed_arg, token_ids
 from ._exceptions import BadRequestError
+from ._multimodal import EngineInput
+from ._multimodal import pack as pack_images
 
 # The engine's loss ids are the indices here (csrc/model/loss.h)
 LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce")
@@ -97,20 +99,25 @@ def _check_loss(loss_fn: str, loss_fn_config) -> dict:
 
 
 def _pack(data, loss_fn: str, vocab_size: int) -> dict:
-    """Flattens the datums into the engine's buffers, checking shapes and keys per datum."""
+    """Flattens the datums into the engine's buffers, checking shapes and keys per datum. A datum's tokens may be
+    a tinker._multimodal.EngineInput (its image positions count as tokens: the targets cover them too)."""
     if not isinstance(data, (list, tuple)) or len(data) == 0:
         raise BadRequestError("No data provided: pass a non-empty list of datums")
     needed = _INPUTS[loss_fn]
     used = needed + _OPTIONAL_INPUTS.get(loss_fn, ())
-    tokens, lens, ks, targets, shapes = [], [], [], [], []
+    tokens, lens, ks, targets, shapes, sequences = [], [], [], [], [], []
     floats = {key: [] for key in used}
     for i, datum in enumerate(data):
         try:
             model_tokens, inputs = datum
         except (TypeError, ValueError):
             raise BadRequestError(f"datum {i}: expected (tokens, loss_fn_inputs)") from None
+        image = model_tokens if isinstance(model_tokens, EngineInput) else None
+        if image is not None:
+            model_tokens = image.tokens
         ids = token_ids(model_tokens if isinstance(model_tokens, (list, tuple)) else _to_numpy(model_tokens),
                         vocab_size, f"sequence {i}", f"datum {i}: model_input")
+        sequences.append(image if image is not None else ids)
         if not isinstance(inputs, dict):
             raise BadRequestError(f"datum {i}: loss_fn_inputs must be a dict")
         unknown = sorted(set(inputs) - set(KNOWN_INPUTS))
@@ -121,8 +128,10 @@ def _pack(data, loss_fn: str, vocab_size: int) -> dict:
             raise BadRequestError(f"datum {i}: loss_fn_inputs has no 'target_tokens'")
         tgt = _to_numpy(inputs["target_tokens"])
         if tgt.ndim not in (1, 2) or tgt.shape[0] != ids.size or tgt.size == 0:
+            images = (f" ({image.n_image_tokens} of them the positions of {len(image.image_spans)} image(s), which "
+                      f"loss_fn_inputs must cover too, usually with weight 0)") if image is not None else ""
             raise BadRequestError(f"datum {i}: target_tokens has shape {tgt.shape}, but model_input has {ids.size} "
-                                  f"tokens: it must be [{ids.size}] or [{ids.size}, K]")
+                                  f"tokens{images}: it must be [{ids.size}] or [{ids.size}, K]")
         if not np.issubdtype(tgt.dtype, np.integer):
             if not (np.issubdtype(tgt.dtype, np.floating) and np.all(np.isfinite(tgt)) and np.all(tgt == np.round(tgt))):
                 raise BadRequestError(f"datum {i}: target_tokens must hold integer token ids, got dtype {tgt.dtype}")
@@ -158,6 +167,7 @@ def _pack(data, loss_fn: str, vocab_size: int) -> dict:
         "k_per_datum": np.array(ks, dtype=np.int32),
         "targets": np.concatenate(targets).astype(np.int32),
         "shapes": shapes,
+        "mm": pack_images(sequences),
     }
     names = {"weights": "weights", "advantages": "advantages", "logprobs": "logprobs",
              "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high", "sequence_ratio_mask": "ratio_mask"}
@@ -275,7 +285,7 @@ class LoraAdapter:
                 clip_low=packed["clip_low"], clip_high=packed["clip_high"], loss=LOSS_FUNCTIONS.index(loss_fn),
                 clip_low_threshold=config.get("clip_low_threshold", 0.0),
                 clip_high_threshold=config.get("clip_high_threshold", 0.0), beta=config.get("beta", 0.0),
-                backward=backward, notify=notify, ratio_mask=packed["ratio_mask"])
+                backward=backward, notify=notify, ratio_mask=packed["ratio_mask"], mm=packed["mm"])
         except ValueError as e:
             raise BadRequestError(str(e)) from e
         return PendingTrain(request, packed["shapes"])

@@ -167,10 +167,12 @@ struct tk_backend {
                              const float *w, const float *inv_rms, int rows, int n, int accumulate);
     /* y[r, :n] += b */
     void (*add_bias)(tk_backend *be, float *y, int ldy, const float *b, int rows, int n);
-    /* cos[r, i] = cos(angle), sin[r, i] = sin(angle), angle = (float)pos[r] * inv_freq[i] rounded to float32
-     * as Hugging Face computes it; for rows < rows, i < half (pos: host; inv_freq: device) */
-    void (*rope_table)(tk_backend *be, float *cos, float *sin, const int32_t *pos, int rows, const float *inv_freq,
-                       int half);
+    /* cos[r, i] = cos(angle), sin[r, i] = sin(angle), angle = (float)p * inv_freq[i] rounded to float32 as Hugging
+     * Face computes it, p = pos[r * pos_dims + (axis ? axis[i] : 0)]: each row's position has pos_dims components
+     * (M-RoPE: temporal, height, width) and frequency i takes its angle from component axis[i]; for rows < rows,
+     * i < half (pos, axis: host; inv_freq: device) */
+    void (*rope_table)(tk_backend *be, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
+                       const float *inv_freq, const int8_t *axis, int half);
     /* rotate_half RoPE in place on x[r, h*Dh : (h+1)*Dh] for h < n_heads, with cos/sin [rows, Dh/2] for each
      * row's position; inverse rotates back (the transpose, for the backward pass) */
     void (*rope)(tk_backend *be, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos,

@@ -27,7 +27,8 @@ static const char *const role_names[TK_ROLE_COUNT] = {
 static const char *const when_names[TK_WHEN_COUNT] = {"always", "optional", "untied", "qkv_bias", "qk_norm",
                                                       "dense_mlp", "moe"};
 static const char *const train_names[TK_TRAIN_COUNT] = {"train_attn", "train_mlp", "train_unembed"};
-static const char *const flag_names[TK_ARCH_FLAG_COUNT] = {"qkv_bias", "qk_norm", "moe"};
+static const char *const flag_names[TK_ARCH_FLAG_COUNT] = {"qkv_bias", "qk_norm", "moe", "vision"};
+static const char *const vision_scope_names[TK_VISION_SCOPE_COUNT] = {"model", "block", "deepstack"};
 
 /* ---- the tables ------------------------------------------------------------------------------------------ */
 
@@ -159,6 +160,78 @@ static const tk_arch_lora qwen3moe_lora[] = {
     {TK_LORA_PER_LAYER, "unembed",  TK_ROLE_LM_HEAD,   TK_TRAIN_UNEMBED, "lm_head",                               0,      0},
 };
 
+/* Qwen3-VL's language model: Qwen3 under model.language_model (positions M-RoPE's, image features replacing the
+ * image tokens' embeddings and deepstack features added after the first layers: mm.h); no GGUF form (llama.cpp
+ * splits the vision tower into a separate file). */
+static const tk_arch_tensor qwen3vl_tensors[] = {
+    /* role               scope   shape             when              GGUF rows  GGUF name  Hugging Face name    experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.embed_tokens.weight",                        0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.norm.weight",                                0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         NULL,      "lm_head.weight",                                                  0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.input_layernorm.weight",           0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.q_proj.weight",          0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.k_proj.weight",          0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.v_proj.weight",          0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.o_proj.weight",          0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         NULL,      "model.language_model.layers.%d.self_attn.q_norm.weight",          0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         NULL,      "model.language_model.layers.%d.self_attn.k_norm.weight",          0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.post_attention_layernorm.weight",  0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.gate_proj.weight",             0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.up_proj.weight",               0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.down_proj.weight",             0},
+};
+
+/* Tinker adapts the language model only: the decoder's targets, under the language model's module names. */
+static const tk_arch_lora qwen3vl_lora[] = {
+    /* target           name       adapts           trained by        PEFT module                                          A, B per expert */
+    {TK_LORA_Q,         "q",       TK_ROLE_Q,       TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.q_proj",  0, 0},
+    {TK_LORA_K,         "k",       TK_ROLE_K,       TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.k_proj",  0, 0},
+    {TK_LORA_V,         "v",       TK_ROLE_V,       TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.v_proj",  0, 0},
+    {TK_LORA_O,         "o",       TK_ROLE_O,       TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.o_proj",  0, 0},
+    {TK_LORA_GATE,      "gate",    TK_ROLE_GATE,    TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.gate_proj",     0, 0},
+    {TK_LORA_UP,        "up",      TK_ROLE_UP,      TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.up_proj",       0, 0},
+    {TK_LORA_DOWN,      "down",    TK_ROLE_DOWN,    TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.down_proj",     0, 0},
+    {TK_LORA_PER_LAYER, "unembed", TK_ROLE_LM_HEAD, TK_TRAIN_UNEMBED, "lm_head",  0, 0},
+};
+
+#define VMODEL TK_VISION_MODEL
+#define VBLOCK TK_VISION_BLOCK
+#define VDEEP TK_VISION_DEEPSTACK
+
+/* Qwen3-VL's vision tower (arch.h's tk_arch_vision_tensor): patch embedding (a Conv3d over [C, Tp, P, P] patches),
+ * a learned position table, ViT blocks, the 2x2 merger, and one merger per deepstack tap (its norm after the
+ * regrouping, so over S*S*Dv). */
+static const tk_arch_vision_tensor qwen3vl_vision[] = {
+    /* name               scope   Hugging Face name                                              shape */
+    {"patch_embed",       VMODEL, "model.visual.patch_embed.proj.weight",                        "Dv,C,Tp,P,P"},
+    {"patch_embed_bias",  VMODEL, "model.visual.patch_embed.proj.bias",                          "Dv"},
+    {"pos_embed",         VMODEL, "model.visual.pos_embed.weight",                               "Np,Dv"},
+    {"norm1",             VBLOCK, "model.visual.blocks.%d.norm1.weight",                         "Dv"},
+    {"norm1_bias",        VBLOCK, "model.visual.blocks.%d.norm1.bias",                           "Dv"},
+    {"qkv",               VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                      "3*Dv,Dv"},
+    {"qkv_bias",          VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                        "3*Dv"},
+    {"proj",              VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                     "Dv,Dv"},
+    {"proj_bias",         VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                       "Dv"},
+    {"norm2",             VBLOCK, "model.visual.blocks.%d.norm2.weight",                         "Dv"},
+    {"norm2_bias",        VBLOCK, "model.visual.blocks.%d.norm2.bias",                           "Dv"},
+    {"fc1",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",                "Fv,Dv"},
+    {"fc1_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",                  "Fv"},
+    {"fc2",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",                "Dv,Fv"},
+    {"fc2_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",                  "Dv"},
+    {"merger_norm",       VMODEL, "model.visual.merger.norm.weight",                             "Dv"},
+    {"merger_norm_bias",  VMODEL, "model.visual.merger.norm.bias",                               "Dv"},
+    {"merger_fc1",        VMODEL, "model.visual.merger.linear_fc1.weight",                       "S*S*Dv,S*S*Dv"},
+    {"merger_fc1_bias",   VMODEL, "model.visual.merger.linear_fc1.bias",                         "S*S*Dv"},
+    {"merger_fc2",        VMODEL, "model.visual.merger.linear_fc2.weight",                       "O,S*S*Dv"},
+    {"merger_fc2_bias",   VMODEL, "model.visual.merger.linear_fc2.bias",                         "O"},
+    {"deepstack_norm",    VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",           "S*S*Dv"},
+    {"deepstack_norm_bias", VDEEP, "model.visual.deepstack_merger_list.%d.norm.bias",            "S*S*Dv"},
+    {"deepstack_fc1",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",     "S*S*Dv,S*S*Dv"},
+    {"deepstack_fc1_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc1.bias",       "S*S*Dv"},
+    {"deepstack_fc2",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",     "O,S*S*Dv"},
+    {"deepstack_fc2_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc2.bias",       "O"},
+};
+
 static const tk_arch archs[] = {
     {
         .name = "llama", .hf_model_type = "llama", .hf_class = "LlamaForCausalLM", .gguf_name = "llama",
@@ -191,6 +264,14 @@ static const tk_arch archs[] = {
         .lora = qwen3moe_lora, .n_lora = COUNT(qwen3moe_lora),
         .fused = qwen3moe_fused, .n_fused = COUNT(qwen3moe_fused),
     },
+    {
+        .name = "qwen3vl", .hf_model_type = "qwen3_vl", .hf_class = "Qwen3VLForConditionalGeneration",
+        .gguf_name = NULL, .flags = TK_ARCH_QK_NORM | TK_ARCH_VISION,
+        .hf_config = "{\"attention_bias\": false}",
+        .tensors = qwen3vl_tensors, .n_tensors = COUNT(qwen3vl_tensors),
+        .lora = qwen3vl_lora, .n_lora = COUNT(qwen3vl_lora),
+        .vision = qwen3vl_vision, .n_vision = COUNT(qwen3vl_vision),
+    },
 };
 
 /* ---- lookups --------------------------------------------------------------------------------------------- */
@@ -218,6 +299,10 @@ int tk_role_from_name(const char *name)
 const char *tk_when_name(int when) { return when >= 0 && when < TK_WHEN_COUNT ? when_names[when] : NULL; }
 const char *tk_train_name(int train) { return train >= 0 && train < TK_TRAIN_COUNT ? train_names[train] : NULL; }
 const char *tk_arch_flag_name(int bit) { return bit >= 0 && bit < TK_ARCH_FLAG_COUNT ? flag_names[bit] : NULL; }
+const char *tk_vision_scope_name(int scope)
+{
+    return scope >= 0 && scope < TK_VISION_SCOPE_COUNT ? vision_scope_names[scope] : NULL;
+}
 
 const tk_arch_tensor *tk_arch_tensor_of(const tk_arch *a, int role)
 {
@@ -355,6 +440,29 @@ static tk_status validate_fused(const tk_arch *a)
     return TK_OK;
 }
 
+/* A vision tower's tensors: distinct names, a %d exactly where the scope has an index, shapes of letters. */
+static tk_status validate_vision(const tk_arch *a)
+{
+    if ((a->n_vision > 0) != ((a->flags & TK_ARCH_VISION) != 0))
+        return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensors without the vision flag, or the reverse",
+                        a->name);
+    for (int j = 0; j < a->n_vision; j++) {
+        const tk_arch_vision_tensor *v = &a->vision[j];
+        if (!v->name || !v->hf || !v->shape || !tk_vision_scope_name((int)v->scope) ||
+            layer_slots(v->hf) != (v->scope != TK_VISION_MODEL))
+            return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %d is malformed", a->name, j);
+        for (int k = 0; k < j; k++)
+            if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0)
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s is listed twice", a->name,
+                                v->name);
+        for (const char *p = v->shape; *p; p++)
+            if (!isalnum((unsigned char)*p) && *p != '*' && *p != ',')
+                return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s has a bad shape '%s'", a->name,
+                                v->name, v->shape);
+    }
+    return TK_OK;
+}
+
 tk_status tk_arch_validate(void)
 {
     tk_model_config probe = {0}; /* every letter 2: an expression that parses is positive */
@@ -387,6 +495,7 @@ tk_status tk_arch_validate(void)
             }
         }
         TK_TRY(validate_fused(a));
+        TK_TRY(validate_vision(a));
         for (int j = 0; j < a->n_lora; j++) {
             const tk_arch_lora *l = &a->lora[j];
             const tk_arch_tensor *t = tk_arch_tensor_of(a, (int)l->role);

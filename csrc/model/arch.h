@@ -15,7 +15,8 @@
  *     one per expert or one shared by all (Tinker's "shared-outer" layout: the factor that touches D is shared);
  *   - its names elsewhere: Hugging Face model_type and architectures class, GGUF general.architecture, and
  *     extra config.json keys an export from GGUF writes;
- *   - flags every config of it gets (qkv_bias, qk_norm: the names of tk_model_config's fields).
+ *   - flags every config of it gets (qkv_bias, qk_norm: the names of tk_model_config's fields; vision: the model
+ *     reads images, through a vision tower whose tensors (names, scopes, shapes) are listed too).
  * The loader (weights.c), the adapter layout (lora.c) and, through tinker._C.architectures(), the Python
  * loader, checkpoints and export (tinker/_arch.py) take names and shapes only from here.
  *
@@ -61,7 +62,11 @@ enum tk_when {
 enum tk_train { TK_TRAIN_ATTN, TK_TRAIN_MLP, TK_TRAIN_UNEMBED, TK_TRAIN_COUNT };
 
 /* Flags an architecture sets in the config of every model of it. */
-enum { TK_ARCH_QKV_BIAS = 1 << 0, TK_ARCH_QK_NORM = 1 << 1, TK_ARCH_MOE = 1 << 2, TK_ARCH_FLAG_COUNT = 3 };
+enum {
+    TK_ARCH_QKV_BIAS = 1 << 0, TK_ARCH_QK_NORM = 1 << 1, TK_ARCH_MOE = 1 << 2,
+    TK_ARCH_VISION = 1 << 3, /* a vision-language model: image tokens, M-RoPE positions, a vision tower */
+    TK_ARCH_FLAG_COUNT = 4
+};
 
 enum { TK_ARCH_MAX_DIMS = 4, TK_ARCH_MAX_FUSED = 2 };
 
@@ -91,6 +96,21 @@ typedef struct {
     int n_roles;
 } tk_arch_fused;
 
+/* Where a vision tower's tensor sits: once in the model, once per ViT block, or once per deepstack merger. */
+enum tk_vision_scope { TK_VISION_MODEL, TK_VISION_BLOCK, TK_VISION_DEEPSTACK, TK_VISION_SCOPE_COUNT };
+
+/* A tensor of a vision tower (Qwen3-VL's ViT, merger and deepstack mergers). The tower is forward-only and runs
+ * before the language model (tinker/_vision.py reads these): its tensors have their own names and shapes, in the
+ * vision config's letters (comma-separated dimensions, each a product of letters and integers): Dv width, Fv MLP
+ * width, C input channels, Tp temporal patch, P patch size, Np position-table entries, S spatial merge, O output
+ * width (the language model's D). */
+typedef struct {
+    const char *name;          /* "qkv", "merger_fc1", ... */
+    enum tk_vision_scope scope;
+    const char *hf;            /* Hugging Face name pattern; %d = block or deepstack merger */
+    const char *shape;         /* "3*Dv,Dv" */
+} tk_arch_vision_tensor;
+
 typedef struct tk_arch {
     const char *name;          /* the engine's name (ModelSpec.arch, the config's "arch") */
     const char *hf_model_type; /* config.json model_type */
@@ -105,6 +125,8 @@ typedef struct tk_arch {
     int n_lora;
     const tk_arch_fused *fused;
     int n_fused;
+    const tk_arch_vision_tensor *vision; /* the vision tower's tensors (TK_ARCH_VISION), else none */
+    int n_vision;
 } tk_arch;
 
 typedef struct {
@@ -120,7 +142,8 @@ int tk_role_from_name(const char *name);          /* -1 when unknown */
 const char *tk_when_name(int when);               /* "always", "optional", "untied", "qkv_bias", "qk_norm",
                                                    * "dense_mlp", "moe" */
 const char *tk_train_name(int train);             /* "train_attn", "train_mlp", "train_unembed" */
-const char *tk_arch_flag_name(int bit);           /* name of flag 1 << bit: "qkv_bias", "qk_norm", "moe" */
+const char *tk_arch_flag_name(int bit);           /* name of flag 1 << bit: "qkv_bias", "qk_norm", "moe", "vision" */
+const char *tk_vision_scope_name(int scope);      /* "model", "block", "deepstack" */
 
 /* The architecture's tensor of a role (NULL when it has none) and its LoRA target (NULL likewise). */
 const tk_arch_tensor *tk_arch_tensor_of(const tk_arch *a, int role);

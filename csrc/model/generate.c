@@ -11,6 +11,7 @@
 
 #include "../backend/backend.h"
 #include "head.h"
+#include "mm.h"
 #include "transformer.h"
 
 typedef struct {
@@ -24,6 +25,7 @@ typedef struct {
     char *stop_bytes;
     uint32_t *stop_offsets;   /* [n_stop_strings + 1] */
     int n_stop_strings, max_stop_len;
+    tk_mm mm;                 /* the prompt's image features and positions (mm.h), or none */
     /* results */
     int group_requests, group_prompts; /* its cohort: requests admitted with it, distinct prompts prefilled */
     int joined;                        /* 1: it joined a decode already running */
@@ -58,6 +60,7 @@ static void sample_free(void *ptr)
     free(sp->prompt_lp);
     free(sp->topk_ids);
     free(sp->topk_lp);
+    tk_mm_free(&sp->mm);
     free(sp);
 }
 
@@ -178,7 +181,8 @@ static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *fi
         for (int u = 0; u < n_u && uniq[r] < 0; u++) {
             const sample_payload *a = reqs[first_req[u]], *b = reqs[r];
             if (a->adapter == b->adapter && a->prompt_len == b->prompt_len &&
-                memcmp(a->prompt, b->prompt, (size_t)a->prompt_len * sizeof *a->prompt) == 0)
+                memcmp(a->prompt, b->prompt, (size_t)a->prompt_len * sizeof *a->prompt) == 0 &&
+                tk_mm_equal(&a->mm, &b->mm, a->prompt_len, a->model->cfg.d_model))
                 uniq[r] = u;
         }
         if (uniq[r] < 0) first_req[n_u] = r, uniq[r] = n_u++;
@@ -204,7 +208,7 @@ typedef struct {
     cohort *cohorts;
     int admitted;       /* requests admitted so far */
     /* one step's batch, [cap] each */
-    int32_t *step_tok, *step_rows;
+    int32_t *step_tok, *step_rows, *step_delta;
     tk_kv_seq *step_kv;
     const tk_adapter **step_ads;
     float *logits_h;    /* host copy of the logits (devices whose memory the host cannot read) */
@@ -236,6 +240,7 @@ static void session_free(session *S)
     tk_backend *be = S->exec->backend;
     for (cohort *co = S->cohorts, *next; co; co = next) next = co->next, cohort_free(be, co);
     free(S->seqs), free(S->live), free(S->step_tok), free(S->step_rows), free(S->step_kv), free(S->step_ads);
+    free(S->step_delta);
     free(S->logits_h), free(S->buf);
     free(S->ch.z), free(S->ch.e), free(S->ch.c), free(S->ch.seen);
 }
@@ -248,6 +253,7 @@ static int session_reserve(session *S, int more)
     while (cap < S->n_seqs + more) cap *= 2;
 #define GROW(ptr) do { void *p_ = realloc((ptr), (size_t)cap * sizeof *(ptr)); if (!p_) return 0; (ptr) = p_; } while (0)
     GROW(S->seqs); GROW(S->live); GROW(S->step_tok); GROW(S->step_kv); GROW(S->step_ads);
+    GROW(S->step_delta);
     int32_t *rows = realloc(S->step_rows, ((size_t)cap + 1) * sizeof *rows);
     if (!rows) return 0;
     S->step_rows = rows;
@@ -308,6 +314,72 @@ static void sequence_done(session *S, sequence *q)
     cohort_release(S, q->co);
 }
 
+/* The prefill's image inputs: the distinct prompts' (reqs[first_req[u]] for u < n_u, tokens from starts[u])
+ * packed as their tokens are. Embedding rows are renumbered into one table, deepstack blocks regrouped per layer
+ * (a prompt with fewer blocks adds zeros), and a prompt without positions of its own counts them from 0 on every
+ * axis. The packed embed rows and positions are host arrays the batch points at; the features go to `dev`
+ * (prefill_mm_floats of device scratch) through `host` (as many floats of host memory). */
+typedef struct {
+    int n_embeds, n_deepstack;
+    int32_t *embed_row; /* [total_p] or NULL */
+    int32_t *pos;       /* [total_p, TK_MM_POS_DIMS] or NULL */
+    float *host;        /* [(1 + n_deepstack) n_embeds, D] or NULL */
+} prefill_mm;
+
+static void prefill_mm_free(prefill_mm *pm) { free(pm->embed_row), free(pm->pos), free(pm->host); }
+
+static size_t prefill_mm_floats(const prefill_mm *pm, int D)
+{
+    return (size_t)pm->n_embeds * (size_t)D * (size_t)(1 + pm->n_deepstack);
+}
+
+static tk_status pack_prefill_mm(prefill_mm *pm, sample_payload **reqs, const int *first_req, int n_u,
+                                 const int32_t *starts, int D)
+{
+    memset(pm, 0, sizeof *pm);
+    int any_pos = 0, total_p = starts[n_u];
+    for (int u = 0; u < n_u; u++) {
+        const tk_mm *mm = &reqs[first_req[u]]->mm;
+        pm->n_embeds += mm->n_embeds;
+        if (mm->n_deepstack > pm->n_deepstack) pm->n_deepstack = mm->n_deepstack;
+        any_pos |= mm->pos != NULL;
+    }
+    if (!pm->n_embeds && !any_pos) return TK_OK;
+    size_t rows = (size_t)pm->n_embeds * (size_t)D, K = (size_t)pm->n_deepstack;
+    pm->embed_row = pm->n_embeds ? malloc((size_t)total_p * sizeof *pm->embed_row) : NULL;
+    pm->pos = any_pos ? malloc((size_t)total_p * TK_MM_POS_DIMS * sizeof *pm->pos) : NULL;
+    pm->host = pm->n_embeds ? calloc(rows * (1 + K), sizeof *pm->host) : NULL;
+    if ((pm->n_embeds && (!pm->embed_row || !pm->host)) || (any_pos && !pm->pos)) {
+        prefill_mm_free(pm);
+        return tk_error(TK_ERR_NOMEM, "sample: out of memory for the prompts' image features");
+    }
+    for (int u = 0, row0 = 0; u < n_u; u++) {
+        const tk_mm *mm = &reqs[first_req[u]]->mm;
+        int P = starts[u + 1] - starts[u];
+        for (int t = 0; pm->embed_row && t < P; t++)
+            pm->embed_row[starts[u] + t] = mm->embed_row && mm->embed_row[t] >= 0 ? row0 + mm->embed_row[t] : -1;
+        for (int t = 0; pm->pos && t < P; t++)
+            for (int k = 0; k < TK_MM_POS_DIMS; k++)
+                pm->pos[(size_t)(starts[u] + t) * TK_MM_POS_DIMS + k] = mm->pos ? mm->pos[t * TK_MM_POS_DIMS + k] : t;
+        size_t n = (size_t)mm->n_embeds * (size_t)D, at = (size_t)row0 * (size_t)D;
+        if (n) memcpy(pm->host + at, mm->embeds, n * sizeof(float));
+        for (size_t k = 0; k < (size_t)mm->n_deepstack; k++)
+            memcpy(pm->host + rows * (1 + k) + at, mm->deepstack + k * n, n * sizeof(float));
+        row0 += mm->n_embeds;
+    }
+    return TK_OK;
+}
+
+/* Points the prefill batch at the packed image inputs, uploading the features to dev. */
+static void place_prefill_mm(tk_batch *b, const prefill_mm *pm, tk_backend *be, float *dev, int D)
+{
+    b->pos = pm->pos;
+    if (!pm->n_embeds) return;
+    be->upload(be, dev, pm->host, prefill_mm_floats(pm, D) * sizeof(float));
+    b->embeds = dev, b->embed_row = pm->embed_row, b->n_embeds = pm->n_embeds;
+    if (pm->n_deepstack) b->deepstack = dev + (size_t)pm->n_embeds * D, b->n_deepstack = pm->n_deepstack;
+}
+
 /* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts, the prompt scores, and
  * the first token of every sample; the unfinished samples join the live set. */
 static tk_status admit(session *S, sample_payload **reqs, int n_req)
@@ -323,6 +395,7 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     const tk_adapter *widest = widest_unembed(req_ads, n_req);
     float *h_rows[n_req], *last_rows[n_req];
     int total_p = 0, n_seq = 0, max_new = 1, max_stop = 1;
+    prefill_mm pm = {0};
     for (int u = 0; u < n_u; u++) total_p += reqs[first_req[u]]->prompt_len;
     for (int r = 0; r < n_req; r++) {
         sample_payload *sp = reqs[r];
@@ -367,15 +440,19 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
         kvs[u] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + (size_t)starts[u] * KV, co->prompt_v + (size_t)starts[u] * KV,
                              0, 0, prompt_stride};
     }
-    tk_batch prefill = {n_u, total_p, tokens, starts, NULL, NULL, NULL, ads, kvs, NULL};
+    tk_batch prefill = {.n_seqs = n_u, .n_tokens = total_p, .tokens = tokens, .seq_start = starts, .adapters = ads,
+                        .kv = kvs};
+    if ((status = pack_prefill_mm(&pm, reqs, first_req, n_u, starts, D)) != TK_OK) goto done;
     size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
-    float *work = tk_exec_scratch(S->exec, (size_t)total_p * D + rows * D + rows * V + rows + body + head + 64);
+    size_t n_mm = prefill_mm_floats(&pm, D);
+    float *work = tk_exec_scratch(S->exec, (size_t)total_p * D + rows * D + rows * V + rows + n_mm + body + head + 64);
     if (!work) {
         status = tk_error_prefix(TK_ERR_NOMEM, "sample: ");
         goto done;
     }
     float *h = work, *hs = h + (size_t)total_p * D, *logits = hs + rows * D, *lse = logits + rows * V;
-    float *rest = lse + rows, *head_work = rest + body;
+    float *mm = lse + rows, *rest = mm + n_mm, *head_work = rest + body;
+    place_prefill_mm(&prefill, &pm, be, mm, D);
     tk_transformer_forward(h, m, be, &prefill, NULL, rest);
     for (int r = 0; r < n_req; r++)
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
@@ -415,6 +492,7 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
 done:
     if (co) cohort_free(be, co);
     free(tokens), free(starts), free(kvs), free(ads);
+    prefill_mm_free(&pm);
     return status;
 }
 
@@ -457,8 +535,10 @@ static void step(session *S)
         S->step_kv[j] = q->kv;
         S->step_kv[j].n1 = q->n - 1; /* its tokens before the newest are cached */
         S->step_ads[j] = q->req->adapter;
+        S->step_delta[j] = q->req->mm.pos_delta ? q->req->mm.pos_delta[0] : 0; /* M-RoPE after an image */
     }
-    tk_batch step = {n, n, S->step_tok, S->step_rows, NULL, NULL, NULL, S->step_ads, S->step_kv, NULL};
+    tk_batch step = {.n_seqs = n, .n_tokens = n, .tokens = S->step_tok, .seq_start = S->step_rows,
+                     .adapters = S->step_ads, .kv = S->step_kv, .pos_delta = S->step_delta};
     const tk_adapter *widest = widest_unembed(S->step_ads, n);
     size_t body = tk_transformer_workspace(m, be, &step, 0), head = tk_head_workspace(m, widest);
     float *work = tk_exec_scratch(S->exec, (size_t)n * D + (size_t)n * V + body + head + 64);
@@ -625,6 +705,15 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
     sp->adapter = ad;
     *out = req;
     return TK_OK;
+}
+
+tk_status tk_sample_request_set_mm(tk_request *req, const tk_mm *mm)
+{
+    sample_payload *sp = tk_request_payload(req);
+    const tk_model_config *c = &sp->model->cfg;
+    if (mm->pos_delta && (mm->pos_delta[0] < -(1L << 24) || mm->pos_delta[0] > (1L << 24)))
+        return tk_error(TK_ERR_INVALID, "sample: rope delta %d is out of range", mm->pos_delta[0]);
+    return tk_mm_copy(&sp->mm, mm, sp->prompt_len, 1, c->d_model, c->n_layers, 1L << 24, "sample");
 }
 
 int tk_sample_request_sample(tk_request *req, int i, tk_sampled *out)

@@ -12,6 +12,7 @@
 
 #include "../core/engine.h"
 #include "lora.h"
+#include "mm.h"
 #include "model.h"
 #include "sampler.h"
 
@@ -22,6 +23,10 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
                                    int prompt_len, const tk_sample_params *p, const int32_t *stop_ids,
                                    int n_stop_ids, const char *stop_bytes, const uint32_t *stop_offsets,
                                    int n_stop_strings);
+
+/* Before submitting: the prompt's image features and positions (mm.h: one sequence, its tokens; pos_delta[0]
+ * shifts the positions of the generated tokens). Copies them. */
+tk_status tk_sample_request_set_mm(tk_request *req, const tk_mm *mm);
 
 typedef struct {
     const int32_t *tokens;

@@ -44,6 +44,11 @@ typedef struct {
     int rope_scaling;    /* tk_rope_scaling */
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_context;
+    /* M-RoPE (Qwen3-VL): positions have three components (temporal, height, width); frequency i of the Dh/2 takes
+     * its angle from height when i % 3 == 1 and i < 3 mrope_section[1], from width when i % 3 == 2 and
+     * i < 3 mrope_section[2], else from the temporal component (Hugging Face's interleaved layout). All zero: plain
+     * RoPE over one position. */
+    int mrope_section[3];
     /* Mixture of experts (Qwen3-MoE): layer l's MLP is a routed block of n_experts SwiGLU experts of width
      * d_ff_expert, n_experts_used per token, when tk_model_layer_is_moe(c, l); else the dense SwiGLU of d_ff. */
     int moe;               /* the architecture has MoE layers (n_experts > 0) */
@@ -74,6 +79,7 @@ typedef struct {
     float *final_norm;     /* [D] */
     tk_weight lm_head;     /* [V, D]; the embedding's storage when tied */
     float *rope_inv_freq;  /* [Dh/2] angle per position of each rotated pair */
+    int8_t *rope_axis;     /* [Dh/2] host: the position component of each frequency (M-RoPE), or NULL */
     tk_layer_weights *layers; /* [n_layers] */
     tk_weight *experts;    /* [2 E] per MoE layer: the layers' expert_gate_up / expert_down point into it */
     float *block;          /* the float32 vectors above point into it */
@@ -120,6 +126,8 @@ typedef struct {
 } tk_tensor_source;
 
 int tk_model_qkv_rows(const tk_model_config *cfg);
+/* 1 when positions have M-RoPE's three components (mrope_section set) */
+int tk_model_mrope(const tk_model_config *cfg);
 /* 1 when layer l's MLP is the routed MoE block (Hugging Face's Qwen3-MoE rule) */
 int tk_model_layer_is_moe(const tk_model_config *cfg, int layer);
 tk_status tk_model_config_check(const tk_model_config *cfg);

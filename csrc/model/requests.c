@@ -157,8 +157,7 @@ typedef struct {
     tk_model *model;
     tk_adapter **adapters; /* [n_seqs], entries NULL for the base model; a reference on each */
     packed batch;
-    float *embeds;         /* [n, D] replacement embeddings (host), or NULL */
-    int32_t *embed_row;    /* [T] */
+    tk_mm mm;              /* image features and positions (mm.h), or none */
     float *logits;         /* [T, V] result */
 } forward_payload;
 
@@ -170,10 +169,32 @@ static void forward_free(void *p)
     tk_model_release(fp->model);
     free(fp->adapters);
     packed_free(&fp->batch);
-    free(fp->embeds);
-    free(fp->embed_row);
+    tk_mm_free(&fp->mm);
     free(fp->logits);
     free(fp);
+}
+
+/* Floats of device scratch a request's image features take (embeds, then the deepstack blocks). */
+static size_t mm_floats(const tk_mm *mm, int D)
+{
+    return (size_t)mm->n_embeds * (size_t)D * (size_t)(1 + mm->n_deepstack);
+}
+
+/* Uploads the image features to dst (mm_floats of device scratch) and points the batch, whose rows start at row
+ * t0 of the request's tokens and sequences at sequence s0, at them and at its positions. */
+static void place_mm(tk_batch *b, const tk_mm *mm, tk_backend *be, float *dst, int D, int t0, int s0)
+{
+    size_t n = (size_t)mm->n_embeds * (size_t)D;
+    if (mm->embeds) {
+        be->upload(be, dst, mm->embeds, n * sizeof(float));
+        b->embeds = dst, b->embed_row = mm->embed_row + t0, b->n_embeds = mm->n_embeds;
+    }
+    if (mm->deepstack) {
+        be->upload(be, dst + n, mm->deepstack, n * (size_t)mm->n_deepstack * sizeof(float));
+        b->deepstack = dst + n, b->n_deepstack = mm->n_deepstack;
+    }
+    if (mm->pos) b->pos = mm->pos + (size_t)t0 * TK_MM_POS_DIMS;
+    if (mm->pos_delta) b->pos_delta = mm->pos_delta + s0;
 }
 
 static tk_status forward_run(void *p, tk_exec *exec)
@@ -181,29 +202,24 @@ static tk_status forward_run(void *p, tk_exec *exec)
     forward_payload *fp = p;
     const tk_model *m = fp->model;
     tk_backend *be = exec->backend;
-    tk_batch b = {fp->batch.n_seqs, fp->batch.n_tokens, fp->batch.tokens, fp->batch.seq_start, NULL, NULL,
-                  fp->embed_row, (const tk_adapter *const *)fp->adapters, NULL, NULL};
+    tk_batch b = {.n_seqs = fp->batch.n_seqs, .n_tokens = fp->batch.n_tokens, .tokens = fp->batch.tokens,
+                  .seq_start = fp->batch.seq_start, .adapters = (const tk_adapter *const *)fp->adapters};
     size_t T = (size_t)b.n_tokens, D = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab_size;
-    size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_embeds = 0;
+    size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_mm = mm_floats(&fp->mm, (int)D);
     for (int s = 0; s < b.n_seqs; s++) {
         size_t need = tk_head_workspace(m, fp->adapters[s]);
         head = need > head ? need : head;
     }
-    for (size_t t = 0; fp->embed_row && t < T; t++)
-        if ((size_t)(fp->embed_row[t] + 1) > n_embeds) n_embeds = (size_t)fp->embed_row[t] + 1;
     /* the logits are the result, in host memory: computed straight into it when that is the device's
      * memory, else STAGE_ROWS at a time into the scratch and downloaded */
     enum { STAGE_ROWS = 256 };
     size_t staging = be->host_memory ? 0 : (size_t)STAGE_ROWS * V;
-    float *work = tk_exec_scratch(exec, T * D + n_embeds * D + staging + (body > head ? body : head));
+    float *work = tk_exec_scratch(exec, T * D + n_mm + staging + (body > head ? body : head));
     fp->logits = malloc(T * V * sizeof(float));
     if (!work || !fp->logits)
         return tk_error(TK_ERR_NOMEM, "forward: cannot allocate memory for %d tokens", b.n_tokens);
-    float *h = work, *embeds = h + T * D, *stage = embeds + n_embeds * D, *rest = stage + staging;
-    if (n_embeds) { /* replacement embeddings (image features) go to the device first */
-        be->upload(be, embeds, fp->embeds, n_embeds * D * sizeof(float));
-        b.embeds = embeds;
-    }
+    float *h = work, *mm = h + T * D, *stage = mm + n_mm, *rest = stage + staging;
+    place_mm(&b, &fp->mm, be, mm, (int)D, 0, 0); /* image features go to the device first */
     tk_transformer_forward(h, m, be, &b, NULL, rest);
     for (int s0 = 0; s0 < b.n_seqs;) { /* the head, per run of sequences with one adapter */
         int s1 = s0 + 1;
@@ -247,30 +263,26 @@ tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *c
     return TK_OK;
 }
 
+/* The largest position component a request may give (M-RoPE's positions stay below the token count; this only
+ * keeps float32 angles meaningful). */
+#define MAX_POSITION (1L << 24)
+
+tk_status tk_forward_request_set_mm(tk_request *req, const tk_mm *mm)
+{
+    forward_payload *fp = tk_request_payload(req);
+    const tk_model_config *c = &fp->model->cfg;
+    return tk_mm_copy(&fp->mm, mm, fp->batch.n_tokens, fp->batch.n_seqs, c->d_model, c->n_layers, MAX_POSITION,
+                      "forward");
+}
+
 tk_status tk_forward_request_set_embeds(tk_request *req, const float *embeds, int n_embeds, const int32_t *embed_row,
                                         long n_rows)
 {
     forward_payload *fp = tk_request_payload(req);
-    size_t D = (size_t)fp->model->cfg.d_model;
     if (n_rows != fp->batch.n_tokens)
         return tk_error(TK_ERR_INVALID, "forward: embed_rows has %ld entries for %d tokens", n_rows, fp->batch.n_tokens);
-    for (long t = 0; t < n_rows; t++)
-        if (embed_row[t] < -1 || embed_row[t] >= n_embeds)
-            return tk_error(TK_ERR_INVALID, "forward: embed_rows[%ld] = %d, but there are %d embeddings (-1: the "
-                            "token's own)", t, embed_row[t], n_embeds);
-    for (size_t i = 0; i < (size_t)n_embeds * D; i++)
-        if (!isfinite(embeds[i])) return tk_error(TK_ERR_INVALID, "forward: embedding value %zu is not finite", i);
-    float *e = malloc(((size_t)n_embeds * D + 1) * sizeof *e);
-    int32_t *r = malloc(((size_t)n_rows + 1) * sizeof *r);
-    if (!e || !r) {
-        free(e), free(r);
-        return tk_error(TK_ERR_NOMEM, "out of memory");
-    }
-    memcpy(e, embeds, (size_t)n_embeds * D * sizeof *e);
-    memcpy(r, embed_row, (size_t)n_rows * sizeof *r);
-    free(fp->embeds), free(fp->embed_row);
-    fp->embeds = e, fp->embed_row = r;
-    return TK_OK;
+    tk_mm mm = {n_embeds, (float *)embeds, (int32_t *)embed_row, 0, NULL, NULL, NULL};
+    return tk_forward_request_set_mm(req, &mm);
 }
 
 const float *tk_forward_request_logits(tk_request *req, int *rows, int *cols)
@@ -294,6 +306,7 @@ typedef struct {
     long n_targets;
     tk_loss_config loss;
     int backward;
+    tk_mm mm;            /* image features and positions (mm.h), or none */
     float *logprobs;     /* [E] result */
     double loss_sum;     /* result */
     int pass_requests;   /* result: the requests its pass ran (1: alone; more: a pass shared with other clients) */
@@ -317,6 +330,7 @@ static void train_free(void *p)
     free(tp->logprobs);
     free(tp->seq_log_ratio);
     free(tp->expert_tokens);
+    tk_mm_free(&tp->mm);
     free(tp);
 }
 
@@ -355,15 +369,18 @@ static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int la
     const tk_adapter *adapters[n_seqs];
     for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
     for (int s = 0; s < n_seqs; s++) adapters[s] = ad;
-    tk_batch b = {n_seqs, T, tp->batch.tokens + t0, seq_start, NULL, NULL, NULL, adapters, NULL, tp->expert_tokens};
+    tk_batch b = {.n_seqs = n_seqs, .n_tokens = T, .tokens = tp->batch.tokens + t0, .seq_start = seq_start,
+                  .adapters = adapters, .expert_tokens = tp->expert_tokens};
 
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = tp->backward ? tk_activation_floats(m, T, ad->cfg.rank) : 0;
     size_t body = tk_transformer_workspace(m, exec->backend, &b, tp->backward);
-    size_t head = tk_head_workspace(m, ad);
-    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + store_floats + (body > head ? body : head));
+    size_t head = tk_head_workspace(m, ad), n_mm = mm_floats(&tp->mm, (int)D);
+    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + n_mm + store_floats + (body > head ? body : head));
     if (!work) return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
-    float *h = work, *dh = h + (size_t)T * D, *store_mem = dh + (size_t)T * D, *rest = store_mem + store_floats;
+    float *h = work, *dh = h + (size_t)T * D, *mm = dh + (size_t)T * D, *store_mem = mm + n_mm;
+    float *rest = store_mem + store_floats;
+    place_mm(&b, &tp->mm, exec->backend, mm, (int)D, t0, first); /* the whole request's features: rows index them */
 
     tk_layer_acts layers[m->cfg.n_layers];
     tk_activations store;
@@ -465,8 +482,13 @@ static tk_status train_run(void *p, tk_exec *exec)
 
 /* ---- several training clients' requests in one pass (issue: many adapters, one pass) ---------------- */
 
-/* Whether tp runs whole in one group (a shared pass takes only such requests). */
-static int fits_one_group(const train_payload *tp) { return tp->batch.n_tokens <= group_tokens(tp); }
+/* Whether tp may share a pass: it runs whole in one group, on a model without experts (an MoE request's routing
+ * counts are its own metrics) and without image inputs (their features and positions are the request's). */
+static int shareable(const train_payload *tp)
+{
+    return tp->batch.n_tokens <= group_tokens(tp) && !tp->expert_tokens && !tp->mm.embed_row && !tp->mm.pos &&
+           !tp->mm.pos_delta;
+}
 
 /* The distinct adapters of tps[0..n) into ads; returns how many. */
 static int distinct_adapters(train_payload **tps, int n, tk_adapter **ads)
@@ -508,7 +530,7 @@ static int shared_pass(train_payload **tps, int n, tk_exec *exec, tk_adapter **a
         tps[i]->loss_sum = 0;
         tps[i]->pass_requests = n;
     }
-    tk_batch b = {n_seqs, T, tokens, seq_start, NULL, NULL, NULL, adapters, NULL, NULL};
+    tk_batch b = {.n_seqs = n_seqs, .n_tokens = T, .tokens = tokens, .seq_start = seq_start, .adapters = adapters};
     int R = tk_batch_max_rank(&b);
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
@@ -563,9 +585,8 @@ static tk_status train_batch(void **payloads, int n, tk_exec *exec)
     tk_backend *be = exec->backend;
     for (int first = 0; first < n;) {
         int last = first + 1, tokens = tps[first]->batch.n_tokens;
-        /* an MoE model's routing counts are per request (its metrics): its requests keep their own passes */
-        if (fits_one_group(tps[first]) && !tps[first]->expert_tokens)
-            while (last < n && tps[last]->backward == tps[first]->backward && fits_one_group(tps[last]) &&
+        if (shareable(tps[first]))
+            while (last < n && tps[last]->backward == tps[first]->backward && shareable(tps[last]) &&
                    !adapter_among(tps + first, last - first, tps[last]->adapter) &&
                    tokens + tps[last]->batch.n_tokens <= group_tokens(tps[last]) &&
                    tokens + tps[last]->batch.n_tokens <= group_tokens(tps[first]))
@@ -716,6 +737,14 @@ tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_tra
     tp->adapter = ad;
     *out = req;
     return TK_OK;
+}
+
+tk_status tk_train_request_set_mm(tk_request *req, const tk_mm *mm)
+{
+    train_payload *tp = tk_request_payload(req);
+    const tk_model_config *c = &tp->adapter->model->cfg;
+    return tk_mm_copy(&tp->mm, mm, tp->batch.n_tokens, tp->batch.n_seqs, c->d_model, c->n_layers, MAX_POSITION,
+                      tp->backward ? "forward_backward" : "forward");
 }
 
 const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss, int *pass_requests)

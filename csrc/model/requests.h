@@ -12,6 +12,7 @@
 #include "../core/engine.h"
 #include "head.h"
 #include "lora.h"
+#include "mm.h"
 #include "model.h"
 #include "optim.h"
 
@@ -27,8 +28,11 @@ tk_model *tk_load_request_model(tk_request *req);
  * otherwise adapters[0] is every sequence's (or NULL). */
 tk_status tk_forward_request_create(tk_request **out, tk_model *m, tk_adapter *const *adapters, int per_sequence,
                                     const int32_t *tokens, long n_tokens, const int32_t *seq_lens, int n_seqs);
-/* Before submitting: row t of the batch embeds as embeds[embed_row[t]] ([n_embeds, D]) instead of its token
- * where embed_row[t] >= 0 (image features, computed elsewhere). Copies both arrays. */
+/* Before submitting: the request's image features and positions (mm.h; its arrays index the packed batch's
+ * tokens and sequences). Copies them. */
+tk_status tk_forward_request_set_mm(tk_request *req, const tk_mm *mm);
+/* The same with replacement embeddings only: row t of the batch embeds as embeds[embed_row[t]] ([n_embeds, D])
+ * instead of its token where embed_row[t] >= 0. */
 tk_status tk_forward_request_set_embeds(tk_request *req, const float *embeds, int n_embeds, const int32_t *embed_row,
                                         long n_rows);
 /* logits[rows, cols] = [T, V] once done and ok; NULL otherwise. */
@@ -52,6 +56,8 @@ typedef struct {
 /* forward (backward = 0) or forward_backward (backward = 1) with a loss. */
 tk_status tk_train_request_create(tk_request **out, tk_adapter *ad, const tk_train_batch *batch,
                                   const tk_loss_config *loss, int backward);
+/* Before submitting: the datums' image features and positions (mm.h; over the packed tokens and datums). */
+tk_status tk_train_request_set_mm(tk_request *req, const tk_mm *mm);
 /* logprobs[n_targets] and the summed loss, once done and ok. */
 /* pass_requests (optional): how many requests its pass ran (more than 1: shared with other clients' requests). */
 const float *tk_train_request_result(tk_request *req, long *n_targets, double *loss, int *pass_requests);

@@ -7,8 +7,11 @@
  * scale * B (A x), applied per adapter segment of the batch (lora.c), so
  * sequences of different adapters share one pass over the base weights.
  * Architecture deltas are config flags: q/k/v biases (Qwen2), per-head q/k
- * RMSNorm before RoPE (Qwen3), and the layers whose MLP is a routed mixture
- * of experts (Qwen3-MoE: moe.c's block in place of the SwiGLU).
+ * RMSNorm before RoPE (Qwen3), the layers whose MLP is a routed mixture
+ * of experts (Qwen3-MoE: moe.c's block in place of the SwiGLU), and
+ * Qwen3-VL's three-component M-RoPE positions; a batch's image features
+ * replace its image tokens' embeddings and add deepstack features after
+ * the first layers (mm.h).
  *
  * The same function is prefill, the training forward and a decoding step;
  * only the batch differs (transformer.h): positions come from the batch, new
@@ -27,7 +30,10 @@
 #include <math.h>
 
 #include "../core/arena.h"
+#include "mm.h"
 #include "moe.h"
+
+_Static_assert((int)TK_POS_DIMS == (int)TK_MM_POS_DIMS, "a batch's positions are a request's (mm.h)");
 
 typedef struct {
     int T, D, H, Hkv, Dh, F, QKV, R, n_layers;
@@ -87,7 +93,7 @@ typedef struct {
     tk_kv_view *views;          /* [n_seqs] a decoding step's caches, one layer at a time */
     float **dst_rows;           /* [2T] row pointers for copy_rows (KV writes, embedding overrides) */
     const float **src_rows;     /* [2T] */
-    int32_t *pos;               /* [T] each row's position */
+    int32_t *pos;               /* [T, TK_POS_DIMS] each row's position components */
     /* backward only */
     float *dx, *dh, *dqkv, *datt, *dgate_up, *dact, *t, *head_out, *head_inv, *attn_bwd_work;
     tk_moe_scratch moe;         /* the MoE block's (nothing for a model without experts) */
@@ -119,7 +125,7 @@ static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backe
     s->views = (tk_kv_view *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_kv_view)));
     s->dst_rows = (float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
     s->src_rows = (const float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
-    s->pos = (int32_t *)tk_arena_take(&a, T);
+    s->pos = (int32_t *)tk_arena_take(&a, T * TK_POS_DIMS);
     if (backward) {
         s->dx = tk_arena_take(&a, T * d.D);
         s->dh = tk_arena_take(&a, T * d.D);
@@ -200,21 +206,43 @@ static void embed_tokens(float *x, const tk_model *m, tk_backend *be, const tk_b
     if (n) be->copy_rows(be, s->dst_rows, s->src_rows, n, D);
 }
 
-/* Position of row t of sequence s: the batch's (its first component: text; M-RoPE's sections come with
- * Qwen3-VL), else counted on from what the sequence has cached. */
-static int position(const tk_batch *b, int s, int t)
+/* Position components of row t of sequence s: the batch's, else counted on from what the sequence has cached
+ * (plus its delta: M-RoPE's positions after an image run ahead of the count), the same on every axis. */
+static void position(int32_t out[TK_POS_DIMS], const tk_batch *b, int s, int t)
 {
-    if (b->pos) return b->pos[(size_t)t * TK_POS_DIMS];
+    if (b->pos) {
+        for (int k = 0; k < TK_POS_DIMS; k++) out[k] = b->pos[(size_t)t * TK_POS_DIMS + k];
+        return;
+    }
     int cached = b->kv ? b->kv[s].n0 + b->kv[s].n1 : 0;
-    return cached + t - b->seq_start[s];
+    int p = cached + t - b->seq_start[s] + (b->pos_delta ? b->pos_delta[s] : 0);
+    for (int k = 0; k < TK_POS_DIMS; k++) out[k] = p;
 }
 
-/* cos/sin of each row's position times the model's inverse frequencies */
+/* cos/sin of each row's position times the model's inverse frequencies; with M-RoPE each frequency reads the
+ * component its axis names, else the first (text: all components are equal) */
 static void rope_tables(const scratch *s, const tk_model *m, tk_backend *be, const tk_batch *b)
 {
     for (int q = 0; q < b->n_seqs; q++)
-        for (int t = b->seq_start[q]; t < b->seq_start[q + 1]; t++) s->pos[t] = position(b, q, t);
-    be->rope_table(be, s->cos, s->sin, s->pos, b->n_tokens, m->w.rope_inv_freq, m->cfg.head_dim / 2);
+        for (int t = b->seq_start[q]; t < b->seq_start[q + 1]; t++) position(s->pos + (size_t)t * TK_POS_DIMS, b, q, t);
+    be->rope_table(be, s->cos, s->sin, s->pos, TK_POS_DIMS, b->n_tokens, m->w.rope_inv_freq, m->w.rope_axis,
+                   m->cfg.head_dim / 2);
+}
+
+/* x[T, D] += deepstack feature `layer` at the batch's image rows (after decoder layer `layer`, as Qwen3-VL adds
+ * its vision tower's intermediate features into the language model's first layers) */
+static void add_deepstack(float *x, const tk_model *m, tk_backend *be, const tk_batch *b, const scratch *s,
+                          int layer)
+{
+    if (!b->deepstack || layer >= b->n_deepstack || !b->embed_row) return;
+    int D = m->cfg.d_model, n = 0;
+    const float *block = b->deepstack + (size_t)layer * b->n_embeds * D;
+    for (int t = 0; t < b->n_tokens; t++)
+        if (b->embed_row[t] >= 0) {
+            s->dst_rows[n] = x + (size_t)t * D;
+            s->src_rows[n++] = block + (size_t)b->embed_row[t] * D;
+        }
+    if (n) be->add_rows(be, s->dst_rows, s->src_rows, NULL, n, D);
 }
 
 /* one contiguous block of floats through the backend (src and dst may not overlap) */
@@ -346,15 +374,18 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         if (L->moe) {
             tk_moe_forward(&moe, l, s.x, s.h, st ? st->router_logits : s.moe.logits, st ? gate_up : s.moe.gate_up,
                            u, U);
-            continue;
+        } else {
+            project(be, gate_up, 2 * F, s.h, D, &L->w_gate_up, T, 1.0f, 0.0f);
+            tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
+            lora_forward(be, b, l, &gate_up_g, s.h, D, u, U);
+            be->swiglu(be, s.act, gate_up, T, F);
+            project(be, s.x, D, s.act, F, &L->w_down, T, 1.0f, 1.0f);
+            tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
+            lora_forward(be, b, l, &down_g, s.act, F, u, U);
         }
-        project(be, gate_up, 2 * F, s.h, D, &L->w_gate_up, T, 1.0f, 0.0f);
-        tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
-        lora_forward(be, b, l, &gate_up_g, s.h, D, u, U);
-        be->swiglu(be, s.act, gate_up, T, F);
-        project(be, s.x, D, s.act, F, &L->w_down, T, 1.0f, 1.0f);
-        tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
-        lora_forward(be, b, l, &down_g, s.act, F, u, U);
+        /* a constant added to the residual stream: the backward pass needs nothing for it (the next layer's
+         * stored input, or x_final, includes it) */
+        add_deepstack(s.x, m, be, b, &s, l);
     }
 
     if (store) copy_block(be, store->x_final, s.x, (size_t)T * D);

@@ -26,7 +26,9 @@ typedef struct {
 /* What one pass computes: sequences packed back to back without padding, sequence s being rows
  * seq_start[s] .. seq_start[s+1] (its new tokens). Per token, its position and optionally an embedding that
  * replaces the token's (image features); per sequence, its adapter and its KV cache. A decoding step is a
- * batch with a cache and one row per sequence; prefill and training have no cache rows before the pass. */
+ * batch with a cache and one row per sequence; prefill and training have no cache rows before the pass.
+ * Image tokens of a vision-language model (mm.h) also get deepstack features added to their hidden states after
+ * each of the first n_deepstack layers, and positions with three components (M-RoPE). */
 typedef struct {
     int n_seqs;
     int n_tokens;                      /* T = seq_start[n_seqs] */
@@ -39,6 +41,10 @@ typedef struct {
     const tk_kv_seq *kv;               /* [n_seqs], or NULL: no cache (each sequence attends to its rows) */
     int64_t *expert_tokens;            /* out: [MoE layers, E], or NULL: the forward pass adds each MoE layer's
                                         * (token, expert) assignments per expert to its row (moe.c) */
+    const int32_t *pos_delta;          /* [n_seqs] added to the counted positions (pos NULL), or NULL: none */
+    const float *deepstack;            /* [n_deepstack, n_embeds, D]: feature k of the token with embed_row j is
+                                        * row j of block k, added after layer k; NULL: none */
+    int n_deepstack, n_embeds;
 } tk_batch;
 
 /* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */

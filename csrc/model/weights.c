@@ -529,6 +529,21 @@ static void compute_rope(tk_model *m, float *host, int have_rope_freqs)
     }
 }
 
+/* M-RoPE's frequency -> position component map (model.h), kept on the host: the rope_table op reads it there. */
+static tk_status compute_rope_axis(tk_model *m)
+{
+    const tk_model_config *c = &m->cfg;
+    if (!tk_model_mrope(c)) return TK_OK;
+    int half = c->head_dim / 2;
+    m->w.rope_axis = malloc((size_t)half);
+    if (!m->w.rope_axis) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+    for (int i = 0; i < half; i++)
+        m->w.rope_axis[i] = (int8_t)(i % 3 == 1 && i < 3 * c->mrope_section[1]   ? 1
+                                     : i % 3 == 2 && i < 3 * c->mrope_section[2] ? 2
+                                                                                 : 0);
+    return TK_OK;
+}
+
 /* Maps the files, checks every source, then allocates and converts all
  * tensors in parallel; the maps are released before returning. */
 static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths, const tk_tensor_source *src,
@@ -544,7 +559,7 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
         s = tk_error(TK_ERR_NOMEM, "out of memory loading the model");
         goto done;
     }
-    if ((s = place_experts(m)) != TK_OK) goto done;
+    if ((s = place_experts(m)) != TK_OK || (s = compute_rope_axis(m)) != TK_OK) goto done;
     if (n_paths < 1) {
         s = tk_error(TK_ERR_INVALID, "no model files given");
         goto done;
@@ -602,6 +617,11 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
 
 int tk_model_qkv_rows(const tk_model_config *c) { return (c->n_heads + 2 * c->n_kv_heads) * c->head_dim; }
 
+int tk_model_mrope(const tk_model_config *c)
+{
+    return c->mrope_section[0] > 0 || c->mrope_section[1] > 0 || c->mrope_section[2] > 0;
+}
+
 int tk_model_layer_is_moe(const tk_model_config *c, int l)
 {
     if (!c->moe || c->n_experts <= 0 || c->decoder_sparse_step <= 0 || l < 0 || l >= TK_MAX_MOE_LAYERS) return 0;
@@ -657,6 +677,10 @@ tk_status tk_model_config_check(const tk_model_config *c)
           c->rope_high_freq_factor > c->rope_low_freq_factor && c->rope_original_context > 0))
         return tk_error(TK_ERR_INVALID, "model config: llama3 rope scaling needs factor > 0, "
                         "0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0");
+    for (int k = 0; k < 3; k++)
+        if (c->mrope_section[k] < 0 || c->mrope_section[k] > c->head_dim / 2)
+            return tk_error(TK_ERR_INVALID, "model config: mrope_section[%d] is %d, expected 0 to head_dim / 2 (%d)", k,
+                            c->mrope_section[k], c->head_dim / 2);
     if (c->rope_scaling < TK_ROPE_NONE || c->rope_scaling > TK_ROPE_LLAMA3)
         return tk_error(TK_ERR_INVALID, "model config: unknown rope scaling %d", c->rope_scaling);
     if (c->moe != ((c->arch->flags & TK_ARCH_MOE) != 0))
@@ -710,5 +734,6 @@ void tk_model_release(tk_model *m)
     }
     free(m->w.layers);
     free(m->w.experts);
+    free(m->w.rope_axis);
     free(m);
 }

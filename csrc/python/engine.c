@@ -371,12 +371,13 @@ static PyObject *model_get_config(ModelObject *self, void *closure)
         Py_XDECREF(x);
     }
     if (!moe_layers) return NULL;
-    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:N}", "arch", c->arch->name,
+    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:N,s:[iii]}", "arch", c->arch->name,
                          "n_layers", c->n_layers, "d_model", c->d_model, "n_heads", c->n_heads, "n_kv_heads",
                          c->n_kv_heads, "head_dim", c->head_dim, "d_ff", c->d_ff, "vocab_size", c->vocab_size,
                          "max_context", c->max_context, "n_experts", c->n_experts, "n_experts_used",
                          c->n_experts_used, "d_ff_expert", c->d_ff_expert, "norm_topk_prob", c->norm_topk_prob,
-                         "moe_layers", moe_layers);
+                         "moe_layers", moe_layers, "mrope_section", c->mrope_section[0], c->mrope_section[1],
+                         c->mrope_section[2]);
 }
 
 static PyObject *model_get_weight_bytes(ModelObject *self, void *closure)
@@ -576,6 +577,25 @@ static int parse_mlp_only_layers(PyObject *d, tk_model_config *c)
     return ok ? 0 : -1;
 }
 
+/* mrope_section: three section sizes (M-RoPE), or absent / None: plain RoPE. */
+static int parse_mrope_section(PyObject *d, tk_model_config *c)
+{
+    PyObject *v = PyDict_GetItemString(d, "mrope_section");
+    if (!v || v == Py_None) return 0;
+    PyObject *seq = PySequence_Fast(v, "model config 'mrope_section' must be a list of 3 integers");
+    if (!seq) return -1;
+    int ok = PySequence_Fast_GET_SIZE(seq) == 3;
+    for (Py_ssize_t i = 0; ok && i < 3; i++) {
+        long n = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        ok = !(n == -1 && PyErr_Occurred()) && n >= 0 && n <= (1 << 16);
+        c->mrope_section[i] = (int)n;
+    }
+    Py_DECREF(seq);
+    if (!ok && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "model config 'mrope_section' must be a list of 3 non-negative integers");
+    return ok ? 0 : -1;
+}
+
 static int parse_config(PyObject *d, tk_model_config *c)
 {
     memset(c, 0, sizeof *c);
@@ -609,7 +629,7 @@ static int parse_config(PyObject *d, tk_model_config *c)
         dict_int(d, "norm_topk_prob", &c->norm_topk_prob, 0) < 0 ||
         dict_int(d, "decoder_sparse_step", &c->decoder_sparse_step, 0) < 0)
         return -1;
-    return parse_mlp_only_layers(d, c);
+    return parse_mlp_only_layers(d, c) < 0 ? -1 : parse_mrope_section(d, c);
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
@@ -732,17 +752,108 @@ static int set_embeds(tk_request *req, PyObject *embeds_obj, PyObject *rows_obj,
     return s == TK_OK ? 0 : -1;
 }
 
+/* A request's multimodal inputs (mm.h) from mm=(embeds, embed_rows, deepstack, positions, pos_delta): each
+ * None or a contiguous buffer - embeds float32 [n, D], embed_rows int32 [T], deepstack float32 [K, n, D],
+ * positions int32 [T, 3], pos_delta int32 [n_seqs]; the engine checks the counts against the request. The
+ * views stay held (release_mm) until the request has copied them. 0, or -1 with a Python exception set. */
+enum { MM_FIELDS = 5 };
+
+static void release_mm(Py_buffer views[MM_FIELDS])
+{
+    for (int i = 0; i < MM_FIELDS; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+}
+
+static int parse_mm(PyObject *obj, int d_model, tk_mm *mm, Py_buffer views[MM_FIELDS])
+{
+    static const char *names[MM_FIELDS] = {"embeds", "embed_rows", "deepstack", "positions", "pos_delta"};
+    memset(mm, 0, sizeof *mm);
+    memset(views, 0, MM_FIELDS * sizeof *views);
+    PyObject *items = PySequence_Fast(obj, "mm must be (embeds, embed_rows, deepstack, positions, pos_delta)");
+    if (!items) return -1;
+    if (PySequence_Fast_GET_SIZE(items) != MM_FIELDS) {
+        Py_DECREF(items);
+        PyErr_SetString(PyExc_ValueError, "mm must be (embeds, embed_rows, deepstack, positions, pos_delta)");
+        return -1;
+    }
+    int failed = 0;
+    for (int i = 0; i < MM_FIELDS && !failed; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        if (item == Py_None) continue;
+        int is_float = i == 0 || i == 2;
+        if (is_float) {
+            Py_buffer probe;
+            if (PyObject_GetBuffer(item, &probe, PyBUF_SIMPLE) < 0) { failed = 1; break; }
+            long n = (long)(probe.len / 4);
+            PyBuffer_Release(&probe);
+            failed = get_float32_buffer(item, &views[i], n, names[i]) < 0;
+        } else {
+            failed = get_int32_buffer(item, &views[i], names[i]) < 0;
+        }
+    }
+    Py_DECREF(items);
+    if (failed) {
+        release_mm(views);
+        return -1;
+    }
+    long row = d_model;
+    long n_embed_values = views[0].obj ? (long)(views[0].len / 4) : 0;
+    long n_deep_values = views[2].obj ? (long)(views[2].len / 4) : 0;
+    if (n_embed_values % row || (n_embed_values == 0 && views[2].obj) ||
+        (n_embed_values && n_deep_values % n_embed_values)) {
+        release_mm(views);
+        PyErr_SetString(PyExc_ValueError, "mm: embeds must hold whole rows of the model width, and deepstack whole "
+                        "blocks of embeds' size");
+        return -1;
+    }
+    mm->n_embeds = (int)(n_embed_values / row);
+    mm->embeds = views[0].buf;
+    mm->embed_row = views[1].buf;
+    mm->n_deepstack = n_embed_values ? (int)(n_deep_values / n_embed_values) : 0;
+    mm->deepstack = mm->n_deepstack ? views[2].buf : NULL;
+    mm->pos = views[3].buf;
+    mm->pos_delta = views[4].buf;
+    return 0;
+}
+
+/* Sets parsed multimodal inputs on a request before it is submitted (setter: the request kind's); releases the
+ * request and returns -1 with a Python exception when they are refused. */
+static int attach_mm(tk_request *req, PyObject *obj, int d_model, tk_status (*setter)(tk_request *, const tk_mm *),
+                     long n_tokens, const char *what)
+{
+    if (obj == Py_None) return 0;
+    tk_mm mm;
+    Py_buffer views[MM_FIELDS];
+    if (parse_mm(obj, d_model, &mm, views) < 0) {
+        tk_request_release(req);
+        return -1;
+    }
+    tk_status s = TK_OK;
+    if ((views[1].obj && views[1].len / 4 != n_tokens) || (views[3].obj && views[3].len / 4 != 3 * n_tokens))
+        s = tk_error(TK_ERR_INVALID, "%s: embed_rows and positions need one entry (positions: 3) per token of the "
+                     "%ld", what, n_tokens);
+    if (s == TK_OK) s = setter(req, &mm);
+    release_mm(views);
+    if (s != TK_OK) {
+        tk_request_release(req);
+        tk_py_raise(s, tk_last_error());
+        return -1;
+    }
+    return 0;
+}
+
 /* adapter=: one Adapter (or None) for every sequence, or a list with one Adapter or None per sequence (a
  * mixed batch: each sequence through its own adapter in one pass over the base weights). embeds= and
  * embed_rows= (together): embeddings that replace some tokens' (see set_embeds). */
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", "adapter", "embeds", "embed_rows", NULL};
+    static char *kwlist[] = {"model", "tokens", "seq_lens", "notify", "adapter", "embeds", "embed_rows", "mm", NULL};
     PyObject *model_obj, *tokens_obj, *lens_obj, *adapter_obj = Py_None, *embeds_obj = Py_None, *rows_obj = Py_None;
+    PyObject *mm_obj = Py_None;
     int notify = 0;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|pOOO:forward", kwlist, state->model_type, &model_obj,
-                                     &tokens_obj, &lens_obj, &notify, &adapter_obj, &embeds_obj, &rows_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|pOOOO:forward", kwlist, state->model_type, &model_obj,
+                                     &tokens_obj, &lens_obj, &notify, &adapter_obj, &embeds_obj, &rows_obj, &mm_obj))
         return NULL;
     if ((embeds_obj == Py_None) != (rows_obj == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "forward: embeds and embed_rows go together");
@@ -773,6 +884,7 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     tk_request *req = NULL;
     tk_status s = TK_ERR_INVALID;
     if (get_int32_buffer(tokens_obj, &tokens, "tokens") < 0) goto fail;
+    long n_tokens = (long)(tokens.len / 4);
     if (get_int32_buffer(lens_obj, &lens, "seq_lens") < 0) {
         PyBuffer_Release(&tokens);
         goto fail;
@@ -787,10 +899,13 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     PyBuffer_Release(&lens);
     PyMem_Free(ads);
     if (s != TK_OK) return tk_py_raise(s, tk_last_error());
-    if (embeds_obj != Py_None && set_embeds(req, embeds_obj, rows_obj, ((ModelObject *)model_obj)->model->cfg.d_model)) {
+    const tk_model *model = ((ModelObject *)model_obj)->model;
+    if (embeds_obj != Py_None && set_embeds(req, embeds_obj, rows_obj, model->cfg.d_model)) {
         tk_request_release(req);
         return NULL;
     }
+    if (attach_mm(req, mm_obj, model->cfg.d_model, tk_forward_request_set_mm, n_tokens, "forward") < 0)
+        return NULL;
     return request_new(state, self->engine, req, REQUEST_FORWARD, notify);
 fail:
     PyMem_Free(ads);
@@ -857,15 +972,15 @@ static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwar
 {
     static char *kwlist[] = {"adapter", "tokens", "seq_lens", "k_per_datum", "targets", "weights", "advantages",
                              "logprobs", "clip_low", "clip_high", "loss", "clip_low_threshold",
-                             "clip_high_threshold", "beta", "backward", "notify", "ratio_mask", NULL};
-    PyObject *adapter_obj, *tokens_obj, *lens_obj, *k_obj, *targets_obj;
+                             "clip_high_threshold", "beta", "backward", "notify", "ratio_mask", "mm", NULL};
+    PyObject *adapter_obj, *tokens_obj, *lens_obj, *k_obj, *targets_obj, *mm_obj = Py_None;
     PyObject *float_objs[6] = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
     tk_loss_config loss = {0, 0.8f, 1.2f, 0.0f};
     int backward = 1, notify = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|OOOOOifffppO:train", kwlist, &adapter_obj, &tokens_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|OOOOOifffppOO:train", kwlist, &adapter_obj, &tokens_obj,
                                      &lens_obj, &k_obj, &targets_obj, &float_objs[0], &float_objs[1], &float_objs[2],
                                      &float_objs[3], &float_objs[4], &loss.kind, &loss.clip_low, &loss.clip_high,
-                                     &loss.beta, &backward, &notify, &float_objs[5]))
+                                     &loss.beta, &backward, &notify, &float_objs[5], &mm_obj))
         return NULL;
     tk_adapter *ad = adapter_arg(self, adapter_obj);
     if (!ad) return NULL;
@@ -895,7 +1010,9 @@ static PyObject *engine_train(EngineObject *self, PyObject *args, PyObject *kwar
     tk_request *req;
     tk_status s = tk_train_request_create(&req, ad, &tb, &loss, backward);
     if (s != TK_OK) tk_py_raise(s, tk_last_error());
-    else result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_TRAIN, notify);
+    else if (attach_mm(req, mm_obj, ad->model->cfg.d_model, tk_train_request_set_mm, tb.n_tokens,
+                       backward ? "forward_backward" : "forward") == 0)
+        result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_TRAIN, notify);
 done:
     for (int i = 0; i < n_floats; i++)
         if (floats[i].buf) PyBuffer_Release(&floats[i]);
@@ -971,17 +1088,19 @@ static PyObject *engine_sample(EngineObject *self, PyObject *args, PyObject *kwa
     static char *kwlist[] = {"model", "prompt", "num_samples", "max_tokens", "temperature", "top_k", "top_p", "min_p",
                              "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop_ids",
                              "stop_strings", "prompt_logprobs", "topk_prompt_logprobs", "adapter", "notify",
-                             "topk_sample_logprobs", NULL};
+                             "topk_sample_logprobs", "mm", NULL};
     PyObject *model_obj, *prompt_obj, *stop_ids_obj = Py_None, *stop_strings_obj = Py_None, *adapter_obj = Py_None;
+    PyObject *mm_obj = Py_None;
     tk_sample_params p = {1, 16, 1.0, -1, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0, 0};
     unsigned long long seed = 0;
     int notify = 0;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O|iididddddKOOpiOpi:sample", kwlist, state->model_type, &model_obj,
-                                     &prompt_obj, &p.num_samples, &p.max_tokens, &p.temperature, &p.top_k, &p.top_p,
-                                     &p.min_p, &p.repetition_penalty, &p.presence_penalty, &p.frequency_penalty,
-                                     &seed, &stop_ids_obj, &stop_strings_obj, &p.prompt_logprobs,
-                                     &p.topk_prompt, &adapter_obj, &notify, &p.topk_sample))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O|iididddddKOOpiOpiO:sample", kwlist, state->model_type,
+                                     &model_obj, &prompt_obj, &p.num_samples, &p.max_tokens, &p.temperature, &p.top_k,
+                                     &p.top_p, &p.min_p, &p.repetition_penalty, &p.presence_penalty,
+                                     &p.frequency_penalty, &seed, &stop_ids_obj, &stop_strings_obj,
+                                     &p.prompt_logprobs, &p.topk_prompt, &adapter_obj, &notify, &p.topk_sample,
+                                     &mm_obj))
         return NULL;
     p.seed = seed;
     if (adapter_obj != Py_None && !PyObject_TypeCheck(adapter_obj, state->adapter_type)) {
@@ -1018,7 +1137,9 @@ static PyObject *engine_sample(EngineObject *self, PyObject *args, PyObject *kwa
                                            (int)(prompt.len / 4), &p, stops.buf, (int)(stops.len / 4), blob, offsets,
                                            (int)n_str);
     if (s != TK_OK) tk_py_raise(s, tk_last_error());
-    else result = request_new(state, self->engine, req, REQUEST_SAMPLE, notify);
+    else if (attach_mm(req, mm_obj, ((ModelObject *)model_obj)->model->cfg.d_model, tk_sample_request_set_mm,
+                       (long)(prompt.len / 4), "sample") == 0)
+        result = request_new(state, self->engine, req, REQUEST_SAMPLE, notify);
 done:
     if (!result && !PyErr_Occurred()) PyErr_NoMemory();
     PyMem_Free(blob);

@@ -237,6 +237,12 @@ static PyObject *tuple_of(const tk_arch *a, int n, PyObject *(*f)(const tk_arch 
 }
 
 static PyObject *tensor_at(const tk_arch *a, int i) { return arch_tensor_to_py(&a->tensors[i]); }
+static PyObject *vision_at(const tk_arch *a, int i)
+{
+    const tk_arch_vision_tensor *v = &a->vision[i];
+    return Py_BuildValue("{s:s,s:s,s:s,s:s}", "name", v->name, "scope", tk_vision_scope_name((int)v->scope), "hf",
+                         v->hf, "shape", v->shape);
+}
 static PyObject *lora_at(const tk_arch *a, int i) { return arch_lora_to_py(a, &a->lora[i]); }
 
 static PyObject *arch_to_py(const tk_arch *a)
@@ -249,10 +255,11 @@ static PyObject *arch_to_py(const tk_arch *a)
         if (failed) Py_CLEAR(flags);
     }
     if (!flags) return NULL;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:s,s:N,s:N,s:N}", "name", a->name, "hf_model_type",
+    return Py_BuildValue("{s:s,s:s,s:s,s:z,s:N,s:s,s:N,s:N,s:N,s:N}", "name", a->name, "hf_model_type",
                          a->hf_model_type, "hf_class", a->hf_class, "gguf_name", a->gguf_name, "flags", flags,
                          "hf_config", a->hf_config, "tensors", tuple_of(a, a->n_tensors, tensor_at), "lora",
-                         tuple_of(a, a->n_lora, lora_at), "fused", tuple_of(a, a->n_fused, arch_fused_to_py));
+                         tuple_of(a, a->n_lora, lora_at), "fused", tuple_of(a, a->n_fused, arch_fused_to_py),
+                         "vision", tuple_of(a, a->n_vision, vision_at));
 }
 
 static PyObject *py_architectures(PyObject *module, PyObject *unused)
@@ -276,8 +283,8 @@ static PyMethodDef module_methods[] = {
      "architectures() -> {name: descriptor}\n\n"
      "The engine's architecture descriptors (csrc/model/arch.c) as plain dicts: name, hf_model_type, hf_class,\n"
      "gguf_name, flags {config key: bool}, hf_config (JSON text), tensors (role, per_layer, shape expressions,\n"
-     "when, gguf and hf name patterns, gguf_rope_rows) and lora targets (name, role, trained_by, peft module\n"
-     "pattern, per_layer, in and out expressions)."},
+     "when, gguf and hf name patterns, gguf_rope_rows), lora targets (name, role, trained_by, peft module\n"
+     "pattern, per_layer, in and out expressions), fused expert forms and vision tensors (name, scope, hf, shape)."},
     {"read_gguf", py_read_gguf, METH_VARARGS,
      "read_gguf(path) -> dict(metadata, tensors, version, alignment, data_offset)\n\n"
      "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},

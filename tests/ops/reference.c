@@ -82,11 +82,13 @@ void ref_adamw(double *p, double *g, double *m, double *v, size_t n, double clip
     }
 }
 
-void ref_rope_table(double *cos_t, double *sin_t, const int32_t *pos, int rows, const float *inv_freq, int half)
+void ref_rope_table(double *cos_t, double *sin_t, const int32_t *pos, int pos_dims, int rows, const float *inv_freq,
+                    const int8_t *axis, int half)
 {
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < half; i++) {
-            float angle = (float)pos[r] * inv_freq[i];
+            int component = axis ? axis[i] : 0;
+            float angle = (float)pos[(size_t)r * pos_dims + component] * inv_freq[i];
             cos_t[(size_t)r * half + i] = cos((double)angle);
             sin_t[(size_t)r * half + i] = sin((double)angle);
         }

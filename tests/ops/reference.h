@@ -36,7 +36,8 @@ void ref_adamw(double *p, double *g, double *m, double *v, size_t n, double clip
                double step_size, double bc2_sqrt, double b1w, double b2, double b2w, double eps);
 /* cos[r, i] = cos(a), sin[r, i] = sin(a) with a = (float)pos[r] * inv_freq[i] rounded to float32 (as Hugging
  * Face computes the angle), the cos and sin in float64 */
-void ref_rope_table(double *cos, double *sin, const int32_t *pos, int rows, const float *inv_freq, int half);
+void ref_rope_table(double *cos, double *sin, const int32_t *pos, int pos_dims, int rows, const float *inv_freq,
+                    const int8_t *axis, int half);
 /* x[T, D] = table[tokens[t]] */
 void ref_embed(double *x, const double *table, const int32_t *tokens, int T, int D);
 /* y = x / sqrt(mean(x^2) + eps) * w per row; inv_rms[r] (optional) the 1 / sqrt */

@@ -42,7 +42,8 @@
  *   gather / scatter_add (repeats accumulate in order), sum_squares
  *   (a double sum, the same for every thread count), adamw (bit for bit
  *   torch's float32 operations, and within 1e-6 of the float64 formula),
- *   rope_table (cosf / sinf of the float32 angle, within 1 ulp of float64).
+ *   rope_table (cosf / sinf of the float32 angle, within 1 ulp of float64; one position component per row,
+ *   and M-RoPE's three with a per-frequency axis map).
  * - the backend is made by the factory the engine is given and released as
  *   the engine releases it (tk_backend_release: refcount, destroy).
  *
@@ -213,10 +214,10 @@ static void call_adamw(tk_backend *be, float *p, float *g, float *m, float *v, s
     be->adamw(be, p, g, m, v, n, f);
 }
 
-static void call_rope_table(tk_backend *be, float *cos, float *sin, const int32_t *pos, int rows, const float *inv_freq,
-                            int half)
+static void call_rope_table(tk_backend *be, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
+                            const float *inv_freq, const int8_t *axis, int half)
 {
-    be->rope_table(be, cos, sin, pos, rows, inv_freq, half);
+    be->rope_table(be, cos, sin, pos, pos_dims, rows, inv_freq, axis, half);
 }
 
 /* y may be x (in place) */
@@ -1978,39 +1979,48 @@ static void test_adamw_peak_nonfinite(tk_backend *be, rng_t *r)
 
 /* ==== RoPE tables =================================================================================== */
 
-/* cos / sin of the float32 angle (float)pos * inv_freq: within 1 ulp of the float64 cos / sin of that angle,
- * and (the CPU backend's definition) equal to libm's cosf / sinf of it */
+/* cos / sin of the float32 angle (float)p * inv_freq, p = the row's position component that frequency's axis names
+ * (one component, or M-RoPE's three with an interleaved axis map): within 1 ulp of the float64 cos / sin of that
+ * angle, and (the CPU backend's definition) equal to libm's cosf / sinf of it */
 static void test_rope_table(tk_backend *be, rng_t *r)
 {
     static const tol_t TOL_TRIG = {1e-30, 1.2e-7, 0}; /* 1 ulp (2^-23 relative bounds it) */
-    static const int cases[][2] = {{1, 1}, {5, 3}, {300, 32}, {17, 64}}; /* rows, half */
-    static const double thetas[] = {10000, 10000, 10000, 500000};
+    static const int cases[][3] = {{1, 1, 1}, {5, 3, 1}, {300, 32, 1}, {17, 64, 1}, {9, 8, 3}, {70, 64, 3}};
+    static const double thetas[] = {10000, 10000, 10000, 500000, 10000, 5000000}; /* rows, half, pos_dims */
     static const int32_t fixed[] = {0, 1, 2, 4095, 8191, 32767, 131071, 524287};
-    for (int ci = 0; ci < 4; ci++) {
-        int rows = cases[ci][0], half = cases[ci][1];
-        int32_t *pos = malloc((size_t)rows * sizeof *pos);
-        for (int i = 0; i < rows; i++) pos[i] = i < 8 ? fixed[(i + ci) % 8] : rng_int(r, 0, 131071);
+    for (int ci = 0; ci < 6; ci++) {
+        int rows = cases[ci][0], half = cases[ci][1], dims = cases[ci][2];
+        int32_t *pos = malloc((size_t)rows * dims * sizeof *pos);
+        for (int i = 0; i < rows * dims; i++) pos[i] = i < 8 ? fixed[(i + ci) % 8] : rng_int(r, 0, 131071);
+        int8_t *axis = NULL;
+        if (dims == 3) { /* Qwen3-VL's interleaved sections: H at i % 3 == 1, W at i % 3 == 2, below 3 * section */
+            axis = malloc((size_t)half);
+            int sec_h = half * 5 / 16, sec_w = half * 5 / 16;
+            for (int i = 0; i < half; i++)
+                axis[i] = (int8_t)(i % 3 == 1 && i < 3 * sec_h ? 1 : i % 3 == 2 && i < 3 * sec_w ? 2 : 0);
+        }
         float *inv_freq = fvec((size_t)half), *c = fvec((size_t)rows * half), *s = fvec((size_t)rows * half);
         for (int i = 0; i < half; i++) inv_freq[i] = (float)(1.0 / pow(thetas[ci], 2.0 * i / (2.0 * half)));
         for (size_t i = 0; i < (size_t)rows * half; i++) c[i] = s[i] = NAN;
         double *want_c = dvec((size_t)rows * half), *want_s = dvec((size_t)rows * half);
         double *libm_c = dvec((size_t)rows * half), *libm_s = dvec((size_t)rows * half);
-        ref_rope_table(want_c, want_s, pos, rows, inv_freq, half);
+        ref_rope_table(want_c, want_s, pos, dims, rows, inv_freq, axis, half);
         for (int t = 0; t < rows; t++)
             for (int i = 0; i < half; i++) {
-                float angle = (float)pos[t] * inv_freq[i];
+                float angle = (float)pos[(size_t)t * dims + (axis ? axis[i] : 0)] * inv_freq[i];
                 libm_c[(size_t)t * half + i] = cosf(angle), libm_s[(size_t)t * half + i] = sinf(angle);
             }
-        call_rope_table(be, c, s, pos, rows, inv_freq, half);
+        call_rope_table(be, c, s, pos, dims, rows, inv_freq, axis, half);
         char what[128];
-        snprintf(what, sizeof what, "rows=%d half=%d theta=%g positions up to %d", rows, half, thetas[ci], 524287);
+        snprintf(what, sizeof what, "rows=%d half=%d theta=%g components=%d positions up to %d", rows, half,
+                 thetas[ci], dims, 524287);
         cmp_t close = cmp_merge(compare(c, want_c, NULL, rows, half, half, TOL_TRIG),
                                 compare(s, want_s, NULL, rows, half, half, TOL_TRIG));
         report("rope_table", what, close, TOL_TRIG, 1, NULL);
         cmp_t same = cmp_merge(compare(c, libm_c, NULL, rows, half, half, TOL_EXACT),
                                compare(s, libm_s, NULL, rows, half, half, TOL_EXACT));
         report("rope_table = cosf, sinf", what, same, TOL_EXACT, 1, NULL);
-        free(pos), free(inv_freq), free(c), free(s), free(want_c), free(want_s), free(libm_c), free(libm_s);
+        free(pos), free(axis), free(inv_freq), free(c), free(s), free(want_c), free(want_s), free(libm_c), free(libm_s);
     }
 }
 

@@ -64,9 +64,10 @@ class EncodedTextChunk(StrictBase):
 
 
 def _expected_length(chunk) -> int:
+    """The positions an image chunk takes, as the SDK counts them: its expected_tokens (the engine computes the
+    real count from the image and checks this one against it)."""
     if chunk.expected_tokens is None:
-        raise ValueError(f"{type(chunk).__name__}.length is unknown: set expected_tokens to the number of tokens "
-                         f"the image takes")
+        raise ValueError(f"{type(chunk).__name__} expected_tokens needs to be set in order to compute the length")
     return chunk.expected_tokens
 
 

@@ -694,13 +694,13 @@ static void cpu_add_bias(tk_backend *be, float *y, int ldy, const float *b, int 
 
 /* ---- RoPE --------------------------------------------------------------------------- */
 
-static void cpu_rope_table(tk_backend *be, float *cos_t, float *sin_t, const int32_t *pos, int rows,
-                           const float *inv_freq, int half)
+static void cpu_rope_table(tk_backend *be, float *cos_t, float *sin_t, const int32_t *pos, int pos_dims, int rows,
+                           const float *inv_freq, const int8_t *axis, int half)
 {
     (void)be;
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < half; i++) {
-            float angle = (float)pos[r] * inv_freq[i];
+            float angle = (float)pos[(size_t)r * pos_dims + (axis ? axis[i] : 0)] * inv_freq[i];
             cos_t[(size_t)r * half + i] = cosf(angle);
             sin_t[(size_t)r * half + i] = sinf(angle);
         }

@@ -34,6 +34,7 @@ from ..._futures import (
     forward_client_methods,
 )
 from ..._restore import sampling_adapter
+from ..._multimodal import EngineInput, engine_input
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
 from ...types import ModelInput, PromptAltTokens, SampledSequence, SampleResponse, SamplingParams, TensorData
@@ -44,14 +45,13 @@ if TYPE_CHECKING:
 _sampler_ids = itertools.count()
 
 
-def _prompt_tokens(prompt) -> list[int]:
-    if isinstance(prompt, ModelInput):
-        try:
-            return prompt.to_ints()
-        except ValueError as e:
-            raise BadRequestError(f"{e}; this model takes text tokens only") from None
-    raise BadRequestError(f"prompt must be a tinker.ModelInput (e.g. ModelInput.from_ints(tokens)), got "
-                          f"{type(prompt).__name__}")
+def _prompt_tokens(model, prompt) -> "list[int] | EngineInput":
+    """The prompt's token ids, or (with images, on a vision-language model) its EngineInput."""
+    return engine_input(model, prompt, "prompt")
+
+
+def _length(prompt) -> int:
+    return len(prompt.tokens) if isinstance(prompt, EngineInput) else len(prompt)
 
 
 _sequence_ids = itertools.count()
@@ -179,7 +179,7 @@ class SamplingClient:
                                   f"{type(sampling_params).__name__}")
         p = sampling_params
         return submit_sample(
-            self._model, _prompt_tokens(prompt), num_samples,
+            self._model, _prompt_tokens(self._model, prompt), num_samples,
             max_tokens=p.max_tokens if max_tokens is None else max_tokens, temperature=p.temperature,
             top_k=p.top_k, top_p=_runnable_top_p(p.top_p), min_p=p.min_p, seed=p.seed, stop=p.stop,
             include_prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
@@ -190,8 +190,8 @@ class SamplingClient:
     def _extras(self, prompt, sampling_params, include_prompt_logprobs, topk_prompt_logprobs, target_prompt_logprobs,
                 prompt_alt_tokens_k, prompt_logprobs_last_n) -> dict:
         """Checks the 0.33+ prompt options; queues the prompt's logits when they need them."""
-        tokens = _prompt_tokens(prompt)
-        n_prompt = len(tokens)
+        tokens = _prompt_tokens(self._model, prompt)
+        n_prompt = _length(tokens)
         extras: dict = {}
         if prompt_logprobs_last_n is not None:
             if not (bool_arg("include_prompt_logprobs", include_prompt_logprobs)

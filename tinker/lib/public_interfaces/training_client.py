@@ -22,6 +22,7 @@ from ... import _deprecation as deprecation
 from ... import _restore as restore
 from ..._engine import bool_arg
 from ..._exceptions import BadRequestError, TinkerError
+from ..._multimodal import engine_input
 from ..._futures import (
     APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, forward_client_methods,
     in_background,
@@ -41,15 +42,12 @@ if TYPE_CHECKING:
 
 
 
-def _engine_datum(i: int, datum) -> tuple:
-    """(token ids, loss_fn_inputs) of one Datum, in the form the engine layer packs."""
+def _engine_datum(i: int, datum, model) -> tuple:
+    """(token ids, or an EngineInput when it has images; loss_fn_inputs) of one Datum, in the form the engine
+    layer packs."""
     if not isinstance(datum, Datum):
         raise BadRequestError(f"datum {i}: expected a tinker.Datum, got {type(datum).__name__}")
-    try:
-        tokens = datum.model_input.to_ints()
-    except ValueError as e:
-        raise BadRequestError(f"datum {i}: {e}; this model takes text tokens only") from None
-    return tokens, datum.loss_fn_inputs
+    return engine_input(model, datum.model_input, f"datum {i}"), datum.loss_fn_inputs
 
 
 def _forward_backward_output(result) -> ForwardBackwardOutput:
@@ -99,7 +97,8 @@ class TrainingClient:
                                       "LossHandle from create_custom_loss to forward_backward_custom")
             if loss_fn == "stable_reinforce":
                 _check_provenance(data)
-            pending = self._adapter.submit([_engine_datum(i, d) for i, d in enumerate(data)], loss_fn,
+            model = self._adapter.model
+            pending = self._adapter.submit([_engine_datum(i, d, model) for i, d in enumerate(data)], loss_fn,
                                            loss_fn_config, backward=backward, notify=True)
         except BadRequestError as e:  # rejected before queueing: the future carries it, as the service's 400 would
             return DoneFuture(error=e)

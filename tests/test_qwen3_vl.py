@@ -1,0 +1,475 @@
+"""Qwen3-VL (transformers' Qwen3VLForConditionalGeneration) with image inputs, on a tiny random checkpoint.
+
+The model (tiny_models.make_vl_checkpoint, float32, eager attention): language model hidden 64, 4 layers, 4 heads
+of 16 (8 rotary frequencies: M-RoPE sections [4, 2, 2], interleaved), vocab 320 with the image / video / vision
+start / vision end ids 300-303; vision tower depth 3, width 32, 2 heads, patch 16, temporal patch 2, 2x2 merge,
+an 8 x 8 learned position grid (interpolated), deepstack taps after blocks 0 and 2; its preprocessor_config.json
+(transformers' Qwen2VLImageProcessorPil: torchvision is not installed, and Pillow is what the engine decodes
+with) bounds images to 4..36 merged tokens. Test images are deterministic (gradient + noise), PNG and JPEG, odd
+sizes (upscaled, downscaled, rounded half to even).
+
+What is checked, with the tolerances:
+- preprocessing: the engine's pixel values equal the transformers image processor's exactly (np.array_equal, in
+  float32), its grid and token count too, for PNG and JPEG, RGB / RGBA / L / P images of several sizes;
+- the vision tower (numpy, tinker._vision) vs transformers' get_image_features: merged features and deepstack
+  features within 1e-4 absolute (reached ~4e-6);
+- M-RoPE positions equal transformers' get_rope_index, the rope delta too;
+- logits of text and of text-with-image inputs vs transformers: |diff| <= 1e-3 * max(1, |logit|) (reached ~1e-5);
+  public-API logprobs (SamplingClient.compute_logprobs) within 2e-3 absolute;
+- LoRA gradients on the language model with images in the input (forward_backward through the public
+  TrainingClient) vs peft on the same weights: per tensor ||g - g_ref|| / ||g_ref|| <= 1e-3, logprobs 1e-4;
+- greedy sampling with an image in the prompt equals transformers' generate (base model, and with an adapter);
+  prompts with the same tokens but different images, sampled together, do not share a prefill;
+- bad input gives a tinker.BadRequestError with a clear message and nothing queued: bytes that are neither PNG
+  nor JPEG, a truncated image, an image past the decoder's pixel budget or of aspect ratio over 200, an
+  expected_tokens that disagrees ("Expected N tokens, got M from image", Tinker's wording), an image chunk to a
+  text-only model, a datum whose loss_fn_inputs ignore the image positions, a remote asset pointer.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+PIL = pytest.importorskip("PIL")
+
+import reference_training as rt  # noqa: E402
+import tiny_models as tm  # noqa: E402
+
+import tinker  # noqa: E402
+from tinker import _images, _multimodal, types  # noqa: E402
+from tinker._engine import load_model  # noqa: E402
+
+LOGIT_TOL = 1e-3
+API_LP_TOL = 2e-3
+FEATURE_TOL = 1e-4
+GRAD_RTOL = 1e-3
+LP_ATOL = 1e-4
+IMAGE, VS, VE = tm.VL_TOKENS["image_token_id"], tm.VL_TOKENS["vision_start_token_id"], tm.VL_TOKENS[
+    "vision_end_token_id"]
+SIZES = [(70, 45), (200, 90), (33, 130), (64, 64), (500, 400)]  # (width, height)
+
+
+# ---- images --------------------------------------------------------------------------------------------------------
+
+
+def make_image(width: int, height: int, seed: int, mode: str = "RGB"):
+    """A deterministic test image: a colour gradient plus noise (so resizing and JPEG both matter)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256,
+                     np.full_like(x, 200)], axis=-1)  # fmt: skip
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGBA").convert(mode)
+
+
+def encode(image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, {"png": "PNG", "jpeg": "JPEG"}[fmt], **({"quality": 90} if fmt == "jpeg" else {}))
+    return buf.getvalue()
+
+
+def image_bytes(width: int, height: int, seed: int = 0, fmt: str = "png") -> bytes:
+    return encode(make_image(width, height, seed), fmt)
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    """(checkpoint path, float32 transformers reference, the engine's loaded model)."""
+    path, ref = tm.make_vl_checkpoint(tmp_path_factory.mktemp("qwen3_vl") / "tiny", seed=3)
+    return path, ref, load_model(str(path))
+
+
+def hf_inputs(tokens: np.ndarray, images: list[bytes]) -> dict:
+    """transformers' inputs for token ids with image placeholders and the images' bytes, in order."""
+    from PIL import Image
+
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+    out = {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int(), "attention_mask": torch.ones_like(ids)}
+    if images:
+        processed = tm.vl_image_processor()(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
+        out.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
+    return out
+
+
+@torch.no_grad()
+def hf_logits(ref, tokens, images) -> np.ndarray:
+    return ref(**hf_inputs(tokens, images), use_cache=False).logits[0].double().numpy()
+
+
+def prompt(*parts) -> types.ModelInput:
+    """A ModelInput from token lists and image bytes, in order."""
+    chunks = [types.EncodedTextChunk(tokens=list(p)) if isinstance(p, (list, tuple))
+              else types.ImageChunk(data=p, format="png" if p.startswith(b"\x89PNG") else "jpeg") for p in parts]
+    return types.ModelInput(chunks=chunks)
+
+
+def images_of(model_input: types.ModelInput) -> list[bytes]:
+    return [c.data for c in model_input.chunks if isinstance(c, types.ImageChunk)]
+
+
+def assert_logits_close(got, want, tol: float, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    err = np.abs(got.astype(np.float64) - want)
+    bound = tol * np.maximum(1.0, np.abs(want))
+    assert (err <= bound).all(), f"{what}: worst logit error {err.max():.3g} (bound {tol:g} * max(1, |logit|))"
+
+
+# ---- preprocessing -------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_layout_and_config(vl):
+    path, ref, model = vl
+    from tinker._models import read_safetensors_header
+
+    keys = read_safetensors_header(path / "model.safetensors")
+    assert any(k.startswith("model.visual.blocks.2.") for k in keys)
+    assert any(k.startswith("model.language_model.layers.3.") for k in keys)
+    assert model.spec.arch == "qwen3vl" and model.config["mrope_section"] == [4, 2, 2]
+    assert model.handle.config["mrope_section"] == [4, 2, 2]
+    proc = model.spec.vision["processor"]
+    assert (proc["min_pixels"], proc["max_pixels"]) == tm.VL_PIXELS  # read from preprocessor_config.json
+    assert model.spec.vision["image_token_id"] == IMAGE
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize("size", SIZES)
+def test_pixel_values_equal_the_hf_processor(vl, size, fmt):
+    from PIL import Image
+
+    proc = vl[2].spec.vision["processor"]
+    hf = tm.vl_image_processor()
+    for mode in ["RGB", "L"] + (["RGBA", "P"] if fmt == "png" else []):
+        data = encode(make_image(*size, seed=sum(size), mode=mode), fmt)
+        mine = _images.preprocess(data, proc, "test image")
+        want = hf(images=[Image.open(io.BytesIO(data))], return_tensors="np")
+        assert mine.pixel_values.dtype == np.float32 == want["pixel_values"].dtype
+        assert np.array_equal(mine.pixel_values, want["pixel_values"]), (size, fmt, mode)
+        assert list(mine.grid) == want["image_grid_thw"][0].tolist()
+        count = hf.get_number_of_image_patches(size[1], size[0], {}) // 4
+        assert _images.token_count(size[1], size[0], proc) == count == mine.n_patches // 4
+
+
+def test_smart_resize_rounds_half_to_even():
+    """The reference table of reference/qwen3-moe-vl.md 2.4 with Qwen3-VL's bounds (patch 16, merge 2)."""
+    proc = {"patch": 16, "merge": 2, "min_pixels": 65536, "max_pixels": 16777216}
+    table = {(224, 224): 64, (150, 224): 70, (400, 300): 108, (1024, 768): 768, (1920, 1080): 2040, (10, 10): 64,
+             (8000, 8000): 16384}  # (width, height): tokens  # fmt: skip
+    for (w, h), tokens in table.items():
+        assert _images.token_count(h, w, proc) == tokens, (w, h)
+
+
+def test_vision_tower_matches_transformers(vl):
+    _, ref, model = vl
+    for size in SIZES[:3]:
+        patches = _images.preprocess(image_bytes(*size), model.spec.vision["processor"], "x")
+        embeds, deep = model.vision_tower.features(patches.pixel_values, patches.grid)
+        with torch.no_grad():
+            out = ref.model.get_image_features(torch.from_numpy(patches.pixel_values), torch.tensor([patches.grid]))
+        want = out.pooler_output[0].numpy()
+        want_deep = np.stack([f[0].numpy() for f in out.deepstack_features])
+        assert embeds.shape == want.shape and deep.shape == want_deep.shape
+        assert np.abs(embeds - want).max() <= FEATURE_TOL and np.abs(deep - want_deep).max() <= FEATURE_TOL
+
+
+# ---- logits and logprobs -------------------------------------------------------------------------------------------
+
+
+def inputs_with_images():
+    """(name, ModelInput): one image mid-prompt, two images (PNG and JPEG), an image first, an image last."""
+    a, b = image_bytes(70, 45, 1), image_bytes(33, 130, 2, "jpeg")
+    return [
+        ("one", prompt([5, 6, VS], a, [VE, 7, 8, 9, 10, 11])),
+        ("two", prompt([12, VS], a, [VE, 40, 41, VS], b, [VE, 99, 98, 97])),
+        ("first", prompt(b, [VE, 1, 2, 3])),
+        ("last", prompt([17, 18, VS], a)),
+    ]
+
+
+def test_positions_equal_get_rope_index(vl):
+    _, ref, model = vl
+    for name, mi in inputs_with_images():
+        ei = _multimodal.engine_input(model, mi, name)
+        hf = hf_inputs(ei.tokens, images_of(mi))
+        pos, delta = ref.model.get_rope_index(hf["input_ids"], hf["mm_token_type_ids"], hf["image_grid_thw"])
+        assert np.array_equal(ei.positions.T, pos[:, 0].numpy()), name
+        assert ei.rope_delta == int(delta[0, 0]), name
+
+
+def test_text_logits_match_transformers(vl):
+    _, ref, model = vl
+    seqs = [np.random.default_rng(n).integers(0, 300, n) for n in (1, 9, 40)]
+    for seq, logits in zip(seqs, model.forward_logits(seqs)):
+        assert_logits_close(logits, hf_logits(ref, seq, []), LOGIT_TOL, f"text, length {len(seq)}")
+
+
+def test_image_logits_match_transformers(vl):
+    _, ref, model = vl
+    cases = inputs_with_images()
+    engine_inputs = [_multimodal.engine_input(model, mi, name) for name, mi in cases]
+    got = model.forward_logits(engine_inputs + [np.arange(5, 30)])  # one packed batch, a text sequence too
+    for (name, mi), ei, logits in zip(cases, engine_inputs, got):
+        assert_logits_close(logits, hf_logits(ref, ei.tokens, images_of(mi)), LOGIT_TOL, name)
+    assert_logits_close(got[-1], hf_logits(ref, np.arange(5, 30), []), LOGIT_TOL, "text beside images")
+
+
+def test_public_api_logprobs_match_transformers(vl):
+    path, ref, model = vl
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    for name, mi in inputs_with_images() + [("text", prompt([3, 4, 5, 6, 7]))]:
+        got = client.compute_logprobs(mi).result()
+        tokens = _multimodal.engine_input(model, mi, name)
+        tokens = getattr(tokens, "tokens", np.asarray(tokens))
+        lp = torch.log_softmax(torch.from_numpy(hf_logits(ref, tokens, images_of(mi))), -1).numpy()
+        want = [lp[i - 1, tokens[i]] for i in range(1, len(tokens))]
+        assert got[0] is None and len(got) == len(tokens), name
+        err = np.abs(np.asarray(got[1:], dtype=np.float64) - want).max()
+        assert err <= API_LP_TOL, f"{name}: logprobs differ from transformers by {err:.3g}"
+
+
+def test_image_features_are_cached_by_content(vl, monkeypatch):
+    _, _, model = vl
+    calls = []
+    original = type(model.vision_tower).features
+    monkeypatch.setattr(type(model.vision_tower), "features",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    data = image_bytes(90, 91, seed=77)
+    first = _multimodal.engine_input(model, prompt([1], data), "a")
+    second = _multimodal.engine_input(model, prompt([2, 3], data, [4]), "b")
+    assert len(calls) == 1 and np.array_equal(first.embeds, second.embeds)
+
+
+def test_asset_pointer_reads_local_files(vl, tmp_path):
+    path, _, model = vl
+    data = image_bytes(70, 45, 1)
+    (tmp_path / "cat image.png").write_bytes(data)
+    inline = prompt([5, VS], data, [VE, 6, 7])
+    for location in (str(tmp_path / "cat image.png"), (tmp_path / "cat image.png").as_uri()):
+        pointer = types.ModelInput(chunks=[inline.chunks[0], types.ImageAssetPointerChunk(format="png",
+                                                                                           location=location),
+                                           inline.chunks[2]])  # fmt: skip
+        a = _multimodal.engine_input(model, pointer, "pointer")
+        b = _multimodal.engine_input(model, inline, "inline")
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.embeds, b.embeds)
+    remote = types.ModelInput(chunks=[types.ImageAssetPointerChunk(format="png", location="https://x.org/a.png")])
+    with pytest.raises(tinker.BadRequestError, match="only local files"):
+        _multimodal.engine_input(model, remote, "prompt")
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+
+def datum_for(model, mi: types.ModelInput, seed: int):
+    """A cross-entropy Datum over the whole input: targets the next token (0 at image positions, weight 0 there,
+    as the cookbook writes them), random weights elsewhere."""
+    ei = _multimodal.engine_input(model, mi, "datum")
+    tokens = getattr(ei, "tokens", np.asarray(ei))
+    n = len(tokens)
+    rng = np.random.default_rng(seed)
+    targets = np.concatenate([tokens[1:], [rng.integers(0, 300)]]).astype(np.int64)
+    weights = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    image = tokens == IMAGE
+    targets[image], weights[image] = 0, 0.0
+    return types.Datum(model_input=mi, loss_fn_inputs={"target_tokens": targets, "weights": weights}), tokens
+
+
+def test_lora_gradients_with_images_match_peft(vl):
+    path, ref, model = vl
+    rank = 4
+    service = tinker.ServiceClient()
+    client = service.create_lora_training_client(base_model=str(path), rank=rank).result()
+    adapter = client._adapter
+    values = rt.random_adapter_values({k: v.shape for k, v in adapter.parameters().items()}, seed=11)
+    adapter.set_parameters(values)
+    peft_model = rt.peft_model(ref, rank)
+    rt.load_adapter_values(peft_model, values)
+    cases = inputs_with_images()
+    data, tokens = zip(*[datum_for(model, mi, seed) for seed, (_, mi) in enumerate(cases)])
+    text, text_tokens = datum_for(model, prompt(list(range(20, 44))), 9)
+    data, tokens = list(data) + [text], list(tokens) + [text_tokens]
+    out = client.forward_backward(data, "cross_entropy").result()
+    rt.zero_gradients(peft_model)
+    want_lp, want_loss, _ = reference_gradients_of(peft_model, data, tokens)
+    want_grads = rt.peft_gradients(peft_model)
+    for got, want in zip(out.loss_fn_outputs, want_lp):
+        assert np.abs(got["logprobs"].to_numpy() - want).max() <= LP_ATOL
+    assert abs(out.metrics["loss:sum"] - want_loss) <= 1e-4 * max(1.0, abs(want_loss))
+    grads = adapter.gradients()
+    assert set(grads) == set(want_grads)
+    for name, g in grads.items():
+        ref_g = want_grads[name]
+        rel = np.linalg.norm(g - ref_g) / max(np.linalg.norm(ref_g), 1e-30)
+        assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.3g}"
+
+
+def test_a_datum_must_count_the_image_positions(vl):
+    path, _, model = vl
+    client = tinker.ServiceClient().create_lora_training_client(base_model=str(path), rank=2).result()
+    mi = prompt([5, VS], image_bytes(70, 45, 1), [VE, 6, 7])
+    text_only = 5  # what a caller who forgot the image's positions would count
+    datum = types.Datum(model_input=mi, loss_fn_inputs={"target_tokens": np.zeros(text_only, np.int64),
+                                                        "weights": np.ones(text_only, np.float32)})  # fmt: skip
+    before = client._adapter.gradients()
+    with pytest.raises(tinker.BadRequestError, match=r"target_tokens has shape \(5,\).*image"):
+        client.forward_backward([datum], "cross_entropy").result()
+    after = client._adapter.gradients()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing half-done
+    n = _multimodal.engine_input(model, mi, "x").tokens.size
+    with_image = mi.chunks[1].model_copy(update={"expected_tokens": n - 5})
+    assert types.ModelInput(chunks=[mi.chunks[0], with_image, mi.chunks[2]]).length == n
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def hf_greedy(model, tokens, images, n: int) -> list[int]:
+    inputs = hf_inputs(tokens, images)
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@torch.no_grad()
+def hf_greedy_full(model, tokens, images, n: int) -> list[int]:
+    """Greedy decoding by full forward passes (each new token's positions from get_rope_index, as a training
+    pass over the finished sequence sees them)."""
+    tokens, out = list(tokens), []
+    for _ in range(n):
+        out.append(int(np.argmax(hf_logits(model, tokens + out, images)[-1])))
+    return out
+
+
+def test_greedy_sampling_with_an_image_equals_generate(vl):
+    """Prompts that end in text: transformers' generate. A prompt that ends with its image: generate moves each
+    position axis on by 1 from the image's last token (GenerationMixin's position update), while a forward
+    pass over the same tokens (get_rope_index, which training and compute_logprobs see) puts text after an image
+    at its largest position + 1 on every axis; the engine decodes as that forward pass, so the sampler's
+    logprobs are the trainer's: compared with greedy full forward passes."""
+    path, ref, model = vl
+    service = tinker.ServiceClient()
+    client = service.create_sampling_client(base_model=str(path)).result()
+    params = types.SamplingParams(max_tokens=16, temperature=0.0, stop=[])
+    for name, mi in inputs_with_images():
+        tokens = _multimodal.engine_input(model, mi, name).tokens
+        got = client.sample(mi, 1, params).result().sequences[0].tokens
+        if name == "last":
+            assert got == hf_greedy_full(ref, tokens, images_of(mi), 16), name
+        else:
+            assert got == hf_greedy(ref, tokens, images_of(mi), 16), name
+    # with a trained-looking adapter: the sampler snapshot's weights in peft
+    trainer = service.create_lora_training_client(base_model=str(path), rank=4).result()
+    values = rt.random_adapter_values({k: v.shape for k, v in trainer._adapter.parameters().items()}, seed=5, gain=1.0)
+    trainer._adapter.set_parameters(values)
+    sampler = trainer.save_weights_and_get_sampling_client("vl-greedy")
+    peft_model = rt.peft_model(ref, 4)
+    rt.load_adapter_values(peft_model, values)
+    name, mi = inputs_with_images()[1]
+    tokens = _multimodal.engine_input(model, mi, name).tokens
+    assert sampler.sample(mi, 1, params).result().sequences[0].tokens == hf_greedy(peft_model, tokens,
+                                                                                    images_of(mi), 16)
+
+
+def test_same_tokens_different_images_sampled_together(vl):
+    """Two prompts whose token ids agree (same image sizes) but whose images differ are prefilled apart."""
+    path, _, model = vl
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    prompts = [prompt([5, VS], image_bytes(70, 45, seed), [VE, 6]) for seed in (21, 22)]
+    alone = [client.sample(p, 1, params, include_prompt_logprobs=True).result() for p in prompts]
+    together = [f.result() for f in [client.sample(p, 1, params, include_prompt_logprobs=True) for p in prompts]]
+    for a, b in zip(alone, together):
+        assert a.sequences[0].tokens == b.sequences[0].tokens
+        assert np.allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], atol=1e-5)
+    assert alone[0].prompt_logprobs[-1] != alone[1].prompt_logprobs[-1]
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header then claims another size (CRC fixed): a decompression bomb's header."""
+    data = bytearray(image_bytes(8, 8))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+BAD_IMAGES = {
+    "gif": (b"GIF89a" + b"\x00" * 40, r"neither PNG nor JPEG"),
+    "empty": (b"", r"neither PNG nor JPEG"),
+    "truncated png": (image_bytes(70, 45)[:200], r"truncated or corrupt"),
+    "truncated jpeg": (image_bytes(70, 45, fmt="jpeg")[:300], r"truncated or corrupt"),
+    "pixel budget": (_png_claiming(10000, 10000), r"10000 x 10000 pixels; images of more than \d+ pixels are "
+                                                  r"refused"),
+    "far past the budget": (_png_claiming(30000, 30000), r"images of more than \d+ pixels are refused"),
+    "aspect ratio": (image_bytes(4000, 10), r"aspect ratio .* above the 200"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images_are_refused_clearly(vl, case):
+    path, _, model = vl
+    data, match = BAD_IMAGES[case]
+    mi = prompt([5, VS], data, [VE, 6])
+    sampler = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    with pytest.raises(tinker.BadRequestError, match=match):
+        sampler.compute_logprobs(mi).result()
+    with pytest.raises(tinker.BadRequestError, match=r"chunk 1: .*" + match):
+        sampler.sample(mi, 1, types.SamplingParams(max_tokens=2)).result()
+
+
+def test_expected_tokens_must_agree(vl):
+    path, _, model = vl
+    data = image_bytes(70, 45, 1)
+    n = _multimodal.engine_input(model, prompt(data), "x").tokens.size
+    sampler = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    right = types.ImageChunk(data=data, format="png", expected_tokens=n)
+    assert len(sampler.compute_logprobs(types.ModelInput(chunks=[right])).result()) == n
+    wrong = types.ImageChunk(data=data, format="png", expected_tokens=n + 3)
+    with pytest.raises(tinker.BadRequestError, match=f"Expected {n + 3} tokens, got {n} from image"):
+        sampler.compute_logprobs(types.ModelInput(chunks=[wrong])).result()
+
+
+def test_image_to_a_text_only_model(tmp_path):
+    path, _ = tm.make_hf_checkpoint(tmp_path / "qwen3", "qwen3", vocab=320)
+    service = tinker.ServiceClient()
+    mi = prompt([5, 6], image_bytes(70, 45), [7])
+    sampler = service.create_sampling_client(base_model=str(path)).result()
+    with pytest.raises(tinker.BadRequestError, match="text-only model"):
+        sampler.sample(mi, 1, types.SamplingParams(max_tokens=2)).result()
+    trainer = service.create_lora_training_client(base_model=str(path), rank=2).result()
+    datum = types.Datum(model_input=mi, loss_fn_inputs={"target_tokens": np.zeros(3, np.int64),
+                                                        "weights": np.ones(3, np.float32)})  # fmt: skip
+    with pytest.raises(tinker.BadRequestError, match="datum 0: .*text-only model"):
+        trainer.forward_backward([datum], "cross_entropy").result()
+
+
+
+def reference_gradients_of(model, data, tokens_list):
+    """Per-datum logprobs and the summed weighted cross-entropy of a torch model, its backward run."""
+    logprobs, total = [], 0.0
+    for datum, tokens in zip(data, tokens_list):
+        out = model(**hf_inputs(tokens, images_of(datum.model_input)), use_cache=False)
+        lp_all = torch.log_softmax(out.logits[0].float(), -1)
+        target = torch.from_numpy(datum.loss_fn_inputs["target_tokens"].to_numpy()).long()
+        weights = torch.from_numpy(datum.loss_fn_inputs["weights"].to_numpy())
+        lp = lp_all.gather(1, target[:, None])[:, 0]
+        loss = -(lp * weights).sum()
+        loss.backward()
+        total += float(loss.detach())
+        logprobs.append(lp.detach().numpy())
+    return logprobs, total, None
