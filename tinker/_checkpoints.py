@@ -580,7 +580,7 @@ class PeftAdapter:
 def _unreadable_key(path: Path, key: str) -> str:
     if re.fullmatch(r"base_model\.model\..*\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight", key):
         return (f"{path}: tensor {key!r} is a LoRA on fused expert parameters (peft target_parameters on "
-                f"mlp.experts.gate_up_proj / down_proj): one independent pair per expert, stacked [r * experts, ...], "
+                f"the fused experts' gate-up and down tensors): one independent pair per expert, stacked [r * experts, ...], "
                 f"and over gate and up jointly. The engine trains Tinker's expert layout (gate, up and down apart; "
                 f"A shared by the experts for gate and up, B for down), into which such an adapter does not convert; "
                 f"merge it into the base model with peft, or save it with per-expert modules "
@@ -635,7 +635,7 @@ def _shared_outer(per_expert: dict, path: Path, rank: int, n_experts: int | None
 def read_peft_dir(directory: Path, arch: str | None = None, n_experts: int | None = None) -> PeftAdapter:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) from any source, with
     the PEFT module names of `arch` (else of any architecture the engine runs). Experts' adapters may come in
-    Tinker's layout (mlp.experts.w1 / w2 / w3) or per expert (mlp.experts.{e}.gate_proj ..., converted where
+    Tinker's layout (its w1 / w2 / w3 expert modules) or per expert (one gate/up/down module per expert, converted where
     they fit Tinker's layout, see _shared_outer; n_experts: the model's expert count).
 
     The engine's scale is 32 / r; PEFT's is lora_alpha / r (or lora_alpha / sqrt(r) with rslora),

@@ -21,7 +21,7 @@ Mixture-of-experts models (Qwen3-MoE): the experts' LoRA tensors are Tinker's sh
 3-D with the expert first and a size-1 expert axis on the factor all experts share (gate and up:
 A [1, r, H], B [E, I, r]; down: A [E, r, I], B [1, H, r]); expert e's delta is (32 / r) · B_e @ A_e
 with the shared factor broadcast, merged into that expert's own weights. The experts are written
-under transformers' per-expert names (model.layers.{l}.mlp.experts.{e}.gate_proj.weight ...), which
+under transformers' per-expert names (one gate/up/down weight per expert, from the descriptor), which
 transformers 4.x and 5.x both load, whatever layout the base stored them in (fused 3-D, GGUF); the
 router is not adapted and is copied as it is.
 
