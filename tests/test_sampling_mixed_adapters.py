@@ -55,14 +55,20 @@ def run(model, requests, together: bool):
     return [(p._request.result(), p.result()) for p in pending]
 
 
+# A sequence decoded in a batch goes through GEMMs of another row count (another blocking, another
+# float32 summation order) than alone, so its logprobs differ in the last bits; over a 1000-token
+# decode the attention sums grow and a logprob near -8 was seen 1.7e-4 off (tokens all equal).
+LOGPROB_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
 def assert_same(got, alone):
     for (raw, a), (_, b) in zip(got, alone):
         assert len(a.sequences) == len(b.sequences)
         for sa, sb in zip(a.sequences, b.sequences):
             assert sa.tokens == sb.tokens and sa.stop_reason == sb.stop_reason
-            np.testing.assert_allclose(sa.logprobs, sb.logprobs, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(sa.logprobs, sb.logprobs, **LOGPROB_TOL)
         if b.prompt_logprobs is not None:
-            np.testing.assert_allclose(np.array(a.prompt_logprobs[1:]), np.array(b.prompt_logprobs[1:]), atol=1e-4)
+            np.testing.assert_allclose(np.array(a.prompt_logprobs[1:]), np.array(b.prompt_logprobs[1:]), **LOGPROB_TOL)
 
 
 def test_requests_of_different_adapters_decode_together_as_they_would_alone(model, snapshots):
