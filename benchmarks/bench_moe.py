@@ -4,15 +4,16 @@
 
 Builds a Qwen3MoeConfig with transformers (d_model 1024, 16 heads of 64, 4 kv heads, --experts experts of width
 --expert-width, top --top-k, norm_topk_prob, vocabulary 16384), random weights (the routers scaled so routing is
-not uniform), saves it as float32 safetensors in a temporary directory and loads it in both engines. Prints:
+not uniform), saves it as --dtype safetensors in a temporary directory and loads it in both engines. Prints:
 - prefill: one forward over a --prompt-token sequence, all logits (tokens/s), ours vs transformers;
 - decode: greedy generation of --decode tokens after a 16-token prompt, batch 1 (tokens/s, prefill excluded),
   ours (SamplingClient's sampler) vs transformers' generate with its KV cache;
+  transformers is run with torch on every core and on one, its default experts implementation and the eager
+  loop (each between two runs of ours), and the ratio is against the fastest of those settings;
 - LoRA training: forward_backward (cross entropy, rank 16, attention + experts + unembed) on 4 x 128 tokens,
   tokens/s (ours only: transformers 5 keeps experts fused, where a PEFT LoRA is not Tinker's layout).
-Medians of --reps runs after a warm-up; transformers in float32 with every core, eager attention, and its
-default experts implementation (and eager, for reference). Note the machine's load: the numbers are only
-comparable within one run.
+Medians of --reps runs after a warm-up; transformers in float32, eager attention. The machine's load is printed:
+on a shared machine the numbers are only comparable within one run.
 """
 
 from __future__ import annotations
@@ -62,40 +63,47 @@ def build_checkpoint(directory: Path, args) -> None:
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.1)  # routers: clear preferences, not a uniform spread
-    model.save_pretrained(str(directory), safe_serialization=True)
+    model.to(getattr(torch, args.dtype)).save_pretrained(str(directory), safe_serialization=True)
 
 
-def prefill(args, ours, hf, reps: int) -> tuple[float, float]:
-    import torch
-
+def prefill_ours(args, ours, reps: int) -> float:
     from tinker._engine import get_engine
 
     ids = np.random.default_rng(1).integers(0, 16384, size=args.prompt).astype(np.int32)
     lens = np.array([args.prompt], dtype=np.int32)
-    t_ours = median_seconds(lambda: get_engine().forward(ours.handle, ids, lens).result(), reps)
-    x = torch.from_numpy(ids.astype(np.int64))[None]
-    with torch.inference_mode():
-        t_hf = median_seconds(lambda: hf(input_ids=x, use_cache=False), reps)
-    return args.prompt / t_ours, args.prompt / t_hf
+    return args.prompt / median_seconds(lambda: get_engine().forward(ours.handle, ids, lens).result(), reps)
 
 
-def decode(args, ours, hf, reps: int) -> tuple[float, float]:
+def prefill_hf(args, hf, reps: int) -> float:
     import torch
 
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 16384, size=args.prompt))[None]
+    with torch.inference_mode():
+        return args.prompt / median_seconds(lambda: hf(input_ids=x, use_cache=False), reps)
+
+
+PROMPT = np.random.default_rng(2).integers(0, 16384, size=16).tolist()
+
+
+def decode_ours(args, ours, reps: int) -> float:
+    """Tokens/s of the decoding steps: (prompt + n tokens) - (prompt + 1 token), prefill and first token out."""
     from tinker._sampling import sample
 
-    prompt = np.random.default_rng(2).integers(0, 16384, size=16).tolist()
-    # decode time = (prompt + n new tokens) - (prompt + 1 new token): prefill and the first token excluded
-    one = median_seconds(lambda: sample(ours, prompt, 1, max_tokens=1, temperature=0.0, stop=[]), reps)
-    full = median_seconds(lambda: sample(ours, prompt, 1, max_tokens=args.decode, temperature=0.0, stop=[]), reps)
-    x = torch.tensor([prompt])
+    one = median_seconds(lambda: sample(ours, PROMPT, 1, max_tokens=1, temperature=0.0, stop=[]), reps)
+    full = median_seconds(lambda: sample(ours, PROMPT, 1, max_tokens=args.decode, temperature=0.0, stop=[]), reps)
+    return (args.decode - 1) / (full - one)
+
+
+def decode_hf(args, hf, reps: int) -> float:
+    import torch
+
+    x = torch.tensor([PROMPT])
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
-        hf_one = median_seconds(lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs), reps)
-        hf_full = median_seconds(lambda: hf.generate(x, max_new_tokens=args.decode, min_new_tokens=args.decode,
-                                                     **kwargs), reps)  # fmt: skip
-    n = args.decode - 1
-    return n / (full - one), n / (hf_full - hf_one)
+        one = median_seconds(lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs), reps)
+        full = median_seconds(lambda: hf.generate(x, max_new_tokens=args.decode, min_new_tokens=args.decode,
+                                                  **kwargs), reps)  # fmt: skip
+    return (args.decode - 1) / (full - one)
 
 
 def training(ours, reps: int) -> float:
@@ -118,7 +126,9 @@ def main():
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["prefill", "decode", "training", "eager"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["prefill", "decode", "training"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="of the saved checkpoint (ours reads it as stored; transformers computes in float32)")
     args = parser.parse_args()
 
     import torch
@@ -134,25 +144,34 @@ def main():
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores (load average {load:.1f} at start: other work shares them)")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"Qwen3-MoE: d_model 1024, {args.layers} layers, {args.experts} experts of width {args.expert_width}, "
-          f"top {args.top_k}, vocabulary 16384, float32\n")
+          f"top {args.top_k}, vocabulary 16384, {args.dtype} checkpoint\n")
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp), args)
         ours = load_model(tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
         default_impl = getattr(hf.config, "_experts_implementation", None) or "eager"
-        rows = []
-        impls = [default_impl] + ([] if "eager" in args.skip or default_impl == "eager" else ["eager"])
-        for impl in impls:
-            hf.config._experts_implementation = impl
-            if "prefill" not in args.skip:
-                a, b = prefill(args, ours, hf, args.reps)
-                rows.append((f"prefill {args.prompt} tokens", impl, a, b))
-            if "decode" not in args.skip:
-                a, b = decode(args, ours, hf, args.reps)
-                rows.append((f"decode {args.decode} tokens, batch 1", impl, a, b))
-        print(f"{'case':>30} {'hf experts':>11} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
-        for case, impl, a, b in rows:
-            print(f"{case:>30} {impl:>11} {a:11.1f} {b:9.1f} {a / b:5.2f}x")
+        # transformers' settings: torch on every core and on one (its OpenMP threads spin, and on a loaded
+        # machine one thread can be the faster), its default experts implementation and the eager loop; the
+        # ratio is against the fastest of them, measured between our runs
+        configs = [(threads, impl) for threads in sorted({os.cpu_count(), 1}, reverse=True)
+                   for impl in dict.fromkeys([default_impl, "eager"])]  # fmt: skip
+        cases = [(name, ours_fn, hf_fn) for name, ours_fn, hf_fn in
+                 [(f"prefill {args.prompt} tokens", prefill_ours, prefill_hf),
+                  (f"decode {args.decode} tokens, batch 1", decode_ours, decode_hf)]
+                 if name.split()[0] not in args.skip]  # fmt: skip
+        print(f"{'case':>30} {'ours tok/s':>11} {'transformers tok/s (threads, experts)':>40} {'ratio':>6}")
+        for name, ours_fn, hf_fn in cases:
+            ours_runs, peers = [], {}
+            for threads, impl in configs:
+                ours_runs.append(ours_fn(args, ours, args.reps))
+                torch.set_num_threads(threads)
+                hf.config._experts_implementation = impl
+                peers[(threads, impl)] = hf_fn(args, hf, args.reps)
+            torch.set_num_threads(os.cpu_count())
+            mine = statistics.median(ours_runs)
+            best = max(peers, key=peers.get)
+            listed = ", ".join(f"{v:.1f} ({t}, {i})" for (t, i), v in peers.items())
+            print(f"{name:>30} {mine:11.1f} {listed:>40} {mine / peers[best]:5.2f}x")
         if "training" not in args.skip:
             print(f"\nLoRA forward_backward (rank 16, 4 x 128 tokens): {training(ours, args.reps):.1f} tokens/s (ours)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

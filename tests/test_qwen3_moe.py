@@ -903,7 +903,10 @@ def test_merged_export_equals_the_engine_with_the_adapter(models, store, tmp_pat
     got = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens, adapter=adapter.handle).result())
     base = np.asarray(get_engine().forward(adapter.model.handle, tokens, lens).result())
     bounds = np.cumsum([0, *lens])
+    worst = 0.0
     for i, seq in enumerate(seqs):
         want = tm.reference_logits(merged, seq)
         assert_logits_close(got[bounds[i]:bounds[i + 1]], want, MERGE_TOL, f"{name}, length {len(seq)}")
         assert np.abs(base[bounds[i]:bounds[i + 1]] - want).max() > 1e-2, "the adapter changes nothing"
+        worst = max(worst, float((np.abs(got[bounds[i]:bounds[i + 1]] - want) / np.maximum(1, np.abs(want))).max()))
+    print(f"{name}: merged checkpoint vs engine, worst |diff| / max(1, |logit|) = {worst:.2e}")

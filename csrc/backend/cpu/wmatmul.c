@@ -14,16 +14,19 @@
  *   forward  y[T, N] = x[T, K] W^T: threads split N, blocks walk their rows;
  *   backward y[T, K] = x[T, N] W:   threads split K (whole tiles), blocks of
  *                                    W's rows decoded transposed, summed.
- * Row forms (F16, BF16, Q5_x, K-quants): each thread decodes a panel of up to
- * PANEL_FLOATS weights to float32 - exactly the tk_dequantize values - and
- * hands it to sgemm.
+ * Row forms (F16, BF16, Q5_x, K-quants) the same way: rows decoded to
+ * float32 - exactly the tk_dequantize values - and put in the same blocks
+ * (transposed in 16 x 32 tiles forward; W's rows are already K-major in the
+ * backward). sgemm on a decoded panel would pack it again: measured on the
+ * bfloat16 experts of a Qwen3-MoE prefill, as much time as the decoding, and
+ * the blocks make the whole forward 17% cheaper.
  * Decoding steps (matmul_w_decode) of a tiled part, up to
  * TK_CPU_QKERNEL_MAX_ROWS sequences: the register kernel of qmatmul.c, which
- * streams the tiles once; of a row form, up to SMALL_T sequences: decoded
- * rows dotted with each token row. Prefill and training always take the
- * blocks, whatever their size, so a prompt's logits do not depend on how
- * many other prompts share its pass (bit for bit for tiled parts, whose
- * kernel sums each output alone; sgemm's rounding varies with the row count).
+ * streams the tiles once; of a row form, up to SMALL_T sequences: 16 decoded
+ * rows at a time dotted with each token row. Prefill and training always take
+ * the blocks, whatever their size, so a prompt's logits do not depend on how
+ * many other prompts share its pass (bit for bit: tgemm sums each output
+ * alone, in k order).
  */
 #include "wmatmul.h"
 
@@ -32,7 +35,6 @@
 
 #include "../../io/quant.h"
 #include "../qmatrix.h"
-#include "blas.h"
 #include "qmatmul.h"
 #include "tgemm.h"
 #include "vec_math.h"
@@ -41,9 +43,9 @@
 #include <immintrin.h>
 #endif
 
-/* Floats of one thread's panel: 4 MB. sgemm packs the token rows x again for every panel, so panels are as
- * tall as this allows (a whole thread's share of SmolLM2's projections); cols up to 65536 still get 16 rows. */
-enum { PANEL_FLOATS = 1 << 20, PANEL_MAX_ROWS = 4096, SMALL_T = 8, DOT_PANEL_ROWS = 16 };
+/* Floats of one thread's panel: 4 MB, the blocks tgemm reads (128 weight rows x up to ~1300 columns) and a
+ * decoded row or 32; cols up to 65536 still get 16 rows. */
+enum { PANEL_FLOATS = 1 << 20, SMALL_T = 8, DOT_PANEL_ROWS = 16 };
 
 int tk_cpu_panels_init(tk_cpu_panels *p, int threads)
 {
@@ -216,12 +218,6 @@ static void unit_range(int task, int n_tasks, int n, int unit, int *begin, int *
     if (*end > n) *end = n;
 }
 
-static int panel_rows(int width)
-{
-    int rows = (PANEL_FLOATS / width) & ~15;
-    return rows > PANEL_MAX_ROWS ? PANEL_MAX_ROWS : rows;
-}
-
 static void store_dot(const part_args *a, float *y, float s)
 {
     *y = a->beta == 0.0f ? a->alpha * s : a->alpha * s + a->beta * *y;
@@ -277,28 +273,81 @@ static void forward_tiles(const part_args *a, float *buf, int r0, int r1)
     }
 }
 
-/* y[:, rows of this task] = alpha x W_rows^T + beta y: tiled parts through tgemm, row forms a panel of rows at
- * a time into sgemm (or dotted, for the few rows of a decoding step) */
+/* K columns per decoded block of a part kept as rows: as for tiles, in whole blocks of its type */
+static int rows_k_chunk(int K, int block)
+{
+    int chunks = (K + TGEMM_MAX_K - 1) / TGEMM_MAX_K, kc = (K + chunks - 1) / chunks, unit = block > 16 ? block : 16;
+    kc = (kc + unit - 1) / unit * unit;
+    return kc < K ? kc : K;
+}
+
+/* bp[k * NR + j] = rows[j * kc + k] for k < kc, j < NR: 16 k at a time, so the block's lines being read and
+ * written stay in L1 (one row at a time would write kc lines of bp per row) */
+static void transpose_block(float *restrict bp, const float *restrict rows, int kc)
+{
+    int k0 = 0;
+    for (; k0 + 16 <= kc; k0 += 16) {
+        float *dst = bp + (size_t)k0 * TK_TGEMM_NR;
+        for (int j = 0; j < TK_TGEMM_NR; j++) {
+            const float *src = rows + (size_t)j * kc + k0;
+            for (int i = 0; i < 16; i++) dst[i * TK_TGEMM_NR + j] = src[i]; /* unrolled: constant offsets */
+        }
+    }
+    for (int j = 0; j < TK_TGEMM_NR; j++)
+        for (int k = k0; k < kc; k++) bp[(size_t)k * TK_TGEMM_NR + j] = rows[(size_t)j * kc + k];
+}
+
+/* y[:, r0:r1] = alpha x W_rows^T + beta y for a part kept as rows of blocks (F16, BF16, Q5_x, K-quants): like
+ * forward_tiles, NR rows' [k0, k0 + kc) decoded (into `rows`, NR x kc floats; rows past r1 zero) and transposed
+ * into the K-major block tgemm reads, so the decoded weights are copied once (sgemm would pack the decoded panel
+ * again: measured, as much time as the decoding). */
+static void forward_rows(const part_args *a, float *buf, int r0, int r1)
+{
+    int K = a->cols, block = tk_quant_block_elems(a->p->type), kc_max = rows_k_chunk(K, block);
+    size_t row_bytes = tk_quant_row_bytes(a->p->type, (size_t)K);
+    float *rows = buf + (size_t)TGEMM_COLS * kc_max;
+    for (int n0 = r0; n0 < r1; n0 += TGEMM_COLS) {
+        int n1 = n0 + TGEMM_COLS < r1 ? n0 + TGEMM_COLS : r1;
+        for (int k0 = 0; k0 < K; k0 += kc_max) {
+            int kc = K - k0 < kc_max ? K - k0 : kc_max;
+            size_t skip = (size_t)(k0 / block) * tk_quant_block_bytes(a->p->type);
+            for (int nb = n0; nb < n1; nb += TK_TGEMM_NR) {
+                int filled = n1 - nb < TK_TGEMM_NR ? n1 - nb : TK_TGEMM_NR;
+                for (int j = 0; j < filled; j++)
+                    tk_dequantize(rows + (size_t)j * kc, (const uint8_t *)a->p->data + (size_t)(nb + j) * row_bytes +
+                                  skip, a->p->type, (size_t)kc);
+                if (filled < TK_TGEMM_NR)
+                    memset(rows + (size_t)filled * kc, 0, (size_t)(TK_TGEMM_NR - filled) * kc * sizeof(float));
+                transpose_block(buf + (size_t)(nb - n0) * kc, rows, kc);
+            }
+            tk_tgemm(a->T, n1 - n0, kc, a->x + k0, a->ldx, buf, a->y + n0, a->ldy, a->alpha,
+                     k0 == 0 ? a->beta : 1.0f);
+        }
+    }
+}
+
+/* y[:, rows of this task] = alpha x W_rows^T + beta y: tiled parts and row forms through tgemm (or, for the few
+ * rows of a decoding step, row forms a few decoded rows at a time, dotted) */
 static void forward_task(void *ctx, int task, int thread)
 {
     part_args *a = ctx;
-    /* a decoding step dots each few decoded rows while they are in L1, instead of a whole panel through L2 */
-    int begin, end, K = a->cols, step = a->dot ? DOT_PANEL_ROWS : panel_rows(K);
+    int begin, end, K = a->cols;
     unit_range(task, a->n_tasks, a->p->rows, a->unit, &begin, &end);
     float *panel = a->panels->buf[thread];
+    if (begin >= end) return;
     if (tiled(a->p->type)) {
-        if (begin < end) forward_tiles(a, panel, begin, end);
+        forward_tiles(a, panel, begin, end);
         return;
     }
-    for (int r0 = begin; r0 < end; r0 += step) {
-        int r1 = r0 + step < end ? r0 + step : end, n = r1 - r0;
-        float *y = a->y + r0;
+    if (!a->dot) {
+        forward_rows(a, panel, begin, end);
+        return;
+    }
+    /* a decoding step dots each few decoded rows while they are in L1 */
+    for (int r0 = begin; r0 < end; r0 += DOT_PANEL_ROWS) {
+        int r1 = r0 + DOT_PANEL_ROWS < end ? r0 + DOT_PANEL_ROWS : end;
         decode_rows(panel, K, a->p, K, r0, r1, 0, K);
-        if (a->dot)
-            dot_rows(a, y, panel, n);
-        else
-            tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n, K, a->alpha, a->x, a->ldx, panel, K,
-                           a->beta, y, a->ldy);
+        dot_rows(a, a->y + r0, panel, r1 - r0);
     }
 }
 
@@ -342,26 +391,45 @@ static void backward_tiles(const part_args *a, float *buf, int c0, int c1)
     }
 }
 
-/* y[:, columns of this task] = alpha x W[:, columns] + beta y, accumulated over panels of all rows */
+/* y[:, c0:c1] = alpha x W[:, c0:c1] + beta y for a part kept as rows of blocks, the sum over W's rows in chunks:
+ * each row's columns (whole blocks of its type around them) decoded into `row` and copied, NR at a time, into the
+ * blocks tgemm reads (W's rows are already K-major there) */
+static void backward_rows(const part_args *a, float *buf, int c0, int c1)
+{
+    int N = a->p->rows, K = a->cols, type = a->p->type, block = tk_quant_block_elems(type), nc_max = tgemm_k_chunk(N);
+    size_t row_bytes = tk_quant_row_bytes(type, (size_t)K);
+    float *row = buf + (size_t)TGEMM_COLS * nc_max;
+    for (int j0 = c0; j0 < c1; j0 += TGEMM_COLS) {
+        int j1 = j0 + TGEMM_COLS < c1 ? j0 + TGEMM_COLS : c1, width = j1 - j0;
+        int b0 = j0 / block * block, b1 = (j1 + block - 1) / block * block;
+        if (b1 > K) b1 = K;
+        for (int n0 = 0; n0 < N; n0 += nc_max) {
+            int n1 = n0 + nc_max < N ? n0 + nc_max : N, kc = n1 - n0;
+            for (int n = n0; n < n1; n++) {
+                tk_dequantize(row, (const uint8_t *)a->p->data + (size_t)n * row_bytes +
+                              (size_t)(b0 / block) * tk_quant_block_bytes(type), type, (size_t)(b1 - b0));
+                for (int cb = 0; cb < width; cb += TK_TGEMM_NR) {
+                    float *dst = buf + ((size_t)(cb / TK_TGEMM_NR) * kc + (size_t)(n - n0)) * TK_TGEMM_NR;
+                    int w = width - cb < TK_TGEMM_NR ? width - cb : TK_TGEMM_NR;
+                    memcpy(dst, row + (j0 - b0) + cb, (size_t)w * sizeof(float));
+                    if (w < TK_TGEMM_NR) memset(dst + w, 0, (size_t)(TK_TGEMM_NR - w) * sizeof(float));
+                }
+            }
+            tk_tgemm(a->T, width, kc, a->x + n0, a->ldx, buf, a->y + j0, a->ldy, a->alpha, n0 == 0 ? a->beta : 1.0f);
+        }
+    }
+}
+
+/* y[:, columns of this task] = alpha x W[:, columns] + beta y, the sum over W's rows in chunks */
 static void backward_task(void *ctx, int task, int thread)
 {
     part_args *a = ctx;
-    int k0, k1, K = a->cols, N = a->p->rows;
-    unit_range(task, a->n_tasks, K, a->unit, &k0, &k1);
+    int k0, k1;
+    unit_range(task, a->n_tasks, a->cols, a->unit, &k0, &k1);
     if (k1 <= k0) return;
     float *panel = a->panels->buf[thread];
-    if (tiled(a->p->type)) {
-        backward_tiles(a, panel, k0, k1);
-        return;
-    }
-    int width = k1 - k0, step = panel_rows(width);
-    for (int r0 = 0; r0 < N; r0 += step) {
-        int r1 = r0 + step < N ? r0 + step : N, n = r1 - r0;
-        float beta = r0 == 0 ? a->beta : 1.0f;
-        decode_rows(panel, width, a->p, K, r0, r1, k0, k1);
-        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, a->T, width, n, a->alpha, a->x + r0, a->ldx,
-                       panel, width, beta, a->y + k0, a->ldy);
-    }
+    if (tiled(a->p->type)) backward_tiles(a, panel, k0, k1);
+    else backward_rows(a, panel, k0, k1);
 }
 
 static int tasks_for(tk_pool *pool, long flops, int units)
