@@ -257,18 +257,30 @@ def test_quantized_gguf_matches_its_dequantised_reference(models):
         assert_logits_close(logits, tm.reference_logits(ref, seq), LOGIT_TOL, f"Q8_0 GGUF, length {len(seq)}")
 
 
-def test_transposed_fused_layout_is_refused(models, tmp_path):
-    """[E, H, 2I] (Qwen3-VL-MoE's x @ W[e] orientation) is not read as [E, 2I, H]: a clear error."""
+def test_transposed_fused_layout_gives_the_same_logits(models, tmp_path):
+    """[E, D, 2I] / [E, I, D] (the x @ W[e] orientation of Qwen3-VL-MoE's hub files), in F32 and BF16: each
+    expert's matrices are gathered column by column, giving the per-expert checkpoint's logits (F32: 1e-5; BF16:
+    the same as the BF16 values stored the engine's way)."""
     from safetensors.torch import save_file
 
     path, ref = models.get("norm")
-    shutil.copyfile(path / "config.json", tmp_path / "config.json")
+    seqs = _sequences("transposed", 320)
     state = {k: v.detach().contiguous() for k, v in ref.state_dict().items()}
-    state["model.layers.0.mlp.experts.gate_up_proj"] = state["model.layers.0.mlp.experts.gate_up_proj"].transpose(
-        1, 2).contiguous()
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"\[experts, in, out\]"):
-        load_model(str(tmp_path))
+    for dtype in (torch.float32, torch.bfloat16):
+        out = tmp_path / str(dtype).split(".")[-1]
+        out.mkdir()
+        shutil.copyfile(path / "config.json", out / "config.json")
+        plain = {k: v.to(dtype) for k, v in state.items()}
+        transposed = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in plain.items()}
+        save_file(plain, str(out / "plain.safetensors"), metadata={"format": "pt"})
+        (out / "plain").mkdir()
+        shutil.copyfile(path / "config.json", out / "plain" / "config.json")
+        shutil.move(out / "plain.safetensors", out / "plain" / "model.safetensors")
+        save_file(transposed, str(out / "model.safetensors"), metadata={"format": "pt"})
+        want = load_model(str(out / "plain")).forward_logits(seqs)
+        got = load_model(str(out)).forward_logits(seqs)
+        for seq, g, w in zip(seqs, got, want):
+            assert_logits_close(g, w.astype(np.float64), SAME_TOL, f"transposed {dtype}, length {len(seq)}")
 
 
 def _broken_copy(source: Path, directory: Path, drop: str | None = None, config_changes: dict | None = None) -> Path:
@@ -329,8 +341,9 @@ class MoeLoraReference:
             self.params = rt.named_lora_tensors(self.model)
         else:
             self.model, self.params = base, {}
-        self.config = hf_model.config
-        decoder = self.model.base_model.model.model if modules else self.model.model
+        self.config = getattr(hf_model.config, "text_config", hf_model.config)  # (a VL model's language model)
+        root = (self.model.base_model.model if modules else self.model).model
+        decoder = getattr(root, "language_model", root)
         for layer, block in enumerate(decoder.layers):
             if train_mlp:
                 self._attach_mlp(layer, block.mlp)

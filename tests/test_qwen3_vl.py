@@ -24,6 +24,14 @@ What is checked, with the tolerances:
   nor JPEG, a truncated image, an image past the decoder's pixel budget or of aspect ratio over 200, an
   expected_tokens that disagrees ("Expected N tokens, got M from image", Tinker's wording), an image chunk to a
   text-only model, a datum whose loss_fn_inputs ignore the image positions, a remote asset pointer.
+
+Qwen3-VL-MoE (Qwen3VLMoeForConditionalGeneration; 3 layers, layer 1 dense, 8 experts of width 96, top 2, the
+same vision tower), from transformers 5.25's save_pretrained (experts fused [E, 2I, D] / [E, D, I]) and from the
+hub's layout ([E, D, 2I] / [E, I, D], used as x @ W[e]; the loader gathers those matrices column by column):
+image logits vs transformers (1e-3 * max(1, |logit|)) for both layouts; LoRA gradients with images in Tinker's
+shared-outer expert layout vs test_qwen3_moe's hand-written reference (1e-3 relative); greedy sampling with an
+image vs generate. Inputs are checked to be routed clearly by the reference (top-k gap > 1e-4 at every token and
+sparse layer), so float32 noise cannot flip an expert choice.
 """
 
 from __future__ import annotations
@@ -458,6 +466,106 @@ def test_image_to_a_text_only_model(tmp_path):
         trainer.forward_backward([datum], "cross_entropy").result()
 
 
+# ---- Qwen3-VL-MoE ------------------------------------------------------------------------------------------------
+
+
+def moe_routing_gap(model, tokens, images) -> float:
+    """The smallest gap between the k-th and (k+1)-th router probability over tokens and sparse layers."""
+    with torch.no_grad():
+        out = model(**hf_inputs(tokens, images), use_cache=False, output_router_logits=True)
+    k = model.config.text_config.num_experts_per_tok
+    gaps = []
+    for logits in out.router_logits:
+        p = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+        gaps.append(float((p[:, k - 1] - p[:, k]).min()))
+    return min(gaps)
+
+
+def write_hub_layout(source, reference, directory):
+    """The reference's weights with the experts as the hub's Qwen3-VL-MoE files hold them: gate_up_proj
+    [E, D, 2I], down_proj [E, I, D] (used as x @ W[e]); transformers 5.25's save_pretrained writes [E, 2I, D] /
+    [E, D, I] instead."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(source / name, directory / name)
+    state = {k: v.detach().contiguous() for k, v in reference.state_dict().items()}
+    state = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in state.items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vlmoe(tmp_path_factory):
+    """(checkpoint path, hub-layout path, float32 reference, engine model): 3 layers, layer 1 dense."""
+    root = tmp_path_factory.mktemp("qwen3_vl_moe")
+    path, ref = tm.make_vl_checkpoint(root / "tiny", "qwen3vlmoe", seed=5, layers=3, mlp_only_layers=[1])
+    return path, write_hub_layout(path, ref, root / "hub"), ref, load_model(str(path))
+
+
+def moe_cases(model, ref):
+    """The image inputs, each checked to be routed clearly (so float32 noise cannot flip an expert choice)."""
+    cases = []
+    for name, mi in inputs_with_images():
+        tokens = _multimodal.engine_input(model, mi, name).tokens
+        gap = moe_routing_gap(ref, tokens, images_of(mi))
+        assert gap > 1e-4, f"{name}: the reference's routing has a near-tie ({gap:.2g}); pick other inputs"
+        cases.append((name, mi, tokens))
+    return cases
+
+
+def test_moe_checkpoint_layouts(vlmoe):
+    path, hub, ref, model = vlmoe
+    from tinker._models import read_safetensors_header
+
+    saved, hubs = (read_safetensors_header(p / "model.safetensors") for p in (path, hub))
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert saved[key][1] == [8, 192, 64] and hubs[key][1] == [8, 64, 192]
+    assert model.config["moe"] == 1 and model.config["norm_topk_prob"] == 1 and model.handle.config["moe_layers"] == [
+        0, 2]
+
+
+def test_moe_image_logits_match_transformers(vlmoe):
+    path, hub, ref, model = vlmoe
+    cases = moe_cases(model, ref)
+    hub_model = load_model(str(hub))
+    for engine, layout in ((model, "saved [E, 2I, D]"), (hub_model, "hub [E, D, 2I]")):
+        inputs = [_multimodal.engine_input(engine, mi, name) for name, mi, _ in cases]
+        for (name, mi, tokens), logits in zip(cases, engine.forward_logits(inputs)):
+            assert_logits_close(logits, hf_logits(ref, tokens, images_of(mi)), LOGIT_TOL, f"{layout}: {name}")
+
+
+def test_moe_lora_gradients_with_images_match_reference(vlmoe):
+    """Tinker's shared-outer expert LoRA and the attention / dense-layer / unembed LoRA vs the hand-written torch
+    reference of test_qwen3_moe (each MLP's forward carrying the LoRA terms)."""
+    from test_qwen3_moe import MoeLoraReference, random_values, relative_errors
+
+    path, _, ref, model = vlmoe
+    rank = 4
+    client = tinker.ServiceClient().create_lora_training_client(base_model=str(path), rank=rank).result()
+    adapter = client._adapter
+    reference = MoeLoraReference(ref, rank, (True, True, True))
+    shapes = {k: v.shape for k, v in adapter.parameters().items()}
+    assert shapes == {k: tuple(p.shape) for k, p in reference.params.items()}
+    values = random_values(shapes, rank, 17)
+    adapter.set_parameters(values)
+    reference.load(values)
+    cases = moe_cases(model, reference.model)
+    data, tokens = zip(*[datum_for(model, mi, seed) for seed, (_, mi, _) in enumerate(cases)])
+    out = client.forward_backward(list(data), "cross_entropy").result()
+    reference.zero_grad()
+    want_lp, want_loss, _ = reference_gradients_of(reference.model, data, tokens)
+    for got, want in zip(out.loss_fn_outputs, want_lp):
+        assert np.abs(got["logprobs"].to_numpy() - want).max() <= LP_ATOL
+    assert abs(out.metrics["loss:sum"] - want_loss) <= 1e-4 * max(1.0, abs(want_loss))
+    errors = relative_errors(adapter.gradients(), reference.gradients())
+    bad = {k: e for k, e in errors.items() if not e <= GRAD_RTOL}
+    assert not bad, f"gradients differ (relative): {sorted(bad.items())[:6]}"
+    assert any(k.endswith("exp_down.lora_A") and np.linalg.norm(v) > 0 for k, v in adapter.gradients().items())
+
 
 def reference_gradients_of(model, data, tokens_list):
     """Per-datum logprobs and the summed weighted cross-entropy of a torch model, its backward run."""
@@ -473,3 +581,13 @@ def reference_gradients_of(model, data, tokens_list):
         total += float(loss.detach())
         logprobs.append(lp.detach().numpy())
     return logprobs, total, None
+
+
+def test_moe_greedy_sampling_with_an_image(vlmoe):
+    path, _, ref, model = vlmoe
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
+    name, mi, tokens = moe_cases(model, ref)[1]
+    want = hf_greedy(ref, tokens, images_of(mi), 12)
+    assert moe_routing_gap(ref, list(tokens) + want, images_of(mi)) > 1e-4, "a near-tie in the continuation"
+    assert client.sample(mi, 1, params).result().sequences[0].tokens == want

@@ -263,6 +263,8 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     }
     if config["moe"]:
         config.update(_hf_moe_config(where, cfg, config["n_layers"]))
+        if config.get("vision"):  # Qwen3-VL-MoE's router renormalises its top k whatever norm_topk_prob says
+            config["norm_topk_prob"] = 1
     if config.get("vision"):
         config["mrope_section"] = _mrope_section(where, cfg)
     return arch, config, bool(config["tied_embeddings"])
@@ -452,13 +454,31 @@ def _expert_slices(where: str, name: str, shape, offset: int, nbytes: int, roles
             for e in range(experts) for i, role in enumerate(roles)]
 
 
-def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int) -> list[tuple]:
-    """(role, layer, expert, offset, nbytes, shape) of the tensors a safetensors entry holds: one, or one per
-    expert (and role) of a fused expert tensor."""
+_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _transposed_slices(where: str, name: str, shape, offset: int, nbytes: int, dtype: str, roles) -> list[tuple]:
+    """(role, expert, offset, nbytes, shape, stride, col0) of each expert's matrix of a fused expert tensor stored
+    transposed, [E, cols, n * rows] (used as x @ W[e]; the n roles side by side along the last dimension): the
+    engine gathers each matrix's rows from columns col0 .. col0 + rows of the expert's [cols, stride] block."""
+    experts, cols, stride = shape
+    rows = stride // len(roles)
+    block = cols * stride * _ELEMENT_BYTES.get(dtype, 0)
+    if block == 0 or nbytes != experts * block:
+        raise ModelLoadError(f"{where}: expert tensor {name!r} of shape {list(shape)} and dtype {dtype} has "
+                             f"{nbytes} bytes")
+    return [(role, e, offset + e * block, block, (rows, cols), stride, i * rows)
+            for e in range(experts) for i, role in enumerate(roles)]
+
+
+def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int,
+                dtype: str = "F32") -> list[tuple]:
+    """(role, layer, expert, offset, nbytes, shape, stride, col0) of the tensors a safetensors entry holds: one,
+    or one per expert (and role) of a fused expert tensor; stride 0 unless the matrix is stored transposed."""
     found = _arch.locate(arch, "hf", name)
     if found is not None:
         role, layer, expert = found
-        return [(role, layer, expert, offset, nbytes, tuple(shape))]
+        return [(role, layer, expert, offset, nbytes, tuple(shape), 0, 0)]
     fused = _arch.fused_of(arch, name)
     if fused is None:
         raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
@@ -466,11 +486,10 @@ def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: i
     roles, layer = fused
     experts, rows, cols = _arch.shape_of(arch, roles[0], config)
     want, transposed = (experts, rows * len(roles), cols), (experts, cols, rows * len(roles))
-    if tuple(shape) == transposed != want:
-        raise ModelLoadError(f"{path}: expert tensor {name!r} has shape {list(shape)}: it is stored [experts, in, "
-                             f"out] (used as x @ W[e], as Qwen3-VL-MoE files are); the engine reads the "
-                             f"[experts, out, in] layout, {list(want)}")
-    return [(role, layer, e, off, size, sh) for role, e, off, size, sh in
+    if tuple(shape) == transposed != want:  # [experts, in, out]: the hub's Qwen3-VL-MoE files (x @ W[e])
+        return [(role, layer, e, off, size, sh, stride, col0) for role, e, off, size, sh, stride, col0 in
+                _transposed_slices(str(path), name, tuple(shape), offset, nbytes, dtype, roles)]
+    return [(role, layer, e, off, size, sh, 0, 0) for role, e, off, size, sh in
             _expert_slices(str(path), name, shape, offset, nbytes, roles)]
 
 
@@ -645,14 +664,14 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                     raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
                 vision_found[vision] = (str(path), dtype, tuple(shape), offset, nbytes)
                 continue
-            entries = _hf_entries(path, arch, config, name, shape, offset, nbytes)
-            if entries[0][0] == "lm_head" and tied:
-                continue  # tied: the output projection is the embedding (HF ignores a stored copy)
             if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
                 raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
-            for role, layer, expert, off, size, sh in entries:
+            entries = _hf_entries(path, arch, config, name, shape, offset, nbytes, dtype)
+            if entries[0][0] == "lm_head" and tied:
+                continue  # tied: the output projection is the embedding (HF ignores a stored copy)
+            for role, layer, expert, off, size, sh, stride, col0 in entries:
                 tensors.append((name, role, layer, file_index, off, size, _SAFETENSORS_TYPES[dtype], sh, False,
-                                expert))
+                                expert, stride, col0))
     where = str(files[0] if len(files) == 1 else source.path)
     _check_tensors(where, arch, "hf", config, tensors)
     vision = _vision_spec(source, arch, where, vision_found) if config.get("vision") else None

@@ -119,6 +119,10 @@ typedef struct {
     int n_dims;
     int64_t shape[2];
     int rope_rows_interleaved; /* GGUF llama q/k: each head's rotate_half partners are adjacent rows */
+    /* A matrix stored transposed (Qwen3-VL-MoE's experts, used as x @ W[e]): the bytes hold a row-major block of
+     * shape[1] rows of `stride` F32 / F16 / BF16 elements whose columns col0 .. col0 + shape[0] are this matrix's
+     * rows. stride 0: stored as is. */
+    int64_t stride, col0;
 } tk_tensor_source;
 
 int tk_model_qkv_rows(const tk_model_config *cfg);

@@ -10,7 +10,8 @@
  * vectors (norms, biases) decoded to float32 into one small block. GGUF llama
  * q/k rows are un-permuted on the way. Expert tensors arrive as one slice per
  * expert (the Python loader cuts GGUF's and transformers' 3-D tensors), and
- * each expert gets its own handles, views of the same file bytes. Missing, duplicated or misshapen tensors
+ * each expert gets its own handles, views of the same file bytes; a matrix stored transposed (Qwen3-VL-MoE's
+ * [E, in, out] experts) is gathered column by column. Missing, duplicated or misshapen tensors
  * are reported with the file and tensor name. Nothing is read whole into memory.
  */
 #include <math.h>
@@ -134,6 +135,7 @@ typedef struct {
     const uint8_t *bytes;   /* in the map */
     size_t rows, row_elems, row_bytes;
     int head_dim;           /* for un-permuting GGUF q/k rows */
+    size_t t_stride, t_col0, elem_bytes; /* a transposed source (model.h): its row stride and first column */
     /* set once memory is allocated: */
     float *dst;             /* a vector's place in the float block, or NULL for a matrix ... */
     tk_backend *be;
@@ -193,6 +195,26 @@ static tk_shape source_shape(const tk_arch_tensor *t, const tk_model_config *c)
     return sl;
 }
 
+/* A transposed source (model.h): a float type, a 2-D matrix, and its block [cols, stride] exactly its bytes with
+ * its columns inside the stride. */
+static tk_status check_transposed(convert_job *job, const tk_tensor_source *s, const char *path, size_t rows,
+                                  size_t cols)
+{
+    size_t es = s->type == TK_GGML_F32 ? 4 : s->type == TK_GGML_F16 || s->type == TK_GGML_BF16 ? 2 : 0;
+    if (!es || s->n_dims != 2)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' is stored transposed, which only F32 / F16 / BF16 matrices "
+                        "can be", path, s->name);
+    if (s->stride < 0 || s->col0 < 0 || (uint64_t)s->col0 + rows > (uint64_t)s->stride ||
+        s->nbytes != (uint64_t)cols * (uint64_t)s->stride * es)
+        return tk_error(TK_ERR_FORMAT, "%s: tensor '%s': its transposed block (%zu rows of %lld elements, columns %lld "
+                        "to %lld) does not match its %llu bytes", path, s->name, cols, (long long)s->stride,
+                        (long long)s->col0, (long long)(s->col0 + (int64_t)rows), (unsigned long long)s->nbytes);
+    job->t_stride = (size_t)s->stride;
+    job->t_col0 = (size_t)s->col0;
+    job->elem_bytes = es;
+    return TK_OK;
+}
+
 static tk_status check_source(convert_job *job, const tk_model_config *c, const tk_tensor_source *s,
                               const tk_mapped_file *files, int n_files, unsigned char *filled)
 {
@@ -229,7 +251,8 @@ static tk_status check_source(convert_job *job, const tk_model_config *c, const 
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' of type %s has rows of %zu elements, not a multiple of "
                         "its block size %d", path, s->name, tk_quant_type_name(s->type), row_elems,
                         tk_quant_block_elems(s->type));
-    if (s->nbytes != row_bytes * rows)
+    if (s->stride) TK_TRY(check_transposed(job, s, path, rows, row_elems));
+    else if (s->nbytes != row_bytes * rows)
         return tk_error(TK_ERR_FORMAT, "%s: tensor '%s' has %llu bytes, but shape and type %s need %zu", path,
                         s->name, (unsigned long long)s->nbytes, tk_quant_type_name(s->type), row_bytes * rows);
     if (s->offset > files[s->file].size || s->nbytes > files[s->file].size - s->offset)
@@ -283,17 +306,51 @@ static size_t source_row(size_t row, int head_dim)
     return row - within + 2 * (within % half) + within / half;
 }
 
+/* The conversion's tasks (one per source) and, for transposed sources, a row of scratch per pool thread. */
+typedef struct {
+    convert_job *jobs;
+    uint8_t *scratch;  /* [threads][scratch_row] */
+    size_t scratch_row;
+} convert_ctx;
+
+/* Row r of a transposed source (column t_col0 + r of its stored block), gathered into out. */
+static const uint8_t *gather_column(uint8_t *out, const convert_job *job, size_t r)
+{
+    size_t es = job->elem_bytes;
+    for (size_t c = 0; c < job->row_elems; c++)
+        memcpy(out + c * es, job->bytes + (c * job->t_stride + job->t_col0 + r) * es, es);
+    return out;
+}
+
 static void convert_task(void *ctx, int task, int thread)
 {
-    (void)thread;
-    convert_job *job = &((convert_job *)ctx)[task];
+    convert_ctx *cc = ctx;
+    convert_job *job = &cc->jobs[task];
+    uint8_t *scratch = cc->scratch ? cc->scratch + (size_t)thread * cc->scratch_row : NULL;
     for (size_t r = 0; r < job->rows; r++) {
-        const uint8_t *row = job->bytes + source_row(r, job->head_dim) * job->row_bytes;
+        const uint8_t *row = job->t_stride ? gather_column(scratch, job, r)
+                                           : job->bytes + source_row(r, job->head_dim) * job->row_bytes;
         if (job->dst)
             tk_dequantize(job->dst + r * job->row_elems, row, job->src->type, job->row_elems);
         else
             job->be->weight_put_row(job->be, job->part, job->cols, job->part_row + (int)r, row);
     }
+}
+
+/* Runs the conversion on the pool; the scratch rows of transposed sources come first (out of memory: an
+ * error, nothing converted). */
+static tk_status convert_all(convert_job *jobs, int n_jobs, tk_pool *pool)
+{
+    convert_ctx cc = {jobs, NULL, 0};
+    for (int j = 0; j < n_jobs; j++)
+        if (jobs[j].t_stride && jobs[j].row_bytes > cc.scratch_row) cc.scratch_row = jobs[j].row_bytes;
+    if (cc.scratch_row) {
+        cc.scratch = malloc(cc.scratch_row * (size_t)tk_pool_threads(pool));
+        if (!cc.scratch) return tk_error(TK_ERR_NOMEM, "out of memory loading the model");
+    }
+    tk_pool_run(pool, n_jobs, convert_task, &cc);
+    free(cc.scratch);
+    return TK_OK;
 }
 
 /* ---- the matrices: parts, their resident storage and one allocation ------------------------------- */
@@ -514,7 +571,9 @@ static tk_status load_sources(tk_model *m, const char *const *paths, int n_paths
     if (s == TK_OK) s = allocate_matrices(m, be, paths[0]);
     if (s == TK_OK) {
         place_jobs(m, be, jobs, n_src, host);
-        tk_pool_run(pool, n_src, convert_task, jobs);
+        s = convert_all(jobs, n_src, pool);
+    }
+    if (s == TK_OK) {
         compute_rope(m, host, *filled_flag(filled, &m->cfg, R_ROPE_FREQS, -1, -1));
         be->upload(be, m->w.block, host, m->w.block_floats * sizeof(float));
         s = be->sync(be);

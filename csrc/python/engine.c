@@ -598,7 +598,8 @@ static int parse_config(PyObject *d, tk_model_config *c)
 }
 
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
- * shape, rope_rows_interleaved[, expert]); names and roles borrow the tuples' strings. */
+ * shape, rope_rows_interleaved[, expert[, stride, col0]]) (stride, col0: a transposed matrix, model.h); names and
+ * roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -607,10 +608,14 @@ static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
         unsigned int type;
         tk_tensor_source *s = &src[i];
         s->expert = -1;
-        if (!PyArg_ParseTuple(item, "ssiiKKIOp|i;tensor source must be (name, role, layer, file, offset, nbytes, "
-                              "type, shape, rope_rows_interleaved[, expert])", &s->name, &s->role, &s->layer, &s->file,
-                              &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved, &s->expert))
+        long long stride = 0, col0 = 0;
+        if (!PyArg_ParseTuple(item, "ssiiKKIOp|iLL;tensor source must be (name, role, layer, file, offset, nbytes, "
+                              "type, shape, rope_rows_interleaved[, expert[, stride, col0]])", &s->name, &s->role,
+                              &s->layer, &s->file, &offset, &nbytes, &type, &shape, &s->rope_rows_interleaved,
+                              &s->expert, &stride, &col0))
             return -1;
+        s->stride = stride;
+        s->col0 = col0;
         s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;
         s->nbytes = nbytes;
