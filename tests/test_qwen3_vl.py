@@ -11,8 +11,8 @@ sizes (upscaled, downscaled, rounded half to even).
 What is checked, with the tolerances:
 - preprocessing: the engine's pixel values equal the transformers image processor's exactly (np.array_equal, in
   float32), its grid and token count too, for PNG and JPEG, RGB / RGBA / L / P images of several sizes;
-- the vision tower (numpy, tinker._vision) vs transformers' get_image_features: merged features and deepstack
-  features within 1e-4 absolute (reached ~4e-6);
+- the vision tower (the engine's, csrc/model/vision.c) vs transformers' get_image_features: merged features and
+  deepstack features within 1e-4 absolute (reached ~5e-6);
 - M-RoPE positions equal transformers' get_rope_index, the rope delta too;
 - logits of text and of text-with-image inputs vs transformers: |diff| <= 1e-3 * max(1, |logit|) (reached ~1e-5);
   public-API logprobs (SamplingClient.compute_logprobs) within 2e-3 absolute;
@@ -192,6 +192,32 @@ def test_vision_tower_matches_transformers(vl):
         assert np.abs(embeds - want).max() <= FEATURE_TOL and np.abs(deep - want_deep).max() <= FEATURE_TOL
 
 
+def test_vision_request_of_several_images_equals_each_alone(vl):
+    """The engine's tower takes images packed back to back (attention within each image only)."""
+    from tinker._engine import get_engine
+
+    _, _, model = vl
+    proc = model.spec.vision["processor"]
+    patches = [_images.preprocess(image_bytes(*size, seed=9), proc, "x") for size in SIZES[:3]]
+    model.vision_tower.features(patches[0].pixel_values, patches[0].grid)  # loads the tower
+    alone = [model.vision_tower.features(p.pixel_values, p.grid) for p in patches]
+    pixels = np.concatenate([p.pixel_values for p in patches])
+    grids = np.asarray([p.grid for p in patches], dtype=np.int32)
+    out = np.asarray(get_engine().vision(model.handle, pixels, grids).result())
+    blocks = 1 + len(model.spec.vision["config"]["deepstack"])
+    out = out.reshape(blocks, -1, out.shape[-1])
+    at = 0
+    for embeds, deep in alone:
+        n = embeds.shape[0]
+        assert np.allclose(out[0, at:at + n], embeds, atol=1e-5) and np.allclose(out[1:, at:at + n], deep, atol=1e-5)
+        at += n
+    assert at == out.shape[1]
+    with pytest.raises(ValueError, match="pixel values"):
+        get_engine().vision(model.handle, pixels[:-1], grids)
+    with pytest.raises(ValueError, match="grid"):
+        get_engine().vision(model.handle, pixels, np.asarray([[1, 3, 4]], dtype=np.int32))
+
+
 # ---- logits and logprobs -------------------------------------------------------------------------------------------
 
 
@@ -320,6 +346,33 @@ def test_lora_gradients_with_images_match_peft(vl):
         ref_g = want_grads[name]
         rel = np.linalg.norm(g - ref_g) / max(np.linalg.norm(ref_g), 1e-30)
         assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.3g}"
+
+
+def test_trained_adapter_round_trips_through_the_store(vl, store, tmp_path):
+    """Training on image datums, then: the sampler checkpoint scores an image prompt like the live adapter (and
+    unlike the base model), its exported adapter directory (PEFT names under model.language_model) resumes
+    training with the same parameters, and a merged export of a vision-language base is refused clearly."""
+    from tinker._exceptions import BadRequestError
+    from tinker._export import export_adapter, export_merged
+
+    path, _, model = vl
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=3).result()
+    data = [datum_for(model, mi, seed)[0] for seed, (_, mi) in enumerate(inputs_with_images()[:2])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    sampler_path = tc.save_weights_for_sampler("vl").result().path
+    mi = inputs_with_images()[0][1]
+    live = tc.save_weights_and_get_sampling_client().compute_logprobs(mi).result()
+    saved = service.create_sampling_client(model_path=sampler_path).compute_logprobs(mi).result()
+    base = service.create_sampling_client(base_model=str(path)).compute_logprobs(mi).result()
+    assert saved == live and saved != base
+    directory = export_adapter(sampler_path, tmp_path / "adapter")
+    resumed = service.create_training_client_from_state(str(directory), base_model=str(path)).result()
+    params = tc._adapter.parameters()
+    assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
+    with pytest.raises(BadRequestError, match="vision-language"):
+        export_merged(sampler_path, tmp_path / "merged")
 
 
 def test_a_datum_must_count_the_image_positions(vl):

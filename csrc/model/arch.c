@@ -249,34 +249,34 @@ static const tk_arch_lora qwen3vlmoe_lora[] = {
  * a learned position table, ViT blocks, the 2x2 merger, and one merger per deepstack tap (its norm after the
  * regrouping, so over S*S*Dv). */
 static const tk_arch_vision_tensor qwen3vl_vision[] = {
-    /* name               scope   Hugging Face name                                              shape */
-    {"patch_embed",       VMODEL, "model.visual.patch_embed.proj.weight",                        "Dv,C,Tp,P,P"},
-    {"patch_embed_bias",  VMODEL, "model.visual.patch_embed.proj.bias",                          "Dv"},
-    {"pos_embed",         VMODEL, "model.visual.pos_embed.weight",                               "Np,Dv"},
-    {"norm1",             VBLOCK, "model.visual.blocks.%d.norm1.weight",                         "Dv"},
-    {"norm1_bias",        VBLOCK, "model.visual.blocks.%d.norm1.bias",                           "Dv"},
-    {"qkv",               VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                      "3*Dv,Dv"},
-    {"qkv_bias",          VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                        "3*Dv"},
-    {"proj",              VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                     "Dv,Dv"},
-    {"proj_bias",         VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                       "Dv"},
-    {"norm2",             VBLOCK, "model.visual.blocks.%d.norm2.weight",                         "Dv"},
-    {"norm2_bias",        VBLOCK, "model.visual.blocks.%d.norm2.bias",                           "Dv"},
-    {"fc1",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",                "Fv,Dv"},
-    {"fc1_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",                  "Fv"},
-    {"fc2",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",                "Dv,Fv"},
-    {"fc2_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",                  "Dv"},
-    {"merger_norm",       VMODEL, "model.visual.merger.norm.weight",                             "Dv"},
-    {"merger_norm_bias",  VMODEL, "model.visual.merger.norm.bias",                               "Dv"},
-    {"merger_fc1",        VMODEL, "model.visual.merger.linear_fc1.weight",                       "S*S*Dv,S*S*Dv"},
-    {"merger_fc1_bias",   VMODEL, "model.visual.merger.linear_fc1.bias",                         "S*S*Dv"},
-    {"merger_fc2",        VMODEL, "model.visual.merger.linear_fc2.weight",                       "O,S*S*Dv"},
-    {"merger_fc2_bias",   VMODEL, "model.visual.merger.linear_fc2.bias",                         "O"},
-    {"deepstack_norm",    VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",           "S*S*Dv"},
-    {"deepstack_norm_bias", VDEEP, "model.visual.deepstack_merger_list.%d.norm.bias",            "S*S*Dv"},
-    {"deepstack_fc1",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",     "S*S*Dv,S*S*Dv"},
-    {"deepstack_fc1_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc1.bias",       "S*S*Dv"},
-    {"deepstack_fc2",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",     "O,S*S*Dv"},
-    {"deepstack_fc2_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc2.bias",       "O"},
+    /* name                 role                   scope   Hugging Face name                                           shape */
+    {"patch_embed",         TK_VROLE_PATCH,        VMODEL, "model.visual.patch_embed.proj.weight",                     "Dv,C,Tp,P,P"},
+    {"patch_embed_bias",    TK_VROLE_PATCH_BIAS,   VMODEL, "model.visual.patch_embed.proj.bias",                       "Dv"},
+    {"pos_embed",           TK_VROLE_POS,          VMODEL, "model.visual.pos_embed.weight",                            "Np,Dv"},
+    {"norm1",               TK_VROLE_NORM1,        VBLOCK, "model.visual.blocks.%d.norm1.weight",                      "Dv"},
+    {"norm1_bias",          TK_VROLE_NORM1_BIAS,   VBLOCK, "model.visual.blocks.%d.norm1.bias",                        "Dv"},
+    {"qkv",                 TK_VROLE_QKV,          VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                   "3*Dv,Dv"},
+    {"qkv_bias",            TK_VROLE_QKV_BIAS,     VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                     "3*Dv"},
+    {"proj",                TK_VROLE_PROJ,         VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                  "Dv,Dv"},
+    {"proj_bias",           TK_VROLE_PROJ_BIAS,    VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                    "Dv"},
+    {"norm2",               TK_VROLE_NORM2,        VBLOCK, "model.visual.blocks.%d.norm2.weight",                      "Dv"},
+    {"norm2_bias",          TK_VROLE_NORM2_BIAS,   VBLOCK, "model.visual.blocks.%d.norm2.bias",                        "Dv"},
+    {"fc1",                 TK_VROLE_FC1,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",             "Fv,Dv"},
+    {"fc1_bias",            TK_VROLE_FC1_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",               "Fv"},
+    {"fc2",                 TK_VROLE_FC2,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",             "Dv,Fv"},
+    {"fc2_bias",            TK_VROLE_FC2_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",               "Dv"},
+    {"merger_norm",         TK_VROLE_M_NORM,       VMODEL, "model.visual.merger.norm.weight",                          "Dv"},
+    {"merger_norm_bias",    TK_VROLE_M_NORM_BIAS,  VMODEL, "model.visual.merger.norm.bias",                            "Dv"},
+    {"merger_fc1",          TK_VROLE_M_FC1,        VMODEL, "model.visual.merger.linear_fc1.weight",                    "S*S*Dv,S*S*Dv"},
+    {"merger_fc1_bias",     TK_VROLE_M_FC1_BIAS,   VMODEL, "model.visual.merger.linear_fc1.bias",                      "S*S*Dv"},
+    {"merger_fc2",          TK_VROLE_M_FC2,        VMODEL, "model.visual.merger.linear_fc2.weight",                    "O,S*S*Dv"},
+    {"merger_fc2_bias",     TK_VROLE_M_FC2_BIAS,   VMODEL, "model.visual.merger.linear_fc2.bias",                      "O"},
+    {"deepstack_norm",      TK_VROLE_M_NORM,       VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",        "S*S*Dv"},
+    {"deepstack_norm_bias", TK_VROLE_M_NORM_BIAS,  VDEEP,  "model.visual.deepstack_merger_list.%d.norm.bias",          "S*S*Dv"},
+    {"deepstack_fc1",       TK_VROLE_M_FC1,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",  "S*S*Dv,S*S*Dv"},
+    {"deepstack_fc1_bias",  TK_VROLE_M_FC1_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.bias",    "S*S*Dv"},
+    {"deepstack_fc2",       TK_VROLE_M_FC2,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",  "O,S*S*Dv"},
+    {"deepstack_fc2_bias",  TK_VROLE_M_FC2_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.bias",    "O"},
 };
 
 static const tk_arch archs[] = {
@@ -507,8 +507,11 @@ static tk_status validate_vision(const tk_arch *a)
         if (!v->name || !v->hf || !v->shape || !tk_vision_scope_name((int)v->scope) ||
             layer_slots(v->hf) != (v->scope != TK_VISION_MODEL))
             return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %d is malformed", a->name, j);
+        if ((int)v->role < 0 || v->role >= TK_VROLE_COUNT)
+            return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s has a bad role", a->name, v->name);
         for (int k = 0; k < j; k++)
-            if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0)
+            if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0 ||
+                (a->vision[k].role == v->role && a->vision[k].scope == v->scope))
                 return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s is listed twice", a->name,
                                 v->name);
         for (const char *p = v->shape; *p; p++)
