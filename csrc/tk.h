@@ -30,5 +30,6 @@
 #include "model/model.h"
 #include "model/requests.h"
 #include "model/generate.h"
+#include "model/vision.h"
 
 #endif

@@ -393,8 +393,9 @@ class MoeLoraReference:
             self.params = rt.named_lora_tensors(self.model)
         else:
             self.model, self.params = base, {}
-        self.config = hf_model.config
-        decoder = self.model.base_model.model.model if modules else self.model.model
+        self.config = getattr(hf_model.config, "text_config", hf_model.config)  # (a VL model's language model)
+        root = (self.model.base_model.model if modules else self.model).model
+        decoder = getattr(root, "language_model", root)
         for layer, block in enumerate(decoder.layers):
             if train_mlp:
                 self._attach_mlp(layer, block.mlp)

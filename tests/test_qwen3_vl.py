@@ -11,8 +11,8 @@ sizes (upscaled, downscaled, rounded half to even).
 What is checked, with the tolerances:
 - preprocessing: the engine's pixel values equal the transformers image processor's exactly (np.array_equal, in
   float32), its grid and token count too, for PNG and JPEG, RGB / RGBA / L / P images of several sizes;
-- the vision tower (numpy, tinker._vision) vs transformers' get_image_features: merged features and deepstack
-  features within 1e-4 absolute (reached ~4e-6);
+- the vision tower (the engine's, csrc/model/vision.c) vs transformers' get_image_features: merged features and
+  deepstack features within 1e-4 absolute (reached ~5e-6);
 - M-RoPE positions equal transformers' get_rope_index, the rope delta too;
 - logits of text and of text-with-image inputs vs transformers: |diff| <= 1e-3 * max(1, |logit|) (reached ~1e-5);
   public-API logprobs (SamplingClient.compute_logprobs) within 2e-3 absolute;
@@ -24,6 +24,14 @@ What is checked, with the tolerances:
   nor JPEG, a truncated image, an image past the decoder's pixel budget or of aspect ratio over 200, an
   expected_tokens that disagrees ("Expected N tokens, got M from image", Tinker's wording), an image chunk to a
   text-only model, a datum whose loss_fn_inputs ignore the image positions, a remote asset pointer.
+
+Qwen3-VL-MoE (Qwen3VLMoeForConditionalGeneration; 3 layers, layer 1 dense, 8 experts of width 96, top 2, the
+same vision tower), from transformers 5.25's save_pretrained (experts fused [E, 2I, D] / [E, D, I]) and from the
+hub's layout ([E, D, 2I] / [E, I, D], used as x @ W[e]; the loader gathers those matrices column by column):
+image logits vs transformers (1e-3 * max(1, |logit|)) for both layouts; LoRA gradients with images in Tinker's
+shared-outer expert layout vs test_qwen3_moe's hand-written reference (1e-3 relative); greedy sampling with an
+image vs generate. Inputs are checked to be routed clearly by the reference (top-k gap > 1e-4 at every token and
+sparse layer), so float32 noise cannot flip an expert choice.
 """
 
 from __future__ import annotations
@@ -184,6 +192,32 @@ def test_vision_tower_matches_transformers(vl):
         assert np.abs(embeds - want).max() <= FEATURE_TOL and np.abs(deep - want_deep).max() <= FEATURE_TOL
 
 
+def test_vision_request_of_several_images_equals_each_alone(vl):
+    """The engine's tower takes images packed back to back (attention within each image only)."""
+    from tinker._engine import get_engine
+
+    _, _, model = vl
+    proc = model.spec.vision["processor"]
+    patches = [_images.preprocess(image_bytes(*size, seed=9), proc, "x") for size in SIZES[:3]]
+    model.vision_tower.features(patches[0].pixel_values, patches[0].grid)  # loads the tower
+    alone = [model.vision_tower.features(p.pixel_values, p.grid) for p in patches]
+    pixels = np.concatenate([p.pixel_values for p in patches])
+    grids = np.asarray([p.grid for p in patches], dtype=np.int32)
+    out = np.asarray(get_engine().vision(model.handle, pixels, grids).result())
+    blocks = 1 + len(model.spec.vision["config"]["deepstack"])
+    out = out.reshape(blocks, -1, out.shape[-1])
+    at = 0
+    for embeds, deep in alone:
+        n = embeds.shape[0]
+        assert np.allclose(out[0, at:at + n], embeds, atol=1e-5) and np.allclose(out[1:, at:at + n], deep, atol=1e-5)
+        at += n
+    assert at == out.shape[1]
+    with pytest.raises(ValueError, match="pixel values"):
+        get_engine().vision(model.handle, pixels[:-1], grids)
+    with pytest.raises(ValueError, match="grid"):
+        get_engine().vision(model.handle, pixels, np.asarray([[1, 3, 4]], dtype=np.int32))
+
+
 # ---- logits and logprobs -------------------------------------------------------------------------------------------
 
 
@@ -312,6 +346,33 @@ def test_lora_gradients_with_images_match_peft(vl):
         ref_g = want_grads[name]
         rel = np.linalg.norm(g - ref_g) / max(np.linalg.norm(ref_g), 1e-30)
         assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.3g}"
+
+
+def test_trained_adapter_round_trips_through_the_store(vl, store, tmp_path):
+    """Training on image datums, then: the sampler checkpoint scores an image prompt like the live adapter (and
+    unlike the base model), its exported adapter directory (PEFT names under model.language_model) resumes
+    training with the same parameters, and a merged export of a vision-language base is refused clearly."""
+    from tinker._exceptions import BadRequestError
+    from tinker._export import export_adapter, export_merged
+
+    path, _, model = vl
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(str(path), rank=4, seed=3).result()
+    data = [datum_for(model, mi, seed)[0] for seed, (_, mi) in enumerate(inputs_with_images()[:2])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    sampler_path = tc.save_weights_for_sampler("vl").result().path
+    mi = inputs_with_images()[0][1]
+    live = tc.save_weights_and_get_sampling_client().compute_logprobs(mi).result()
+    saved = service.create_sampling_client(model_path=sampler_path).compute_logprobs(mi).result()
+    base = service.create_sampling_client(base_model=str(path)).compute_logprobs(mi).result()
+    assert saved == live and saved != base
+    directory = export_adapter(sampler_path, tmp_path / "adapter")
+    resumed = service.create_training_client_from_state(str(directory), base_model=str(path)).result()
+    params = tc._adapter.parameters()
+    assert all(np.array_equal(resumed._adapter.parameters()[k], v) for k, v in params.items())
+    with pytest.raises(BadRequestError, match="vision-language"):
+        export_merged(sampler_path, tmp_path / "merged")
 
 
 def test_a_datum_must_count_the_image_positions(vl):
@@ -458,6 +519,106 @@ def test_image_to_a_text_only_model(tmp_path):
         trainer.forward_backward([datum], "cross_entropy").result()
 
 
+# ---- Qwen3-VL-MoE ------------------------------------------------------------------------------------------------
+
+
+def moe_routing_gap(model, tokens, images) -> float:
+    """The smallest gap between the k-th and (k+1)-th router probability over tokens and sparse layers."""
+    with torch.no_grad():
+        out = model(**hf_inputs(tokens, images), use_cache=False, output_router_logits=True)
+    k = model.config.text_config.num_experts_per_tok
+    gaps = []
+    for logits in out.router_logits:
+        p = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+        gaps.append(float((p[:, k - 1] - p[:, k]).min()))
+    return min(gaps)
+
+
+def write_hub_layout(source, reference, directory):
+    """The reference's weights with the experts as the hub's Qwen3-VL-MoE files hold them: gate_up_proj
+    [E, D, 2I], down_proj [E, I, D] (used as x @ W[e]); transformers 5.25's save_pretrained writes [E, 2I, D] /
+    [E, D, I] instead."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(source / name, directory / name)
+    state = {k: v.detach().contiguous() for k, v in reference.state_dict().items()}
+    state = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in state.items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vlmoe(tmp_path_factory):
+    """(checkpoint path, hub-layout path, float32 reference, engine model): 3 layers, layer 1 dense."""
+    root = tmp_path_factory.mktemp("qwen3_vl_moe")
+    path, ref = tm.make_vl_checkpoint(root / "tiny", "qwen3vlmoe", seed=5, layers=3, mlp_only_layers=[1])
+    return path, write_hub_layout(path, ref, root / "hub"), ref, load_model(str(path))
+
+
+def moe_cases(model, ref):
+    """The image inputs, each checked to be routed clearly (so float32 noise cannot flip an expert choice)."""
+    cases = []
+    for name, mi in inputs_with_images():
+        tokens = _multimodal.engine_input(model, mi, name).tokens
+        gap = moe_routing_gap(ref, tokens, images_of(mi))
+        assert gap > 1e-4, f"{name}: the reference's routing has a near-tie ({gap:.2g}); pick other inputs"
+        cases.append((name, mi, tokens))
+    return cases
+
+
+def test_moe_checkpoint_layouts(vlmoe):
+    path, hub, ref, model = vlmoe
+    from tinker._models import read_safetensors_header
+
+    saved, hubs = (read_safetensors_header(p / "model.safetensors") for p in (path, hub))
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert saved[key][1] == [8, 192, 64] and hubs[key][1] == [8, 64, 192]
+    assert model.config["moe"] == 1 and model.config["norm_topk_prob"] == 1 and model.handle.config["moe_layers"] == [
+        0, 2]
+
+
+def test_moe_image_logits_match_transformers(vlmoe):
+    path, hub, ref, model = vlmoe
+    cases = moe_cases(model, ref)
+    hub_model = load_model(str(hub))
+    for engine, layout in ((model, "saved [E, 2I, D]"), (hub_model, "hub [E, D, 2I]")):
+        inputs = [_multimodal.engine_input(engine, mi, name) for name, mi, _ in cases]
+        for (name, mi, tokens), logits in zip(cases, engine.forward_logits(inputs)):
+            assert_logits_close(logits, hf_logits(ref, tokens, images_of(mi)), LOGIT_TOL, f"{layout}: {name}")
+
+
+def test_moe_lora_gradients_with_images_match_reference(vlmoe):
+    """Tinker's shared-outer expert LoRA and the attention / dense-layer / unembed LoRA vs the hand-written torch
+    reference of test_qwen3_moe (each MLP's forward carrying the LoRA terms)."""
+    from test_qwen3_moe import MoeLoraReference, random_values, relative_errors
+
+    path, _, ref, model = vlmoe
+    rank = 4
+    client = tinker.ServiceClient().create_lora_training_client(base_model=str(path), rank=rank).result()
+    adapter = client._adapter
+    reference = MoeLoraReference(ref, rank, (True, True, True))
+    shapes = {k: v.shape for k, v in adapter.parameters().items()}
+    assert shapes == {k: tuple(p.shape) for k, p in reference.params.items()}
+    values = random_values(shapes, rank, 17)
+    adapter.set_parameters(values)
+    reference.load(values)
+    cases = moe_cases(model, reference.model)
+    data, tokens = zip(*[datum_for(model, mi, seed) for seed, (_, mi, _) in enumerate(cases)])
+    out = client.forward_backward(list(data), "cross_entropy").result()
+    reference.zero_grad()
+    want_lp, want_loss, _ = reference_gradients_of(reference.model, data, tokens)
+    for got, want in zip(out.loss_fn_outputs, want_lp):
+        assert np.abs(got["logprobs"].to_numpy() - want).max() <= LP_ATOL
+    assert abs(out.metrics["loss:sum"] - want_loss) <= 1e-4 * max(1.0, abs(want_loss))
+    errors = relative_errors(adapter.gradients(), reference.gradients())
+    bad = {k: e for k, e in errors.items() if not e <= GRAD_RTOL}
+    assert not bad, f"gradients differ (relative): {sorted(bad.items())[:6]}"
+    assert any(k.endswith("exp_down.lora_A") and np.linalg.norm(v) > 0 for k, v in adapter.gradients().items())
+
 
 def reference_gradients_of(model, data, tokens_list):
     """Per-datum logprobs and the summed weighted cross-entropy of a torch model, its backward run."""
@@ -473,3 +634,13 @@ def reference_gradients_of(model, data, tokens_list):
         total += float(loss.detach())
         logprobs.append(lp.detach().numpy())
     return logprobs, total, None
+
+
+def test_moe_greedy_sampling_with_an_image(vlmoe):
+    path, _, ref, model = vlmoe
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(path)).result()
+    params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
+    name, mi, tokens = moe_cases(model, ref)[1]
+    want = hf_greedy(ref, tokens, images_of(mi), 12)
+    assert moe_routing_gap(ref, list(tokens) + want, images_of(mi)) > 1e-4, "a near-tie in the continuation"
+    assert client.sample(mi, 1, params).result().sequences[0].tokens == want

@@ -953,7 +953,7 @@ def test_config_json_of_the_wrong_kind(hf_copy, text):
 
 @pytest.mark.parametrize("changes, pattern", [
     ({"model_type": "gpt2"}, r"model_type 'gpt2' is not supported \(supported: llama, qwen2, qwen3, qwen3_moe, "
-                             r"qwen3_vl\)"),
+                             r"qwen3_vl, qwen3_vl_moe\)"),
     ({"model_type": None}, r"model_type None is not supported"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
     ({"attention_bias": True}, r"attention_bias / mlp_bias checkpoints are not supported"),

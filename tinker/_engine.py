@@ -122,7 +122,7 @@ class LoadedModel:
 
         if self.spec.vision is None:
             raise BadRequestError(f"{self.name!r} is a text-only model: it has no vision tower")
-        return VisionTower(self.spec.arch, self.spec.vision)
+        return VisionTower(self)
 
     @cached_property
     def feature_cache(self):

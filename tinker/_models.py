@@ -265,6 +265,8 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     }
     if config["moe"]:
         config.update(_hf_moe_config(where, cfg, config["n_layers"]))
+        if config.get("vision"):  # Qwen3-VL-MoE's router renormalises its top k whatever norm_topk_prob says
+            config["norm_topk_prob"] = 1
     if config.get("vision"):
         config["mrope_section"] = _mrope_section(where, cfg)
     return arch, config, bool(config["tied_embeddings"])
@@ -659,11 +661,11 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                     raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
                 vision_found[vision] = (str(path), dtype, tuple(shape), offset, nbytes)
                 continue
+            if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
+                raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
             entries = _hf_entries(path, arch, config, name, shape, offset, nbytes)
             if entries[0][0] == "lm_head" and tied:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
-            if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
-                raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
             for role, layer, expert, off, size, sh, stride in entries:
                 tensors.append((name, role, layer, file_index, off, size, _SAFETENSORS_TYPES[dtype], sh, False,
                                 expert, stride))

@@ -26,6 +26,9 @@
 
 typedef struct tk_backend tk_backend;
 
+/* The GELU forms a vision tower uses (backend gelu op). */
+enum tk_gelu { TK_GELU_ERF, TK_GELU_TANH, TK_GELU_QUICK };
+
 /* A weight matrix W [rows, cols] (PyTorch order: [out, in]) made of up to three row ranges ("parts"), each
  * stored in its own type: q, k and v (or gate and up) stacked into one matrix keep their file types even
  * when those differ (k-quant files mix Q4_K and Q6_K); rows of one type are one part. */
@@ -185,6 +188,20 @@ struct tk_backend {
     void (*logsumexp)(tk_backend *be, float *lse, const float *x, int ldx, int rows, int n);
     /* x[r, :n] = -g[r] * exp(x[r, :n] - lse[r]): minus g times the softmax, in place */
     void (*softmax_scale)(tk_backend *be, float *x, int ldx, const float *lse, const float *g, int rows, int n);
+
+    /* ---- a vision tower's (forward only) ---- */
+    /* y[r, :n] = (x[r] - mean) / sqrt(var + eps) * w + b over each row's n values (LayerNorm, biased variance; mean
+     * and variance summed in double); y may equal x */
+    void (*layer_norm)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, const float *b,
+                       int rows, int n, float eps);
+    /* y[r, :n] = gelu(x[r, :n]) (enum tk_gelu: the exact erf form, the tanh approximation, or x sigmoid(1.702 x)),
+     * each value computed in double and rounded once; y may equal x */
+    void (*gelu)(tk_backend *be, float *y, int ldy, const float *x, int ldx, int rows, int n, int kind);
+    /* Bidirectional multi-head attention within each packed sequence (rows seq_start[s] .. seq_start[s+1]: one
+     * image's patches): out[t, h*Dh:] = softmax(q_h k_h^T / sqrt(Dh)) v_h over all of the sequence's rows.
+     * `work` holds attention_workspace floats. */
+    void (*attention_full)(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                           int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int head_dim, float *work);
 
     /* ---- attention ---- */
     /* Causal grouped-query attention over packed sequences (rows seq_start[s] .. seq_start[s+1]):

@@ -194,6 +194,53 @@ static const tk_arch_lora qwen3vl_lora[] = {
     {TK_LORA_PER_LAYER, "unembed", TK_ROLE_LM_HEAD, TK_TRAIN_UNEMBED, "lm_head",  0, 0},
 };
 
+/* Qwen3-VL-MoE's language model: Qwen3-MoE under model.language_model. Its files hold the experts fused, as
+ * [E, 2 Fe, D] / [E, D, Fe] (transformers 5.x) or transposed, [E, D, 2 Fe] / [E, Fe, D] (the hub's files, used as
+ * x @ W[e]); the loader reads both (tinker/_models.py). The per-expert names only name a missing expert. */
+static const tk_arch_tensor qwen3vlmoe_tensors[] = {
+    /* role               scope   shape                when               GGUF rows  GGUF name  Hugging Face name                                                        experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},          TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.embed_tokens.weight",                              0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.norm.weight",                                      0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},          TK_WHEN_UNTIED,    0,         NULL,      "lm_head.weight",                                                        0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.input_layernorm.weight",                 0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},       TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.q_proj.weight",                0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.k_proj.weight",                0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.v_proj.weight",                0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},       TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.o_proj.weight",                0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         NULL,      "model.language_model.layers.%d.self_attn.q_norm.weight",                0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         NULL,      "model.language_model.layers.%d.self_attn.k_norm.weight",                0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.post_attention_layernorm.weight",        0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.gate_proj.weight",                   0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.up_proj.weight",                     0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.down_proj.weight",                   0},
+    {TK_ROLE_ROUTER,      LAYER,  {"E", "D"},          TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.gate.weight",                        0},
+    {TK_ROLE_EXP_GATE,    LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.gate_proj.weight",        EXPERTS},
+    {TK_ROLE_EXP_UP,      LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.up_proj.weight",          EXPERTS},
+    {TK_ROLE_EXP_DOWN,    LAYER,  {"E", "D", "Fe"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.down_proj.weight",        EXPERTS},
+};
+
+static const tk_arch_fused qwen3vlmoe_fused[] = {
+    {"model.language_model.layers.%d.mlp.experts.gate_up_proj", {TK_ROLE_EXP_GATE, TK_ROLE_EXP_UP}, 2},
+    {"model.language_model.layers.%d.mlp.experts.down_proj", {TK_ROLE_EXP_DOWN}, 1},
+};
+
+/* Tinker's LoRA on Qwen3-VL-MoE: Qwen3-MoE's (the shared-outer expert layout under w1 / w3 / w2) on the language
+ * model; nothing in the vision tower, not the router. */
+static const tk_arch_lora qwen3vlmoe_lora[] = {
+    /* target           name        adapts             trained by        PEFT module                                              A       B */
+    {TK_LORA_Q,         "q",        TK_ROLE_Q,         TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.q_proj",      0,      0},
+    {TK_LORA_K,         "k",        TK_ROLE_K,         TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.k_proj",      0,      0},
+    {TK_LORA_V,         "v",        TK_ROLE_V,         TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.v_proj",      0,      0},
+    {TK_LORA_O,         "o",        TK_ROLE_O,         TK_TRAIN_ATTN,    "model.language_model.layers.%d.self_attn.o_proj",      0,      0},
+    {TK_LORA_GATE,      "gate",     TK_ROLE_GATE,      TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.gate_proj",         0,      0},
+    {TK_LORA_UP,        "up",       TK_ROLE_UP,        TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.up_proj",           0,      0},
+    {TK_LORA_DOWN,      "down",     TK_ROLE_DOWN,      TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.down_proj",         0,      0},
+    {TK_LORA_EXP_GATE,  "exp_gate", TK_ROLE_EXP_GATE,  TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.experts.w1",        SHARED, OWN},
+    {TK_LORA_EXP_UP,    "exp_up",   TK_ROLE_EXP_UP,    TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.experts.w3",        SHARED, OWN},
+    {TK_LORA_EXP_DOWN,  "exp_down", TK_ROLE_EXP_DOWN,  TK_TRAIN_MLP,     "model.language_model.layers.%d.mlp.experts.w2",        OWN,    SHARED},
+    {TK_LORA_PER_LAYER, "unembed",  TK_ROLE_LM_HEAD,   TK_TRAIN_UNEMBED, "lm_head",                                              0,      0},
+};
+
 #define VMODEL TK_VISION_MODEL
 #define VBLOCK TK_VISION_BLOCK
 #define VDEEP TK_VISION_DEEPSTACK
@@ -202,34 +249,34 @@ static const tk_arch_lora qwen3vl_lora[] = {
  * a learned position table, ViT blocks, the 2x2 merger, and one merger per deepstack tap (its norm after the
  * regrouping, so over S*S*Dv). */
 static const tk_arch_vision_tensor qwen3vl_vision[] = {
-    /* name               scope   Hugging Face name                                              shape */
-    {"patch_embed",       VMODEL, "model.visual.patch_embed.proj.weight",                        "Dv,C,Tp,P,P"},
-    {"patch_embed_bias",  VMODEL, "model.visual.patch_embed.proj.bias",                          "Dv"},
-    {"pos_embed",         VMODEL, "model.visual.pos_embed.weight",                               "Np,Dv"},
-    {"norm1",             VBLOCK, "model.visual.blocks.%d.norm1.weight",                         "Dv"},
-    {"norm1_bias",        VBLOCK, "model.visual.blocks.%d.norm1.bias",                           "Dv"},
-    {"qkv",               VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                      "3*Dv,Dv"},
-    {"qkv_bias",          VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                        "3*Dv"},
-    {"proj",              VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                     "Dv,Dv"},
-    {"proj_bias",         VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                       "Dv"},
-    {"norm2",             VBLOCK, "model.visual.blocks.%d.norm2.weight",                         "Dv"},
-    {"norm2_bias",        VBLOCK, "model.visual.blocks.%d.norm2.bias",                           "Dv"},
-    {"fc1",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",                "Fv,Dv"},
-    {"fc1_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",                  "Fv"},
-    {"fc2",               VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",                "Dv,Fv"},
-    {"fc2_bias",          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",                  "Dv"},
-    {"merger_norm",       VMODEL, "model.visual.merger.norm.weight",                             "Dv"},
-    {"merger_norm_bias",  VMODEL, "model.visual.merger.norm.bias",                               "Dv"},
-    {"merger_fc1",        VMODEL, "model.visual.merger.linear_fc1.weight",                       "S*S*Dv,S*S*Dv"},
-    {"merger_fc1_bias",   VMODEL, "model.visual.merger.linear_fc1.bias",                         "S*S*Dv"},
-    {"merger_fc2",        VMODEL, "model.visual.merger.linear_fc2.weight",                       "O,S*S*Dv"},
-    {"merger_fc2_bias",   VMODEL, "model.visual.merger.linear_fc2.bias",                         "O"},
-    {"deepstack_norm",    VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",           "S*S*Dv"},
-    {"deepstack_norm_bias", VDEEP, "model.visual.deepstack_merger_list.%d.norm.bias",            "S*S*Dv"},
-    {"deepstack_fc1",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",     "S*S*Dv,S*S*Dv"},
-    {"deepstack_fc1_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc1.bias",       "S*S*Dv"},
-    {"deepstack_fc2",     VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",     "O,S*S*Dv"},
-    {"deepstack_fc2_bias", VDEEP, "model.visual.deepstack_merger_list.%d.linear_fc2.bias",       "O"},
+    /* name                 role                   scope   Hugging Face name                                           shape */
+    {"patch_embed",         TK_VROLE_PATCH,        VMODEL, "model.visual.patch_embed.proj.weight",                     "Dv,C,Tp,P,P"},
+    {"patch_embed_bias",    TK_VROLE_PATCH_BIAS,   VMODEL, "model.visual.patch_embed.proj.bias",                       "Dv"},
+    {"pos_embed",           TK_VROLE_POS,          VMODEL, "model.visual.pos_embed.weight",                            "Np,Dv"},
+    {"norm1",               TK_VROLE_NORM1,        VBLOCK, "model.visual.blocks.%d.norm1.weight",                      "Dv"},
+    {"norm1_bias",          TK_VROLE_NORM1_BIAS,   VBLOCK, "model.visual.blocks.%d.norm1.bias",                        "Dv"},
+    {"qkv",                 TK_VROLE_QKV,          VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                   "3*Dv,Dv"},
+    {"qkv_bias",            TK_VROLE_QKV_BIAS,     VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                     "3*Dv"},
+    {"proj",                TK_VROLE_PROJ,         VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                  "Dv,Dv"},
+    {"proj_bias",           TK_VROLE_PROJ_BIAS,    VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                    "Dv"},
+    {"norm2",               TK_VROLE_NORM2,        VBLOCK, "model.visual.blocks.%d.norm2.weight",                      "Dv"},
+    {"norm2_bias",          TK_VROLE_NORM2_BIAS,   VBLOCK, "model.visual.blocks.%d.norm2.bias",                        "Dv"},
+    {"fc1",                 TK_VROLE_FC1,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",             "Fv,Dv"},
+    {"fc1_bias",            TK_VROLE_FC1_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",               "Fv"},
+    {"fc2",                 TK_VROLE_FC2,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",             "Dv,Fv"},
+    {"fc2_bias",            TK_VROLE_FC2_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",               "Dv"},
+    {"merger_norm",         TK_VROLE_M_NORM,       VMODEL, "model.visual.merger.norm.weight",                          "Dv"},
+    {"merger_norm_bias",    TK_VROLE_M_NORM_BIAS,  VMODEL, "model.visual.merger.norm.bias",                            "Dv"},
+    {"merger_fc1",          TK_VROLE_M_FC1,        VMODEL, "model.visual.merger.linear_fc1.weight",                    "S*S*Dv,S*S*Dv"},
+    {"merger_fc1_bias",     TK_VROLE_M_FC1_BIAS,   VMODEL, "model.visual.merger.linear_fc1.bias",                      "S*S*Dv"},
+    {"merger_fc2",          TK_VROLE_M_FC2,        VMODEL, "model.visual.merger.linear_fc2.weight",                    "O,S*S*Dv"},
+    {"merger_fc2_bias",     TK_VROLE_M_FC2_BIAS,   VMODEL, "model.visual.merger.linear_fc2.bias",                      "O"},
+    {"deepstack_norm",      TK_VROLE_M_NORM,       VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",        "S*S*Dv"},
+    {"deepstack_norm_bias", TK_VROLE_M_NORM_BIAS,  VDEEP,  "model.visual.deepstack_merger_list.%d.norm.bias",          "S*S*Dv"},
+    {"deepstack_fc1",       TK_VROLE_M_FC1,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",  "S*S*Dv,S*S*Dv"},
+    {"deepstack_fc1_bias",  TK_VROLE_M_FC1_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.bias",    "S*S*Dv"},
+    {"deepstack_fc2",       TK_VROLE_M_FC2,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",  "O,S*S*Dv"},
+    {"deepstack_fc2_bias",  TK_VROLE_M_FC2_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.bias",    "O"},
 };
 
 static const tk_arch archs[] = {
@@ -270,6 +317,15 @@ static const tk_arch archs[] = {
         .hf_config = "{\"attention_bias\": false}",
         .tensors = qwen3vl_tensors, .n_tensors = COUNT(qwen3vl_tensors),
         .lora = qwen3vl_lora, .n_lora = COUNT(qwen3vl_lora),
+        .vision = qwen3vl_vision, .n_vision = COUNT(qwen3vl_vision),
+    },
+    {
+        .name = "qwen3vlmoe", .hf_model_type = "qwen3_vl_moe", .hf_class = "Qwen3VLMoeForConditionalGeneration",
+        .gguf_name = NULL, .flags = TK_ARCH_QK_NORM | TK_ARCH_MOE | TK_ARCH_VISION,
+        .hf_config = "{\"attention_bias\": false}",
+        .tensors = qwen3vlmoe_tensors, .n_tensors = COUNT(qwen3vlmoe_tensors),
+        .lora = qwen3vlmoe_lora, .n_lora = COUNT(qwen3vlmoe_lora),
+        .fused = qwen3vlmoe_fused, .n_fused = COUNT(qwen3vlmoe_fused),
         .vision = qwen3vl_vision, .n_vision = COUNT(qwen3vl_vision),
     },
 };
@@ -451,8 +507,11 @@ static tk_status validate_vision(const tk_arch *a)
         if (!v->name || !v->hf || !v->shape || !tk_vision_scope_name((int)v->scope) ||
             layer_slots(v->hf) != (v->scope != TK_VISION_MODEL))
             return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %d is malformed", a->name, j);
+        if ((int)v->role < 0 || v->role >= TK_VROLE_COUNT)
+            return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s has a bad role", a->name, v->name);
         for (int k = 0; k < j; k++)
-            if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0)
+            if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0 ||
+                (a->vision[k].role == v->role && a->vision[k].scope == v->scope))
                 return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s is listed twice", a->name,
                                 v->name);
         for (const char *p = v->shape; *p; p++)

@@ -99,6 +99,17 @@ typedef struct {
 /* Where a vision tower's tensor sits: once in the model, once per ViT block, or once per deepstack merger. */
 enum tk_vision_scope { TK_VISION_MODEL, TK_VISION_BLOCK, TK_VISION_DEEPSTACK, TK_VISION_SCOPE_COUNT };
 
+/* What a vision tensor is to the engine (vision.c stores each in its place): the patch embedding and the position
+ * table; a block's norms, attention and MLP; a merger's norm and two linears (the main merger's at model scope,
+ * a deepstack tap's at deepstack scope). */
+enum tk_vision_role {
+    TK_VROLE_PATCH, TK_VROLE_PATCH_BIAS, TK_VROLE_POS,
+    TK_VROLE_NORM1, TK_VROLE_NORM1_BIAS, TK_VROLE_QKV, TK_VROLE_QKV_BIAS, TK_VROLE_PROJ, TK_VROLE_PROJ_BIAS,
+    TK_VROLE_NORM2, TK_VROLE_NORM2_BIAS, TK_VROLE_FC1, TK_VROLE_FC1_BIAS, TK_VROLE_FC2, TK_VROLE_FC2_BIAS,
+    TK_VROLE_M_NORM, TK_VROLE_M_NORM_BIAS, TK_VROLE_M_FC1, TK_VROLE_M_FC1_BIAS, TK_VROLE_M_FC2, TK_VROLE_M_FC2_BIAS,
+    TK_VROLE_COUNT,
+};
+
 /* A tensor of a vision tower (Qwen3-VL's ViT, merger and deepstack mergers). The tower is forward-only and runs
  * before the language model (tinker/_vision.py reads these): its tensors have their own names and shapes, in the
  * vision config's letters (comma-separated dimensions, each a product of letters and integers): Dv width, Fv MLP
@@ -106,6 +117,7 @@ enum tk_vision_scope { TK_VISION_MODEL, TK_VISION_BLOCK, TK_VISION_DEEPSTACK, TK
  * width (the language model's D). */
 typedef struct {
     const char *name;          /* "qkv", "merger_fc1", ... */
+    enum tk_vision_role role;
     enum tk_vision_scope scope;
     const char *hf;            /* Hugging Face name pattern; %d = block or deepstack merger */
     const char *shape;         /* "3*Dv,Dv" */

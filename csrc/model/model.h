@@ -32,7 +32,8 @@ enum tk_rope_scaling { TK_ROPE_NONE = 0, TK_ROPE_LINEAR = 1, TK_ROPE_LLAMA3 = 2 
 
 enum { TK_MAX_MOE_LAYERS = 256, TK_MAX_EXPERTS = 1024 }; /* bounds of an MoE config (mlp_only_layers bits) */
 
-struct tk_arch; /* arch.h */
+struct tk_arch;   /* arch.h */
+struct tk_vision; /* vision.h */
 
 typedef struct {
     const struct tk_arch *arch; /* the architecture descriptor: tensor roles, shapes, names, LoRA targets */
@@ -103,6 +104,7 @@ typedef struct tk_model {
     tk_weights w;
     tk_backend *be;        /* holds the weights' buffers (a reference) */
     _Atomic(tk_vocab_bytes *) vocab; /* NULL until set */
+    _Atomic(struct tk_vision *) vision; /* a vision-language model's tower, once loaded (vision.h); else NULL */
     atomic_int refcount;
 } tk_model;
 

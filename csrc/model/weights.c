@@ -25,6 +25,7 @@
 #include "../io/file.h"
 #include "../io/quant.h"
 #include "arch.h"
+#include "vision.h"
 #include "weights.h"
 
 /* The roles (arch.h) by their short names in this file. */
@@ -721,6 +722,7 @@ void tk_model_retain(tk_model *m) { atomic_fetch_add(&m->refcount, 1); }
 void tk_model_release(tk_model *m)
 {
     if (!m || atomic_fetch_sub(&m->refcount, 1) != 1) return;
+    tk_vision_free(atomic_load(&m->vision));
     tk_vocab_bytes *v = atomic_load(&m->vocab);
     if (v) {
         free(v->offsets);

@@ -32,7 +32,7 @@ typedef struct {
 } AdapterObject;
 
 enum request_kind { REQUEST_LOAD, REQUEST_FORWARD, REQUEST_TRAIN, REQUEST_OPTIM, REQUEST_ADAPTER_READ,
-                    REQUEST_ADAPTER_WRITE, REQUEST_SAMPLE, REQUEST_SNAPSHOT };
+                    REQUEST_ADAPTER_WRITE, REQUEST_SAMPLE, REQUEST_SNAPSHOT, REQUEST_VISION_LOAD, REQUEST_VISION };
 
 typedef struct {
     PyObject_HEAD
@@ -143,6 +143,12 @@ static const float *request_floats(RequestObject *self, Py_ssize_t *rows, Py_ssi
     case REQUEST_ADAPTER_READ:
         if ((data = tk_adapter_read_result(self->req, &n, &step))) *rows = (Py_ssize_t)n;
         break;
+    case REQUEST_VISION: {
+        int tokens, blocks, width;
+        if ((data = tk_vision_request_result(self->req, &tokens, &blocks, &width)))
+            *rows = (Py_ssize_t)tokens * blocks, *cols = width;
+        break;
+    }
     }
     return data;
 }
@@ -274,6 +280,7 @@ static PyObject *request_result(RequestObject *self, PyObject *unused)
         tk_adapter_read_result(self->req, &n, &step);
         return Py_BuildValue("(NL)", PyMemoryView_FromObject((PyObject *)self), (long long)step);
     case REQUEST_ADAPTER_WRITE:
+    case REQUEST_VISION_LOAD:
         Py_RETURN_NONE;
     case REQUEST_SAMPLE:
         return sample_result(self->req);
@@ -302,7 +309,7 @@ static int request_getbuffer(RequestObject *self, Py_buffer *view, int flags)
     view->readonly = 1;
     view->itemsize = sizeof(float);
     view->format = (flags & PyBUF_FORMAT) ? "f" : NULL;
-    view->ndim = self->kind == REQUEST_FORWARD ? 2 : 1;
+    view->ndim = self->kind == REQUEST_FORWARD || self->kind == REQUEST_VISION ? 2 : 1;
     view->shape = (flags & PyBUF_ND) ? self->shape : NULL;
     view->strides = NULL;
     view->suboffsets = NULL;
@@ -1240,7 +1247,153 @@ static void engine_dealloc(EngineObject *self)
     Py_DECREF(type);
 }
 
+/* ---- Engine: a vision-language model's tower --------------------------------------------------------- */
+
+/* The vision config (vision.h) from a dict: depth, d_model, d_ff, n_heads, in_channels, patch, temporal_patch,
+ * merge, out, grid_side, act (enum tk_gelu), rope_theta, eps, deepstack (a list of block indices). */
+static int parse_vision_config(PyObject *d, tk_vision_config *c)
+{
+    memset(c, 0, sizeof *c);
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "vision config must be a dict");
+        return -1;
+    }
+    if (dict_int(d, "depth", &c->depth, 1) < 0 || dict_int(d, "d_model", &c->d_model, 1) < 0 ||
+        dict_int(d, "d_ff", &c->d_ff, 1) < 0 || dict_int(d, "n_heads", &c->n_heads, 1) < 0 ||
+        dict_int(d, "in_channels", &c->in_channels, 1) < 0 || dict_int(d, "patch", &c->patch, 1) < 0 ||
+        dict_int(d, "temporal_patch", &c->temporal_patch, 1) < 0 || dict_int(d, "merge", &c->merge, 1) < 0 ||
+        dict_int(d, "out", &c->out, 1) < 0 || dict_int(d, "grid_side", &c->grid_side, 1) < 0 ||
+        dict_int(d, "act", &c->act, 1) < 0 || dict_float(d, "rope_theta", &c->rope_theta, 1) < 0 ||
+        dict_float(d, "eps", &c->eps, 1) < 0)
+        return -1;
+    PyObject *taps = PyDict_GetItemString(d, "deepstack");
+    PyObject *seq = taps ? PySequence_Fast(taps, "vision config 'deepstack' must be a list of block indices") : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "vision config has no 'deepstack'");
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int ok = n <= TK_MM_MAX_DEEPSTACK;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        long at = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        ok = !(at == -1 && PyErr_Occurred()) && at >= 0 && at < (1 << 16);
+        c->deepstack_at[i] = (int)at;
+    }
+    Py_DECREF(seq);
+    if (!ok) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "vision config 'deepstack': bad block indices");
+        return -1;
+    }
+    c->n_deepstack = (int)n;
+    return 0;
+}
+
+/* (name, index, file, offset, nbytes, type, shape) tuples into src; names borrow the tuples' strings */
+static int parse_vision_sources(PyObject *seq, tk_vision_source *src, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *shape;
+        unsigned long long offset, nbytes;
+        tk_vision_source *s = &src[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "siiKKiO;vision tensor source must be (name, index, "
+                              "file, offset, nbytes, type, shape)", &s->name, &s->index, &s->file, &offset, &nbytes,
+                              &s->type, &shape))
+            return -1;
+        s->offset = offset, s->nbytes = nbytes;
+        PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");
+        if (!dims) return -1;
+        Py_ssize_t nd = PySequence_Fast_GET_SIZE(dims);
+        if (nd < 1 || nd > 5) {
+            Py_DECREF(dims);
+            PyErr_Format(PyExc_ValueError, "vision tensor '%s' has %zd dimensions (1 to 5)", s->name, nd);
+            return -1;
+        }
+        s->n_dims = (int)nd;
+        for (Py_ssize_t d = 0; d < nd; d++) s->shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d));
+        Py_DECREF(dims);
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static PyObject *engine_load_vision(EngineObject *self, PyObject *args)
+{
+    PyObject *model_obj, *config, *paths_arg, *sources_arg;
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyArg_ParseTuple(args, "O!OOO:load_vision", state->model_type, &model_obj, &config, &paths_arg,
+                          &sources_arg))
+        return NULL;
+    tk_vision_config cfg;
+    if (parse_vision_config(config, &cfg) < 0) return NULL;
+    PyObject *paths = PySequence_Fast(paths_arg, "paths must be a sequence of file paths");
+    PyObject *sources = paths ? PySequence_Fast(sources_arg, "tensors must be a sequence of tuples") : NULL;
+    PyObject *encoded = sources ? PyList_New(0) : NULL, *result = NULL;
+    Py_ssize_t n_paths = paths ? PySequence_Fast_GET_SIZE(paths) : 0;
+    Py_ssize_t n_src = sources ? PySequence_Fast_GET_SIZE(sources) : 0;
+    const char **path_ptrs = encoded ? PyMem_Calloc((size_t)n_paths + 1, sizeof *path_ptrs) : NULL;
+    tk_vision_source *src = path_ptrs ? PyMem_Calloc((size_t)n_src + 1, sizeof *src) : NULL;
+    if (!src) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_paths; i++) {
+        PyObject *bytes;
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) goto done;
+        int appended = PyList_Append(encoded, bytes);
+        Py_DECREF(bytes);
+        if (appended < 0) goto done;
+        path_ptrs[i] = PyBytes_AS_STRING(bytes);
+    }
+    if (parse_vision_sources(sources, src, n_src) < 0) goto done;
+    tk_request *req;
+    tk_status s = tk_vision_load_request_create(&req, ((ModelObject *)model_obj)->model, &cfg, path_ptrs,
+                                                (int)n_paths, src, (int)n_src);
+    if (s != TK_OK) tk_py_raise(s, tk_last_error());
+    else result = request_new(state, self->engine, req, REQUEST_VISION_LOAD, 0);
+done:
+    PyMem_Free(src);
+    PyMem_Free(path_ptrs);
+    Py_XDECREF(encoded);
+    Py_XDECREF(sources);
+    Py_XDECREF(paths);
+    return result;
+}
+
+static PyObject *engine_vision(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "pixels", "grids", "notify", NULL};
+    PyObject *model_obj, *pixels_obj, *grids_obj;
+    int notify = 0;
+    tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO|p:vision", kwlist, state->model_type, &model_obj,
+                                     &pixels_obj, &grids_obj, &notify))
+        return NULL;
+    Py_buffer probe, pixels, grids;
+    if (PyObject_GetBuffer(pixels_obj, &probe, PyBUF_SIMPLE) < 0) return NULL;
+    long n = (long)(probe.len / 4);
+    PyBuffer_Release(&probe);
+    if (get_float32_buffer(pixels_obj, &pixels, n, "pixels") < 0) return NULL;
+    if (get_int32_buffer(grids_obj, &grids, "grids") < 0) {
+        PyBuffer_Release(&pixels);
+        return NULL;
+    }
+    tk_request *req = NULL;
+    tk_status s = grids.len % 12 ? tk_error(TK_ERR_INVALID, "vision: grids must be (t, h, w) triples")
+                                 : tk_vision_request_create(&req, ((ModelObject *)model_obj)->model, pixels.buf, n,
+                                                            grids.buf, (int)(grids.len / 12));
+    PyBuffer_Release(&grids);
+    PyBuffer_Release(&pixels);
+    if (s != TK_OK) return tk_py_raise(s, tk_last_error());
+    return request_new(state, self->engine, req, REQUEST_VISION, notify);
+}
+
 static PyMethodDef engine_methods[] = {
+    {"load_vision", (PyCFunction)engine_load_vision, METH_VARARGS,
+     "load_vision(model, config: dict, paths: list[str], tensors: list[tuple]) -> Request: loads the model's vision\n"
+     "tower once (vision-language models); tensors are (name, index, file, offset, nbytes, type, shape)"},
+    {"vision", (PyCFunction)(void (*)(void))engine_vision, METH_VARARGS | METH_KEYWORDS,
+     "vision(model, pixels: float32 [N, C*Tp*P*P], grids: int32 [n, 3], notify=False) -> Request; result() ->\n"
+     "float32 [(1 + deepstack taps) * tokens, out]: the images' merged features, then each tap's"},
     {"load_model", (PyCFunction)engine_load_model, METH_VARARGS,
      "load_model(config: dict, paths: list[str], tensors: list[tuple]) -> Request"},
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,

@@ -241,6 +241,48 @@ void ref_attention(double *out, int ldo, const double *q, const double *k, const
     free(p);
 }
 
+void ref_attention_full(double *out, int ldo, const double *q, const double *k, const double *v, int ldqkv,
+                        const int32_t *seq_start, int n_seqs, int n_heads, int head_dim)
+{
+    int Dh = head_dim;
+    double *p = scratch((size_t)seq_start[n_seqs]);
+    for (int s = 0; s < n_seqs; s++)
+        for (int t = seq_start[s]; t < seq_start[s + 1]; t++)
+            for (int h = 0; h < n_heads; h++) {
+                int n_keys = seq_start[s + 1] - seq_start[s]; /* every row of the sequence */
+                const double *kh = k + (size_t)seq_start[s] * ldqkv + (size_t)h * Dh;
+                const double *vh = v + (size_t)seq_start[s] * ldqkv + (size_t)h * Dh;
+                scores_softmax(p, q + (size_t)t * ldqkv + (size_t)h * Dh, kh, ldqkv, n_keys, Dh);
+                for (int d = 0; d < Dh; d++) {
+                    double o = 0;
+                    for (int j = 0; j < n_keys; j++) o += p[j] * vh[(size_t)j * ldqkv + d];
+                    out[(size_t)t * ldo + (size_t)h * Dh + d] = o;
+                }
+            }
+    free(p);
+}
+
+void ref_layer_norm(double *y, int ldy, const double *x, int ldx, const double *w, const double *b, int rows, int n,
+                    double eps)
+{
+    for (int r = 0; r < rows; r++) {
+        const double *xr = x + (size_t)r * ldx;
+        double mean = 0, var = 0;
+        for (int i = 0; i < n; i++) mean += xr[i];
+        mean /= n;
+        for (int i = 0; i < n; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= n;
+        for (int i = 0; i < n; i++) y[(size_t)r * ldy + i] = (xr[i] - mean) / sqrt(var + eps) * w[i] + b[i];
+    }
+}
+
+double ref_gelu(double x, int kind)
+{
+    if (kind == 1) return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); /* sqrt(2 / pi) */
+    if (kind == 2) return x / (1.0 + exp(-1.702 * x));
+    return 0.5 * x * erfc(-x / sqrt(2.0));
+}
+
 /* With p = softmax(s), s_j = scale q . k_j, o = sum_j p_j v_j and L = dout . o:
  * dp_j = dout . v_j, ds_j = p_j (dp_j - sum_i p_i dp_i),
  * dq = scale sum_j ds_j k_j, dk_j += scale ds_j q, dv_j += p_j dout. */

@@ -63,6 +63,15 @@ void ref_softmax_scale(double *y, int ldy, const double *x, int ldx, const doubl
 /* causal grouped-query attention over packed sequences (backend.h attention); lse optional [T, H] */
 void ref_attention(double *out, int ldo, const double *q, const double *k, const double *v, int ldqkv,
                    const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim, double *lse);
+/* bidirectional multi-head attention within each packed sequence (backend.h attention_full) */
+void ref_attention_full(double *out, int ldo, const double *q, const double *k, const double *v, int ldqkv,
+                        const int32_t *seq_start, int n_seqs, int n_heads, int head_dim);
+/* y = (x - mean) / sqrt(var + eps) * w + b per row (biased variance) */
+void ref_layer_norm(double *y, int ldy, const double *x, int ldx, const double *w, const double *b, int rows, int n,
+                    double eps);
+/* gelu of one value: kind 0 the erf form (through erfc, exact for negative x too), 1 the tanh approximation,
+ * 2 x sigmoid(1.702 x) (backend.h enum tk_gelu) */
+double ref_gelu(double x, int kind);
 /* dq, dk, dv (overwritten, row stride ldqkv) of sum(dout * attention(q, k, v)); probabilities recomputed */
 void ref_attention_backward(double *dq, double *dk, double *dv, const double *dout, int ldo, const double *q,
                             const double *k, const double *v, int ldqkv, const int32_t *seq_start, int n_seqs,

@@ -44,6 +44,8 @@
  *   torch's float32 operations, and within 1e-6 of the float64 formula),
  *   rope_table (cosf / sinf of the float32 angle, within 1 ulp of float64; one position component per row,
  *   and M-RoPE's three with a per-frequency axis map).
+ * - a vision tower's forward ops: attention_full (bidirectional within each packed sequence), layer_norm (with
+ *   bias, rows far from zero mean), gelu (erf, tanh and quick forms) against float64.
  * - the backend is made by the factory the engine is given and released as
  *   the engine releases it (tk_backend_release: refcount, destroy).
  *
@@ -278,6 +280,27 @@ static void call_attention(tk_backend *be, mat *out, const mat *qkv, const attn_
     const float *q = qkv->f, *k = q + s->H * s->Dh, *v = k + s->Hkv * s->Dh;
     be->attention(be, out->f, out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Hkv, s->Dh, lse, work);
     free(work);
+}
+
+/* bidirectional, multi-head (q, k, v of H heads each) */
+static void call_attention_full(tk_backend *be, mat *out, const mat *qkv, const attn_shape *s)
+{
+    size_t n = be->attention_workspace(be, s->T, s->max_len, s->H, s->Dh);
+    float *work = fvec(n);
+    for (size_t i = 0; i < n; i++) work[i] = NAN;
+    const float *q = qkv->f, *k = q + s->H * s->Dh, *v = k + s->H * s->Dh;
+    be->attention_full(be, out->f, out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Dh, work);
+    free(work);
+}
+
+static void call_layer_norm(tk_backend *be, mat *y, const mat *x, const mat *w, const mat *b, float eps)
+{
+    be->layer_norm(be, y->f, y->ld, x->f, x->ld, w->f, b->f, x->rows, x->cols, eps);
+}
+
+static void call_gelu(tk_backend *be, mat *y, const mat *x, int kind)
+{
+    be->gelu(be, y->f, y->ld, x->f, x->ld, x->rows, x->cols, kind);
 }
 
 static void call_attention_backward(tk_backend *be, mat *dqkv, const mat *dout, const mat *out, const mat *qkv,
@@ -1055,6 +1078,64 @@ static void test_rmsnorm(tk_backend *be, rng_t *r)
     }
 }
 
+/* LayerNorm over the same shapes as rmsnorm, with a bias, rows offset from 0 (the mean matters) */
+static void test_layer_norm(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_LAYER_NORM = {1e-6, 2e-6, 0};
+    for (size_t i = 0; i < sizeof NORM_SHAPES / sizeof NORM_SHAPES[0]; i++) {
+        norm_shape s = NORM_SHAPES[i];
+        mat x = mat_new(s.rows, s.n, s.n + s.pad_x), w = mat_new(1, s.n, s.n), b = mat_new(1, s.n, s.n);
+        mat y = s.in_place ? x : mat_new(s.rows, s.n, s.n + s.pad_y);
+        mat_randn(&x, r, s.x_scale), mat_randn(&w, r, 0.1), mat_randn(&b, r, 0.1);
+        for (int row = 0; row < s.rows; row++)
+            for (int c = 0; c < s.n; c++) x.f[(size_t)row * x.ld + c] += 3.0f * s.x_scale;
+        for (int c = 0; c < s.n; c++) w.f[c] += 1;
+        mat_to_double(&x), mat_to_double(&w), mat_to_double(&b);
+        if (!s.in_place) mat_fill(&y, NAN);
+        double *want = dvec((size_t)s.rows * y.ld);
+        ref_layer_norm(want, y.ld, x.d, x.ld, w.d, b.d, s.rows, s.n, s.eps);
+        call_layer_norm(be, &y, &x, &w, &b, s.eps);
+        char what[128];
+        snprintf(what, sizeof what, "rows=%d n=%d ldx=%d ldy=%d eps=%g |x|~%g%s", s.rows, s.n, x.ld, y.ld, s.eps,
+                 s.x_scale, s.in_place ? " in place" : "");
+        int guard = mat_guard_ok(&y);
+        report("layer_norm", what, compare(y.f, want, NULL, s.rows, s.n, y.ld, TOL_LAYER_NORM), TOL_LAYER_NORM, guard,
+               guard_note(guard));
+        free(want);
+        mat_free(&x), mat_free(&w), mat_free(&b);
+        if (!s.in_place) mat_free(&y);
+    }
+}
+
+/* the three GELU forms on values from -12 to 12 and large ones, strided and in place: one rounding of the double */
+static void test_gelu(tk_backend *be, rng_t *r)
+{
+    static const tol_t TOL_GELU = {1e-30, 1.2e-7, 0};
+    static const int shapes[][4] = {{1, 1, 0, 0}, {3, 70, 2, 1}, {65, 577, 0, 0}, {4, 33, 3, 3}}; /* rows n pads */
+    for (int kind = 0; kind < 3; kind++)
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+            int rows = shapes[i][0], n = shapes[i][1], in_place = i == 3;
+            mat x = mat_new(rows, n, n + shapes[i][2]);
+            mat y = in_place ? x : mat_new(rows, n, n + shapes[i][3]);
+            mat_randn(&x, r, 4.0);
+            if (rows * n > 2) x.f[0] = -12.0f, x.f[1] = 30.0f;
+            mat_to_double(&x);
+            if (!in_place) mat_fill(&y, NAN);
+            double *want = dvec((size_t)rows * y.ld);
+            for (int row = 0; row < rows; row++)
+                for (int c = 0; c < n; c++) want[(size_t)row * y.ld + c] = ref_gelu(x.d[(size_t)row * x.ld + c], kind);
+            call_gelu(be, &y, &x, kind);
+            char what[96];
+            snprintf(what, sizeof what, "kind=%d rows=%d n=%d ldx=%d ldy=%d%s", kind, rows, n, x.ld, y.ld,
+                     in_place ? " in place" : "");
+            int guard = mat_guard_ok(&y);
+            report("gelu", what, compare(y.f, want, NULL, rows, n, y.ld, TOL_GELU), TOL_GELU, guard, guard_note(guard));
+            free(want);
+            mat_free(&x);
+            if (!in_place) mat_free(&y);
+        }
+}
+
 /* L(x) = sum(dy * rmsnorm(x)) */
 typedef struct {
     const mat *x, *w, *dy;
@@ -1414,6 +1495,30 @@ static void test_attention(tk_backend *be, rng_t *r)
             free(lse), free(want), free(want_lse), free(s.seq_start);
             mat_free(&qkv), mat_free(&out);
         }
+}
+
+/* Every row sees its whole sequence (a vision tower's image): the same packed cases, as many kv heads as heads */
+static void test_attention_full(tk_backend *be, rng_t *r)
+{
+    for (size_t i = 0; i < sizeof ATTN_CASES / sizeof ATTN_CASES[0]; i++) {
+        attn_case c = ATTN_CASES[i];
+        c.Hkv = c.H;
+        attn_shape s = attn_shape_of(&c);
+        int width = 3 * c.H * c.Dh;
+        mat qkv = mat_new(s.T, width, width + c.pad_qkv), out = mat_new(s.T, c.H * c.Dh, c.H * c.Dh + c.pad_o);
+        mat_randn(&qkv, r, 1.5), mat_fill(&out, NAN);
+        double *want = dvec((size_t)s.T * out.ld);
+        const double *q = qkv.d, *k = q + c.H * c.Dh, *v = k + c.H * c.Dh;
+        ref_attention_full(want, out.ld, q, k, v, qkv.ld, s.seq_start, s.n_seqs, c.H, c.Dh);
+        call_attention_full(be, &out, &qkv, &s);
+        char what[160];
+        attn_describe(what, sizeof what, &c, &qkv, &out);
+        int guard = mat_guard_ok(&out);
+        report("attention_full", what, compare(out.f, want, NULL, s.T, out.cols, out.ld, TOL_ATTN), TOL_ATTN, guard,
+               guard_note(guard));
+        free(want), free(s.seq_start);
+        mat_free(&qkv), mat_free(&out);
+    }
 }
 
 /* L(q, k, v) = sum(dout * attention(q, k, v)) */
@@ -2097,6 +2202,9 @@ static const op_test OP_TESTS[] = {
     {"attention", test_attention},
     {"attention_backward", test_attention_backward},
     {"attention_decode", test_attention_decode},
+    {"attention_full", test_attention_full},
+    {"layer_norm", test_layer_norm},
+    {"gelu", test_gelu},
 };
 
 /* The backends this build has, each made by the factory the engine is given (tk_engine_create's

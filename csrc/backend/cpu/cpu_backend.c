@@ -650,6 +650,62 @@ static void cpu_rmsnorm(tk_backend *be, float *y, int ldy, const float *x, int l
     tk_pool_run(pool_of(be), a.n_tasks, rmsnorm_task, &a);
 }
 
+/* LayerNorm rows: the mean and biased variance of the row in double, the result rounded once per value */
+static void layer_norm_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    rows_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->rows, &begin, &end);
+    for (int r = begin; r < end; r++) {
+        const float *x = a->x + (size_t)r * a->ldx;
+        float *y = a->y + (size_t)r * a->ldy;
+        double sum = 0, sq = 0;
+        for (int i = 0; i < a->n; i++) sum += x[i];
+        double mean = sum / a->n;
+        for (int i = 0; i < a->n; i++) sq += (x[i] - mean) * (x[i] - mean);
+        double inv = 1.0 / sqrt(sq / a->n + (double)a->eps);
+        for (int i = 0; i < a->n; i++) y[i] = (float)((x[i] - mean) * inv * a->w[i] + a->dy[i]);
+    }
+}
+
+static void cpu_layer_norm(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, const float *b,
+                           int rows, int n, float eps)
+{
+    rows_args a = {y, NULL, x, w, b, ldy, ldx, 0, rows, n, 0, 0, eps}; /* dy: the bias */
+    a.n_tasks = chunks_for(be, rows, (long)rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, layer_norm_task, &a);
+}
+
+static double gelu_of(double x, int kind)
+{
+    switch (kind) {
+    case TK_GELU_TANH: return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+    case TK_GELU_QUICK: return x / (1.0 + exp(-1.702 * x));
+    default: return 0.5 * x * erfc(-x * 0.7071067811865476); /* = x (1 + erf(x / sqrt 2)) / 2, no cancellation */
+    }
+}
+
+static void gelu_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    rows_args *a = ctx;
+    int begin, end;
+    chunk_range(task, a->n_tasks, a->rows, &begin, &end);
+    for (int r = begin; r < end; r++) {
+        const float *x = a->x + (size_t)r * a->ldx;
+        float *y = a->y + (size_t)r * a->ldy;
+        for (int i = 0; i < a->n; i++) y[i] = (float)gelu_of(x[i], a->accumulate);
+    }
+}
+
+static void cpu_gelu(tk_backend *be, float *y, int ldy, const float *x, int ldx, int rows, int n, int kind)
+{
+    rows_args a = {y, NULL, x, NULL, NULL, ldy, ldx, 0, rows, n, 0, kind, 0.0f}; /* accumulate: the kind */
+    a.n_tasks = chunks_for(be, rows, 8L * rows * n);
+    tk_pool_run(pool_of(be), a.n_tasks, gelu_task, &a);
+}
+
 /* y = w x r with r = (mean(x^2) + eps)^-1/2:
  * dx = r (dy w) - x r^3 mean(dy w x) */
 static void rmsnorm_backward_task(void *ctx, int task, int thread)
@@ -844,6 +900,7 @@ typedef struct {
     const float *q, *k, *v, *o, *dout;
     const int32_t *seq_start;
     int ldo, ldqkv, n_heads, group, head_dim, n_seqs;
+    int bidirectional;    /* attention_full: every row sees its whole sequence */
     float scale;
     float *scratch;       /* [threads][2][ATTN_QUERY_BLOCK * max_len] */
     size_t scratch_per_thread;
@@ -860,11 +917,12 @@ static int max_len_of(const int32_t *seq_start, int n_seqs)
 /* Rows p of S hold query positions q0+p against keys 0..n_keys-1; keys after
  * the query's own position are masked. Softmax in float32; lse (optional,
  * stride lse_ld) keeps each row's log-sum-exp. */
-static void causal_softmax(float *S, int rows, int n_keys, int q0, float *lse, int lse_ld)
+/* Softmax of each score row over its visible keys: up to its own position when causal, else all n_keys. */
+static void block_softmax(float *S, int rows, int n_keys, int q0, int causal, float *lse, int lse_ld)
 {
     for (int p = 0; p < rows; p++) {
         float *s = S + (size_t)p * n_keys;
-        int visible = q0 + p + 1;
+        int visible = causal ? q0 + p + 1 : n_keys;
         float max = tk_max(s, visible);
         for (int j = 0; j < visible; j++) s[j] = tk_expf(s[j] - max);
         float sum = tk_sum(s, visible), inv = 1.0f / sum;
@@ -889,11 +947,12 @@ static void attention_task(void *ctx, int task, int thread)
     float *lse = a->lse ? a->lse + (size_t)start * a->n_heads + h : NULL;
     for (int q0 = 0; q0 < len; q0 += ATTN_QUERY_BLOCK) {
         int rows = len - q0 < ATTN_QUERY_BLOCK ? len - q0 : ATTN_QUERY_BLOCK;
-        int n_keys = q0 + rows;
+        int n_keys = a->bidirectional ? len : q0 + rows;
         /* S[rows, n_keys] = scale * q[q0:q0+rows] k[0:n_keys]^T */
         tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, a->scale,
                        q + (size_t)q0 * a->ldqkv, a->ldqkv, k, a->ldqkv, 0.0f, S, n_keys);
-        causal_softmax(S, rows, n_keys, q0, lse ? lse + (size_t)q0 * a->n_heads : NULL, a->n_heads);
+        block_softmax(S, rows, n_keys, q0, !a->bidirectional, lse ? lse + (size_t)q0 * a->n_heads : NULL,
+                      a->n_heads);
         /* out[q0:q0+rows] = P[rows, n_keys] v[0:n_keys] */
         tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, n_keys, 1.0f, S, n_keys, v, a->ldqkv,
                        0.0f, out + (size_t)q0 * a->ldo, a->ldo);
@@ -915,6 +974,22 @@ static void cpu_attention(tk_backend *be, float *out, int ldo, const float *q, c
     a.scale = 1.0f / sqrtf((float)head_dim);
     a.scratch = work;
     a.scratch_per_thread = (size_t)ATTN_QUERY_BLOCK * (size_t)max_len;
+    tk_pool_run(pool_of(be), n_seqs * n_heads, attention_task, &a);
+}
+
+static void cpu_attention_full(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                               int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int head_dim, float *work)
+{
+    attention_args a = {0};
+    a.out = out;
+    a.q = q, a.k = k, a.v = v;
+    a.seq_start = seq_start;
+    a.ldo = ldo, a.ldqkv = ldqkv, a.n_heads = n_heads, a.group = 1, a.head_dim = head_dim;
+    a.n_seqs = n_seqs;
+    a.scale = 1.0f / sqrtf((float)head_dim);
+    a.scratch = work;
+    a.scratch_per_thread = (size_t)ATTN_QUERY_BLOCK * (size_t)max_len_of(seq_start, n_seqs);
+    a.bidirectional = 1;
     tk_pool_run(pool_of(be), n_seqs * n_heads, attention_task, &a);
 }
 
@@ -1274,6 +1349,9 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .swiglu_backward = cpu_swiglu_backward,
         .logsumexp = cpu_logsumexp,
         .softmax_scale = cpu_softmax_scale,
+        .layer_norm = cpu_layer_norm,
+        .gelu = cpu_gelu,
+        .attention_full = cpu_attention_full,
         .attention = cpu_attention,
         .attention_workspace = cpu_attention_workspace,
         .attention_backward = cpu_attention_backward,
