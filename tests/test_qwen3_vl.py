@@ -644,3 +644,96 @@ def test_moe_greedy_sampling_with_an_image(vlmoe):
     want = hf_greedy(ref, tokens, images_of(mi), 12)
     assert moe_routing_gap(ref, list(tokens) + want, images_of(mi)) > 1e-4, "a near-tie in the continuation"
     assert client.sample(mi, 1, params).result().sequences[0].tokens == want
+
+
+# ---- the guide's vision snippet and training loop on the tiny Qwen3-VL-MoE -----------------------------------------
+
+
+def guide_checkpoint(vlmoe, directory):
+    """The tiny Qwen3-VL-MoE with a tokenizer (tiny_models.write_vl_tokenizer: the guide's code tokenizes its chat
+    strings itself), the weights linked, not copied."""
+    import shutil
+
+    path = vlmoe[0]
+    directory.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(path / name, directory / name)
+    (directory / "model.safetensors").symlink_to(path / "model.safetensors")
+    tm.write_vl_tokenizer(directory)
+    return directory
+
+
+def test_the_guides_vision_snippet_and_training_loop_run_on_the_tiny_vl_moe(vlmoe, tmp_path):
+    """Tinker's getting-started code, the vision snippet included, as written there but for the model path (and
+    the image read from a local file instead of the web): the training loop (the guide's supervised datums, the
+    image datum built the cookbook's way: image positions weight 0) lowers the loss, and the trained adapter's
+    greedy answer to the image question is the answer it was trained on."""
+    base_model = str(guide_checkpoint(vlmoe, tmp_path / "Qwen3-VL-30B-A3B-Instruct-tiny"))
+    image_path = tmp_path / "chess.png"
+    image_path.write_bytes(image_bytes(96, 64, seed=11))
+    answer = "A chess board."
+
+    # -- from the guide --
+    service_client = tinker.ServiceClient()
+    training_client = service_client.create_lora_training_client(base_model=base_model, rank=32)
+    tokenizer = training_client.get_tokenizer()
+
+    image_data = image_path.read_bytes()
+    model_input = tinker.ModelInput(chunks=[
+        tinker.types.EncodedTextChunk(tokens=tokenizer.encode("<|im_start|>user\n<|vision_start|>")),
+        tinker.types.ImageChunk(data=image_data, format="png"),
+        tinker.types.EncodedTextChunk(
+            tokens=tokenizer.encode("<|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")),
+    ])  # fmt: skip
+
+    def process_example(example: dict, tokenizer) -> types.Datum:
+        prompt = f"English: {example['input']}\nPig Latin:"
+        prompt_tokens = tokenizer.encode(prompt, add_special_tokens=True)
+        prompt_weights = [0] * len(prompt_tokens)
+        completion_tokens = tokenizer.encode(f" {example['output']}\n\n", add_special_tokens=False)
+        completion_weights = [1] * len(completion_tokens)
+        tokens = prompt_tokens + completion_tokens
+        weights = prompt_weights + completion_weights
+        input_tokens = tokens[:-1]
+        target_tokens = tokens[1:]
+        weights = weights[1:]
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens=input_tokens),
+                           loss_fn_inputs=dict(weights=weights, target_tokens=target_tokens))
+
+    examples = [{"input": "banana split", "output": "anana-bay plit-say"},
+                {"input": "quantum physics", "output": "uantum-qay ysics-phay"}]
+    processed_examples = [process_example(ex, tokenizer) for ex in examples]
+    # -- the image datum, as the cookbook's supervised code builds one (image positions: target 0, weight 0) --
+    grid = tm.vl_image_processor().get_number_of_image_patches(64, 96, {})
+    n_image = grid // tm.VL_VISION["spatial_merge_size"] ** 2
+    chunks = [c.model_copy(update={"expected_tokens": n_image}) if isinstance(c, types.ImageChunk) else c
+              for c in model_input.chunks]
+    completion = tokenizer.encode(answer + "<|im_end|>")
+    text_before, text_after = chunks[0].tokens, chunks[2].tokens + completion
+    full = types.ModelInput(chunks=[chunks[0], chunks[1], types.EncodedTextChunk(tokens=text_after[:-1])])
+    targets = text_before[1:] + [0] * n_image + text_after
+    weights = [0] * (len(text_before) - 1 + n_image + len(chunks[2].tokens)) + [1] * len(completion)
+    assert full.length == len(targets) == len(weights)
+    processed_examples.append(types.Datum(model_input=full, loss_fn_inputs=dict(weights=weights,
+                                                                                target_tokens=targets)))
+
+    # -- the guide's training loop --
+    losses = []
+    for _ in range(20):
+        fwdbwd_future = training_client.forward_backward(processed_examples, "cross_entropy")
+        optim_future = training_client.optim_step(types.AdamParams(learning_rate=1e-2))
+        fwdbwd_result = fwdbwd_future.result()
+        optim_future.result()
+        logprobs = np.concatenate([output["logprobs"].tolist() for output in fwdbwd_result.loss_fn_outputs])
+        w = np.concatenate([example.loss_fn_inputs["weights"].tolist() for example in processed_examples])
+        losses.append(-np.dot(logprobs, w) / w.sum())
+    assert losses[-1] < 0.2 * losses[0], f"the loss did not fall: {losses}"
+
+    # -- the guide's sampling, with the vision snippet's prompt --
+    sampling_client = training_client.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=20, temperature=0.0, stop=["<|im_end|>"])
+    result = sampling_client.sample(prompt=model_input, sampling_params=params, num_samples=2).result()
+    for seq in result.sequences:
+        assert tokenizer.decode(seq.tokens) == answer + "<|im_end|>" and seq.stop_reason == "stop"
+    logprobs = sampling_client.compute_logprobs(full).result()
+    assert len(logprobs) == full.length and logprobs[0] is None

@@ -455,6 +455,33 @@ def _byte_level_tokens(vocab: int) -> tuple[list[str], list[str]]:
     return tokens, ["Ġ t"]
 
 
+# Chat and vision special tokens of the tiny VL checkpoints' tokenizer (Qwen's names; the vision ids are VL_TOKENS')
+VL_SPECIAL_TOKENS = {"<|image_pad|>": 300, "<|video_pad|>": 301, "<|vision_start|>": 302, "<|vision_end|>": 303,
+                     "<|im_start|>": 304, "<|im_end|>": 305, "<|endoftext|>": 306}
+
+
+def write_vl_tokenizer(directory, vocab: int = 320) -> None:
+    """Writes a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json, loaded by AutoTokenizer) of
+    `vocab` tokens into a tiny VL checkpoint: _byte_level_tokens' vocabulary with VL_SPECIAL_TOKENS at their ids,
+    <|im_end|> as EOS. Text is encoded byte by byte (plus one merge), so any string round-trips."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, merges = _byte_level_tokens(vocab)
+    for name, at in VL_SPECIAL_TOKENS.items():
+        tokens[at] = name
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split()) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in VL_SPECIAL_TOKENS])
+    directory = Path(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "add_bos_token": False, "model_max_length": 1024}))
+
+
 def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32", byte_tokenizer: bool = False):
     """Writes `hf_model` as a GGUF file like convert_hf_to_gguf + llama-quantize would; with byte_tokenizer, also
     a byte-level BPE tokenizer (tokenizer.ggml.model gpt2) of the model's vocabulary size, for the exporter.
