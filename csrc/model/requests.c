@@ -358,38 +358,79 @@ static void group_head(train_payload *tp, tk_backend *be, int first, int last, c
     tp->loss_sum += loss;
 }
 
-/* One group of whole datums [first, last): forward with stored activations,
- * the head and loss, then (training) backward. */
-static tk_status train_group(train_payload *tp, tk_exec *exec, int first, int last)
-{
-    tk_adapter *ad = tp->adapter;
-    const tk_model *m = ad->model;
-    int t0 = tp->batch.seq_start[first], T = tp->batch.seq_start[last] - t0, n_seqs = last - first;
-    int32_t seq_start[n_seqs + 1];
-    const tk_adapter *adapters[n_seqs];
-    for (int s = 0; s <= n_seqs; s++) seq_start[s] = tp->batch.seq_start[first + s] - t0;
-    for (int s = 0; s < n_seqs; s++) adapters[s] = ad;
-    tk_batch b = {.n_seqs = n_seqs, .n_tokens = T, .tokens = tp->batch.tokens + t0, .seq_start = seq_start,
-                  .adapters = adapters, .expert_tokens = tp->expert_tokens};
+/* Datums [first, last) of one request: a pass is made of one or more of these (several when requests of
+ * different clients share it). */
+typedef struct {
+    train_payload *tp;
+    int first, last;
+} pass_part;
 
+/* One forward (and, training, backward) pass over parts[0..n) packed back to back: the base weights are read once
+ * for all of them, each sequence runs under its request's adapter, each part's head and loss use its request's
+ * inputs, and the gradients go to each sequence's adapter. Image inputs and expert counts are a request's own, so
+ * only a pass of one part carries them. All parts are forward, or all forward_backward. */
+static tk_status run_pass(const pass_part *parts, int n, tk_exec *exec)
+{
+    const tk_model *m = parts[0].tp->adapter->model;
+    tk_backend *be = exec->backend;
+    int backward = parts[0].tp->backward, n_seqs = 0, T = 0;
+    for (int i = 0; i < n; i++) {
+        const packed *pk = &parts[i].tp->batch;
+        n_seqs += parts[i].last - parts[i].first;
+        T += pk->seq_start[parts[i].last] - pk->seq_start[parts[i].first];
+    }
+    /* the pass's geometry on the heap: one datum may be long (its own group past the token budget) */
+    const tk_adapter **adapters = malloc((size_t)n_seqs * sizeof *adapters);
+    int32_t *tokens = malloc(((size_t)T + n_seqs + 1) * sizeof *tokens), *seq_start = tokens + T;
+    if (!adapters || !tokens) {
+        free(adapters), free(tokens);
+        return tk_error(TK_ERR_NOMEM, "forward_backward: out of memory");
+    }
+    seq_start[0] = 0;
+    for (int i = 0, q = 0, t = 0; i < n; i++) {
+        const packed *pk = &parts[i].tp->batch;
+        int t0 = pk->seq_start[parts[i].first], len = pk->seq_start[parts[i].last] - t0;
+        memcpy(tokens + t, pk->tokens + t0, (size_t)len * sizeof *tokens);
+        for (int s = parts[i].first; s < parts[i].last; s++, q++)
+            seq_start[q + 1] = t + pk->seq_start[s + 1] - t0, adapters[q] = parts[i].tp->adapter;
+        t += len;
+    }
+    const train_payload *only = n == 1 ? parts[0].tp : NULL;
+    tk_batch b = {.n_seqs = n_seqs, .n_tokens = T, .tokens = tokens, .seq_start = seq_start, .adapters = adapters,
+                  .expert_tokens = only ? only->expert_tokens : NULL};
+
+    int R = tk_batch_max_rank(&b);
     size_t D = (size_t)m->cfg.d_model;
-    size_t store_floats = tp->backward ? tk_activation_floats(m, T, ad->cfg.rank) : 0;
-    size_t body = tk_transformer_workspace(m, exec->backend, &b, tp->backward);
-    size_t head = tk_head_workspace(m, ad), n_mm = mm_floats(&tp->mm, (int)D);
+    size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
+    size_t body = tk_transformer_workspace(m, be, &b, backward), head = 0;
+    size_t n_mm = only ? mm_floats(&only->mm, (int)D) : 0;
+    for (int i = 0; i < n; i++) {
+        size_t need = tk_head_workspace(m, parts[i].tp->adapter);
+        head = need > head ? need : head;
+    }
     float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + n_mm + store_floats + (body > head ? body : head));
-    if (!work) return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
+    if (!work) {
+        free(adapters), free(tokens);
+        return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
+    }
     float *h = work, *dh = h + (size_t)T * D, *mm = dh + (size_t)T * D, *store_mem = mm + n_mm;
     float *rest = store_mem + store_floats;
-    place_mm(&b, &tp->mm, exec->backend, mm, (int)D, t0, first); /* the whole request's features: rows index them */
+    if (only) /* the whole request's features: the rows index them */
+        place_mm(&b, &only->mm, be, mm, (int)D, only->batch.seq_start[parts[0].first], parts[0].first);
 
     tk_layer_acts layers[m->cfg.n_layers];
     tk_activations store;
-    if (tp->backward) tk_activations_carve(&store, layers, store_mem, m, T, ad->cfg.rank);
-    tk_transformer_forward(h, m, exec->backend, &b, tp->backward ? &store : NULL, rest);
-    group_head(tp, exec->backend, first, last, h, dh, rest);
-
-    int trains_layers = ad->cfg.train_attn || ad->cfg.train_mlp;
-    if (tp->backward && trains_layers) tk_transformer_backward(m, exec->backend, &b, &store, dh, rest);
+    if (backward) tk_activations_carve(&store, layers, store_mem, m, T, R);
+    tk_transformer_forward(h, m, be, &b, backward ? &store : NULL, rest);
+    int trains_layers = 0;
+    for (int i = 0, t = 0; i < n; i++) {
+        train_payload *tp = parts[i].tp;
+        group_head(tp, be, parts[i].first, parts[i].last, h + (size_t)t * D, dh + (size_t)t * D, rest);
+        t += tp->batch.seq_start[parts[i].last] - tp->batch.seq_start[parts[i].first];
+        trains_layers |= tp->adapter->cfg.train_attn || tp->adapter->cfg.train_mlp;
+    }
+    if (backward && trains_layers) tk_transformer_backward(m, be, &b, &store, dh, rest);
+    free(adapters), free(tokens);
     return TK_OK;
 }
 
@@ -412,7 +453,7 @@ static tk_status train_groups(train_payload *tp, tk_exec *exec)
         int last = first + 1;
         while (last < tp->batch.n_seqs && tp->batch.seq_start[last + 1] - tp->batch.seq_start[first] <= budget)
             last++;
-        TK_TRY(train_group(tp, exec, first, last));
+        TK_TRY(run_pass(&(pass_part){tp, first, last}, 1, exec));
         first = last;
     }
     return TK_OK;
@@ -503,65 +544,23 @@ static int distinct_adapters(train_payload **tps, int n, tk_adapter **ads)
 }
 
 /* One pass over the requests tps[0..n) (each whole in one group, all forward or all forward_backward, of any
- * adapters of one model): the base weights are read once for all of them; each request's loss uses its own
- * adapter and inputs, and the gradients go to each sequence's adapter. Returns nonzero when a request's loss or
- * an adapter's gradients came out non-finite (nothing is then applied: the caller runs them one by one). */
+ * adapters of one model). Returns nonzero when a request's loss or an adapter's gradients came out non-finite
+ * (nothing is then applied: the caller runs them one by one). */
 static int shared_pass(train_payload **tps, int n, tk_exec *exec, tk_adapter **ads, int n_ads, tk_status *status)
 {
-    const tk_model *m = tps[0]->adapter->model;
-    tk_backend *be = exec->backend;
-    int backward = tps[0]->backward, n_seqs = 0, T = 0;
-    for (int i = 0; i < n; i++) n_seqs += tps[i]->batch.n_seqs, T += tps[i]->batch.n_tokens;
-    int32_t *tokens = malloc((size_t)T * sizeof *tokens), *seq_start = malloc(((size_t)n_seqs + 1) * sizeof *seq_start);
-    const tk_adapter **adapters = malloc((size_t)n_seqs * sizeof *adapters);
-    tk_layer_acts *layers = malloc((size_t)m->cfg.n_layers * sizeof *layers);
-    tk_activations store;
-    *status = TK_OK;
-    if (!tokens || !seq_start || !adapters || !layers) {
-        *status = tk_error(TK_ERR_NOMEM, "forward_backward: out of memory");
-        goto done;
-    }
-    seq_start[0] = 0;
-    for (int i = 0, q = 0, t = 0; i < n; i++) {
-        const packed *pk = &tps[i]->batch;
-        memcpy(tokens + t, pk->tokens, (size_t)pk->n_tokens * sizeof *tokens);
-        for (int s = 0; s < pk->n_seqs; s++, q++) seq_start[q + 1] = t + pk->seq_start[s + 1], adapters[q] = tps[i]->adapter;
-        t += pk->n_tokens;
+    pass_part parts[n];
+    for (int i = 0; i < n; i++) {
+        parts[i] = (pass_part){tps[i], 0, tps[i]->batch.n_seqs};
         tps[i]->loss_sum = 0;
         tps[i]->pass_requests = n;
     }
-    tk_batch b = {.n_seqs = n_seqs, .n_tokens = T, .tokens = tokens, .seq_start = seq_start, .adapters = adapters};
-    int R = tk_batch_max_rank(&b);
-    size_t D = (size_t)m->cfg.d_model;
-    size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
-    size_t body = tk_transformer_workspace(m, be, &b, backward), head = 0;
-    for (int i = 0; i < n; i++) {
-        size_t need = tk_head_workspace(m, tps[i]->adapter);
-        head = need > head ? need : head;
-    }
-    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + store_floats + (body > head ? body : head));
-    if (!work) {
-        *status = tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
-        goto done;
-    }
-    float *h = work, *dh = h + (size_t)T * D, *store_mem = dh + (size_t)T * D, *rest = store_mem + store_floats;
-    if (backward) tk_activations_carve(&store, layers, store_mem, m, T, R);
-    tk_transformer_forward(h, m, be, &b, backward ? &store : NULL, rest);
-    int trains_layers = 0;
-    for (int i = 0, t = 0; i < n; i++) {
-        group_head(tps[i], be, 0, tps[i]->batch.n_seqs, h + (size_t)t * D, dh + (size_t)t * D, rest);
-        t += tps[i]->batch.n_tokens;
-        trains_layers |= tps[i]->adapter->cfg.train_attn || tps[i]->adapter->cfg.train_mlp;
-    }
-    if (backward && trains_layers) tk_transformer_backward(m, be, &b, &store, dh, rest);
-done:
-    free(tokens), free(seq_start), free(adapters), free(layers);
-    if (*status != TK_OK) return 0;
+    if ((*status = run_pass(parts, n, exec)) != TK_OK) return 0;
     /* the checks of check_finite_pass, per request and per adapter */
     int bad = 0;
     for (int i = 0; i < n; i++) bad |= !isfinite(tps[i]->loss_sum);
-    for (int a = 0; backward && a < n_ads; a++) {
-        double norm = sqrt(be->sum_squares(be, ads[a]->block + ads[a]->n_params, ads[a]->n_params));
+    for (int a = 0; tps[0]->backward && a < n_ads; a++) {
+        double norm = sqrt(exec->backend->sum_squares(exec->backend, ads[a]->block + ads[a]->n_params,
+                                                      ads[a]->n_params));
         bad |= !(norm <= GRADIENT_NORM_LIMIT);
     }
     return bad;
