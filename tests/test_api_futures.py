@@ -73,6 +73,25 @@ def test_results_are_cached_and_awaitable_twice(service, tiny_llama):
     assert asyncio.run(twice()) == (first, first)
 
 
+def test_a_dropped_training_future_still_runs(service, tiny_llama):
+    """forward_backward's future dropped unread (as `tc.forward_backward(...); tc.optim_step(...)` code does):
+    the gradients still count; only sample / compute_logprobs futures are cancelled when dropped."""
+    data = batch(np.random.default_rng(1))
+    results = []
+    for drop in (False, True):
+        tc = service.create_lora_training_client(tiny_llama, rank=2, seed=0)
+        fut = tc.forward_backward(data, "cross_entropy")
+        if drop:
+            del fut
+            gc.collect()
+        else:
+            assert fut.result().metrics["loss:sum"] > 0
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        results.append(tc.forward(data, "cross_entropy").result().metrics["loss:sum"])
+    before = service.create_lora_training_client(tiny_llama, rank=2, seed=0).forward(data, "cross_entropy")
+    assert results[0] == results[1] != before.result().metrics["loss:sum"]
+
+
 def test_submission_returns_before_the_work_is_done(service):
     tc = service.create_lora_training_client(DEFAULT_MODEL, rank=4, seed=0)
     start = time.perf_counter()

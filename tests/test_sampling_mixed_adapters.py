@@ -157,6 +157,30 @@ def test_cancelling_a_sample_future_stops_it_and_frees_its_slot(sampler):
     assert [len(s.tokens) for s in out.sequences] == [4, 4]
 
 
+def test_dropping_a_sample_future_unread_cancels_the_request(sampler):
+    """A sample or compute_logprobs future garbage-collected while pending stops its request (nobody can read
+    its result); a dropped training future still runs (tests/test_api_futures)."""
+    import gc
+
+    from tinker import types
+
+    future = sampler.sample(types.ModelInput.from_ints(PROMPTS[0]), 64, types.SamplingParams(**LONG))
+    request = future._request
+    logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(PROMPTS[1] * 40))
+    scoring = logprobs._request
+    del future, logprobs
+    gc.collect()
+    with pytest.raises(InterruptedError, match="cancelled"):
+        request.result()
+    try:  # it may have finished before the drop: then its result is simply discarded
+        scoring.result()
+    except InterruptedError as e:
+        assert "cancelled" in str(e)
+    kept = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3))
+    gc.collect()
+    assert len(kept.result().sequences[0].tokens) == 3  # a held future is never cancelled by a collection
+
+
 def test_cancelling_the_awaiting_task_cancels_the_request(sampler):
     import asyncio
 

@@ -35,6 +35,7 @@ import inspect
 import select
 import threading
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Generic, TypeVar
 
@@ -425,11 +426,15 @@ def in_background(fn: Callable[..., T], *args) -> AwaitableConcurrentFuture[T]:
 
 class CancellableFuture(ConcurrentAPIFuture[T]):
     """The future of a sample or compute_logprobs request: `cancel()` (or cancelling the asyncio task that
-    awaits it) stops the request between decoding steps and frees its place in the batch for others."""
+    awaits it, or dropping the future unread) stops the request between decoding steps and frees its place in
+    the batch for others. Only these requests are stopped when dropped: they change nothing, so an unread
+    result is a wasted one (a training call's future, dropped, still runs: its effect is the point)."""
 
     def __init__(self, request):
         super().__init__()
         self._request = request
+        # garbage-collected while pending: nobody can read the result any more
+        weakref.finalize(self, request.cancel).atexit = False
 
     def cancel(self) -> bool:
         cancelled = super().cancel()  # False once the result is in
@@ -451,10 +456,13 @@ def concurrent_future(request, convert: Callable[[], T], cancellable: bool = Fal
     out: ConcurrentAPIFuture = CancellableFuture(request) if cancellable else ConcurrentAPIFuture()
     if not cancellable:
         out.set_running_or_notify_cancel()
+    # the completion holds a cancellable future weakly, so that dropping it cancels the request
+    held = weakref.ref(out) if cancellable else (lambda: out)
 
     def complete():
-        if cancellable and not out.set_running_or_notify_cancel():
-            return  # cancelled: the request stopped (or finished unread)
+        out = held()
+        if out is None or (cancellable and not out.set_running_or_notify_cancel()):
+            return  # dropped, or cancelled: the request stopped (or finished unread)
         try:
             out.set_result(convert())
         except Exception as e:  # noqa: BLE001 - delivered through the future
