@@ -674,6 +674,21 @@ static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
     return 0;
 }
 
+/* The file paths of the fast sequence `paths`, encoded for the file system, into out[i]; each is kept alive
+ * by the bytes object appended to the list `keep`. */
+static int encode_paths(PyObject *paths, PyObject *keep, const char **out)
+{
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(paths); i++) {
+        PyObject *bytes;
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) return -1;
+        int appended = PyList_Append(keep, bytes);
+        Py_DECREF(bytes);
+        if (appended < 0) return -1;
+        out[i] = PyBytes_AS_STRING(bytes);
+    }
+    return 0;
+}
+
 static PyObject *engine_load_model(EngineObject *self, PyObject *args)
 {
     PyObject *config, *paths_arg, *sources_arg;
@@ -691,14 +706,7 @@ static PyObject *engine_load_model(EngineObject *self, PyObject *args)
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n_paths; i++) {
-        PyObject *bytes;
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) goto done;
-        int appended = PyList_Append(encoded, bytes);
-        Py_DECREF(bytes);
-        if (appended < 0) goto done;
-        path_ptrs[i] = PyBytes_AS_STRING(bytes);
-    }
+    if (encode_paths(paths, encoded, path_ptrs) < 0) goto done;
     if (parse_sources(sources, src, n_src) < 0) goto done;
     tk_request *req;
     tk_status s = tk_load_request_create(&req, &cfg, path_ptrs, (int)n_paths, src, (int)n_src);
@@ -1336,14 +1344,7 @@ static PyObject *engine_load_vision(EngineObject *self, PyObject *args)
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n_paths; i++) {
-        PyObject *bytes;
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) goto done;
-        int appended = PyList_Append(encoded, bytes);
-        Py_DECREF(bytes);
-        if (appended < 0) goto done;
-        path_ptrs[i] = PyBytes_AS_STRING(bytes);
-    }
+    if (encode_paths(paths, encoded, path_ptrs) < 0) goto done;
     if (parse_vision_sources(sources, src, n_src) < 0) goto done;
     tk_request *req;
     tk_status s = tk_vision_load_request_create(&req, ((ModelObject *)model_obj)->model, &cfg, path_ptrs,
