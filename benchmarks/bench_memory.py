@@ -87,19 +87,50 @@ def _reset_peak() -> bool:
         return False
 
 
+class Phases:
+    """Memory after each phase of a child process, called with the phase's key when it ends: a record of
+    /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) and ru_maxrss, the phase's seconds, and the highest RssAnon
+    and RssFile a thread saw, polling every `poll` seconds, during the phase ("peak_anon", "peak_file": VmHWM mixes
+    the two, and file pages of a mapped file are page cache the kernel can take back). The high-water mark is
+    reset before each phase where allowed ("phase_peak"), so VmHWM is that phase's own peak."""
+
+    def __init__(self, poll: float = 0.05):
+        import threading
+
+        self.records: list[dict] = []
+        self._lock = threading.Lock()
+        self._peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._reset = _reset_peak()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._watch, args=(poll,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, poll: float) -> None:
+        while not self._stop.wait(poll):
+            now = _memory()
+            with self._lock:
+                for key in self._peak:
+                    self._peak[key] = max(self._peak[key], now[key])
+
+    def __call__(self, key: str, **extra) -> dict:
+        seconds = time.perf_counter() - self._start
+        now = _memory()
+        with self._lock:
+            peaks = {f"peak_{k[3:].lower()}": max(v, now[k]) for k, v in self._peak.items()}
+            self._peak = {k: 0 for k in self._peak}
+        self.records.append({"phase": key, "seconds": seconds, **now, **peaks, "phase_peak": self._reset, **extra})
+        self._reset = _reset_peak()
+        self._start = time.perf_counter()
+        return self.records[-1]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child(spec: dict) -> None:
-    records = []
-    reset = _reset_peak()
-    start = time.perf_counter()
-
-    def phase(key: str) -> None:
-        """Records the memory after phase `key`; VmHWM is that phase's own peak where the reset before it
-        worked ("phase_peak")."""
-        nonlocal start, reset
-        records.append({"phase": key, "seconds": time.perf_counter() - start, **_memory(), "phase_peak": reset})
-        reset = _reset_peak()
-        start = time.perf_counter()
-
+    phase = Phases()
     phase("python")
 
     import numpy as np
@@ -111,10 +142,10 @@ def child(spec: dict) -> None:
 
     model, B, T = spec["model"], spec["batch"], spec["seq"]
     service = tinker.ServiceClient()
-    service.create_sampling_client(base_model=model)
+    service.create_sampling_client(base_model=model).result()
     phase("base")
 
-    training = service.create_lora_training_client(base_model=model, rank=spec["rank"], seed=SEED)
+    training = service.create_lora_training_client(base_model=model, rank=spec["rank"], seed=SEED).result()
     phase("load")
 
     rng = np.random.default_rng(SEED)
@@ -130,13 +161,14 @@ def child(spec: dict) -> None:
     training.optim_step(types.AdamParams(learning_rate=1e-4)).result()
     phase("optim")
 
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(ids[0, :16].tolist())
     params = types.SamplingParams(max_tokens=16, temperature=1.0, seed=SEED)
     response = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     phase("sample")
+    phase.close()
 
-    result = {"records": records, "loss_per_token": loss / (B * T), "sampled": len(response.sequences[0].tokens),
+    result = {"records": phase.records, "loss_per_token": loss / (B * T), "sampled": len(response.sequences[0].tokens),
               "tinker": tinker.__file__}  # fmt: skip
     print("@@result " + json.dumps(result), flush=True)
 
@@ -310,8 +342,10 @@ def prepare(req: dict) -> None:
 # ---- the parent: run, collect, print --------------------------------------------------------------
 
 
-def _subprocess(flag: str, payload: dict, marker: str, env=None) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(payload)], env=env,
+def _subprocess(flag: str, payload: dict, marker: str, env=None, script: str = __file__) -> dict:
+    """Runs `script flag payload-as-JSON` in a fresh interpreter and returns the JSON its stdout line `marker ...`
+    carries (its other output passes through)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), flag, json.dumps(payload)], env=env,
                           stdout=subprocess.PIPE, text=True)  # fmt: skip
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
     sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith(marker + " ")))
