@@ -362,6 +362,19 @@ def run_scenario(name: str, keep: str | None, tmpdir: Path) -> dict:
     return {**spec, "file": prepared["file"], "file_bytes": prepared["file_bytes"], **out}
 
 
+def parse_or_run_helper(parser: argparse.ArgumentParser, child_fn, prepare_fn) -> argparse.Namespace | None:
+    """Parses the command line with the hidden --child / --prepare JSON arguments _subprocess passes; runs
+    child_fn or prepare_fn on that JSON (and returns None) where one is given, else returns the arguments."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_fn(json.loads(args.child))
+    if args.prepare:
+        return prepare_fn(json.loads(args.prepare))
+    return args
+
+
 def summarize(r: dict) -> dict:
     rec = {x["phase"]: x for x in r["records"]}
     reset = all(x["phase_peak"] for x in r["records"])
@@ -428,13 +441,9 @@ def main():
     parser.add_argument("--keep-file", metavar="PATH", help="the TinyLlama-shaped GGUF: reused if it exists, else "
                         "written there and kept (default: a temporary file, deleted at exit)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the raw per-phase numbers as JSON")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(json.loads(args.child))
-    if args.prepare:
-        return prepare(json.loads(args.prepare))
+    args = parse_or_run_helper(parser, child, prepare)
+    if args is None:
+        return
 
     names = ["smollm2", "tinyllama"] if args.scenario == "all" else [args.scenario]
     results = []
