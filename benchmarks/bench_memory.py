@@ -87,9 +87,15 @@ def _reset_peak() -> bool:
         return False
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 class Phases:
     """Memory after each phase of a child process, called with the phase's key when it ends: a record of
-    /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) and ru_maxrss, the phase's seconds, and the highest RssAnon
+    /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) and ru_maxrss, the phase's seconds and CPU seconds of the
+    process (user + system, all threads: on a shared machine, how much of the wall time it ran), the highest RssAnon
     and RssFile a thread saw, polling every `poll` seconds, during the phase ("peak_anon", "peak_file": VmHWM mixes
     the two, and file pages of a mapped file are page cache the kernel can take back). The high-water mark is
     reset before each phase where allowed ("phase_peak"), so VmHWM is that phase's own peak."""
@@ -102,7 +108,7 @@ class Phases:
         self._peak = {"RssAnon": 0, "RssFile": 0}
         self._stop = threading.Event()
         self._reset = _reset_peak()
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), _cpu_seconds()
         self._thread = threading.Thread(target=self._watch, args=(poll,), daemon=True)
         self._thread.start()
 
@@ -114,14 +120,15 @@ class Phases:
                     self._peak[key] = max(self._peak[key], now[key])
 
     def __call__(self, key: str, **extra) -> dict:
-        seconds = time.perf_counter() - self._start
+        seconds, cpu = time.perf_counter() - self._start, _cpu_seconds() - self._cpu
         now = _memory()
         with self._lock:
             peaks = {f"peak_{k[3:].lower()}": max(v, now[k]) for k, v in self._peak.items()}
             self._peak = {k: 0 for k in self._peak}
-        self.records.append({"phase": key, "seconds": seconds, **now, **peaks, "phase_peak": self._reset, **extra})
+        self.records.append({"phase": key, "seconds": seconds, "cpu_seconds": cpu, **now, **peaks,
+                             "phase_peak": self._reset, **extra})  # fmt: skip
         self._reset = _reset_peak()
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), _cpu_seconds()
         return self.records[-1]
 
     def close(self) -> None:

@@ -298,7 +298,7 @@ def print_report(r: dict, args) -> None:
     else:
         print(f"  LoRA rank {args.rank}, every target: {rec['adapter']['params'] / 1e6:.1f} M parameters "
               f"(formula {r['lora_params'] / 1e6:.1f} M); loss/token {rec['fwd_bwd']['loss_per_token']:.3f}")
-    head = ["after", "s", "rate", "RssAnon", "RssFile", "peak anon", "peak file", "VmHWM"]
+    head = ["after", "s", "cpu s", "rate", "RssAnon", "RssFile", "peak anon", "peak file", "VmHWM"]
     rows = []
     for x in r["records"]:
         if x["phase"] == "python":
@@ -306,14 +306,12 @@ def print_report(r: dict, args) -> None:
         rate = ""
         if x["phase"] == "load":
             rate = f"{x['bytes'] / GB / x['seconds']:.2f} GB/s"
-        elif x["phase"] == "fwd_bwd":
-            rate = f"{x['tokens'] / x['seconds']:.1f} tok/s"
-        elif x["phase"] == "prefill":
+        elif x["phase"] in ("fwd_bwd", "prefill"):
             rate = f"{x['tokens'] / x['seconds']:.1f} tok/s"
         elif x["phase"] == "sample" and x["tokens"] > 1:
             rate = f"{(x['tokens'] - 1) / (x['seconds'] - rec['prefill']['seconds']):.2f} tok/s decode"
-        rows.append([LABELS[x["phase"]], f"{x['seconds']:.1f}", rate, _fmt(x["RssAnon"]), _fmt(x["RssFile"]),
-                     _fmt(x["peak_anon"]), _fmt(x["peak_file"]), _fmt(x["VmHWM"])])  # fmt: skip
+        rows.append([LABELS[x["phase"]], f"{x['seconds']:.1f}", f"{x['cpu_seconds']:.1f}", rate, _fmt(x["RssAnon"]),
+                     _fmt(x["RssFile"]), _fmt(x["peak_anon"]), _fmt(x["peak_file"]), _fmt(x["VmHWM"])])  # fmt: skip
     widths = [max(len(str(v)) for v in col) for col in zip(head, *rows, strict=True)]
     for row in [head, *rows]:
         print("  " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths,
@@ -321,6 +319,8 @@ def print_report(r: dict, args) -> None:
     peak = max(x["VmHWM"] for x in r["records"])
     print(f"  process peak VmHWM {_fmt(peak)}, peak RssAnon {_fmt(max(x['peak_anon'] for x in r['records']))}"
           + ("" if all(x["phase_peak"] for x in r["records"]) else " (VmHWM could not be reset: cumulative)"))
+    print(f"  (s: wall seconds of the phase; cpu s: the process's user + system seconds in it, at most "
+          f"{os.cpu_count()} x s;\n   peak anon / peak file: the highest RssAnon / RssFile polled during the phase)")
 
 
 def main():
