@@ -87,19 +87,57 @@ def _reset_peak() -> bool:
         return False
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Phases:
+    """Memory after each phase of a child process, called with the phase's key when it ends: a record of
+    /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) and ru_maxrss, the phase's seconds and CPU seconds of the
+    process (user + system, all threads: on a shared machine, how much of the wall time it ran), the highest RssAnon
+    and RssFile a thread saw, polling every `poll` seconds, during the phase ("peak_anon", "peak_file": VmHWM mixes
+    the two, and file pages of a mapped file are page cache the kernel can take back). The high-water mark is
+    reset before each phase where allowed ("phase_peak"), so VmHWM is that phase's own peak."""
+
+    def __init__(self, poll: float = 0.05):
+        import threading
+
+        self.records: list[dict] = []
+        self._lock = threading.Lock()
+        self._peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._reset = _reset_peak()
+        self._start, self._cpu = time.perf_counter(), _cpu_seconds()
+        self._thread = threading.Thread(target=self._watch, args=(poll,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, poll: float) -> None:
+        while not self._stop.wait(poll):
+            now = _memory()
+            with self._lock:
+                for key in self._peak:
+                    self._peak[key] = max(self._peak[key], now[key])
+
+    def __call__(self, key: str, **extra) -> dict:
+        seconds, cpu = time.perf_counter() - self._start, _cpu_seconds() - self._cpu
+        now = _memory()
+        with self._lock:
+            peaks = {f"peak_{k[3:].lower()}": max(v, now[k]) for k, v in self._peak.items()}
+            self._peak = {k: 0 for k in self._peak}
+        self.records.append({"phase": key, "seconds": seconds, "cpu_seconds": cpu, **now, **peaks,
+                             "phase_peak": self._reset, **extra})  # fmt: skip
+        self._reset = _reset_peak()
+        self._start, self._cpu = time.perf_counter(), _cpu_seconds()
+        return self.records[-1]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child(spec: dict) -> None:
-    records = []
-    reset = _reset_peak()
-    start = time.perf_counter()
-
-    def phase(key: str) -> None:
-        """Records the memory after phase `key`; VmHWM is that phase's own peak where the reset before it
-        worked ("phase_peak")."""
-        nonlocal start, reset
-        records.append({"phase": key, "seconds": time.perf_counter() - start, **_memory(), "phase_peak": reset})
-        reset = _reset_peak()
-        start = time.perf_counter()
-
+    phase = Phases()
     phase("python")
 
     import numpy as np
@@ -111,10 +149,10 @@ def child(spec: dict) -> None:
 
     model, B, T = spec["model"], spec["batch"], spec["seq"]
     service = tinker.ServiceClient()
-    service.create_sampling_client(base_model=model)
+    service.create_sampling_client(base_model=model).result()
     phase("base")
 
-    training = service.create_lora_training_client(base_model=model, rank=spec["rank"], seed=SEED)
+    training = service.create_lora_training_client(base_model=model, rank=spec["rank"], seed=SEED).result()
     phase("load")
 
     rng = np.random.default_rng(SEED)
@@ -130,13 +168,14 @@ def child(spec: dict) -> None:
     training.optim_step(types.AdamParams(learning_rate=1e-4)).result()
     phase("optim")
 
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(ids[0, :16].tolist())
     params = types.SamplingParams(max_tokens=16, temperature=1.0, seed=SEED)
     response = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     phase("sample")
+    phase.close()
 
-    result = {"records": records, "loss_per_token": loss / (B * T), "sampled": len(response.sequences[0].tokens),
+    result = {"records": phase.records, "loss_per_token": loss / (B * T), "sampled": len(response.sequences[0].tokens),
               "tinker": tinker.__file__}  # fmt: skip
     print("@@result " + json.dumps(result), flush=True)
 
@@ -310,8 +349,10 @@ def prepare(req: dict) -> None:
 # ---- the parent: run, collect, print --------------------------------------------------------------
 
 
-def _subprocess(flag: str, payload: dict, marker: str, env=None) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(payload)], env=env,
+def _subprocess(flag: str, payload: dict, marker: str, env=None, script: str = __file__) -> dict:
+    """Runs `script flag payload-as-JSON` in a fresh interpreter and returns the JSON its stdout line `marker ...`
+    carries (its other output passes through)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), flag, json.dumps(payload)], env=env,
                           stdout=subprocess.PIPE, text=True)  # fmt: skip
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
     sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith(marker + " ")))
@@ -326,6 +367,19 @@ def run_scenario(name: str, keep: str | None, tmpdir: Path) -> dict:
     env = {**os.environ, "TINKER_HOME": str(tmpdir / "home")}  # nothing lands in the user's store
     out = _subprocess("--child", spec, "@@result", env)
     return {**spec, "file": prepared["file"], "file_bytes": prepared["file_bytes"], **out}
+
+
+def parse_or_run_helper(parser: argparse.ArgumentParser, child_fn, prepare_fn) -> argparse.Namespace | None:
+    """Parses the command line with the hidden --child / --prepare JSON arguments _subprocess passes; runs
+    child_fn or prepare_fn on that JSON (and returns None) where one is given, else returns the arguments."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_fn(json.loads(args.child))
+    if args.prepare:
+        return prepare_fn(json.loads(args.prepare))
+    return args
 
 
 def summarize(r: dict) -> dict:
@@ -394,13 +448,9 @@ def main():
     parser.add_argument("--keep-file", metavar="PATH", help="the TinyLlama-shaped GGUF: reused if it exists, else "
                         "written there and kept (default: a temporary file, deleted at exit)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the raw per-phase numbers as JSON")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(json.loads(args.child))
-    if args.prepare:
-        return prepare(json.loads(args.prepare))
+    args = parse_or_run_helper(parser, child, prepare)
+    if args is None:
+        return
 
     names = ["smollm2", "tinyllama"] if args.scenario == "all" else [args.scenario]
     results = []
