@@ -139,3 +139,27 @@ def test_non_finite_custom_loss_is_refused(clients, value, match):
         tc.forward_backward_custom([datum()], loss_fn).result()
     assert_unchanged(tc, before)
     still_works(tc, sampler)
+
+
+def test_a_refused_pass_right_after_a_step_leaves_the_gradients_zero(clients, tiny_llama):
+    """Right after optim_step the gradients are zero and no copy of them is kept (it would cost 4 bytes per LoRA
+    parameter): a refused pass zeroes what it accumulated, and a shared pass of two clients does too."""
+    tc, sampler = clients
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    before = state(tc)
+    n = before[0].size // 4
+    assert not before[0][n:2 * n].any()
+    poison = datum(weights=np.full(N, 1e30, np.float32))
+    with pytest.raises(tinker.BadRequestError, match="gradients are unchanged"):
+        tc.forward_backward([poison], "cross_entropy").result()
+    assert_unchanged(tc, before)
+    # two clients' requests submitted together share a pass; it fails a check, so each runs alone
+    other = tinker.ServiceClient().create_lora_training_client(tiny_llama, rank=4).result()
+    other_before = state(other)
+    futures = [tc.forward_backward([poison], "cross_entropy"), other.forward_backward([datum()], "cross_entropy")]
+    with pytest.raises(tinker.BadRequestError):
+        futures[0].result()
+    assert futures[1].result().metrics["loss:sum"] > 0
+    assert_unchanged(tc, before)
+    assert state(other)[0][n:2 * n].any() and not other_before[0][n:2 * n].any()
+    still_works(tc, sampler)

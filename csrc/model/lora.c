@@ -124,6 +124,7 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
                         4.0 * (double)a->n_params * sizeof(float) / 1e6, cfg->rank);
     }
     carve(a, a->block);
+    a->grads_zero = 1;
     uint64_t rng = cfg->seed;
     for (int i = 0; i <= m->cfg.n_layers * TK_LORA_PER_LAYER; i++) { /* every layer's targets, then the unembed */
         const tk_lora_pair *p = i < m->cfg.n_layers * TK_LORA_PER_LAYER ? &a->layers[i] : &a->unembed;

@@ -53,6 +53,7 @@ typedef struct tk_adapter {
     size_t n_params;
     int64_t step;      /* AdamW steps taken */
     int frozen;        /* a snapshot for sampling: params only, no gradients or moments */
+    int grads_zero;    /* the gradients are all zero (just created or stepped): a failed pass zeroes them again */
     atomic_int refcount;
 } tk_adapter;
 

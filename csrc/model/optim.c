@@ -72,7 +72,8 @@ tk_status tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_param
                         "the accumulated gradients are unchanged; use a smaller learning_rate (or grad_clip_norm)",
                         values, p->learning_rate, out->grad_norm, (double)ADAPTER_VALUE_LIMIT);
     }
-    be->adamw(be, params, grads, m, v, n, &f);
+    be->adamw(be, params, grads, m, v, n, &f); /* (and zeroes the gradients) */
+    a->grads_zero = 1;
     a->step++;
     out->clip_scale = f.clip_scale;
     out->step = a->step;
