@@ -200,9 +200,10 @@ def vl_image_processor(min_pixels: int = VL_PIXELS[0], max_pixels: int = VL_PIXE
 
 
 def make_vl_checkpoint(directory, arch: str = "qwen3vl", *, dtype: torch.dtype = torch.float32, seed: int = 0,
-                       processor: bool = True, **config_kwargs):  # fmt: skip
+                       processor: bool = True, pixels: tuple[int, int] = VL_PIXELS, **config_kwargs):  # fmt: skip
     """Saves a tiny random Qwen3-VL checkpoint (config.json + model.safetensors, and the image processor's
-    preprocessor_config.json unless processor=False) under `directory`; returns (path, float32 reference)."""
+    preprocessor_config.json with the (min, max) `pixels` bounds unless processor=False) under `directory`; returns
+    (path, float32 reference)."""
     from transformers.utils import logging as hf_logging
 
     directory = Path(directory)
@@ -211,7 +212,7 @@ def make_vl_checkpoint(directory, arch: str = "qwen3vl", *, dtype: torch.dtype =
     hf_logging.disable_progress_bar()
     model.to(dtype).save_pretrained(directory, safe_serialization=True)
     if processor:
-        vl_image_processor().save_pretrained(directory)
+        vl_image_processor(*pixels).save_pretrained(directory)
     if dtype != torch.float32:
         model = type(model).from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
         if arch == "qwen3vlmoe":

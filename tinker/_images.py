@@ -6,7 +6,10 @@ URL); nothing is downloaded.
 
 Preprocessing is the Qwen2-VL-style image processor's (Qwen3-VL uses it), as transformers' Pillow backend does
 it, so the pixel values are the same float32 numbers:
-  1. to RGB: an image with transparency is composited over white, anything else converted by Pillow;
+  1. to RGB: an image with transparency is composited over white, anything else converted by Pillow; no EXIF
+     orientation is applied (the pixels as stored: the processor given the decoded image does not rotate it, and
+     the cookbook's image_to_chunk counts tokens from the stored size and re-encodes without EXIF; transformers'
+     load_image, for paths, URLs and base64, would rotate them and drop alpha without compositing);
   2. `smart_resize`: both sides to multiples of patch * merge, the pixel count brought into [min_pixels,
      max_pixels] keeping the aspect ratio (Python's round-half-to-even, the same double-precision steps);
   3. Pillow's bicubic resize on the uint8 image;

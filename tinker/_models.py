@@ -153,15 +153,16 @@ def _rope_kind(spec) -> str | None:
     return spec.get("rope_type", spec.get("type")) or "default"
 
 
-def _rope_from_hf(where: str, cfg: dict) -> dict:
+def _rope_from_hf(where: str, cfg: dict, default_theta: float = 10000.0) -> dict:
     """Rope theta and scaling from the v4 keys (rope_theta, rope_scaling) or v5's rope_parameters; as in
-    transformers, a legacy rope_scaling entry overrides rope_parameters."""
+    transformers, a legacy rope_scaling entry overrides rope_parameters (theta: the config class's default when
+    no key gives one)."""
     try:
         params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
         kind_of_params = _rope_kind(params)  # checked even where rope_scaling overrides it
         kind = _rope_kind(scaling) or kind_of_params or "default"
         merged = {**(params or {}), **(scaling or {})}
-        theta = _positive_float(where, "rope_theta", cfg.get("rope_theta", merged.get("rope_theta", 10000.0)))
+        theta = _positive_float(where, "rope_theta", cfg.get("rope_theta", merged.get("rope_theta", default_theta)))
         out = {"rope_theta": theta, "rope_scaling": 0}
         if kind == "default":
             return out
@@ -200,31 +201,48 @@ def _read_hf_config(directory: Path) -> tuple[Path, dict, dict]:
     return path, cfg, descriptor
 
 
+# transformers' class defaults of the language model's config keys where they differ from the generic ones below
+# (config.json written by transformers has every key; a hand-written one may not): {arch: {key: default}}
+_HF_TEXT_DEFAULTS = {
+    "qwen3moe": {"num_key_value_heads": 4, "max_position_embeddings": 32768},
+    "qwen3vl": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 128000, "rope_theta": 500000.0},
+    "qwen3vlmoe": {"num_key_value_heads": 16, "max_position_embeddings": 128000, "rope_theta": 500000.0},
+}
+# Qwen3-VL's config class defaults: the vision tower's deepstack taps, M-RoPE's sections
+_QWEN3VL_DEEPSTACK = [8, 16, 24]
+_QWEN3VL_MROPE_SECTION = [24, 20, 20]
+
+
 def _language_config(path: Path, cfg: dict, vision: bool) -> dict:
     """The object that describes the language model: config.json itself, or a vision-language model's
-    text_config (where the top-level tie_word_embeddings governs, as in transformers)."""
+    text_config (where the top-level tie_word_embeddings governs, as in transformers: the text config's own flag
+    is ignored, and an absent top-level one means untied, Qwen3VLConfig's default)."""
     if not vision:
         return cfg
     text = cfg.get("text_config")
     if not isinstance(text, dict):
         raise ModelLoadError(f"{path}: a {cfg.get('model_type')} config needs a text_config object, got "
                              f"{describe(text)}")
-    return {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+    return {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
 
 
 def _mrope_section(where: str, cfg: dict) -> list[int]:
-    """M-RoPE's [temporal, height, width] section sizes of a vision-language text config; only Qwen3-VL's
-    interleaved layout (mrope_interleaved true) is supported."""
+    """M-RoPE's [temporal, height, width] section sizes of a Qwen3-VL text config, as the engine takes them.
+
+    transformers' Qwen3-VL text rotary embedding always interleaves the three axes (frequency i takes its angle
+    from height when i % 3 == 1 and i < 3 * section[1], from width when i % 3 == 2 and i < 3 * section[2], else from
+    time), whatever mrope_interleaved says, and takes [24, 20, 20] when mrope_section is absent; so here. A
+    section past head_dim / 2 means the same as head_dim / 2 (every such frequency), and section[0] is not used
+    (it keeps M-RoPE on in the engine: all-zero sections are sent as [head_dim / 2, 0, 0], time alone)."""
     rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
-    section = rope.get("mrope_section")
-    half = (cfg.get("head_dim") or 0) // 2
+    section = rope.get("mrope_section", _QWEN3VL_MROPE_SECTION)
+    half = cfg["head_dim"] // 2
     if not isinstance(section, list) or len(section) != 3 or any(
-            isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= half for v in section):
-        raise ModelLoadError(f"{where}: rope mrope_section must be a list of 3 integers from 0 to head_dim / 2 "
-                             f"({half}), got {describe(section)}")
-    if rope.get("mrope_interleaved") is not True:
-        raise ModelLoadError(f"{where}: only interleaved M-RoPE (mrope_interleaved: true, as Qwen3-VL) is supported")
-    return section
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in section):
+        raise ModelLoadError(f"{where}: rope mrope_section must be a list of 3 non-negative integers, got "
+                             f"{describe(section)}")
+    section = [min(v, half) for v in section]
+    return section if any(section) else [half, 0, 0]
 
 
 def _hf_config(directory: Path) -> tuple[str, dict, bool]:
@@ -232,6 +250,7 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
     where = str(path)
     arch = descriptor["name"]
     cfg = _language_config(path, file_cfg, _arch.has_vision(arch))
+    defaults = _HF_TEXT_DEFAULTS.get(arch, {})
     fields = Fields(where, ModelLoadError)
     flags = {key: fields.get(cfg, key, optional(BOOL), None)
              for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings")}
@@ -253,22 +272,24 @@ def _hf_config(directory: Path) -> tuple[str, dict, bool]:
         "n_layers": need("num_hidden_layers"),
         "d_model": d_model,
         "n_heads": heads,
-        "n_kv_heads": _positive_int(where, "num_key_value_heads", cfg.get("num_key_value_heads") or heads),
-        "head_dim": _positive_int(where, "head_dim", cfg.get("head_dim") or d_model // heads),
+        "n_kv_heads": _positive_int(where, "num_key_value_heads",
+                                    cfg.get("num_key_value_heads", defaults.get("num_key_value_heads")) or heads),
+        "head_dim": _positive_int(where, "head_dim", cfg.get("head_dim", defaults.get("head_dim")) or d_model // heads),
         "d_ff": need("intermediate_size"),
         "vocab_size": need("vocab_size"),
-        "max_context": _positive_int(where, "max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
+        "max_context": _positive_int(where, "max_position_embeddings",
+                                     cfg.get("max_position_embeddings", defaults.get("max_position_embeddings", 2048))),
         "rms_eps": _positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
         "tied_embeddings": int(bool(flags["tie_word_embeddings"])),
         **{flag: int(on) for flag, on in descriptor["flags"].items()},  # qkv_bias, qk_norm, moe
-        **_rope_from_hf(where, cfg),
+        **_rope_from_hf(where, cfg, defaults.get("rope_theta", 10000.0)),
     }
     if config["moe"]:
         config.update(_hf_moe_config(where, cfg, config["n_layers"]))
         if config.get("vision"):  # Qwen3-VL-MoE's router renormalises its top k whatever norm_topk_prob says
             config["norm_topk_prob"] = 1
     if config.get("vision"):
-        config["mrope_section"] = _mrope_section(where, cfg)
+        config["mrope_section"] = _mrope_section(where, {**cfg, "head_dim": config["head_dim"]})
     return arch, config, bool(config["tied_embeddings"])
 
 
@@ -281,9 +302,18 @@ def _layer_list(where: str, key: str, value, n_layers: int) -> list[int]:
     return sorted(set(value))
 
 
+_SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
+
+
 def _hf_moe_config(where: str, cfg: dict, n_layers: int) -> dict:
     """The mixture-of-experts keys of a Qwen3-MoE config.json (transformers 5 saves num_experts as
     num_local_experts). Dense layers: those in mlp_only_layers, and those the decoder_sparse_step skips."""
+    for key in _SHARED_EXPERT_KEYS:  # Qwen2-MoE's / Qwen3-Next's / DeepSeek's: Qwen3-MoE has no shared expert
+        value = cfg.get(key)
+        if value not in (None, 0, False):
+            raise ModelLoadError(f"{where}: {key} is {describe(value)}, but this architecture has no shared expert "
+                                 f"(Qwen3-MoE and Qwen3-VL-MoE route every token to its top-k experts only); "
+                                 f"shared experts are not supported")
     experts = cfg.get("num_experts", cfg.get("num_local_experts"))
     if experts is None:
         raise ModelLoadError(f"{where}: the model config has no 'num_experts'")
@@ -467,11 +497,40 @@ def _transposed_slices(shape, offset: int, nbytes: int, roles) -> list[tuple]:
             for e in range(experts) for i, role in enumerate(roles)]
 
 
-def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int) -> list[tuple]:
+def _fused_shapes(arch: str, config: dict, roles) -> tuple[tuple, tuple]:
+    """(linear, transposed): a fused expert tensor's shape as [E, n * out, in] (transformers 5's in-memory layout,
+    used as linear(x, W[e])) and as [E, in, n * out] (Qwen3-VL-MoE's hub files, used as x @ W[e])."""
+    experts, rows, cols = _arch.shape_of(arch, roles[0], config)
+    return (experts, rows * len(roles), cols), (experts, cols, rows * len(roles))
+
+
+def _fused_orientations(arch: str, config: dict, headers) -> dict[int, bool]:
+    """{layer: stored transposed} from the layer's fused expert tensors whose shape tells the orientation (headers:
+    (path, {name: (dtype, shape, offset, nbytes)}) per file). It settles a fused tensor whose two orientations have
+    the same shape: gate_up_proj when 2 * moe_intermediate_size == hidden_size, down_proj when
+    moe_intermediate_size == hidden_size (never both), which its layer's other fused tensor then decides."""
+    found: dict[int, bool] = {}
+    for _, header in headers:
+        for name, (_, shape, _, _) in header.items():
+            fused = _arch.fused_of(arch, name)
+            if fused is None:
+                continue
+            linear, transposed = _fused_shapes(arch, config, fused[0])
+            if linear != transposed and tuple(shape) in (linear, transposed):
+                found.setdefault(fused[1], tuple(shape) == transposed)
+    return found
+
+
+def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: int, nbytes: int,
+                orientations: dict[int, bool] | None = None) -> list[tuple]:
     """(role, layer, expert, offset, nbytes, shape, col_stride) of the tensors a safetensors entry holds: one, or
     one per expert (and role) of a fused expert tensor, in either orientation: [E, n * out, in] (transformers 5's
     in-memory layout, used as linear(x, W[e])) or [E, in, n * out] (Qwen3-VL-MoE's files, used as x @ W[e]),
-    told apart by the shapes (a square case is read as the first)."""
+    told apart by the shapes. Where both orientations have the same shape (2 * moe_intermediate_size ==
+    hidden_size for gate_up_proj, moe_intermediate_size == hidden_size for down_proj), the orientation of the
+    layer's other fused tensor decides (`orientations`, _fused_orientations); without one, the first form is read,
+    as transformers 5 reads it. (transformers 5.25's loader itself decides each tensor by its own shape alone, so it
+    reads such a square tensor of a hub-layout file untransposed: the engine follows the file's evident layout.)"""
     found = _arch.locate(arch, "hf", name)
     if found is not None:
         role, layer, expert = found
@@ -481,9 +540,8 @@ def _hf_entries(path: Path, arch: str, config: dict, name: str, shape, offset: i
         raise ModelLoadError(f"{path}: tensor {name!r} is not part of the {arch} architecture the engine "
                              f"runs (unexpected or unsupported weight)")
     roles, layer = fused
-    experts, rows, cols = _arch.shape_of(arch, roles[0], config)
-    want, transposed = (experts, rows * len(roles), cols), (experts, cols, rows * len(roles))
-    if tuple(shape) == transposed != want:
+    want, transposed = _fused_shapes(arch, config, roles)
+    if tuple(shape) == transposed and (want != transposed or (orientations or {}).get(layer, False)):
         return [(role, layer, e, off, size, sh, stride) for role, e, off, size, sh, stride in
                 _transposed_slices(shape, offset, nbytes, roles)]
     return [(role, layer, e, off, size, sh, 0) for role, e, off, size, sh in
@@ -546,7 +604,7 @@ def _vision_config(where: str, file_cfg: dict, text: dict) -> dict:
     if out["out_hidden"] != text["hidden_size"]:
         raise ModelLoadError(f"{w}: out_hidden_size {out['out_hidden']} must equal the language model's hidden_size "
                              f"{text['hidden_size']}")
-    deep = v.get("deepstack_visual_indexes", [])
+    deep = v.get("deepstack_visual_indexes", _QWEN3VL_DEEPSTACK)  # (absent: Qwen3VLVisionConfig's default)
     if not isinstance(deep, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < out["depth"]
                                          for i in deep) or len(set(deep)) != len(deep):
         raise ModelLoadError(f"{w}: deepstack_visual_indexes must be distinct block indices from 0 to "
@@ -651,8 +709,10 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
     files = _safetensors_files(source.path)
     tensors = []
     vision_found = {}
-    for file_index, path in enumerate(files):
-        for name, (dtype, shape, offset, nbytes) in read_safetensors_header(path).items():
+    headers = [(path, read_safetensors_header(path)) for path in files]
+    orientations = _fused_orientations(arch, config, headers) if config.get("moe") else {}
+    for file_index, (path, header) in enumerate(headers):
+        for name, (dtype, shape, offset, nbytes) in header.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed from the config
             vision = _arch.locate_vision(arch, name) if config.get("vision") else None
@@ -663,7 +723,7 @@ def _hf_spec(source: ModelSource) -> ModelSpec:
                 continue
             if dtype not in _SAFETENSORS_TYPES:  # (a string: checked with the header)
                 raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
-            entries = _hf_entries(path, arch, config, name, shape, offset, nbytes)
+            entries = _hf_entries(path, arch, config, name, shape, offset, nbytes, orientations)
             if entries[0][0] == "lm_head" and tied:
                 continue  # tied: the output projection is the embedding (HF ignores a stored copy)
             for role, layer, expert, off, size, sh, stride in entries:
