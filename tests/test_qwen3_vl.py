@@ -433,7 +433,7 @@ def test_greedy_sampling_with_an_image_equals_generate(vl):
     trainer = service.create_lora_training_client(base_model=str(path), rank=4).result()
     values = rt.random_adapter_values({k: v.shape for k, v in trainer._adapter.parameters().items()}, seed=5, gain=1.0)
     trainer._adapter.set_parameters(values)
-    sampler = trainer.save_weights_and_get_sampling_client("vl-greedy")
+    sampler = trainer.save_weights_and_get_sampling_client()
     peft_model = rt.peft_model(ref, 4)
     rt.load_adapter_values(peft_model, values)
     name, mi = inputs_with_images()[1]
