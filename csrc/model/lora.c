@@ -179,15 +179,17 @@ void tk_adapter_release(tk_adapter *a)
 /* ---- the LoRA math --------------------------------------------------------------------------- */
 
 void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu)
+                     int ldx, int T, float *u, int ldu, int decoding)
 {
     const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
     if (!p0->A) return;
     int R = ad->cfg.rank;
-    be->matmul_nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
+    void (*const nt)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float, float) =
+        decoding ? be->matmul_nt_decode : be->matmul_nt;
+    nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
     for (int j = 0; j < g->n; j++) {
         const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
-        be->matmul_nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+        nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
     }
 }
 

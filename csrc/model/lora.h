@@ -85,9 +85,10 @@ typedef struct {
 } tk_lora_group;
 
 /* y_j += u_j B_j^T for each target j, with u = scale x [A_0; ...; A_n-1]^T [T, nR] kept for the backward
- * pass (u points at the group's first target's columns). */
+ * pass (u points at the group's first target's columns). `decoding`: the rows of a decoding step
+ * (matmul_nt_decode). */
 void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu);
+                     int ldx, int T, float *u, int ldu, int decoding);
 /* Given each target's dy: t_j = dy_j B_j into t [T, nR] (scratch), dB_j += dy_j^T u_j, then with the
  * stacked A: dx += scale t A (when dx != NULL) and dA += scale t^T x. The base part of dx is the caller's. */
 void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
