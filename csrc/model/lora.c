@@ -92,6 +92,9 @@ static void init_a(float *A, size_t n, int in, uint64_t *rng)
     }
 }
 
+/* Adapter uids start at 1 (0 is the base model in prefix-cache keys). */
+static atomic_uint_fast64_t next_uid = 1;
+
 tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config *cfg)
 {
     *out = NULL;
@@ -105,6 +108,7 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     tk_model_retain(m);
     a->cfg = *cfg;
     a->scale = TK_LORA_ALPHA / (float)cfg->rank;
+    a->uid = atomic_fetch_add(&next_uid, 1);
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)m->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = a->layers ? carve(a, NULL) : 0;
@@ -147,6 +151,7 @@ tk_status tk_adapter_snapshot(tk_adapter **out, const tk_adapter *src)
     a->cfg = src->cfg;
     a->scale = src->scale;
     a->frozen = 1;
+    a->uid = atomic_fetch_add(&next_uid, 1);
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)a->model->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = src->n_params;

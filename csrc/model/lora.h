@@ -53,6 +53,9 @@ typedef struct tk_adapter {
     size_t n_params;
     int64_t step;      /* AdamW steps taken */
     int frozen;        /* a snapshot for sampling: params only, no gradients or moments */
+    uint64_t uid;      /* unique in the process (never reused, unlike the address): the prefix cache's key */
+    uint64_t version;  /* bumped whenever the parameters change (optim_step, a state write): cached keys and
+                        * values of an older version are never reused (prefix_cache.h) */
     atomic_int refcount;
 } tk_adapter;
 

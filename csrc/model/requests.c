@@ -845,6 +845,7 @@ static tk_status adapter_io_run(void *p, tk_exec *exec)
         else be->download(be, io->data + at, array, n * sizeof(float));
         at += n;
     }
+    if (io->write && (io->parts & 1)) a->version++; /* new parameters (prefix_cache.h) */
     if (io->write && (io->parts & 4)) a->step = io->step;
     if (!io->write) io->step = a->step;
     return TK_OK;
