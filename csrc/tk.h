@@ -16,6 +16,7 @@
  *   model/optim.h      AdamW
  *   model/requests.h   load, forward, forward_backward, optim_step, adapter reads/writes
  *   model/generate.h   sample requests
+ *   model/prefix_cache.h  the model's cache of prompt prefixes' keys and values (stats, limit)
  */
 #ifndef TK_H
 #define TK_H
@@ -30,6 +31,7 @@
 #include "model/model.h"
 #include "model/requests.h"
 #include "model/generate.h"
+#include "model/prefix_cache.h"
 #include "model/vision.h"
 
 #endif

@@ -456,6 +456,50 @@ def test_same_tokens_different_images_sampled_together(vl):
     assert alone[0].prompt_logprobs[-1] != alone[1].prompt_logprobs[-1]
 
 
+def test_prefix_cache_sampling_skips_prompts_with_images(vl):
+    """The prefix cache (csrc/model/prefix_cache.h) never serves nor stores a prompt with images (its keys and
+    values depend on the image features and M-RoPE positions, not only its token ids); text prompts on a
+    vision-language model use it. A cohort that prefills an image prompt beside a text prompt resumed after its
+    cached prefix gives each what it gets alone (the packed positions: the image prompt's own, the text prompt's
+    counted on from its cached rows)."""
+    from tinker._engine import get_engine
+    from tinker._sampling import submit_sample
+
+    path, _, model = vl
+    text = [20 + i % 40 for i in range(40)]  # 2 whole blocks of 16
+    image = _multimodal.engine_input(model, prompt(text + [VS], image_bytes(70, 45, 3), [VE, 6]), "image")
+    first, second = text + [7, 8, 9], text + [9, 8]
+
+    def submit(p):
+        return submit_sample(model, p, max_tokens=6, temperature=0.0, stop=[])
+
+    def run(pending):
+        raw = pending._request.result()
+        seq = pending.result().sequences[0]
+        return raw["cached_tokens"], seq.tokens, seq.logprobs
+
+    model.handle.set_prefix_cache_limit(0)
+    want = [run(submit(p)) for p in (image, second)]
+    model.handle.set_prefix_cache_limit(256 << 20)
+    blocks = model.handle.prefix_cache_stats()["blocks"]
+    assert run(submit(image)) == want[0] and model.handle.prefix_cache_stats()["blocks"] == blocks  # not stored
+    assert run(submit(first))[0] == 0  # text: stored ...
+    assert model.handle.prefix_cache_stats()["blocks"] == blocks + 2
+    assert run(submit(image)) == want[0]  # ... but never served to the image prompt with the same leading tokens
+    # one cohort: the image prompt prefilled whole beside the text prompt resumed after its 32 cached tokens
+    blocker = get_engine().forward(model.handle, np.tile(np.arange(1, 60, dtype=np.int32), 40),
+                                   np.full(40, 59, dtype=np.int32))
+    pending = [submit(image), submit(second)]
+    blocker.result()
+    got = [run(p) for p in pending]
+    assert pending[0]._request.result()["group"][:2] == (2, 2)
+    assert [g[0] for g in got] == [0, 32]
+    # decoding two sequences a step multiplies this float32 model's weights by 2 rows at once (sgemm), one
+    # alone by 1 (a streamed dot product): the last bits of the logits differ (not the prefill's doing)
+    for g, w in zip(got, want):
+        assert g[1] == w[1] and np.allclose(g[2], w[2], rtol=0, atol=1e-5)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------------
 
 

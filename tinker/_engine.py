@@ -8,6 +8,8 @@ LoadedModel runs forward passes and hands out its tokenizer.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from functools import cached_property
 
@@ -190,6 +192,24 @@ def load_model(name: str) -> LoadedModel:
         return _models[key]
 
 
+def prefix_cache_limit() -> int | None:
+    """The bound in bytes of each model's prompt-prefix cache from $TINKER_PREFIX_CACHE_MB (MiB; 0 disables it), or
+    None for the engine's default (256 MiB). Sample requests whose prompts start with the same tokens under the
+    same weights reuse those tokens' keys and values (csrc/model/prefix_cache.h)."""
+    raw = os.environ.get("TINKER_PREFIX_CACHE_MB", "").strip()
+    if not raw:
+        return None
+    try:
+        mb = float(raw)
+        if not 0 <= mb < 2**40:
+            raise ValueError
+    except ValueError:
+        logging.getLogger("tinker").warning("TINKER_PREFIX_CACHE_MB=%r is not a size in MiB (a number >= 0; 0 turns "
+                                            "the prefix cache off): using the default", raw)
+        return None
+    return int(mb * 2**20)
+
+
 def _load(name: str, source) -> LoadedModel:
     spec = model_spec(source)
     try:
@@ -197,4 +217,7 @@ def _load(name: str, source) -> LoadedModel:
     except (OSError, ValueError, OverflowError, MemoryError) as e:
         where = str(spec.source.path)
         raise ModelLoadError(str(e) if where in str(e) else f"cannot load {name!r} ({where}): {e}") from e
+    limit = prefix_cache_limit()
+    if limit is not None:
+        handle.set_prefix_cache_limit(limit)
     return LoadedModel(spec, handle)

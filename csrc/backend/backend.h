@@ -86,8 +86,9 @@ struct tk_backend {
     /* The same for the rows of a decoding step (one token per sequence, T small): a kernel that streams W
      * once for all rows. The CPU backend's keeps each row's result independent of the other rows up to 64
      * rows of Q4_0 / Q4_1 / Q8_0 (8 of other block types, 1 of F32); past that it is matmul_w. Prefill and
-     * training always use matmul_w, so which kernel a prompt goes through never depends on how many
-     * prompts share its pass (sgemm's own blocking still varies its rounding with the row count). */
+     * training always use matmul_w, whose rows come out bit for bit the same whatever rows share the call
+     * (every type sums each output alone in k order: tgemm), so a prompt's rows never depend on how many
+     * prompts, or cached rows before it, share its pass. */
     void (*matmul_w_decode)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                             float alpha, float beta);
     /* y[T, cols] = alpha * x[T, rows] . W + beta * y     (input gradients: dx = dy . W) */
@@ -104,9 +105,15 @@ struct tk_backend {
                                const int32_t *start, int n_groups, float alpha, float beta);
 
     /* ---- matmuls on float32 tensors (LoRA) ---- */
-    /* y[T, N] = alpha * x[T, K] . w[N, K]^T + beta * y   (projections; w rows contiguous) */
+    /* y[T, N] = alpha * x[T, K] . w[N, K]^T + beta * y   (projections; w rows contiguous). Each row's result
+     * does not depend on the other rows of the call (bit for bit), so a prompt's rows come out the same however
+     * many other rows (prompts, or the cached prefix of a resumed prefill) share the pass. */
     void (*matmul_nt)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
                       int K, float alpha, float beta);
+    /* The same for the rows of a decoding step (T small): the kernel fastest there, whose rows may round
+     * differently with T. */
+    void (*matmul_nt_decode)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T,
+                             int N, int K, float alpha, float beta);
     /* y[T, N] = alpha * x[T, K] . w[K, N] + beta * y    (input gradients: dx = dy . W) */
     void (*matmul_nn)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                       int N, int K, float alpha, float beta);
@@ -225,6 +232,17 @@ struct tk_backend {
                              const tk_kv_view *views, int n, int n_heads, int n_kv_heads, int head_dim,
                              int ld_kv, float *work);
     size_t (*attention_decode_workspace)(tk_backend *be, int max_keys);
+    /* A prefill resumed over cached rows (a prompt whose prefix's keys and values came from the prefix cache):
+     * sequence i's new rows are rows seq_start[i] .. seq_start[i+1] of q (len of them), at positions
+     * views[i].n1 - len .. views[i].n1 - 1, and attend causally to the keys and values views[i].k1 / v1 rows
+     * [0, n1) (rows of ld_kv floats: the cached rows, then the new ones, already written; n0 must be 0). Each
+     * row's result is bit for bit what attention gives it in a prefill of the whole sequence: the query blocks
+     * are the ones attention takes from position 0, a block's rows before the first new one computed as zeros
+     * and dropped. */
+    void (*attention_cached)(tk_backend *be, float *out, int ldo, const float *q, int ldq, const tk_kv_view *views,
+                             const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                             int ld_kv, float *work);
+    size_t (*attention_cached_workspace)(tk_backend *be, int max_keys, int head_dim);
 };
 
 

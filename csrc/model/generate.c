@@ -2,6 +2,11 @@
  * prompts are prefilled in one packed pass of the layer recipe, then every
  * sample decodes in shared steps (the same recipe over the caches), each
  * step's tokens chosen by sampler.c; prompt scores and stop conditions.
+ * Before the prefill, each text prompt's longest cached prefix (prefix_cache.h)
+ * is copied into its prompt cache and only the rest is prefilled (a resumed
+ * prefill, tk_batch.resumed); prefixes that prompts admitted together share
+ * and the cache lacks are prefilled once first (the lead pass). After it,
+ * every text prompt's whole blocks go into the cache.
  */
 #include "generate.h"
 
@@ -12,6 +17,7 @@
 #include "../backend/backend.h"
 #include "head.h"
 #include "mm.h"
+#include "prefix_cache.h"
 #include "transformer.h"
 
 typedef struct {
@@ -29,6 +35,7 @@ typedef struct {
     /* results */
     int group_requests, group_prompts; /* its cohort: requests admitted with it, distinct prompts prefilled */
     int joined;                        /* 1: it joined a decode already running */
+    int cached_tokens;                 /* prompt tokens whose keys and values came from the prefix cache */
     int remaining;                     /* samples still decoding (it finishes at 0) */
     const atomic_int *cancelled;       /* its request's cancel flag */
     int32_t *tokens;          /* [num_samples, max_tokens] */
@@ -314,11 +321,12 @@ static void sequence_done(session *S, sequence *q)
     cohort_release(S, q->co);
 }
 
-/* The prefill's image inputs: the distinct prompts' (reqs[first_req[u]] for u < n_u, tokens from starts[u])
- * packed as their tokens are. Embedding rows are renumbered into one table, deepstack blocks regrouped per layer
- * (a prompt with fewer blocks adds zeros), and a prompt without positions of its own counts them from 0 on every
- * axis. The packed embed rows and positions are host arrays the batch points at; the features go to `dev`
- * (prefill_mm_floats of device scratch) through `host` (as many floats of host memory). */
+/* The prefill's image inputs: the distinct prompts' (reqs[first_req[u]] for u < n_u, their new tokens at batch
+ * rows starts[u] .., past[u] of them cached before: only text prompts have any) packed as their tokens are.
+ * Embedding rows are renumbered into one table, deepstack blocks regrouped per layer (a prompt with fewer blocks
+ * adds zeros), and a prompt without positions of its own counts them from past[u] on every axis. The packed
+ * embed rows and positions are host arrays the batch points at; the features go to `dev` (prefill_mm_floats of
+ * device scratch) through `host` (as many floats of host memory). */
 typedef struct {
     int n_embeds, n_deepstack;
     int32_t *embed_row; /* [total_p] or NULL */
@@ -334,7 +342,7 @@ static size_t prefill_mm_floats(const prefill_mm *pm, int D)
 }
 
 static tk_status pack_prefill_mm(prefill_mm *pm, sample_payload **reqs, const int *first_req, int n_u,
-                                 const int32_t *starts, int D)
+                                 const int32_t *starts, const int *past, int D)
 {
     memset(pm, 0, sizeof *pm);
     int any_pos = 0, total_p = starts[n_u];
@@ -360,7 +368,8 @@ static tk_status pack_prefill_mm(prefill_mm *pm, sample_payload **reqs, const in
             pm->embed_row[starts[u] + t] = mm->embed_row && mm->embed_row[t] >= 0 ? row0 + mm->embed_row[t] : -1;
         for (int t = 0; pm->pos && t < P; t++)
             for (int k = 0; k < TK_MM_POS_DIMS; k++)
-                pm->pos[(size_t)(starts[u] + t) * TK_MM_POS_DIMS + k] = mm->pos ? mm->pos[t * TK_MM_POS_DIMS + k] : t;
+                pm->pos[(size_t)(starts[u] + t) * TK_MM_POS_DIMS + k] =
+                    mm->pos ? mm->pos[t * TK_MM_POS_DIMS + k] : past[u] + t;
         size_t n = (size_t)mm->n_embeds * (size_t)D, at = (size_t)row0 * (size_t)D;
         if (n) memcpy(pm->host + at, mm->embeds, n * sizeof(float));
         for (size_t k = 0; k < (size_t)mm->n_deepstack; k++)
@@ -380,21 +389,204 @@ static void place_prefill_mm(tk_batch *b, const prefill_mm *pm, tk_backend *be, 
     if (pm->n_deepstack) b->deepstack = dev + (size_t)pm->n_embeds * D, b->n_deepstack = pm->n_deepstack;
 }
 
-/* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts, the prompt scores, and
- * the first token of every sample; the unfinished samples join the live set. */
+/* ---- the prefix cache (prefix_cache.h) ------------------------------------------------------------ */
+
+/* A prompt with image inputs: its keys and values depend on its features and positions, not only its tokens,
+ * so it neither reuses nor fills the prefix cache. */
+static int has_images(const sample_payload *sp) { return sp->mm.n_embeds || sp->mm.pos || sp->mm.pos_delta; }
+
+/* Whose weights computed a prompt's keys and values. An adapter of the unembedding alone leaves them the base
+ * model's, so it shares the base model's blocks. */
+static tk_prefix_key prefix_key(const tk_adapter *ad)
+{
+    if (!ad || (!ad->cfg.train_attn && !ad->cfg.train_mlp)) return (tk_prefix_key){0, 0};
+    return (tk_prefix_key){ad->uid, ad->version};
+}
+
+/* A cohort's distinct prompts (reqs[first[u]] holds prompt u) and where their rows come from. */
+typedef struct {
+    sample_payload **reqs;
+    const int *first;
+    int n;
+    int *usable;     /* [n] may start from cached rows: text, and no request of it wants prompt scores (those need
+                      * the logits of every position) */
+    int *past;       /* [n] rows it has before the main prefill: from the prefix cache or the lead pass */
+    int *cached;     /* [n] of those, from the prefix cache */
+    int *lead;       /* [n] > 0: it prefills its first lead[u] tokens in the lead pass, for the others */
+} prompt_plan;
+
+static const sample_payload *prompt_of(const prompt_plan *pl, int u) { return pl->reqs[pl->first[u]]; }
+
+static int same_key(tk_prefix_key a, tk_prefix_key b) { return a.adapter == b.adapter && a.version == b.version; }
+
+/* The cached rows each usable prompt starts from (whole blocks, its last token always left to prefill: the first
+ * sample token comes from its logits); hits[u] pins the run until it is read. */
+static void find_prefixes(tk_prefix_cache *pc, prompt_plan *pl, const int *uniq, int n_req, tk_prefix_node **hits)
+{
+    for (int u = 0; u < pl->n; u++) pl->usable[u] = 0, pl->past[u] = pl->cached[u] = pl->lead[u] = 0, hits[u] = NULL;
+    if (!pc || !tk_prefix_cache_enabled(pc)) return;
+    for (int u = 0; u < pl->n; u++) pl->usable[u] = !has_images(prompt_of(pl, u));
+    for (int r = 0; r < n_req; r++)
+        if (pl->reqs[r]->prompt_lp || pl->reqs[r]->topk_ids) pl->usable[uniq[r]] = 0;
+    for (int u = 0; u < pl->n; u++) {
+        const sample_payload *sp = prompt_of(pl, u);
+        if (pl->usable[u])
+            pl->past[u] = pl->cached[u] = tk_prefix_cache_lookup(pc, prefix_key(sp->adapter), sp->prompt,
+                                                                 sp->prompt_len, sp->prompt_len - 1, &hits[u]);
+    }
+}
+
+/* Copies each pinned run into its prompt's rows of the cohort's prompt cache (co->prompt_k / v [L][total_p][KV],
+ * prompt u from row starts[u]) and unpins it. */
+static void read_prefixes(tk_prefix_cache *pc, tk_backend *be, int n_u, tk_prefix_node **hits, const cohort *co,
+                          const int32_t *starts, int KV, size_t stride)
+{
+    for (int u = 0; u < n_u; u++) {
+        if (!hits[u]) continue;
+        size_t at = (size_t)starts[u] * (size_t)KV;
+        tk_prefix_cache_read(pc, be, hits[u], co->prompt_k + at, co->prompt_v + at, stride);
+        tk_prefix_cache_unpin(pc, be, hits[u]);
+        hits[u] = NULL;
+    }
+}
+
+static void unpin_prefixes(tk_prefix_cache *pc, tk_backend *be, tk_prefix_node **hits, int n_u)
+{
+    for (int u = 0; u < n_u; u++) tk_prefix_cache_unpin(pc, be, hits[u]), hits[u] = NULL;
+}
+
+/* Whole blocks at the start of two prompts that are the same, each keeping its last token to prefill. */
+static int common_blocks(const sample_payload *a, const sample_payload *b)
+{
+    int max = (a->prompt_len < b->prompt_len ? a->prompt_len : b->prompt_len) - 1, n = 0;
+    while (n < max && a->prompt[n] == b->prompt[n]) n++;
+    return n / TK_PREFIX_BLOCK * TK_PREFIX_BLOCK;
+}
+
+/* Prompts of one cohort that share a prefix the cache does not have would each prefill it (their lookups all
+ * come before any of them fills the cache). Instead one of them, the leader, prefills it in a pass of its own
+ * that goes into the cache, and the others read it from there as if an earlier request had cached it. A prompt
+ * shares share[u] tokens (the most whole blocks it has in common with another usable prompt under the same
+ * weights); the longest shares are placed first, so one leader serves every shorter share it covers. Sets
+ * lead[u] for the leaders; returns how many there are. */
+static int plan_leads(prompt_plan *pl, int *share)
+{
+    int n = pl->n, order[n], n_lead = 0;
+    for (int u = 0; u < n; u++) share[u] = 0, order[u] = u;
+    for (int u = 0; u < n; u++)
+        for (int v = u + 1; pl->usable[u] && v < n; v++) {
+            tk_prefix_key ku = prefix_key(prompt_of(pl, u)->adapter), kv = prefix_key(prompt_of(pl, v)->adapter);
+            if (!pl->usable[v] || !same_key(ku, kv)) continue;
+            int c = common_blocks(prompt_of(pl, u), prompt_of(pl, v));
+            if (c > share[u]) share[u] = c;
+            if (c > share[v]) share[v] = c;
+        }
+    for (int i = 1; i < n; i++) /* by share, longest first (stable) */
+        for (int j = i; j > 0 && share[order[j]] > share[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1], order[j - 1] = t;
+        }
+    for (int i = 0; i < n; i++) {
+        int u = order[i], covered = 0;
+        if (share[u] <= pl->past[u]) continue;
+        const sample_payload *a = prompt_of(pl, u);
+        for (int l = 0; l < n && !covered; l++) {
+            const sample_payload *b = prompt_of(pl, l);
+            covered = pl->lead[l] >= share[u] && same_key(prefix_key(a->adapter), prefix_key(b->adapter)) &&
+                      memcmp(a->prompt, b->prompt, (size_t)share[u] * sizeof *a->prompt) == 0;
+        }
+        if (!covered) pl->lead[u] = share[u], n_lead++;
+    }
+    return n_lead;
+}
+
+/* Caches prompt u's whole blocks among its first n tokens from its rows of the cohort's prompt cache. */
+static void fill_prefix(tk_prefix_cache *pc, tk_backend *be, const sample_payload *sp, int n, const cohort *co,
+                        int32_t start, int KV, size_t stride)
+{
+    size_t at = (size_t)start * (size_t)KV;
+    tk_prefix_cache_insert(pc, be, prefix_key(sp->adapter), sp->prompt, n, co->prompt_k + at, co->prompt_v + at,
+                           stride);
+}
+
+/* The lead pass (plan_leads): each leader's tokens past[l] .. lead[l] prefilled into its prompt rows (after the
+ * rows it had from the cache) and cached; then the prompts that share them look up again and read them. Runs
+ * only when it can: scratch it cannot get means the prompts prefill their shares themselves. */
+static void lead_pass(session *S, prompt_plan *pl, const int *share, const cohort *co, const int32_t *starts,
+                      size_t stride)
+{
+    const tk_model *m = S->m;
+    tk_backend *be = S->exec->backend;
+    tk_prefix_cache *pc = m->prefix_cache;
+    const int n = pl->n, D = m->cfg.d_model, KV = m->cfg.n_kv_heads * m->cfg.head_dim;
+    int32_t seq_start[n + 1];
+    tk_kv_seq kvs[n];
+    const tk_adapter *ads[n];
+    int n_seqs = 0, total = 0, resumed = 0;
+    for (int u = 0; u < n; u++) total += pl->lead[u] ? pl->lead[u] - pl->past[u] : 0;
+    int32_t *tokens = malloc((size_t)total * sizeof *tokens);
+    seq_start[0] = 0;
+    for (int u = 0; tokens && u < n; u++) {
+        if (!pl->lead[u]) continue;
+        const sample_payload *sp = prompt_of(pl, u);
+        size_t at = (size_t)starts[u] * (size_t)KV;
+        int n_new = pl->lead[u] - pl->past[u];
+        memcpy(tokens + seq_start[n_seqs], sp->prompt + pl->past[u], (size_t)n_new * sizeof *tokens);
+        kvs[n_seqs] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + at, co->prompt_v + at, pl->past[u], 0, stride};
+        ads[n_seqs] = sp->adapter;
+        resumed |= pl->past[u] > 0;
+        seq_start[n_seqs + 1] = seq_start[n_seqs] + n_new;
+        n_seqs++;
+    }
+    tk_batch b = {.n_seqs = n_seqs, .n_tokens = total, .tokens = tokens, .seq_start = seq_start, .adapters = ads,
+                  .kv = kvs, .resumed = resumed};
+    float *work = tokens ? tk_exec_scratch(S->exec, (size_t)total * D + tk_transformer_workspace(m, be, &b, 0) + 16)
+                         : NULL;
+    if (!work) { /* not an error: the prompts prefill their shares themselves */
+        for (int u = 0; u < n; u++) pl->lead[u] = 0;
+        free(tokens);
+        return;
+    }
+    tk_transformer_forward(work, m, be, &b, NULL, work + (size_t)total * D);
+    free(tokens);
+    tk_prefix_cache_count_prefill(pc, total);
+    for (int u = 0; u < n; u++)
+        if (pl->lead[u]) {
+            fill_prefix(pc, be, prompt_of(pl, u), pl->lead[u], co, starts[u], KV, stride);
+            pl->past[u] = pl->lead[u];
+        }
+    tk_prefix_node *hits[n];
+    for (int u = 0; u < n; u++) {
+        const sample_payload *sp = prompt_of(pl, u);
+        hits[u] = NULL;
+        if (pl->lead[u] || share[u] <= pl->past[u]) continue;
+        pl->past[u] = pl->cached[u] = tk_prefix_cache_lookup(pc, prefix_key(sp->adapter), sp->prompt, sp->prompt_len,
+                                                             sp->prompt_len - 1, &hits[u]);
+    }
+    read_prefixes(pc, be, n, hits, co, starts, KV, stride);
+}
+
+/* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts (each from the rows the
+ * prefix cache has of it, or the lead pass prefilled for it), the prompt scores, and the first token of every
+ * sample; the unfinished samples join the live set. */
 static tk_status admit(session *S, sample_payload **reqs, int n_req)
 {
     const tk_model *m = S->m;
     tk_backend *be = S->exec->backend;
+    tk_prefix_cache *pc = m->prefix_cache;
     const tk_model_config *c = &m->cfg;
     const int V = c->vocab_size, D = c->d_model, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
     int uniq[n_req], first_req[n_req];
     int n_u = distinct_prompts(reqs, n_req, uniq, first_req);
+    int usable[n_u], past[n_u], cached[n_u], lead[n_u], share[n_u];
+    prompt_plan pl = {reqs, first_req, n_u, usable, past, cached, lead};
+    tk_prefix_node *hits[n_u];
+    find_prefixes(pc, &pl, uniq, n_req, hits);
     const tk_adapter *req_ads[n_req];
     for (int r = 0; r < n_req; r++) req_ads[r] = reqs[r]->adapter;
     const tk_adapter *widest = widest_unembed(req_ads, n_req);
     float *h_rows[n_req], *last_rows[n_req];
-    int total_p = 0, n_seq = 0, max_new = 1, max_stop = 1;
+    int total_p = 0, total_new = 0, resumed = 0, n_seq = 0, max_new = 1, max_stop = 1;
     prefill_mm pm = {0};
     for (int u = 0; u < n_u; u++) total_p += reqs[first_req[u]]->prompt_len;
     for (int r = 0; r < n_req; r++) {
@@ -408,7 +600,9 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     S->admitted += n_req;
     size_t prompt_stride = (size_t)total_p * KV, own_stride = (size_t)max_new * KV, own = (size_t)L * own_stride;
     cohort *co = calloc(1, sizeof *co);
+    /* starts: each prompt's rows in the prompt cache; rows: its new rows in the prefill batch (and in h) */
     int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_u + 1) * sizeof *starts);
+    int32_t *rows_at = malloc(((size_t)n_u + 1) * sizeof *rows_at);
     tk_kv_seq *kvs = malloc((size_t)n_u * sizeof *kvs);
     const tk_adapter **ads = malloc((size_t)n_u * sizeof *ads); /* the prompts' */
     if (max_stop > S->max_stop) {
@@ -424,45 +618,60 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     }
     tk_status status = TK_OK;
     size_t rows = (size_t)(n_req > 64 ? n_req : 64); /* prompt-score chunks and the first tokens */
-    if (!co || !co->prompt_k || !co->prompt_v || !co->own_kv || !co->tails || !tokens || !starts || !kvs || !ads ||
-        !S->buf || !session_reserve(S, n_seq) || !session_host_logits(S, rows)) {
+    if (!co || !co->prompt_k || !co->prompt_v || !co->own_kv || !co->tails || !tokens || !starts || !rows_at ||
+        !kvs || !ads || !S->buf || !session_reserve(S, n_seq) || !session_host_logits(S, rows)) {
         status = tk_error(TK_ERR_NOMEM, "sample: out of memory for %d sequences", n_seq);
         goto done;
     }
 
-    /* 1. prefill every distinct prompt in one packed forward pass, filling the prompt caches */
+    /* 1. each prompt's first rows: the cached ones copied into its prompt cache, then (lead pass) the prefixes
+     * prompts of this cohort share and the cache lacked */
     starts[0] = 0;
+    for (int u = 0; u < n_u; u++) starts[u + 1] = starts[u] + reqs[first_req[u]]->prompt_len;
+    read_prefixes(pc, be, n_u, hits, co, starts, KV, prompt_stride);
+    if (pc && plan_leads(&pl, share) > 0) lead_pass(S, &pl, share, co, starts, prompt_stride);
+    for (int r = 0; r < n_req; r++) reqs[r]->cached_tokens = cached[uniq[r]];
+
+    /* 2. prefill every distinct prompt's other rows in one packed forward pass, filling the rest of its cache */
+    rows_at[0] = 0;
     for (int u = 0; u < n_u; u++) {
         const sample_payload *sp = reqs[first_req[u]];
-        memcpy(tokens + starts[u], sp->prompt, (size_t)sp->prompt_len * sizeof *tokens);
-        starts[u + 1] = starts[u] + sp->prompt_len;
+        memcpy(tokens + rows_at[u], sp->prompt + past[u], (size_t)(sp->prompt_len - past[u]) * sizeof *tokens);
+        rows_at[u + 1] = rows_at[u] + sp->prompt_len - past[u];
         ads[u] = sp->adapter;
-        kvs[u] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + (size_t)starts[u] * KV, co->prompt_v + (size_t)starts[u] * KV,
-                             0, 0, prompt_stride};
+        size_t at = (size_t)starts[u] * KV;
+        kvs[u] = (tk_kv_seq){NULL, NULL, 0, co->prompt_k + at, co->prompt_v + at, past[u], 0, prompt_stride};
+        resumed |= past[u] > 0;
     }
-    tk_batch prefill = {.n_seqs = n_u, .n_tokens = total_p, .tokens = tokens, .seq_start = starts, .adapters = ads,
-                        .kv = kvs};
-    if ((status = pack_prefill_mm(&pm, reqs, first_req, n_u, starts, D)) != TK_OK) goto done;
+    total_new = rows_at[n_u];
+    tk_batch prefill = {.n_seqs = n_u, .n_tokens = total_new, .tokens = tokens, .seq_start = rows_at, .adapters = ads,
+                        .kv = kvs, .resumed = resumed};
+    if ((status = pack_prefill_mm(&pm, reqs, first_req, n_u, rows_at, past, D)) != TK_OK) goto done;
     size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
     size_t n_mm = prefill_mm_floats(&pm, D);
-    float *work = tk_exec_scratch(S->exec, (size_t)total_p * D + rows * D + rows * V + rows + n_mm + body + head + 64);
+    float *work = tk_exec_scratch(S->exec,
+                                  (size_t)total_new * D + rows * D + rows * V + rows + n_mm + body + head + 64);
     if (!work) {
         status = tk_error_prefix(TK_ERR_NOMEM, "sample: ");
         goto done;
     }
-    float *h = work, *hs = h + (size_t)total_p * D, *logits = hs + rows * D, *lse = logits + rows * V;
+    float *h = work, *hs = h + (size_t)total_new * D, *logits = hs + rows * D, *lse = logits + rows * V;
     float *mm = lse + rows, *rest = mm + n_mm, *head_work = rest + body;
     place_prefill_mm(&prefill, &pm, be, mm, D);
     tk_transformer_forward(h, m, be, &prefill, NULL, rest);
-    for (int r = 0; r < n_req; r++)
+    if (pc) tk_prefix_cache_count_prefill(pc, total_new);
+    for (int u = 0; pc && u < n_u; u++) /* every text prompt's whole blocks, for the requests to come */
+        if (!has_images(reqs[first_req[u]]) && tk_prefix_cache_enabled(pc))
+            fill_prefix(pc, be, reqs[first_req[u]], reqs[first_req[u]]->prompt_len, co, starts[u], KV, prompt_stride);
+    for (int r = 0; r < n_req; r++) /* these prompts were prefilled whole (find_prefixes) */
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
-            prompt_scores(reqs[r], h + (size_t)starts[uniq[r]] * D, be, logits, lse, S->logits_h, head_work, S->ch.c);
+            prompt_scores(reqs[r], h + (size_t)rows_at[uniq[r]] * D, be, logits, lse, S->logits_h, head_work, S->ch.c);
 
-    /* 2. the first token of every sample, from its prompt's last position; the cohort joins the session, held
+    /* 3. the first token of every sample, from its prompt's last position; the cohort joins the session, held
      * by its admission until every sample is placed */
     co->live = 1, co->next = S->cohorts, S->cohorts = co;
     for (int r = 0; r < n_req; r++)
-        h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(starts[uniq[r] + 1] - 1) * D;
+        h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(rows_at[uniq[r] + 1] - 1) * D;
     be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
     tk_head_logits_decode_rows(logits, m, req_ads, widest, be, hs, n_req, head_work);
     const float *lg = tk_host_view(be, S->logits_h, logits, (size_t)n_req * V * sizeof(float));
@@ -490,8 +699,9 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     cohort_release(S, co);
     co = NULL;
 done:
+    unpin_prefixes(pc, be, hits, n_u);
     if (co) cohort_free(be, co);
-    free(tokens), free(starts), free(kvs), free(ads);
+    free(tokens), free(starts), free(rows_at), free(kvs), free(ads);
     prefill_mm_free(&pm);
     return status;
 }
@@ -748,4 +958,10 @@ void tk_sample_request_group(tk_request *req, int *group_requests, int *group_pr
     *group_requests = sp->group_requests;
     *group_prompts = sp->group_prompts;
     *joined = sp->joined;
+}
+
+int tk_sample_request_cached_tokens(tk_request *req)
+{
+    const sample_payload *sp = tk_request_payload(req);
+    return sp->cached_tokens;
 }

@@ -5,7 +5,9 @@
  * prompts are prefilled in one packed forward pass, then every sample of
  * every request decodes in shared steps (one GEMM per projection for all of
  * them), each attending to its request's prompt cache, shared by its
- * num_samples sequences, and to its own tokens.
+ * num_samples sequences, and to its own tokens. A prompt's first whole blocks
+ * of tokens may come from the model's prefix cache (prefix_cache.h) instead of
+ * the prefill: the rest is prefilled after them, with the same results.
  */
 #ifndef TK_GENERATE_H
 #define TK_GENERATE_H
@@ -47,5 +49,8 @@ const float *tk_sample_request_prompt(tk_request *req, int *prompt_len, const in
  * for them (requests with the same prompt and adapter share one prefill), and whether it joined a decode that
  * was already running (continuous batching). */
 void tk_sample_request_group(tk_request *req, int *group_requests, int *group_prompts, int *joined);
+/* How many of its prompt's tokens had their keys and values from the model's prefix cache (prefix_cache.h)
+ * instead of a prefill. */
+int tk_sample_request_cached_tokens(tk_request *req);
 
 #endif

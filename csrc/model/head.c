@@ -50,7 +50,7 @@ size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve
 
 /* logits[C, V] = h W^T + u B^T, u = scale h A^T, where row r's adapter is ads[r] (ads NULL: ad for every row);
  * the base product runs once for all rows, the LoRA term once per run of rows with the same adapter.
- * `decoding`: C rows of a decoding step (matmul_w_decode). */
+ * `decoding`: C rows of a decoding step (matmul_w_decode, matmul_nt_decode). */
 static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *const *ads,
                          const tk_adapter *ad, tk_backend *be, const float *h, int C, int decoding)
 {
@@ -61,8 +61,10 @@ static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_ad
         for (r1 = r0 + 1; r1 < C && (ads ? ads[r1] : ad) == a;) r1++;
         if (!a || !a->unembed.A) continue;
         int R = a->cfg.rank;
-        be->matmul_nt(be, u, R, h + (size_t)r0 * D, D, a->unembed.A, r1 - r0, R, D, a->scale, 0.0f);
-        be->matmul_nt(be, logits + (size_t)r0 * V, V, u, R, a->unembed.B, r1 - r0, V, R, 1.0f, 1.0f);
+        void (*const nt)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float,
+                         float) = decoding ? be->matmul_nt_decode : be->matmul_nt;
+        nt(be, u, R, h + (size_t)r0 * D, D, a->unembed.A, r1 - r0, R, D, a->scale, 0.0f);
+        nt(be, logits + (size_t)r0 * V, V, u, R, a->unembed.B, r1 - r0, V, R, 1.0f, 1.0f);
     }
 }
 

@@ -92,6 +92,9 @@ static void init_a(float *A, size_t n, int in, uint64_t *rng)
     }
 }
 
+/* Adapter uids start at 1 (0 is the base model in prefix-cache keys). */
+static atomic_uint_fast64_t next_uid = 1;
+
 tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config *cfg)
 {
     *out = NULL;
@@ -105,6 +108,7 @@ tk_status tk_adapter_create(tk_adapter **out, tk_model *m, const tk_lora_config 
     tk_model_retain(m);
     a->cfg = *cfg;
     a->scale = TK_LORA_ALPHA / (float)cfg->rank;
+    a->uid = atomic_fetch_add(&next_uid, 1);
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)m->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = a->layers ? carve(a, NULL) : 0;
@@ -148,6 +152,7 @@ tk_status tk_adapter_snapshot(tk_adapter **out, const tk_adapter *src)
     a->cfg = src->cfg;
     a->scale = src->scale;
     a->frozen = 1;
+    a->uid = atomic_fetch_add(&next_uid, 1);
     atomic_init(&a->refcount, 1);
     a->layers = calloc((size_t)a->model->cfg.n_layers * TK_LORA_PER_LAYER, sizeof *a->layers);
     a->n_params = src->n_params;
@@ -180,15 +185,17 @@ void tk_adapter_release(tk_adapter *a)
 /* ---- the LoRA math --------------------------------------------------------------------------- */
 
 void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu)
+                     int ldx, int T, float *u, int ldu, int decoding)
 {
     const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
     if (!p0->A) return;
     int R = ad->cfg.rank;
-    be->matmul_nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
+    void (*const nt)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float, float) =
+        decoding ? be->matmul_nt_decode : be->matmul_nt;
+    nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
     for (int j = 0; j < g->n; j++) {
         const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
-        be->matmul_nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+        nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
     }
 }
 

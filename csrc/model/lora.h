@@ -54,6 +54,9 @@ typedef struct tk_adapter {
     int64_t step;      /* AdamW steps taken */
     int frozen;        /* a snapshot for sampling: params only, no gradients or moments */
     int grads_zero;    /* the gradients are all zero (just created or stepped): a failed pass zeroes them again */
+    uint64_t uid;      /* unique in the process (never reused, unlike the address): the prefix cache's key */
+    uint64_t version;  /* bumped whenever the parameters change (optim_step, a state write): cached keys and
+                        * values of an older version are never reused (prefix_cache.h) */
     atomic_int refcount;
 } tk_adapter;
 
@@ -86,9 +89,10 @@ typedef struct {
 } tk_lora_group;
 
 /* y_j += u_j B_j^T for each target j, with u = scale x [A_0; ...; A_n-1]^T [T, nR] kept for the backward
- * pass (u points at the group's first target's columns). */
+ * pass (u points at the group's first target's columns). `decoding`: the rows of a decoding step
+ * (matmul_nt_decode). */
 void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu);
+                     int ldx, int T, float *u, int ldu, int decoding);
 /* Given each target's dy: t_j = dy_j B_j into t [T, nR] (scratch), dB_j += dy_j^T u_j, then with the
  * stacked A: dx += scale t A (when dx != NULL) and dA += scale t^T x. The base part of dx is the caller's. */
 void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,

@@ -16,7 +16,8 @@
  * experts its tokens were routed to.
  *
  * A model is shared by every request and client on it and is immutable after
- * load; it is reference counted because queued requests keep it alive.
+ * load (but for its prefix cache, which guards itself); it is reference
+ * counted because queued requests keep it alive.
  */
 #ifndef TK_MODEL_H
 #define TK_MODEL_H
@@ -34,6 +35,7 @@ enum { TK_MAX_MOE_LAYERS = 256, TK_MAX_EXPERTS = 1024 }; /* bounds of an MoE con
 
 struct tk_arch;   /* arch.h */
 struct tk_vision; /* vision.h */
+struct tk_prefix_cache; /* prefix_cache.h */
 
 typedef struct {
     const struct tk_arch *arch; /* the architecture descriptor: tensor roles, shapes, names, LoRA targets */
@@ -105,6 +107,8 @@ typedef struct tk_model {
     tk_backend *be;        /* holds the weights' buffers (a reference) */
     _Atomic(tk_vocab_bytes *) vocab; /* NULL until set */
     _Atomic(struct tk_vision *) vision; /* a vision-language model's tower, once loaded (vision.h); else NULL */
+    struct tk_prefix_cache *prefix_cache; /* prompt prefixes' keys and values for sampling (prefix_cache.h: the
+                                           * one mutable part, behind its own lock), or NULL */
     atomic_int refcount;
 } tk_model;
 

@@ -192,6 +192,11 @@ static void scatter_add_rows(const tk_moe_pass *p, float *dst, int ldd, const fl
 
 static const tk_lora_pair *pair(const tk_adapter *ad, int layer, int target) { return tk_lora_at(ad, layer, target); }
 
+typedef void (*nt_fn)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float, float);
+
+/* The LoRA matmul for this pass: a decoding step's rows through the decode kernel. */
+static nt_fn nt_of(const tk_moe_pass *p) { return p->decode ? p->be->matmul_nt_decode : p->be->matmul_nt; }
+
 /* gate|up rows += the adapter's terms: u = s h [A_gate; A_up]^T per token, gathered, times each expert's B. */
 static void lora_gate_up_forward(const tk_moe_pass *p, const tk_adapter *ad, int layer, int t0, int t1,
                                  const float *h, float *gate_up, float *u, int ldu)
@@ -202,16 +207,16 @@ static void lora_gate_up_forward(const tk_moe_pass *p, const tk_adapter *ad, int
     const tk_model_config *c = &p->m->cfg;
     int D = c->d_model, Fe = c->d_ff_expert, R = ad->cfg.rank, Rm = tk_batch_max_rank(p->b);
     float *u13 = u + (size_t)t0 * ldu + (size_t)TK_LORA_EXP_GATE * R; /* [rows, 2R]: the A's of gate, up adjoin */
-    be->matmul_nt(be, u13, ldu, h + (size_t)t0 * D, D, g->A, t1 - t0, 2 * R, D, ad->scale, 0.0f);
+    nt_of(p)(be, u13, ldu, h + (size_t)t0 * D, D, g->A, t1 - t0, 2 * R, D, ad->scale, 0.0f);
     for (int e = 0; e < c->n_experts; e++) {
         int a, b;
         expert_rows_in(&p->s->r, e, t0, t1, &a, &b);
         if (a == b) continue;
         float *rows_u = p->s->u_rows + (size_t)a * 2 * Rm;
         gather_rows(p, p->s->u_rows, 2 * Rm, u + (size_t)TK_LORA_EXP_GATE * R, ldu, a, b, 2 * R);
-        be->matmul_nt(be, gate_up + (size_t)a * 2 * Fe, 2 * Fe, rows_u, 2 * Rm, g->B + (size_t)e * Fe * R, b - a,
+        nt_of(p)(be, gate_up + (size_t)a * 2 * Fe, 2 * Fe, rows_u, 2 * Rm, g->B + (size_t)e * Fe * R, b - a,
                       Fe, R, 1.0f, 1.0f);
-        be->matmul_nt(be, gate_up + (size_t)a * 2 * Fe + Fe, 2 * Fe, rows_u + R, 2 * Rm, up->B + (size_t)e * Fe * R,
+        nt_of(p)(be, gate_up + (size_t)a * 2 * Fe + Fe, 2 * Fe, rows_u + R, 2 * Rm, up->B + (size_t)e * Fe * R,
                       b - a, Fe, R, 1.0f, 1.0f);
     }
 }
@@ -231,11 +236,11 @@ static void lora_down_forward(const tk_moe_pass *p, const tk_adapter *ad, int la
         int a, b;
         expert_rows_in(&p->s->r, e, t0, t1, &a, &b);
         if (a == b) continue;
-        be->matmul_nt(be, p->s->v + (size_t)a * Rm, Rm, p->s->act + (size_t)a * Fe, Fe, d->A + (size_t)e * R * Fe,
+        nt_of(p)(be, p->s->v + (size_t)a * Rm, Rm, p->s->act + (size_t)a * Fe, Fe, d->A + (size_t)e * R * Fe,
                       b - a, R, Fe, ad->scale, 0.0f);
         scatter_add_rows(p, zd, ldu, p->s->v, Rm, p->s->r.weight, a, b, R);
     }
-    be->matmul_nt(be, x + (size_t)t0 * D, D, zd + (size_t)t0 * ldu, ldu, d->B, t1 - t0, D, R, 1.0f, 1.0f);
+    nt_of(p)(be, x + (size_t)t0 * D, D, zd + (size_t)t0 * ldu, ldu, d->B, t1 - t0, D, R, 1.0f, 1.0f);
 }
 
 /* The down terms' backward, first half: dB += dy^T zd; q = dy B per token, gathered to the rows (s->v), and

@@ -75,6 +75,7 @@ tk_status tk_adamw_step(tk_optim_result *out, tk_adapter *a, const tk_adam_param
     be->adamw(be, params, grads, m, v, n, &f); /* (and zeroes the gradients) */
     a->grads_zero = 1;
     a->step++;
+    a->version++; /* new weights: keys and values cached under the old ones no longer apply */
     out->clip_scale = f.clip_scale;
     out->step = a->step;
     return TK_OK;

@@ -866,6 +866,7 @@ static tk_status adapter_io_run(void *p, tk_exec *exec)
         at += n;
     }
     if (io->write && (io->parts & 2)) a->grads_zero = 0;
+    if (io->write && (io->parts & 1)) a->version++; /* new parameters (prefix_cache.h) */
     if (io->write && (io->parts & 4)) a->step = io->step;
     if (!io->write) io->step = a->step;
     return TK_OK;

@@ -17,7 +17,11 @@
  * only the batch differs (transformer.h): positions come from the batch, new
  * keys and values go to the sequences' caches when they have them, and a
  * decoding step (one new token per sequence over a cache) attends to the
- * caches and reads the weights through the backend's streaming kernels.
+ * caches and reads the weights through the backend's streaming kernels. A
+ * resumed prefill (prompts whose first rows came from the prefix cache) is a
+ * prefill whose attention also reads those cached rows (attention_cached);
+ * every prefill kernel gives a row the same bits whatever rows share its pass,
+ * so it equals a prefill of the whole prompt.
  *
  * Training keeps a few activations per layer (tk_layer_acts) and the backward
  * pass recomputes the rest: the normed inputs, the roped q/k, SwiGLU's product
@@ -56,7 +60,7 @@ int tk_batch_max_rank(const tk_batch *b)
 
 int tk_batch_is_decode(const tk_batch *b)
 {
-    return b->kv && b->n_tokens == b->n_seqs;
+    return b->kv && !b->resumed && b->n_tokens == b->n_seqs;
 }
 
 static int max_seq_len(const tk_batch *b)
@@ -73,6 +77,17 @@ static int max_keys(const tk_batch *b)
     int max = 1;
     for (int s = 0; s < b->n_seqs; s++)
         if (b->kv[s].n0 + b->kv[s].n1 + 1 > max) max = b->kv[s].n0 + b->kv[s].n1 + 1;
+    return max;
+}
+
+/* keys a resumed prefill's sequence attends to at most: its cached rows and its new ones */
+static int max_resumed_keys(const tk_batch *b)
+{
+    int max = 1;
+    for (int s = 0; s < b->n_seqs; s++) {
+        int n = b->kv[s].n1 + b->seq_start[s + 1] - b->seq_start[s];
+        if (n > max) max = n;
+    }
     return max;
 }
 
@@ -121,7 +136,8 @@ static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backe
     s->sin = tk_arena_take(&a, T * (d.Dh / 2));
     s->u = tk_arena_take(&a, T * TK_LORA_PER_LAYER * d.R);
     s->attn_work = tk_arena_take(&a, decode ? be->attention_decode_workspace(be, max_keys(b))
-                                            : be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+                                     : b->resumed ? be->attention_cached_workspace(be, max_resumed_keys(b), d.Dh)
+                                                  : be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
     s->views = (tk_kv_view *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_kv_view)));
     s->dst_rows = (float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
     s->src_rows = (const float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
@@ -277,7 +293,7 @@ static void lora_forward(tk_backend *be, const tk_batch *b, int layer, const tk_
         tk_lora_group seg = *g;
         for (int j = 0; j < g->n; j++) seg.y[j] += (size_t)r0 * g->ld;
         tk_lora_forward(be, ad, layer, &seg, x + (size_t)r0 * ldx, ldx, r1 - r0,
-                        u + (size_t)r0 * ldu + (size_t)g->first * ad->cfg.rank, ldu);
+                        u + (size_t)r0 * ldu + (size_t)g->first * ad->cfg.rank, ldu, tk_batch_is_decode(b));
     })
 }
 
@@ -322,6 +338,16 @@ static void decode_views(const tk_batch *b, const scratch *s, int l)
     }
 }
 
+/* Each resumed sequence's keys and values in layer l: its cached rows, then its new ones (just written). */
+static void resumed_views(const tk_batch *b, const scratch *s, int l)
+{
+    for (int q = 0; q < b->n_seqs; q++) {
+        const tk_kv_seq *kv = &b->kv[q];
+        s->views[q] = (tk_kv_view){NULL, NULL, 0, kv->k1 + (size_t)l * kv->stride1, kv->v1 + (size_t)l * kv->stride1,
+                                   kv->n1 + b->seq_start[q + 1] - b->seq_start[q]};
+    }
+}
+
 /* ---- the forward pass ------------------------------------------------------------------------ */
 
 void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, const tk_batch *b,
@@ -360,6 +386,10 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         if (decode) {
             decode_views(b, &s, l);
             be->attention_decode(be, att, H * Dh, s.qkr, QKV, s.views, T, H, d.Hkv, Dh, d.Hkv * Dh, s.attn_work);
+        } else if (b->resumed) {
+            resumed_views(b, &s, l);
+            be->attention_cached(be, att, H * Dh, s.qkr, QKV, s.views, b->seq_start, b->n_seqs, H, d.Hkv, Dh,
+                                 d.Hkv * Dh, s.attn_work);
         } else {
             be->attention(be, att, H * Dh, s.qkr, s.qkr + kcol, s.qkr + vcol, QKV, b->seq_start, b->n_seqs, H,
                           d.Hkv, Dh, st ? st->lse : NULL, s.attn_work);

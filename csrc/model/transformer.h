@@ -45,6 +45,9 @@ typedef struct {
     const float *deepstack;            /* [n_deepstack, n_embeds, D]: feature k of the token with embed_row j is
                                         * row j of block k, added after layer k; NULL: none */
     int n_deepstack, n_embeds;
+    int resumed;                       /* 1: prompts' rows prefilled over cached rows of their own (kv n1 > 0,
+                                        * the prefix cache's): prefill kernels even when each sequence has one
+                                        * new row, and the attention that reads the cached keys */
 } tk_batch;
 
 /* Runs of sequences with the same adapter: body for rows [r0, r1) of each run that has one. */
@@ -58,7 +61,8 @@ typedef struct {
         seg_s0_ = seg_s1_;                                                                         \
     }
 
-/* 1 when every sequence of the batch is one new token over a cache: a decoding step. */
+/* 1 when every sequence of the batch is one new token over a cache (and not a resumed prefill): a decoding
+ * step. */
 int tk_batch_is_decode(const tk_batch *b);
 
 /* What the forward pass keeps for the backward pass, per layer (about 6k floats per token and layer for

@@ -25,6 +25,7 @@
 #include "../io/file.h"
 #include "../io/quant.h"
 #include "arch.h"
+#include "prefix_cache.h"
 #include "vision.h"
 #include "weights.h"
 
@@ -610,6 +611,9 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
         tk_model_release(m);
         return s;
     }
+    /* NULL when out of memory: the model then samples without one */
+    m->prefix_cache = tk_prefix_cache_create(cfg->n_layers, cfg->n_kv_heads * cfg->head_dim,
+                                             TK_PREFIX_CACHE_DEFAULT_BYTES);
     *out = m;
     return TK_OK;
 }
@@ -730,6 +734,7 @@ void tk_model_release(tk_model *m)
         free(v);
     }
     if (m->be) {
+        tk_prefix_cache_free(m->prefix_cache, m->be);
         m->be->free(m->be, m->w.block);
         m->be->free(m->be, m->w.wblock);
         tk_backend_release(m->be);

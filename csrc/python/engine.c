@@ -178,7 +178,8 @@ static PyObject *float_list(const float *v, int n)
 /* {"sequences": [(tokens, logprobs, stopped, topk ids [n * k] or None, topk logprobs [n * k] or None)],
  *  "prompt_logprobs": [P] or None,
  *  "topk_ids": [P][k] or None, "topk_logprobs": [P][k] or None,
- *  "group": (requests admitted with it, distinct prompts prefilled for them, 1 if it joined a running decode)} */
+ *  "group": (requests admitted with it, distinct prompts prefilled for them, 1 if it joined a running decode),
+ *  "cached_tokens": prompt tokens whose keys and values came from the prefix cache} */
 static PyObject *sample_result(tk_request *req)
 {
     PyObject *seqs = PyList_New(0), *out = NULL, *plp = Py_None, *tids = Py_None, *tlps = Py_None;
@@ -216,8 +217,9 @@ static PyObject *sample_result(tk_request *req)
     int group_requests, group_prompts, joined;
     tk_sample_request_group(req, &group_requests, &group_prompts, &joined);
     if (seqs && plp && tids && tlps)
-        out = Py_BuildValue("{s:O,s:O,s:O,s:O,s:(iii)}", "sequences", seqs, "prompt_logprobs", plp, "topk_ids", tids,
-                            "topk_logprobs", tlps, "group", group_requests, group_prompts, joined);
+        out = Py_BuildValue("{s:O,s:O,s:O,s:O,s:(iii),s:i}", "sequences", seqs, "prompt_logprobs", plp, "topk_ids",
+                            tids, "topk_logprobs", tlps, "group", group_requests, group_prompts, joined,
+                            "cached_tokens", tk_sample_request_cached_tokens(req));
     Py_XDECREF(seqs), Py_XDECREF(plp), Py_XDECREF(tids), Py_XDECREF(tlps);
     return out;
 }
@@ -438,9 +440,41 @@ done:
     return result;
 }
 
+/* prefix_cache_stats() -> dict (prefix_cache.h tk_prefix_stats) */
+static PyObject *model_prefix_cache_stats(ModelObject *self, PyObject *unused)
+{
+    (void)unused;
+    tk_prefix_stats st = {0};
+    if (self->model->prefix_cache) tk_prefix_cache_stats(self->model->prefix_cache, &st);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:i}", "lookups", (unsigned long long)st.lookups,
+                         "hits", (unsigned long long)st.hits, "tokens_reused", (unsigned long long)st.tokens_reused,
+                         "tokens_prefilled", (unsigned long long)st.tokens_prefilled, "blocks_inserted",
+                         (unsigned long long)st.blocks_inserted, "blocks_evicted",
+                         (unsigned long long)st.blocks_evicted, "blocks", (Py_ssize_t)st.blocks, "bytes",
+                         (Py_ssize_t)st.bytes, "limit", (Py_ssize_t)st.limit, "block_tokens", (int)TK_PREFIX_BLOCK);
+}
+
+/* set_prefix_cache_limit(bytes): 0 disables the cache; blocks over the new bound are evicted now */
+static PyObject *model_set_prefix_cache_limit(ModelObject *self, PyObject *arg)
+{
+    unsigned long long bytes = PyLong_AsUnsignedLongLong(arg);
+    if (bytes == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (self->model->prefix_cache) {
+        Py_BEGIN_ALLOW_THREADS
+        tk_prefix_cache_set_limit(self->model->prefix_cache, self->model->be, (size_t)bytes);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef model_methods[] = {
     {"set_token_bytes", (PyCFunction)model_set_token_bytes, METH_O,
      "set_token_bytes(list[bytes]): each token's bytes, for matching stop strings (kept from the first call)"},
+    {"prefix_cache_stats", (PyCFunction)model_prefix_cache_stats, METH_NOARGS,
+     "prefix_cache_stats() -> dict: lookups, hits, tokens_reused, tokens_prefilled, blocks_inserted, "
+     "blocks_evicted, blocks, bytes, limit, block_tokens of the model's prompt-prefix cache (sampling)"},
+    {"set_prefix_cache_limit", (PyCFunction)model_set_prefix_cache_limit, METH_O,
+     "set_prefix_cache_limit(bytes): the prefix cache's bound (0 disables it); blocks past it are evicted now"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -36,6 +36,10 @@
  *   call): groups of 0, 1 and tens of rows through experts of F32, BF16,
  *   F16, tiled and K-quant types and of two parts (one off a 16-row group),
  *   prefill and decoding, against each group's float64 product.
+ * - matmul_nt's rows bit for bit the same whatever other rows share the call (the rows of a prompt prefilled
+ *   after a cached prefix equal the same rows of a whole prefill); matmul_nt_decode against the reference.
+ * - attention_cached (a prefill resumed over cached rows) against the reference and, bit for bit, against
+ *   attention's rows over the whole sequences.
  * - memory (alloc zeroed and 64-byte aligned, upload / download, copy_rows,
  *   sync), the MoE block's row ops (add_rows with repeated destinations and
  *   scales, scale_rows, row_dot, zero_rows; strided, padding untouched),
@@ -103,6 +107,11 @@ static void call_matmul_nt(tk_backend *be, mat *y, const mat *x, const mat *w, f
 {
     /* w rows are contiguous: w->ld == K */
     be->matmul_nt(be, y->f, y->ld, x->f, x->ld, w->f, x->rows, y->cols, x->cols, alpha, beta);
+}
+
+static void call_matmul_nt_decode(tk_backend *be, mat *y, const mat *x, const mat *w, float alpha, float beta)
+{
+    be->matmul_nt_decode(be, y->f, y->ld, x->f, x->ld, w->f, x->rows, y->cols, x->cols, alpha, beta);
 }
 
 static void call_matmul_nn(tk_backend *be, mat *y, const mat *x, const mat *w, float alpha, float beta)
@@ -326,6 +335,17 @@ static void call_attention_decode(tk_backend *be, mat *out, const mat *q, const 
     free(work);
 }
 
+/* new query rows over cached keys and values (views: n1 rows each, the new ones last) */
+static void call_attention_cached(tk_backend *be, mat *out, const mat *q, const tk_kv_view *views,
+                                  const int32_t *seq_start, int n_seqs, int H, int Hkv, int Dh, int ld_kv, int max_keys)
+{
+    size_t len = be->attention_cached_workspace(be, max_keys, Dh);
+    float *work = fvec(len);
+    for (size_t i = 0; i < len; i++) work[i] = NAN;
+    be->attention_cached(be, out->f, out->ld, q->f, q->ld, views, seq_start, n_seqs, H, Hkv, Dh, ld_kv, work);
+    free(work);
+}
+
 /* ==== helpers =================================================================================== */
 
 /* a copy of m's float64 values, absolute (for summation scales) */
@@ -393,15 +413,51 @@ static void test_matmul_nt(tk_backend *be, rng_t *r)
             double *want = copy_of(&y), *scale = abs_of(&y), *ax = abs_of(&x), *aw = abs_of(&w);
             ref_matmul_nt(want, y.ld, x.d, x.ld, w.d, w.ld, s.T, s.N, s.K, alpha, beta);
             ref_matmul_nt(scale, y.ld, ax, x.ld, aw, w.ld, s.T, s.N, s.K, fabs(alpha), fabs(beta));
+            mat y_dec = mat_new(s.T, s.N, s.N + s.pad_y);
+            mat_copy(&y_dec, &y);
             call_matmul_nt(be, &y, &x, &w, alpha, beta);
+            call_matmul_nt_decode(be, &y_dec, &x, &w, alpha, beta);
             char what[128];
             snprintf(what, sizeof what, "T=%d N=%d K=%d ldx=%d ldy=%d alpha=%g beta=%g", s.T, s.N, s.K, x.ld, y.ld,
                      alpha, beta);
-            int guard = mat_guard_ok(&y);
+            int guard = mat_guard_ok(&y), guard_dec = mat_guard_ok(&y_dec);
             report("matmul_nt", what, compare(y.f, want, scale, s.T, s.N, y.ld, TOL_MATMUL), TOL_MATMUL, guard,
                    guard_note(guard));
+            report("matmul_nt_decode", what, compare(y_dec.f, want, scale, s.T, s.N, y.ld, TOL_MATMUL), TOL_MATMUL,
+                   guard_dec, guard_note(guard_dec));
+            mat_free(&y_dec);
             free(want), free(scale), free(ax), free(aw);
             mat_free(&x), mat_free(&w), mat_free(&y);
+        }
+}
+
+/* matmul_nt's rows do not depend on the other rows of the call: the last rows of a call (a resumed prefill's
+ * new rows), and rows alone, bit for bit the same rows of the whole call; K past one chunk (1024) and N past one
+ * packed piece (128), beta 0 and 1. */
+static void test_matmul_nt_rows(tk_backend *be, rng_t *r)
+{
+    static const int shapes[][3] = {{70, 200, 2500}, {40, 96, 576}, {9, 33, 1536}, {130, 1728, 32}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int beta = 0; beta <= 1; beta++) {
+            int T = shapes[i][0], N = shapes[i][1], K = shapes[i][2], ok = 1;
+            mat x = mat_new(T, K, K + 1), w = mat_new(N, K, K), y0 = mat_new(T, N, N), all = mat_new(T, N, N);
+            mat_randn(&x, r, 1), mat_randn(&w, r, 1), mat_randn(&y0, r, 1);
+            mat_copy(&all, &y0);
+            be->matmul_nt(be, all.f, all.ld, x.f, x.ld, w.f, T, N, K, 0.5f, (float)beta);
+            static const int firsts[] = {1, 16, 63, -1};
+            for (int f = 0; f < 4 && ok; f++) {
+                int first = firsts[f] < 0 ? T - 1 : firsts[f] % T, rows = firsts[f] < 0 ? 1 : T - first;
+                mat y = mat_new(T, N, N);
+                mat_copy(&y, &y0);
+                be->matmul_nt(be, y.f + (size_t)first * N, N, x.f + (size_t)first * x.ld, x.ld, w.f, rows, N, K, 0.5f,
+                              (float)beta);
+                ok = memcmp(y.f + (size_t)first * N, all.f + (size_t)first * N, (size_t)rows * N * sizeof(float)) == 0;
+                mat_free(&y);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "T=%d N=%d K=%d beta=%d: rows 1.., 16.., 63.., the last alone", T, N, K, beta);
+            report_bool("matmul_nt rows", what, ok, "a row's result changed with the rows sharing the call");
+            mat_free(&x), mat_free(&w), mat_free(&y0), mat_free(&all);
         }
 }
 
@@ -1622,6 +1678,80 @@ static void test_attention_decode(tk_backend *be, rng_t *r)
     }
 }
 
+/* A resumed prefill: sequences of past cached rows and len new ones (a query block of 64 split by the first new
+ * row, starting on one, a single new row, none cached), GQA groups of 1 to 4, an odd head_dim. */
+typedef struct {
+    int H, Hkv, Dh, n_seqs;
+    int past[4], len[4];
+} cached_case;
+
+static const cached_case CACHED_CASES[] = {
+    {2, 1, 16, 3, {16, 0, 63}, {1, 5, 2}},
+    {4, 2, 8, 4, {64, 1, 100, 129}, {70, 1, 40, 3}},
+    {3, 3, 5, 2, {32, 48}, {17, 64}},
+    {8, 2, 16, 1, {200}, {16}},
+};
+
+/* Each sequence whole (past + len rows) in one packed q|k|v: the reference and attention over it; the new rows'
+ * queries packed, and each sequence's keys and values in a cache of its own (rows of ld_kv), for
+ * attention_cached. Its rows against the float64 reference, and against attention's rows bit for bit. */
+static void test_attention_cached(tk_backend *be, rng_t *r)
+{
+    for (size_t i = 0; i < sizeof CACHED_CASES / sizeof CACHED_CASES[0]; i++) {
+        const cached_case *c = &CACHED_CASES[i];
+        attn_case whole = {c->H, c->Hkv, c->Dh, 1, 2, c->n_seqs, {0}};
+        for (int q = 0; q < c->n_seqs; q++) whole.lens[q] = c->past[q] + c->len[q];
+        attn_shape s = attn_shape_of(&whole);
+        int HD = c->H * c->Dh, KV = c->Hkv * c->Dh, width = HD + 2 * KV, ld_kv = KV + 3, n_new = 0, max_keys = 1;
+        int32_t new_start[5] = {0};
+        for (int q = 0; q < c->n_seqs; q++) {
+            new_start[q + 1] = new_start[q] + c->len[q];
+            if (whole.lens[q] > max_keys) max_keys = whole.lens[q];
+        }
+        n_new = new_start[c->n_seqs];
+        mat qkv = mat_new(s.T, width, width + 1), full = mat_new(s.T, HD, HD + 2);
+        mat qn = mat_new(n_new, HD, HD + 5), out = mat_new(n_new, HD, HD + 2);
+        mat_randn(&qkv, r, 1.5), mat_fill(&full, NAN), mat_fill(&out, NAN);
+        double *ref_full = dvec((size_t)s.T * full.ld), *want = dvec((size_t)n_new * out.ld);
+        ref_attention_on(ref_full, full.ld, &qkv, &s, NULL);
+        call_attention(be, &full, &qkv, &s, NULL);
+        mat kc[4], vc[4];
+        tk_kv_view views[4];
+        for (int q = 0; q < c->n_seqs; q++) {
+            kc[q] = mat_new(whole.lens[q], KV, ld_kv), vc[q] = mat_new(whole.lens[q], KV, ld_kv);
+            for (int t = 0; t < whole.lens[q]; t++) {
+                const float *row = qkv.f + (size_t)(s.seq_start[q] + t) * qkv.ld;
+                memcpy(kc[q].f + (size_t)t * ld_kv, row + HD, (size_t)KV * sizeof(float));
+                memcpy(vc[q].f + (size_t)t * ld_kv, row + HD + KV, (size_t)KV * sizeof(float));
+            }
+            for (int t = 0; t < c->len[q]; t++) {
+                size_t from = (size_t)(s.seq_start[q] + c->past[q] + t), to = (size_t)(new_start[q] + t);
+                memcpy(qn.f + to * qn.ld, qkv.f + from * qkv.ld, (size_t)HD * sizeof(float));
+                memcpy(want + to * out.ld, ref_full + from * full.ld, (size_t)HD * sizeof(double));
+            }
+            views[q] = (tk_kv_view){NULL, NULL, 0, kc[q].f, vc[q].f, whole.lens[q]};
+        }
+        call_attention_cached(be, &out, &qn, views, new_start, c->n_seqs, c->H, c->Hkv, c->Dh, ld_kv, max_keys);
+        int same = 1;
+        for (int q = 0; q < c->n_seqs; q++)
+            for (int t = 0; t < c->len[q]; t++)
+                same &= memcmp(out.f + (size_t)(new_start[q] + t) * out.ld,
+                               full.f + (size_t)(s.seq_start[q] + c->past[q] + t) * full.ld,
+                               (size_t)HD * sizeof(float)) == 0;
+        char what[160];
+        int k = snprintf(what, sizeof what, "H=%d Hkv=%d Dh=%d ld_kv=%d keys (cached+new)", c->H, c->Hkv, c->Dh, ld_kv);
+        for (int q = 0; q < c->n_seqs && (size_t)k < sizeof what; q++)
+            k += snprintf(what + k, sizeof what - (size_t)k, " %d+%d", c->past[q], c->len[q]);
+        int guard = mat_guard_ok(&out);
+        report("attention_cached", what, compare(out.f, want, NULL, n_new, HD, out.ld, TOL_ATTN), TOL_ATTN, guard,
+               guard_note(guard));
+        report_bool("attention_cached", "= attention's rows of the whole sequences, bit for bit", same, what);
+        for (int q = 0; q < c->n_seqs; q++) mat_free(&kc[q]), mat_free(&vc[q]);
+        free(ref_full), free(want), free(s.seq_start);
+        mat_free(&qkv), mat_free(&full), mat_free(&qn), mat_free(&out);
+    }
+}
+
 /* ==== memory ======================================================================================= */
 
 /* bytes of device memory, read back through download */
@@ -2177,6 +2307,7 @@ static const op_test OP_TESTS[] = {
     {"matmul_w_grouped", test_weight_grouped}, /* matmul_w_grouped, matmul_w_t_grouped */
     {"matmul_nt", test_matmul_nt},
     {"matmul_nn", test_matmul_nn},
+    {"matmul_nt rows", test_matmul_nt_rows},
     {"matmul_tn_acc", test_matmul_tn_acc},
     {"memory", test_memory}, /* alloc, free, upload, download, sync */
     {"copy_rows", test_copy_rows},
@@ -2202,6 +2333,7 @@ static const op_test OP_TESTS[] = {
     {"attention", test_attention},
     {"attention_backward", test_attention_backward},
     {"attention_decode", test_attention_decode},
+    {"attention_cached", test_attention_cached},
     {"attention_full", test_attention_full},
     {"layer_norm", test_layer_norm},
     {"gelu", test_gelu},

@@ -21,6 +21,7 @@
 #include "../../io/quant.h"
 #include "blas.h"
 #include "optim_ops.h"
+#include "tgemm.h"
 #include "vec_math.h"
 #include "wmatmul.h"
 
@@ -72,6 +73,7 @@ typedef struct {
     int ldy, ldx, ldw, T, N, K, n_tasks, split_m;
     float alpha, beta;
     int small_m; /* one row, through small_m_nt */
+    tk_cpu_panels *panels; /* matmul_nt: each thread packs w into its own (nt_tgemm) */
 } gemm_args;
 
 /* A single row of x (decoding one sequence): each weight row is streamed once
@@ -103,28 +105,76 @@ static void small_m_nt(const gemm_args *a, int n0, int n1)
     }
 }
 
+/* Columns of w packed per tgemm call (a multiple of TK_TGEMM_NR), and the most of K one call sums: a piece of
+ * NT_COLS x NT_MAX_K floats (512 KB) stays in L2 while every row of x sweeps over it. */
+enum { NT_COLS = 128, NT_MAX_K = 1024 };
+
+/* K columns per chunk: all of them up to NT_MAX_K, else even chunks (multiples of 16). It depends on K alone,
+ * so a row's sums are split the same way whatever T is. */
+static int nt_k_chunk(int K)
+{
+    int chunks = (K + NT_MAX_K - 1) / NT_MAX_K, kc = (K + chunks - 1) / chunks;
+    kc = (kc + 15) / 16 * 16;
+    return kc < K ? kc : K;
+}
+
+/* bp = rows [0, cols) of w (row stride ldw), columns [0, kc), as tgemm's K-major blocks: element (k, j) of
+ * block b at bp[(b kc + k) NR + j], rows past cols zero. 16 k at a time, so the block's lines being written
+ * stay in L1. */
+static void pack_nt(float *restrict bp, const float *restrict w, int ldw, int cols, int kc)
+{
+    for (int b = 0; b * TK_TGEMM_NR < cols; b++) {
+        float *blk = bp + (size_t)b * kc * TK_TGEMM_NR;
+        int filled = cols - b * TK_TGEMM_NR < TK_TGEMM_NR ? cols - b * TK_TGEMM_NR : TK_TGEMM_NR;
+        for (int k0 = 0; k0 < kc; k0 += 16) {
+            int k1 = k0 + 16 < kc ? k0 + 16 : kc;
+            for (int j = 0; j < TK_TGEMM_NR; j++) {
+                const float *src = w + (size_t)(b * TK_TGEMM_NR + j) * ldw;
+                for (int k = k0; k < k1; k++) blk[(size_t)k * TK_TGEMM_NR + j] = j < filled ? src[k] : 0.0f;
+            }
+        }
+    }
+}
+
+/* y[:, n0:n1] = alpha x . w[n0:n1]^T + beta y through tgemm, NT_COLS columns of w at a time packed into this
+ * thread's panel: each output sums its products in k order (in K chunks that depend on K alone), so a row's
+ * result does not depend on which rows share the call. sgemm's do (its small-matrix kernels and blocking
+ * depend on the row count: OpenBLAS 0.3.34, SkylakeX kernels, measured): a LoRA projection of a prompt's last
+ * rows would not equal the same rows of a whole prompt's prefill. */
+static void nt_tgemm(const gemm_args *a, float *panel, int n0, int n1)
+{
+    int K = a->K, kc_max = nt_k_chunk(K);
+    for (int c0 = n0; c0 < n1; c0 += NT_COLS) {
+        int cols = n1 - c0 < NT_COLS ? n1 - c0 : NT_COLS;
+        for (int k0 = 0; k0 < K; k0 += kc_max) {
+            int kc = K - k0 < kc_max ? K - k0 : kc_max;
+            pack_nt(panel, a->w + (size_t)c0 * a->ldw + k0, a->ldw, cols, kc);
+            tk_tgemm(a->T, cols, kc, a->x + k0, a->ldx, panel, a->y + c0, a->ldy, a->alpha, k0 == 0 ? a->beta : 1.0f);
+        }
+    }
+}
+
 /* y[:, n0:n1] = x . w[n0:n1]^T (w rows are output columns) */
 static void nt_task(void *ctx, int task, int thread)
 {
-    (void)thread;
     gemm_args *a = ctx;
     int n0, n1;
     block16_range(task, a->n_tasks, a->N, &n0, &n1);
     if (n1 <= n0) return;
-    if (a->small_m) {
-        small_m_nt(a, n0, n1);
-        return;
-    }
-    tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
-                   a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
+    if (a->small_m) small_m_nt(a, n0, n1);
+    else if (a->panels) nt_tgemm(a, a->panels->buf[thread], n0, n1);
+    else tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
+                        a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
 }
 
-/* `stream`: a decoding step over float32 weights, where one row streams each weight row once (small_m_nt);
- * everything else is sgemm, whose rows come out the same whatever else shares the call. */
+/* `stream`: a decoding step, where one row streams each weight row once (small_m_nt) and a few rows are
+ * sgemm's (no packing of w for them); everything else goes through tgemm (nt_tgemm), whose rows come out the
+ * same whatever else shares the call. */
 static void matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
                       int K, float alpha, float beta, int stream)
 {
-    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta, stream && T <= SMALL_M};
+    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta, stream && T <= SMALL_M,
+                   stream ? NULL : &((cpu_backend *)be)->panels};
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
     if (a.small_m && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
     tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
@@ -134,6 +184,12 @@ static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int
                           int K, float alpha, float beta)
 {
     matmul_nt(be, y, ldy, x, ldx, w, T, N, K, alpha, beta, 0);
+}
+
+static void cpu_matmul_nt_decode(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T,
+                                 int N, int K, float alpha, float beta)
+{
+    matmul_nt(be, y, ldy, x, ldx, w, T, N, K, alpha, beta, 1);
 }
 
 
@@ -152,7 +208,7 @@ static void nn_task(void *ctx, int task, int thread)
 static void cpu_matmul_nn(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                           int N, int K, float alpha, float beta)
 {
-    gemm_args a = {y, x, w, ldy, ldx, ldw, T, N, K, 1, 0, alpha, beta, 0};
+    gemm_args a = {y, x, w, ldy, ldx, ldw, T, N, K, 1, 0, alpha, beta, 0, NULL};
     a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
     tk_pool_run(pool_of(be), a.n_tasks, nn_task, &a);
 }
@@ -177,7 +233,7 @@ static void tn_task(void *ctx, int task, int thread)
 static void cpu_matmul_tn_acc(tk_backend *be, float *g, int ldg, const float *a_, int lda, const float *b, int ldb,
                               int T, int M, int N, float alpha)
 {
-    gemm_args a = {g, a_, b, ldg, lda, ldb, T, M, N, 1, M >= N, alpha, 1.0f, 0};
+    gemm_args a = {g, a_, b, ldg, lda, ldb, T, M, N, 1, M >= N, alpha, 1.0f, 0, NULL};
     a.n_tasks = gemm_tasks(be, (long)T * M * N, M >= N ? M : N);
     tk_pool_run(pool_of(be), a.n_tasks, tn_task, &a);
 }
@@ -287,7 +343,7 @@ static void grouped_forward_rows(const grouped_args *a, int g, int n0, int n1, i
         }
         const float *wp = (const float *)p->data + (size_t)r0 * K;
         float *yp = y + p->row0 + r0;
-        gemm_args ga = {yp, x, wp, a->ldy, a->ldx, K, T, r1 - r0, K, 1, 0, a->alpha, a->beta, 1};
+        gemm_args ga = {yp, x, wp, a->ldy, a->ldx, K, T, r1 - r0, K, 1, 0, a->alpha, a->beta, 1, NULL};
         if (a->decoding && T <= SMALL_M)
             small_m_nt(&ga, 0, r1 - r0);
         else
@@ -1297,6 +1353,82 @@ static size_t cpu_attention_decode_workspace(tk_backend *be, int max_keys)
     return (size_t)tk_pool_threads(pool_of(be)) * DECODE_HEADS * (size_t)(max_keys > 0 ? max_keys : 1);
 }
 
+/* ---- attention resumed over cached rows ------------------------------------------------------------ */
+
+typedef struct {
+    float *out, *scratch;
+    const float *q;
+    const tk_kv_view *views;
+    const int32_t *seq_start;
+    int ldo, ldq, n_heads, group, head_dim, ld_kv;
+    float scale;
+    size_t scratch_per_thread; /* scores [ATTN_QUERY_BLOCK, max_keys], then a padded query and output block
+                                * [ATTN_QUERY_BLOCK, Dh] each */
+} cached_args;
+
+/* One task is one (sequence, head), as attention_task, over the blocks of ATTN_QUERY_BLOCK positions counted
+ * from position 0 that hold new rows: S = scale q k^T over the keys up to the block's last position, the causal
+ * softmax, P v - the sgemm calls attention makes for these rows in a prefill of the whole sequence, with the
+ * same shapes and operands, so the same results. The block the new rows start in gets zero queries for its
+ * cached positions (in a padded copy), whose outputs are dropped. */
+static void cached_task(void *ctx, int task, int thread)
+{
+    cached_args *a = ctx;
+    int seq = task / a->n_heads, h = task % a->n_heads, g = h / a->group, Dh = a->head_dim;
+    int start = a->seq_start[seq], len = a->seq_start[seq + 1] - start;
+    const tk_kv_view *kv = &a->views[seq];
+    int total = kv->n1, past = total - len;
+    float *S = a->scratch + (size_t)thread * a->scratch_per_thread;
+    float *qpad = S + (size_t)ATTN_QUERY_BLOCK * (size_t)total, *opad = qpad + (size_t)ATTN_QUERY_BLOCK * Dh;
+    const float *k = kv->k1 + (size_t)g * Dh, *v = kv->v1 + (size_t)g * Dh;
+    /* position p >= past is new row p - past */
+    const float *q = a->q + (size_t)start * a->ldq + (size_t)h * Dh;
+    float *out = a->out + (size_t)start * a->ldo + (size_t)h * Dh;
+    for (int b0 = past / ATTN_QUERY_BLOCK * ATTN_QUERY_BLOCK; b0 < total; b0 += ATTN_QUERY_BLOCK) {
+        int rows = total - b0 < ATTN_QUERY_BLOCK ? total - b0 : ATTN_QUERY_BLOCK, n_keys = b0 + rows;
+        int skip = past > b0 ? past - b0 : 0; /* cached positions at the block's start */
+        const float *qb = qpad;
+        float *ob = opad;
+        int ldq = Dh, ldo = Dh;
+        if (skip) {
+            memset(qpad, 0, (size_t)skip * Dh * sizeof(float));
+            for (int r = skip; r < rows; r++)
+                memcpy(qpad + (size_t)r * Dh, q + (size_t)(b0 + r - past) * a->ldq, (size_t)Dh * sizeof(float));
+        } else {
+            qb = q + (size_t)(b0 - past) * a->ldq, ob = out + (size_t)(b0 - past) * a->ldo;
+            ldq = a->ldq, ldo = a->ldo;
+        }
+        /* S[rows, n_keys] = scale * q[b0:b0+rows] k[0:n_keys]^T */
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_keys, Dh, a->scale, qb, ldq, k, a->ld_kv,
+                       0.0f, S, n_keys);
+        block_softmax(S, rows, n_keys, b0, 1, NULL, 0);
+        /* out[b0:b0+rows] = P[rows, n_keys] v[0:n_keys] */
+        tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, n_keys, 1.0f, S, n_keys, v, a->ld_kv,
+                       0.0f, ob, ldo);
+        for (int r = skip; skip && r < rows; r++)
+            memcpy(out + (size_t)(b0 + r - past) * a->ldo, opad + (size_t)r * Dh, (size_t)Dh * sizeof(float));
+    }
+}
+
+static void cpu_attention_cached(tk_backend *be, float *out, int ldo, const float *q, int ldq, const tk_kv_view *views,
+                                 const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                                 int ld_kv, float *work)
+{
+    int max_keys = 1;
+    for (int i = 0; i < n_seqs; i++)
+        if (views[i].n1 > max_keys) max_keys = views[i].n1;
+    cached_args a = {out, work, q, views, seq_start, ldo, ldq, n_heads, n_heads / n_kv_heads, head_dim, ld_kv,
+                     1.0f / sqrtf((float)head_dim),
+                     (size_t)ATTN_QUERY_BLOCK * ((size_t)max_keys + 2 * (size_t)head_dim)};
+    tk_pool_run(pool_of(be), n_seqs * n_heads, cached_task, &a);
+}
+
+/* per pool thread: a score block and a padded query and output block */
+static size_t cpu_attention_cached_workspace(tk_backend *be, int max_keys, int head_dim)
+{
+    return (size_t)tk_pool_threads(pool_of(be)) * ATTN_QUERY_BLOCK * ((size_t)max_keys + 2 * (size_t)head_dim);
+}
+
 /* ---- the table ---------------------------------------------------------------------------- */
 
 tk_backend *tk_cpu_backend_create(tk_pool *pool)
@@ -1322,6 +1454,7 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .matmul_w_grouped = cpu_matmul_w_grouped,
         .matmul_w_t_grouped = cpu_matmul_w_t_grouped,
         .matmul_nt = cpu_matmul_nt,
+        .matmul_nt_decode = cpu_matmul_nt_decode,
         .matmul_nn = cpu_matmul_nn,
         .matmul_tn_acc = cpu_matmul_tn_acc,
         .alloc = cpu_alloc,
@@ -1358,6 +1491,8 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .attention_backward_workspace = cpu_attention_backward_workspace,
         .attention_decode = cpu_attention_decode,
         .attention_decode_workspace = cpu_attention_decode_workspace,
+        .attention_cached = cpu_attention_cached,
+        .attention_cached_workspace = cpu_attention_cached_workspace,
     };
     atomic_init(&be->base.refcount, 1);
     return &be->base;
