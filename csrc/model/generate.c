@@ -101,7 +101,7 @@ static int stop_string_hit(const sample_payload *sp, const tk_vocab_bytes *vocab
  * caches are freed when its last sequence finishes. */
 typedef struct cohort {
     float *prompt_k, *prompt_v; /* [L][total_p][KV] the prompts' keys and values, shared by their samples */
-    float *own_kv;              /* per sequence [2][L][max_new][KV]: its own rows */
+    float *own_kv;              /* per sequence [2][L][its max_tokens][KV]: its own rows */
     char *tails;                /* per sequence [max_stop]: the last bytes, for stop strings */
     int live;                   /* sequences still decoding */
     struct cohort *next;
@@ -566,6 +566,10 @@ static void lead_pass(session *S, prompt_plan *pl, const int *share, const cohor
     read_prefixes(pc, be, n, hits, co, starts, KV, stride);
 }
 
+/* Rows of keys and values a sample of sp generates (at least one, so every sample's block is distinct): sized
+ * per request, so a short request admitted with a long one does not reserve the long one's rows. */
+static int own_rows(const sample_payload *sp) { return sp->p.max_tokens > 1 ? sp->p.max_tokens : 1; }
+
 /* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts (each from the rows the
  * prefix cache has of it, or the lead pass prefilled for it), the prompt scores, and the first token of every
  * sample; the unfinished samples join the live set. */
@@ -586,19 +590,20 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     for (int r = 0; r < n_req; r++) req_ads[r] = reqs[r]->adapter;
     const tk_adapter *widest = widest_unembed(req_ads, n_req);
     float *h_rows[n_req], *last_rows[n_req];
-    int total_p = 0, total_new = 0, resumed = 0, n_seq = 0, max_new = 1, max_stop = 1;
+    int total_p = 0, total_new = 0, resumed = 0, n_seq = 0, max_stop = 1;
+    size_t own_floats = 0; /* every sample's own rows: [2][L][its max_tokens][KV], sized per request */
     prefill_mm pm = {0};
     for (int u = 0; u < n_u; u++) total_p += reqs[first_req[u]]->prompt_len;
     for (int r = 0; r < n_req; r++) {
         sample_payload *sp = reqs[r];
         n_seq += sp->p.num_samples;
-        if (sp->p.max_tokens > max_new) max_new = sp->p.max_tokens;
+        own_floats += (size_t)sp->p.num_samples * 2 * L * own_rows(sp) * KV;
         if (sp->max_stop_len > max_stop) max_stop = sp->max_stop_len;
         sp->group_requests = n_req, sp->group_prompts = n_u, sp->joined = S->admitted > 0;
         sp->remaining = sp->p.num_samples;
     }
     S->admitted += n_req;
-    size_t prompt_stride = (size_t)total_p * KV, own_stride = (size_t)max_new * KV, own = (size_t)L * own_stride;
+    size_t prompt_stride = (size_t)total_p * KV;
     cohort *co = calloc(1, sizeof *co);
     /* starts: each prompt's rows in the prompt cache; rows: its new rows in the prefill batch (and in h) */
     int32_t *tokens = malloc((size_t)total_p * sizeof *tokens), *starts = malloc(((size_t)n_u + 1) * sizeof *starts);
@@ -613,7 +618,7 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     if (co) {
         co->prompt_k = be->alloc(be, (size_t)L * prompt_stride * sizeof(float));
         co->prompt_v = be->alloc(be, (size_t)L * prompt_stride * sizeof(float));
-        co->own_kv = be->alloc(be, 2 * own * (size_t)n_seq * sizeof(float));
+        co->own_kv = be->alloc(be, own_floats * sizeof(float));
         co->tails = malloc((size_t)n_seq * (size_t)max_stop);
     }
     tk_status status = TK_OK;
@@ -675,11 +680,12 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
     tk_head_logits_decode_rows(logits, m, req_ads, widest, be, hs, n_req, head_work);
     const float *lg = tk_host_view(be, S->logits_h, logits, (size_t)n_req * V * sizeof(float));
+    float *own_k = co->own_kv;
     for (int r = 0, i = 0; r < n_req; r++) {
         sample_payload *sp = reqs[r];
-        for (int s = 0; s < sp->p.num_samples; s++, i++) {
+        size_t own_stride = (size_t)own_rows(sp) * KV, own = (size_t)L * own_stride;
+        for (int s = 0; s < sp->p.num_samples; s++, i++, own_k += 2 * own) {
             sequence *q = &S->seqs[S->n_seqs++];
-            float *own_k = co->own_kv + 2 * own * (size_t)i;
             *q = (sequence){.req = sp, .co = co, .sample = s, .rng = tk_rng_for(sp->p.seed, s),
                             .tail = co->tails + (size_t)i * (size_t)max_stop};
             q->kv = (tk_kv_seq){co->prompt_k + (size_t)starts[uniq[r]] * KV, co->prompt_v + (size_t)starts[uniq[r]] * KV,
