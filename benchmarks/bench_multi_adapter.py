@@ -101,10 +101,10 @@ def main():
                         loss_fn_inputs={"target_tokens": list(range(101, 133)), "weights": [1.0] * 32})
     samplers = []
     for i in range(8):  # 8 adapters, each trained one step so they differ
-        tc = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=i)
+        tc = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=i).result()
         tc.forward_backward([datum], "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-3 * (i + 1))).result()
-        samplers.append(tc.save_weights_and_get_sampling_client())
+        samplers.append(tc.save_weights_and_get_sampling_client().result())
     params = types.SamplingParams(max_tokens=args.new_tokens, temperature=1.0, stop=[])
     samplers[0].sample(prompt, 1, params).result()  # warm-up
 
@@ -113,7 +113,7 @@ def main():
     one_request_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 64, params)])
     concurrent_64 = best(args.reps, lambda: [samplers[0].sample(prompt, 1, params) for _ in range(64)])
 
-    trainers = [sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=10 + i) for i in range(4)]
+    trainers = [sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=10 + i).result() for i in range(4)]
     batches = [[types.Datum(model_input=types.ModelInput.from_ints(rng.integers(100, 10000, 128).tolist()),
                             loss_fn_inputs={"target_tokens": rng.integers(100, 10000, 128).tolist(),
                                             "weights": [1.0] * 128}) for _ in range(2)] for _ in range(4)]
@@ -128,12 +128,12 @@ def main():
             tc.forward_backward(b, "cross_entropy").result()
             tc.optim_step(types.AdamParams(learning_rate=1e-4 * (i + 1))).result()
 
-    policy = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=99)
-    base = sc.create_sampling_client(base_model=DEFAULT_MODEL)
+    policy = sc.create_lora_training_client(DEFAULT_MODEL, rank=32, seed=99).result()
+    base = sc.create_sampling_client(base_model=DEFAULT_MODEL).result()
     rl_params = types.SamplingParams(max_tokens=args.new_tokens, temperature=1.0, stop=[])
 
     def rl_step(concurrent: bool):
-        snapshot = policy.save_weights_and_get_sampling_client()
+        snapshot = policy.save_weights_and_get_sampling_client().result()
         if concurrent:
             samples = [f.result() for f in [snapshot.sample(prompt, 1, rl_params) for _ in range(64)]]
         else:
