@@ -101,6 +101,17 @@ def test_requests_with_the_same_prompt_share_one_prefill(model, snapshots):
             np.testing.assert_allclose([lp for _, lp in top_a], [lp for _, lp in top_b], atol=1e-4)
 
 
+def test_one_admission_prefills_a_bounded_number_of_prompt_tokens(model):
+    """12 distinct 1000-token prompts popped together are admitted in cohorts of at most 8192 prompt tokens (8 and
+    4: one prefill pass's working memory stays bounded), each result as it is alone."""
+    rng = np.random.default_rng(7)
+    requests = [(list(rng.integers(1, 250, size=1000)), None, dict(max_tokens=2, temperature=0.0)) for _ in range(12)]
+    got = run(model, requests, together=True)
+    assert sorted(raw["group"][0] for raw, _ in got) == [4] * 4 + [8] * 8
+    alone = [run(model, [r], together=False)[0] for r in requests[:2] + requests[-2:]]
+    assert_same(got[:2] + got[-2:], alone)
+
+
 def test_requests_queued_during_a_decode_join_it_and_finish_on_their_own(model, snapshots):
     """A long request decodes; short ones queued behind it join between its steps (continuous batching), get
     what they get alone, and finish while the long one still runs."""

@@ -200,9 +200,29 @@ static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *fi
 /* ---- a decoding session: cohorts of requests, joined between steps (continuous batching) ---------- */
 
 /* A batch from the engine decodes at most SESSION_SEQUENCES sequences at a time (a request with more runs
- * alone), so one step's memory stays bounded; requests queued while it decodes join between steps while
- * they fit. */
-enum { SESSION_SEQUENCES = 256 };
+ * alone), so one step's memory stays bounded, and one admission prefills at most COHORT_PROMPT_TOKENS prompt
+ * tokens (counted before prompts are shared; a longer prompt is admitted alone), so a prefill pass's working
+ * memory does too. Requests queued while it decodes join between steps while they fit, in queue order: one that
+ * does not fit waits at the head until it does, so a stream of small requests cannot starve a large one. */
+enum { SESSION_SEQUENCES = 256, COHORT_PROMPT_TOKENS = 8192 };
+
+/* What a cohort being formed can still take. */
+typedef struct {
+    int seqs;
+    long tokens;
+} room_left;
+
+static int fits_room(const sample_payload *sp, const room_left *room)
+{
+    int first = room->tokens == COHORT_PROMPT_TOKENS;
+    return sp->p.num_samples <= room->seqs && (first || sp->prompt_len <= room->tokens);
+}
+
+static void take_room(room_left *room, const sample_payload *sp)
+{
+    room->seqs -= sp->p.num_samples;
+    room->tokens -= sp->prompt_len;
+}
 
 typedef struct {
     const tk_model *m;
@@ -781,10 +801,7 @@ static void step(session *S)
 }
 
 /* A queued request joins the running decode when its samples fit in the room left (ctx: an int). */
-static int fits(const void *payload, void *ctx)
-{
-    return ((const sample_payload *)payload)->p.num_samples <= *(int *)ctx;
-}
+static int fits(const void *payload, void *ctx) { return fits_room(payload, ctx); }
 
 /* Runs the engine's batch of sample requests, and those queued behind it while it decodes. */
 static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
@@ -795,8 +812,11 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     n_req = without_cancelled(exec, reqs, n_req);
     for (int first = 0; status == TK_OK && first < n_req;) { /* the popped requests, as many as fit at once */
         int last = first + 1, seqs = reqs[first]->p.num_samples;
-        while (last < n_req && seqs + reqs[last]->p.num_samples <= SESSION_SEQUENCES - S.n_live)
-            seqs += reqs[last++]->p.num_samples;
+        room_left room = {SESSION_SEQUENCES - S.n_live - seqs, COHORT_PROMPT_TOKENS - reqs[first]->prompt_len};
+        for (; last < n_req && fits_room(reqs[last], &room); last++) {
+            take_room(&room, reqs[last]);
+            seqs += reqs[last]->p.num_samples;
+        }
         if (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) { /* no room: decode until there is */
             while (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) step(&S);
             continue;
@@ -808,9 +828,9 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     while (status == TK_OK && S.n_live > 0) {
         sample_payload *joined[TK_MAX_BATCH];
         int n_joined = 0;
-        int room = SESSION_SEQUENCES - S.n_live;
+        room_left room = {SESSION_SEQUENCES - S.n_live, COHORT_PROMPT_TOKENS};
         while (n_joined < TK_MAX_BATCH && (joined[n_joined] = tk_exec_join(exec, fits, &room)) != NULL)
-            room -= joined[n_joined++]->p.num_samples;
+            take_room(&room, joined[n_joined++]);
         n_joined = without_cancelled(exec, joined, n_joined);
         if (n_joined > 0) {
             tk_status s = admit(&S, joined, n_joined);
