@@ -54,6 +54,7 @@ import tiny_models as tm  # noqa: E402
 import tinker  # noqa: E402
 from tinker import _images, _multimodal, types  # noqa: E402
 from tinker._engine import load_model  # noqa: E402
+from test_api_clients import PIG_LATIN, process_example  # noqa: E402
 
 LOGIT_TOL = 1e-3
 API_LP_TOL = 2e-3
@@ -731,22 +732,7 @@ def test_the_guides_vision_snippet_and_training_loop_run_on_the_tiny_vl_moe(vlmo
             tokens=tokenizer.encode("<|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")),
     ])  # fmt: skip
 
-    def process_example(example: dict, tokenizer) -> types.Datum:
-        prompt = f"English: {example['input']}\nPig Latin:"
-        prompt_tokens = tokenizer.encode(prompt, add_special_tokens=True)
-        prompt_weights = [0] * len(prompt_tokens)
-        completion_tokens = tokenizer.encode(f" {example['output']}\n\n", add_special_tokens=False)
-        completion_weights = [1] * len(completion_tokens)
-        tokens = prompt_tokens + completion_tokens
-        weights = prompt_weights + completion_weights
-        input_tokens = tokens[:-1]
-        target_tokens = tokens[1:]
-        weights = weights[1:]
-        return types.Datum(model_input=types.ModelInput.from_ints(tokens=input_tokens),
-                           loss_fn_inputs=dict(weights=weights, target_tokens=target_tokens))
-
-    examples = [{"input": "banana split", "output": "anana-bay plit-say"},
-                {"input": "quantum physics", "output": "uantum-qay ysics-phay"}]
+    examples = PIG_LATIN[:2]  # the guide's examples and process_example (test_api_clients holds them verbatim)
     processed_examples = [process_example(ex, tokenizer) for ex in examples]
     # -- the image datum, as the cookbook's supervised code builds one (image positions: target 0, weight 0) --
     grid = tm.vl_image_processor().get_number_of_image_patches(64, 96, {})

@@ -185,15 +185,21 @@ def _rope_from_hf(where: str, cfg: dict, default_theta: float = 10000.0) -> dict
     raise ModelLoadError(f"{where}: rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that holds an object (a config), or a ModelLoadError naming the file and `what` it is."""
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read the {what}: {e}") from e
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: the {what} is not a JSON object")
+    return obj
+
+
 def _read_hf_config(directory: Path) -> tuple[Path, dict, dict]:
     """(config.json's path, its object, the architecture descriptor of its model_type)."""
     path = directory / "config.json"
-    try:
-        cfg = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot read the model config: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{path}: the model config is not a JSON object")
+    cfg = _read_json_object(path, "model config")
     descriptor = _arch.by_key("hf_model_type", cfg.get("model_type"))
     if descriptor is None:
         raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (supported: "
@@ -622,14 +628,7 @@ def _processor_config(directory: Path, vision: dict) -> dict:
     """How images are turned into patches: preprocessor_config.json's settings (Qwen2-VL-style image processor),
     or Qwen3-VL's when the checkpoint has no such file."""
     path = directory / "preprocessor_config.json"
-    raw = {}
-    if path.is_file():
-        try:
-            raw = read_json(path)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{path}: cannot read the image processor config: {e}") from e
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{path}: not a JSON object")
+    raw = _read_json_object(path, "image processor config") if path.is_file() else {}
     where = str(path)
     size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
     min_pixels = raw.get("min_pixels", size.get("shortest_edge", _QWEN3VL_PIXELS[0]))

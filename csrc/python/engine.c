@@ -708,53 +708,65 @@ static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
     return 0;
 }
 
-/* The file paths of the fast sequence `paths`, encoded for the file system, into out[i]; each is kept alive
- * by the bytes object appended to the list `keep`. */
-static int encode_paths(PyObject *paths, PyObject *keep, const char **out)
+/* A load call's file paths (encoded for the file system, kept alive by `encoded`) and its tensor sources (n_src
+ * zeroed entries of src_size bytes, for the caller to parse), as C arrays; load_args_free releases them. */
+typedef struct {
+    PyObject *paths, *sources, *encoded;
+    const char **path_ptrs;
+    void *src;
+    Py_ssize_t n_paths, n_src;
+} load_args;
+
+static int load_args_init(load_args *la, PyObject *paths_arg, PyObject *sources_arg, size_t src_size)
 {
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(paths); i++) {
+    memset(la, 0, sizeof *la);
+    la->paths = PySequence_Fast(paths_arg, "paths must be a sequence of file paths");
+    la->sources = la->paths ? PySequence_Fast(sources_arg, "tensors must be a sequence of tuples") : NULL;
+    la->encoded = la->sources ? PyList_New(0) : NULL;
+    if (!la->encoded) return -1;
+    la->n_paths = PySequence_Fast_GET_SIZE(la->paths);
+    la->n_src = PySequence_Fast_GET_SIZE(la->sources);
+    la->path_ptrs = PyMem_Calloc((size_t)la->n_paths + 1, sizeof *la->path_ptrs);
+    la->src = la->path_ptrs ? PyMem_Calloc((size_t)la->n_src + 1, src_size) : NULL;
+    if (!la->src) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < la->n_paths; i++) {
         PyObject *bytes;
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(paths, i), &bytes)) return -1;
-        int appended = PyList_Append(keep, bytes);
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(la->paths, i), &bytes)) return -1;
+        int appended = PyList_Append(la->encoded, bytes);
         Py_DECREF(bytes);
         if (appended < 0) return -1;
-        out[i] = PyBytes_AS_STRING(bytes);
+        la->path_ptrs[i] = PyBytes_AS_STRING(bytes);
     }
     return 0;
 }
 
+static void load_args_free(load_args *la)
+{
+    PyMem_Free(la->src);
+    PyMem_Free(la->path_ptrs);
+    Py_XDECREF(la->encoded);
+    Py_XDECREF(la->sources);
+    Py_XDECREF(la->paths);
+}
+
 static PyObject *engine_load_model(EngineObject *self, PyObject *args)
 {
-    PyObject *config, *paths_arg, *sources_arg;
+    PyObject *config, *paths_arg, *sources_arg, *result = NULL;
     if (!PyArg_ParseTuple(args, "OOO:load_model", &config, &paths_arg, &sources_arg)) return NULL;
     tk_model_config cfg;
     if (parse_config(config, &cfg) < 0) return NULL;
-    PyObject *paths = PySequence_Fast(paths_arg, "paths must be a sequence of file paths");
-    PyObject *sources = paths ? PySequence_Fast(sources_arg, "tensors must be a sequence of tuples") : NULL;
-    PyObject *encoded = sources ? PyList_New(0) : NULL, *result = NULL;
-    Py_ssize_t n_paths = paths ? PySequence_Fast_GET_SIZE(paths) : 0;
-    Py_ssize_t n_src = sources ? PySequence_Fast_GET_SIZE(sources) : 0;
-    const char **path_ptrs = encoded ? PyMem_Calloc((size_t)n_paths + 1, sizeof *path_ptrs) : NULL;
-    tk_tensor_source *src = path_ptrs ? PyMem_Calloc((size_t)n_src + 1, sizeof *src) : NULL;
-    if (!src) {
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        goto done;
-    }
-    if (encode_paths(paths, encoded, path_ptrs) < 0) goto done;
-    if (parse_sources(sources, src, n_src) < 0) goto done;
+    load_args la;
     tk_request *req;
-    tk_status s = tk_load_request_create(&req, &cfg, path_ptrs, (int)n_paths, src, (int)n_src);
-    if (s != TK_OK) {
-        tk_py_raise(s, tk_last_error());
-        goto done;
+    if (load_args_init(&la, paths_arg, sources_arg, sizeof(tk_tensor_source)) == 0 &&
+        parse_sources(la.sources, la.src, la.n_src) == 0) {
+        tk_status s = tk_load_request_create(&req, &cfg, la.path_ptrs, (int)la.n_paths, la.src, (int)la.n_src);
+        if (s != TK_OK) tk_py_raise(s, tk_last_error());
+        else result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_LOAD, 0);
     }
-    result = request_new(PyType_GetModuleState(Py_TYPE(self)), self->engine, req, REQUEST_LOAD, 0);
-done:
-    PyMem_Free(src);
-    PyMem_Free(path_ptrs);
-    Py_XDECREF(encoded);
-    Py_XDECREF(sources);
-    Py_XDECREF(paths);
+    load_args_free(&la);
     return result;
 }
 
@@ -1360,37 +1372,23 @@ static int parse_vision_sources(PyObject *seq, tk_vision_source *src, Py_ssize_t
 
 static PyObject *engine_load_vision(EngineObject *self, PyObject *args)
 {
-    PyObject *model_obj, *config, *paths_arg, *sources_arg;
+    PyObject *model_obj, *config, *paths_arg, *sources_arg, *result = NULL;
     tk_module_state *state = PyType_GetModuleState(Py_TYPE(self));
     if (!PyArg_ParseTuple(args, "O!OOO:load_vision", state->model_type, &model_obj, &config, &paths_arg,
                           &sources_arg))
         return NULL;
     tk_vision_config cfg;
     if (parse_vision_config(config, &cfg) < 0) return NULL;
-    PyObject *paths = PySequence_Fast(paths_arg, "paths must be a sequence of file paths");
-    PyObject *sources = paths ? PySequence_Fast(sources_arg, "tensors must be a sequence of tuples") : NULL;
-    PyObject *encoded = sources ? PyList_New(0) : NULL, *result = NULL;
-    Py_ssize_t n_paths = paths ? PySequence_Fast_GET_SIZE(paths) : 0;
-    Py_ssize_t n_src = sources ? PySequence_Fast_GET_SIZE(sources) : 0;
-    const char **path_ptrs = encoded ? PyMem_Calloc((size_t)n_paths + 1, sizeof *path_ptrs) : NULL;
-    tk_vision_source *src = path_ptrs ? PyMem_Calloc((size_t)n_src + 1, sizeof *src) : NULL;
-    if (!src) {
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        goto done;
-    }
-    if (encode_paths(paths, encoded, path_ptrs) < 0) goto done;
-    if (parse_vision_sources(sources, src, n_src) < 0) goto done;
+    load_args la;
     tk_request *req;
-    tk_status s = tk_vision_load_request_create(&req, ((ModelObject *)model_obj)->model, &cfg, path_ptrs,
-                                                (int)n_paths, src, (int)n_src);
-    if (s != TK_OK) tk_py_raise(s, tk_last_error());
-    else result = request_new(state, self->engine, req, REQUEST_VISION_LOAD, 0);
-done:
-    PyMem_Free(src);
-    PyMem_Free(path_ptrs);
-    Py_XDECREF(encoded);
-    Py_XDECREF(sources);
-    Py_XDECREF(paths);
+    if (load_args_init(&la, paths_arg, sources_arg, sizeof(tk_vision_source)) == 0 &&
+        parse_vision_sources(la.sources, la.src, la.n_src) == 0) {
+        tk_status s = tk_vision_load_request_create(&req, ((ModelObject *)model_obj)->model, &cfg, la.path_ptrs,
+                                                    (int)la.n_paths, la.src, (int)la.n_src);
+        if (s != TK_OK) tk_py_raise(s, tk_last_error());
+        else result = request_new(state, self->engine, req, REQUEST_VISION_LOAD, 0);
+    }
+    load_args_free(&la);
     return result;
 }
 
