@@ -54,6 +54,15 @@ typedef struct tk_kv_view {
     int n1;
 } tk_kv_view;
 
+/* One y[T, N] = alpha * x[T, K] . w[N, K]^T + beta * y of a matmul_nt_many call (row strides ldy, ldx; w's
+ * rows contiguous). */
+typedef struct tk_nt_job {
+    float *y;
+    const float *x, *w;
+    int ldy, ldx, T, N, K;
+    float alpha, beta;
+} tk_nt_job;
+
 /* The float32 factors of one AdamW step (computed in double by model/optim.c, as torch does). */
 typedef struct {
     float clip_scale;   /* the gradients are multiplied by it first (global-norm clipping) */
@@ -114,6 +123,11 @@ struct tk_backend {
      * differently with T. */
     void (*matmul_nt_decode)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T,
                              int N, int K, float alpha, float beta);
+    /* n_jobs independent matmul_nt's (or matmul_nt_decode's when `decoding`) as one call over the device,
+     * each job's rows the same bit for bit as its own call: the LoRA terms of every adapter segment of a pass
+     * (a segmented gather matmul, as Punica's SGMV), where a call each would wait for each (a decoding step
+     * of 8 one-row segments made 88 small calls a layer). Jobs' outputs must not overlap. */
+    void (*matmul_nt_many)(tk_backend *be, const tk_nt_job *jobs, int n_jobs, int decoding);
     /* y[T, N] = alpha * x[T, K] . w[K, N] + beta * y    (input gradients: dx = dy . W) */
     void (*matmul_nn)(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
                       int N, int K, float alpha, float beta);

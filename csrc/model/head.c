@@ -48,23 +48,34 @@ static size_t carve(head_scratch *s, float *work, const tk_model *m, const tk_ad
 
 size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, m, ad); }
 
-/* logits[C, V] = h W^T + u B^T, u = scale h A^T, where row r's adapter is ads[r] (ads NULL: ad for every row);
- * the base product runs once for all rows, the LoRA term once per run of rows with the same adapter.
- * `decoding`: C rows of a decoding step (matmul_w_decode, matmul_nt_decode). */
+/* Runs of rows per pair of matmul_nt_many calls. */
+enum { LORA_RUNS = 32 };
+
+/* logits[C, V] = h W^T + u B^T, u = scale h A^T [C, R], where row r's adapter is ads[r] (ads NULL: ad for every
+ * row); the base product runs once for all rows, the LoRA terms of all runs of rows with one adapter as one
+ * call for the A's and one for the B's. `decoding`: C rows of a decoding step (matmul_w_decode, the decode
+ * kernels of matmul_nt_many). */
 static void chunk_logits(float *logits, float *u, const tk_model *m, const tk_adapter *const *ads,
                          const tk_adapter *ad, tk_backend *be, const float *h, int C, int decoding)
 {
-    int D = m->cfg.d_model, V = m->cfg.vocab_size;
+    int D = m->cfg.d_model, V = m->cfg.vocab_size, R_u = ad ? ad->cfg.rank : 0;
     (decoding ? be->matmul_w_decode : be->matmul_w)(be, logits, V, h, D, &m->w.lm_head, C, 1.0f, 0.0f);
+    tk_nt_job a_jobs[LORA_RUNS], b_jobs[LORA_RUNS];
+    int n = 0;
     for (int r0 = 0, r1; r0 < C; r0 = r1) {
         const tk_adapter *a = ads ? ads[r0] : ad;
         for (r1 = r0 + 1; r1 < C && (ads ? ads[r1] : ad) == a;) r1++;
-        if (!a || !a->unembed.A) continue;
-        int R = a->cfg.rank;
-        void (*const nt)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float,
-                         float) = decoding ? be->matmul_nt_decode : be->matmul_nt;
-        nt(be, u, R, h + (size_t)r0 * D, D, a->unembed.A, r1 - r0, R, D, a->scale, 0.0f);
-        nt(be, logits + (size_t)r0 * V, V, u, R, a->unembed.B, r1 - r0, V, R, 1.0f, 1.0f);
+        if (a && a->unembed.A) {
+            int R = a->cfg.rank;
+            float *ur = u + (size_t)r0 * R_u;
+            a_jobs[n] = (tk_nt_job){ur, h + (size_t)r0 * D, a->unembed.A, R_u, D, r1 - r0, R, D, a->scale, 0.0f};
+            b_jobs[n++] = (tk_nt_job){logits + (size_t)r0 * V, ur, a->unembed.B, V, R_u, r1 - r0, V, R, 1.0f, 1.0f};
+        }
+        if (n == LORA_RUNS || (r1 == C && n)) {
+            be->matmul_nt_many(be, a_jobs, n, decoding);
+            be->matmul_nt_many(be, b_jobs, n, decoding);
+            n = 0;
+        }
     }
 }
 

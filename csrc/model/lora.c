@@ -184,18 +184,31 @@ void tk_adapter_release(tk_adapter *a)
 
 /* ---- the LoRA math --------------------------------------------------------------------------- */
 
-void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu, int decoding)
+/* Segments per pair of matmul_nt_many calls: the B jobs of up to 3 targets each fit a small stack array. */
+enum { FORWARD_SEGMENTS = 32 };
+
+void tk_lora_forward(tk_backend *be, const tk_lora_segment *segs, int n_segs, int layer, const tk_lora_group *g,
+                     const float *x, int ldx, float *u, int ldu, int decoding)
 {
-    const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
-    if (!p0->A) return;
-    int R = ad->cfg.rank;
-    void (*const nt)(tk_backend *, float *, int, const float *, int, const float *, int, int, int, float, float) =
-        decoding ? be->matmul_nt_decode : be->matmul_nt;
-    nt(be, u, ldu, x, ldx, p0->A, T, g->n * R, p0->in, ad->scale, 0.0f);
-    for (int j = 0; j < g->n; j++) {
-        const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
-        nt(be, g->y[j], g->ld, u + j * R, ldu, p->B, T, p->out, R, 1.0f, 1.0f);
+    tk_nt_job a_jobs[FORWARD_SEGMENTS], b_jobs[FORWARD_SEGMENTS * 3];
+    for (int s0 = 0; s0 < n_segs; s0 += FORWARD_SEGMENTS) {
+        int s1 = n_segs - s0 < FORWARD_SEGMENTS ? n_segs : s0 + FORWARD_SEGMENTS, na = 0, nb = 0;
+        for (int i = s0; i < s1; i++) {
+            const tk_adapter *ad = segs[i].ad;
+            const tk_lora_pair *p0 = tk_lora_at(ad, layer, g->first);
+            if (!p0->A) continue; /* this adapter does not train these targets */
+            int R = ad->cfg.rank, r0 = segs[i].r0, rows = segs[i].r1 - r0;
+            float *us = u + (size_t)r0 * ldu + (size_t)g->first * R;
+            a_jobs[na++] = (tk_nt_job){us, x + (size_t)r0 * ldx, p0->A, ldu, ldx, rows, g->n * R, p0->in, ad->scale,
+                                       0.0f};
+            for (int j = 0; j < g->n; j++) {
+                const tk_lora_pair *p = tk_lora_at(ad, layer, g->first + j);
+                b_jobs[nb++] = (tk_nt_job){g->y[j] + (size_t)r0 * g->ld, us + j * R, p->B, g->ld, ldu, rows, p->out,
+                                           R, 1.0f, 1.0f};
+            }
+        }
+        be->matmul_nt_many(be, a_jobs, na, decoding);
+        be->matmul_nt_many(be, b_jobs, nb, decoding);
     }
 }
 

@@ -88,11 +88,19 @@ typedef struct {
     int ld;                /* their row stride */
 } tk_lora_group;
 
-/* y_j += u_j B_j^T for each target j, with u = scale x [A_0; ...; A_n-1]^T [T, nR] kept for the backward
- * pass (u points at the group's first target's columns). `decoding`: the rows of a decoding step
- * (matmul_nt_decode). */
-void tk_lora_forward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,
-                     int ldx, int T, float *u, int ldu, int decoding);
+/* One adapter's rows [r0, r1) of a pass. */
+typedef struct {
+    const tk_adapter *ad;
+    int r0, r1;
+} tk_lora_segment;
+
+/* For every segment (rows r0..r1 with adapter ad): y_j += u_j B_j^T for each target j, with
+ * u = scale x [A_0; ...; A_n-1]^T [rows, nR] kept for the backward pass in the group's columns of u
+ * (g->first R on, R the segment's rank). x, u and g->y point at row 0 of the pass. All segments' A products
+ * go to the device as one call, then all their B products as another (matmul_nt_many): a decoding step of
+ * one-row segments does not pay a call per adapter. `decoding`: the rows of a decoding step. */
+void tk_lora_forward(tk_backend *be, const tk_lora_segment *segs, int n_segs, int layer, const tk_lora_group *g,
+                     const float *x, int ldx, float *u, int ldu, int decoding);
 /* Given each target's dy: t_j = dy_j B_j into t [T, nR] (scratch), dB_j += dy_j^T u_j, then with the
  * stacked A: dx += scale t A (when dx != NULL) and dA += scale t^T x. The base part of dx is the caller's. */
 void tk_lora_backward(tk_backend *be, const tk_adapter *ad, int layer, const tk_lora_group *g, const float *x,

@@ -109,6 +109,8 @@ typedef struct {
     float **dst_rows;           /* [2T] row pointers for copy_rows (KV writes, embedding overrides) */
     const float **src_rows;     /* [2T] */
     int32_t *pos;               /* [T, TK_POS_DIMS] each row's position components */
+    tk_lora_segment *segs;      /* [n_seqs] the runs of rows with one adapter (lora_segments) */
+    int n_segs;
     /* backward only */
     float *dx, *dh, *dqkv, *datt, *dgate_up, *dact, *t, *head_out, *head_inv, *attn_bwd_work;
     tk_moe_scratch moe;         /* the MoE block's (nothing for a model without experts) */
@@ -142,6 +144,8 @@ static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backe
     s->dst_rows = (float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
     s->src_rows = (const float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
     s->pos = (int32_t *)tk_arena_take(&a, T * TK_POS_DIMS);
+    s->segs = (tk_lora_segment *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_lora_segment)));
+    s->n_segs = 0;
     if (backward) {
         s->dx = tk_arena_take(&a, T * d.D);
         s->dh = tk_arena_take(&a, T * d.D);
@@ -285,15 +289,23 @@ static void prepare_qk(float *qkr, const float *qkv, const tk_layer_weights *L, 
     be->rope(be, k, QKV, T, Hkv, Dh, s->cos, s->sin, 0);
 }
 
-/* The group's LoRA terms for every adapter segment; u [T, ldu] keeps scale x A^T per target. */
-static void lora_forward(tk_backend *be, const tk_batch *b, int layer, const tk_lora_group *g, const float *x,
-                         int ldx, float *u, int ldu)
+/* The group's LoRA terms for every adapter segment of the pass (s->segs); u [T, ldu] keeps scale x A^T per
+ * target. */
+static void lora_forward(tk_backend *be, const tk_batch *b, const scratch *s, int layer, const tk_lora_group *g,
+                         const float *x, int ldx, float *u, int ldu)
 {
+    tk_lora_forward(be, s->segs, s->n_segs, layer, g, x, ldx, u, ldu, tk_batch_is_decode(b));
+}
+
+/* s->segs: each run of sequences with the same adapter (the base model's runs are left out) */
+static void lora_segments(scratch *s, const tk_batch *b)
+{
+    s->n_segs = 0;
     FOR_EACH_ADAPTER_SEGMENT(b, ad, r0, r1, {
-        tk_lora_group seg = *g;
-        for (int j = 0; j < g->n; j++) seg.y[j] += (size_t)r0 * g->ld;
-        tk_lora_forward(be, ad, layer, &seg, x + (size_t)r0 * ldx, ldx, r1 - r0,
-                        u + (size_t)r0 * ldu + (size_t)g->first * ad->cfg.rank, ldu, tk_batch_is_decode(b));
+        tk_lora_segment *seg = &s->segs[s->n_segs++];
+        seg->ad = ad;
+        seg->r0 = r0;
+        seg->r1 = r1;
     })
 }
 
@@ -363,6 +375,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         decode ? be->matmul_w_decode : be->matmul_w;
     scratch s;
     carve_scratch(&s, work, m, be, b, 0);
+    lora_segments(&s, b);
     const tk_moe_pass moe = {m, be, b, decode, &s.moe};
 
     embed_tokens(s.x, m, be, b, &s);
@@ -380,7 +393,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         project(be, qkv, QKV, s.h, D, &L->wqkv, T, 1.0f, 0.0f);
         if (L->bqkv) be->add_bias(be, qkv, QKV, L->bqkv, T, QKV);
         tk_lora_group qkv_g = {TK_LORA_Q, 3, {qkv, qkv + kcol, qkv + vcol}, QKV};
-        lora_forward(be, b, l, &qkv_g, s.h, D, u, U);
+        lora_forward(be, b, &s, l, &qkv_g, s.h, D, u, U);
         prepare_qk(s.qkr, qkv, L, m, be, &s, T);
         if (b->kv) write_kv(be, b, &s, l, QKV, kcol, vcol, d.Hkv * Dh);
         if (decode) {
@@ -396,7 +409,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         }
         project(be, s.x, D, att, H * Dh, &L->wo, T, 1.0f, 1.0f);
         tk_lora_group o_g = {TK_LORA_O, 1, {s.x}, D};
-        lora_forward(be, b, l, &o_g, att, H * Dh, u, U);
+        lora_forward(be, b, &s, l, &o_g, att, H * Dh, u, U);
 
         /* MLP block: x += down(silu(gate(h)) * up(h)), h = norm(x); or the experts' (moe.c) */
         if (st) copy_block(be, st->x2, s.x, (size_t)T * D);
@@ -407,11 +420,11 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
         } else {
             project(be, gate_up, 2 * F, s.h, D, &L->w_gate_up, T, 1.0f, 0.0f);
             tk_lora_group gate_up_g = {TK_LORA_GATE, 2, {gate_up, gate_up + F}, 2 * F};
-            lora_forward(be, b, l, &gate_up_g, s.h, D, u, U);
+            lora_forward(be, b, &s, l, &gate_up_g, s.h, D, u, U);
             be->swiglu(be, s.act, gate_up, T, F);
             project(be, s.x, D, s.act, F, &L->w_down, T, 1.0f, 1.0f);
             tk_lora_group down_g = {TK_LORA_DOWN, 1, {s.x}, D};
-            lora_forward(be, b, l, &down_g, s.act, F, u, U);
+            lora_forward(be, b, &s, l, &down_g, s.act, F, u, U);
         }
         /* a constant added to the residual stream: the backward pass needs nothing for it (the next layer's
          * stored input, or x_final, includes it) */

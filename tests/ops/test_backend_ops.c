@@ -461,6 +461,63 @@ static void test_matmul_nt_rows(tk_backend *be, rng_t *r)
         }
 }
 
+/* matmul_nt_many: every job as its own call would give it. Jobs the shapes of a pass's LoRA terms: one-row
+ * segments of a decoding step (A: 96 x 576, B: 576 x 32), several-row segments, a head-sized B (N 4000), a job of
+ * no rows; counts below and above twice the threads (split jobs, one task each) and past 64 (more than one pool
+ * run). Prefill (decoding 0): bit for bit matmul_nt's. Decoding: one-row jobs bit for bit matmul_nt_decode's
+ * (the streaming kernel sums each output alone), others against the float64 reference (sgemm's rounding may
+ * change with the split). */
+static void test_matmul_nt_many(tk_backend *be, rng_t *r)
+{
+    static const int shapes[][3] = {{1, 96, 576}, {1, 576, 32}, {3, 96, 576}, {5, 1536, 32}, {1, 4000, 32},
+                                    {0, 64, 32}, {17, 200, 300}};
+    static const int counts[] = {1, 2, 7, 70};
+    enum { NS = sizeof shapes / sizeof shapes[0] };
+    for (int decoding = 0; decoding <= 1; decoding++)
+        for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+            int n = counts[c], same = 1;
+            cmp_t worst = {0};
+            tk_nt_job *jobs = calloc((size_t)n, sizeof *jobs);
+            mat *x = calloc((size_t)n, sizeof *x), *w = calloc((size_t)n, sizeof *w), *y = calloc((size_t)n, sizeof *y),
+                *alone = calloc((size_t)n, sizeof *alone);
+            double **want = calloc((size_t)n, sizeof *want), **scale = calloc((size_t)n, sizeof *scale);
+            for (int j = 0; j < n; j++) {
+                const int *sh = shapes[(j * 5 + (int)c) % NS];
+                int T = sh[0], N = sh[1], K = sh[2];
+                float beta = (float)(j % 2);
+                x[j] = mat_new(T, K, K + 3), w[j] = mat_new(N, K, K), y[j] = mat_new(T, N, N + 1);
+                alone[j] = mat_new(T, N, N + 1);
+                mat_randn(&x[j], r, 1), mat_randn(&w[j], r, 1), mat_randn(&y[j], r, 1);
+                mat_copy(&alone[j], &y[j]);
+                want[j] = copy_of(&y[j]), scale[j] = abs_of(&y[j]);
+                double *ax = abs_of(&x[j]), *aw = abs_of(&w[j]);
+                ref_matmul_nt(want[j], y[j].ld, x[j].d, x[j].ld, w[j].d, w[j].ld, T, N, K, 0.25f, beta);
+                ref_matmul_nt(scale[j], y[j].ld, ax, x[j].ld, aw, w[j].ld, T, N, K, 0.25f, beta);
+                free(ax), free(aw);
+                jobs[j] = (tk_nt_job){y[j].f, x[j].f, w[j].f, y[j].ld, x[j].ld, T, N, K, 0.25f, beta};
+                (decoding ? be->matmul_nt_decode : be->matmul_nt)(be, alone[j].f, alone[j].ld, x[j].f, x[j].ld,
+                                                                  w[j].f, T, N, K, 0.25f, beta);
+            }
+            be->matmul_nt_many(be, jobs, n, decoding);
+            for (int j = 0; j < n; j++) {
+                int T = jobs[j].T, N = jobs[j].N;
+                if (!decoding || T == 1)
+                    for (int t = 0; t < T; t++)
+                        same &= memcmp(y[j].f + (size_t)t * y[j].ld, alone[j].f + (size_t)t * alone[j].ld,
+                                       (size_t)N * sizeof(float)) == 0;
+                worst = cmp_merge(worst, compare(y[j].f, want[j], scale[j], T, N, y[j].ld, TOL_MATMUL));
+                same &= mat_guard_ok(&y[j]);
+                free(want[j]), free(scale[j]);
+                mat_free(&x[j]), mat_free(&w[j]), mat_free(&y[j]), mat_free(&alone[j]);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "%d jobs, decoding %d", n, decoding);
+            report("matmul_nt_many", what, worst, TOL_MATMUL, same,
+                   same ? "" : "a job's rows differ from its own call's (or its guard was written)");
+            free(jobs), free(x), free(w), free(y), free(alone), free(want), free(scale);
+        }
+}
+
 /* y[T, N] = x[T, K] w[K, N]; also as the input gradient of y = x W^T (finite differences) */
 static void test_matmul_nn(tk_backend *be, rng_t *r)
 {
@@ -2308,6 +2365,7 @@ static const op_test OP_TESTS[] = {
     {"matmul_nt", test_matmul_nt},
     {"matmul_nn", test_matmul_nn},
     {"matmul_nt rows", test_matmul_nt_rows},
+    {"matmul_nt_many", test_matmul_nt_many},
     {"matmul_tn_acc", test_matmul_tn_acc},
     {"memory", test_memory}, /* alloc, free, upload, download, sync */
     {"copy_rows", test_copy_rows},

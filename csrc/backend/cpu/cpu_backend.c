@@ -155,29 +155,84 @@ static void nt_tgemm(const gemm_args *a, float *panel, int n0, int n1)
 }
 
 /* y[:, n0:n1] = x . w[n0:n1]^T (w rows are output columns) */
-static void nt_task(void *ctx, int task, int thread)
+static void nt_columns(const gemm_args *a, int thread, int n0, int n1)
 {
-    gemm_args *a = ctx;
-    int n0, n1;
-    block16_range(task, a->n_tasks, a->N, &n0, &n1);
-    if (n1 <= n0) return;
     if (a->small_m) small_m_nt(a, n0, n1);
     else if (a->panels) nt_tgemm(a, a->panels->buf[thread], n0, n1);
     else tk_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->T, n1 - n0, a->K, a->alpha, a->x, a->ldx,
                         a->w + (size_t)n0 * a->K, a->K, a->beta, a->y + n0, a->ldy);
 }
 
+static void nt_task(void *ctx, int task, int thread)
+{
+    gemm_args *a = ctx;
+    int n0, n1;
+    block16_range(task, a->n_tasks, a->N, &n0, &n1);
+    if (n1 > n0) nt_columns(a, thread, n0, n1);
+}
+
 /* `stream`: a decoding step, where one row streams each weight row once (small_m_nt) and a few rows are
  * sgemm's (no packing of w for them); everything else goes through tgemm (nt_tgemm), whose rows come out the
- * same whatever else shares the call. */
+ * same whatever else shares the call. n_tasks: the column blocks a call of its own splits it into. */
+static gemm_args nt_args(tk_backend *be, const tk_nt_job *j, int stream)
+{
+    gemm_args a = {j->y, j->x, j->w, j->ldy, j->ldx, j->K, j->T, j->N, j->K, 1, 0, j->alpha, j->beta,
+                   stream && j->T <= SMALL_M, stream ? NULL : &((cpu_backend *)be)->panels};
+    a.n_tasks = gemm_tasks(be, (long)j->T * j->N * j->K, j->N);
+    if (a.small_m && j->N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
+    return a;
+}
+
 static void matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
                       int K, float alpha, float beta, int stream)
 {
-    gemm_args a = {y, x, w, ldy, ldx, K, T, N, K, 1, 0, alpha, beta, stream && T <= SMALL_M,
-                   stream ? NULL : &((cpu_backend *)be)->panels};
-    a.n_tasks = gemm_tasks(be, (long)T * N * K, N);
-    if (a.small_m && N >= 64) a.n_tasks = tk_pool_threads(pool_of(be)); /* memory-bound: use every core */
+    tk_nt_job j = {y, x, w, ldy, ldx, T, N, K, alpha, beta};
+    gemm_args a = nt_args(be, &j, stream);
     tk_pool_run(pool_of(be), a.n_tasks, nt_task, &a);
+}
+
+/* matmul_nt_many: up to MANY_JOBS jobs per pool run; task t is column block t - first[j] of job j. */
+enum { MANY_JOBS = 64 };
+
+typedef struct {
+    gemm_args job[MANY_JOBS];
+    int first[MANY_JOBS + 1];
+} many_args;
+
+static void many_task(void *ctx, int task, int thread)
+{
+    const many_args *m = ctx;
+    int lo = 0, hi = MANY_JOBS; /* the job holding `task`: first[lo] <= task < first[hi], until hi = lo + 1 */
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (m->first[mid] <= task) lo = mid;
+        else hi = mid;
+    }
+    const gemm_args *a = &m->job[lo];
+    int n0, n1;
+    block16_range(task - m->first[lo], a->n_tasks, a->N, &n0, &n1);
+    if (n1 > n0) nt_columns(a, thread, n0, n1);
+}
+
+/* With as many jobs as twice the threads, a job is one task (the pool balances them); fewer are split as a
+ * call of their own would be. Each task's columns are computed as in that call, so the rows match it. */
+static void cpu_matmul_nt_many(tk_backend *be, const tk_nt_job *jobs, int n_jobs, int decoding)
+{
+    many_args m;
+    int threads = tk_pool_threads(pool_of(be));
+    for (int j0 = 0; j0 < n_jobs; j0 += MANY_JOBS) {
+        int n = n_jobs - j0 < MANY_JOBS ? n_jobs - j0 : MANY_JOBS;
+        m.first[0] = 0;
+        for (int j = 0; j < MANY_JOBS; j++) {
+            if (j < n) {
+                m.job[j] = nt_args(be, &jobs[j0 + j], decoding);
+                if (n >= 2 * threads) m.job[j].n_tasks = 1;
+            } else
+                m.job[j].n_tasks = 0;
+            m.first[j + 1] = m.first[j] + m.job[j].n_tasks;
+        }
+        tk_pool_run(pool_of(be), m.first[MANY_JOBS], many_task, &m);
+    }
 }
 
 static void cpu_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
@@ -1455,6 +1510,7 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
         .matmul_w_t_grouped = cpu_matmul_w_t_grouped,
         .matmul_nt = cpu_matmul_nt,
         .matmul_nt_decode = cpu_matmul_nt_decode,
+        .matmul_nt_many = cpu_matmul_nt_many,
         .matmul_nn = cpu_matmul_nn,
         .matmul_tn_acc = cpu_matmul_tn_acc,
         .alloc = cpu_alloc,
