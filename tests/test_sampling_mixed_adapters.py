@@ -216,3 +216,82 @@ def test_cancelling_the_awaiting_task_cancels_the_request(sampler):
         assert len(out.sequences[0].tokens) == 2
 
     asyncio.run(main())
+
+
+# ---- the bound on the keys and values sampling holds at once (TINKER_KV_CACHE_MB) ----
+
+def kv_bytes(model, prompt_len: int, num_samples: int, max_tokens: int) -> int:
+    """What a request reserves: its prompt's rows and max_tokens rows per sample, keys and values of every layer."""
+    c = model.config
+    return 2 * c["n_layers"] * c["n_kv_heads"] * c["head_dim"] * 4 * (prompt_len + num_samples * max_tokens)
+
+
+@pytest.fixture
+def kv_limit(model):
+    """Sets the model's limit for one test, then back to the default."""
+    default = model.handle.kv_cache_limit()
+    yield model.handle.set_kv_cache_limit
+    model.handle.set_kv_cache_limit(0)
+    assert model.handle.kv_cache_limit() == default
+
+
+def test_the_default_kv_limit_is_half_of_memory(model):
+    import os
+
+    assert model.handle.kv_cache_limit() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def test_requests_past_the_kv_limit_wait_for_room(model, kv_limit):
+    """Four requests popped together, each reserving a unit of cache, under a limit of 2.5 units: admitted as two
+    cohorts of two (the second once the first has finished and freed its rows), each as it is alone."""
+    params = dict(max_tokens=40, temperature=1.0, seed=4, num_samples=2, stop=[])
+    requests = [([7 + i, 3, 9, 2, 5], None, params) for i in range(4)]
+    kv_limit(int(2.5 * kv_bytes(model, 5, 2, 40)))
+    got = run(model, requests, together=True)
+    assert [raw["group"][0] for raw, _ in got] == [2, 2, 2, 2]
+    kv_limit(0)  # the default: all four fit
+    assert [raw["group"][0] for raw, _ in run(model, requests, together=True)] == [4, 4, 4, 4]
+    assert_same(got, [run(model, [r], together=False)[0] for r in requests])
+
+
+def test_a_request_past_the_kv_limit_joins_a_decode_only_when_it_fits(model, kv_limit):
+    """A short request queued while a long one decodes would join it (continuous batching), but the limit leaves no
+    room beside the long one: it waits until the long one has finished and freed its rows, then gets its result."""
+    long = dict(max_tokens=1000, temperature=1.0, seed=1, num_samples=8, stop=[])
+    short = dict(max_tokens=3, temperature=0.0)
+    kv_limit(kv_bytes(model, 4, 8, 1000) + kv_bytes(model, 3, 1, 3) // 2)  # the long one, and half the short one
+    for wait in (0.005, 0.02, 0.05, 0.1):  # until the long one is decoding when the short one comes
+        first = submit_sample(model, PROMPTS[0], **long)
+        time.sleep(wait)
+        later = submit_sample(model, PROMPTS[1], **short)
+        running = not first._request.done()
+        raw = later._request.result()
+        if running:
+            break
+    else:
+        pytest.fail("the long request was never still decoding when the short one came")
+    assert first._request.done()  # it waited for the long one's rows
+    assert raw["group"][2] == 0  # admitted in a session of its own, not joined
+    assert_same([(raw, later.result())], [run(model, [(PROMPTS[1], None, short)], together=False)[0]])
+
+
+def test_a_request_larger_than_the_kv_limit_is_refused_with_the_way_out(model, kv_limit):
+    import tinker
+
+    kv_limit(kv_bytes(model, 4, 8, 100) - 1)
+    with pytest.raises(tinker.BadRequestError, match="TINKER_KV_CACHE_MB") as e:
+        submit_sample(model, PROMPTS[0], max_tokens=100, num_samples=8)
+    assert "num_samples or max_tokens" in str(e.value)
+    submit_sample(model, PROMPTS[0], max_tokens=99, num_samples=8).result()  # one row less per sample fits
+
+
+def test_kv_cache_limit_reads_tinker_kv_cache_mb(monkeypatch, caplog):
+    from tinker._engine import kv_cache_limit
+
+    monkeypatch.setenv("TINKER_KV_CACHE_MB", "512")
+    assert kv_cache_limit() == 512 << 20
+    monkeypatch.setenv("TINKER_KV_CACHE_MB", "0")
+    assert kv_cache_limit() is None  # the default
+    monkeypatch.setenv("TINKER_KV_CACHE_MB", "lots")
+    assert kv_cache_limit() is None
+    assert "TINKER_KV_CACHE_MB='lots' is not a size in MiB" in caplog.text

@@ -192,11 +192,9 @@ def load_model(name: str) -> LoadedModel:
         return _models[key]
 
 
-def prefix_cache_limit() -> int | None:
-    """The bound in bytes of each model's prompt-prefix cache from $TINKER_PREFIX_CACHE_MB (MiB; 0 disables it), or
-    None for the engine's default (256 MiB). Sample requests whose prompts start with the same tokens under the
-    same weights reuse those tokens' keys and values (csrc/model/prefix_cache.h)."""
-    raw = os.environ.get("TINKER_PREFIX_CACHE_MB", "").strip()
+def _env_mib(name: str, meaning: str) -> int | None:
+    """$name as bytes (the variable is in MiB, a number >= 0), or None when unset or not a size (with a warning)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return None
     try:
@@ -204,10 +202,25 @@ def prefix_cache_limit() -> int | None:
         if not 0 <= mb < 2**40:
             raise ValueError
     except ValueError:
-        logging.getLogger("tinker").warning("TINKER_PREFIX_CACHE_MB=%r is not a size in MiB (a number >= 0; 0 turns "
-                                            "the prefix cache off): using the default", raw)
+        logging.getLogger("tinker").warning("%s=%r is not a size in MiB (a number >= 0; %s): using the default",
+                                            name, raw, meaning)
         return None
     return int(mb * 2**20)
+
+
+def prefix_cache_limit() -> int | None:
+    """The bound in bytes of each model's prompt-prefix cache from $TINKER_PREFIX_CACHE_MB (MiB; 0 disables it), or
+    None for the engine's default (256 MiB). Sample requests whose prompts start with the same tokens under the
+    same weights reuse those tokens' keys and values (csrc/model/prefix_cache.h)."""
+    return _env_mib("TINKER_PREFIX_CACHE_MB", "0 turns the prefix cache off")
+
+
+def kv_cache_limit() -> int | None:
+    """The bytes of keys and values each model's sampling may hold at once from $TINKER_KV_CACHE_MB (MiB), or None
+    for the engine's default (half of the machine's memory). Requests past it wait for running ones to finish; one
+    past it alone is refused with a message (csrc/model/generate.h)."""
+    limit = _env_mib("TINKER_KV_CACHE_MB", "0 means the default, half of memory")
+    return limit or None
 
 
 def _load(name: str, source) -> LoadedModel:
@@ -220,4 +233,7 @@ def _load(name: str, source) -> LoadedModel:
     limit = prefix_cache_limit()
     if limit is not None:
         handle.set_prefix_cache_limit(limit)
+    kv_limit = kv_cache_limit()
+    if kv_limit is not None:
+        handle.set_kv_cache_limit(kv_limit)
     return LoadedModel(spec, handle)

@@ -8,11 +8,14 @@
  * and the cache lacks are prefilled once first (the lead pass). After it,
  * every text prompt's whole blocks go into the cache.
  */
+#define _DEFAULT_SOURCE /* sysconf(_SC_PHYS_PAGES) */
 #include "generate.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../backend/backend.h"
 #include "head.h"
@@ -104,6 +107,7 @@ typedef struct cohort {
     float *own_kv;              /* per sequence [2][L][its max_tokens][KV]: its own rows */
     char *tails;                /* per sequence [max_stop]: the last bytes, for stop strings */
     int live;                   /* sequences still decoding */
+    size_t kv_bytes;            /* its caches' bytes, counted in the session's kv_bytes while it lives */
     struct cohort *next;
 } cohort;
 
@@ -202,26 +206,73 @@ static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *fi
 /* A batch from the engine decodes at most SESSION_SEQUENCES sequences at a time (a request with more runs
  * alone), so one step's memory stays bounded, and one admission prefills at most COHORT_PROMPT_TOKENS prompt
  * tokens (counted before prompts are shared; a longer prompt is admitted alone), so a prefill pass's working
- * memory does too. Requests queued while it decodes join between steps while they fit, in queue order: one that
- * does not fit waits at the head until it does, so a stream of small requests cannot starve a large one. */
+ * memory does too. The caches of the admitted requests stay within the model's kv limit (generate.h). Requests
+ * queued while it decodes join between steps while they fit, in queue order: one that does not fit waits at the
+ * head until it does, so a stream of small requests cannot starve a large one. */
 enum { SESSION_SEQUENCES = 256, COHORT_PROMPT_TOKENS = 8192 };
 
-/* What a cohort being formed can still take. */
+/* The machine's memory: its physical pages, or its cgroup's (v2) limit when lower; read once. */
+static size_t machine_memory(void)
+{
+    static _Atomic size_t known;
+    size_t bytes = atomic_load(&known);
+    if (bytes) return bytes;
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    bytes = pages > 0 && page > 0 ? (size_t)pages * (size_t)page : (size_t)8 << 30;
+    FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
+    unsigned long long limit;
+    if (f && fscanf(f, "%llu", &limit) == 1 && limit > 0 && limit < bytes) bytes = (size_t)limit; /* not "max" */
+    if (f) fclose(f);
+    atomic_store(&known, bytes);
+    return bytes;
+}
+
+size_t tk_model_kv_limit(const tk_model *m)
+{
+    size_t bytes = atomic_load(&m->kv_limit);
+    return bytes ? bytes : machine_memory() / 2;
+}
+
+void tk_model_set_kv_limit(tk_model *m, size_t bytes) { atomic_store(&m->kv_limit, bytes); }
+
+/* Rows of keys and values a sample generates (at least one, so every sample's block is distinct): sized per
+ * request, so a short request admitted with a long one does not reserve the long one's rows. */
+static int own_rows_for(int max_tokens) { return max_tokens > 1 ? max_tokens : 1; }
+static int own_rows(const sample_payload *sp) { return own_rows_for(sp->p.max_tokens); }
+
+/* The cache bytes a request reserves: [2][L][its prompt's rows + each sample's own rows][KV] floats */
+static size_t kv_bytes_for(const tk_model *m, int prompt_len, int num_samples, int max_tokens)
+{
+    const tk_model_config *c = &m->cfg;
+    size_t rows = (size_t)prompt_len + (size_t)num_samples * (size_t)own_rows_for(max_tokens);
+    return 2 * (size_t)c->n_layers * rows * (size_t)c->n_kv_heads * (size_t)c->head_dim * sizeof(float);
+}
+
+static size_t request_kv_bytes(const sample_payload *sp)
+{
+    return kv_bytes_for(sp->model, sp->prompt_len, sp->p.num_samples, sp->p.max_tokens);
+}
+
+/* What a cohort being formed can still take: sequences, prompt tokens and cache bytes. The first request of a
+ * cohort is taken whatever its prompt's length; past the cache bytes only when nothing else is live. */
 typedef struct {
     int seqs;
     long tokens;
+    size_t kv;
 } room_left;
 
 static int fits_room(const sample_payload *sp, const room_left *room)
 {
     int first = room->tokens == COHORT_PROMPT_TOKENS;
-    return sp->p.num_samples <= room->seqs && (first || sp->prompt_len <= room->tokens);
+    return sp->p.num_samples <= room->seqs && (first || sp->prompt_len <= room->tokens) &&
+           request_kv_bytes(sp) <= room->kv;
 }
 
 static void take_room(room_left *room, const sample_payload *sp)
 {
     room->seqs -= sp->p.num_samples;
     room->tokens -= sp->prompt_len;
+    room->kv -= request_kv_bytes(sp);
 }
 
 typedef struct {
@@ -233,6 +284,7 @@ typedef struct {
     int *live;          /* [cap] indices of the sequences still decoding */
     int n_live;
     cohort *cohorts;
+    size_t kv_bytes;    /* the live cohorts' caches (bounded by the model's kv limit) */
     int admitted;       /* requests admitted so far */
     /* one step's batch, [cap] each */
     int32_t *step_tok, *step_rows, *step_delta;
@@ -320,6 +372,7 @@ static void cohort_release(session *S, cohort *co)
     cohort **link = &S->cohorts;
     while (*link != co) link = &(*link)->next;
     *link = co->next;
+    S->kv_bytes -= co->kv_bytes;
     cohort_free(S->exec->backend, co);
 }
 
@@ -586,10 +639,6 @@ static void lead_pass(session *S, prompt_plan *pl, const int *share, const cohor
     read_prefixes(pc, be, n, hits, co, starts, KV, stride);
 }
 
-/* Rows of keys and values a sample of sp generates (at least one, so every sample's block is distinct): sized
- * per request, so a short request admitted with a long one does not reserve the long one's rows. */
-static int own_rows(const sample_payload *sp) { return sp->p.max_tokens > 1 ? sp->p.max_tokens : 1; }
-
 /* Admits requests reqs[0..n_req) as one cohort: one prefill of their distinct prompts (each from the rows the
  * prefix cache has of it, or the lead pass prefilled for it), the prompt scores, and the first token of every
  * sample; the unfinished samples join the live set. */
@@ -695,6 +744,8 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     /* 3. the first token of every sample, from its prompt's last position; the cohort joins the session, held
      * by its admission until every sample is placed */
     co->live = 1, co->next = S->cohorts, S->cohorts = co;
+    co->kv_bytes = (2 * (size_t)L * prompt_stride + own_floats) * sizeof(float);
+    S->kv_bytes += co->kv_bytes;
     for (int r = 0; r < n_req; r++)
         h_rows[r] = hs + (size_t)r * D, last_rows[r] = h + (size_t)(rows_at[uniq[r] + 1] - 1) * D;
     be->copy_rows(be, h_rows, (const float *const *)last_rows, n_req, D);
@@ -800,8 +851,23 @@ static void step(session *S)
     S->n_live = still;
 }
 
-/* A queued request joins the running decode when its samples fit in the room left (ctx: an int). */
+/* A queued request joins the running decode when it fits in the room left (ctx: a room_left). */
 static int fits(const void *payload, void *ctx) { return fits_room(payload, ctx); }
+
+/* The cache bytes the session may still reserve. */
+static size_t kv_room(const session *S)
+{
+    size_t limit = tk_model_kv_limit(S->m);
+    return S->kv_bytes < limit ? limit - S->kv_bytes : 0;
+}
+
+/* Whether request sp can be admitted now: its samples and its caches fit beside the live sequences (an empty
+ * session takes any one request). */
+static int can_admit(const session *S, const sample_payload *sp)
+{
+    return S->n_live == 0 ||
+           (sp->p.num_samples <= SESSION_SEQUENCES - S->n_live && request_kv_bytes(sp) <= kv_room(S));
+}
 
 /* Runs the engine's batch of sample requests, and those queued behind it while it decodes. */
 static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
@@ -811,16 +877,12 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     tk_status status = session_init(&S, reqs[0]->model, exec);
     n_req = without_cancelled(exec, reqs, n_req);
     for (int first = 0; status == TK_OK && first < n_req;) { /* the popped requests, as many as fit at once */
-        int last = first + 1, seqs = reqs[first]->p.num_samples;
-        room_left room = {SESSION_SEQUENCES - S.n_live - seqs, COHORT_PROMPT_TOKENS - reqs[first]->prompt_len};
-        for (; last < n_req && fits_room(reqs[last], &room); last++) {
-            take_room(&room, reqs[last]);
-            seqs += reqs[last]->p.num_samples;
-        }
-        if (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) { /* no room: decode until there is */
-            while (S.n_live > 0 && seqs > SESSION_SEQUENCES - S.n_live) step(&S);
-            continue;
-        }
+        while (!can_admit(&S, reqs[first])) step(&S); /* no room: decode until there is */
+        size_t kv_first = request_kv_bytes(reqs[first]), kv_left = kv_room(&S);
+        room_left room = {SESSION_SEQUENCES - S.n_live - reqs[first]->p.num_samples,
+                          COHORT_PROMPT_TOKENS - reqs[first]->prompt_len, kv_first < kv_left ? kv_left - kv_first : 0};
+        int last = first + 1;
+        for (; last < n_req && fits_room(reqs[last], &room); last++) take_room(&room, reqs[last]);
         tk_status s = admit(&S, reqs + first, last - first);
         for (int r = first; s != TK_OK && r < last; r++) tk_exec_finish(exec, reqs[r], s);
         first = last;
@@ -828,7 +890,7 @@ static tk_status run_batch(void **payloads, int n_req, tk_exec *exec)
     while (status == TK_OK && S.n_live > 0) {
         sample_payload *joined[TK_MAX_BATCH];
         int n_joined = 0;
-        room_left room = {SESSION_SEQUENCES - S.n_live, COHORT_PROMPT_TOKENS};
+        room_left room = {SESSION_SEQUENCES - S.n_live, COHORT_PROMPT_TOKENS, kv_room(&S)};
         while (n_joined < TK_MAX_BATCH && (joined[n_joined] = tk_exec_join(exec, fits, &room)) != NULL)
             take_room(&room, joined[n_joined++]);
         n_joined = without_cancelled(exec, joined, n_joined);
@@ -866,6 +928,12 @@ static tk_status check_params(const tk_model *m, const tk_sample_params *p, int 
         return tk_error(TK_ERR_INVALID, "topk_prompt_logprobs is %d; it must be from 0 to 1000", p->topk_prompt);
     if (p->topk_sample < 0 || p->topk_sample > 1000)
         return tk_error(TK_ERR_INVALID, "topk_sample_logprobs is %d; it must be from 0 to 1000", p->topk_sample);
+    size_t kv = kv_bytes_for(m, prompt_len, p->num_samples, p->max_tokens), limit = tk_model_kv_limit(m);
+    if (kv > limit)
+        return tk_error(TK_ERR_INVALID, "the request's keys and values (%d prompt tokens and %d samples of up to %d "
+                        "tokens) would take %.2f GiB, more than sampling may hold at once (%.2f GiB): lower "
+                        "num_samples or max_tokens, or raise $TINKER_KV_CACHE_MB",
+                        prompt_len, p->num_samples, p->max_tokens, kv / 1073741824.0, limit / 1073741824.0);
     return TK_OK;
 }
 

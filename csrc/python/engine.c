@@ -467,6 +467,21 @@ static PyObject *model_set_prefix_cache_limit(ModelObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* set_kv_cache_limit(bytes): what sampling's caches may hold at once (generate.h); 0: the default */
+static PyObject *model_set_kv_cache_limit(ModelObject *self, PyObject *arg)
+{
+    unsigned long long bytes = PyLong_AsUnsignedLongLong(arg);
+    if (bytes == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    tk_model_set_kv_limit(self->model, (size_t)bytes);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_kv_cache_limit(ModelObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromSize_t(tk_model_kv_limit(self->model));
+}
+
 static PyMethodDef model_methods[] = {
     {"set_token_bytes", (PyCFunction)model_set_token_bytes, METH_O,
      "set_token_bytes(list[bytes]): each token's bytes, for matching stop strings (kept from the first call)"},
@@ -475,6 +490,11 @@ static PyMethodDef model_methods[] = {
      "blocks_evicted, blocks, bytes, limit, block_tokens of the model's prompt-prefix cache (sampling)"},
     {"set_prefix_cache_limit", (PyCFunction)model_set_prefix_cache_limit, METH_O,
      "set_prefix_cache_limit(bytes): the prefix cache's bound (0 disables it); blocks past it are evicted now"},
+    {"set_kv_cache_limit", (PyCFunction)model_set_kv_cache_limit, METH_O,
+     "set_kv_cache_limit(bytes): the bytes of keys and values sampling may hold at once (0: the default, half of "
+     "memory); requests past it wait, and one past it alone is refused"},
+    {"kv_cache_limit", (PyCFunction)model_kv_cache_limit, METH_NOARGS,
+     "kv_cache_limit() -> int: the bytes of keys and values sampling may hold at once"},
     {NULL, NULL, 0, NULL},
 };
 
