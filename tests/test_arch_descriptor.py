@@ -142,7 +142,7 @@ def test_descriptor_matches_transformers_and_the_gguf_writer(arch):
     expected = {(t["role"], layer) for t in d["tensors"] if t["when"] != "optional"
                 for layer in (range(config["n_layers"]) if t["per_layer"] else (-1,)) if _arch.used(t, config, layer)}
     found, vision_found = {}, set()
-    gguf_names = tm._hf_to_gguf_names(arch, model.config) if d["gguf_name"] else {}
+    gguf_names = tm.gguf_names(arch, model.config) if d["gguf_name"] else {}
     if d["flags"]["vision"]:  # the vision tower's tensors, with the shapes the descriptor's expressions give
         v = model.config.vision_config
         letters = {"Dv": v.hidden_size, "Fv": v.intermediate_size, "C": v.in_channels, "Tp": v.temporal_patch_size,

@@ -389,11 +389,11 @@ def dequantize(qdata: np.ndarray, qtype) -> np.ndarray:
     return np.asarray(quants.dequantize(qdata, _qtype(qtype)), dtype=np.float32)
 
 
-def _hf_to_gguf_names(arch: str, config) -> dict[str, str]:
+def _hf_to_gguf_names(arch: str, config, tied: bool | None = None) -> dict[str, str]:
     """transformers state-dict name -> GGUF name of every tensor (qwen3moe: its 2-D and 1-D tensors; the
     experts' 3-D parameters are _moe_expert_tensors')."""
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if not config.tie_word_embeddings:
+    if not (config.tie_word_embeddings if tied is None else tied):
         names["lm_head.weight"] = "output.weight"
     per_layer = {
         "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -417,6 +417,23 @@ def _hf_to_gguf_names(arch: str, config) -> dict[str, str]:
         if sparse:
             names[f"model.layers.{i}.mlp.gate.weight"] = f"blk.{i}.ffn_gate_inp.weight"
     return names
+
+
+_GGUF_LAYOUT = {"qwen3vl": "qwen3", "qwen3vlmoe": "qwen3moe"}  # a VL model's language model: its GGUF tensors
+
+
+def _in_vl(name: str) -> str:
+    """A text model's tensor name as a Qwen3-VL model has it (its language model under model.language_model)."""
+    return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
+
+
+def gguf_names(arch: str, config) -> dict[str, str]:
+    """transformers name -> GGUF name of a model's 2-D and 1-D tensors (experts: _moe_expert_tensors), as llama.cpp's
+    converter writes them; a vision-language model's GGUF is its language model alone (Qwen3VLTextModel)."""
+    if arch not in VL_ARCHS:
+        return _hf_to_gguf_names(arch, config)
+    names = _hf_to_gguf_names(_GGUF_LAYOUT[arch], config.text_config, bool(config.tie_word_embeddings))
+    return {_in_vl(k): v for k, v in names.items()}
 
 
 def moe_layer(config, layer: int) -> bool:
@@ -498,19 +515,24 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32", byte_
     path = Path(path)
     config = hf_model.config
     arch = arch or next((a for a, t in MODEL_TYPES.items() if t == config.model_type), config.model_type)
-    if arch not in ARCHS or MODEL_TYPES[arch] != config.model_type:
+    if arch not in ARCHS + VL_ARCHS or MODEL_TYPES[arch] != config.model_type:
         raise ValueError(f"arch {arch!r} does not match the model's model_type {config.model_type!r}")
+    # a vision-language model's GGUF is its language model alone (llama.cpp's Qwen3VLTextModel): Qwen3's or
+    # Qwen3-MoE's tensors from model.language_model, M-RoPE's sections and the deepstack count as metadata
+    vl = arch in VL_ARCHS
+    layout = _GGUF_LAYOUT.get(arch, arch)  # the tensors' names and forms
+    text = config.text_config if vl else config
     choose = tensor_type if callable(tensor_type) else (lambda name, shape: tensor_type)
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    hidden = config.hidden_size
-    rope = config.rope_parameters
+    heads, kv_heads, head_dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    hidden = text.hidden_size
+    rope = text.rope_parameters
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
-    w.add_context_length(config.max_position_embeddings)
+    w.add_context_length(text.max_position_embeddings)
     w.add_embedding_length(hidden)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(text.num_hidden_layers)
+    w.add_feed_forward_length(text.intermediate_size)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_rope_dimension_count(head_dim)
@@ -518,38 +540,44 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32", byte_
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_vocab_size(config.vocab_size)
+    w.add_layer_norm_rms_eps(float(text.rms_norm_eps))
+    w.add_vocab_size(text.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if vl:
+        w.add_rope_dimension_sections(list(rope["mrope_section"]) + [0] * (4 - len(rope["mrope_section"])))
+        w.add_num_deepstack_layers(len(config.vision_config.deepstack_visual_indexes))
     if byte_tokenizer:
-        tokens, merges = _byte_level_tokens(config.vocab_size)
+        tokens, merges = _byte_level_tokens(text.vocab_size)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_merges(merges)
-        w.add_eos_token_id(config.vocab_size - 1)
-    if arch == "qwen3moe":  # as convert_hf_to_gguf's Qwen3MoeModel writes them
-        w.add_expert_count(config.num_experts)
-        w.add_expert_used_count(config.num_experts_per_tok)
-        w.add_expert_feed_forward_length(config.moe_intermediate_size)
-        w.add_expert_weights_norm(bool(config.norm_topk_prob))
+        w.add_eos_token_id(text.vocab_size - 1)
+    if layout == "qwen3moe":  # as convert_hf_to_gguf's Qwen3MoeModel writes them
+        w.add_expert_count(text.num_experts)
+        w.add_expert_used_count(text.num_experts_per_tok)
+        w.add_expert_feed_forward_length(text.moe_intermediate_size)
+        w.add_expert_weights_norm(bool(text.norm_topk_prob))
     rope_type = rope.get("rope_type", "default")
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
     elif rope_type == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(text))
     elif rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported here")
 
     reference = copy.deepcopy(hf_model).to(torch.float32).eval()
     ref_params = dict(reference.named_parameters())
-    names = _hf_to_gguf_names(arch, config)
+    names = gguf_names(arch, config)
     full_state = hf_model.state_dict()
-    experts = _moe_expert_tensors(config, full_state) if arch == "qwen3moe" else []
+    text_state = {k.replace("model.language_model.", "model.", 1): v for k, v in full_state.items()}
+    experts = [(g, _in_vl(h) if vl else h, d, r) for g, h, d, r in _moe_expert_tensors(text, text_state)] \
+        if layout == "qwen3moe" else []  # fmt: skip
     state = {k: v for k, v in full_state.items() if k in names}
     missing = set(names) - set(state)
     extra = {k for k in full_state if k not in names and not k.endswith("inv_freq")} - {e[1] for e in experts}
+    extra = {k for k in extra if not k.startswith("model.visual.")}  # (the mmproj file's)
     if config.tie_word_embeddings:
         extra.discard("lm_head.weight")
     if missing or extra:

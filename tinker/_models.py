@@ -337,7 +337,7 @@ def _hf_moe_config(where: str, cfg: dict, n_layers: int) -> dict:
 def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, dict]:
     where = str(path)
     descriptor = _arch.by_key("gguf_name", meta.get("general.architecture"))
-    if descriptor is None:  # (vision-language models have no GGUF form here: llama.cpp splits off their tower)
+    if descriptor is None:
         supported = ", ".join(a["gguf_name"] for a in _arch.ARCHS.values() if a["gguf_name"])
         raise ModelLoadError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported "
                              f"(supported: {supported})")
@@ -387,7 +387,27 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> tuple[str, d
             # llama.cpp's files make every layer sparse; a layer without a router here is a dense one
             "mlp_only_layers": [l for l in range(config["n_layers"]) if router % l not in tensor_names],
         })  # fmt: skip
+    if config.get("vision"):  # llama.cpp's qwen3vl / qwen3vlmoe: the language model, its vision tower elsewhere
+        config.update(_gguf_mrope(where, meta, prefix, config["head_dim"]))
     return arch, config
+
+
+def _gguf_mrope(where: str, meta: dict, prefix: str, head_dim: int) -> dict:
+    """M-RoPE's sections from a Qwen3-VL GGUF: '{prefix}.rope.dimension_sections' is the config's mrope_section
+    padded to 4 ([24, 20, 20, 0]; absent when the config had none: transformers' default then), and the router of
+    Qwen3-VL-MoE renormalises its top k, as the Hugging Face form's does."""
+    key = f"{prefix}.rope.dimension_sections"
+    sections = meta.get(key)
+    cfg = {"head_dim": head_dim}
+    if sections is not None:
+        if not isinstance(sections, list) or len(sections) != 4 or sections[3] != 0:
+            raise ModelLoadError(f"{where}: GGUF metadata '{key}' must be 4 integers, the last 0 (Qwen3-VL's "
+                                 f"[temporal, height, width] sections padded), got {describe(sections)}")
+        cfg["rope_parameters"] = {"mrope_section": list(sections[:3])}
+    out = {"mrope_section": _mrope_section(f"{where}: GGUF metadata '{key}'", cfg)}
+    if prefix == "qwen3vlmoe":
+        out["norm_topk_prob"] = 1
+    return out
 
 
 # ---- safetensors ----------------------------------------------------------------------------

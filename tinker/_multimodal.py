@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _images
+from . import _arch
 from ._exceptions import BadRequestError
 from .types.model_input import EncodedTextChunk, ImageAssetPointerChunk, ImageChunk, ModelInput
 
@@ -131,6 +132,10 @@ def engine_input(model, model_input: ModelInput, what: str) -> list[int] | Engin
         except ValueError as e:
             raise BadRequestError(f"{what}: {e}; this model takes text tokens and images only") from None
     vision = model.spec.vision
+    if vision is None and _arch.has_vision(model.spec.arch):
+        raise BadRequestError(f"{what}: the input has an image, but {model.name!r} is the language model of a "
+                              f"{model.spec.arch} GGUF: llama.cpp keeps the vision tower in a separate mmproj file, "
+                              f"which tinker does not read; for images load the Hugging Face checkpoint directory")
     if vision is None:
         raise BadRequestError(f"{what}: the input has an image, but {model.name!r} is a text-only model (it takes "
                               f"text tokens only); image chunks need a vision-language model such as Qwen3-VL")

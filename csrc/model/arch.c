@@ -161,24 +161,25 @@ static const tk_arch_lora qwen3moe_lora[] = {
 };
 
 /* Qwen3-VL's language model: Qwen3 under model.language_model (positions M-RoPE's, image features replacing the
- * image tokens' embeddings and deepstack features added after the first layers: mm.h); no GGUF form (llama.cpp
- * splits the vision tower into a separate file). */
+ * image tokens' embeddings and deepstack features added after the first layers: mm.h). Its GGUF form (llama.cpp's
+ * qwen3vl) holds the language model alone, under Qwen3's names: llama.cpp writes the vision tower to a separate
+ * mmproj file. */
 static const tk_arch_tensor qwen3vl_tensors[] = {
-    /* role               scope   shape             when              GGUF rows  GGUF name  Hugging Face name    experts */
-    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.embed_tokens.weight",                        0},
-    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.norm.weight",                                0},
-    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         NULL,      "lm_head.weight",                                                  0},
-    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.input_layernorm.weight",           0},
-    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.q_proj.weight",          0},
-    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.k_proj.weight",          0},
-    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.v_proj.weight",          0},
-    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.self_attn.o_proj.weight",          0},
-    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         NULL,      "model.language_model.layers.%d.self_attn.q_norm.weight",          0},
-    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         NULL,      "model.language_model.layers.%d.self_attn.k_norm.weight",          0},
-    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.post_attention_layernorm.weight",  0},
-    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.gate_proj.weight",             0},
-    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.up_proj.weight",               0},
-    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         NULL,      "model.language_model.layers.%d.mlp.down_proj.weight",             0},
+    /* role               scope   shape             when              GGUF rows  GGUF name                      Hugging Face name    experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",           "model.language_model.embed_tokens.weight",                        0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},            TK_WHEN_ALWAYS,   0,         "output_norm.weight",          "model.language_model.norm.weight",                                0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},       TK_WHEN_UNTIED,   0,         "output.weight",               "lm_head.weight",                                                  0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.attn_norm.weight",     "model.language_model.layers.%d.input_layernorm.weight",           0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_q.weight",        "model.language_model.layers.%d.self_attn.q_proj.weight",          0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_k.weight",        "model.language_model.layers.%d.self_attn.k_proj.weight",          0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},  TK_WHEN_ALWAYS,   0,         "blk.%d.attn_v.weight",        "model.language_model.layers.%d.self_attn.v_proj.weight",          0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},    TK_WHEN_ALWAYS,   0,         "blk.%d.attn_output.weight",   "model.language_model.layers.%d.self_attn.o_proj.weight",          0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_q_norm.weight",   "model.language_model.layers.%d.self_attn.q_norm.weight",          0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},           TK_WHEN_QK_NORM,  0,         "blk.%d.attn_k_norm.weight",   "model.language_model.layers.%d.self_attn.k_norm.weight",          0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},            TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_norm.weight",      "model.language_model.layers.%d.post_attention_layernorm.weight",  0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_gate.weight",      "model.language_model.layers.%d.mlp.gate_proj.weight",             0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_up.weight",        "model.language_model.layers.%d.mlp.up_proj.weight",               0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},       TK_WHEN_ALWAYS,   0,         "blk.%d.ffn_down.weight",      "model.language_model.layers.%d.mlp.down_proj.weight",             0},
 };
 
 /* Tinker adapts the language model only: the decoder's targets, under the language model's module names. */
@@ -198,25 +199,25 @@ static const tk_arch_lora qwen3vl_lora[] = {
  * [E, 2 Fe, D] / [E, D, Fe] (transformers 5.x) or transposed, [E, D, 2 Fe] / [E, Fe, D] (the hub's files, used as
  * x @ W[e]); the loader reads both (tinker/_models.py). The per-expert names only name a missing expert. */
 static const tk_arch_tensor qwen3vlmoe_tensors[] = {
-    /* role               scope   shape                when               GGUF rows  GGUF name  Hugging Face name                                                        experts */
-    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},          TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.embed_tokens.weight",                              0},
-    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.norm.weight",                                      0},
-    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},          TK_WHEN_UNTIED,    0,         NULL,      "lm_head.weight",                                                        0},
-    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.input_layernorm.weight",                 0},
-    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},       TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.q_proj.weight",                0},
-    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.k_proj.weight",                0},
-    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.v_proj.weight",                0},
-    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},       TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.self_attn.o_proj.weight",                0},
-    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         NULL,      "model.language_model.layers.%d.self_attn.q_norm.weight",                0},
-    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         NULL,      "model.language_model.layers.%d.self_attn.k_norm.weight",                0},
-    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         NULL,      "model.language_model.layers.%d.post_attention_layernorm.weight",        0},
-    {TK_ROLE_GATE,        LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.gate_proj.weight",                   0},
-    {TK_ROLE_UP,          LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.up_proj.weight",                     0},
-    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},          TK_WHEN_DENSE_MLP, 0,         NULL,      "model.language_model.layers.%d.mlp.down_proj.weight",                   0},
-    {TK_ROLE_ROUTER,      LAYER,  {"E", "D"},          TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.gate.weight",                        0},
-    {TK_ROLE_EXP_GATE,    LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.gate_proj.weight",        EXPERTS},
-    {TK_ROLE_EXP_UP,      LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.up_proj.weight",          EXPERTS},
-    {TK_ROLE_EXP_DOWN,    LAYER,  {"E", "D", "Fe"},    TK_WHEN_MOE,       0,         NULL,      "model.language_model.layers.%d.mlp.experts.%d.down_proj.weight",        EXPERTS},
+    /* role               scope   shape                when               GGUF rows  GGUF name                      Hugging Face name                                                        experts */
+    {TK_ROLE_EMBED,       MODEL,  {"V", "D"},          TK_WHEN_ALWAYS,    0,         "token_embd.weight",           "model.language_model.embed_tokens.weight",                              0},
+    {TK_ROLE_FINAL_NORM,  MODEL,  {"D"},               TK_WHEN_ALWAYS,    0,         "output_norm.weight",          "model.language_model.norm.weight",                                      0},
+    {TK_ROLE_LM_HEAD,     MODEL,  {"V", "D"},          TK_WHEN_UNTIED,    0,         "output.weight",               "lm_head.weight",                                                        0},
+    {TK_ROLE_ATTN_NORM,   LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         "blk.%d.attn_norm.weight",     "model.language_model.layers.%d.input_layernorm.weight",                 0},
+    {TK_ROLE_Q,           LAYER,  {"H*Dh", "D"},       TK_WHEN_ALWAYS,    0,         "blk.%d.attn_q.weight",        "model.language_model.layers.%d.self_attn.q_proj.weight",                0},
+    {TK_ROLE_K,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         "blk.%d.attn_k.weight",        "model.language_model.layers.%d.self_attn.k_proj.weight",                0},
+    {TK_ROLE_V,           LAYER,  {"Hkv*Dh", "D"},     TK_WHEN_ALWAYS,    0,         "blk.%d.attn_v.weight",        "model.language_model.layers.%d.self_attn.v_proj.weight",                0},
+    {TK_ROLE_O,           LAYER,  {"D", "H*Dh"},       TK_WHEN_ALWAYS,    0,         "blk.%d.attn_output.weight",   "model.language_model.layers.%d.self_attn.o_proj.weight",                0},
+    {TK_ROLE_Q_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         "blk.%d.attn_q_norm.weight",   "model.language_model.layers.%d.self_attn.q_norm.weight",                0},
+    {TK_ROLE_K_NORM,      LAYER,  {"Dh"},              TK_WHEN_QK_NORM,   0,         "blk.%d.attn_k_norm.weight",   "model.language_model.layers.%d.self_attn.k_norm.weight",                0},
+    {TK_ROLE_MLP_NORM,    LAYER,  {"D"},               TK_WHEN_ALWAYS,    0,         "blk.%d.ffn_norm.weight",      "model.language_model.layers.%d.post_attention_layernorm.weight",        0},
+    {TK_ROLE_GATE,        LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_gate.weight",      "model.language_model.layers.%d.mlp.gate_proj.weight",                   0},
+    {TK_ROLE_UP,          LAYER,  {"F", "D"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_up.weight",        "model.language_model.layers.%d.mlp.up_proj.weight",                     0},
+    {TK_ROLE_DOWN,        LAYER,  {"D", "F"},          TK_WHEN_DENSE_MLP, 0,         "blk.%d.ffn_down.weight",      "model.language_model.layers.%d.mlp.down_proj.weight",                   0},
+    {TK_ROLE_ROUTER,      LAYER,  {"E", "D"},          TK_WHEN_MOE,       0,         "blk.%d.ffn_gate_inp.weight",  "model.language_model.layers.%d.mlp.gate.weight",                        0},
+    {TK_ROLE_EXP_GATE,    LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_gate_exps.weight", "model.language_model.layers.%d.mlp.experts.%d.gate_proj.weight",        EXPERTS},
+    {TK_ROLE_EXP_UP,      LAYER,  {"E", "Fe", "D"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_up_exps.weight",   "model.language_model.layers.%d.mlp.experts.%d.up_proj.weight",          EXPERTS},
+    {TK_ROLE_EXP_DOWN,    LAYER,  {"E", "D", "Fe"},    TK_WHEN_MOE,       0,         "blk.%d.ffn_down_exps.weight", "model.language_model.layers.%d.mlp.experts.%d.down_proj.weight",        EXPERTS},
 };
 
 static const tk_arch_fused qwen3vlmoe_fused[] = {
@@ -313,7 +314,7 @@ static const tk_arch archs[] = {
     },
     {
         .name = "qwen3vl", .hf_model_type = "qwen3_vl", .hf_class = "Qwen3VLForConditionalGeneration",
-        .gguf_name = NULL, .flags = TK_ARCH_QK_NORM | TK_ARCH_VISION,
+        .gguf_name = "qwen3vl", .flags = TK_ARCH_QK_NORM | TK_ARCH_VISION,
         .hf_config = "{\"attention_bias\": false}",
         .tensors = qwen3vl_tensors, .n_tensors = COUNT(qwen3vl_tensors),
         .lora = qwen3vl_lora, .n_lora = COUNT(qwen3vl_lora),
@@ -321,7 +322,7 @@ static const tk_arch archs[] = {
     },
     {
         .name = "qwen3vlmoe", .hf_model_type = "qwen3_vl_moe", .hf_class = "Qwen3VLMoeForConditionalGeneration",
-        .gguf_name = NULL, .flags = TK_ARCH_QK_NORM | TK_ARCH_MOE | TK_ARCH_VISION,
+        .gguf_name = "qwen3vlmoe", .flags = TK_ARCH_QK_NORM | TK_ARCH_MOE | TK_ARCH_VISION,
         .hf_config = "{\"attention_bias\": false}",
         .tensors = qwen3vlmoe_tensors, .n_tensors = COUNT(qwen3vlmoe_tensors),
         .lora = qwen3vlmoe_lora, .n_lora = COUNT(qwen3vlmoe_lora),

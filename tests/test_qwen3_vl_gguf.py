@@ -1,0 +1,115 @@
+"""Qwen3-VL and Qwen3-VL-MoE from GGUF: the language model file llama.cpp's converter writes (architecture qwen3vl /
+qwen3vlmoe: Qwen3's / Qwen3-MoE's tensors, M-RoPE's sections in 'rope.dimension_sections'; the vision tower goes
+to a separate mmproj file, which the engine does not read). The form the guide's own model ships in quantized
+(Qwen3-VL-30B-A3B-Instruct Q4_K_M).
+
+Each tiny transformers checkpoint is written both ways (tiny_models.write_gguf follows convert_hf_to_gguf's
+Qwen3VLTextModel / Qwen3VLMoeTextModel). Tolerances: text logits within 1e-3 * max(1, |logit|) of transformers on
+the GGUF's (dequantised) weights, as for the Hugging Face form (test_qwen3_vl.py); the GGUF and Hugging Face forms
+of the same float32 weights give the same engine config and the same training loss and gradients within float32
+summation noise (1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import tiny_models as tm  # noqa: E402
+
+import tinker  # noqa: E402
+from tinker import types  # noqa: E402
+from tinker._engine import load_model  # noqa: E402
+from tinker._training import LoraAdapter  # noqa: E402
+
+LOGIT_TOL = 1e-3
+
+
+@pytest.fixture(scope="module", params=tm.VL_ARCHS)
+def forms(request, tmp_path_factory):
+    """(arch, Hugging Face checkpoint path, GGUF path, float32 transformers reference) of one tiny model."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    kwargs = {"layers": 4, "mlp_only_layers": [1]} if arch == "qwen3vlmoe" else {}  # a dense layer among experts
+    path, ref = tm.make_vl_checkpoint(root / "hf", arch, seed=5, **kwargs)
+    gguf_path, _ = tm.write_gguf(root / "model.gguf", ref, arch)
+    return arch, path, gguf_path, ref
+
+
+@torch.no_grad()
+def hf_text_logits(ref, tokens) -> np.ndarray:
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+    return ref(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0].double().numpy()
+
+
+def assert_logits_close(got, want, what: str) -> None:
+    err = np.abs(np.asarray(got, np.float64) - want)
+    bound = LOGIT_TOL * np.maximum(1.0, np.abs(want))
+    assert (err <= bound).all(), f"{what}: worst logit error {err.max():.3g}"
+
+
+SEQS = [np.random.default_rng(n).integers(0, 300, n) for n in (1, 9, 40)]
+
+
+def test_the_gguf_loads_as_the_same_model(forms):
+    arch, path, gguf_path, _ = forms
+    hf, gg = load_model(str(path)), load_model(str(gguf_path))
+    assert gg.spec.arch == arch and gg.spec.source.kind == "gguf"
+    keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "rope_theta",
+            "mrope_section", "tied_embeddings", "n_experts", "n_experts_used", "d_ff_expert", "norm_topk_prob",
+            "mlp_only_layers")  # fmt: skip
+    assert {k: gg.config.get(k) for k in keys} == {k: hf.config.get(k) for k in keys}
+    assert gg.config["rms_eps"] == pytest.approx(hf.config["rms_eps"], rel=1e-6)  # (a float32 in GGUF)
+    assert gg.spec.vision is None  # (llama.cpp's mmproj file holds the tower)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_text_logits_match_transformers(forms, qtype, tmp_path):
+    arch, _, gguf_path, ref = forms
+    if qtype != "F32":  # the same model quantised; transformers runs on the dequantised values
+        gguf_path, ref = tm.write_gguf(tmp_path / f"{qtype}.gguf", ref, arch, tensor_type=qtype)
+    model = load_model(str(gguf_path))
+    for seq, logits in zip(SEQS, model.forward_logits(SEQS)):
+        assert_logits_close(logits, hf_text_logits(ref, seq), f"{arch} {qtype}, length {len(seq)}")
+
+
+def test_training_on_the_gguf_equals_the_hugging_face_form(forms):
+    """One forward_backward of the same LoRA (Tinker's expert layout on Qwen3-VL-MoE) on both forms."""
+    _, path, gguf_path, _ = forms
+    rng = np.random.default_rng(2)
+    data = [(rng.integers(0, 300, 12).tolist(), {"target_tokens": rng.integers(0, 300, 12),
+                                                 "weights": np.ones(12, np.float32)}) for _ in range(2)]  # fmt: skip
+    results = []
+    for base in (path, gguf_path):
+        adapter = LoraAdapter(load_model(str(base)), rank=4, seed=7)
+        params = adapter.parameters()
+        adapter.set_parameters({k: np.random.default_rng(len(k)).standard_normal(v.shape).astype(np.float32) * 0.1
+                                for k, v in params.items()})  # fmt: skip
+        out = adapter.forward_backward(data)
+        results.append((out, adapter.gradients()))
+    (out_hf, grads_hf), (out_gg, grads_gg) = results
+    for lp_gg, lp_hf in zip(out_gg.logprobs, out_hf.logprobs):
+        np.testing.assert_allclose(lp_gg, lp_hf, rtol=1e-5, atol=1e-6)
+    assert out_gg.metrics["loss:sum"] == pytest.approx(out_hf.metrics["loss:sum"], rel=1e-5)
+    assert grads_gg.keys() == grads_hf.keys()
+    assert all(np.abs(g).max() > 0 for g in grads_hf.values())  # every LoRA tensor (experts' too) has a gradient
+    for name in grads_hf:
+        np.testing.assert_allclose(grads_gg[name], grads_hf[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_images_to_the_gguf_say_where_the_tower_is(forms):
+    _, _, gguf_path, _ = forms
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    mi = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[5, 6]), types.ImageChunk(data=buf.getvalue(),
+                                                                                         format="png")])  # fmt: skip
+    sampler = tinker.ServiceClient().create_sampling_client(base_model=str(gguf_path)).result()
+    with pytest.raises(tinker.BadRequestError, match="mmproj"):
+        sampler.sample(mi, 1, types.SamplingParams(max_tokens=2)).result()
