@@ -418,6 +418,7 @@ def test_capabilities_list_the_hugging_face_cache(tmp_path, monkeypatch):
     partial.mkdir(parents=True)
     shutil.copy(snapshot / "config.json", partial / "config.json")
     tm.make_hf_checkpoint(cache / "models--acme--tiny-moe" / "snapshots" / "1", "qwen3moe", max_positions=64)
+    tm.make_vl_checkpoint(cache / "models--acme--tiny-vl" / "snapshots" / "2", "qwen3vl", max_positions=80)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
 
     listed = {m.model_name: m for m in tinker.ServiceClient().get_server_capabilities().supported_models}
@@ -425,8 +426,9 @@ def test_capabilities_list_the_hugging_face_cache(tmp_path, monkeypatch):
     assert models["acme/tiny-llama"] == 96 and models["acme/tiny-moe"] == 64
     assert "acme/moe" not in models and "acme/partial" not in models
     assert models[DEFAULT_MODEL] == 8192
-    for name, m in listed.items():  # every listed model trains and samples; none takes images (text models)
-        assert (m.trainable, m.sampleable, m.supports_images) == (True, True, False), name
+    assert models["acme/tiny-vl"] == 80
+    for name, m in listed.items():  # every listed model trains and samples; the vision-language one takes images
+        assert (m.trainable, m.sampleable, m.supports_images) == (True, True, name == "acme/tiny-vl"), name
     assert listed["acme/tiny-moe"].is_moe is True
     assert listed["acme/tiny-llama"].is_moe is False and listed[DEFAULT_MODEL].is_moe is False
     rest = tinker.RestClient().get_server_capabilities().result()

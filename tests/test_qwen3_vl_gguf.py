@@ -1,13 +1,14 @@
-"""Qwen3-VL and Qwen3-VL-MoE from GGUF: the language model file llama.cpp's converter writes (architecture qwen3vl /
-qwen3vlmoe: Qwen3's / Qwen3-MoE's tensors, M-RoPE's sections in 'rope.dimension_sections'; the vision tower goes
-to a separate mmproj file, which the engine does not read). The form the guide's own model ships in quantized
-(Qwen3-VL-30B-A3B-Instruct Q4_K_M).
+"""Qwen3-VL and Qwen3-VL-MoE from GGUF, the form the guide's own model ships in quantized (Qwen3-VL-30B-A3B-Instruct
+Q4_K_M): llama.cpp's converter writes the language model (architecture qwen3vl / qwen3vlmoe: Qwen3's / Qwen3-MoE's
+tensors, M-RoPE's sections in 'rope.dimension_sections') and, to a separate mmproj-*.gguf, the vision tower (clip
+metadata, v.* / mm.* tensors, the Conv3d patch embedding as two temporal halves). The engine reads the tower from
+the mmproj file beside the model; without one the model takes text only.
 
-Each tiny transformers checkpoint is written both ways (tiny_models.write_gguf follows convert_hf_to_gguf's
-Qwen3VLTextModel / Qwen3VLMoeTextModel). Tolerances: text logits within 1e-3 * max(1, |logit|) of transformers on
-the GGUF's (dequantised) weights, as for the Hugging Face form (test_qwen3_vl.py); the GGUF and Hugging Face forms
-of the same float32 weights give the same engine config and the same training loss and gradients within float32
-summation noise (1e-5 relative).
+Each tiny transformers checkpoint is written both ways (tiny_models.write_gguf and write_mmproj follow
+convert_hf_to_gguf's Qwen3VLTextModel / Qwen3VLMoeTextModel / Qwen3VLVisionModel). Tolerances: logits within
+1e-3 * max(1, |logit|) of transformers on the files' (dequantised) weights, as for the Hugging Face form
+(test_qwen3_vl.py); the GGUF and Hugging Face forms of the same float32 weights give the same engine config, the
+same image features (1e-6) and the same training loss and gradients within float32 summation noise (1e-5).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ pytest.importorskip("transformers")
 
 import tiny_models as tm  # noqa: E402
 
+import test_qwen3_vl as vl  # noqa: E402
 import tinker  # noqa: E402
-from tinker import types  # noqa: E402
+from tinker import _multimodal, types  # noqa: E402
 from tinker._engine import load_model  # noqa: E402
+from tinker._exceptions import ModelLoadError  # noqa: E402
+from tinker._models import model_spec, resolve_model  # noqa: E402
 from tinker._training import LoraAdapter  # noqa: E402
 
 LOGIT_TOL = 1e-3
@@ -30,13 +34,23 @@ LOGIT_TOL = 1e-3
 
 @pytest.fixture(scope="module", params=tm.VL_ARCHS)
 def forms(request, tmp_path_factory):
-    """(arch, Hugging Face checkpoint path, GGUF path, float32 transformers reference) of one tiny model."""
+    """(arch, Hugging Face checkpoint path, GGUF path with an F32 mmproj beside it, float32 transformers reference)
+    of one tiny model."""
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     kwargs = {"layers": 4, "mlp_only_layers": [1]} if arch == "qwen3vlmoe" else {}  # a dense layer among experts
     path, ref = tm.make_vl_checkpoint(root / "hf", arch, seed=5, **kwargs)
-    gguf_path, _ = tm.write_gguf(root / "model.gguf", ref, arch)
+    (root / "gguf").mkdir()
+    gguf_path, _ = tm.write_gguf(root / "gguf" / "model.gguf", ref, arch, byte_tokenizer=True)
+    tm.write_mmproj(root / "gguf" / "mmproj-model-F32.gguf", ref)
     return arch, path, gguf_path, ref
+
+
+def text_only(forms, tmp_path):
+    """The GGUF alone in a directory of its own (no mmproj beside it)."""
+    alone = tmp_path / "alone.gguf"
+    alone.write_bytes(forms[2].read_bytes())
+    return alone
 
 
 @torch.no_grad()
@@ -63,14 +77,65 @@ def test_the_gguf_loads_as_the_same_model(forms):
             "mlp_only_layers")  # fmt: skip
     assert {k: gg.config.get(k) for k in keys} == {k: hf.config.get(k) for k in keys}
     assert gg.config["rms_eps"] == pytest.approx(hf.config["rms_eps"], rel=1e-6)  # (a float32 in GGUF)
-    assert gg.spec.vision is None  # (llama.cpp's mmproj file holds the tower)
+    for key in ("config", "processor", "image_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert gg.spec.vision[key] == hf.spec.vision[key], key
+
+
+def test_the_mmproj_tower_gives_the_hugging_face_features(forms):
+    _, path, gguf_path, _ = forms
+    pixels = np.random.default_rng(0).standard_normal((16, 3 * 2 * 16 * 16)).astype(np.float32)
+    want = load_model(str(path)).vision_tower.features(pixels, (1, 4, 4))
+    got = load_model(str(gguf_path)).vision_tower.features(pixels, (1, 4, 4))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
+def test_image_logits_match_transformers(forms, qtype, tmp_path):
+    """A quantised mmproj (F16 as llama.cpp's converter writes by default; Q8_0) beside an F32 language model:
+    transformers on the file's values."""
+    arch, _, gguf_path, ref = forms
+    (tmp_path / "model.gguf").write_bytes(gguf_path.read_bytes())
+    _, ref = tm.write_mmproj(tmp_path / f"mmproj-{qtype}.gguf", ref, qtype)
+    model = load_model(str(tmp_path / "model.gguf"))
+    cases = vl.inputs_with_images()
+    got = model.forward_logits([_multimodal.engine_input(model, mi, name) for name, mi in cases])
+    for (name, mi), logits in zip(cases, got):
+        tokens = _multimodal.engine_input(model, mi, name).tokens
+        assert_logits_close(logits, vl.hf_logits(ref, tokens, vl.images_of(mi)), f"{arch} {qtype} mmproj, {name}")
+
+
+def test_greedy_sampling_with_an_image_equals_generate(forms):
+    arch, _, gguf_path, ref = forms
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(gguf_path)).result()
+    model = load_model(str(gguf_path))
+    name, mi = vl.inputs_with_images()[1]
+    tokens = _multimodal.engine_input(model, mi, name).tokens
+    got = client.sample(mi, 1, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])).result()
+    assert got.sequences[0].tokens == vl.hf_greedy(ref, tokens, vl.images_of(mi), 12)
+
+
+def test_mmproj_files_that_do_not_fit_are_refused(forms, tmp_path):
+    _, _, gguf_path, ref = forms
+    (tmp_path / "model.gguf").write_bytes(gguf_path.read_bytes())
+    tm.write_mmproj(tmp_path / "mmproj-a.gguf", ref)
+    tm.write_mmproj(tmp_path / "mmproj-b.gguf", ref)
+    with pytest.raises(ModelLoadError, match="several mmproj files"):
+        model_spec(resolve_model(str(tmp_path / "model.gguf")))
+    (tmp_path / "mmproj-b.gguf").unlink()
+    blob = bytearray((tmp_path / "mmproj-a.gguf").read_bytes())
+    at = blob.find(b"qwen3vl_merger")
+    blob[at:at + 14] = b"qwen2vl_merger"
+    (tmp_path / "mmproj-a.gguf").write_bytes(bytes(blob))
+    with pytest.raises(ModelLoadError, match="not a Qwen3-VL mmproj file"):
+        model_spec(resolve_model(str(tmp_path / "model.gguf")))
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_text_logits_match_transformers(forms, qtype, tmp_path):
     arch, _, gguf_path, ref = forms
     if qtype != "F32":  # the same model quantised; transformers runs on the dequantised values
-        gguf_path, ref = tm.write_gguf(tmp_path / f"{qtype}.gguf", ref, arch, tensor_type=qtype)
+        gguf_path, ref = tm.write_gguf(tmp_path / f"{qtype}.gguf", ref, arch, tensor_type=qtype, byte_tokenizer=True)
     model = load_model(str(gguf_path))
     for seq, logits in zip(SEQS, model.forward_logits(SEQS)):
         assert_logits_close(logits, hf_text_logits(ref, seq), f"{arch} {qtype}, length {len(seq)}")
@@ -100,8 +165,9 @@ def test_training_on_the_gguf_equals_the_hugging_face_form(forms):
         np.testing.assert_allclose(grads_gg[name], grads_hf[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_images_to_the_gguf_say_where_the_tower_is(forms):
-    _, _, gguf_path, _ = forms
+def test_images_to_a_gguf_without_its_mmproj_say_where_the_tower_is(forms, tmp_path):
+    gguf_path = text_only(forms, tmp_path)
+    assert load_model(str(gguf_path)).spec.vision is None
     import io
 
     from PIL import Image

@@ -548,6 +548,9 @@ def write_gguf(path, hf_model, arch: str | None = None, tensor_type="F32", byte_
         w.add_num_deepstack_layers(len(config.vision_config.deepstack_visual_indexes))
     if byte_tokenizer:
         tokens, merges = _byte_level_tokens(text.vocab_size)
+        if vl:  # the special tokens at the ids the checkpoint's config gives (images need them)
+            for name, at in VL_SPECIAL_TOKENS.items():
+                tokens[at] = name
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
@@ -679,3 +682,72 @@ def expected_engine_config(config) -> dict:
                    rope_high_freq_factor=float(rope["high_freq_factor"]),
                    rope_original_context=int(rope["original_max_position_embeddings"]))  # fmt: skip
     return out
+
+
+def write_mmproj(path, vl_model, tensor_type="F32"):
+    """Writes a Qwen3-VL model's vision tower as llama.cpp's mmproj GGUF, as convert_hf_to_gguf's
+    Qwen3VLVisionModel does: architecture clip, projector qwen3vl_merger, the clip.vision keys, the descriptor's
+    gguf names (v.blk.N.*, mm.0 / mm.2, v.post_ln; a deepstack merger under the block it taps), the Conv3d patch
+    embedding as its two temporal halves v.patch_embd.weight and .weight.1. Tensors of 2 or more dimensions in
+    tensor_type, vectors F32. Returns (path, reference): a float32 copy of vl_model whose vision weights are the
+    file's (dequantised) values."""
+    import gguf
+
+    from tinker import _arch  # (the descriptor's vision names: the Hugging Face and GGUF columns)
+
+    path = Path(path)
+    config, v = vl_model.config, vl_model.config.vision_config
+    arch = next(a for a, t in MODEL_TYPES.items() if t == config.model_type)
+    deep = list(v.deepstack_visual_indexes)
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("qwen3vl_merger")
+    w.add_vision_image_size(int(math.isqrt(v.num_position_embeddings) * v.patch_size))
+    w.add_vision_patch_size(v.patch_size)
+    w.add_vision_embedding_length(v.hidden_size)
+    w.add_vision_feed_forward_length(v.intermediate_size)
+    w.add_vision_block_count(v.depth)
+    w.add_vision_head_count(v.num_heads)
+    w.add_vision_projection_dim(config.text_config.hidden_size)
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    w.add_vision_min_pixels(VL_PIXELS[0])
+    w.add_vision_max_pixels(VL_PIXELS[1])
+    w.add_vision_spatial_merge_size(v.spatial_merge_size)
+    w.add_vision_use_gelu(True)
+    w.add_vision_attention_layernorm_eps(float(config.text_config.rms_norm_eps))
+    w.add_vision_is_deepstack_layers([i in deep for i in range(v.depth)])
+    reference = copy.deepcopy(vl_model).to(torch.float32).eval()
+    ref_params = dict(reference.named_parameters())
+    state = vl_model.state_dict()
+
+    def put(name: str, data: np.ndarray) -> np.ndarray:
+        """Writes one tensor; returns the values the file holds. The patch halves (4-D) stay float: llama.cpp
+        quantises matrices only."""
+        if data.ndim == 1:
+            w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+            return data
+        float_types = ("F32", "F16", "BF16")
+        qtype = _qtype(tensor_type if data.ndim == 2 or tensor_type in float_types else "F16")
+        qdata = quantize(np.ascontiguousarray(data), qtype)
+        w.add_tensor(name, qdata, raw_dtype=qtype)
+        return dequantize(qdata, qtype).reshape(data.shape)
+
+    with torch.no_grad():
+        for t in _arch.get(arch)["vision"]:
+            slots = {"model": [(-1, None)], "block": [(i, i) for i in range(v.depth)],
+                     "deepstack": list(enumerate(deep))}[t["scope"]]  # fmt: skip
+            for index, slot in slots:
+                hf = t["hf"] % index if index >= 0 else t["hf"]
+                name = t["gguf"] % slot if slot is not None else t["gguf"]
+                data = state[hf].detach().to(torch.float32).numpy()
+                if t["name"] == "patch_embed":  # [Dv, C, Tp, P, P] -> two [Dv, C, P, P]
+                    values = np.stack([put(name + suffix, data[:, :, k]) for k, suffix in enumerate(("", ".1"))], 2)
+                else:
+                    values = put(name, data)
+                ref_params[hf].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, reference

@@ -649,7 +649,11 @@ def _processor_config(directory: Path, vision: dict) -> dict:
     or Qwen3-VL's when the checkpoint has no such file."""
     path = directory / "preprocessor_config.json"
     raw = _read_json_object(path, "image processor config") if path.is_file() else {}
-    where = str(path)
+    return _processor_settings(str(path), raw, vision)
+
+
+def _processor_settings(where: str, raw: dict, vision: dict) -> dict:
+    """An image processor config's settings (preprocessor_config.json's keys), checked against the tower's."""
     size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
     min_pixels = raw.get("min_pixels", size.get("shortest_edge", _QWEN3VL_PIXELS[0]))
     max_pixels = raw.get("max_pixels", size.get("longest_edge", _QWEN3VL_PIXELS[1]))
@@ -723,6 +727,92 @@ def _vision_spec(source: ModelSource, arch: str, where: str, found: dict) -> dic
     return {"config": vision, "processor": _processor_config(source.path, vision), "tensors": found, **ids}
 
 
+# ---- the vision tower of a Qwen3-VL GGUF: llama.cpp's mmproj file beside it ------------------------------------
+
+_VL_SPECIAL_TOKENS = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+                      "vision_end_token_id": "<|vision_end|>"}  # fmt: skip
+
+
+def _mmproj_file(text_path: Path) -> Path | None:
+    """The mmproj GGUF in the language model's directory (llama.cpp's converter writes the tower there as
+    mmproj-*.gguf), or None."""
+    found = sorted(p for p in text_path.parent.glob("mmproj*.gguf") if p.is_file())
+    if len(found) > 1:
+        raise ModelLoadError(f"{text_path.parent}: several mmproj files ({', '.join(p.name for p in found)}) beside "
+                             f"{text_path.name}: keep the one that belongs to it")
+    return found[0] if found else None
+
+
+def _mmproj_vision(text_path: Path, arch: str, text_meta: dict, config: dict) -> dict | None:
+    """The vision tower of a Qwen3-VL GGUF from its mmproj file (clip metadata; the v.* and mm.* tensors the
+    descriptor's gguf names give, the patch embedding as two temporal halves), as _vision_spec gives it for a
+    Hugging Face checkpoint; None when there is no such file (the model then takes text only)."""
+    path = _mmproj_file(text_path)
+    if path is None:
+        return None
+    where = str(path)
+    try:
+        info = _C.read_gguf(where)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(str(e)) from e
+    meta = info["metadata"]
+    projector = meta.get("clip.projector_type", meta.get("clip.vision.projector_type"))  # (older, newer writers)
+    if meta.get("general.architecture") != "clip" or projector != "qwen3vl_merger":
+        raise ModelLoadError(f"{where}: not a Qwen3-VL mmproj file (architecture "
+                             f"{short(meta.get('general.architecture'))}, projector {short(projector)}; expected "
+                             f"clip, qwen3vl_merger)")
+    files = {t["name"]: t for t in info["tensors"]}
+    halves = [files.get("v.patch_embd.weight"), files.get("v.patch_embd.weight.1")]
+    pos = files.get("v.position_embd.weight")
+    if None in halves or pos is None or len(halves[0]["shape"]) != 4 or halves[0]["shape"] != halves[1]["shape"]:
+        raise ModelLoadError(f"{where}: the patch embedding must be two tensors v.patch_embd.weight and "
+                             f"v.patch_embd.weight.1 of one 4-D shape, and v.position_embd.weight must be there")
+    flags = meta.get("clip.vision.is_deepstack_layers", [])
+    v = {"depth": meta.get("clip.vision.block_count"), "hidden_size": meta.get("clip.vision.embedding_length"),
+         "intermediate_size": meta.get("clip.vision.feed_forward_length"),
+         "num_heads": meta.get("clip.vision.attention.head_count"), "in_channels": halves[0]["shape"][1],
+         "patch_size": meta.get("clip.vision.patch_size"), "temporal_patch_size": 2,
+         "spatial_merge_size": meta.get("clip.vision.spatial_merge_size"),
+         "out_hidden_size": meta.get("clip.vision.projection_dim"), "num_position_embeddings": pos["shape"][0],
+         "hidden_act": "gelu_pytorch_tanh", "deepstack_visual_indexes": [i for i, on in enumerate(flags) if on]}
+    missing = [k for k, value in v.items() if value is None]
+    if missing:
+        raise ModelLoadError(f"{where}: GGUF metadata lacks the clip.vision keys for {', '.join(missing)}")
+    text = {"hidden_size": config["d_model"], "num_hidden_layers": config["n_layers"]}
+    vision = _vision_config(f"{where} (clip.vision metadata)", {"vision_config": v}, text)
+    tokens = text_meta.get("tokenizer.ggml.tokens") or []
+    ids = {}
+    for key, token in _VL_SPECIAL_TOKENS.items():
+        if token not in tokens:
+            raise ModelLoadError(f"{text_path}: the tokenizer has no {token} token, which images need")
+        ids[key] = tokens.index(token)
+    found = {}
+    letters = _vision_letters(vision)
+    counts = {"block": list(range(vision["depth"])), "deepstack": vision["deepstack"]}
+    for t in _arch.ARCHS[arch]["vision"]:
+        for index, slot in enumerate(counts[t["scope"]]) if t["scope"] != "model" else ((-1, None),):
+            name = t["gguf"] % slot if slot is not None else t["gguf"]
+            want = _arch.vision_shape(arch, t["name"], letters)
+            if t["name"] == "patch_embed":  # Conv3d [Dv, C, Tp, P, P] as its Tp = 2 slices [Dv, C, P, P]
+                got = (halves[0]["shape"][0], halves[0]["shape"][1], 2, *halves[0]["shape"][2:])
+                found[t["name"], index] = (where, "halves", got, [(h["type"], h["offset"], h["nbytes"])
+                                                                  for h in halves], None)  # fmt: skip
+            elif name not in files:
+                raise ModelLoadError(f"{where}: tensor {name!r} of the vision tower is missing")
+            else:
+                f = files[name]
+                got = tuple(f["shape"])
+                found[t["name"], index] = (where, f["type"], got, f["offset"], f["nbytes"])
+            if tuple(got) != want:
+                raise ModelLoadError(f"{where}: vision tensor {name!r} has shape {list(got)}, but the clip.vision "
+                                     f"metadata needs {list(want)}")
+    raw = {"image_mean": meta.get("clip.vision.image_mean", [0.5] * 3),
+           "image_std": meta.get("clip.vision.image_std", [0.5] * 3),
+           "min_pixels": meta.get("clip.vision.image_min_pixels", _QWEN3VL_PIXELS[0]),
+           "max_pixels": meta.get("clip.vision.image_max_pixels", _QWEN3VL_PIXELS[1])}  # fmt: skip
+    return {"config": vision, "processor": _processor_settings(where, raw, vision), "tensors": found, **ids}
+
+
 def _hf_spec(source: ModelSource) -> ModelSpec:
     arch, config, tied = _hf_config(source.path)
     files = _safetensors_files(source.path)
@@ -763,6 +853,7 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
     meta = info["metadata"]
     names = {t["name"] for t in info["tensors"]}
     arch, config = _gguf_config(source.path, meta, names)
+    vision = _mmproj_vision(source.path, arch, meta, config) if config.get("vision") else None
     tensors = []
     for t in info["tensors"]:
         role = _arch.role_of(arch, "gguf", t["name"])
@@ -781,7 +872,8 @@ def _gguf_spec(source: ModelSource) -> ModelSpec:
                         -1, 0))
     _check_tensors(str(source.path), arch, "gguf", config, tensors)
     eos = _ids(meta.get("tokenizer.ggml.eos_token_id"))
-    return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos)
+    return ModelSpec(source, arch, config, [str(source.path)], tensors, gguf_metadata=meta, eos_token_ids=eos,
+                     vision=vision)
 
 
 def model_spec(source: ModelSource) -> ModelSpec:
@@ -797,6 +889,7 @@ class AvailableModel:
     max_context: int
     arch: str
     moe: bool  # a mixture-of-experts model
+    images: bool  # a vision-language model with its vision tower (takes image chunks)
 
 
 def available_models() -> list[AvailableModel]:
@@ -804,8 +897,9 @@ def available_models() -> list[AvailableModel]:
     Hugging Face cache snapshot of a supported architecture."""
     found: dict[str, AvailableModel] = {}
 
-    def add(name: str, config: dict):
-        found[name] = AvailableModel(name, config["max_context"], config["arch"], bool(config.get("moe")))
+    def add(name: str, config: dict):  # (a cached Hugging Face VL checkpoint holds its tower)
+        found[name] = AvailableModel(name, config["max_context"], config["arch"], bool(config.get("moe")),
+                                     bool(config.get("vision")))
 
     if _default_gguf_path() is not None:
         try:

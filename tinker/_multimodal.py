@@ -134,8 +134,9 @@ def engine_input(model, model_input: ModelInput, what: str) -> list[int] | Engin
     vision = model.spec.vision
     if vision is None and _arch.has_vision(model.spec.arch):
         raise BadRequestError(f"{what}: the input has an image, but {model.name!r} is the language model of a "
-                              f"{model.spec.arch} GGUF: llama.cpp keeps the vision tower in a separate mmproj file, "
-                              f"which tinker does not read; for images load the Hugging Face checkpoint directory")
+                              f"{model.spec.arch} GGUF with no vision tower beside it: llama.cpp keeps the tower in a "
+                              f"separate mmproj file; put that mmproj*.gguf in the model file's directory (or load "
+                              f"the Hugging Face checkpoint directory)")
     if vision is None:
         raise BadRequestError(f"{what}: the input has an image, but {model.name!r} is a text-only model (it takes "
                               f"text tokens only); image chunks need a vision-language model such as Qwen3-VL")

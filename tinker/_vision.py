@@ -3,16 +3,19 @@
 Tinker adapts the language model only, so the tower never needs gradients: it runs once per image, before the
 language-model request is made, and its outputs go back to the engine as the image tokens' embeddings and
 deepstack features (csrc/model/mm.h). Its weights load into the engine on the first image (a text-only use of a
-vision-language model never reads them), from the checkpoint's safetensors through the architecture
-descriptor's vision tensor names; csrc/model/vision.h states the math.
+vision-language model never reads them), from the checkpoint's safetensors (or a GGUF's mmproj file) through the
+architecture descriptor's vision tensor names; csrc/model/vision.h states the math.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 
 import numpy as np
 
+from . import _C
 from ._engine import get_engine
 from ._exceptions import BadRequestError
 
@@ -30,15 +33,37 @@ def _engine_config(vision: dict) -> dict:
             "rope_theta": c["rope_theta"], "eps": _LN_EPS, "deepstack": list(c["deepstack"])}  # fmt: skip
 
 
-def _sources(vision: dict) -> tuple[list[str], list[tuple]]:
-    """(paths, (name, index, file, offset, nbytes, type, shape) per tensor) for the engine's load_vision."""
+def _sources(vision: dict, scratch: list[str]) -> tuple[list[str], list[tuple]]:
+    """(paths, (name, index, file, offset, nbytes, type, shape) per tensor) for the engine's load_vision. A tensor's
+    type is a safetensors dtype or a GGUF type id; an mmproj file's patch embedding (two temporal halves) is joined
+    into a float32 file of its own, whose path goes to `scratch` (the caller deletes it once loaded)."""
     paths: list[str] = []
     sources = []
     for (name, index), (path, dtype, shape, offset, nbytes) in sorted(vision["tensors"].items()):
+        if dtype == "halves":
+            path, offset, nbytes = _joined_halves(path, shape, offset), 0, 4 * int(np.prod(shape))
+            scratch.append(path)
+            dtype = 0
         if path not in paths:
             paths.append(path)
-        sources.append((name, index, paths.index(path), offset, nbytes, _TYPES[dtype], list(shape)))
+        sources.append((name, index, paths.index(path), offset, nbytes, _TYPES.get(dtype, dtype), list(shape)))
     return paths, sources
+
+
+def _joined_halves(path: str, shape: tuple, halves: list[tuple]) -> str:
+    """llama.cpp's mmproj splits the Conv3d patch embedding [Dv, C, Tp = 2, P, P] into two [Dv, C, P, P] tensors:
+    joined back as float32 into a temporary file (the engine copies it while loading)."""
+    dv, c, tp, p, _ = shape
+    parts = []
+    with open(path, "rb") as f:
+        for ggml_type, offset, nbytes in halves:
+            f.seek(offset)
+            parts.append(np.frombuffer(_C.dequantize(ggml_type, f.read(nbytes), dv * c * p * p), np.float32))
+    joined = np.stack([h.reshape(dv, c, p, p) for h in parts], axis=2)  # [Dv, C, Tp, P, P]
+    fd, out = tempfile.mkstemp(prefix="tinker-patch-", suffix=".bin")
+    with os.fdopen(fd, "wb") as f:
+        f.write(np.ascontiguousarray(joined).tobytes())
+    return out
 
 
 class VisionTower:
@@ -54,12 +79,16 @@ class VisionTower:
         with self._lock:
             if self._loaded:
                 return
-            paths, sources = _sources(self.model.spec.vision)
+            scratch: list[str] = []
             try:
+                paths, sources = _sources(self.model.spec.vision, scratch)
                 get_engine().load_vision(self.model.handle, _engine_config(self.model.spec.vision), paths,
                                          sources).result()
             except (OSError, ValueError) as e:
                 raise BadRequestError(f"{self.model.name!r}: cannot load the vision tower: {e}") from e
+            finally:
+                for path in scratch:
+                    os.unlink(path)
             self._loaded = True
 
     def features(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

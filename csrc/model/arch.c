@@ -163,7 +163,7 @@ static const tk_arch_lora qwen3moe_lora[] = {
 /* Qwen3-VL's language model: Qwen3 under model.language_model (positions M-RoPE's, image features replacing the
  * image tokens' embeddings and deepstack features added after the first layers: mm.h). Its GGUF form (llama.cpp's
  * qwen3vl) holds the language model alone, under Qwen3's names: llama.cpp writes the vision tower to a separate
- * mmproj file. */
+ * mmproj file (the vision table's GGUF names; tinker/_models.py finds it beside the model). */
 static const tk_arch_tensor qwen3vl_tensors[] = {
     /* role               scope   shape             when              GGUF rows  GGUF name                      Hugging Face name    experts */
     {TK_ROLE_EMBED,       MODEL,  {"V", "D"},       TK_WHEN_ALWAYS,   0,         "token_embd.weight",           "model.language_model.embed_tokens.weight",                        0},
@@ -250,34 +250,34 @@ static const tk_arch_lora qwen3vlmoe_lora[] = {
  * a learned position table, ViT blocks, the 2x2 merger, and one merger per deepstack tap (its norm after the
  * regrouping, so over S*S*Dv). */
 static const tk_arch_vision_tensor qwen3vl_vision[] = {
-    /* name                 role                   scope   Hugging Face name                                           shape */
-    {"patch_embed",         TK_VROLE_PATCH,        VMODEL, "model.visual.patch_embed.proj.weight",                     "Dv,C,Tp,P,P"},
-    {"patch_embed_bias",    TK_VROLE_PATCH_BIAS,   VMODEL, "model.visual.patch_embed.proj.bias",                       "Dv"},
-    {"pos_embed",           TK_VROLE_POS,          VMODEL, "model.visual.pos_embed.weight",                            "Np,Dv"},
-    {"norm1",               TK_VROLE_NORM1,        VBLOCK, "model.visual.blocks.%d.norm1.weight",                      "Dv"},
-    {"norm1_bias",          TK_VROLE_NORM1_BIAS,   VBLOCK, "model.visual.blocks.%d.norm1.bias",                        "Dv"},
-    {"qkv",                 TK_VROLE_QKV,          VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                   "3*Dv,Dv"},
-    {"qkv_bias",            TK_VROLE_QKV_BIAS,     VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                     "3*Dv"},
-    {"proj",                TK_VROLE_PROJ,         VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                  "Dv,Dv"},
-    {"proj_bias",           TK_VROLE_PROJ_BIAS,    VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                    "Dv"},
-    {"norm2",               TK_VROLE_NORM2,        VBLOCK, "model.visual.blocks.%d.norm2.weight",                      "Dv"},
-    {"norm2_bias",          TK_VROLE_NORM2_BIAS,   VBLOCK, "model.visual.blocks.%d.norm2.bias",                        "Dv"},
-    {"fc1",                 TK_VROLE_FC1,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",             "Fv,Dv"},
-    {"fc1_bias",            TK_VROLE_FC1_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",               "Fv"},
-    {"fc2",                 TK_VROLE_FC2,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",             "Dv,Fv"},
-    {"fc2_bias",            TK_VROLE_FC2_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",               "Dv"},
-    {"merger_norm",         TK_VROLE_M_NORM,       VMODEL, "model.visual.merger.norm.weight",                          "Dv"},
-    {"merger_norm_bias",    TK_VROLE_M_NORM_BIAS,  VMODEL, "model.visual.merger.norm.bias",                            "Dv"},
-    {"merger_fc1",          TK_VROLE_M_FC1,        VMODEL, "model.visual.merger.linear_fc1.weight",                    "S*S*Dv,S*S*Dv"},
-    {"merger_fc1_bias",     TK_VROLE_M_FC1_BIAS,   VMODEL, "model.visual.merger.linear_fc1.bias",                      "S*S*Dv"},
-    {"merger_fc2",          TK_VROLE_M_FC2,        VMODEL, "model.visual.merger.linear_fc2.weight",                    "O,S*S*Dv"},
-    {"merger_fc2_bias",     TK_VROLE_M_FC2_BIAS,   VMODEL, "model.visual.merger.linear_fc2.bias",                      "O"},
-    {"deepstack_norm",      TK_VROLE_M_NORM,       VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",        "S*S*Dv"},
-    {"deepstack_norm_bias", TK_VROLE_M_NORM_BIAS,  VDEEP,  "model.visual.deepstack_merger_list.%d.norm.bias",          "S*S*Dv"},
-    {"deepstack_fc1",       TK_VROLE_M_FC1,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",  "S*S*Dv,S*S*Dv"},
-    {"deepstack_fc1_bias",  TK_VROLE_M_FC1_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.bias",    "S*S*Dv"},
-    {"deepstack_fc2",       TK_VROLE_M_FC2,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",  "O,S*S*Dv"},
-    {"deepstack_fc2_bias",  TK_VROLE_M_FC2_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.bias",    "O"},
+    /* name                 role                   scope   Hugging Face name                                            GGUF name (mmproj)                 shape */
+    {"patch_embed",         TK_VROLE_PATCH,        VMODEL, "model.visual.patch_embed.proj.weight",                      "v.patch_embd.weight",             "Dv,C,Tp,P,P"},
+    {"patch_embed_bias",    TK_VROLE_PATCH_BIAS,   VMODEL, "model.visual.patch_embed.proj.bias",                        "v.patch_embd.bias",               "Dv"},
+    {"pos_embed",           TK_VROLE_POS,          VMODEL, "model.visual.pos_embed.weight",                             "v.position_embd.weight",          "Np,Dv"},
+    {"norm1",               TK_VROLE_NORM1,        VBLOCK, "model.visual.blocks.%d.norm1.weight",                       "v.blk.%d.ln1.weight",             "Dv"},
+    {"norm1_bias",          TK_VROLE_NORM1_BIAS,   VBLOCK, "model.visual.blocks.%d.norm1.bias",                         "v.blk.%d.ln1.bias",               "Dv"},
+    {"qkv",                 TK_VROLE_QKV,          VBLOCK, "model.visual.blocks.%d.attn.qkv.weight",                    "v.blk.%d.attn_qkv.weight",        "3*Dv,Dv"},
+    {"qkv_bias",            TK_VROLE_QKV_BIAS,     VBLOCK, "model.visual.blocks.%d.attn.qkv.bias",                      "v.blk.%d.attn_qkv.bias",          "3*Dv"},
+    {"proj",                TK_VROLE_PROJ,         VBLOCK, "model.visual.blocks.%d.attn.proj.weight",                   "v.blk.%d.attn_out.weight",        "Dv,Dv"},
+    {"proj_bias",           TK_VROLE_PROJ_BIAS,    VBLOCK, "model.visual.blocks.%d.attn.proj.bias",                     "v.blk.%d.attn_out.bias",          "Dv"},
+    {"norm2",               TK_VROLE_NORM2,        VBLOCK, "model.visual.blocks.%d.norm2.weight",                       "v.blk.%d.ln2.weight",             "Dv"},
+    {"norm2_bias",          TK_VROLE_NORM2_BIAS,   VBLOCK, "model.visual.blocks.%d.norm2.bias",                         "v.blk.%d.ln2.bias",               "Dv"},
+    {"fc1",                 TK_VROLE_FC1,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.weight",              "v.blk.%d.ffn_up.weight",          "Fv,Dv"},
+    {"fc1_bias",            TK_VROLE_FC1_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc1.bias",                "v.blk.%d.ffn_up.bias",            "Fv"},
+    {"fc2",                 TK_VROLE_FC2,          VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.weight",              "v.blk.%d.ffn_down.weight",        "Dv,Fv"},
+    {"fc2_bias",            TK_VROLE_FC2_BIAS,     VBLOCK, "model.visual.blocks.%d.mlp.linear_fc2.bias",                "v.blk.%d.ffn_down.bias",          "Dv"},
+    {"merger_norm",         TK_VROLE_M_NORM,       VMODEL, "model.visual.merger.norm.weight",                           "v.post_ln.weight",                "Dv"},
+    {"merger_norm_bias",    TK_VROLE_M_NORM_BIAS,  VMODEL, "model.visual.merger.norm.bias",                             "v.post_ln.bias",                  "Dv"},
+    {"merger_fc1",          TK_VROLE_M_FC1,        VMODEL, "model.visual.merger.linear_fc1.weight",                     "mm.0.weight",                     "S*S*Dv,S*S*Dv"},
+    {"merger_fc1_bias",     TK_VROLE_M_FC1_BIAS,   VMODEL, "model.visual.merger.linear_fc1.bias",                       "mm.0.bias",                       "S*S*Dv"},
+    {"merger_fc2",          TK_VROLE_M_FC2,        VMODEL, "model.visual.merger.linear_fc2.weight",                     "mm.2.weight",                     "O,S*S*Dv"},
+    {"merger_fc2_bias",     TK_VROLE_M_FC2_BIAS,   VMODEL, "model.visual.merger.linear_fc2.bias",                       "mm.2.bias",                       "O"},
+    {"deepstack_norm",      TK_VROLE_M_NORM,       VDEEP,  "model.visual.deepstack_merger_list.%d.norm.weight",         "v.deepstack.%d.norm.weight",      "S*S*Dv"},
+    {"deepstack_norm_bias", TK_VROLE_M_NORM_BIAS,  VDEEP,  "model.visual.deepstack_merger_list.%d.norm.bias",           "v.deepstack.%d.norm.bias",        "S*S*Dv"},
+    {"deepstack_fc1",       TK_VROLE_M_FC1,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.weight",   "v.deepstack.%d.fc1.weight",       "S*S*Dv,S*S*Dv"},
+    {"deepstack_fc1_bias",  TK_VROLE_M_FC1_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc1.bias",     "v.deepstack.%d.fc1.bias",         "S*S*Dv"},
+    {"deepstack_fc2",       TK_VROLE_M_FC2,        VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.weight",   "v.deepstack.%d.fc2.weight",       "O,S*S*Dv"},
+    {"deepstack_fc2_bias",  TK_VROLE_M_FC2_BIAS,   VDEEP,  "model.visual.deepstack_merger_list.%d.linear_fc2.bias",     "v.deepstack.%d.fc2.bias",         "O"},
 };
 
 static const tk_arch archs[] = {
@@ -505,13 +505,14 @@ static tk_status validate_vision(const tk_arch *a)
                         a->name);
     for (int j = 0; j < a->n_vision; j++) {
         const tk_arch_vision_tensor *v = &a->vision[j];
-        if (!v->name || !v->hf || !v->shape || !tk_vision_scope_name((int)v->scope) ||
-            layer_slots(v->hf) != (v->scope != TK_VISION_MODEL))
+        if (!v->name || !v->hf || !v->gguf || !v->shape || !tk_vision_scope_name((int)v->scope) ||
+            layer_slots(v->hf) != (v->scope != TK_VISION_MODEL) || layer_slots(v->gguf) != (v->scope != TK_VISION_MODEL))
             return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %d is malformed", a->name, j);
         if ((int)v->role < 0 || v->role >= TK_VROLE_COUNT)
             return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s has a bad role", a->name, v->name);
         for (int k = 0; k < j; k++)
             if (strcmp(a->vision[k].name, v->name) == 0 || strcmp(a->vision[k].hf, v->hf) == 0 ||
+                strcmp(a->vision[k].gguf, v->gguf) == 0 ||
                 (a->vision[k].role == v->role && a->vision[k].scope == v->scope))
                 return tk_error(TK_ERR_INTERNAL, "architecture %s: vision tensor %s is listed twice", a->name,
                                 v->name);

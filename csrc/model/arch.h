@@ -120,7 +120,10 @@ typedef struct {
     enum tk_vision_role role;
     enum tk_vision_scope scope;
     const char *hf;            /* Hugging Face name pattern; %d = block or deepstack merger */
-    const char *shape;         /* "3*Dv,Dv" */
+    const char *gguf;          /* the name in llama.cpp's mmproj GGUF; %d = block, also for a deepstack merger (the
+                                * block it taps); the patch embedding is that file's two temporal halves, this
+                                * name and this name ".1", each [Dv, C, P, P] */
+    const char *shape;         /* "3*Dv,Dv" (the Hugging Face form's) */
 } tk_arch_vision_tensor;
 
 typedef struct tk_arch {

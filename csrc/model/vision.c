@@ -3,8 +3,9 @@
  * Owns the tower (one allocation of float32 vectors and one of weight storage, both the backend's) once it is
  * published on its model; the model frees it. Every tensor is checked against the vision config before anything
  * is allocated: its name and role come from the architecture descriptor's vision table, its shape from that
- * table's expression over the config's letters. Matrices keep their file's F32 / F16 / BF16 storage (tk_weight,
- * decoded inside the matmuls as the language model's are); vectors and the position table become float32.
+ * table's expression over the config's letters. Matrices keep their file's storage (F32 / F16 / BF16 from
+ * safetensors; any GGUF type from an mmproj file: tk_weight, decoded inside the matmuls as the language model's
+ * are); vectors and the position table become float32.
  */
 #include "vision.h"
 
@@ -203,12 +204,14 @@ static tk_status check_source(vjob *job, const tk_arch *a, const tk_vision_confi
     if (!same)
         return tk_error(TK_ERR_FORMAT, "%s: vision tensor '%s' does not have the shape %s the vision config gives",
                         files[s->file].path, s->name, t->shape);
-    size_t es = s->type == TK_GGML_F32 ? 4 : s->type == TK_GGML_F16 || s->type == TK_GGML_BF16 ? 2 : 0;
     int64_t elems = 1;
     for (int d = 0; d < nd; d++) elems *= dims[d];
-    if (!es || s->nbytes != (uint64_t)elems * es)
-        return tk_error(TK_ERR_FORMAT, "%s: vision tensor '%s' must be F32, F16 or BF16 of %lld values (%llu bytes "
-                        "given)", files[s->file].path, s->name, (long long)elems, (unsigned long long)s->nbytes);
+    int64_t rows = nd == 1 ? 1 : dims[0];
+    size_t row_bytes = tk_quant_row_bytes(s->type, (size_t)(elems / rows)); /* 0: not a type (or row) we read */
+    if (!row_bytes || s->nbytes != (uint64_t)rows * row_bytes)
+        return tk_error(TK_ERR_FORMAT, "%s: vision tensor '%s' must be %lld values in a GGUF type the engine reads "
+                        "(F32, F16, BF16, Q8_0, ...: %llu bytes given)", files[s->file].path, s->name,
+                        (long long)elems, (unsigned long long)s->nbytes);
     if (s->offset > files[s->file].size || s->nbytes > files[s->file].size - s->offset)
         return tk_error(TK_ERR_FORMAT, "%s: vision tensor '%s' lies past the end of the file", files[s->file].path,
                         s->name);

@@ -240,8 +240,8 @@ static PyObject *tensor_at(const tk_arch *a, int i) { return arch_tensor_to_py(&
 static PyObject *vision_at(const tk_arch *a, int i)
 {
     const tk_arch_vision_tensor *v = &a->vision[i];
-    return Py_BuildValue("{s:s,s:s,s:s,s:s}", "name", v->name, "scope", tk_vision_scope_name((int)v->scope), "hf",
-                         v->hf, "shape", v->shape);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s}", "name", v->name, "scope", tk_vision_scope_name((int)v->scope), "hf",
+                         v->hf, "gguf", v->gguf, "shape", v->shape);
 }
 static PyObject *lora_at(const tk_arch *a, int i) { return arch_lora_to_py(a, &a->lora[i]); }
 
@@ -284,7 +284,7 @@ static PyMethodDef module_methods[] = {
      "The engine's architecture descriptors (csrc/model/arch.c) as plain dicts: name, hf_model_type, hf_class,\n"
      "gguf_name, flags {config key: bool}, hf_config (JSON text), tensors (role, per_layer, shape expressions,\n"
      "when, gguf and hf name patterns, gguf_rope_rows), lora targets (name, role, trained_by, peft module\n"
-     "pattern, per_layer, in and out expressions), fused expert forms and vision tensors (name, scope, hf, shape)."},
+     "pattern, per_layer, in and out expressions), fused expert forms and vision tensors (name, scope, hf, gguf, shape)."},
     {"read_gguf", py_read_gguf, METH_VARARGS,
      "read_gguf(path) -> dict(metadata, tensors, version, alignment, data_offset)\n\n"
      "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},

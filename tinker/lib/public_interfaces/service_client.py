@@ -44,10 +44,10 @@ session_status: dict[str, SessionFinish | None] = {}
 
 def server_capabilities() -> GetServerCapabilitiesResponse:
     """The base models that load here (no downloads), with their context lengths: all of them can be
-    trained and sampled; none takes images (the architectures run here are text models); is_moe marks
-    the mixtures of experts."""
+    trained and sampled; supports_images marks the vision-language ones (Qwen3-VL), is_moe the mixtures of
+    experts."""
     models = [SupportedModel(model_name=m.name, max_context_length=m.max_context, trainable=True, sampleable=True,
-                             supports_images=False, is_moe=m.moe)
+                             supports_images=m.images, is_moe=m.moe)
               for m in available_models()]  # fmt: skip
     return GetServerCapabilitiesResponse(supported_models=models)
 
