@@ -1,15 +1,19 @@
-"""Qwen3-VL-30B-A3B's language model at its real size on the CPU: peak memory and tokens/s of loading it, one LoRA
-training step and a short sample, from a random-weight GGUF typed like a Q4_K_M file.
+"""Qwen3-VL-30B-A3B (Tinker's guide model) at its real size on the CPU: peak memory and tokens/s of loading it, one
+LoRA training step, a short sample and a sample with an image, from random-weight GGUF files typed like llama.cpp's
+Q4_K_M language model and F16 mmproj.
 
     python benchmarks/bench_moe_30b.py [--layers 48] [--dir DIR] [--rank 32] [--seq 256] [--delete] [--json PATH]
 
-The model file: the text model of Qwen3-VL-30B-A3B-Instruct as a `qwen3moe` GGUF (48 layers, d_model 2048,
-32 query heads and 4 kv heads of 128, q/k RMSNorm, 128 experts of width 768, top 8 renormalised, no dense
-layer, vocabulary 151936, untied output, RoPE theta 5e6, context 262144, RMSNorm eps 1e-6; the VL model's
-interleaved M-RoPE reduces to this plain RoPE on text). Written once by this script with random weights into
---dir (default ~/.cache/tinker-bench; about 18.5 GB for 48 layers, streamed one tensor at a time) and reused
-while its general.name matches; --layers N writes the same shape with N layers to its own file, for a quick
-check; --delete removes it after the run. No tokenizer: the benchmark feeds token ids.
+The model files, as llama.cpp's converter lays out Qwen3-VL-30B-A3B-Instruct: the language model as a
+`qwen3vlmoe` GGUF (48 layers, d_model 2048, 32 query heads and 4 kv heads of 128, q/k RMSNorm, 128 experts of
+width 768, top 8 renormalised, no dense layer, vocabulary 151936, untied output, RoPE theta 5e6, interleaved
+M-RoPE sections [24, 20, 20], context 262144, RMSNorm eps 1e-6; a token list with Qwen's vision tokens at their
+ids, no tokenizer model: the benchmark feeds token ids) and beside it the vision tower as an F16 mmproj (27 ViT
+blocks of width 1152, MLP 4304, 16 heads, patch 16, 2x2 merge, 48 x 48 learned positions, deepstack taps after
+blocks 8, 16 and 24, out width 2048: 0.54 G parameters). Written once by this script with random weights into
+--dir/KEY/ (default ~/.cache/tinker-bench; about 18.5 + 1.1 GB for 48 layers, streamed one tensor at a time) and
+reused while their general.name matches; --layers N writes the same shape with N layers (N >= 3, the deepstack
+taps' layers) to its own folder, for a quick check; --delete removes them after the run.
 
 Tensor types follow llama.cpp's Q4_K_M recipe (llama-quant.cpp, no imatrix): Q4_K everywhere except attn_v and
 ffn_down_exps in the layers use_more_bits picks (the first and last eighth and every third in between: 24 of 48)
@@ -23,7 +27,9 @@ after each phase, resets the high-water mark before it where allowed, and polls 
 bench_memory.Phases): loading the base model (create_sampling_client), the LoRA training client (--rank, every
 target: attention, experts, unembedding), one forward_backward of --seq tokens (cross entropy) and optim_step,
 save_weights_and_get_sampling_client, then sampling from a 16-token prompt: 1 token (prefill tokens/s) and
---new tokens (decode tokens/s = (new - 1) / the difference of the two times).
+--new tokens (decode tokens/s = (new - 1) / the difference of the two times); then 1 token after a prompt with
+a 448 x 448 image (196 image positions): first with the vision tower's loading (on the first image), then with
+another image (the tower's forward, the prefill of the 210-token prompt and the token).
 
 Memory: RssAnon is what the engine allocated (the weights, copied out of the mapped file into one anonymous
 block in the file's own types; LoRA state; activations); RssFile is pages of the mapped file, page cache the
@@ -56,7 +62,13 @@ SHAPE = dict(n_layers=48, d_model=2048, n_heads=32, n_kv_heads=4, head_dim=128, 
              n_experts_used=8, d_ff_expert=768, vocab=151936, context=262144, rope_theta=5e6, rms_eps=1e-6)  # fmt: skip
 WEIGHT_STD, ROUTER_STD = 0.02, 0.05
 SEED = 0
-FORMAT = 1  # of the written file: bump when what write_gguf writes changes
+FORMAT = 2  # of the written files: bump when what write_gguf / write_mmproj write changes
+MROPE_SECTION = [24, 20, 20]
+# Qwen/Qwen3-VL-30B-A3B-Instruct's vision_config, and its vision tokens' ids in the vocabulary
+VISION = dict(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16, merge=2, num_pos=2304,
+              deepstack=[8, 16, 24], out=2048)  # fmt: skip
+VISION_TOKENS = {151652: "<|vision_start|>", 151653: "<|vision_end|>", 151655: "<|image_pad|>"}
+IMAGE_SIDE = 448
 PROMPT = 16
 # Memory a LoRA training step adds after loading, measured at 2, 6 and 12 layers with rank 1, 8 and 32: per
 # adapter parameter 20 bytes that stay (float32 weights, gradients, Adam's two moments, the sampler's snapshot;
@@ -77,7 +89,7 @@ def shape_of(layers: int) -> dict:
 
 
 def _key(c: dict) -> str:
-    return f"qwen3vl-30b-a3b-text-L{c['n_layers']}-q4_k_m-s{SEED}-f{FORMAT}"
+    return f"qwen3vl-30b-a3b-L{c['n_layers']}-q4_k_m-s{SEED}-f{FORMAT}"
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -136,8 +148,11 @@ def write_gguf(path: Path, c: dict) -> None:
     import gguf
     import numpy as np
 
-    w = gguf.GGUFWriter(str(path.with_name(path.name + ".part")), "qwen3moe")
+    w = gguf.GGUFWriter(str(path.with_name(path.name + ".part")), "qwen3vlmoe")
     w.add_name(_key(c))
+    w.add_rope_dimension_sections(MROPE_SECTION + [0])
+    w.add_num_deepstack_layers(len(VISION["deepstack"]))
+    w.add_token_list([VISION_TOKENS.get(i, f"<t{i}>") for i in range(c["vocab"])])
     w.add_context_length(c["context"])
     w.add_embedding_length(c["d_model"])
     w.add_block_count(c["n_layers"])
@@ -179,20 +194,84 @@ def write_gguf(path: Path, c: dict) -> None:
     path.with_name(path.name + ".part").replace(path)
 
 
-def model_file(directory: Path, c: dict) -> Path:
-    key = _key(c)
-    path = directory / f"{key}.gguf"
+def vision_tensors() -> list[tuple[str, tuple, str]]:
+    """(GGUF name, shape, type) of the mmproj's tensors, as llama.cpp's converter names them (F16 matrices)."""
+    v = VISION
+    Dv, Fv, M, S2 = v["hidden"], v["intermediate"], v["out"], v["merge"] ** 2 * v["hidden"]
+    out = [("v.patch_embd.weight", (Dv, 3, v["patch"], v["patch"]), "F16"),
+           ("v.patch_embd.weight.1", (Dv, 3, v["patch"], v["patch"]), "F16"), ("v.patch_embd.bias", (Dv,), "F32"),
+           ("v.position_embd.weight", (v["num_pos"], Dv), "F16")]  # fmt: skip
+    for i in range(v["depth"]):
+        out += [(f"v.blk.{i}.{n}", shape, "F16" if len(shape) == 2 else "F32") for n, shape in (
+            ("ln1.weight", (Dv,)), ("ln1.bias", (Dv,)), ("attn_qkv.weight", (3 * Dv, Dv)), ("attn_qkv.bias", (3 * Dv,)),
+            ("attn_out.weight", (Dv, Dv)), ("attn_out.bias", (Dv,)), ("ln2.weight", (Dv,)), ("ln2.bias", (Dv,)),
+            ("ffn_up.weight", (Fv, Dv)), ("ffn_up.bias", (Fv,)), ("ffn_down.weight", (Dv, Fv)),
+            ("ffn_down.bias", (Dv,)))]  # fmt: skip
+    mergers = [("v.post_ln", "mm.0", "mm.2", (Dv,))] + [
+        (f"v.deepstack.{i}.norm", f"v.deepstack.{i}.fc1", f"v.deepstack.{i}.fc2", (S2,)) for i in v["deepstack"]]
+    for norm, fc1, fc2, norm_shape in mergers:
+        out += [(f"{norm}.weight", norm_shape, "F32"), (f"{norm}.bias", norm_shape, "F32"),
+                (f"{fc1}.weight", (S2, S2), "F16"), (f"{fc1}.bias", (S2,), "F32"),
+                (f"{fc2}.weight", (M, S2), "F16"), (f"{fc2}.bias", (M,), "F32")]  # fmt: skip
+    return out
+
+
+def write_mmproj(path: Path, key: str) -> None:
+    """The vision tower as llama.cpp's F16 mmproj file: random matrices of std 0.02, norms 1, biases 0."""
+    import gguf
+    import numpy as np
+
+    v = VISION
+    w = gguf.GGUFWriter(str(path.with_name(path.name + ".part")), "clip")
+    w.add_name(key)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("qwen3vl_merger")
+    w.add_vision_image_size(int(v["num_pos"] ** 0.5) * v["patch"])
+    w.add_vision_patch_size(v["patch"])
+    w.add_vision_embedding_length(v["hidden"])
+    w.add_vision_feed_forward_length(v["intermediate"])
+    w.add_vision_block_count(v["depth"])
+    w.add_vision_head_count(v["heads"])
+    w.add_vision_projection_dim(v["out"])
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    w.add_vision_spatial_merge_size(v["merge"])
+    w.add_vision_use_gelu(True)
+    w.add_vision_is_deepstack_layers([i in v["deepstack"] for i in range(v["depth"])])
+    rng = np.random.default_rng(SEED + 1)
+    for name, shape, type_name in vision_tensors():
+        if type_name == "F16":
+            w.add_tensor(name, (rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD).astype(np.float16))
+        else:
+            w.add_tensor(name, (np.ones if ".weight" in name else np.zeros)(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.with_name(path.name + ".part").replace(path)
+
+
+def _written(path: Path, key: str, write) -> None:
+    """Reuses path when it holds this benchmark's key, else writes it."""
     if path.exists():
         if _gguf_field(path, "general.name") != key:
             sys.exit(f"{path} exists but is not this benchmark's {key} GGUF; remove it")
         print(f"reusing {path}", file=sys.stderr, flush=True)
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    total = sum(_nbytes(s, t) for _, s, t in tensors(c))
+        return
     start = time.perf_counter()
-    print(f"writing {path} ({total / GB:.1f} GB of tensors) ...", end=" ", file=sys.stderr, flush=True)
-    write_gguf(path, c)
+    print(f"writing {path} ...", end=" ", file=sys.stderr, flush=True)
+    write(path)
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def model_file(directory: Path, c: dict) -> Path:
+    """The language model's GGUF, with the mmproj beside it, in directory/KEY/."""
+    key = _key(c)
+    folder = directory / key
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.gguf"
+    _written(path, key, lambda p: write_gguf(p, c))
+    _written(folder / "mmproj-F16.gguf", key, lambda p: write_mmproj(p, key))
     return path
 
 
@@ -236,7 +315,7 @@ def child(spec: dict) -> None:
     phase("load", bytes=spec["file_bytes"])
 
     rng = np.random.default_rng(SEED)
-    T, vocab = spec["seq"], spec["vocab"]
+    T, vocab = spec["seq"], min(spec["vocab"], min(VISION_TOKENS))  # text ids: below Qwen's special tokens
     n_params, need = training_memory(spec["shape"], spec["rank"], T)
     available = _meminfo()["MemAvailable"]
     skipped = None
@@ -264,9 +343,29 @@ def child(spec: dict) -> None:
         params = types.SamplingParams(max_tokens=n, temperature=1.0, seed=SEED)
         out = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
         phase(key, tokens=PROMPT if key == "prefill" else len(out.sequences[0].tokens))
+    for key, seed in (("image_first", 1), ("image", 2)):  # the tower loads with the first image
+        image = types.ImageChunk(data=_noise_png(IMAGE_SIDE, seed), format="png",
+                                 expected_tokens=(IMAGE_SIDE // VISION["patch"] // VISION["merge"]) ** 2)
+        prompt = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[151652]), image, types.EncodedTextChunk(
+            tokens=[151653, *rng.integers(0, vocab, size=PROMPT - 2).tolist()])])  # fmt: skip
+        params = types.SamplingParams(max_tokens=1, temperature=1.0, seed=SEED)
+        sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+        phase(key, tokens=prompt.length)
     phase.close()
     print("@@result " + json.dumps({"records": phase.records, "skipped": skipped, "lora_params": n_params,
                                     "tinker": tinker.__file__}), flush=True)  # fmt: skip
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def prepare(req: dict) -> None:
@@ -285,13 +384,14 @@ def prepare(req: dict) -> None:
 LABELS = {"python": "python start", "import": "import tinker", "load": "load the base model",
           "adapter": "LoRA training client", "fwd_bwd": "forward_backward", "optim": "optim_step",
           "snapshot": "save_weights_and_get_sampling_client", "prefill": "sample: prefill + 1 token",
-          "sample": "sample: prefill + new tokens"}  # fmt: skip
+          "sample": "sample: prefill + new tokens", "image_first": "image sample: tower load + 1 token",
+          "image": "image sample: another image, 1 token"}  # fmt: skip
 
 
 def print_report(r: dict, args) -> None:
     rec = {x["phase"]: x for x in r["records"]}
     c = r["shape"]
-    print(f"\nQwen3-VL-30B-A3B text model shape, {c['n_layers']} layers: {r['file']}")
+    print(f"\nQwen3-VL-30B-A3B shape, {c['n_layers']} layers: {r['file']} (+ mmproj-F16.gguf beside it)")
     print(f"  file {_fmt(r['file_bytes'])} (" + ", ".join(f"{t} {_fmt(b)}" for t, b in r["types"].items()) + ")")
     if r["skipped"]:
         print(f"  {r['skipped']}")
@@ -306,7 +406,7 @@ def print_report(r: dict, args) -> None:
         rate = ""
         if x["phase"] == "load":
             rate = f"{x['bytes'] / GB / x['seconds']:.2f} GB/s"
-        elif x["phase"] in ("fwd_bwd", "prefill"):
+        elif x["phase"] in ("fwd_bwd", "prefill", "image"):
             rate = f"{x['tokens'] / x['seconds']:.1f} tok/s"
         elif x["phase"] == "sample" and x["tokens"] > 1:
             rate = f"{(x['tokens'] - 1) / (x['seconds'] - rec['prefill']['seconds']):.2f} tok/s decode"
@@ -354,8 +454,9 @@ def main():
             out = _subprocess("--child", spec, "@@result", env, script=here)
     finally:
         if args.delete:
-            Path(prepared["file"]).unlink(missing_ok=True)
-            print(f"deleted {prepared['file']}", file=sys.stderr)
+            for path in Path(prepared["file"]).parent.glob("*.gguf"):
+                path.unlink(missing_ok=True)
+            print(f"deleted {Path(prepared['file']).parent}", file=sys.stderr)
     result = {**spec, **prepared, **out}
     print_report(result, args)
     print(f"tinker: {out['tinker']}; load average at the end {os.getloadavg()[0]:.1f}")
