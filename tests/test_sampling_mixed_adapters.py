@@ -235,10 +235,11 @@ def kv_limit(model):
     assert model.handle.kv_cache_limit() == default
 
 
-def test_the_default_kv_limit_is_half_of_memory(model):
+def test_the_default_kv_limit_leaves_room(model):
+    """At most half of the machine's memory (and 3/4 of what was available once the model had loaded)."""
     import os
 
-    assert model.handle.kv_cache_limit() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    assert 0 < model.handle.kv_cache_limit() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def test_requests_past_the_kv_limit_wait_for_room(model, kv_limit):

@@ -217,9 +217,10 @@ def prefix_cache_limit() -> int | None:
 
 def kv_cache_limit() -> int | None:
     """The bytes of keys and values each model's sampling may hold at once from $TINKER_KV_CACHE_MB (MiB), or None
-    for the engine's default (half of the machine's memory). Requests past it wait for running ones to finish; one
-    past it alone is refused with a message (csrc/model/generate.h)."""
-    limit = _env_mib("TINKER_KV_CACHE_MB", "0 means the default, half of memory")
+    for the engine's default (3/4 of the memory available once the model has loaded, at most half of the
+    machine's). Requests past it wait for running ones to finish; one past it alone is refused with a message
+    (csrc/model/generate.h)."""
+    limit = _env_mib("TINKER_KV_CACHE_MB", "0 means the default")
     return limit or None
 
 

@@ -8,16 +8,14 @@
  * and the cache lacks are prefilled once first (the lead pass). After it,
  * every text prompt's whole blocks go into the cache.
  */
-#define _DEFAULT_SOURCE /* sysconf(_SC_PHYS_PAGES) */
 #include "generate.h"
 
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "../backend/backend.h"
+#include "../core/memory.h"
 #include "head.h"
 #include "mm.h"
 #include "prefix_cache.h"
@@ -211,26 +209,17 @@ static int distinct_prompts(sample_payload **reqs, int n_req, int *uniq, int *fi
  * head until it does, so a stream of small requests cannot starve a large one. */
 enum { SESSION_SEQUENCES = 256, COHORT_PROMPT_TOKENS = 8192 };
 
-/* The machine's memory: its physical pages, or its cgroup's (v2) limit when lower; read once. */
-static size_t machine_memory(void)
+size_t tk_kv_default_limit(void)
 {
-    static _Atomic size_t known;
-    size_t bytes = atomic_load(&known);
-    if (bytes) return bytes;
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    bytes = pages > 0 && page > 0 ? (size_t)pages * (size_t)page : (size_t)8 << 30;
-    FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
-    unsigned long long limit;
-    if (f && fscanf(f, "%llu", &limit) == 1 && limit > 0 && limit < bytes) bytes = (size_t)limit; /* not "max" */
-    if (f) fclose(f);
-    atomic_store(&known, bytes);
-    return bytes;
+    size_t half = tk_memory_total() / 2, avail = tk_memory_available() / 4 * 3;
+    if (!half) half = (size_t)4 << 30; /* (a machine that does not say) */
+    return avail && avail < half ? avail : half;
 }
 
 size_t tk_model_kv_limit(const tk_model *m)
 {
     size_t bytes = atomic_load(&m->kv_limit);
-    return bytes ? bytes : machine_memory() / 2;
+    return bytes ? bytes : m->kv_default;
 }
 
 void tk_model_set_kv_limit(tk_model *m, size_t bytes) { atomic_store(&m->kv_limit, bytes); }

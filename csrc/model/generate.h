@@ -29,10 +29,12 @@ tk_status tk_sample_request_create(tk_request **out, tk_model *m, tk_adapter *ad
 /* The bytes of keys and values a model's sampling holds at once: each admitted request reserves its prompt's rows
  * and max_tokens rows per sample (it may stop sooner, but its rows are there to be written), and a request that
  * would take the reservations past the limit waits, at the head of the queue, until decoding sequences finish
- * and free theirs; a request whose own reservation is past it is refused when it is made. The default is half
- * of the machine's memory (its cgroup's limit when lower); bytes 0 sets it back to the default. */
+ * and free theirs; a request whose own reservation is past it is refused when it is made. The default
+ * (tk_kv_default_limit, taken when the model has loaded: the weights' memory is then spoken for) is 3/4 of the
+ * memory available then, at most half of the machine's; bytes 0 sets it back to the default. */
 void tk_model_set_kv_limit(tk_model *m, size_t bytes);
 size_t tk_model_kv_limit(const tk_model *m);
+size_t tk_kv_default_limit(void);
 
 /* Before submitting: the prompt's image features and positions (mm.h: one sequence, its tokens; pos_delta[0]
  * shifts the positions of the generated tokens). Copies them. */

@@ -109,7 +109,8 @@ typedef struct tk_model {
     _Atomic(struct tk_vision *) vision; /* a vision-language model's tower, once loaded (vision.h); else NULL */
     struct tk_prefix_cache *prefix_cache; /* prompt prefixes' keys and values for sampling (prefix_cache.h: the
                                            * one mutable part, behind its own lock), or NULL */
-    _Atomic size_t kv_limit; /* bytes of keys and values sampling holds at once (generate.h); 0: the default */
+    _Atomic size_t kv_limit; /* bytes of keys and values sampling holds at once (generate.h); 0: kv_default */
+    size_t kv_default;       /* that limit's default, set when the weights have loaded */
     atomic_int refcount;
 } tk_model;
 

@@ -25,6 +25,7 @@
 #include "../io/file.h"
 #include "../io/quant.h"
 #include "arch.h"
+#include "generate.h"
 #include "prefix_cache.h"
 #include "vision.h"
 #include "weights.h"
@@ -614,6 +615,7 @@ tk_status tk_weights_load(tk_model **out, const tk_model_config *cfg, const char
     /* NULL when out of memory: the model then samples without one */
     m->prefix_cache = tk_prefix_cache_create(cfg->n_layers, cfg->n_kv_heads * cfg->head_dim,
                                              TK_PREFIX_CACHE_DEFAULT_BYTES);
+    m->kv_default = tk_kv_default_limit();
     *out = m;
     return TK_OK;
 }

@@ -491,8 +491,8 @@ static PyMethodDef model_methods[] = {
     {"set_prefix_cache_limit", (PyCFunction)model_set_prefix_cache_limit, METH_O,
      "set_prefix_cache_limit(bytes): the prefix cache's bound (0 disables it); blocks past it are evicted now"},
     {"set_kv_cache_limit", (PyCFunction)model_set_kv_cache_limit, METH_O,
-     "set_kv_cache_limit(bytes): the bytes of keys and values sampling may hold at once (0: the default, half of "
-     "memory); requests past it wait, and one past it alone is refused"},
+     "set_kv_cache_limit(bytes): the bytes of keys and values sampling may hold at once (0: the default, 3/4 "
+     "of the memory available once the model loaded); requests past it wait, and one past it alone is refused"},
     {"kv_cache_limit", (PyCFunction)model_kv_cache_limit, METH_NOARGS,
      "kv_cache_limit() -> int: the bytes of keys and values sampling may hold at once"},
     {NULL, NULL, 0, NULL},
