@@ -129,6 +129,13 @@ def test_mmproj_files_that_do_not_fit_are_refused(forms, tmp_path):
     (tmp_path / "mmproj-a.gguf").write_bytes(bytes(blob))
     with pytest.raises(ModelLoadError, match="not a Qwen3-VL mmproj file"):
         model_spec(resolve_model(str(tmp_path / "model.gguf")))
+    blob[at:at + 14] = b"qwen3vl_merger"
+    (tmp_path / "mmproj-a.gguf").write_bytes(bytes(blob[:len(blob) // 2]))  # cut short
+    with pytest.raises(ModelLoadError, match="mmproj-a.gguf"):
+        model_spec(resolve_model(str(tmp_path / "model.gguf")))
+    tm.write_mmproj(tmp_path / "mmproj-a.gguf", tm.make_vl_model("qwen3vl", hidden=32))  # another model's tower
+    with pytest.raises(ModelLoadError, match="out_hidden_size 32 must equal the language model's hidden_size 64"):
+        model_spec(resolve_model(str(tmp_path / "model.gguf")))
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
