@@ -186,3 +186,16 @@ def test_images_to_a_gguf_without_its_mmproj_say_where_the_tower_is(forms, tmp_p
     sampler = tinker.ServiceClient().create_sampling_client(base_model=str(gguf_path)).result()
     with pytest.raises(tinker.BadRequestError, match="mmproj"):
         sampler.sample(mi, 1, types.SamplingParams(max_tokens=2)).result()
+
+
+def test_a_merged_export_on_the_gguf_is_refused(forms, store, tmp_path):
+    """A merged Hugging Face checkpoint of a vision-language model needs its tower beside the merged language model
+    (not built yet): refused with the way out, as for the Hugging Face form, with or without the mmproj."""
+    from tinker._export import export_merged
+
+    _, _, gguf_path, _ = forms
+    tc = tinker.ServiceClient().create_lora_training_client(base_model=str(gguf_path), rank=2).result()
+    saved = tc.save_weights_for_sampler("s").result().path
+    for base in (gguf_path, text_only(forms, tmp_path)):
+        with pytest.raises(tinker.BadRequestError, match="export the adapter itself"):
+            export_merged(saved, tmp_path / "merged", base_model=str(base))

@@ -321,7 +321,7 @@ def export_merged(source, output_dir, *, base_model: str | None = None, dtype: s
         raise BadRequestError(f"{source}: the adapter does not name its base model (base_model_name_or_path); "
                               f"pass base_model=")
     spec = model_spec(resolve_model(base_model))  # ModelLoadError (a BadRequestError) when not found
-    if spec.vision is not None:
+    if _arch.has_vision(spec.arch):  # (a GGUF of one, with or without its mmproj, too)
         raise BadRequestError(f"{base_model!r} is a vision-language model ({spec.arch}); a merged export of it (the "
                               f"vision tower copied beside the merged language model) is not supported yet: export "
                               f"the adapter itself (export_adapter)")
