@@ -218,8 +218,8 @@ static tk_status check_source(vjob *job, const tk_arch *a, const tk_vision_confi
     job->t = t;
     job->src = s;
     job->bytes = files[s->file].data + s->offset;
-    job->rows = nd == 1 ? 1 : dims[0];
-    job->cols = elems / job->rows;
+    job->rows = rows;
+    job->cols = elems / rows;
     return TK_OK;
 }
 

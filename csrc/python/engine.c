@@ -693,6 +693,24 @@ static int parse_config(PyObject *d, tk_model_config *c)
     return parse_mlp_only_layers(d, c) < 0 ? -1 : parse_mrope_section(d, c);
 }
 
+/* A tensor source's shape (a sequence of 1 to max_dims integers) into out[], its length into *n_dims; -1 with
+ * the exception set when it is not one. */
+static int parse_shape(PyObject *shape, const char *what, const char *name, int max_dims, int64_t *out, int *n_dims)
+{
+    PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");
+    if (!dims) return -1;
+    Py_ssize_t nd = PySequence_Fast_GET_SIZE(dims);
+    if (nd < 1 || nd > max_dims) {
+        Py_DECREF(dims);
+        PyErr_Format(PyExc_ValueError, "%s '%s' has %zd dimensions (1 to %d)", what, name, nd, max_dims);
+        return -1;
+    }
+    *n_dims = (int)nd;
+    for (Py_ssize_t d = 0; d < nd; d++) out[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d));
+    Py_DECREF(dims);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 /* Fills src from a sequence of (name, role, layer, file, offset, nbytes, type,
  * shape, rope_rows_interleaved[, expert[, col_stride]]); names and roles borrow the tuples' strings. */
 static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
@@ -712,18 +730,7 @@ static int parse_sources(PyObject *seq, tk_tensor_source *src, Py_ssize_t n)
         s->type = (int)type; /* ids beyond the known range are rejected as unknown by the loader */
         s->offset = offset;
         s->nbytes = nbytes;
-        PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");
-        if (!dims) return -1;
-        Py_ssize_t nd = PySequence_Fast_GET_SIZE(dims);
-        if (nd < 1 || nd > 2) {
-            Py_DECREF(dims);
-            PyErr_Format(PyExc_ValueError, "tensor '%s' has %zd dimensions; the model uses 1 or 2", s->name, nd);
-            return -1;
-        }
-        s->n_dims = (int)nd;
-        for (Py_ssize_t d = 0; d < nd; d++) s->shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d));
-        Py_DECREF(dims);
-        if (PyErr_Occurred()) return -1;
+        if (parse_shape(shape, "tensor", s->name, 2, s->shape, &s->n_dims) < 0) return -1;
     }
     return 0;
 }
@@ -1374,18 +1381,7 @@ static int parse_vision_sources(PyObject *seq, tk_vision_source *src, Py_ssize_t
                               &s->type, &shape))
             return -1;
         s->offset = offset, s->nbytes = nbytes;
-        PyObject *dims = PySequence_Fast(shape, "tensor shape must be a sequence");
-        if (!dims) return -1;
-        Py_ssize_t nd = PySequence_Fast_GET_SIZE(dims);
-        if (nd < 1 || nd > 5) {
-            Py_DECREF(dims);
-            PyErr_Format(PyExc_ValueError, "vision tensor '%s' has %zd dimensions (1 to 5)", s->name, nd);
-            return -1;
-        }
-        s->n_dims = (int)nd;
-        for (Py_ssize_t d = 0; d < nd; d++) s->shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d));
-        Py_DECREF(dims);
-        if (PyErr_Occurred()) return -1;
+        if (parse_shape(shape, "vision tensor", s->name, 5, s->shape, &s->n_dims) < 0) return -1;
     }
     return 0;
 }
