@@ -22,6 +22,7 @@
 #define TK_H
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/devsim/devsim_backend.h"
 #include "core/engine.h"
 #include "core/status.h"
 #include "io/gguf.h"

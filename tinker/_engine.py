@@ -81,11 +81,29 @@ def seed_arg(name: str, value) -> int:
     return int_arg(name, value, -(2**63), 2**64 - 1) & (2**64 - 1)
 
 
+_DEVICES = ("auto", "cpu", "cuda", "devsim")
+
+
+def engine_device() -> str:
+    """The device $TINKER_DEVICE asks for, as the engine names it: auto (the default) and cpu run on the CPU;
+    cuda is refused until this build has a CUDA backend; devsim is the CPU backend behind device pointers that
+    the host cannot read (a check for tests that model code reaches device memory only through the backend)."""
+    device = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
+    if device not in _DEVICES:
+        raise BadRequestError(f"TINKER_DEVICE={device!r} is not a device: use one of {', '.join(_DEVICES)}")
+    if device == "cuda":
+        raise BadRequestError("TINKER_DEVICE=cuda: this build of tinker has no CUDA backend yet; unset "
+                              "TINKER_DEVICE (or set it to cpu) to run on the CPU")
+    return "cpu" if device == "auto" else device
+
+
 def get_engine() -> _C.Engine:
     global _engine
     with _lock:
         if _engine is None:
-            _engine = _C.Engine()
+            _engine = _C.Engine(device=engine_device())
+            logging.getLogger("tinker").info("tinker engine: device %s, %d threads", _engine.device,
+                                             _engine.threads)
         return _engine
 
 

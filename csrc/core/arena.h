@@ -22,4 +22,23 @@ static inline float *tk_arena_take(tk_arena *a, size_t n)
     return p;
 }
 
+/* A pass's scratch comes in two blocks: device memory for the tensors the backend's ops read and write, and
+ * host memory for what model/ reads or writes itself (index lists, positions, decode views, downloaded
+ * values), which a GPU's memory cannot hold. Sizes in floats; counted with both bases NULL. */
+typedef struct {
+    tk_arena dev, host;
+} tk_arenas;
+
+typedef struct {
+    size_t dev, host; /* floats of each block */
+} tk_workspace;
+
+static inline tk_workspace tk_arenas_used(const tk_arenas *a) { return (tk_workspace){a->dev.at, a->host.at}; }
+
+/* The larger of two workspaces that use the same blocks one after the other, block by block. */
+static inline tk_workspace tk_workspace_max(tk_workspace a, tk_workspace b)
+{
+    return (tk_workspace){a.dev > b.dev ? a.dev : b.dev, a.host > b.host ? a.host : b.host};
+}
+
 #endif

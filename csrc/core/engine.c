@@ -207,8 +207,22 @@ float *tk_exec_scratch(tk_exec *exec, size_t floats)
     return exec->scratch;
 }
 
+float *tk_exec_host_scratch(tk_exec *exec, size_t floats)
+{
+    if (floats <= exec->host_scratch_floats) return exec->host_scratch;
+    free(exec->host_scratch);
+    size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
+    exec->host_scratch = aligned_alloc(64, bytes);
+    exec->host_scratch_floats = exec->host_scratch ? floats : 0;
+    if (!exec->host_scratch)
+        tk_error(TK_ERR_NOMEM, "cannot allocate %.1f MB of host working memory; use fewer or shorter sequences per "
+                 "call", (double)bytes / 1e6);
+    return exec->host_scratch;
+}
+
 int tk_engine_wake_fd(const tk_engine *e) { return e->wake_fd; }
 int tk_engine_threads(const tk_engine *e) { return tk_pool_threads(e->exec.pool); }
+const char *tk_engine_device(const tk_engine *e) { return e->exec.backend->name; }
 
 /* ---- the worker ---------------------------------------------------------- */
 
@@ -363,6 +377,7 @@ void tk_engine_free(tk_engine *e)
     pthread_mutex_unlock(&e->mutex);
     pthread_join(e->worker, NULL);
     e->exec.backend->free(e->exec.backend, e->exec.scratch);
+    free(e->exec.host_scratch);
     tk_backend_release(e->exec.backend);
     tk_pool_free(e->exec.pool);
     close(e->wake_fd);

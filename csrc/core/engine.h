@@ -31,13 +31,17 @@ struct tk_backend;
 typedef struct {
     tk_pool *pool;
     struct tk_backend *backend;
-    float *scratch;
+    float *scratch;             /* device memory (the backend's) */
     size_t scratch_floats;
+    float *host_scratch;        /* host memory, for what model/ reads and writes itself */
+    size_t host_scratch_floats;
     struct tk_running *running; /* the batch run_batch is running (NULL otherwise): see tk_exec_join */
 } tk_exec;
 
-/* At least `floats` of scratch (contents undefined), or NULL with an error. */
+/* At least `floats` of device scratch (contents undefined), or NULL with an error. */
 float *tk_exec_scratch(tk_exec *exec, size_t floats);
+/* At least `floats` of host scratch (contents undefined, 64-byte aligned), or NULL with an error. */
+float *tk_exec_host_scratch(tk_exec *exec, size_t floats);
 
 /* For a batch function (continuous batching): while it runs, the request at the head of the queue joins it when
  * it has the batch's key and accept(payload, ctx) says it fits; returns its payload, or NULL (nothing waiting,
@@ -62,6 +66,8 @@ tk_status tk_engine_create(tk_engine **out, int n_threads, struct tk_backend *(*
 /* Finishes the request running now, fails the queued ones, joins the worker. */
 void tk_engine_free(tk_engine *engine);
 int tk_engine_threads(const tk_engine *engine);
+/* The backend's name ("cpu", ...): which device runs the engine's work. */
+const char *tk_engine_device(const tk_engine *engine);
 int tk_engine_wake_fd(const tk_engine *engine);
 /* Moves up to `max` finished ids (of notify requests) into ids; returns the count. */
 size_t tk_engine_drain(tk_engine *engine, uint64_t *ids, size_t max);

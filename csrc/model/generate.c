@@ -602,14 +602,15 @@ static void lead_pass(session *S, prompt_plan *pl, const int *share, const cohor
     }
     tk_batch b = {.n_seqs = n_seqs, .n_tokens = total, .tokens = tokens, .seq_start = seq_start, .adapters = ads,
                   .kv = kvs, .resumed = resumed};
-    float *work = tokens ? tk_exec_scratch(S->exec, (size_t)total * D + tk_transformer_workspace(m, be, &b, 0) + 16)
-                         : NULL;
-    if (!work) { /* not an error: the prompts prefill their shares themselves */
+    tk_workspace ws = tk_transformer_workspace(m, be, &b, 0);
+    float *work = tokens ? tk_exec_scratch(S->exec, (size_t)total * D + ws.dev + 16) : NULL;
+    float *host = work ? tk_exec_host_scratch(S->exec, ws.host) : NULL;
+    if (!work || !host) { /* not an error: the prompts prefill their shares themselves */
         for (int u = 0; u < n; u++) pl->lead[u] = 0;
         free(tokens);
         return;
     }
-    tk_transformer_forward(work, m, be, &b, NULL, work + (size_t)total * D);
+    tk_transformer_forward(work, m, be, &b, NULL, work + (size_t)total * D, host);
     free(tokens);
     tk_prefix_cache_count_prefill(pc, total);
     for (int u = 0; u < n; u++)
@@ -710,18 +711,19 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     tk_batch prefill = {.n_seqs = n_u, .n_tokens = total_new, .tokens = tokens, .seq_start = rows_at, .adapters = ads,
                         .kv = kvs, .resumed = resumed};
     if ((status = pack_prefill_mm(&pm, reqs, first_req, n_u, rows_at, past, D)) != TK_OK) goto done;
-    size_t body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
+    tk_workspace body = tk_transformer_workspace(m, be, &prefill, 0), head = tk_head_workspace(m, widest);
     size_t n_mm = prefill_mm_floats(&pm, D);
     float *work = tk_exec_scratch(S->exec,
-                                  (size_t)total_new * D + rows * D + rows * V + rows + n_mm + body + head + 64);
-    if (!work) {
+                                  (size_t)total_new * D + rows * D + rows * V + rows + n_mm + body.dev + head.dev + 64);
+    float *host = work ? tk_exec_host_scratch(S->exec, body.host) : NULL;
+    if (!work || !host) {
         status = tk_error_prefix(TK_ERR_NOMEM, "sample: ");
         goto done;
     }
     float *h = work, *hs = h + (size_t)total_new * D, *logits = hs + rows * D, *lse = logits + rows * V;
-    float *mm = lse + rows, *rest = mm + n_mm, *head_work = rest + body;
+    float *mm = lse + rows, *rest = mm + n_mm, *head_work = rest + body.dev;
     place_prefill_mm(&prefill, &pm, be, mm, D);
-    tk_transformer_forward(h, m, be, &prefill, NULL, rest);
+    tk_transformer_forward(h, m, be, &prefill, NULL, rest, host);
     if (pc) tk_prefix_cache_count_prefill(pc, total_new);
     for (int u = 0; pc && u < n_u; u++) /* every text prompt's whole blocks, for the requests to come */
         if (!has_images(reqs[first_req[u]]) && tk_prefix_cache_enabled(pc))
@@ -816,15 +818,16 @@ static void step(session *S)
     tk_batch step = {.n_seqs = n, .n_tokens = n, .tokens = S->step_tok, .seq_start = S->step_rows,
                      .adapters = S->step_ads, .kv = S->step_kv, .pos_delta = S->step_delta};
     const tk_adapter *widest = widest_unembed(S->step_ads, n);
-    size_t body = tk_transformer_workspace(m, be, &step, 0), head = tk_head_workspace(m, widest);
-    float *work = tk_exec_scratch(S->exec, (size_t)n * D + (size_t)n * V + body + head + 64);
-    if (!work || !session_host_logits(S, (size_t)n)) { /* out of memory mid-decode: these sequences stop here */
+    tk_workspace body = tk_transformer_workspace(m, be, &step, 0), head = tk_head_workspace(m, widest);
+    float *work = tk_exec_scratch(S->exec, (size_t)n * D + (size_t)n * V + body.dev + head.dev + 64);
+    float *host = work ? tk_exec_host_scratch(S->exec, body.host) : NULL;
+    if (!work || !host || !session_host_logits(S, (size_t)n)) { /* out of memory mid-decode: these sequences stop here */
         for (int j = 0; j < n; j++) sequence_done(S, &S->seqs[S->live[j]]);
         S->n_live = 0;
         return;
     }
-    float *hs = work, *logits = hs + (size_t)n * D, *rest = logits + (size_t)n * V, *head_work = rest + body;
-    tk_transformer_forward(hs, m, be, &step, NULL, rest);
+    float *hs = work, *logits = hs + (size_t)n * D, *rest = logits + (size_t)n * V, *head_work = rest + body.dev;
+    tk_transformer_forward(hs, m, be, &step, NULL, rest, host);
     tk_head_logits_decode_rows(logits, m, S->step_ads, widest, be, hs, n, head_work);
     const float *lg = tk_host_view(be, S->logits_h, logits, (size_t)n * V * sizeof(float));
     int still = 0;

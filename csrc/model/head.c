@@ -27,26 +27,26 @@ typedef struct {
     int32_t *rows; /* [HEAD_TARGETS] each target's row in the chunk */
 } head_scratch;
 
-static size_t carve(head_scratch *s, float *work, const tk_model *m, const tk_adapter *ad)
+static tk_workspace carve(head_scratch *s, float *work, float *host, const tk_model *m, const tk_adapter *ad)
 {
     size_t C = HEAD_CHUNK, R = ad && ad->unembed.A ? (size_t)ad->cfg.rank : 1;
-    tk_arena a = {work, 0};
+    tk_arenas a = {{work, 0}, {host, 0}};
     head_scratch dummy;
     if (!s) s = &dummy;
-    s->logits = tk_arena_take(&a, C * (size_t)m->cfg.vocab_size);
-    s->lse = tk_arena_take(&a, C);
-    s->gsum = tk_arena_take(&a, C);
-    s->u = tk_arena_take(&a, C * R);
-    s->t = tk_arena_take(&a, C * R);
-    s->picked = tk_arena_take(&a, HEAD_TARGETS);
-    s->lse_h = tk_arena_take(&a, C);
-    s->gsum_h = tk_arena_take(&a, C);
-    s->picked_h = tk_arena_take(&a, HEAD_TARGETS);
-    s->rows = (int32_t *)tk_arena_take(&a, HEAD_TARGETS);
-    return a.at;
+    s->logits = tk_arena_take(&a.dev, C * (size_t)m->cfg.vocab_size);
+    s->lse = tk_arena_take(&a.dev, C);
+    s->gsum = tk_arena_take(&a.dev, C);
+    s->u = tk_arena_take(&a.dev, C * R);
+    s->t = tk_arena_take(&a.dev, C * R);
+    s->picked = tk_arena_take(&a.dev, HEAD_TARGETS);
+    s->lse_h = tk_arena_take(&a.host, C);
+    s->gsum_h = tk_arena_take(&a.host, C);
+    s->picked_h = tk_arena_take(&a.host, HEAD_TARGETS);
+    s->rows = (int32_t *)tk_arena_take(&a.host, HEAD_TARGETS);
+    return tk_arenas_used(&a);
 }
 
-size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, m, ad); }
+tk_workspace tk_head_workspace(const tk_model *m, const tk_adapter *ad) { return carve(NULL, NULL, NULL, m, ad); }
 
 /* Runs of rows per pair of matmul_nt_many calls. */
 enum { LORA_RUNS = 32 };
@@ -83,7 +83,7 @@ static void head_logits(float *logits, const tk_model *m, const tk_adapter *cons
                         tk_backend *be, const float *h, int T, float *work, int decoding)
 {
     head_scratch s;
-    carve(&s, work, m, ad);
+    carve(&s, work, NULL, m, ad); /* the device part alone */
     int D = m->cfg.d_model, V = m->cfg.vocab_size;
     for (int t0 = 0; t0 < T; t0 += HEAD_CHUNK) {
         int C = T - t0 < HEAD_CHUNK ? T - t0 : HEAD_CHUNK;
@@ -158,10 +158,11 @@ static double sequence_prepass(head_scratch *s, float *logprobs, const tk_model 
 }
 
 void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work)
+                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work,
+                  float *host)
 {
     head_scratch s;
-    carve(&s, work, m, ad);
+    carve(&s, work, host, m, ad);
     const int D = m->cfg.d_model, V = m->cfg.vocab_size, R = ad ? ad->cfg.rank : 0;
     const int unembed = ad && ad->unembed.A;
     double total = 0;

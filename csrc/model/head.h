@@ -4,16 +4,19 @@
 #define TK_HEAD_H
 
 #include "../backend/backend.h"
+#include "../core/arena.h"
 #include "lora.h"
 #include "loss.h"
 
-size_t tk_head_workspace(const tk_model *m, const tk_adapter *ad);
+/* Floats of device and host scratch the head needs (the logits functions use only the device's). */
+tk_workspace tk_head_workspace(const tk_model *m, const tk_adapter *ad);
 /* logprobs[E] of the targets of h[T, D] (final-norm output) and the summed
  * loss into *loss. With dh != NULL also the backward pass of the head:
  * dh[T, D] = dL/dh and the unembed LoRA gradients accumulate. Logits are
  * built 256 tokens at a time, never for the whole batch. */
 void tk_head_loss(float *logprobs, double *loss, const tk_model *m, const tk_adapter *ad, tk_backend *be,
-                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work);
+                  const float *h, int T, const tk_loss_config *cfg, const tk_loss_inputs *in, float *dh, float *work,
+                  float *host);
 
 /* logits[T, V] of h[T, D] (with the unembed LoRA term when ad has one). */
 void tk_head_logits(float *logits, const tk_model *m, const tk_adapter *ad, tk_backend *be, const float *h, int T,

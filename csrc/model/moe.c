@@ -34,7 +34,7 @@
 
 static size_t floats_for_bytes(size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); }
 
-void tk_moe_carve(tk_moe_scratch *s, tk_arena *a, const tk_model_config *c, int T, int R, int backward)
+void tk_moe_carve(tk_moe_scratch *s, tk_arenas *a, const tk_model_config *c, int T, int R, int backward)
 {
     tk_moe_scratch dummy;
     if (!s) s = &dummy;
@@ -42,32 +42,33 @@ void tk_moe_carve(tk_moe_scratch *s, tk_arena *a, const tk_model_config *c, int 
     if (!c->moe) return;
     size_t E = (size_t)c->n_experts, k = (size_t)c->n_experts_used, n = (size_t)T * k, D = (size_t)c->d_model;
     size_t Fe = (size_t)c->d_ff_expert, Rz = (size_t)(R > 0 ? R : 0), t = (size_t)T;
-    s->r.expert_start = (int32_t *)tk_arena_take(a, E + 1);
-    s->r.cursor = (int32_t *)tk_arena_take(a, E);
-    s->r.token = (int32_t *)tk_arena_take(a, n);
-    s->r.weight = tk_arena_take(a, n);
-    s->r.choice = (int32_t *)tk_arena_take(a, n);
-    s->r.row = (int32_t *)tk_arena_take(a, n);
-    s->r.prob = tk_arena_take(a, t * E);
-    s->src = (const float **)tk_arena_take(a, floats_for_bytes(n * sizeof(float *)));
-    s->dst = (float **)tk_arena_take(a, floats_for_bytes(n * sizeof(float *)));
-    s->logits_host = tk_arena_take(a, t * E);
-    s->logits = tk_arena_take(a, t * E);
-    s->gate_up = tk_arena_take(a, n * 2 * Fe);
-    s->rows = tk_arena_take(a, n * D);
-    s->act = tk_arena_take(a, n * Fe);
-    s->u_rows = tk_arena_take(a, n * 2 * Rz);
-    s->v = tk_arena_take(a, n * Rz);
+    tk_arena *dev = &a->dev, *host = &a->host;
+    s->r.expert_start = (int32_t *)tk_arena_take(host, E + 1);
+    s->r.cursor = (int32_t *)tk_arena_take(host, E);
+    s->r.token = (int32_t *)tk_arena_take(host, n);
+    s->r.weight = tk_arena_take(host, n);
+    s->r.choice = (int32_t *)tk_arena_take(host, n);
+    s->r.row = (int32_t *)tk_arena_take(host, n);
+    s->r.prob = tk_arena_take(host, t * E);
+    s->src = (const float **)tk_arena_take(host, floats_for_bytes(n * sizeof(float *)));
+    s->dst = (float **)tk_arena_take(host, floats_for_bytes(n * sizeof(float *)));
+    s->logits_host = tk_arena_take(host, t * E);
+    s->logits = tk_arena_take(dev, t * E);
+    s->gate_up = tk_arena_take(dev, n * 2 * Fe);
+    s->rows = tk_arena_take(dev, n * D);
+    s->act = tk_arena_take(dev, n * Fe);
+    s->u_rows = tk_arena_take(dev, n * 2 * Rz);
+    s->v = tk_arena_take(dev, n * Rz);
     if (!backward) return;
-    s->c_host = tk_arena_take(a, n);
-    s->dz_host = tk_arena_take(a, t * E);
-    s->dact = tk_arena_take(a, n * Fe);
-    s->dgate_up = tk_arena_take(a, n * 2 * Fe);
-    s->c = tk_arena_take(a, n);
-    s->dz = tk_arena_take(a, t * E);
-    s->q = tk_arena_take(a, t * Rz);
-    s->du_rows = tk_arena_take(a, n * 2 * Rz);
-    s->du = tk_arena_take(a, t * 2 * Rz);
+    s->c_host = tk_arena_take(host, n);
+    s->dz_host = tk_arena_take(host, t * E);
+    s->dact = tk_arena_take(dev, n * Fe);
+    s->dgate_up = tk_arena_take(dev, n * 2 * Fe);
+    s->c = tk_arena_take(dev, n);
+    s->dz = tk_arena_take(dev, t * E);
+    s->q = tk_arena_take(dev, t * Rz);
+    s->du_rows = tk_arena_take(dev, n * 2 * Rz);
+    s->du = tk_arena_take(dev, t * 2 * Rz);
 }
 
 /* ---- routing (host) ---------------------------------------------------------------------------------------- */

@@ -58,9 +58,9 @@ typedef struct {
     tk_moe_scratch *s;
 } tk_moe_pass;
 
-/* Carves the scratch of a pass of T tokens (max LoRA rank R) from the arena; a model without MoE layers
- * takes nothing. */
-void tk_moe_carve(tk_moe_scratch *s, tk_arena *a, const tk_model_config *c, int T, int R, int backward);
+/* Carves the scratch of a pass of T tokens (max LoRA rank R) from the arenas (the routing's on the host); a
+ * model without MoE layers takes nothing. */
+void tk_moe_carve(tk_moe_scratch *s, tk_arenas *a, const tk_model_config *c, int T, int R, int backward);
 
 /* x[T, D] += the block's output for the normed rows h[T, D] of layer `layer`. Keeps the router logits [T, E],
  * the sorted gate_up [n, 2Fe] and the LoRA projections (u [T, ldu], columns by target) for the backward. */

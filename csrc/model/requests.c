@@ -205,22 +205,20 @@ static tk_status forward_run(void *p, tk_exec *exec)
     tk_batch b = {.n_seqs = fp->batch.n_seqs, .n_tokens = fp->batch.n_tokens, .tokens = fp->batch.tokens,
                   .seq_start = fp->batch.seq_start, .adapters = (const tk_adapter *const *)fp->adapters};
     size_t T = (size_t)b.n_tokens, D = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab_size;
-    size_t body = tk_transformer_workspace(m, be, &b, 0), head = 0, n_mm = mm_floats(&fp->mm, (int)D);
-    for (int s = 0; s < b.n_seqs; s++) {
-        size_t need = tk_head_workspace(m, fp->adapters[s]);
-        head = need > head ? need : head;
-    }
+    size_t n_mm = mm_floats(&fp->mm, (int)D);
+    tk_workspace ws = tk_transformer_workspace(m, be, &b, 0);
+    for (int s = 0; s < b.n_seqs; s++) ws = tk_workspace_max(ws, tk_head_workspace(m, fp->adapters[s]));
     /* the logits are the result, in host memory: computed straight into it when that is the device's
      * memory, else STAGE_ROWS at a time into the scratch and downloaded */
     enum { STAGE_ROWS = 256 };
     size_t staging = be->host_memory ? 0 : (size_t)STAGE_ROWS * V;
-    float *work = tk_exec_scratch(exec, T * D + n_mm + staging + (body > head ? body : head));
+    float *work = tk_exec_scratch(exec, T * D + n_mm + staging + ws.dev), *host = tk_exec_host_scratch(exec, ws.host);
     fp->logits = malloc(T * V * sizeof(float));
-    if (!work || !fp->logits)
+    if (!work || !host || !fp->logits)
         return tk_error(TK_ERR_NOMEM, "forward: cannot allocate memory for %d tokens", b.n_tokens);
     float *h = work, *mm = h + T * D, *stage = mm + n_mm, *rest = stage + staging;
     place_mm(&b, &fp->mm, be, mm, (int)D, 0, 0); /* image features go to the device first */
-    tk_transformer_forward(h, m, be, &b, NULL, rest);
+    tk_transformer_forward(h, m, be, &b, NULL, rest, host);
     for (int s0 = 0; s0 < b.n_seqs;) { /* the head, per run of sequences with one adapter */
         int s1 = s0 + 1;
         while (s1 < b.n_seqs && fp->adapters[s1] == fp->adapters[s0]) s1++;
@@ -337,7 +335,7 @@ static void train_free(void *p)
 /* The head and loss of datums [first, last) of tp, whose final hidden states are h [T, D] (and dh [T, D] their
  * gradient, when training), into tp's logprobs and loss_sum. */
 static void group_head(train_payload *tp, tk_backend *be, int first, int last, const float *h, float *dh,
-                       float *work)
+                       float *work, float *host)
 {
     tk_adapter *ad = tp->adapter;
     const tk_model *m = ad->model;
@@ -354,7 +352,7 @@ static void group_head(train_payload *tp, tk_backend *be, int first, int last, c
                                        &in.ratio_mask};
     for (int a = 0; a < ARR_COUNT; a++) *fields[a] = tp->arrays[a] ? tp->arrays[a] + e0 : NULL;
     double loss = 0;
-    tk_head_loss(tp->logprobs + e0, &loss, m, ad, be, h, T, &tp->loss, &in, tp->backward ? dh : NULL, work);
+    tk_head_loss(tp->logprobs + e0, &loss, m, ad, be, h, T, &tp->loss, &in, tp->backward ? dh : NULL, work, host);
     tp->loss_sum += loss;
 }
 
@@ -402,14 +400,12 @@ static tk_status run_pass(const pass_part *parts, int n, tk_exec *exec)
     int R = tk_batch_max_rank(&b);
     size_t D = (size_t)m->cfg.d_model;
     size_t store_floats = backward ? tk_activation_floats(m, T, R) : 0;
-    size_t body = tk_transformer_workspace(m, be, &b, backward), head = 0;
     size_t n_mm = only ? mm_floats(&only->mm, (int)D) : 0;
-    for (int i = 0; i < n; i++) {
-        size_t need = tk_head_workspace(m, parts[i].tp->adapter);
-        head = need > head ? need : head;
-    }
-    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + n_mm + store_floats + (body > head ? body : head));
-    if (!work) {
+    tk_workspace ws = tk_transformer_workspace(m, be, &b, backward);
+    for (int i = 0; i < n; i++) ws = tk_workspace_max(ws, tk_head_workspace(m, parts[i].tp->adapter));
+    float *work = tk_exec_scratch(exec, 2 * (size_t)T * D + n_mm + store_floats + ws.dev);
+    float *host = work ? tk_exec_host_scratch(exec, ws.host) : NULL;
+    if (!work || !host) {
         free(adapters), free(tokens);
         return tk_error_prefix(TK_ERR_NOMEM, "forward_backward: ");
     }
@@ -421,15 +417,15 @@ static tk_status run_pass(const pass_part *parts, int n, tk_exec *exec)
     tk_layer_acts layers[m->cfg.n_layers];
     tk_activations store;
     if (backward) tk_activations_carve(&store, layers, store_mem, m, T, R);
-    tk_transformer_forward(h, m, be, &b, backward ? &store : NULL, rest);
+    tk_transformer_forward(h, m, be, &b, backward ? &store : NULL, rest, host);
     int trains_layers = 0;
     for (int i = 0, t = 0; i < n; i++) {
         train_payload *tp = parts[i].tp;
-        group_head(tp, be, parts[i].first, parts[i].last, h + (size_t)t * D, dh + (size_t)t * D, rest);
+        group_head(tp, be, parts[i].first, parts[i].last, h + (size_t)t * D, dh + (size_t)t * D, rest, host);
         t += tp->batch.seq_start[parts[i].last] - tp->batch.seq_start[parts[i].first];
         trains_layers |= tp->adapter->cfg.train_attn || tp->adapter->cfg.train_mlp;
     }
-    if (backward && trains_layers) tk_transformer_backward(m, be, &b, &store, dh, rest);
+    if (backward && trains_layers) tk_transformer_backward(m, be, &b, &store, dh, rest, host);
     free(adapters), free(tokens);
     return TK_OK;
 }

@@ -118,53 +118,54 @@ typedef struct {
 
 static size_t floats_for_bytes(size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); }
 
-static size_t carve_scratch(scratch *s, float *work, const tk_model *m, tk_backend *be, const tk_batch *b,
-                            int backward)
+static tk_workspace carve_scratch(scratch *s, float *work, float *host, const tk_model *m, tk_backend *be,
+                                  const tk_batch *b, int backward)
 {
     dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
     size_t T = (size_t)d.T;
     int decode = tk_batch_is_decode(b);
-    tk_arena a = {work, 0};
+    tk_arenas a = {{work, 0}, {host, 0}};
     scratch dummy;
     if (!s) s = &dummy;
-    s->x = tk_arena_take(&a, T * d.D);
-    s->h = tk_arena_take(&a, T * d.D);
-    s->qkv = tk_arena_take(&a, T * d.QKV);
-    s->qkr = tk_arena_take(&a, T * d.QKV);
-    s->att = tk_arena_take(&a, T * d.H * d.Dh);
-    s->gate_up = tk_arena_take(&a, T * 2 * d.F);
-    s->act = tk_arena_take(&a, T * d.F);
-    s->cos = tk_arena_take(&a, T * (d.Dh / 2));
-    s->sin = tk_arena_take(&a, T * (d.Dh / 2));
-    s->u = tk_arena_take(&a, T * TK_LORA_PER_LAYER * d.R);
-    s->attn_work = tk_arena_take(&a, decode ? be->attention_decode_workspace(be, max_keys(b))
-                                     : b->resumed ? be->attention_cached_workspace(be, max_resumed_keys(b), d.Dh)
-                                                  : be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
-    s->views = (tk_kv_view *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_kv_view)));
-    s->dst_rows = (float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
-    s->src_rows = (const float **)tk_arena_take(&a, floats_for_bytes(2 * T * sizeof(float *)));
-    s->pos = (int32_t *)tk_arena_take(&a, T * TK_POS_DIMS);
-    s->segs = (tk_lora_segment *)tk_arena_take(&a, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_lora_segment)));
+    s->x = tk_arena_take(&a.dev, T * d.D);
+    s->h = tk_arena_take(&a.dev, T * d.D);
+    s->qkv = tk_arena_take(&a.dev, T * d.QKV);
+    s->qkr = tk_arena_take(&a.dev, T * d.QKV);
+    s->att = tk_arena_take(&a.dev, T * d.H * d.Dh);
+    s->gate_up = tk_arena_take(&a.dev, T * 2 * d.F);
+    s->act = tk_arena_take(&a.dev, T * d.F);
+    s->cos = tk_arena_take(&a.dev, T * (d.Dh / 2));
+    s->sin = tk_arena_take(&a.dev, T * (d.Dh / 2));
+    s->u = tk_arena_take(&a.dev, T * TK_LORA_PER_LAYER * d.R);
+    s->attn_work = tk_arena_take(&a.dev, decode ? be->attention_decode_workspace(be, max_keys(b))
+                                         : b->resumed ? be->attention_cached_workspace(be, max_resumed_keys(b), d.Dh)
+                                                      : be->attention_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+    s->views = (tk_kv_view *)tk_arena_take(&a.host, floats_for_bytes((size_t)b->n_seqs * sizeof(tk_kv_view)));
+    s->dst_rows = (float **)tk_arena_take(&a.host, floats_for_bytes(2 * T * sizeof(float *)));
+    s->src_rows = (const float **)tk_arena_take(&a.host, floats_for_bytes(2 * T * sizeof(float *)));
+    s->pos = (int32_t *)tk_arena_take(&a.host, T * TK_POS_DIMS);
+    s->segs = (tk_lora_segment *)tk_arena_take(&a.host,
+                                               floats_for_bytes((size_t)b->n_seqs * sizeof(tk_lora_segment)));
     s->n_segs = 0;
     if (backward) {
-        s->dx = tk_arena_take(&a, T * d.D);
-        s->dh = tk_arena_take(&a, T * d.D);
-        s->dqkv = tk_arena_take(&a, T * d.QKV);
-        s->datt = tk_arena_take(&a, T * d.H * d.Dh);
-        s->dgate_up = tk_arena_take(&a, T * 2 * d.F);
-        s->dact = tk_arena_take(&a, T * d.F);
-        s->t = tk_arena_take(&a, T * (d.R ? 3 * d.R : 1)); /* a group of up to 3 targets */
-        s->head_out = tk_arena_take(&a, T * d.Dh);
-        s->head_inv = tk_arena_take(&a, T);
-        s->attn_bwd_work = tk_arena_take(&a, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
+        s->dx = tk_arena_take(&a.dev, T * d.D);
+        s->dh = tk_arena_take(&a.dev, T * d.D);
+        s->dqkv = tk_arena_take(&a.dev, T * d.QKV);
+        s->datt = tk_arena_take(&a.dev, T * d.H * d.Dh);
+        s->dgate_up = tk_arena_take(&a.dev, T * 2 * d.F);
+        s->dact = tk_arena_take(&a.dev, T * d.F);
+        s->t = tk_arena_take(&a.dev, T * (d.R ? 3 * d.R : 1)); /* a group of up to 3 targets */
+        s->head_out = tk_arena_take(&a.dev, T * d.Dh);
+        s->head_inv = tk_arena_take(&a.dev, T);
+        s->attn_bwd_work = tk_arena_take(&a.dev, be->attention_backward_workspace(be, d.T, max_seq_len(b), d.H, d.Dh));
     }
     tk_moe_carve(&s->moe, &a, &m->cfg, d.T, d.R, backward);
-    return a.at;
+    return tk_arenas_used(&a);
 }
 
-size_t tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward)
+tk_workspace tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward)
 {
-    return carve_scratch(NULL, NULL, m, be, b, backward);
+    return carve_scratch(NULL, NULL, NULL, m, be, b, backward);
 }
 
 static size_t carve_store(tk_activations *st, tk_layer_acts *layers, float *mem, const tk_model *m, int n_tokens,
@@ -363,7 +364,7 @@ static void resumed_views(const tk_batch *b, const scratch *s, int l)
 /* ---- the forward pass ------------------------------------------------------------------------ */
 
 void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, const tk_batch *b,
-                            tk_activations *store, float *work)
+                            tk_activations *store, float *work, float *host)
 {
     const tk_model_config *c = &m->cfg;
     const dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
@@ -374,7 +375,7 @@ void tk_transformer_forward(float *h_out, const tk_model *m, tk_backend *be, con
     void (*const project)(tk_backend *, float *, int, const float *, int, const tk_weight *, int, float, float) =
         decode ? be->matmul_w_decode : be->matmul_w;
     scratch s;
-    carve_scratch(&s, work, m, be, b, 0);
+    carve_scratch(&s, work, host, m, be, b, 0);
     lora_segments(&s, b);
     const tk_moe_pass moe = {m, be, b, decode, &s.moe};
 
@@ -462,14 +463,14 @@ static int trains_attention(const tk_batch *b)
 }
 
 void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *b, const tk_activations *store,
-                             float *dh_final, float *work)
+                             float *dh_final, float *work, float *host)
 {
     const tk_model_config *c = &m->cfg;
     const dims d = dims_of(m, b->n_tokens, tk_batch_max_rank(b));
     const int T = d.T, D = d.D, H = d.H, Dh = d.Dh, F = d.F, QKV = d.QKV, U = TK_LORA_PER_LAYER * d.R;
     const int kcol = H * Dh, vcol = (H + d.Hkv) * Dh;
     scratch s;
-    carve_scratch(&s, work, m, be, b, 1);
+    carve_scratch(&s, work, host, m, be, b, 1);
     const tk_moe_pass moe = {m, be, b, 0, &s.moe};
     rope_tables(&s, m, be, b);
 

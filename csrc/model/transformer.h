@@ -5,6 +5,7 @@
 #define TK_TRANSFORMER_H
 
 #include "../backend/backend.h"
+#include "../core/arena.h"
 #include "lora.h"
 #include "model.h"
 
@@ -87,8 +88,9 @@ typedef struct {
     float *inv_rms_final;   /* [T] */
 } tk_activations;
 
-/* Floats of scratch tk_transformer_forward / _backward need (for `store`, add tk_activation_floats). */
-size_t tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward);
+/* Floats of device and host scratch tk_transformer_forward / _backward need (for `store`, add
+ * tk_activation_floats to the device's). */
+tk_workspace tk_transformer_workspace(const tk_model *m, tk_backend *be, const tk_batch *b, int backward);
 size_t tk_activation_floats(const tk_model *m, int n_tokens, int max_rank);
 /* Points `store` (and its layer array, n_layers entries the caller provides) into mem. */
 void tk_activations_carve(tk_activations *store, tk_layer_acts *layers, float *mem, const tk_model *m,
@@ -98,10 +100,10 @@ int tk_batch_max_rank(const tk_batch *b);
 
 /* h[T, D] = the final-norm output for every row; `store` may be NULL (inference). */
 void tk_transformer_forward(float *h, const tk_model *m, tk_backend *be, const tk_batch *b, tk_activations *store,
-                            float *work);
+                            float *work, float *host);
 /* Backward from dh[T, D] (gradient of the final-norm output): accumulates the LoRA gradients of the
  * batch's adapters. dh is clobbered. */
 void tk_transformer_backward(const tk_model *m, tk_backend *be, const tk_batch *b, const tk_activations *store,
-                             float *dh, float *work);
+                             float *dh, float *work, float *host);
 
 #endif

@@ -455,31 +455,32 @@ typedef struct {
     int32_t *rc, *seq_start;   /* host: [N][2] rows and columns, [n_images + 1] */
 } scratch;
 
-static size_t carve(scratch *s, float *work, const struct tk_vision *v, int N, int n_images, int max_len)
+static tk_workspace carve(scratch *s, float *work, float *host, const struct tk_vision *v, int N, int n_images,
+                          int max_len)
 {
     const tk_vision_config *c = &v->cfg;
     size_t n = (size_t)N, D = (size_t)c->d_model, M = (size_t)c->merge * c->merge;
     size_t half = D / c->n_heads / 2, wide = n / M * M * D; /* a merger's [N / M, M D] */
-    tk_arena a = {work, 0};
+    tk_arenas a = {{work, 0}, {host, 0}};
     scratch dummy;
     if (!s) s = &dummy;
-    s->x = tk_arena_take(&a, n * D);
-    s->h = tk_arena_take(&a, n * D);
-    s->qkv = tk_arena_take(&a, n * 3 * D);
-    s->att = tk_arena_take(&a, n * D);
-    s->ff = tk_arena_take(&a, n * (size_t)c->d_ff);
-    s->pos = tk_arena_take(&a, n * D);
-    s->cos = tk_arena_take(&a, n * half);
-    s->sin = tk_arena_take(&a, n * half);
-    s->m1 = tk_arena_take(&a, wide);
-    s->m2 = tk_arena_take(&a, wide);
-    s->attn_work = tk_arena_take(&a, v->be->attention_workspace(v->be, N, max_len, c->n_heads, (int)(2 * half)));
-    s->dst = (float **)tk_arena_take(&a, (4 * n * sizeof(float *) + 3) / 4);
-    s->src_rows = (float **)tk_arena_take(&a, (4 * n * sizeof(float *) + 3) / 4);
-    s->scale = tk_arena_take(&a, 4 * n);
-    s->rc = (int32_t *)tk_arena_take(&a, 2 * n);
-    s->seq_start = (int32_t *)tk_arena_take(&a, (size_t)n_images + 1);
-    return a.at;
+    s->x = tk_arena_take(&a.dev, n * D);
+    s->h = tk_arena_take(&a.dev, n * D);
+    s->qkv = tk_arena_take(&a.dev, n * 3 * D);
+    s->att = tk_arena_take(&a.dev, n * D);
+    s->ff = tk_arena_take(&a.dev, n * (size_t)c->d_ff);
+    s->pos = tk_arena_take(&a.dev, n * D);
+    s->cos = tk_arena_take(&a.dev, n * half);
+    s->sin = tk_arena_take(&a.dev, n * half);
+    s->m1 = tk_arena_take(&a.dev, wide);
+    s->m2 = tk_arena_take(&a.dev, wide);
+    s->attn_work = tk_arena_take(&a.dev, v->be->attention_workspace(v->be, N, max_len, c->n_heads, (int)(2 * half)));
+    s->dst = (float **)tk_arena_take(&a.host, (4 * n * sizeof(float *) + 3) / 4);
+    s->src_rows = (float **)tk_arena_take(&a.host, (4 * n * sizeof(float *) + 3) / 4);
+    s->scale = tk_arena_take(&a.host, 4 * n);
+    s->rc = (int32_t *)tk_arena_take(&a.host, 2 * n);
+    s->seq_start = (int32_t *)tk_arena_take(&a.host, (size_t)n_images + 1);
+    return tk_arenas_used(&a);
 }
 
 /* y[rows, out] = x W^T + b */
@@ -571,13 +572,15 @@ static tk_status run(void *p, tk_exec *exec)
         if (len > max_len) max_len = len;
     }
     size_t K = (size_t)v->patch.cols, n_out = (size_t)(1 + c->n_deepstack) * (size_t)tokens * (size_t)O;
-    size_t need = carve(NULL, NULL, v, N, rp->n_images, max_len);
-    float *work = tk_exec_scratch(exec, need + (size_t)N * K + n_out);
+    tk_workspace need = carve(NULL, NULL, NULL, v, N, rp->n_images, max_len);
+    float *work = tk_exec_scratch(exec, need.dev + (size_t)N * K + n_out);
+    float *host = work ? tk_exec_host_scratch(exec, need.host) : NULL;
     rp->result = malloc(n_out * sizeof(float));
-    if (!work || !rp->result) return tk_error(TK_ERR_NOMEM, "vision: cannot allocate memory for %d patches", N);
+    if (!work || !host || !rp->result)
+        return tk_error(TK_ERR_NOMEM, "vision: cannot allocate memory for %d patches", N);
     scratch s;
-    carve(&s, work, v, N, rp->n_images, max_len);
-    float *pixels = work + need, *out = pixels + (size_t)N * K;
+    carve(&s, work, host, v, N, rp->n_images, max_len);
+    float *pixels = work + need.dev, *out = pixels + (size_t)N * K;
     be->upload(be, pixels, rp->pixels, (size_t)N * K * sizeof(float));
     embed_patches(v, rp, &s, pixels);
     for (int i = 0, tap = 0; i < c->depth; i++) {

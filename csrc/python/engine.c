@@ -1298,16 +1298,28 @@ static int usable_cpus(void)
     return n > 0 ? (int)n : 1;
 }
 
+/* The backend factory for a device name: "cpu", or "devsim" (the CPU backend behind device pointers, a check
+ * for tests: backend/devsim). NULL for anything else. */
+static tk_backend *(*backend_factory(const char *device))(tk_pool *)
+{
+    if (strcmp(device, "cpu") == 0) return tk_cpu_backend_create;
+    if (strcmp(device, "devsim") == 0) return tk_devsim_backend_create;
+    return NULL;
+}
+
 static PyObject *engine_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"n_threads", NULL};
+    static char *kwlist[] = {"n_threads", "device", NULL};
     int n_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|i:Engine", kwlist, &n_threads)) return NULL;
+    const char *device = "cpu";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|is:Engine", kwlist, &n_threads, &device)) return NULL;
+    tk_backend *(*factory)(tk_pool *) = backend_factory(device);
+    if (!factory) return PyErr_Format(PyExc_ValueError, "unknown device '%s' (cpu or devsim)", device);
     if (n_threads <= 0) n_threads = usable_cpus();
     if (n_threads > 256) n_threads = 256;
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
-    tk_status s = tk_engine_create(&self->engine, n_threads, tk_cpu_backend_create); /* the only backend so far */
+    tk_status s = tk_engine_create(&self->engine, n_threads, factory);
     if (s != TK_OK) {
         Py_DECREF(self);
         return tk_py_raise(s, tk_last_error());
@@ -1473,8 +1485,15 @@ static PyMethodDef engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *engine_get_device(EngineObject *self, void *closure)
+{
+    (void)closure;
+    return PyUnicode_FromString(tk_engine_device(self->engine));
+}
+
 static PyGetSetDef engine_getset[] = {
     {"threads", (getter)engine_get_threads, NULL, "threads in the engine's compute team", NULL},
+    {"device", (getter)engine_get_device, NULL, "the device the engine computes on: 'cpu' or 'devsim'", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
