@@ -7,6 +7,7 @@ import dataclasses
 import pickle
 import warnings
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -159,3 +160,23 @@ def test_service_types():
     assert isinstance(billing.data[0].event_info, types.TrainingBillingEvent)
     assert set(types.SamplingClientKind.__args__) == {"snapshot", "inflight"}
     assert pickle.loads(pickle.dumps(request)) == request
+
+
+def test_exceptions_take_the_sdks_positional_arguments():
+    # the SDK's constructors, as a test double raises them: (message, response, body), (request, message), ...
+    request = SimpleNamespace(method="POST", url="http://tinker/api")
+    response = SimpleNamespace(status_code=400, request=request)
+    e = tinker.BadRequestError("bad", response, {"detail": "x"})
+    assert (e.message, e.response, e.body, e.request, e.status_code) == ("bad", response, {"detail": "x"}, request, 400)
+    e = tinker.InternalServerError("boom", SimpleNamespace(status_code=503, request=request), None)
+    assert e.status_code == 503 and isinstance(e, tinker.APIStatusError)
+    assert tinker.APIStatusError("m", None, None).status_code == 0
+    e = tinker.APIConnectionError(request, "no route")
+    assert (e.request, e.message) == (request, "no route")
+    assert tinker.APIConnectionError(request).message == "Connection error."
+    assert tinker.APITimeoutError(request).request is request
+    e = tinker.APIResponseValidationError(response, None, "schema")
+    assert (e.message, e.response, e.status_code) == ("schema", response, 400)
+    # the keyword forms keep working
+    assert tinker.BadRequestError("m", response=None, body=None).status_code == 400
+    assert tinker.APIConnectionError(message="m", request=None).message == "m"
