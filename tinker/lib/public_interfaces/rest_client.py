@@ -246,9 +246,11 @@ def _list_user_checkpoints(limit: int, offset: int) -> CheckpointsListResponse:
 
 def _weights_info(run_id: str, kind: str, name: str) -> WeightsInfoResponse:
     _, m = _live_manifest(run_id, kind, name)
+    optimizer = ckpt.read_run(run_id).get("optimizer_config")  # absent in runs saved before 0.38: AdamW
     return WeightsInfoResponse(base_model=m["base_model"], is_lora=True, lora_rank=m.get("lora_rank"),
                                train_unembed=m.get("train_unembed"), train_mlp=m.get("train_mlp"),
-                               train_attn=m.get("train_attn"))
+                               train_attn=m.get("train_attn"),
+                               **({} if optimizer is None else {"optimizer_config": optimizer}))
 
 
 # ---- changing the store --------------------------------------------------------------------------
