@@ -351,7 +351,8 @@ def test_storage_usage_and_session_search(tiny_llama):
     assert ids(project_ids=["p2"]) == [other.session_id]
     assert ids(statuses=[types.ActiveSessionStatusQuery()]) == [nightly.session_id]
     assert ids(statuses=[types.ClientFinishedSessionStatusQuery(reasons=["errored"])]) == [other.session_id]
-    first = rest.search_sessions(types.SessionSearchRequest(limit=1)).result()
+    with pytest.warns(tinker.ExperimentalWarning, match="RestClient.search_sessions is experimental"):
+        first = rest.search_sessions(types.SessionSearchRequest(limit=1)).result()
     assert len(first.sessions) == 1 and first.next_cursor is not None
     second = rest.search_sessions(types.SessionSearchRequest(limit=1, cursor=first.next_cursor)).result()
     assert {first.sessions[0].session_id, second.sessions[0].session_id} == {nightly.session_id, other.session_id}

@@ -38,6 +38,7 @@ from typing import Any, Callable, Literal
 
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
+from ..experimental import ExperimentalWarning, experimental
 from ..._exceptions import BadRequestError, NotFoundError
 from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
@@ -687,6 +688,8 @@ class RestClient:
 
     # ---- sessions, samplers, user ----------------------------------------------------------
 
+    @experimental("RestClient.search_sessions is experimental: it may change or be removed in any release without "
+                  "a deprecation period.", category=ExperimentalWarning)
     def search_sessions(self, request: SessionSearchRequest) -> ConcurrentAPIFuture[SessionSearchResponse]:
         """Sessions with runs in the store that match `request`, newest first, one page of them
         (pass `next_cursor` back as `cursor` for the next)."""
