@@ -139,6 +139,15 @@ def test_sampling_client_factories(sc, tiny_llama):
     assert type(copy) is tinker.SamplingClient and copy.compute_logprobs(prompt()).result() == expected
 
 
+def test_sampling_client_telemetry_hooks(sc, tiny_llama):
+    future = sc.create_sampling_client(base_model=tiny_llama)
+    sampler = future.result()
+    assert sampler.get_telemetry() is None
+    assert sampler.on_queue_state_change("paused_capacity", "busy") is None  # nothing queues here
+    with pytest.warns(FutureWarning, match="Using the future as the SamplingClient is deprecated"):
+        assert future.get_telemetry() is None
+
+
 def test_training_clients_from_state(sc, tiny_llama):
     tc = sc.create_lora_training_client(tiny_llama, rank=2, seed=0).result()
     tc.forward_backward([datum()], "cross_entropy")

@@ -295,6 +295,14 @@ class SamplingClient:
     async def get_base_model_async(self) -> str:
         return self._base_model
 
+    def get_telemetry(self):
+        """None: a local engine sends no telemetry (as TrainingClient.get_telemetry)."""
+        return None
+
+    def on_queue_state_change(self, queue_state, queue_state_reason: str | None) -> None:
+        """The SDK's hook for the server's queue state (e.g. paused for capacity); a local engine has no
+        such queue, so nothing calls it and it does nothing."""
+
     # ---- handles (0.33+) ---------------------------------------------------------------
 
     def get_sampler_handle(self) -> str:
