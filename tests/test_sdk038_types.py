@@ -119,7 +119,7 @@ def test_response_fields():
     assert c.user_metadata == {"a": "b"} and types.Checkpoint(checkpoint_id="w/a", checkpoint_type="training",
                                                               time=now, tinker_path="p").user_metadata is None
     info = types.GetInfoResponse(model_data=types.ModelData(), model_id="m")
-    assert info.type is None and info.optimizer_config is None
+    assert info.type is None and info.optimizer_config == types.AdamOptimizerConfig()  # the SDK's default
     assert types.SaveWeightsForSamplerResponse(path="tinker://r/sampler_weights/a").type is None
     session = types.GetSessionResponse(training_run_ids=[], sampler_ids=[], display_name="n", user_metadata={"k": "v"})
     assert session.display_name == "n"
@@ -180,3 +180,17 @@ def test_exceptions_take_the_sdks_positional_arguments():
     # the keyword forms keep working
     assert tinker.BadRequestError("m", response=None, body=None).status_code == 400
     assert tinker.APIConnectionError(message="m", request=None).message == "m"
+
+
+def test_retry_config_is_the_sdks():
+    # reachable after `import tinker` alone, as in the SDK; mutable, with the SDK's defaults and check
+    config = tinker.lib.retry_handler.RetryConfig()
+    assert (config.max_connections, config.progress_timeout, config.retry_delay_base) == (1000, 7200, 0.5)
+    assert tinker.APIConnectionError in config.retryable_exceptions
+    from tinker.lib.retryable_exception import RetryableException
+
+    assert RetryableException in config.retryable_exceptions
+    config.max_connections = None
+    assert hash(config) == hash(tinker.lib.retry_handler.RetryConfig(max_connections=None))
+    with pytest.raises(ValueError, match="max_connections must be positive"):
+        tinker.lib.retry_handler.RetryConfig(max_connections=0)

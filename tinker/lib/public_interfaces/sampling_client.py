@@ -37,6 +37,7 @@ from ..._restore import sampling_adapter
 from ..._multimodal import EngineInput, engine_input
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
+from ..retry_handler import RetryConfig  # noqa: F401  (imported here as in the SDK: `import tinker` reaches tinker.lib.retry_handler)
 from ...types import ModelInput, PromptAltTokens, SampledSequence, SampleResponse, SamplingParams, TensorData
 
 if TYPE_CHECKING:
