@@ -194,3 +194,20 @@ def test_retry_config_is_the_sdks():
     assert hash(config) == hash(tinker.lib.retry_handler.RetryConfig(max_connections=None))
     with pytest.raises(ValueError, match="max_connections must be positive"):
         tinker.lib.retry_handler.RetryConfig(max_connections=0)
+
+
+def test_the_sdks_per_type_module_paths():
+    from tinker.types.get_info_response import GetInfoResponse, ModelData
+    from tinker.types.optimizer import AdamOptimizerConfig
+    from tinker.types.sampled_sequence import SampledSequence
+    from tinker.types.sampling_params import SamplingParams
+    from tinker.types.tensor_data import TensorData  # a module here as well (the cookbook's rl_loop imports it)
+
+    assert (GetInfoResponse, ModelData, AdamOptimizerConfig) == (
+        types.GetInfoResponse, types.ModelData, types.AdamOptimizerConfig)
+    assert (SampledSequence, SamplingParams, TensorData) == (types.SampledSequence, types.SamplingParams,
+                                                             types.TensorData)
+    assert types.stop_reason.StopReason is types.StopReason
+    import tinker.types.provenance_spans as spans
+
+    assert spans.PromptProvenanceSpan is tinker.PromptProvenanceSpan
