@@ -211,3 +211,6 @@ def test_the_sdks_per_type_module_paths():
     import tinker.types.provenance_spans as spans
 
     assert spans.PromptProvenanceSpan is tinker.PromptProvenanceSpan
+    import importlib.util
+
+    assert importlib.util.find_spec("tinker.types.audit_log_response").name == "tinker.types.audit_log_response"

@@ -156,11 +156,13 @@ _SDK_TYPE_MODULES = (
 
 def _register_sdk_type_modules() -> None:
     import sys
+    from importlib.machinery import ModuleSpec
     from types import ModuleType
 
     names = {name: globals()[name] for name in __all__}
     for short in _SDK_TYPE_MODULES:
         module = ModuleType(f"{__name__}.{short}", f"The Tinker SDK's tinker.types.{short}: this package's types.")
+        module.__spec__ = ModuleSpec(module.__name__, None)  # importlib.util.find_spec finds it
         module.__dict__.update(names)
         sys.modules.setdefault(module.__name__, module)
         globals().setdefault(short, sys.modules[module.__name__])
