@@ -139,6 +139,15 @@ def test_sampling_client_factories(sc, tiny_llama):
     assert type(copy) is tinker.SamplingClient and copy.compute_logprobs(prompt()).result() == expected
 
 
+def test_sampling_client_telemetry_hooks(sc, tiny_llama):
+    future = sc.create_sampling_client(base_model=tiny_llama)
+    sampler = future.result()
+    assert sampler.get_telemetry() is None
+    assert sampler.on_queue_state_change("paused_capacity", "busy") is None  # nothing queues here
+    with pytest.warns(FutureWarning, match="Using the future as the SamplingClient is deprecated"):
+        assert future.get_telemetry() is None
+
+
 def test_training_clients_from_state(sc, tiny_llama):
     tc = sc.create_lora_training_client(tiny_llama, rank=2, seed=0).result()
     tc.forward_backward([datum()], "cross_entropy")
@@ -351,7 +360,8 @@ def test_storage_usage_and_session_search(tiny_llama):
     assert ids(project_ids=["p2"]) == [other.session_id]
     assert ids(statuses=[types.ActiveSessionStatusQuery()]) == [nightly.session_id]
     assert ids(statuses=[types.ClientFinishedSessionStatusQuery(reasons=["errored"])]) == [other.session_id]
-    first = rest.search_sessions(types.SessionSearchRequest(limit=1)).result()
+    with pytest.warns(tinker.ExperimentalWarning, match="RestClient.search_sessions is experimental"):
+        first = rest.search_sessions(types.SessionSearchRequest(limit=1)).result()
     assert len(first.sessions) == 1 and first.next_cursor is not None
     second = rest.search_sessions(types.SessionSearchRequest(limit=1, cursor=first.next_cursor)).result()
     assert {first.sessions[0].session_id, second.sessions[0].session_id} == {nightly.session_id, other.session_id}
@@ -512,7 +522,9 @@ def test_every_0_38_deprecation_is_marked_with_the_sdks_words():
         for name, member in vars(cls).items():
             if getattr(member, "__deprecated__", None) is not None:
                 marked[cls.__name__, name] = member.__deprecated__
-    assert marked == _DEPRECATED
+    # (PEP 702's marker also carries the SDK's one ExperimentalWarning, on search_sessions)
+    assert marked == {**_DEPRECATED, ("RestClient", "search_sessions"): "RestClient.search_sessions is experimental: "
+                      "it may change or be removed in any release without a deprecation period."}
     # and nothing else: the calls 0.38 recommends are not marked
     assert not hasattr(tinker.TrainingClient.forward_backward, "__deprecated__")
     assert not hasattr(tinker.SamplingClient.sample, "__deprecated__")

@@ -4,6 +4,7 @@ rules, and external weights (0.33+), through the public clients on a tiny random
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -63,6 +64,21 @@ def test_optimizer_config_and_optim_step_forms(service, model_name):
 
 async def _twice(coro):
     return await (await coro)
+
+
+def test_weights_info_says_the_runs_optimizer(service, model_name, store):
+    tc = service.create_lora_training_client(model_name, rank=2, seed=0)
+    path = tc.save_state("s").result().path
+    rest = tinker.RestClient()
+    info = rest.get_weights_info_by_tinker_path(path).result()
+    assert info.optimizer_config == types.AdamOptimizerConfig() and info.lora_rank == 2
+    # a run recorded before the field existed reads as AdamW, the only optimizer it could have had
+    run_json = next(store.rglob("run.json"))
+    record = json.loads(run_json.read_text())
+    del record["optimizer_config"]
+    run_json.write_text(json.dumps(record))
+    assert rest.get_weights_info_by_tinker_path(path).result().optimizer_config.type == "adamw"
+    assert types.GetInfoResponse(model_data=types.ModelData(), model_id="m").optimizer_config.type == "adamw"
 
 
 def test_dimuon_says_what_is_missing(service, model_name):

@@ -237,3 +237,17 @@ def test_sampler_handle_in_another_process(service, model_name, store):
     np.testing.assert_allclose(base_lp, base.compute_logprobs(PROMPT).result()[1:], atol=1e-6)
     assert not np.allclose(saved_lp, base_lp, atol=1e-3)
     assert "pickle" in error and "save_weights_for_sampler" in error
+
+
+@pytest.mark.parametrize("params, refused", [
+    (dict(top_k=-5), r"^top_k is -5; it must be an integer from -1 to \d+$"),
+    (dict(max_tokens=-1), r"^max_tokens is -1; it must be an integer from 0 to \d+$"),
+    (dict(temperature=float("nan")), r"temperature is nan; it must be >= 0"),
+    (dict(temperature=-1.0), r"temperature is -1; it must be >= 0"),
+])  # fmt: skip
+def test_sampling_params_take_what_the_sdk_takes(sampler, params, refused):
+    # The SDK's SamplingParams checks no range: these construct, as there, and sampling refuses them
+    params = types.SamplingParams(**params)
+    with pytest.raises(tinker.BadRequestError, match=refused):
+        sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, params).result()
+    assert sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=1)).result()

@@ -7,6 +7,7 @@ import dataclasses
 import pickle
 import warnings
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -118,7 +119,7 @@ def test_response_fields():
     assert c.user_metadata == {"a": "b"} and types.Checkpoint(checkpoint_id="w/a", checkpoint_type="training",
                                                               time=now, tinker_path="p").user_metadata is None
     info = types.GetInfoResponse(model_data=types.ModelData(), model_id="m")
-    assert info.type is None and info.optimizer_config is None
+    assert info.type is None and info.optimizer_config == types.AdamOptimizerConfig()  # the SDK's default
     assert types.SaveWeightsForSamplerResponse(path="tinker://r/sampler_weights/a").type is None
     session = types.GetSessionResponse(training_run_ids=[], sampler_ids=[], display_name="n", user_metadata={"k": "v"})
     assert session.display_name == "n"
@@ -159,3 +160,57 @@ def test_service_types():
     assert isinstance(billing.data[0].event_info, types.TrainingBillingEvent)
     assert set(types.SamplingClientKind.__args__) == {"snapshot", "inflight"}
     assert pickle.loads(pickle.dumps(request)) == request
+
+
+def test_exceptions_take_the_sdks_positional_arguments():
+    # the SDK's constructors, as a test double raises them: (message, response, body), (request, message), ...
+    request = SimpleNamespace(method="POST", url="http://tinker/api")
+    response = SimpleNamespace(status_code=400, request=request)
+    e = tinker.BadRequestError("bad", response, {"detail": "x"})
+    assert (e.message, e.response, e.body, e.request, e.status_code) == ("bad", response, {"detail": "x"}, request, 400)
+    e = tinker.InternalServerError("boom", SimpleNamespace(status_code=503, request=request), None)
+    assert e.status_code == 503 and isinstance(e, tinker.APIStatusError)
+    assert tinker.APIStatusError("m", None, None).status_code == 0
+    e = tinker.APIConnectionError(request, "no route")
+    assert (e.request, e.message) == (request, "no route")
+    assert tinker.APIConnectionError(request).message == "Connection error."
+    assert tinker.APITimeoutError(request).request is request
+    e = tinker.APIResponseValidationError(response, None, "schema")
+    assert (e.message, e.response, e.status_code) == ("schema", response, 400)
+    # the keyword forms keep working
+    assert tinker.BadRequestError("m", response=None, body=None).status_code == 400
+    assert tinker.APIConnectionError(message="m", request=None).message == "m"
+
+
+def test_retry_config_is_the_sdks():
+    # reachable after `import tinker` alone, as in the SDK; mutable, with the SDK's defaults and check
+    config = tinker.lib.retry_handler.RetryConfig()
+    assert (config.max_connections, config.progress_timeout, config.retry_delay_base) == (1000, 7200, 0.5)
+    assert tinker.APIConnectionError in config.retryable_exceptions
+    from tinker.lib.retryable_exception import RetryableException
+
+    assert RetryableException in config.retryable_exceptions
+    config.max_connections = None
+    assert hash(config) == hash(tinker.lib.retry_handler.RetryConfig(max_connections=None))
+    with pytest.raises(ValueError, match="max_connections must be positive"):
+        tinker.lib.retry_handler.RetryConfig(max_connections=0)
+
+
+def test_the_sdks_per_type_module_paths():
+    from tinker.types.get_info_response import GetInfoResponse, ModelData
+    from tinker.types.optimizer import AdamOptimizerConfig
+    from tinker.types.sampled_sequence import SampledSequence
+    from tinker.types.sampling_params import SamplingParams
+    from tinker.types.tensor_data import TensorData  # a module here as well (the cookbook's rl_loop imports it)
+
+    assert (GetInfoResponse, ModelData, AdamOptimizerConfig) == (
+        types.GetInfoResponse, types.ModelData, types.AdamOptimizerConfig)
+    assert (SampledSequence, SamplingParams, TensorData) == (types.SampledSequence, types.SamplingParams,
+                                                             types.TensorData)
+    assert types.stop_reason.StopReason is types.StopReason
+    import tinker.types.provenance_spans as spans
+
+    assert spans.PromptProvenanceSpan is tinker.PromptProvenanceSpan
+    import importlib.util
+
+    assert importlib.util.find_spec("tinker.types.audit_log_response").name == "tinker.types.audit_log_response"

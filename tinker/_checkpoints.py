@@ -261,6 +261,7 @@ _RUN_FIELDS = {  # what RestClient reads of a run record, besides its id (option
     "lora_rank": F.optional(F.integer(1, MAX_RANK, f"an integer from 1 to {MAX_RANK}")),
     "last_request_time": F.ISO_TIME, "user_metadata": F.optional(F.OBJECT), "project_id": F.optional(F.STRING),
     "session_display_name": F.optional(F.STRING), "session_user_metadata": F.optional(F.OBJECT),
+    "optimizer_config": F.optional(F.OBJECT),
 }  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Tinker's exception hierarchy (names and bases as in the Tinker SDK).
 
-The SDK's HTTP-flavoured constructors take an httpx request/response; a local
-engine has none, so those arguments are optional here. The API layer uses these
+The SDK's HTTP-flavoured constructors take an httpx request/response, in the same positions here;
+a local engine has none, so those arguments are optional (given one, as a test's mock may, the
+error takes its request and status code as the SDK's does). The API layer uses these
 classes for every error a user can cause.
 """
 
@@ -37,12 +38,25 @@ class APIError(TinkerError):
         self.body = body
 
 
+def _from_response(error: APIError, response) -> None:
+    """What the SDK reads off an httpx response given to an error (a mock's, here): the request
+    and the status code."""
+    error.response = response
+    try:
+        error.request = response.request
+    except (AttributeError, RuntimeError):  # None, or an httpx.Response built without a request
+        pass
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        error.status_code = status
+
+
 class APIStatusError(APIError):
     status_code: int = 0
 
-    def __init__(self, message: str, *, response=None, body=None):
+    def __init__(self, message: str, response=None, body=None):
         super().__init__(message, None, body=body)
-        self.response = response
+        _from_response(self, response)
 
 
 class BadRequestError(APIStatusError):
@@ -82,7 +96,7 @@ class InternalServerError(APIStatusError):
 
 
 class APIConnectionError(APIError):
-    def __init__(self, *, message: str = "Connection error.", request=None):
+    def __init__(self, request=None, message: str = "Connection error."):
         super().__init__(message, request, body=None)
 
 
@@ -92,9 +106,9 @@ class APITimeoutError(APIConnectionError):
 
 
 class APIResponseValidationError(APIError):
-    def __init__(self, response=None, body=None, *, message: str | None = None):
+    def __init__(self, response=None, body=None, message: str | None = None):
         super().__init__(message or "Data returned by API invalid for expected schema.", None, body=body)
-        self.response = response
+        _from_response(self, response)
 
 
 class ModelLoadError(BadRequestError, ValueError):

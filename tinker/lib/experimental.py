@@ -1,4 +1,6 @@
-"""ExperimentalWarning, where the Tinker SDK defines it."""
+"""ExperimentalWarning and `experimental`, where the Tinker SDK defines them."""
+
+from typing_extensions import deprecated
 
 
 class ExperimentalWarning(FutureWarning):
@@ -6,4 +8,8 @@ class ExperimentalWarning(FutureWarning):
     with `warnings.filterwarnings("ignore", category=tinker.ExperimentalWarning)`)."""
 
 
-__all__ = ["ExperimentalWarning"]
+experimental = deprecated
+"""Marks an API that may change in any release: `@experimental("...", category=ExperimentalWarning)`
+makes each call warn, as the SDK's does."""
+
+__all__ = ["ExperimentalWarning", "experimental"]

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Dict, List, Literal, Optional
 
 from ._base import BaseModel
+from .params import AdamOptimizerConfig, OptimizerConfig
 
 __all__ = [
     "Checkpoint", "CheckpointType", "ParsedCheckpointTinkerPath", "TrainingRun", "Cursor", "TrainingRunsResponse",
@@ -106,6 +107,8 @@ class WeightsInfoResponse(BaseModel):
     train_unembed: Optional[bool] = None
     train_mlp: Optional[bool] = None
     train_attn: Optional[bool] = None
+    optimizer_config: OptimizerConfig = AdamOptimizerConfig()
+    """The optimizer of the training run that saved the checkpoint."""
 
 
 class GetSessionResponse(BaseModel):

@@ -122,9 +122,9 @@ class SamplingParams(BaseModel):
 
     `temperature` 0 is greedy; `top_k` -1 (or 0) and `top_p` 1 disable those filters; `stop` is a
     stop string, a list of stop strings, or a list of stop token ids (the matched stop is included
-    in the returned tokens). As in the SDK, `temperature` and `top_p` are not range-checked here:
-    `top_p` <= 0 keeps the most likely token only, > 1 keeps all, and a negative temperature is
-    refused when sampling.
+    in the returned tokens). As in the SDK, the SDK's fields are not range-checked here: `top_p`
+    <= 0 keeps the most likely token only, > 1 keeps all, and a negative or NaN temperature, a
+    negative max_tokens or a top_k below -1 are refused when sampling.
 
     `min_p`, `repetition_penalty`, `presence_penalty` and `frequency_penalty` are extensions of
     this local engine; Tinker's service does not have them and ignores them. Their defaults
@@ -150,11 +150,10 @@ class SamplingParams(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> "SamplingParams":
-        if self.max_tokens is not None:
-            _check("max_tokens", self.max_tokens, self.max_tokens >= 0, ">= 0 (or None)")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        # the SDK's fields take any value here, as in the SDK; sampling refuses what it cannot run
+        # (a negative or NaN temperature, max_tokens < 0, top_k < -1) with a BadRequestError
+        for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             _finite(name, getattr(self, name))
-        _check("top_k", self.top_k, self.top_k >= -1, "-1 or 0 (no limit) or a positive integer")
         _check("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1] (0 disables it)")
         _check("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)")
         return self

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 
 from ._base import BaseModel
-from .params import OptimizerConfig, StopReason
+from .params import AdamOptimizerConfig, OptimizerConfig, StopReason
 from .tensor_data import TensorData
 
 __all__ = [
@@ -93,12 +93,11 @@ class GetInfoResponse(BaseModel):
     type: Optional[Literal["get_info"]] = None
     model_data: ModelData
     model_id: ModelID
-    optimizer_config: Optional[Any] = None
-    """The optimizer the run was created with (the service always fills it in)."""
     is_lora: Optional[bool] = None
     lora_rank: Optional[int] = None
     model_name: Optional[str] = None
-    optimizer_config: Optional[OptimizerConfig] = None
+    optimizer_config: OptimizerConfig = AdamOptimizerConfig()
+    """The optimizer the run was created with (AdamW unless another was chosen)."""
 
 
 class SupportedModel(BaseModel):

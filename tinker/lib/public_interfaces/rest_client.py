@@ -38,6 +38,7 @@ from typing import Any, Callable, Literal
 
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
+from ..experimental import ExperimentalWarning, experimental
 from ..._exceptions import BadRequestError, NotFoundError
 from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
@@ -246,9 +247,11 @@ def _list_user_checkpoints(limit: int, offset: int) -> CheckpointsListResponse:
 
 def _weights_info(run_id: str, kind: str, name: str) -> WeightsInfoResponse:
     _, m = _live_manifest(run_id, kind, name)
+    optimizer = ckpt.read_run(run_id).get("optimizer_config")  # absent in runs saved before 0.38: AdamW
     return WeightsInfoResponse(base_model=m["base_model"], is_lora=True, lora_rank=m.get("lora_rank"),
                                train_unembed=m.get("train_unembed"), train_mlp=m.get("train_mlp"),
-                               train_attn=m.get("train_attn"))
+                               train_attn=m.get("train_attn"),
+                               **({} if optimizer is None else {"optimizer_config": optimizer}))
 
 
 # ---- changing the store --------------------------------------------------------------------------
@@ -685,6 +688,8 @@ class RestClient:
 
     # ---- sessions, samplers, user ----------------------------------------------------------
 
+    @experimental("RestClient.search_sessions is experimental: it may change or be removed in any release without "
+                  "a deprecation period.", category=ExperimentalWarning)
     def search_sessions(self, request: SessionSearchRequest) -> ConcurrentAPIFuture[SessionSearchResponse]:
         """Sessions with runs in the store that match `request`, newest first, one page of them
         (pass `next_cursor` back as `cursor` for the next)."""

@@ -37,6 +37,7 @@ from ..._restore import sampling_adapter
 from ..._multimodal import EngineInput, engine_input
 from ..._sampling import PendingSample, submit_sample
 from ..._training import LoraAdapter, LoraSnapshot
+from ..retry_handler import RetryConfig  # noqa: F401  (imported here as in the SDK: `import tinker` reaches tinker.lib.retry_handler)
 from ...types import ModelInput, PromptAltTokens, SampledSequence, SampleResponse, SamplingParams, TensorData
 
 if TYPE_CHECKING:
@@ -294,6 +295,14 @@ class SamplingClient:
     @deprecation.local_answer_twin("SamplingClient", "get_base_model")
     async def get_base_model_async(self) -> str:
         return self._base_model
+
+    def get_telemetry(self):
+        """None: a local engine sends no telemetry (as TrainingClient.get_telemetry)."""
+        return None
+
+    def on_queue_state_change(self, queue_state, queue_state_reason: str | None) -> None:
+        """The SDK's hook for the server's queue state (e.g. paused for capacity); a local engine has no
+        such queue, so nothing calls it and it does nothing."""
 
     # ---- handles (0.33+) ---------------------------------------------------------------
 

@@ -314,6 +314,7 @@ class TrainingClient:
         return {"training_run_id": self.model_id, "base_model": self._base_model, "model_owner": "local",
                 "is_lora": True, "lora_rank": a.rank, "train_attn": a.train_attn, "train_mlp": a.train_mlp,
                 "train_unembed": a.train_unembed, "seed": a.seed, "user_metadata": self._user_metadata,
+                "optimizer_config": self._optimizer.model_dump(),
                 # what RestClient.get_session / search_sessions report about the session
                 "session_display_name": getattr(self.holder, "display_name", None),
                 "session_user_metadata": getattr(self.holder, "user_metadata", None),
