@@ -10,18 +10,74 @@ Switches (environment variables):
                      the building machine, which is where pip builds it)
   TINKER_DEBUG=1     -O0 -g, assertions on
   TINKER_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer
+  TINKER_CUDA=auto   (the default) compile csrc/backend/cuda/*.cu with nvcc when nvcc and the static CUDA
+                     runtime are found, and link the runtime statically (the module still imports and runs on
+                     the CPU where no GPU or driver is); 1: the same, failing loudly without them; 0: never
 """
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 
 
 def c_sources():
-    # Every .c under csrc/ except CUDA-only directories (none are built yet).
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.c") if "cuda" not in p.parts)
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.c"))
+
+
+def cuda_sources():
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+
+
+def cuda_settings():
+    """{nvcc, cudart_static} when the CUDA sources are to be built (TINKER_CUDA), else None."""
+    mode = os.environ.get("TINKER_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"TINKER_CUDA={mode!r}: use auto (the default), 1 or 0")
+    if mode == "0":
+        return None
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    runtime = next((Path(h) / "lib64" / "libcudart_static.a" for h in homes
+                    if h and (Path(h) / "lib64" / "libcudart_static.a").exists()), None)
+    if nvcc and runtime:
+        return {"nvcc": nvcc, "cudart_static": str(runtime)}
+    if mode == "1":
+        missing = "nvcc (not on PATH)" if not nvcc else "libcudart_static.a (set CUDA_HOME to the toolkit)"
+        raise SystemExit(f"TINKER_CUDA=1 but {missing} was not found; install the CUDA toolkit or use TINKER_CUDA=0")
+    return None
+
+
+CUDA = cuda_settings()
+
+
+class BuildWithCuda(build_ext):
+    """Compiles the .cu sources with nvcc into objects linked into the extension (with the static CUDA runtime),
+    and defines TK_HAVE_CUDA for the C sources, when CUDA is found; otherwise the plain build."""
+
+    def build_extension(self, ext):
+        if CUDA:
+            objects = []
+            for source in cuda_sources():
+                obj = Path(self.build_temp) / (source + ".o")
+                obj.parent.mkdir(parents=True, exist_ok=True)
+                # sm_90 machine code (H100 / H200) and compute_90 PTX the driver can compile for newer GPUs
+                cmd = [CUDA["nvcc"], "-c", source, "-o", str(obj), "-O3", "-std=c++17", "-Icsrc",
+                       "-gencode", "arch=compute_90,code=[sm_90,compute_90]",
+                       "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Xcompiler", "-Wall"]
+                print(" ".join(cmd))
+                subprocess.check_call(cmd, cwd=ROOT)
+                objects.append(str(obj))
+            ext.extra_objects = [*objects, CUDA["cudart_static"]]
+            ext.libraries = [*ext.libraries, "dl", "rt", "stdc++"]
+            ext.define_macros = [*ext.define_macros, ("TK_HAVE_CUDA", "1")]
+        super().build_extension(ext)
 
 
 def blas_settings():
@@ -66,6 +122,7 @@ if os.environ.get("TINKER_SANITIZE") == "1":
     link_flags += ["-fsanitize=address,undefined"]
 
 setup(
+    cmdclass={"build_ext": BuildWithCuda},
     ext_modules=[
         Extension(
             "tinker._C",

@@ -84,16 +84,26 @@ def seed_arg(name: str, value) -> int:
 _DEVICES = ("auto", "cpu", "cuda", "devsim")
 
 
+def cuda_status() -> str:
+    """What CUDA can do here, in a sentence: the GPUs visible to this build, or why there are none."""
+    probe = _C.cuda_probe()
+    if not probe["devices"]:
+        return probe["reason"]
+    return "visible: " + ", ".join(f"{d['name']} (compute {d['capability'][0]}.{d['capability'][1]}, "
+                                   f"{d['memory'] / 2**30:.0f} GiB)" for d in probe["devices"])
+
+
 def engine_device() -> str:
-    """The device $TINKER_DEVICE asks for, as the engine names it: auto (the default) and cpu run on the CPU;
-    cuda is refused until this build has a CUDA backend; devsim is the CPU backend behind device pointers that
-    the host cannot read (a check for tests that model code reaches device memory only through the backend)."""
+    """The device $TINKER_DEVICE asks for, as the engine names it: auto (the default) and cpu run on the CPU
+    (the CUDA backend's ops are not written yet, so a visible GPU is not used); cuda is refused, saying what
+    CUDA can do here; devsim is the CPU backend behind device pointers that the host cannot read (a check for
+    tests that model code reaches device memory only through the backend)."""
     device = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
     if device not in _DEVICES:
         raise BadRequestError(f"TINKER_DEVICE={device!r} is not a device: use one of {', '.join(_DEVICES)}")
     if device == "cuda":
-        raise BadRequestError("TINKER_DEVICE=cuda: this build of tinker has no CUDA backend yet; unset "
-                              "TINKER_DEVICE (or set it to cpu) to run on the CPU")
+        raise BadRequestError(f"TINKER_DEVICE=cuda: this build of tinker has no CUDA backend yet (CUDA here: "
+                              f"{cuda_status()}); unset TINKER_DEVICE (or set it to cpu) to run on the CPU")
     return "cpu" if device == "auto" else device
 
 
@@ -102,8 +112,8 @@ def get_engine() -> _C.Engine:
     with _lock:
         if _engine is None:
             _engine = _C.Engine(device=engine_device())
-            logging.getLogger("tinker").info("tinker engine: device %s, %d threads", _engine.device,
-                                             _engine.threads)
+            logging.getLogger("tinker").info("tinker engine: device %s, %d threads (CUDA: %s)", _engine.device,
+                                             _engine.threads, cuda_status())
         return _engine
 
 

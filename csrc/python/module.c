@@ -276,6 +276,46 @@ static PyObject *py_architectures(PyObject *module, PyObject *unused)
     return all;
 }
 
+/* ---- CUDA ---------------------------------------------------------------------- */
+
+#ifdef TK_HAVE_CUDA
+#include "../backend/cuda/cuda_probe.h"
+
+static PyObject *cuda_devices_to_py(void)
+{
+    enum { MAX_GPUS = 16 };
+    tk_cuda_device devices[MAX_GPUS];
+    char why[512] = "";
+    int n;
+    Py_BEGIN_ALLOW_THREADS /* the driver's first call can take a while */
+    n = tk_cuda_probe(devices, MAX_GPUS, why, sizeof why);
+    Py_END_ALLOW_THREADS
+    PyObject *list = PyList_New(0);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *d = Py_BuildValue("{s:s,s:(ii),s:K,s:i}", "name", devices[i].name, "capability", devices[i].major,
+                                    devices[i].minor, "memory", (unsigned long long)devices[i].memory,
+                                    "multiprocessors", devices[i].multiprocessors);
+        if (!d || PyList_Append(list, d) < 0) Py_CLEAR(list);
+        Py_XDECREF(d);
+    }
+    if (!list) return NULL;
+    PyObject *out = Py_BuildValue("{s:O,s:N,s:s}", "built", Py_True, "devices", list, "reason", why);
+    return out;
+}
+#endif
+
+static PyObject *py_cuda_probe(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+#ifdef TK_HAVE_CUDA
+    return cuda_devices_to_py();
+#else
+    return Py_BuildValue("{s:O,s:N,s:s}", "built", Py_False, "devices", PyList_New(0), "reason",
+                         "this build of tinker has no CUDA code (nvcc was not found when it was built, or "
+                         "TINKER_CUDA=0)");
+#endif
+}
+
 /* ---- the module ---------------------------------------------------------------- */
 
 static PyMethodDef module_methods[] = {
@@ -290,6 +330,10 @@ static PyMethodDef module_methods[] = {
      "Parses and validates a GGUF file; tensor shapes are in PyTorch order and offsets absolute."},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(ggml_type, data, n) -> bytes of n float32 values"},
+    {"cuda_probe", py_cuda_probe, METH_NOARGS,
+     "cuda_probe() -> dict(built, devices, reason)\n\n"
+     "Whether this build has CUDA code, the GPUs CUDA can run on here (name, capability, memory,\n"
+     "multiprocessors) and, when there are none, why."},
     {NULL, NULL, 0, NULL},
 };
 
