@@ -1,7 +1,9 @@
 """Per-op tests of the backend table, every backend this build has: tests/ops/test_backend_ops.c.
 
 That C program links the engine's C sources (csrc/ minus csrc/python/) and the same BLAS as setup.py, makes
-each backend with the factory the engine is given (tk_cpu_backend_create over a pool of 1 and of 3 threads),
+each backend with the factory the engine is given (tk_cpu_backend_create over a pool of 1 and of 3 threads, and
+tk_devsim_backend_create: the CPU backend behind device pointers the host cannot read, so every call hands the
+ops device copies of the test's host arrays and reads results back through download, as a GPU backend needs),
 runs every op of csrc/backend/backend.h against a float64 reference on odd shapes, strided rows, packed
 sequences and grouped-query heads, checks every backward op by finite differences too, runs the base-weight
 ops (matmul_w, matmul_w_decode, matmul_w_t, embed) on tk_weight handles of all 11 storage types and of mixed

@@ -77,6 +77,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "backend/devsim/devsim_backend.h"
 #include "io/quant.h"
 #include "harness.h"
 #include "quant_ref.h"
@@ -103,28 +104,140 @@ enum { FD_COORDS = 48 }; /* entries perturbed per checked tensor (all when fewer
 
 /* ==== the calls ================================================================================ */
 
+/* ---- device copies of a call's host arrays ----
+ * The ops take device buffers; the tests build host arrays (mats, vectors). A call wrapper hands the op device
+ * copies: IN (uploaded), OUT (uploaded, then downloaded back over the host array when the call ends: outputs,
+ * arrays updated in place), MIN / MOUT for a whole mat. A range inside one already copied for this call is the
+ * same copy at its offset (in-place ops; pointers into a mat: D(p) translates those). dev_end downloads the
+ * outputs and frees the copies. On a backend whose buffers are host memory this costs a memcpy each way; on
+ * devsim (and a GPU) the host arrays are never touched by an op. Workspaces are backend buffers (dev_work). */
+enum { MAX_DEV_ARGS = 256 };
+typedef struct {
+    const char *host;
+    size_t bytes;
+    char *dev;
+    int out;
+} dev_arg;
+static dev_arg g_dev[MAX_DEV_ARGS];
+static int g_n_dev;
+
+static void dev_fatal(const char *what)
+{
+    fprintf(stderr, "test harness: %s\n", what);
+    exit(2);
+}
+
+/* the device copy of host[0 .. bytes) */
+static void *dev_copy(tk_backend *be, const void *host, size_t bytes, int out)
+{
+    if (!host) return NULL;
+    const char *h = host;
+    for (int i = 0; i < g_n_dev; i++)
+        if (h >= g_dev[i].host && h + bytes <= g_dev[i].host + g_dev[i].bytes) {
+            g_dev[i].out |= out;
+            return g_dev[i].dev + (h - g_dev[i].host);
+        }
+    if (g_n_dev == MAX_DEV_ARGS) dev_fatal("too many device copies in one call");
+    char *d = be->alloc(be, bytes ? bytes : 64);
+    if (!d) dev_fatal("the backend could not allocate a device copy");
+    be->upload(be, d, host, bytes);
+    g_dev[g_n_dev++] = (dev_arg){h, bytes, d, out};
+    return d;
+}
+
+/* a host pointer inside a range copied for this call, as the device sees it */
+static void *dev_ptr(const void *host)
+{
+    if (!host) return NULL;
+    const char *h = host;
+    for (int i = 0; i < g_n_dev; i++)
+        if (h >= g_dev[i].host && h <= g_dev[i].host + g_dev[i].bytes) return g_dev[i].dev + (h - g_dev[i].host);
+    dev_fatal("a pointer outside every array copied for the call");
+    return NULL;
+}
+
+/* a workspace of n floats on the device, NaN-filled (reading it before writing it shows) */
+static float *dev_work(tk_backend *be, size_t n)
+{
+    float *host = fvec(n ? n : 1);
+    for (size_t i = 0; i < n; i++) host[i] = NAN;
+    float *d = dev_copy(be, host, n * sizeof(float), 0);
+    g_dev[g_n_dev - 1].host = NULL; /* never matched, never downloaded */
+    free(host);
+    return d;
+}
+
+static void dev_end(tk_backend *be)
+{
+    if (be->sync(be) != TK_OK) report_bool("(sync)", "the call's device work", 0, tk_last_error());
+    for (int i = 0; i < g_n_dev; i++) {
+        if (g_dev[i].out && g_dev[i].host) be->download(be, (void *)g_dev[i].host, g_dev[i].dev, g_dev[i].bytes);
+        be->free(be, g_dev[i].dev);
+    }
+    g_n_dev = 0;
+}
+
+/* floats of `rows` rows of `cols` values at stride ld (the last row's padding excluded) */
+static size_t span(int rows, int ld, int cols) { return rows > 0 ? (size_t)(rows - 1) * ld + (size_t)cols : 0; }
+
+#define IN(p, floats) ((__typeof__(p))dev_copy(be, (p), (size_t)(floats) * sizeof *(p), 0))
+#define OUT(p, floats) ((__typeof__(p))dev_copy(be, (p), (size_t)(floats) * sizeof *(p), 1))
+#define MIN(m) ((const float *)dev_copy(be, (m)->f, (size_t)(m)->rows * (m)->ld * sizeof(float), 0))
+#define MOUT(m) ((float *)dev_copy(be, (m)->f, (size_t)(m)->rows * (m)->ld * sizeof(float), 1))
+#define D(p) ((__typeof__(p))dev_ptr(p))
+
 static void call_matmul_nt(tk_backend *be, mat *y, const mat *x, const mat *w, float alpha, float beta)
 {
     /* w rows are contiguous: w->ld == K */
-    be->matmul_nt(be, y->f, y->ld, x->f, x->ld, w->f, x->rows, y->cols, x->cols, alpha, beta);
+    be->matmul_nt(be, MOUT(y), y->ld, MIN(x), x->ld, MIN(w), x->rows, y->cols, x->cols, alpha, beta);
+    dev_end(be);
+}
+
+/* rows [first, first + rows) of x and y only (a resumed prefill's new rows) */
+static void call_matmul_nt_rows(tk_backend *be, mat *y, const mat *x, const mat *w, int first, int rows, float alpha,
+                                float beta)
+{
+    float *yd = MOUT(y);
+    const float *xd = MIN(x);
+    be->matmul_nt(be, yd + (size_t)first * y->ld, y->ld, xd + (size_t)first * x->ld, x->ld, MIN(w), rows, y->cols,
+                  x->cols, alpha, beta);
+    dev_end(be);
 }
 
 static void call_matmul_nt_decode(tk_backend *be, mat *y, const mat *x, const mat *w, float alpha, float beta)
 {
-    be->matmul_nt_decode(be, y->f, y->ld, x->f, x->ld, w->f, x->rows, y->cols, x->cols, alpha, beta);
+    be->matmul_nt_decode(be, MOUT(y), y->ld, MIN(x), x->ld, MIN(w), x->rows, y->cols, x->cols, alpha, beta);
+    dev_end(be);
+}
+
+/* jobs over host mats: each job's y, x and w copied (y downloaded back) */
+static void call_matmul_nt_many(tk_backend *be, const tk_nt_job *jobs, int n, int decoding)
+{
+    tk_nt_job *d = calloc((size_t)(n ? n : 1), sizeof *d);
+    for (int j = 0; j < n; j++) {
+        d[j] = jobs[j];
+        d[j].y = OUT(jobs[j].y, span(jobs[j].T, jobs[j].ldy, jobs[j].N));
+        d[j].x = IN(jobs[j].x, span(jobs[j].T, jobs[j].ldx, jobs[j].K));
+        d[j].w = IN(jobs[j].w, (size_t)jobs[j].N * jobs[j].K);
+    }
+    be->matmul_nt_many(be, d, n, decoding);
+    dev_end(be);
+    free(d);
 }
 
 static void call_matmul_nn(tk_backend *be, mat *y, const mat *x, const mat *w, float alpha, float beta)
 {
-    be->matmul_nn(be, y->f, y->ld, x->f, x->ld, w->f, w->ld, x->rows, y->cols, x->cols, alpha, beta);
+    be->matmul_nn(be, MOUT(y), y->ld, MIN(x), x->ld, MIN(w), w->ld, x->rows, y->cols, x->cols, alpha, beta);
+    dev_end(be);
 }
 
 static void call_matmul_tn_acc(tk_backend *be, mat *g, const mat *a, const mat *b, float alpha)
 {
-    be->matmul_tn_acc(be, g->f, g->ld, a->f, a->ld, b->f, b->ld, a->rows, g->rows, g->cols, alpha);
+    be->matmul_tn_acc(be, MOUT(g), g->ld, MIN(a), a->ld, MIN(b), b->ld, a->rows, g->rows, g->cols, alpha);
+    dev_end(be);
 }
 
-/* ---- base weights ---- */
+/* ---- base weights (their parts are backend buffers already: made by the loader's steps below) ---- */
 
 static size_t call_weight_bytes(tk_backend *be, int type, int rows, int cols)
 {
@@ -140,41 +253,48 @@ static void call_weight_put_row(tk_backend *be, const tk_weight_part *p, int col
 static void call_matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                           float alpha, float beta)
 {
-    be->matmul_w(be, y, ldy, x, ldx, w, T, alpha, beta);
+    be->matmul_w(be, OUT(y, span(T, ldy, w->rows)), ldy, IN(x, span(T, ldx, w->cols)), ldx, w, T, alpha, beta);
+    dev_end(be);
 }
 
 static void call_matmul_w_decode(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
                                  int T, float alpha, float beta)
 {
-    be->matmul_w_decode(be, y, ldy, x, ldx, w, T, alpha, beta);
+    be->matmul_w_decode(be, OUT(y, span(T, ldy, w->rows)), ldy, IN(x, span(T, ldx, w->cols)), ldx, w, T, alpha,
+                        beta);
+    dev_end(be);
 }
 
 /* y[T, cols] = alpha x[T, rows] W + beta y */
 static void call_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
                             float alpha, float beta)
 {
-    be->matmul_w_t(be, y, ldy, x, ldx, w, T, alpha, beta);
+    be->matmul_w_t(be, OUT(y, span(T, ldy, w->cols)), ldy, IN(x, span(T, ldx, w->rows)), ldx, w, T, alpha, beta);
+    dev_end(be);
 }
 
 /* the groups' rows of y through w[g] (MoE experts) */
 static void call_matmul_w_grouped(tk_backend *be, mat *y, const mat *x, const tk_weight *w, const int32_t *start,
                                   int n_groups, float alpha, float beta, int decoding)
 {
-    be->matmul_w_grouped(be, y->f, y->ld, x->f, x->ld, w, start, n_groups, alpha, beta, decoding);
+    be->matmul_w_grouped(be, MOUT(y), y->ld, MIN(x), x->ld, w, start, n_groups, alpha, beta, decoding);
+    dev_end(be);
 }
 
 static void call_matmul_w_t_grouped(tk_backend *be, mat *y, const mat *x, const tk_weight *w, const int32_t *start,
                                     int n_groups, float alpha, float beta)
 {
-    be->matmul_w_t_grouped(be, y->f, y->ld, x->f, x->ld, w, start, n_groups, alpha, beta);
+    be->matmul_w_t_grouped(be, MOUT(y), y->ld, MIN(x), x->ld, w, start, n_groups, alpha, beta);
+    dev_end(be);
 }
 
 static void call_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
 {
-    be->embed(be, x, table, tokens, T);
+    be->embed(be, OUT(x, (size_t)T * table->cols), table, tokens, T);
+    dev_end(be);
 }
 
-/* ---- memory ---- */
+/* ---- memory (the ops under test move the bytes themselves) ---- */
 
 static void *call_alloc(tk_backend *be, size_t bytes) { return be->alloc(be, bytes); }
 static void call_free(tk_backend *be, void *buffer) { be->free(be, buffer); }
@@ -191,88 +311,129 @@ static tk_status call_sync(tk_backend *be) { return be->sync(be); }
 
 /* ---- rows (the MoE block) ---- */
 
-static void call_add_rows(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows,
-                          int n)
+/* dst / src: rows of the mats dst_m / src_m (host pointers, translated here) */
+static void call_add_rows(tk_backend *be, mat *dst_m, const mat *src_m, float *const *dst, const float *const *src,
+                          const float *scale, int rows, int n)
 {
-    be->add_rows(be, dst, src, scale, rows, n);
+    MOUT(dst_m), MIN(src_m);
+    float **dd = malloc((size_t)(rows ? rows : 1) * sizeof *dd);
+    const float **sd = malloc((size_t)(rows ? rows : 1) * sizeof *sd);
+    for (int i = 0; i < rows; i++) dd[i] = D(dst[i]), sd[i] = D(src[i]);
+    be->add_rows(be, dd, sd, scale, rows, n);
+    dev_end(be);
+    free(dd), free(sd);
 }
 static void call_scale_rows(tk_backend *be, mat *x, const float *scale)
 {
-    be->scale_rows(be, x->f, x->ld, scale, x->rows, x->cols);
+    be->scale_rows(be, MOUT(x), x->ld, scale, x->rows, x->cols);
+    dev_end(be);
 }
 static void call_row_dot(tk_backend *be, float *out, const mat *a, const mat *b)
 {
-    be->row_dot(be, out, a->f, a->ld, b->f, b->ld, a->rows, a->cols);
+    be->row_dot(be, OUT(out, a->rows), MIN(a), a->ld, MIN(b), b->ld, a->rows, a->cols);
+    dev_end(be);
 }
-static void call_zero_rows(tk_backend *be, mat *x) { be->zero_rows(be, x->f, x->ld, x->rows, x->cols); }
+static void call_zero_rows(tk_backend *be, mat *x)
+{
+    be->zero_rows(be, MOUT(x), x->ld, x->rows, x->cols);
+    dev_end(be);
+}
 
 /* ---- indexing, the optimizer ---- */
 
 static void call_gather(tk_backend *be, float *out, const mat *x, const int32_t *row, const int32_t *col, int n)
 {
-    be->gather(be, out, x->f, x->ld, row, col, n);
+    be->gather(be, OUT(out, n), MIN(x), x->ld, row, col, n);
+    dev_end(be);
 }
 
 static void call_scatter_add(tk_backend *be, mat *x, const int32_t *row, const int32_t *col, const float *val, int n)
 {
-    be->scatter_add(be, x->f, x->ld, row, col, val, n);
+    be->scatter_add(be, MOUT(x), x->ld, row, col, IN(val, n), n);
+    dev_end(be);
 }
 
-static double call_sum_squares(tk_backend *be, const float *x, size_t n) { return be->sum_squares(be, x, n); }
+static double call_sum_squares(tk_backend *be, const float *x, size_t n)
+{
+    double s = be->sum_squares(be, IN(x, n), n);
+    dev_end(be);
+    return s;
+}
 
 static void call_adamw(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)
 {
-    be->adamw(be, p, g, m, v, n, f);
+    be->adamw(be, OUT(p, n), OUT(g, n), OUT(m, n), OUT(v, n), n, f);
+    dev_end(be);
+}
+
+static float call_adamw_peak(tk_backend *be, const float *p, const float *g, const float *m, const float *v, size_t n,
+                             const tk_adamw_factors *f)
+{
+    float peak = be->adamw_peak(be, IN(p, n), IN(g, n), IN(m, n), IN(v, n), n, f);
+    dev_end(be);
+    return peak;
 }
 
 static void call_rope_table(tk_backend *be, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
                             const float *inv_freq, const int8_t *axis, int half)
 {
-    be->rope_table(be, cos, sin, pos, pos_dims, rows, inv_freq, axis, half);
+    be->rope_table(be, OUT(cos, (size_t)rows * half), OUT(sin, (size_t)rows * half), pos, pos_dims, rows,
+                   IN(inv_freq, half), axis, half);
+    dev_end(be);
 }
 
 /* y may be x (in place) */
 static void call_rmsnorm(tk_backend *be, mat *y, const mat *x, const mat *w, float eps, float *inv_rms)
 {
-    be->rmsnorm(be, y->f, y->ld, x->f, x->ld, w->f, x->rows, x->cols, eps, inv_rms);
+    float *yd = MOUT(y);
+    be->rmsnorm(be, yd, y->ld, MIN(x), x->ld, MIN(w), x->rows, x->cols, eps, OUT(inv_rms, x->rows));
+    dev_end(be);
 }
 
 static void call_rmsnorm_backward(tk_backend *be, mat *dx, const mat *dy, const mat *x, const mat *w,
                                   const float *inv_rms, int accumulate)
 {
-    be->rmsnorm_backward(be, dx->f, dx->ld, dy->f, dy->ld, x->f, x->ld, w->f, inv_rms, x->rows, x->cols, accumulate);
+    be->rmsnorm_backward(be, MOUT(dx), dx->ld, MIN(dy), dy->ld, MIN(x), x->ld, MIN(w), IN(inv_rms, x->rows), x->rows,
+                         x->cols, accumulate);
+    dev_end(be);
 }
 
 static void call_add_bias(tk_backend *be, mat *y, const mat *b)
 {
-    be->add_bias(be, y->f, y->ld, b->f, y->rows, y->cols);
+    be->add_bias(be, MOUT(y), y->ld, MIN(b), y->rows, y->cols);
+    dev_end(be);
 }
 
 /* heads start at column col0 of x */
 static void call_rope(tk_backend *be, mat *x, int col0, int n_heads, int head_dim, const mat *cos, const mat *sin,
                       int inverse)
 {
-    be->rope(be, x->f + col0, x->ld, x->rows, n_heads, head_dim, cos->f, sin->f, inverse);
+    be->rope(be, MOUT(x) + col0, x->ld, x->rows, n_heads, head_dim, MIN(cos), MIN(sin), inverse);
+    dev_end(be);
 }
 
 static void call_swiglu(tk_backend *be, mat *act, const mat *gate_up)
 {
-    be->swiglu(be, act->f, gate_up->f, act->rows, act->cols);
+    be->swiglu(be, MOUT(act), MIN(gate_up), act->rows, act->cols);
+    dev_end(be);
 }
 
 static void call_swiglu_backward(tk_backend *be, mat *dgate_up, const mat *dact, const mat *gate_up)
 {
-    be->swiglu_backward(be, dgate_up->f, dact->f, gate_up->f, dact->rows, dact->cols);
+    be->swiglu_backward(be, MOUT(dgate_up), MIN(dact), MIN(gate_up), dact->rows, dact->cols);
+    dev_end(be);
 }
 
 static void call_logsumexp(tk_backend *be, float *lse, const mat *x)
 {
-    be->logsumexp(be, lse, x->f, x->ld, x->rows, x->cols);
+    be->logsumexp(be, OUT(lse, x->rows), MIN(x), x->ld, x->rows, x->cols);
+    dev_end(be);
 }
 
 static void call_softmax_scale(tk_backend *be, mat *x, const float *lse, const float *g)
 {
-    be->softmax_scale(be, x->f, x->ld, lse, g, x->rows, x->cols);
+    be->softmax_scale(be, MOUT(x), x->ld, IN(lse, x->rows), IN(g, x->rows), x->rows, x->cols);
+    dev_end(be);
 }
 
 /* An attention problem: packed sequences, q | k | v side by side in one [T, ldqkv] buffer. */
@@ -283,67 +444,77 @@ typedef struct {
 
 static void call_attention(tk_backend *be, mat *out, const mat *qkv, const attn_shape *s, float *lse)
 {
-    size_t n = be->attention_workspace(be, s->T, s->max_len, s->H, s->Dh);
-    float *work = fvec(n);
-    for (size_t i = 0; i < n; i++) work[i] = NAN;
-    const float *q = qkv->f, *k = q + s->H * s->Dh, *v = k + s->Hkv * s->Dh;
-    be->attention(be, out->f, out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Hkv, s->Dh, lse, work);
-    free(work);
+    float *work = dev_work(be, be->attention_workspace(be, s->T, s->max_len, s->H, s->Dh));
+    const float *q = MIN(qkv), *k = q + s->H * s->Dh, *v = k + s->Hkv * s->Dh;
+    be->attention(be, MOUT(out), out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Hkv, s->Dh,
+                  OUT(lse, (size_t)s->T * s->H), work);
+    dev_end(be);
 }
 
 /* bidirectional, multi-head (q, k, v of H heads each) */
 static void call_attention_full(tk_backend *be, mat *out, const mat *qkv, const attn_shape *s)
 {
-    size_t n = be->attention_workspace(be, s->T, s->max_len, s->H, s->Dh);
-    float *work = fvec(n);
-    for (size_t i = 0; i < n; i++) work[i] = NAN;
-    const float *q = qkv->f, *k = q + s->H * s->Dh, *v = k + s->H * s->Dh;
-    be->attention_full(be, out->f, out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Dh, work);
-    free(work);
+    float *work = dev_work(be, be->attention_workspace(be, s->T, s->max_len, s->H, s->Dh));
+    const float *q = MIN(qkv), *k = q + s->H * s->Dh, *v = k + s->H * s->Dh;
+    be->attention_full(be, MOUT(out), out->ld, q, k, v, qkv->ld, s->seq_start, s->n_seqs, s->H, s->Dh, work);
+    dev_end(be);
 }
 
 static void call_layer_norm(tk_backend *be, mat *y, const mat *x, const mat *w, const mat *b, float eps)
 {
-    be->layer_norm(be, y->f, y->ld, x->f, x->ld, w->f, b->f, x->rows, x->cols, eps);
+    float *yd = MOUT(y);
+    be->layer_norm(be, yd, y->ld, MIN(x), x->ld, MIN(w), MIN(b), x->rows, x->cols, eps);
+    dev_end(be);
 }
 
 static void call_gelu(tk_backend *be, mat *y, const mat *x, int kind)
 {
-    be->gelu(be, y->f, y->ld, x->f, x->ld, x->rows, x->cols, kind);
+    float *yd = MOUT(y);
+    be->gelu(be, yd, y->ld, MIN(x), x->ld, x->rows, x->cols, kind);
+    dev_end(be);
 }
 
 static void call_attention_backward(tk_backend *be, mat *dqkv, const mat *dout, const mat *out, const mat *qkv,
                                     const float *lse, const attn_shape *s)
 {
-    size_t n = be->attention_backward_workspace(be, s->T, s->max_len, s->H, s->Dh);
-    float *work = fvec(n);
-    for (size_t i = 0; i < n; i++) work[i] = NAN;
-    const float *q = qkv->f, *k = q + s->H * s->Dh, *v = k + s->Hkv * s->Dh;
-    float *dq = dqkv->f, *dk = dq + s->H * s->Dh, *dv = dk + s->Hkv * s->Dh;
-    be->attention_backward(be, dq, dk, dv, dout->f, out->f, out->ld, q, k, v, qkv->ld, lse, s->seq_start, s->n_seqs,
-                           s->H, s->Hkv, s->Dh, work);
-    free(work);
+    float *work = dev_work(be, be->attention_backward_workspace(be, s->T, s->max_len, s->H, s->Dh));
+    const float *q = MIN(qkv), *k = q + s->H * s->Dh, *v = k + s->Hkv * s->Dh;
+    float *dq = MOUT(dqkv), *dk = dq + s->H * s->Dh, *dv = dk + s->Hkv * s->Dh;
+    be->attention_backward(be, dq, dk, dv, MIN(dout), MIN(out), out->ld, q, k, v, qkv->ld,
+                           IN(lse, (size_t)s->T * s->H), s->seq_start, s->n_seqs, s->H, s->Hkv, s->Dh, work);
+    dev_end(be);
+}
+
+/* the views' key and value rows (n of them, rows of ld_kv, KV floats used) as device views */
+static void device_views(tk_backend *be, tk_kv_view *out, const tk_kv_view *views, int n, int ld_kv, int KV)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = (tk_kv_view){IN(views[i].k0, span(views[i].n0, ld_kv, KV)), IN(views[i].v0, span(views[i].n0, ld_kv, KV)),
+                              views[i].n0, IN(views[i].k1, span(views[i].n1, ld_kv, KV)),
+                              IN(views[i].v1, span(views[i].n1, ld_kv, KV)), views[i].n1};
 }
 
 static void call_attention_decode(tk_backend *be, mat *out, const mat *q, const tk_kv_view *views, int n, int H,
                                   int Hkv, int Dh, int ld_kv, int max_keys)
 {
-    size_t len = be->attention_decode_workspace(be, max_keys);
-    float *work = fvec(len);
-    for (size_t i = 0; i < len; i++) work[i] = NAN;
-    be->attention_decode(be, out->f, out->ld, q->f, q->ld, views, n, H, Hkv, Dh, ld_kv, work);
-    free(work);
+    float *work = dev_work(be, be->attention_decode_workspace(be, max_keys));
+    tk_kv_view dv[8];
+    if (n > 8) dev_fatal("attention_decode: more than 8 views");
+    device_views(be, dv, views, n, ld_kv, Hkv * Dh);
+    be->attention_decode(be, MOUT(out), out->ld, MIN(q), q->ld, dv, n, H, Hkv, Dh, ld_kv, work);
+    dev_end(be);
 }
 
 /* new query rows over cached keys and values (views: n1 rows each, the new ones last) */
 static void call_attention_cached(tk_backend *be, mat *out, const mat *q, const tk_kv_view *views,
                                   const int32_t *seq_start, int n_seqs, int H, int Hkv, int Dh, int ld_kv, int max_keys)
 {
-    size_t len = be->attention_cached_workspace(be, max_keys, Dh);
-    float *work = fvec(len);
-    for (size_t i = 0; i < len; i++) work[i] = NAN;
-    be->attention_cached(be, out->f, out->ld, q->f, q->ld, views, seq_start, n_seqs, H, Hkv, Dh, ld_kv, work);
-    free(work);
+    float *work = dev_work(be, be->attention_cached_workspace(be, max_keys, Dh));
+    tk_kv_view dv[8];
+    if (n_seqs > 8) dev_fatal("attention_cached: more than 8 views");
+    device_views(be, dv, views, n_seqs, ld_kv, Hkv * Dh);
+    be->attention_cached(be, MOUT(out), out->ld, MIN(q), q->ld, dv, seq_start, n_seqs, H, Hkv, Dh, ld_kv, work);
+    dev_end(be);
 }
 
 /* ==== helpers =================================================================================== */
@@ -443,14 +614,13 @@ static void test_matmul_nt_rows(tk_backend *be, rng_t *r)
             mat x = mat_new(T, K, K + 1), w = mat_new(N, K, K), y0 = mat_new(T, N, N), all = mat_new(T, N, N);
             mat_randn(&x, r, 1), mat_randn(&w, r, 1), mat_randn(&y0, r, 1);
             mat_copy(&all, &y0);
-            be->matmul_nt(be, all.f, all.ld, x.f, x.ld, w.f, T, N, K, 0.5f, (float)beta);
+            call_matmul_nt(be, &all, &x, &w, 0.5f, (float)beta);
             static const int firsts[] = {1, 16, 63, -1};
             for (int f = 0; f < 4 && ok; f++) {
                 int first = firsts[f] < 0 ? T - 1 : firsts[f] % T, rows = firsts[f] < 0 ? 1 : T - first;
                 mat y = mat_new(T, N, N);
                 mat_copy(&y, &y0);
-                be->matmul_nt(be, y.f + (size_t)first * N, N, x.f + (size_t)first * x.ld, x.ld, w.f, rows, N, K, 0.5f,
-                              (float)beta);
+                call_matmul_nt_rows(be, &y, &x, &w, first, rows, 0.5f, (float)beta);
                 ok = memcmp(y.f + (size_t)first * N, all.f + (size_t)first * N, (size_t)rows * N * sizeof(float)) == 0;
                 mat_free(&y);
             }
@@ -495,10 +665,9 @@ static void test_matmul_nt_many(tk_backend *be, rng_t *r)
                 ref_matmul_nt(scale[j], y[j].ld, ax, x[j].ld, aw, w[j].ld, T, N, K, 0.25f, beta);
                 free(ax), free(aw);
                 jobs[j] = (tk_nt_job){y[j].f, x[j].f, w[j].f, y[j].ld, x[j].ld, T, N, K, 0.25f, beta};
-                (decoding ? be->matmul_nt_decode : be->matmul_nt)(be, alone[j].f, alone[j].ld, x[j].f, x[j].ld,
-                                                                  w[j].f, T, N, K, 0.25f, beta);
+                (decoding ? call_matmul_nt_decode : call_matmul_nt)(be, &alone[j], &x[j], &w[j], 0.25f, beta);
             }
-            be->matmul_nt_many(be, jobs, n, decoding);
+            call_matmul_nt_many(be, jobs, n, decoding);
             for (int j = 0; j < n; j++) {
                 int T = jobs[j].T, N = jobs[j].N;
                 if (!decoding || T == 1)
@@ -1959,7 +2128,7 @@ static void test_add_rows(tk_backend *be, rng_t *r)
                     mag[(size_t)d * dst.ld + j] += fabs(term);
                 }
             }
-            call_add_rows(be, dp, sp, scaled ? scale : NULL, rows, n);
+            call_add_rows(be, &dst, &src, dp, sp, scaled ? scale : NULL, rows, n);
             char what[128];
             snprintf(what, sizeof what, "rows=%d into %d rows, n=%d, %s", rows, dst_rows, n,
                      scaled ? "scaled" : "scale NULL");
@@ -2216,7 +2385,7 @@ static void test_adamw(tk_backend *be, rng_t *r)
             }
             ref_adamw(pd, gd, md, vd, n, f.clip_scale, f.decay, f.step_size, f.bc2_sqrt, f.b1w, f.b2, f.b2w, f.eps);
             torch_adamw_float(p2, g2, m2, v2, n, &f);
-            float peak = be->adamw_peak(be, p, g, m, v, n, &f);
+            float peak = call_adamw_peak(be, p, g, m, v, n, &f);
             call_adamw(be, p, g, m, v, n, &f);
             float want_peak = 0.0f;
             for (size_t i = 0; i < n; i++) want_peak = fabsf(p[i]) > want_peak ? fabsf(p[i]) : want_peak;
@@ -2254,12 +2423,12 @@ static void test_adamw_peak_nonfinite(tk_backend *be, rng_t *r)
     for (size_t i = 0; i < n; i++) p[i] = p0[i] = (float)rng_normal(r), g[i] = g0[i] = (float)(0.1 * rng_normal(r));
     tk_adamw_factors f = {.clip_scale = 1, .decay = 1, .step_size = 1e-3f, .bc2_sqrt = 0.1f, .b1w = 0.1f,
                           .b2 = 0.99f, .b2w = 0.01f, .eps = 1e-8f};
-    float finite = be->adamw_peak(be, p, g, m, v, n, &f);
+    float finite = call_adamw_peak(be, p, g, m, v, n, &f);
     g[n - 1] = 1e30f; /* its square overflows v */
-    float overflow = be->adamw_peak(be, p, g, m, v, n, &f);
+    float overflow = call_adamw_peak(be, p, g, m, v, n, &f);
     g[n - 1] = g0[n - 1];
     f.eps = 0, g[3] = 0; /* 0 / 0: a NaN update */
-    float nan_update = be->adamw_peak(be, p, g, m, v, n, &f);
+    float nan_update = call_adamw_peak(be, p, g, m, v, n, &f);
     int untouched = memcmp(p, p0, n * sizeof *p) == 0;
     for (size_t i = 0; i < n; i++) untouched &= m[i] == 0 && v[i] == 0;
     report_bool("adamw_peak", "finite step", isfinite(finite) && finite > 0, "not a finite positive peak");
@@ -2406,10 +2575,13 @@ typedef struct {
     tk_backend *(*create)(tk_pool *pool);
 } backend_kind;
 
-/* a CUDA build adds its backend here (under its build macro), run against the same references */
+/* devsim: the CPU backend behind device pointers the host cannot read (csrc/backend/devsim), so every call
+ * below must hand the ops device copies, as a GPU needs; a CUDA build adds its backend here (under its build
+ * macro), run against the same references */
 static const backend_kind BACKENDS[] = {
     {"cpu/1 thread", 1, tk_cpu_backend_create},
     {"cpu/3 threads", 3, tk_cpu_backend_create},
+    {"devsim/2 threads", 2, tk_devsim_backend_create},
 };
 
 static int g_argc;
