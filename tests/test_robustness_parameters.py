@@ -128,3 +128,15 @@ def test_wrong_containers_in_custom_loss(clients):
     with pytest.raises(TypeError, match=r"loss_fn must be a function or a LossHandle, got str"):
         tc.forward_backward_custom([datum()], "cross_entropy")
     still_works(tc, sampler)
+
+
+def test_prompt_options_name_what_is_wrong(clients):
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"^target_prompt_logprobs must be int token ids .*equal length"):
+        sample_with(sampler, target_prompt_logprobs=[[1], [2, 3]])  # ragged: numpy's own ValueError before
+    # prompt_alt_tokens_k draws with the sampling seed, which takes any 64-bit integer (numpy's rng takes none < 0)
+    for seed in (-1, 2**64 - 1):
+        params = types.SamplingParams(max_tokens=2, seed=seed)
+        a, b = (sample_with(sampler, params=params, prompt_alt_tokens_k=3).prompt_alt_tokens for _ in range(2))
+        np.testing.assert_array_equal(a.tokens.to_numpy(), b.tokens.to_numpy())
+    still_works(tc, sampler)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ... import _deprecation as deprecation
-from ..._engine import LoadedModel, bool_arg, int_arg, load_model
+from ..._engine import LoadedModel, bool_arg, int_arg, load_model, seed_arg
 from ..._exceptions import BadRequestError, NotFoundError
 from ..._futures import (
     ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future,
@@ -82,10 +82,13 @@ def _sample_response(pending: PendingSample, session: str, extras: dict | None =
                           target_prompt_logprobs=target, prompt_alt_tokens=alt)
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def _log_softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(z / temperature) in float64, shifted before it is scaled: a tiny temperature (1e-40) sends the
+    other entries to -inf instead of overflowing to inf - inf = NaN."""
     z = z.astype(np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+    with np.errstate(over="ignore"):
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def _prompt_extras(logits: np.ndarray, extras: dict):
@@ -102,7 +105,7 @@ def _prompt_extras(logits: np.ndarray, extras: dict):
     if k:
         temperature = extras["temperature"]
         rng = np.random.default_rng(extras["seed"])
-        lp_t = _log_softmax(rows / temperature) if temperature > 0 else _log_softmax(rows)
+        lp_t = _log_softmax(rows, temperature) if temperature > 0 else _log_softmax(rows)
         if temperature > 0:
             probs = np.exp(lp_t)
             cdf = np.cumsum(probs, axis=1)
@@ -115,6 +118,16 @@ def _prompt_extras(logits: np.ndarray, extras: dict):
         alt = PromptAltTokens(tokens=TensorData.from_numpy(tokens.astype(np.int64)),
                               logprobs=TensorData.from_numpy(alt_lp.astype(np.float32)))
     return target, alt
+
+
+def _target_ids(target_prompt_logprobs) -> np.ndarray:
+    """target_prompt_logprobs as an array (shape and dtype are checked by the caller); ragged lists are refused."""
+    value = target_prompt_logprobs
+    try:
+        return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value)
+    except (ValueError, TypeError):
+        raise BadRequestError(f"target_prompt_logprobs must be int token ids of shape [len(prompt) - 1, K] (rows of "
+                              f"equal length), got {value!r:.100}") from None
 
 
 def _runnable_top_p(top_p: float) -> float:
@@ -204,8 +217,7 @@ class SamplingClient:
                                       f"got {n!r}")
             extras["last_n"] = int(n)
         if target_prompt_logprobs is not None:
-            ids = np.asarray(target_prompt_logprobs.to_numpy() if hasattr(target_prompt_logprobs, "to_numpy")
-                             else target_prompt_logprobs)
+            ids = _target_ids(target_prompt_logprobs)
             if ids.ndim == 1:
                 ids = ids[:, None]
             if ids.ndim != 2 or ids.shape[0] != n_prompt - 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -218,7 +230,8 @@ class SamplingClient:
         k = int_arg("prompt_alt_tokens_k", prompt_alt_tokens_k, 0, 1000)
         if k:
             p = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams()
-            extras.update(alt_k=k, temperature=float(p.temperature), seed=p.seed)
+            seed = None if p.seed is None else seed_arg("seed", p.seed)  # any 64-bit seed, as sampling takes it
+            extras.update(alt_k=k, temperature=float(p.temperature), seed=seed)
         if ("target_ids" in extras or k) and n_prompt < 2:
             raise BadRequestError("target_prompt_logprobs and prompt_alt_tokens_k need a prompt of 2 tokens or more")
         if "target_ids" in extras or k:
