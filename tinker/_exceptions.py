@@ -11,7 +11,7 @@ __all__ = [
     "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "UnprocessableEntityError",
     "RateLimitError", "InternalServerError", "APIConnectionError", "APITimeoutError",
-    "APIResponseValidationError", "ModelLoadError", "BillingError", "RequestFailedError", "SidecarError",
+    "APIResponseValidationError", "InvalidArgumentError", "ModelLoadError", "BillingError", "RequestFailedError", "SidecarError",
     "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
 ]  # fmt: skip
 
@@ -95,6 +95,12 @@ class APIResponseValidationError(APIError):
     def __init__(self, response=None, body=None, *, message: str | None = None):
         super().__init__(message or "Data returned by API invalid for expected schema.", None, body=body)
         self.response = response
+
+
+class InvalidArgumentError(BadRequestError, ValueError):
+    """A malformed argument that Tinker's SDK refuses with a ValueError (a tinker:// path, a run or checkpoint id,
+    a checkpoint name, empty data): a BadRequestError, as every other refused request here, and still a ValueError
+    for code written against the SDK."""
 
 
 class ModelLoadError(BadRequestError, ValueError):

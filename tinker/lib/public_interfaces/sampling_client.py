@@ -28,7 +28,7 @@ import numpy as np
 
 from ... import _deprecation as deprecation
 from ..._engine import LoadedModel, bool_arg, int_arg, load_model, seed_arg
-from ..._exceptions import BadRequestError, NotFoundError
+from ..._exceptions import BadRequestError, InvalidArgumentError, NotFoundError
 from ..._futures import (
     ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future,
     forward_client_methods,
@@ -155,7 +155,7 @@ class SamplingClient:
         self.record_stability_info = False
 
     def _recording(self, record_stability_info: bool) -> "SamplingClient":
-        self.record_stability_info = bool(record_stability_info)
+        self.record_stability_info = bool_arg("record_stability_info", record_stability_info)
         return self
 
     @classmethod
@@ -333,12 +333,8 @@ class SamplingClient:
     def from_sampler_handle(handle: str, *, api_key: str | None = None) -> "SamplingClient":
         """A new SamplingClient on the sampler that `handle` (from `get_sampler_handle`) names.
         `api_key` is accepted for the SDK's signature and not used (no credentials here)."""
-        try:
-            state = json.loads(base64.urlsafe_b64decode(handle.encode() if isinstance(handle, str) else handle))
-            session_id, base_model = state["sampling_session_id"], state["base_model"]
-            model_path = state.get("model_path")
-        except (AttributeError, TypeError, KeyError, ValueError, binascii.Error):
-            raise ValueError(f"not a sampler handle (from SamplingClient.get_sampler_handle()): {handle!r:.80}") from None
+        state = _handle_state(handle)
+        session_id, base_model, model_path = state["sampling_session_id"], state["base_model"], state.get("model_path")
         with _handles_lock:
             live = _handle_samplers.get(session_id)
         if live is not None:  # this process's own sampler: the same weights, not a copy
@@ -356,7 +352,7 @@ class SamplingClient:
             raise NotFoundError(f"sampler {session_id} (a snapshot from save_weights_and_get_sampling_client) "
                                 f"lives only in {where}'s memory; to sample from it in another process, pickle "
                                 f"the SamplingClient or save the weights with save_weights_for_sampler")
-        client.record_stability_info = bool(state.get("record_stability_info", False))
+        client.record_stability_info = state.get("record_stability_info", False)
         return client
 
     # ---- pickling ----------------------------------------------------------------------
@@ -382,6 +378,24 @@ async def _cancel_when_cancelled(pending: PendingSample, future: EngineFuture):
     except asyncio.CancelledError:
         pending._request.cancel()
         raise
+
+
+# what each field of a sampler handle holds (get_sampler_handle writes them); the first two are required
+_HANDLE_FIELDS = {"sampling_session_id": str, "base_model": str, "model_path": (str, type(None)),
+                  "record_stability_info": bool, "process": str}
+
+
+def _handle_state(handle) -> dict:
+    """The fields of a sampler handle, each of its type: InvalidArgumentError (a ValueError, as the SDK raises)
+    for anything else, a hand-made or damaged handle included."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(handle.encode() if isinstance(handle, str) else handle))
+    except (AttributeError, TypeError, ValueError, RecursionError, binascii.Error):
+        state = None
+    if not (isinstance(state, dict) and {"sampling_session_id", "base_model"} <= state.keys()
+            and all(isinstance(state[k], t) for k, t in _HANDLE_FIELDS.items() if k in state)):
+        raise InvalidArgumentError(f"not a sampler handle (from SamplingClient.get_sampler_handle()): {handle!r:.80}")
+    return state
 
 
 def _new_sampler_id(holder) -> str:
@@ -418,7 +432,8 @@ def check_model_path(model_path) -> None:
     """A sampler's model_path must be a well-formed tinker:// path (ValueError at the call, as for
     the other malformed arguments); whether it exists is the future's to report."""
     if not isinstance(model_path, str) or not model_path.startswith("tinker://"):
-        raise ValueError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got {model_path!r}")
+        raise InvalidArgumentError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got "
+                                   f"{model_path!r:.200}")
     from ... import _checkpoints
 
     _checkpoints.parse_path(model_path)
