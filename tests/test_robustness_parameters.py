@@ -239,3 +239,13 @@ def test_flags_of_sampling_clients_are_not_read_by_truthiness(clients, tiny_llam
         sc.create_sampling_client(base_model=tiny_llama, record_stability_info="maybe").result()
     still_works(tc, sampler)
 
+
+def test_stop_strings_that_cannot_be_matched_are_refused(clients):
+    """A lone surrogate raised UnicodeEncodeError from deep in the sampler; a stop string on a checkpoint without
+    tokenizer files (the tiny test model) raised FileNotFoundError."""
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"^stop, position 1: '\\ud800' is not valid text"):
+        sample_with(sampler, params=types.SamplingParams(max_tokens=2, stop=["a", "\ud800"]))
+    with pytest.raises(tinker.BadRequestError, match=r"^stop strings need the model's tokenizer: .*tokenizer files"):
+        sample_with(sampler, params=types.SamplingParams(max_tokens=2, stop=["a"]))
+    still_works(tc, sampler)
