@@ -1032,6 +1032,17 @@ def test_unknown_name_lists_what_was_searched(empty_hf_cache, tmp_path):
         load_model(None)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("name", ["a" * 5000, "org/" + "b" * 5000, "~no-such-user-" + "c" * 8 + "/model"])
+def test_names_that_cannot_be_paths_are_not_found(empty_hf_cache, name):
+    """A name too long for the file system, or '~user' of no such user, raised OSError (File name too long) or
+    RuntimeError from pathlib; now it is searched for like any other name, and the message shows it shortened."""
+    import tinker
+
+    with pytest.raises(ModelLoadError, match=r"Cannot find base model .*a local path .*not usable as one") as info:
+        tinker.ServiceClient().create_lora_training_client(name, rank=2).result()
+    assert len(str(info.value)) < 1500
+
+
 def test_hf_cache_resolves_and_loads(empty_hf_cache, hf_checkpoint):
     checkpoint, reference = hf_checkpoint
     name = "tinker-tests/" + unique("robust-llama")

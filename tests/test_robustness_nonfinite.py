@@ -164,3 +164,32 @@ def test_a_refused_pass_right_after_a_step_leaves_the_gradients_zero(clients, ti
     assert_unchanged(tc, before)
     assert state(other)[0][n:2 * n].any() and not other_before[0][n:2 * n].any()
     still_works(tc, sampler)
+
+
+def sample(sampler, n=2, **params):
+    return sampler.sample(types.ModelInput.from_ints([1, 2, 3]), n, types.SamplingParams(max_tokens=4, seed=3, **params),
+                          topk_sample_logprobs=2, prompt_alt_tokens_k=2).result()
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=1e-40), dict(temperature=1e-300), dict(repetition_penalty=1e-40), dict(repetition_penalty=1e300),
+    dict(frequency_penalty=-1e39, presence_penalty=1e39), dict(frequency_penalty=-1e300, top_k=5, top_p=0.5, min_p=0.1),
+])
+def test_absurd_sampling_values_never_give_nan(clients, params):
+    """A temperature of 1e-40, or penalties past float32, used to make inf logits: NaN logprobs and the last token
+    of the vocabulary every time. Penalised logits now saturate at float32's largest values (the order they
+    impose is kept), and a temperature too small to scale by is its limit, greedy."""
+    tc, sampler = clients
+    out = sample(sampler, **params)
+    for seq in out.sequences:
+        assert not np.isnan(seq.logprobs).any() and not np.isnan([lp for row in seq.topk_logprobs for _, lp in row]).any()
+    assert not np.isnan(out.prompt_alt_tokens.logprobs.to_numpy()).any()
+    still_works(tc, sampler)
+
+
+def test_a_tiny_temperature_is_greedy(clients):
+    tc, sampler = clients
+    greedy, tiny = sample(sampler, 1, temperature=0.0), sample(sampler, 1, temperature=1e-40)
+    assert tiny.sequences[0].tokens == greedy.sequences[0].tokens and tiny.sequences[0].logprobs == [0.0] * 4
+    np.testing.assert_array_equal(tiny.prompt_alt_tokens.tokens.to_numpy(), greedy.prompt_alt_tokens.tokens.to_numpy())
+    assert not tiny.prompt_alt_tokens.logprobs.to_numpy().any()

@@ -5,11 +5,16 @@ never a value narrowed or read by truthiness ('no' as True). The same clients ke
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+
 import numpy as np
 import pytest
 
 import tinker
 from tinker import types
+from tinker._exceptions import InvalidArgumentError
 
 from robustness import datum, make_clients, still_works  # noqa: E402
 
@@ -127,4 +132,120 @@ def test_wrong_containers_in_custom_loss(clients):
         tc.forward_backward_custom(datum(), lambda data, logprobs: (logprobs[0].sum(), {})).result()
     with pytest.raises(TypeError, match=r"loss_fn must be a function or a LossHandle, got str"):
         tc.forward_backward_custom([datum()], "cross_entropy")
+    still_works(tc, sampler)
+
+
+def test_prompt_options_name_what_is_wrong(clients):
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"^target_prompt_logprobs must be int token ids .*equal length"):
+        sample_with(sampler, target_prompt_logprobs=[[1], [2, 3]])  # ragged: numpy's own ValueError before
+    # prompt_alt_tokens_k draws with the sampling seed, which takes any 64-bit integer (numpy's rng takes none < 0)
+    for seed in (-1, 2**64 - 1):
+        params = types.SamplingParams(max_tokens=2, seed=seed)
+        a, b = (sample_with(sampler, params=params, prompt_alt_tokens_k=3).prompt_alt_tokens for _ in range(2))
+        np.testing.assert_array_equal(a.tokens.to_numpy(), b.tokens.to_numpy())
+    still_works(tc, sampler)
+
+
+def outcome(call):
+    """What a call raises, synchronously or through the future it returns."""
+    try:
+        result = call()
+        if hasattr(result, "result"):
+            result.result()
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return e
+    raise AssertionError("accepted")
+
+
+@pytest.mark.parametrize("path", [None, 7, "", "weights/a", "tinker://", "tinker://../weights/a", "tinker://r/foo/a",
+                                  "tinker://r/weights/a/b", "tinker://r/weights/a\0b", "tinker://r/weights/.."])
+def test_malformed_paths_are_bad_requests_from_every_call(clients, store, path):
+    """load_state refused a malformed tinker:// path with a BadRequestError, but RestClient, create_sampling_client,
+    create_training_client_from_state and copy_weights raised a bare ValueError for the same path. Every one now
+    raises InvalidArgumentError: a BadRequestError, and still the ValueError the SDK raises there."""
+    sc, tc, sampler = clients
+    rc = tinker.RestClient()
+    calls = [rc.get_weights_info_by_tinker_path, rc.get_training_run_by_tinker_path, rc.delete_checkpoint_from_tinker_path,
+             rc.get_checkpoint_archive_url_from_tinker_path, rc.get_external_weights_urls, rc.copy_weights,
+             lambda p: rc.set_checkpoint_ttl_from_tinker_path(p, 60), sc.create_training_client_from_state]
+    if path is not None:
+        calls.append(lambda p: sc.create_sampling_client(model_path=p))
+    for call in calls:
+        error = outcome(lambda: call(path))
+        assert isinstance(error, tinker.BadRequestError), (call, error)  # an InvalidArgumentError where the SDK's
+        assert isinstance(error, ValueError) or call == sc.create_training_client_from_state  # is a ValueError
+        assert re.search(r"tinker path|tinker://", str(error)), error
+    still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("run_id, checkpoint_id", [("..", "weights/a"), ("", "weights/a"), (None, "weights/a"),
+                                                   ("r" * 300, "weights/a"), ("r", "weights/.."), ("r", None),
+                                                   ("r", "other/a"), ("r", "weights/a\0")])
+def test_malformed_ids_are_bad_requests(clients, store, run_id, checkpoint_id):
+    rc = tinker.RestClient()
+    for call in (lambda: rc.delete_checkpoint(run_id, checkpoint_id), lambda: rc.get_checkpoint_archive_url(
+            run_id, checkpoint_id), lambda: rc.get_training_run(run_id), lambda: rc.list_checkpoints(run_id)):
+        error = outcome(call)
+        if run_id == "r" and isinstance(error, tinker.NotFoundError):
+            continue  # a well-formed run id that is not in the store
+        assert isinstance(error, InvalidArgumentError), error
+        assert re.search(r"invalid (training run id|checkpoint id|checkpoint name)", str(error)), error
+        assert len(str(error)) < 800
+
+
+def handle(**state):
+    return base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
+
+
+@pytest.mark.parametrize("bad", [
+    handle(sampling_session_id=[1], base_model="m"), handle(sampling_session_id="s", base_model=5),
+    handle(sampling_session_id="s", base_model="m", model_path=7), handle(base_model="m"),
+    handle(sampling_session_id="s", base_model="m", record_stability_info="no"),
+    base64.urlsafe_b64encode(b"[" * 100_000).decode(), "not base64 !", None, 12,
+])
+def test_damaged_sampler_handles_are_refused(clients, bad):
+    """A handle whose fields had the wrong types raised TypeError (unhashable type: 'list'), one of deeply nested
+    JSON RecursionError, and 'no' read by truthiness turned record_stability_info on."""
+    _, tc, sampler = clients
+    with pytest.raises(InvalidArgumentError, match=r"^not a sampler handle"):
+        tinker.SamplingClient.from_sampler_handle(bad)
+    still_works(tc, sampler)
+
+
+def test_store_records_take_only_what_they_can_hold(clients, store):
+    """ServiceClient(user_metadata={'a': 1}, project_id=5) was accepted, and the first save wrote a run.json that the
+    store then reported as damaged; copy_weights(destination_project_id=5) did the same to the copy's run."""
+    sc, tc, sampler = clients
+    for kwargs, name in [({"user_metadata": {"a": 1}}, "user_metadata"), ({"user_metadata": ["a"]}, "user_metadata"),
+                         ({"project_id": 5}, "project_id"), ({"display_name": ["x"]}, "display_name")]:
+        with pytest.raises(tinker.BadRequestError, match=rf"^{name} must be a"):
+            tinker.ServiceClient(**kwargs)
+    with pytest.raises(tinker.BadRequestError, match=r"^user_metadata must be a dict of str to str"):
+        sc.create_lora_training_client(tc._base_model, rank=2, user_metadata={"a": 1}).result()
+    path = tc.save_weights_for_sampler("s").result().path
+    with pytest.raises(tinker.BadRequestError, match=r"^destination_project_id must be a str or None, got 5"):
+        tinker.RestClient().copy_weights(path, 5).result()
+    assert tinker.RestClient().list_training_runs().result().training_runs[0].corrupted is False
+    still_works(tc, sampler)
+
+
+def test_flags_of_sampling_clients_are_not_read_by_truthiness(clients, tiny_llama):
+    sc, tc, sampler = clients
+    assert sc.create_sampling_client(base_model=tiny_llama, record_stability_info="no").result() \
+        .record_stability_info is False
+    assert tc.save_weights_and_get_sampling_client(record_stability_info="false").result().record_stability_info is False
+    with pytest.raises(tinker.BadRequestError, match=r"^record_stability_info must be True or False, got 'maybe'"):
+        sc.create_sampling_client(base_model=tiny_llama, record_stability_info="maybe").result()
+    still_works(tc, sampler)
+
+
+def test_stop_strings_that_cannot_be_matched_are_refused(clients):
+    """A lone surrogate raised UnicodeEncodeError from deep in the sampler; a stop string on a checkpoint without
+    tokenizer files (the tiny test model) raised FileNotFoundError."""
+    _, tc, sampler = clients
+    with pytest.raises(tinker.BadRequestError, match=r"^stop, position 1: '\\ud800' is not valid text"):
+        sample_with(sampler, params=types.SamplingParams(max_tokens=2, stop=["a", "\ud800"]))
+    with pytest.raises(tinker.BadRequestError, match=r"^stop strings need the model's tokenizer: .*tokenizer files"):
+        sample_with(sampler, params=types.SamplingParams(max_tokens=2, stop=["a"]))
     still_works(tc, sampler)

@@ -85,3 +85,17 @@ def test_wrong_container_types_say_what_was_expected(clients, args, match):
         with pytest.raises(tinker.BadRequestError, match=match):
             call(*args).result()
     still_works(tc, sampler)
+
+
+@pytest.mark.parametrize("big", [1e30, -1e19, 2.0**63])
+def test_float_ids_past_int64_are_refused_not_wrapped(clients, big):
+    """A float target of 1e30 became int64's -2**63 silently (numpy's astype); now it is refused where it is made."""
+    _, tc, sampler = clients
+    with pytest.raises(ValueError, match=r"TensorData with dtype 'int64' got .*outside int64's range"):
+        types.TensorData(data=[1.0, big], dtype="int64")
+    with pytest.raises(ValueError, match=r"loss_fn_inputs\['target_tokens'\].*outside int64's range"):
+        datum_with_targets = types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
+                                         loss_fn_inputs={"target_tokens": [1.0, big], "weights": [1.0, 1.0]})
+        tc.forward_backward([datum_with_targets], "cross_entropy").result()
+    assert types.TensorData(data=[2.0**62], dtype="int64").data == [2**62]
+    still_works(tc, sampler)

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import _arch
 from . import _fields as F
-from ._exceptions import BadRequestError, ConflictError, NotFoundError
+from ._exceptions import BadRequestError, ConflictError, InvalidArgumentError, NotFoundError
 from .types import ParsedCheckpointTinkerPath
 
 KINDS = ("weights", "sampler_weights", "external_weights")
@@ -76,7 +76,7 @@ def store_root() -> Path:
 def check_component(what: str, value) -> str:
     """A run id or checkpoint name: one path component, letters, digits and `_ . : @ + = -`."""
     if not isinstance(value, str) or not _SAFE.fullmatch(value) or value.endswith(".") or ".." in value:
-        raise ValueError(f"invalid {what} {value!r}: use 1-200 letters, digits and _ . : @ + = - (not starting "
+        raise InvalidArgumentError(f"invalid {what} {value!r}: use 1-200 letters, digits and _ . : @ + = - (not starting "
                          f"with '.' or '-', no '..', no path separators)")
     return value
 
@@ -84,7 +84,7 @@ def check_component(what: str, value) -> str:
 def _inside(path: Path, root: Path) -> Path:
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
-        raise ValueError(f"{path} is outside the checkpoint store {root}")
+        raise InvalidArgumentError(f"{path} is outside the checkpoint store {root}")
     return resolved
 
 
@@ -96,7 +96,7 @@ def run_dir(run_id: str) -> Path:
 def _slot(run_id: str, kind: str, name: str) -> Path:
     """Where the checkpoint `name` is written: runs/<run_id>/<kind>/<name>."""
     if kind not in KINDS:
-        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+        raise InvalidArgumentError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     return _inside(run_dir(run_id) / kind / check_component("checkpoint name", name), store_root() / "runs")
 
 

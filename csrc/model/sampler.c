@@ -12,6 +12,7 @@
  */
 #include "sampler.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,6 +68,14 @@ void tk_select_top(tk_cand *c, int n, int k)
     }
 }
 
+/* A penalised logit, kept finite: absurd but finite penalties (a repetition_penalty of 1e-40, a frequency_penalty
+ * of -1e39) overflow float32, and an inf logit would make the distribution NaN. The order they impose is kept at
+ * the largest finite values; 0 * inf (a zero logit times a huge repetition_penalty) is its limit, 0. */
+static float saturate(float z)
+{
+    return z > FLT_MAX ? FLT_MAX : z < -FLT_MAX ? -FLT_MAX : z == z ? z : 0.0f;
+}
+
 static void apply_penalties(tk_chooser *ch, const tk_sample_params *p, const int32_t *prompt, int P,
                             const int32_t *out, int n_out)
 {
@@ -79,7 +88,8 @@ static void apply_penalties(tk_chooser *ch, const tk_sample_params *p, const int
                 int t = ids[i];
                 if (ch->seen[t] == ch->stamp) continue;
                 ch->seen[t] = ch->stamp;
-                ch->z[t] = ch->z[t] > 0 ? ch->z[t] / (float)p->repetition_penalty : ch->z[t] * (float)p->repetition_penalty;
+                ch->z[t] = saturate(ch->z[t] > 0 ? ch->z[t] / (float)p->repetition_penalty
+                                                 : ch->z[t] * (float)p->repetition_penalty);
             }
         }
     }
@@ -87,8 +97,8 @@ static void apply_penalties(tk_chooser *ch, const tk_sample_params *p, const int
         ch->stamp++;
         for (int i = 0; i < n_out; i++) {
             int t = out[i];
-            ch->z[t] -= (float)p->frequency_penalty;
-            if (ch->seen[t] != ch->stamp) ch->z[t] -= (float)p->presence_penalty;
+            ch->z[t] = saturate(ch->z[t] - (float)p->frequency_penalty);
+            if (ch->seen[t] != ch->stamp) ch->z[t] = saturate(ch->z[t] - (float)p->presence_penalty);
             ch->seen[t] = ch->stamp;
         }
     }
@@ -123,6 +133,25 @@ static int draw(const tk_cand *c, const double *e, int n, double total, tk_rng *
     return c ? c[n - 1].id : n - 1;
 }
 
+/* z /= temperature, in float32 as z * (1 / temperature) while that stays finite. A temperature so small that it
+ * would overflow (1e-40: inf logits, a NaN distribution) scales z - max z in double instead: the most likely
+ * tokens stay at 0 and the rest go to -inf, which is the limit, greedy. */
+static void scale_by_temperature(float *z, int V, double temperature)
+{
+    double inv = 1.0 / temperature;
+    float zmax = z[0], zabs = 0;
+    for (int v = 0; v < V; v++) {
+        zmax = z[v] > zmax ? z[v] : zmax;
+        zabs = fabsf(z[v]) > zabs ? fabsf(z[v]) : zabs;
+    }
+    if ((double)zabs * inv <= FLT_MAX / 2) {
+        float inv_t = (float)inv;
+        for (int v = 0; v < V; v++) z[v] *= inv_t;
+        return;
+    }
+    for (int v = 0; v < V; v++) z[v] = (float)(((double)z[v] - zmax) * inv);
+}
+
 int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params *p, const int32_t *prompt, int P,
                   const int32_t *out, int n_out, tk_rng *rng, float *logprob)
 {
@@ -138,8 +167,7 @@ int tk_choose(tk_chooser *ch, const float *logits, int V, const tk_sample_params
         *logprob = (float)(ch->z[best] - ch->lse);
         return best;
     }
-    float inv_t = (float)(1.0 / p->temperature);
-    for (int v = 0; v < V; v++) ch->z[v] *= inv_t;
+    scale_by_temperature(ch->z, V, p->temperature);
     double sum, lse = logsumexp(ch->z, ch->e, V, &zmax, &sum);
     ch->lse = lse;
     int n = 0;

@@ -7,6 +7,7 @@ and `tinker://<training_run_id>/sampler_weights/<name>` (save_weights_for_sample
 from datetime import datetime
 from typing import Dict, List, Literal, Optional
 
+from .._exceptions import InvalidArgumentError
 from ._base import BaseModel
 from .params import AdamOptimizerConfig, OptimizerConfig
 
@@ -47,20 +48,20 @@ class ParsedCheckpointTinkerPath(BaseModel):
     def from_tinker_path(cls, tinker_path: str) -> "ParsedCheckpointTinkerPath":
         """Parses `tinker://<run>/<weights|sampler_weights>/<name>`; ValueError if it is not one."""
         if not isinstance(tinker_path, str):
-            raise ValueError(f"a tinker path must be a string, got {type(tinker_path).__name__}")
+            raise InvalidArgumentError(f"a tinker path must be a string, got {type(tinker_path).__name__}")
         if not tinker_path.startswith(TINKER_PREFIX):
-            raise ValueError(f"Invalid tinker path {tinker_path!r}: it must start with {TINKER_PREFIX!r}")
+            raise InvalidArgumentError(f"Invalid tinker path {tinker_path!r}: it must start with {TINKER_PREFIX!r}")
         parts = tinker_path[len(TINKER_PREFIX):].split("/")
         if len(parts) != 3:
-            raise ValueError(f"Invalid tinker path {tinker_path!r}: expected "
+            raise InvalidArgumentError(f"Invalid tinker path {tinker_path!r}: expected "
                              f"tinker://<training_run_id>/<weights|sampler_weights>/<name>")
         run_id, kind, name = parts
         if kind not in CHECKPOINT_TYPE_OF_KIND:
-            raise ValueError(f"Invalid tinker path {tinker_path!r}: the checkpoint kind must be 'weights', "
+            raise InvalidArgumentError(f"Invalid tinker path {tinker_path!r}: the checkpoint kind must be 'weights', "
                              f"'sampler_weights' or 'external_weights', got {kind!r}")
         for part in (run_id, name):
             if part in ("", ".", "..") or "\0" in part:
-                raise ValueError(f"Invalid tinker path {tinker_path!r}: {part!r} is not a valid run id or "
+                raise InvalidArgumentError(f"Invalid tinker path {tinker_path!r}: {part!r} is not a valid run id or "
                                  f"checkpoint name")
         return cls(tinker_path=tinker_path, training_run_id=run_id, checkpoint_type=CHECKPOINT_TYPE_OF_KIND[kind],
                    checkpoint_id=f"{kind}/{name}")

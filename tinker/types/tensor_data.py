@@ -93,6 +93,10 @@ def _to_array(data: Any, dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "i" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         # finite floats are truncated toward zero, as the SDK's astype does; NaN and inf have no value
         raise ValueError("TensorData with dtype 'int64' got NaN or infinite values")
+    if dtype.kind == "i" and arr.dtype.kind == "f" and arr.size and not -(2.0**63) <= arr.min() <= arr.max() < 2.0**63:
+        # astype would give -2**63 for them, silently
+        worst = arr.max() if arr.max() >= 2.0**63 else arr.min()
+        raise ValueError(f"TensorData with dtype 'int64' got {worst:g}, outside int64's range")
     if dtype.kind == "i" and arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError("TensorData int64 values out of range")
     return np.array(arr, dtype=dtype, copy=True)

@@ -39,7 +39,8 @@ from typing import Any, Callable, Literal
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
 from ..experimental import ExperimentalWarning, experimental
-from ..._exceptions import BadRequestError, NotFoundError
+from ..._exceptions import BadRequestError, InvalidArgumentError, NotFoundError
+from ..._engine import optional_str_arg
 from ..._futures import ConcurrentAPIFuture, completed_future
 from ...types.checkpoints import CHECKPOINT_TYPE_OF_KIND
 from ...types import (
@@ -86,7 +87,7 @@ def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
     """(kind, name) of a checkpoint id such as "weights/0010" (ValueError when malformed)."""
     kind, sep, name = checkpoint_id.partition("/") if isinstance(checkpoint_id, str) else ("", "", "")
     if not sep or kind not in ckpt.KINDS:
-        raise ValueError(f"invalid checkpoint id {checkpoint_id!r}: expected '<weights|sampler_weights>/<name>'")
+        raise InvalidArgumentError(f"invalid checkpoint id {checkpoint_id!r}: expected '<weights|sampler_weights>/<name>'")
     return kind, ckpt.check_component("checkpoint name", name)
 
 
@@ -354,7 +355,7 @@ def _session_runs(session_id: str) -> list[dict]:
 
 def _get_session(session_id: str, current: str | None) -> GetSessionResponse:
     if not isinstance(session_id, str) or not session_id:
-        raise ValueError(f"invalid session id {session_id!r}")
+        raise InvalidArgumentError(f"invalid session id {session_id!r}")
     runs = [r for r in _run_ids() if _session_of(r) == session_id]
     if not runs and session_id != current:
         raise NotFoundError(f"session {session_id!r} not found: no training run in the checkpoint store "
@@ -393,6 +394,7 @@ def _copy_weights(path: str, project_id: str | None, ttl_seconds) -> str:
     """Copies the checkpoint at `path` into a new run of a new session (as the service does); the
     copy keeps its kind and name. Returns the copy's tinker:// path."""
     run_id, kind, name = ckpt.parse_path(path)
+    project_id = optional_str_arg("destination_project_id", project_id)  # written into the copy's run.json
     _live_manifest(run_id, kind, name)  # NotFoundError for a missing or expired source
     ttl = ckpt.check_ttl(ttl_seconds)
     source = ckpt.read_run(run_id)

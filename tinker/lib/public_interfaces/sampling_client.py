@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ... import _deprecation as deprecation
-from ..._engine import LoadedModel, bool_arg, int_arg, load_model
-from ..._exceptions import BadRequestError, NotFoundError
+from ..._engine import LoadedModel, bool_arg, int_arg, load_model, seed_arg
+from ..._exceptions import BadRequestError, InvalidArgumentError, NotFoundError
 from ..._futures import (
     ClientFuture, ConcurrentAPIFuture, EngineFuture, concurrent_future, failed_concurrent_future,
     forward_client_methods,
@@ -83,10 +83,13 @@ def _sample_response(pending: PendingSample, session: str, extras: dict | None =
                           target_prompt_logprobs=target, prompt_alt_tokens=alt)
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def _log_softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(z / temperature) in float64, shifted before it is scaled: a tiny temperature (1e-40) sends the
+    other entries to -inf instead of overflowing to inf - inf = NaN."""
     z = z.astype(np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+    with np.errstate(over="ignore"):
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def _prompt_extras(logits: np.ndarray, extras: dict):
@@ -103,7 +106,7 @@ def _prompt_extras(logits: np.ndarray, extras: dict):
     if k:
         temperature = extras["temperature"]
         rng = np.random.default_rng(extras["seed"])
-        lp_t = _log_softmax(rows / temperature) if temperature > 0 else _log_softmax(rows)
+        lp_t = _log_softmax(rows, temperature) if temperature > 0 else _log_softmax(rows)
         if temperature > 0:
             probs = np.exp(lp_t)
             cdf = np.cumsum(probs, axis=1)
@@ -116,6 +119,16 @@ def _prompt_extras(logits: np.ndarray, extras: dict):
         alt = PromptAltTokens(tokens=TensorData.from_numpy(tokens.astype(np.int64)),
                               logprobs=TensorData.from_numpy(alt_lp.astype(np.float32)))
     return target, alt
+
+
+def _target_ids(target_prompt_logprobs) -> np.ndarray:
+    """target_prompt_logprobs as an array (shape and dtype are checked by the caller); ragged lists are refused."""
+    value = target_prompt_logprobs
+    try:
+        return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value)
+    except (ValueError, TypeError):
+        raise BadRequestError(f"target_prompt_logprobs must be int token ids of shape [len(prompt) - 1, K] (rows of "
+                              f"equal length), got {value!r:.100}") from None
 
 
 def _runnable_top_p(top_p: float) -> float:
@@ -143,7 +156,7 @@ class SamplingClient:
         self.record_stability_info = False
 
     def _recording(self, record_stability_info: bool) -> "SamplingClient":
-        self.record_stability_info = bool(record_stability_info)
+        self.record_stability_info = bool_arg("record_stability_info", record_stability_info)
         return self
 
     @classmethod
@@ -205,8 +218,7 @@ class SamplingClient:
                                       f"got {n!r}")
             extras["last_n"] = int(n)
         if target_prompt_logprobs is not None:
-            ids = np.asarray(target_prompt_logprobs.to_numpy() if hasattr(target_prompt_logprobs, "to_numpy")
-                             else target_prompt_logprobs)
+            ids = _target_ids(target_prompt_logprobs)
             if ids.ndim == 1:
                 ids = ids[:, None]
             if ids.ndim != 2 or ids.shape[0] != n_prompt - 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -219,7 +231,8 @@ class SamplingClient:
         k = int_arg("prompt_alt_tokens_k", prompt_alt_tokens_k, 0, 1000)
         if k:
             p = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams()
-            extras.update(alt_k=k, temperature=float(p.temperature), seed=p.seed)
+            seed = None if p.seed is None else seed_arg("seed", p.seed)  # any 64-bit seed, as sampling takes it
+            extras.update(alt_k=k, temperature=float(p.temperature), seed=seed)
         if ("target_ids" in extras or k) and n_prompt < 2:
             raise BadRequestError("target_prompt_logprobs and prompt_alt_tokens_k need a prompt of 2 tokens or more")
         if "target_ids" in extras or k:
@@ -329,12 +342,8 @@ class SamplingClient:
     def from_sampler_handle(handle: str, *, api_key: str | None = None) -> "SamplingClient":
         """A new SamplingClient on the sampler that `handle` (from `get_sampler_handle`) names.
         `api_key` is accepted for the SDK's signature and not used (no credentials here)."""
-        try:
-            state = json.loads(base64.urlsafe_b64decode(handle.encode() if isinstance(handle, str) else handle))
-            session_id, base_model = state["sampling_session_id"], state["base_model"]
-            model_path = state.get("model_path")
-        except (AttributeError, TypeError, KeyError, ValueError, binascii.Error):
-            raise ValueError(f"not a sampler handle (from SamplingClient.get_sampler_handle()): {handle!r:.80}") from None
+        state = _handle_state(handle)
+        session_id, base_model, model_path = state["sampling_session_id"], state["base_model"], state.get("model_path")
         with _handles_lock:
             live = _handle_samplers.get(session_id)
         if live is not None:  # this process's own sampler: the same weights, not a copy
@@ -352,7 +361,7 @@ class SamplingClient:
             raise NotFoundError(f"sampler {session_id} (a snapshot from save_weights_and_get_sampling_client) "
                                 f"lives only in {where}'s memory; to sample from it in another process, pickle "
                                 f"the SamplingClient or save the weights with save_weights_for_sampler")
-        client.record_stability_info = bool(state.get("record_stability_info", False))
+        client.record_stability_info = state.get("record_stability_info", False)
         return client
 
     # ---- pickling ----------------------------------------------------------------------
@@ -378,6 +387,24 @@ async def _cancel_when_cancelled(pending: PendingSample, future: EngineFuture):
     except asyncio.CancelledError:
         pending._request.cancel()
         raise
+
+
+# what each field of a sampler handle holds (get_sampler_handle writes them); the first two are required
+_HANDLE_FIELDS = {"sampling_session_id": str, "base_model": str, "model_path": (str, type(None)),
+                  "record_stability_info": bool, "process": str}
+
+
+def _handle_state(handle) -> dict:
+    """The fields of a sampler handle, each of its type: InvalidArgumentError (a ValueError, as the SDK raises)
+    for anything else, a hand-made or damaged handle included."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(handle.encode() if isinstance(handle, str) else handle))
+    except (AttributeError, TypeError, ValueError, RecursionError, binascii.Error):
+        state = None
+    if not (isinstance(state, dict) and {"sampling_session_id", "base_model"} <= state.keys()
+            and all(isinstance(state[k], t) for k, t in _HANDLE_FIELDS.items() if k in state)):
+        raise InvalidArgumentError(f"not a sampler handle (from SamplingClient.get_sampler_handle()): {handle!r:.80}")
+    return state
 
 
 def _new_sampler_id(holder) -> str:
@@ -414,7 +441,8 @@ def check_model_path(model_path) -> None:
     """A sampler's model_path must be a well-formed tinker:// path (ValueError at the call, as for
     the other malformed arguments); whether it exists is the future's to report."""
     if not isinstance(model_path, str) or not model_path.startswith("tinker://"):
-        raise ValueError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got {model_path!r}")
+        raise InvalidArgumentError(f"model_path must be a tinker:// path (from save_weights_for_sampler), got "
+                                   f"{model_path!r:.200}")
     from ... import _checkpoints
 
     _checkpoints.parse_path(model_path)

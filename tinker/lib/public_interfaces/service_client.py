@@ -24,8 +24,8 @@ from typing import Any, Literal, Mapping
 
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
-from ..._engine import load_model
-from ..._exceptions import BadRequestError
+from ..._engine import load_model, optional_str_arg, string_map_arg
+from ..._exceptions import BadRequestError, InvalidArgumentError
 from ..._futures import APIFuture, DoneFuture, background_work_done, in_background
 from ..._models import available_models
 from ..._restore import saved_config
@@ -61,9 +61,10 @@ class ServiceClient:
                  default_headers_overrides: Mapping[str, str] | None = None, **kwargs: Any):
         if kwargs:
             warnings.warn(deprecation.unknown_service_arguments(kwargs), FutureWarning, stacklevel=2)
-        self.user_metadata = dict(user_metadata or {})
+        self.user_metadata = string_map_arg("user_metadata", user_metadata) or {}
+        project_id = optional_str_arg("project_id", project_id)
         self.project_id = project_id if project_id is not None else (os.environ.get("TINKER_PROJECT_ID") or None)
-        self.display_name = display_name
+        self.display_name = optional_str_arg("display_name", display_name)
         self.session_id = str(uuid.uuid4())
         self._training_ids = itertools.count()
         self._closed = False
@@ -122,6 +123,7 @@ class ServiceClient:
 
     def _new_training_client(self, seq_id: int, base_model: str, rank, seed, train_mlp, train_attn, train_unembed,
                              user_metadata, optimizer) -> TrainingClient:
+        user_metadata = string_map_arg("user_metadata", user_metadata)
         model = load_model(base_model)
         adapter = LoraAdapter(model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                               train_unembed=train_unembed)
@@ -163,7 +165,7 @@ class ServiceClient:
         tinker:// `model_path`: `.result()` or `await` it."""
         self._check_open()
         if model_path is None and base_model is None:
-            raise ValueError("Either model_path or base_model must be provided")
+            raise InvalidArgumentError("Either model_path or base_model must be provided")
         if model_path is not None:
             check_model_path(model_path)
             return BackcompatSamplingClientFuture(in_background(

@@ -20,8 +20,8 @@ import numpy as np
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
 from ... import _restore as restore
-from ..._engine import bool_arg
-from ..._exceptions import BadRequestError, TinkerError
+from ..._engine import bool_arg, string_map_arg
+from ..._exceptions import BadRequestError, InvalidArgumentError, TinkerError
 from ..._multimodal import engine_input
 from ..._futures import (
     APIFuture, BackgroundFuture, ClientFuture, DoneFuture, EngineFuture, background_future, forward_client_methods,
@@ -87,7 +87,7 @@ class TrainingClient:
     def _submit(self, data, loss_fn, loss_fn_config, backward: bool,
                 ordered: bool = True) -> APIFuture[ForwardBackwardOutput]:
         if isinstance(data, (list, tuple)) and not data:
-            raise ValueError("No data provided")
+            raise InvalidArgumentError("No data provided")
         if ordered:
             self._wait_turn()
         try:
@@ -130,14 +130,14 @@ class TrainingClient:
     def _custom_forward_data(self, data) -> list[Datum]:
         """The first pass's datums: target_tokens and weights (zeros when absent), provenance kept."""
         if not data:
-            raise ValueError("No data provided")
+            raise InvalidArgumentError("No data provided")
         prepared = []
         for i, datum in enumerate(data):
             if not isinstance(datum, Datum):
-                raise ValueError(f"datum {i}: expected a tinker.Datum, got {type(datum).__name__}")
+                raise InvalidArgumentError(f"datum {i}: expected a tinker.Datum, got {type(datum).__name__}")
             targets = datum.loss_fn_inputs.get("target_tokens")
             if targets is None:
-                raise ValueError(f"datum {i}: forward_backward_custom needs loss_fn_inputs['target_tokens']")
+                raise InvalidArgumentError(f"datum {i}: forward_backward_custom needs loss_fn_inputs['target_tokens']")
             weights = datum.loss_fn_inputs.get("weights")
             if weights is None:
                 weights = TensorData.from_numpy(np.zeros(targets.to_numpy().shape, dtype=np.float32))
@@ -326,7 +326,7 @@ class TrainingClient:
         try:
             # the arguments first, then the store (fail now, before queueing)
             ttl = ckpt.check_ttl(ttl_seconds)
-            metadata = _check_metadata(user_metadata)
+            metadata = string_map_arg("user_metadata", user_metadata)
             overwrite = bool_arg("overwrite", overwrite)
             ckpt.save_destination(self.model_id, kind, name, overwrite)
         except ValueError as e:
@@ -497,16 +497,6 @@ def _check_loss_type_input(loss_type_input: str | None) -> None:
         raise ValueError(f"Unsupported loss_type_input={loss_type_input!r}. Supported values are: logprobs")
 
 
-def _check_metadata(user_metadata) -> dict[str, str] | None:
-    """A checkpoint's user_metadata: a dict of strings (ValueError otherwise), or None."""
-    if user_metadata is None:
-        return None
-    if not isinstance(user_metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                      for k, v in user_metadata.items()):
-        raise ValueError(f"user_metadata must be a dict of str to str, got {user_metadata!r}")
-    return dict(user_metadata)
-
-
 def _check_containers(data, loss_fn, loss_fn_config) -> None:
     """The call's arguments are of the kinds Tinker takes, before anything looks inside them."""
     if not isinstance(data, (list, tuple)):
@@ -549,7 +539,7 @@ def _check_provenance(data) -> None:
 
 def _check_kind(kind: str) -> None:
     if kind not in ("snapshot", "inflight"):
-        raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
+        raise InvalidArgumentError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
 
 
 def _age_encryptor(recipients):
