@@ -1,0 +1,217 @@
+/* cuda_backend.c - the CUDA backend's op table (C, like the rest of the engine); the device work is in
+ * cuda_ops.cu behind cuda_ops.h. Buffers are device memory (host_memory 0): model/ reaches them only through
+ * the table, which TINKER_DEVICE=devsim checks on any machine.
+ *
+ * Written so far: memory (alloc, free, upload, download, copy_rows, sync), float32 weights' storage (F32, F16,
+ * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
+ * gather, scatter_add, sum_squares, adamw, adamw_peak. Not yet: the matmuls (cuBLAS), attention, RoPE, the
+ * backward ops, the MoE row ops, the vision ops, quantized weights; those entries are NULL, so the engine does
+ * not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of
+ * this has run on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
+ */
+#ifdef TK_HAVE_CUDA
+
+#include "cuda_backend.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_ops.h"
+
+typedef struct {
+    tk_backend base;
+    tk_cu *cu;
+} cuda_backend;
+
+static tk_cu *cu_of(tk_backend *be) { return ((cuda_backend *)be)->cu; }
+
+static void cuda_destroy(tk_backend *be)
+{
+    tk_cu_destroy(cu_of(be));
+    free(be);
+}
+
+/* ---- memory ---- */
+
+static void *cuda_alloc(tk_backend *be, size_t bytes)
+{
+    void *p = tk_cu_alloc(cu_of(be), bytes);
+    if (!p) tk_error(TK_ERR_NOMEM, "out of GPU memory: %.1f MB could not be allocated", (double)bytes / 1e6);
+    return p;
+}
+
+static void cuda_free(tk_backend *be, void *p) { tk_cu_free(cu_of(be), p); }
+
+static void cuda_upload(tk_backend *be, void *dst, const void *host, size_t bytes)
+{
+    tk_cu_upload(cu_of(be), dst, host, bytes);
+}
+
+static void cuda_download(tk_backend *be, void *host, const void *src, size_t bytes)
+{
+    tk_cu_download(cu_of(be), host, src, bytes);
+}
+
+static void cuda_copy_rows(tk_backend *be, float *const *dst, const float *const *src, int rows, int n)
+{
+    tk_cu_copy_rows(cu_of(be), dst, src, rows, n);
+}
+
+static tk_status cuda_sync(tk_backend *be)
+{
+    char why[256];
+    int failed = tk_cu_sync(cu_of(be), why, sizeof why);
+    if (!failed) return TK_OK;
+    return tk_error(failed == 2 ? TK_ERR_NOMEM : TK_ERR_INTERNAL, "%s", why);
+}
+
+/* ---- weights: F32, F16 and BF16 as the file's rows ---- */
+
+enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30 };
+
+static size_t element_bytes(int type)
+{
+    return type == GGML_F32 ? 4 : type == GGML_F16 || type == GGML_BF16 ? 2 : 0;
+}
+
+static size_t cuda_weight_bytes(tk_backend *be, int type, int rows, int cols)
+{
+    (void)be;
+    size_t e = element_bytes(type);
+    if (!e || rows <= 0 || cols <= 0) return 0;
+    return ((size_t)rows * (size_t)cols * e + 63) & ~(size_t)63;
+}
+
+static void cuda_weight_put_row(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src)
+{
+    size_t e = element_bytes(p->type);
+    tk_cu_upload(cu_of(be), (char *)p->data + (size_t)row * cols * e, src, (size_t)cols * e);
+}
+
+static void cuda_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
+{
+    /* one part per row range: each token's row from the part holding it */
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < table->n_parts; i++) {
+            const tk_weight_part *p = &table->part[i];
+            int r = tokens[t] - p->row0;
+            if (r < 0 || r >= p->rows) continue;
+            int32_t local = r;
+            tk_cu_embed(cu_of(be), x + (size_t)t * table->cols, p->data, p->type, table->cols, &local, 1);
+        }
+}
+
+/* ---- row-wise and element-wise ---- */
+
+static void cuda_rmsnorm(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int n,
+                         float eps, float *inv_rms)
+{
+    tk_cu_rmsnorm(cu_of(be), y, ldy, x, ldx, w, rows, n, eps, inv_rms);
+}
+
+static void cuda_add_bias(tk_backend *be, float *y, int ldy, const float *b, int rows, int n)
+{
+    tk_cu_add_bias(cu_of(be), y, ldy, b, rows, n);
+}
+
+static void cuda_swiglu(tk_backend *be, float *act, const float *gate_up, int T, int F)
+{
+    tk_cu_swiglu(cu_of(be), act, gate_up, T, F);
+}
+
+static void cuda_logsumexp(tk_backend *be, float *lse, const float *x, int ldx, int rows, int n)
+{
+    tk_cu_logsumexp(cu_of(be), lse, x, ldx, rows, n);
+}
+
+static void cuda_softmax_scale(tk_backend *be, float *x, int ldx, const float *lse, const float *g, int rows, int n)
+{
+    tk_cu_softmax_scale(cu_of(be), x, ldx, lse, g, rows, n);
+}
+
+static void cuda_zero_rows(tk_backend *be, float *x, int ldx, int rows, int n)
+{
+    tk_cu_zero_rows(cu_of(be), x, ldx, rows, n);
+}
+
+static void cuda_gather(tk_backend *be, float *out, const float *x, int ldx, const int32_t *row, const int32_t *col,
+                        int n)
+{
+    tk_cu_gather(cu_of(be), out, x, ldx, row, col, n);
+}
+
+static void cuda_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *row, const int32_t *col,
+                             const float *val, int n)
+{
+    tk_cu_scatter_add(cu_of(be), x, ldx, row, col, val, n);
+}
+
+/* ---- the optimizer ---- */
+
+static double cuda_sum_squares(tk_backend *be, const float *x, size_t n) { return tk_cu_sum_squares(cu_of(be), x, n); }
+
+static void factors_array(const tk_adamw_factors *f, float out[8])
+{
+    out[0] = f->clip_scale, out[1] = f->decay, out[2] = f->step_size, out[3] = f->bc2_sqrt;
+    out[4] = f->b1w, out[5] = f->b2, out[6] = f->b2w, out[7] = f->eps;
+}
+
+static void cuda_adamw(tk_backend *be, float *p, float *g, float *m, float *v, size_t n, const tk_adamw_factors *f)
+{
+    float fa[8];
+    factors_array(f, fa);
+    tk_cu_adamw(cu_of(be), p, g, m, v, n, fa);
+}
+
+static float cuda_adamw_peak(tk_backend *be, const float *p, const float *g, const float *m, const float *v, size_t n,
+                             const tk_adamw_factors *f)
+{
+    float fa[8];
+    factors_array(f, fa);
+    return tk_cu_adamw_peak(cu_of(be), p, g, m, v, n, fa);
+}
+
+/* ---- the table ---- */
+
+tk_backend *tk_cuda_backend_create(tk_pool *pool)
+{
+    (void)pool; /* the GPU runs the work; the pool stays the host's */
+    char why[256] = "";
+    tk_cu *cu = tk_cu_create(0, why, sizeof why);
+    cuda_backend *be = cu ? calloc(1, sizeof *be) : NULL;
+    if (!be) {
+        tk_cu_destroy(cu);
+        tk_error(TK_ERR_UNSUPPORTED, "no CUDA backend: %s", cu ? "out of memory" : why);
+        return NULL;
+    }
+    be->cu = cu;
+    be->base = (tk_backend){
+        .name = "cuda",
+        .host_memory = 0,
+        .destroy = cuda_destroy,
+        .weight_bytes = cuda_weight_bytes,
+        .weight_put_row = cuda_weight_put_row,
+        .alloc = cuda_alloc,
+        .free = cuda_free,
+        .upload = cuda_upload,
+        .download = cuda_download,
+        .copy_rows = cuda_copy_rows,
+        .sync = cuda_sync,
+        .zero_rows = cuda_zero_rows,
+        .gather = cuda_gather,
+        .scatter_add = cuda_scatter_add,
+        .sum_squares = cuda_sum_squares,
+        .adamw = cuda_adamw,
+        .adamw_peak = cuda_adamw_peak,
+        .embed = cuda_embed,
+        .rmsnorm = cuda_rmsnorm,
+        .add_bias = cuda_add_bias,
+        .swiglu = cuda_swiglu,
+        .logsumexp = cuda_logsumexp,
+        .softmax_scale = cuda_softmax_scale,
+    };
+    atomic_init(&be->base.refcount, 1);
+    return &be->base;
+}
+
+#endif /* TK_HAVE_CUDA */

@@ -1,0 +1,439 @@
+/* cuda_ops.cu - the CUDA backend's device side (see cuda_ops.h): the context and its stream, memory, and the
+ * kernels of the ops written so far. Float32 throughout, as the CPU backend; every float operation whose rounding
+ * the CPU backend fixes (AdamW: torch's float ops one for one) is written with _rn intrinsics, so nvcc's
+ * multiply-add contraction cannot change it.
+ *
+ * Not run yet (no GPU in the task that wrote it): tests/ops runs every op here against the float64 references
+ * when a GPU is visible (issue #15).
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_ops.h"
+
+struct tk_cu {
+    int device;
+    cudaStream_t stream;
+    cudaError_t first; /* the first failure since the last sync */
+    char where[64];    /* what failed */
+    double *sum;       /* [1] sum_squares' result */
+    unsigned *peak;    /* [1] adamw_peak's result (float bits: non-negative floats order as unsigned) */
+};
+
+enum { THREADS = 256 };
+
+static void check(tk_cu *cu, cudaError_t err, const char *where)
+{
+    if (err != cudaSuccess && cu->first == cudaSuccess) {
+        cu->first = err;
+        snprintf(cu->where, sizeof cu->where, "%s", where);
+    }
+}
+
+static void launched(tk_cu *cu, const char *op) { check(cu, cudaGetLastError(), op); }
+
+static unsigned blocks_for(size_t n)
+{
+    size_t b = (n + THREADS - 1) / THREADS;
+    return (unsigned)(b < 1 ? 1 : b > 65535 ? 65535 : b);
+}
+
+/* A device copy of a host array for one op (stream-ordered: freed after the op, in the stream) */
+static void *staged(tk_cu *cu, const void *host, size_t bytes)
+{
+    void *d = NULL;
+    check(cu, cudaMallocAsync(&d, bytes ? bytes : 4, cu->stream), "staging");
+    if (d && bytes) check(cu, cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, cu->stream), "staging");
+    return d;
+}
+
+static void unstage(tk_cu *cu, void *d)
+{
+    if (d) check(cu, cudaFreeAsync(d, cu->stream), "staging");
+}
+
+/* ---- the context ---- */
+
+extern "C" tk_cu *tk_cu_create(int device, char *why, size_t why_size)
+{
+    cudaError_t err = cudaSetDevice(device);
+    tk_cu *cu = err == cudaSuccess ? (tk_cu *)calloc(1, sizeof(tk_cu)) : NULL;
+    if (cu) err = cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking);
+    if (cu && err == cudaSuccess) err = cudaMalloc((void **)&cu->sum, sizeof(double));
+    if (cu && err == cudaSuccess) err = cudaMalloc((void **)&cu->peak, sizeof(unsigned));
+    if (err != cudaSuccess || !cu) {
+        snprintf(why, why_size, "CUDA device %d: %s", device, err != cudaSuccess ? cudaGetErrorString(err) : "out of memory");
+        if (cu) tk_cu_destroy(cu);
+        return NULL;
+    }
+    cu->device = device;
+    return cu;
+}
+
+extern "C" void tk_cu_destroy(tk_cu *cu)
+{
+    if (!cu) return;
+    if (cu->stream) cudaStreamSynchronize(cu->stream);
+    cudaFree(cu->sum);
+    cudaFree(cu->peak);
+    if (cu->stream) cudaStreamDestroy(cu->stream);
+    free(cu);
+}
+
+extern "C" int tk_cu_sync(tk_cu *cu, char *why, size_t why_size)
+{
+    check(cu, cudaStreamSynchronize(cu->stream), "sync");
+    if (cu->first == cudaSuccess) return 0;
+    snprintf(why, why_size, "CUDA: %s in %s", cudaGetErrorString(cu->first), cu->where);
+    int status = cu->first == cudaErrorMemoryAllocation ? 2 : 1;
+    cu->first = cudaSuccess;
+    cudaGetLastError(); /* a sticky error stays: the context is then unusable, and says so on every sync */
+    return status;
+}
+
+/* ---- memory ---- */
+
+extern "C" void *tk_cu_alloc(tk_cu *cu, size_t bytes)
+{
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
+        cudaGetLastError(); /* out of memory is reported by the caller, not a sticky failure */
+        return NULL;
+    }
+    check(cu, cudaMemsetAsync(p, 0, bytes, cu->stream), "alloc");
+    return p;
+}
+
+extern "C" void tk_cu_free(tk_cu *cu, void *p)
+{
+    if (!p) return;
+    check(cu, cudaStreamSynchronize(cu->stream), "free"); /* nothing queued may still use it */
+    check(cu, cudaFree(p), "free");
+}
+
+extern "C" void tk_cu_upload(tk_cu *cu, void *dst, const void *host, size_t bytes)
+{
+    if (bytes) check(cu, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, cu->stream), "upload");
+}
+
+extern "C" void tk_cu_download(tk_cu *cu, void *host, const void *src, size_t bytes)
+{
+    if (bytes) check(cu, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, cu->stream), "download");
+    check(cu, cudaStreamSynchronize(cu->stream), "download");
+}
+
+__global__ void copy_rows_k(float *const *dst, const float *const *src, int n)
+{
+    const float *s = src[blockIdx.x];
+    float *d = dst[blockIdx.x];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
+}
+
+extern "C" void tk_cu_copy_rows(tk_cu *cu, float *const *dst, const float *const *src, int rows, int n)
+{
+    if (rows <= 0 || n <= 0) return;
+    float *const *d = (float *const *)staged(cu, dst, (size_t)rows * sizeof(float *));
+    const float *const *s = (const float *const *)staged(cu, src, (size_t)rows * sizeof(float *));
+    for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.x limit */
+        int chunk = rows - r0 < 65535 ? rows - r0 : 65535;
+        copy_rows_k<<<chunk, THREADS, 0, cu->stream>>>(d + r0, s + r0, n);
+    }
+    launched(cu, "copy_rows");
+    unstage(cu, (void *)d), unstage(cu, (void *)s);
+}
+
+/* ---- reductions within a block (blockDim.x a multiple of 32) ---- */
+
+__device__ float block_sum(float v)
+{
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    float total = part[0];
+    __syncthreads(); /* the next call may write part */
+    return total;
+}
+
+__device__ float block_max(float v)
+{
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : -INFINITY;
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    float m = part[0];
+    __syncthreads();
+    return m;
+}
+
+__device__ double block_sum_double(double v)
+{
+    __shared__ double part[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    double total = part[0];
+    __syncthreads();
+    return total;
+}
+
+/* ---- row-wise: one block per row ---- */
+
+__global__ void rmsnorm_k(float *y, int ldy, const float *x, int ldx, const float *w, int n, float eps, float *inv)
+{
+    const float *xr = x + (size_t)blockIdx.x * ldx;
+    float *yr = y + (size_t)blockIdx.x * ldy;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float s = rsqrtf(ss / (float)n + eps);
+    if (inv && threadIdx.x == 0) inv[blockIdx.x] = s;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * s * w[i]; /* y may be x: same element */
+}
+
+extern "C" void tk_cu_rmsnorm(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int n,
+                              float eps, float *inv_rms)
+{
+    if (rows <= 0) return;
+    rmsnorm_k<<<rows, THREADS, 0, cu->stream>>>(y, ldy, x, ldx, w, n, eps, inv_rms);
+    launched(cu, "rmsnorm");
+}
+
+__global__ void add_bias_k(float *y, int ldy, const float *b, int n)
+{
+    float *yr = y + (size_t)blockIdx.x * ldy;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] += b[i];
+}
+
+extern "C" void tk_cu_add_bias(tk_cu *cu, float *y, int ldy, const float *b, int rows, int n)
+{
+    if (rows <= 0) return;
+    add_bias_k<<<rows, THREADS, 0, cu->stream>>>(y, ldy, b, n);
+    launched(cu, "add_bias");
+}
+
+__global__ void swiglu_k(float *act, const float *gate_up, int F)
+{
+    const float *g = gate_up + (size_t)blockIdx.x * 2 * F, *u = g + F;
+    float *a = act + (size_t)blockIdx.x * F;
+    for (int i = threadIdx.x; i < F; i += blockDim.x) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+extern "C" void tk_cu_swiglu(tk_cu *cu, float *act, const float *gate_up, int T, int F)
+{
+    if (T <= 0) return;
+    swiglu_k<<<T, THREADS, 0, cu->stream>>>(act, gate_up, F);
+    launched(cu, "swiglu");
+}
+
+__global__ void logsumexp_k(float *lse, const float *x, int ldx, int n)
+{
+    const float *xr = x + (size_t)blockIdx.x * ldx;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += expf(xr[i] - m);
+    s = block_sum(s);
+    if (threadIdx.x == 0) lse[blockIdx.x] = m + logf(s);
+}
+
+extern "C" void tk_cu_logsumexp(tk_cu *cu, float *lse, const float *x, int ldx, int rows, int n)
+{
+    if (rows <= 0) return;
+    logsumexp_k<<<rows, 1024, 0, cu->stream>>>(lse, x, ldx, n); /* vocabulary-wide rows */
+    launched(cu, "logsumexp");
+}
+
+__global__ void softmax_scale_k(float *x, int ldx, const float *lse, const float *g, int n)
+{
+    float *xr = x + (size_t)blockIdx.x * ldx, l = lse[blockIdx.x], scale = -g[blockIdx.x];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = scale * expf(xr[i] - l);
+}
+
+extern "C" void tk_cu_softmax_scale(tk_cu *cu, float *x, int ldx, const float *lse, const float *g, int rows, int n)
+{
+    if (rows <= 0) return;
+    softmax_scale_k<<<rows, 1024, 0, cu->stream>>>(x, ldx, lse, g, n);
+    launched(cu, "softmax_scale");
+}
+
+__global__ void zero_rows_k(float *x, int ldx, int n)
+{
+    float *xr = x + (size_t)blockIdx.x * ldx;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = 0.0f;
+}
+
+extern "C" void tk_cu_zero_rows(tk_cu *cu, float *x, int ldx, int rows, int n)
+{
+    if (rows <= 0) return;
+    zero_rows_k<<<rows, THREADS, 0, cu->stream>>>(x, ldx, n);
+    launched(cu, "zero_rows");
+}
+
+/* ---- indexing ---- */
+
+__global__ void gather_k(float *out, const float *x, int ldx, const int32_t *row, const int32_t *col, int n)
+{
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = x[(size_t)row[i] * ldx + col[i]];
+}
+
+extern "C" void tk_cu_gather(tk_cu *cu, float *out, const float *x, int ldx, const int32_t *row, const int32_t *col,
+                             int n)
+{
+    if (n <= 0) return;
+    int32_t *r = (int32_t *)staged(cu, row, (size_t)n * sizeof *row), *c = (int32_t *)staged(cu, col, (size_t)n * sizeof *col);
+    gather_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(out, x, ldx, r, c, n);
+    launched(cu, "gather");
+    unstage(cu, r), unstage(cu, c);
+}
+
+/* in order, one thread: pairs may repeat and their sums must be the CPU's (a few hundred targets per call) */
+__global__ void scatter_add_k(float *x, int ldx, const int32_t *row, const int32_t *col, const float *val, int n)
+{
+    for (int i = 0; i < n; i++) x[(size_t)row[i] * ldx + col[i]] += val[i];
+}
+
+extern "C" void tk_cu_scatter_add(tk_cu *cu, float *x, int ldx, const int32_t *row, const int32_t *col,
+                                  const float *val, int n)
+{
+    if (n <= 0) return;
+    int32_t *r = (int32_t *)staged(cu, row, (size_t)n * sizeof *row), *c = (int32_t *)staged(cu, col, (size_t)n * sizeof *col);
+    scatter_add_k<<<1, 1, 0, cu->stream>>>(x, ldx, r, c, val, n);
+    launched(cu, "scatter_add");
+    unstage(cu, r), unstage(cu, c);
+}
+
+/* ---- the optimizer ---- */
+
+__global__ void sum_squares_k(double *out, const float *x, size_t n)
+{
+    double s = 0.0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    s = block_sum_double(s);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+extern "C" double tk_cu_sum_squares(tk_cu *cu, const float *x, size_t n)
+{
+    double s = 0.0;
+    check(cu, cudaMemsetAsync(cu->sum, 0, sizeof(double), cu->stream), "sum_squares");
+    if (n) sum_squares_k<<<blocks_for(n) < 1024 ? blocks_for(n) : 1024, THREADS, 0, cu->stream>>>(cu->sum, x, n);
+    launched(cu, "sum_squares");
+    tk_cu_download(cu, &s, cu->sum, sizeof s);
+    return s;
+}
+
+typedef struct {
+    float clip_scale, decay, step_size, bc2_sqrt, b1w, b2, b2w, eps;
+} adamw_f;
+
+/* torch's single-tensor AdamW in float32, operation for operation (optim_ops.c's adamw_element) */
+__device__ void adamw_element(float *p, float *m, float *v, float g, const adamw_f f)
+{
+    float grad = __fmul_rn(g, f.clip_scale);
+    float pn = __fmul_rn(*p, f.decay);
+    float mn = f.b1w < 0.5f ? __fadd_rn(*m, __fmul_rn(f.b1w, __fsub_rn(grad, *m)))
+                            : __fsub_rn(grad, __fmul_rn(__fsub_rn(grad, *m), __fsub_rn(1.0f, f.b1w)));
+    float vn = __fadd_rn(__fmul_rn(*v, f.b2), __fmul_rn(__fmul_rn(f.b2w, grad), grad));
+    float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vn), f.bc2_sqrt), f.eps);
+    *p = __fadd_rn(pn, __fmul_rn(-f.step_size, __fdiv_rn(mn, denom)));
+    *m = mn;
+    *v = vn;
+}
+
+__global__ void adamw_k(float *p, float *g, float *m, float *v, size_t n, adamw_f f)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        adamw_element(&p[i], &m[i], &v[i], g[i], f);
+        g[i] = 0.0f;
+    }
+}
+
+static adamw_f factors_of(const float f[8]) { return adamw_f{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]}; }
+
+extern "C" void tk_cu_adamw(tk_cu *cu, float *p, float *g, float *m, float *v, size_t n, const float factors[8])
+{
+    if (!n) return;
+    adamw_k<<<blocks_for(n), THREADS, 0, cu->stream>>>(p, g, m, v, n, factors_of(factors));
+    launched(cu, "adamw");
+}
+
+__global__ void adamw_peak_k(unsigned *peak, const float *p, const float *g, const float *m, const float *v, size_t n,
+                             adamw_f f)
+{
+    float top = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pn = p[i], mn = m[i], vn = v[i];
+        adamw_element(&pn, &mn, &vn, g[i], f);
+        if (!isfinite(pn) || !isfinite(mn) || !isfinite(vn)) top = INFINITY;
+        else top = fmaxf(top, fabsf(pn));
+    }
+    top = block_max(top);
+    if (threadIdx.x == 0) atomicMax(peak, __float_as_uint(top)); /* non-negative floats order as their bits */
+}
+
+extern "C" float tk_cu_adamw_peak(tk_cu *cu, const float *p, const float *g, const float *m, const float *v, size_t n,
+                                  const float factors[8])
+{
+    unsigned bits = 0;
+    check(cu, cudaMemsetAsync(cu->peak, 0, sizeof(unsigned), cu->stream), "adamw_peak");
+    if (n) adamw_peak_k<<<blocks_for(n), THREADS, 0, cu->stream>>>(cu->peak, p, g, m, v, n, factors_of(factors));
+    launched(cu, "adamw_peak");
+    tk_cu_download(cu, &bits, cu->peak, sizeof bits);
+    float peak;
+    memcpy(&peak, &bits, sizeof peak);
+    return peak;
+}
+
+/* ---- embeddings ---- */
+
+enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30 };
+
+__global__ void embed_k(float *x, const void *table, int type, int cols, const int32_t *tokens)
+{
+    size_t row = (size_t)tokens[blockIdx.x];
+    float *out = x + (size_t)blockIdx.x * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        size_t at = row * cols + i;
+        if (type == GGML_F32) out[i] = ((const float *)table)[at];
+        else if (type == GGML_F16) out[i] = __half2float(((const __half *)table)[at]);
+        else out[i] = __uint_as_float((unsigned)((const unsigned short *)table)[at] << 16);
+    }
+}
+
+extern "C" void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, const int32_t *tokens, int T)
+{
+    if (T <= 0) return;
+    int32_t *t = (int32_t *)staged(cu, tokens, (size_t)T * sizeof *tokens);
+    embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, t);
+    launched(cu, "embed");
+    unstage(cu, t);
+}
