@@ -139,6 +139,11 @@ static int draw(const tk_cand *c, const double *e, int n, double total, tk_rng *
 static void scale_by_temperature(float *z, int V, double temperature)
 {
     double inv = 1.0 / temperature;
+    if (inv <= 1.0) { /* temperature >= 1 cannot overflow: the common case skips the pass over z below */
+        float inv_t = (float)inv;
+        for (int v = 0; v < V; v++) z[v] *= inv_t;
+        return;
+    }
     float zmax = z[0], zabs = 0;
     for (int v = 0; v < V; v++) {
         zmax = z[v] > zmax ? z[v] : zmax;
