@@ -4,10 +4,16 @@
  *
  * Written so far: memory (alloc, free, upload, download, copy_rows, sync), float32 weights' storage (F32, F16,
  * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
- * gather, scatter_add, sum_squares, adamw, adamw_peak. Not yet: the matmuls (cuBLAS), attention, RoPE, the
- * backward ops, the MoE row ops, the vision ops, quantized weights; those entries are NULL, so the engine does
- * not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of
- * this has run on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
+ * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, and the float32 matmuls (LoRA's)
+ * through cuBLAS in float32 arithmetic. Not yet: the base-weight matmuls, attention, the backward element-wise
+ * ops, the MoE row ops, the vision ops, quantized weights; those entries are NULL, so the engine does not run on
+ * this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
+ * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
+ *
+ * A contract to settle on the GPU: matmul_nt's rows must not depend on the other rows of the call, bit for bit
+ * (the prefix cache's exactness rests on it; "matmul_nt rows" in tests/ops). cuBLAS picks its algorithm by
+ * shape, so its rows may round differently with T; a row-invariant kernel, or a per-backend tolerance for the
+ * prefix cache, is the choice to make there.
  */
 #ifdef TK_HAVE_CUDA
 
@@ -146,6 +152,48 @@ static void cuda_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *r
     tk_cu_scatter_add(cu_of(be), x, ldx, row, col, val, n);
 }
 
+/* ---- float32 matmuls (LoRA's): cuBLAS ---- */
+
+static void cuda_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
+                           int K, float alpha, float beta)
+{
+    tk_cu_matmul_nt(cu_of(be), y, ldy, x, ldx, w, T, N, K, alpha, beta);
+}
+
+static void cuda_matmul_nt_many(tk_backend *be, const tk_nt_job *jobs, int n_jobs, int decoding)
+{
+    (void)decoding; /* one kernel serves both: a grouped GEMM is the next step */
+    for (int j = 0; j < n_jobs; j++)
+        tk_cu_matmul_nt(cu_of(be), jobs[j].y, jobs[j].ldy, jobs[j].x, jobs[j].ldx, jobs[j].w, jobs[j].T, jobs[j].N,
+                        jobs[j].K, jobs[j].alpha, jobs[j].beta);
+}
+
+static void cuda_matmul_nn(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
+                           int N, int K, float alpha, float beta)
+{
+    tk_cu_matmul_nn(cu_of(be), y, ldy, x, ldx, w, ldw, T, N, K, alpha, beta);
+}
+
+static void cuda_matmul_tn_acc(tk_backend *be, float *g, int ldg, const float *a, int lda, const float *b, int ldb,
+                               int T, int M, int N, float alpha)
+{
+    tk_cu_matmul_tn_acc(cu_of(be), g, ldg, a, lda, b, ldb, T, M, N, alpha);
+}
+
+/* ---- RoPE ---- */
+
+static void cuda_rope_table(tk_backend *be, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
+                            const float *inv_freq, const int8_t *axis, int half)
+{
+    tk_cu_rope_table(cu_of(be), cos, sin, pos, pos_dims, rows, inv_freq, axis, half);
+}
+
+static void cuda_rope(tk_backend *be, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos,
+                      const float *sin, int inverse)
+{
+    tk_cu_rope(cu_of(be), x, ldx, rows, n_heads, head_dim, cos, sin, inverse);
+}
+
 /* ---- the optimizer ---- */
 
 static double cuda_sum_squares(tk_backend *be, const float *x, size_t n) { return tk_cu_sum_squares(cu_of(be), x, n); }
@@ -209,6 +257,13 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .swiglu = cuda_swiglu,
         .logsumexp = cuda_logsumexp,
         .softmax_scale = cuda_softmax_scale,
+        .rope_table = cuda_rope_table,
+        .rope = cuda_rope,
+        .matmul_nt = cuda_matmul_nt,
+        .matmul_nt_decode = cuda_matmul_nt,
+        .matmul_nt_many = cuda_matmul_nt_many,
+        .matmul_nn = cuda_matmul_nn,
+        .matmul_tn_acc = cuda_matmul_tn_acc,
     };
     atomic_init(&be->base.refcount, 1);
     return &be->base;

@@ -8,6 +8,7 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,11 +16,28 @@
 
 #include "cuda_ops.h"
 
+/* ---- cuBLAS, declared here and loaded at run time: this machine's CUDA toolkit has no cuBLAS headers, and the
+ * GPU machines have the library (the nvidia-cublas wheel beside torch, or the toolkit's) ---- */
+typedef struct cublas_ctx *cublas_handle;
+enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_DEFAULT_MATH = 0 };
+typedef struct {
+    void *lib;
+    int (*create)(cublas_handle *);
+    int (*destroy)(cublas_handle);
+    int (*set_stream)(cublas_handle, cudaStream_t);
+    int (*set_math_mode)(cublas_handle, int);
+    int (*sgemm)(cublas_handle, int, int, int, int, int, const float *, const float *, int, const float *, int,
+                 const float *, float *, int);
+} cublas_api;
+
 struct tk_cu {
     int device;
     cudaStream_t stream;
+    cublas_api blas;
+    cublas_handle handle; /* NULL until the first matmul loads cuBLAS */
+    char blas_error[160];
     cudaError_t first; /* the first failure since the last sync */
-    char where[64];    /* what failed */
+    char where[192];   /* what failed */
     double *sum;       /* [1] sum_squares' result */
     unsigned *peak;    /* [1] adamw_peak's result (float bits: non-negative floats order as unsigned) */
 };
@@ -78,6 +96,8 @@ extern "C" void tk_cu_destroy(tk_cu *cu)
 {
     if (!cu) return;
     if (cu->stream) cudaStreamSynchronize(cu->stream);
+    if (cu->handle) cu->blas.destroy(cu->handle);
+    if (cu->blas.lib) dlclose(cu->blas.lib);
     cudaFree(cu->sum);
     cudaFree(cu->peak);
     if (cu->stream) cudaStreamDestroy(cu->stream);
@@ -436,4 +456,127 @@ extern "C" void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, in
     embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, t);
     launched(cu, "embed");
     unstage(cu, t);
+}
+
+/* ---- RoPE ---- */
+
+__global__ void rope_table_k(float *cos_t, float *sin_t, const int32_t *pos, int pos_dims, int rows,
+                             const float *inv_freq, const int8_t *axis, int half)
+{
+    size_t n = (size_t)rows * half;
+    for (size_t at = (size_t)blockIdx.x * blockDim.x + threadIdx.x; at < n; at += (size_t)gridDim.x * blockDim.x) {
+        size_t r = at / half;
+        int i = (int)(at % half);
+        float angle = __fmul_rn((float)pos[r * pos_dims + (axis ? axis[i] : 0)], inv_freq[i]);
+        cos_t[at] = cosf(angle);
+        sin_t[at] = sinf(angle);
+    }
+}
+
+extern "C" void tk_cu_rope_table(tk_cu *cu, float *cos_t, float *sin_t, const int32_t *pos, int pos_dims, int rows,
+                                 const float *inv_freq, const int8_t *axis, int half)
+{
+    if (rows <= 0 || half <= 0) return;
+    int32_t *p = (int32_t *)staged(cu, pos, (size_t)rows * pos_dims * sizeof *pos);
+    int8_t *a = axis ? (int8_t *)staged(cu, axis, (size_t)half) : NULL;
+    rope_table_k<<<blocks_for((size_t)rows * half), THREADS, 0, cu->stream>>>(cos_t, sin_t, p, pos_dims, rows,
+                                                                               inv_freq, a, half);
+    launched(cu, "rope_table");
+    unstage(cu, p), unstage(cu, a);
+}
+
+/* one block per row: q cos + rotate_half(q) sin (inverse: sin -> -sin), each pair by one thread */
+__global__ void rope_k(float *x, int ldx, int n_heads, int head_dim, const float *cos_t, const float *sin_t,
+                       float sign)
+{
+    int half = head_dim / 2;
+    const float *c = cos_t + (size_t)blockIdx.x * half, *s = sin_t + (size_t)blockIdx.x * half;
+    float *row = x + (size_t)blockIdx.x * ldx;
+    for (int j = threadIdx.x; j < n_heads * half; j += blockDim.x) {
+        int h = j / half, i = j % half;
+        float *lo = row + (size_t)h * head_dim, *hi = lo + half;
+        float a = lo[i], b = hi[i], sn = sign * s[i];
+        lo[i] = __fsub_rn(__fmul_rn(a, c[i]), __fmul_rn(b, sn));
+        hi[i] = __fadd_rn(__fmul_rn(b, c[i]), __fmul_rn(a, sn));
+    }
+}
+
+extern "C" void tk_cu_rope(tk_cu *cu, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos_t,
+                           const float *sin_t, int inverse)
+{
+    if (rows <= 0) return;
+    rope_k<<<rows, THREADS, 0, cu->stream>>>(x, ldx, n_heads, head_dim, cos_t, sin_t, inverse ? -1.0f : 1.0f);
+    launched(cu, "rope");
+}
+
+/* ---- float32 matmuls (cuBLAS is column-major: a row-major [R, C] matrix is its column-major [C, R]) ---- */
+
+static int load_cublas(tk_cu *cu)
+{
+    if (cu->handle) return 1;
+    if (cu->blas_error[0]) return 0;
+    const char *names[] = {getenv("TINKER_CUBLAS"), "libcublas.so.13", "libcublas.so.12", "libcublas.so"};
+    void *lib = NULL;
+    for (size_t i = 0; i < sizeof names / sizeof names[0] && !lib; i++)
+        if (names[i]) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(cu->blas_error, sizeof cu->blas_error, "cuBLAS not found (libcublas.so.13 or .12; set TINKER_CUBLAS "
+                 "to its path): %s", dlerror());
+        return 0;
+    }
+    cublas_api *b = &cu->blas;
+    b->lib = lib;
+    *(void **)&b->create = dlsym(lib, "cublasCreate_v2");
+    *(void **)&b->destroy = dlsym(lib, "cublasDestroy_v2");
+    *(void **)&b->set_stream = dlsym(lib, "cublasSetStream_v2");
+    *(void **)&b->set_math_mode = dlsym(lib, "cublasSetMathMode");
+    *(void **)&b->sgemm = dlsym(lib, "cublasSgemm_v2");
+    if (!b->create || !b->destroy || !b->set_stream || !b->set_math_mode || !b->sgemm || b->create(&cu->handle) != 0) {
+        snprintf(cu->blas_error, sizeof cu->blas_error, "cuBLAS was found but could not be used");
+        cu->handle = NULL;
+        return 0;
+    }
+    b->set_stream(cu->handle, cu->stream);
+    b->set_math_mode(cu->handle, CUBLAS_DEFAULT_MATH); /* float32 arithmetic, no TF32 */
+    return 1;
+}
+
+extern "C" int tk_cu_blas_ready(tk_cu *cu, char *why, size_t why_size)
+{
+    if (load_cublas(cu)) return 1;
+    snprintf(why, why_size, "%s", cu->blas_error);
+    return 0;
+}
+
+static void sgemm(tk_cu *cu, int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda, const float *B,
+                  int ldb, float beta, float *C, int ldc, const char *op)
+{
+    if (m <= 0 || n <= 0) return;
+    if (!load_cublas(cu)) {
+        check(cu, cudaErrorNotSupported, cu->blas_error);
+        return;
+    }
+    if (cu->blas.sgemm(cu->handle, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc) != 0)
+        check(cu, cudaErrorLaunchFailure, op);
+}
+
+/* y^T [N, T] = alpha w [N, K] . x^T [K, T] + beta y^T */
+extern "C" void tk_cu_matmul_nt(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
+                                int K, float alpha, float beta)
+{
+    sgemm(cu, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, alpha, w, K, x, ldx, beta, y, ldy, "matmul_nt");
+}
+
+/* y^T [N, T] = alpha w^T [N, K] . x^T [K, T] + beta y^T */
+extern "C" void tk_cu_matmul_nn(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T,
+                                int N, int K, float alpha, float beta)
+{
+    sgemm(cu, CUBLAS_OP_N, CUBLAS_OP_N, N, T, K, alpha, w, ldw, x, ldx, beta, y, ldy, "matmul_nn");
+}
+
+/* g^T [N, M] += alpha b^T [N, T] . a [T, M] */
+extern "C" void tk_cu_matmul_tn_acc(tk_cu *cu, float *g, int ldg, const float *a, int lda, const float *b, int ldb,
+                                    int T, int M, int N, float alpha)
+{
+    sgemm(cu, CUBLAS_OP_N, CUBLAS_OP_T, N, M, T, alpha, b, ldb, a, lda, 1.0f, g, ldg, "matmul_tn_acc");
 }

@@ -47,6 +47,25 @@ double tk_cu_sum_squares(tk_cu *cu, const float *x, size_t n);
 void tk_cu_adamw(tk_cu *cu, float *p, float *g, float *m, float *v, size_t n, const float factors[8]);
 float tk_cu_adamw_peak(tk_cu *cu, const float *p, const float *g, const float *m, const float *v, size_t n,
                        const float factors[8]);
+/* RoPE: the backend.h ops of the same names (pos and axis: host arrays) */
+void tk_cu_rope_table(tk_cu *cu, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
+                      const float *inv_freq, const int8_t *axis, int half);
+void tk_cu_rope(tk_cu *cu, float *x, int ldx, int rows, int n_heads, int head_dim, const float *cos, const float *sin,
+                int inverse);
+
+/* ---- float32 matmuls through cuBLAS (loaded at run time: libcublas.so.13 / .12, or $TINKER_CUBLAS), in
+ * float32 arithmetic (no TF32). 0 when cuBLAS could not be loaded (why: the reason). ---- */
+int tk_cu_blas_ready(tk_cu *cu, char *why, size_t why_size);
+/* y[T, N] = alpha x[T, K] w[N, K]^T + beta y   (row-major, row strides ldy, ldx; w rows contiguous) */
+void tk_cu_matmul_nt(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N, int K,
+                     float alpha, float beta);
+/* y[T, N] = alpha x[T, K] w[K, N] + beta y */
+void tk_cu_matmul_nn(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int ldw, int T, int N,
+                     int K, float alpha, float beta);
+/* g[M, N] += alpha a[T, M]^T b[T, N] */
+void tk_cu_matmul_tn_acc(tk_cu *cu, float *g, int ldg, const float *a, int lda, const float *b, int ldb, int T, int M,
+                         int N, float alpha);
+
 /* x[t, :cols] = row tokens[t] of a [rows, cols] table of ggml type F32 (0), F16 (1) or BF16 (30) */
 void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, const int32_t *tokens, int T);
 
