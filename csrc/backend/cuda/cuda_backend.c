@@ -4,10 +4,10 @@
  *
  * Written so far: memory (alloc, free, upload, download, copy_rows, sync), float32 weights' storage (F32, F16,
  * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
- * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, and the float32 matmuls (LoRA's)
- * through cuBLAS in float32 arithmetic. Not yet: the base-weight matmuls, attention, the backward element-wise
- * ops, the MoE row ops, the vision ops, quantized weights; those entries are NULL, so the engine does not run on
- * this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
+ * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward, swiglu_backward, the
+ * MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, and the float32 matmuls (LoRA's) through cuBLAS
+ * in float32 arithmetic. Not yet: the base-weight matmuls (matmul_w and its kin), attention (all four forms and
+ * the backward), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
  * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
  *
  * A contract to settle on the GPU: matmul_nt's rows must not depend on the other rows of the call, bit for bit
@@ -152,6 +152,46 @@ static void cuda_scatter_add(tk_backend *be, float *x, int ldx, const int32_t *r
     tk_cu_scatter_add(cu_of(be), x, ldx, row, col, val, n);
 }
 
+/* ---- backward element-wise, the MoE block's rows, a vision tower's ---- */
+
+static void cuda_rmsnorm_backward(tk_backend *be, float *dx, int lddx, const float *dy, int lddy, const float *x,
+                                  int ldx, const float *w, const float *inv_rms, int rows, int n, int accumulate)
+{
+    tk_cu_rmsnorm_backward(cu_of(be), dx, lddx, dy, lddy, x, ldx, w, inv_rms, rows, n, accumulate);
+}
+
+static void cuda_swiglu_backward(tk_backend *be, float *dgate_up, const float *dact, const float *gate_up, int T, int F)
+{
+    tk_cu_swiglu_backward(cu_of(be), dgate_up, dact, gate_up, T, F);
+}
+
+static void cuda_add_rows(tk_backend *be, float *const *dst, const float *const *src, const float *scale, int rows,
+                          int n)
+{
+    tk_cu_add_rows(cu_of(be), dst, src, scale, rows, n);
+}
+
+static void cuda_scale_rows(tk_backend *be, float *x, int ldx, const float *scale, int rows, int n)
+{
+    tk_cu_scale_rows(cu_of(be), x, ldx, scale, rows, n);
+}
+
+static void cuda_row_dot(tk_backend *be, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n)
+{
+    tk_cu_row_dot(cu_of(be), out, a, lda, b, ldb, rows, n);
+}
+
+static void cuda_layer_norm(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, const float *b,
+                            int rows, int n, float eps)
+{
+    tk_cu_layer_norm(cu_of(be), y, ldy, x, ldx, w, b, rows, n, eps);
+}
+
+static void cuda_gelu(tk_backend *be, float *y, int ldy, const float *x, int ldx, int rows, int n, int kind)
+{
+    tk_cu_gelu(cu_of(be), y, ldy, x, ldx, rows, n, kind);
+}
+
 /* ---- float32 matmuls (LoRA's): cuBLAS ---- */
 
 static void cuda_matmul_nt(tk_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
@@ -264,6 +304,13 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .matmul_nt_many = cuda_matmul_nt_many,
         .matmul_nn = cuda_matmul_nn,
         .matmul_tn_acc = cuda_matmul_tn_acc,
+        .rmsnorm_backward = cuda_rmsnorm_backward,
+        .swiglu_backward = cuda_swiglu_backward,
+        .add_rows = cuda_add_rows,
+        .scale_rows = cuda_scale_rows,
+        .row_dot = cuda_row_dot,
+        .layer_norm = cuda_layer_norm,
+        .gelu = cuda_gelu,
     };
     atomic_init(&be->base.refcount, 1);
     return &be->base;

@@ -580,3 +580,146 @@ extern "C" void tk_cu_matmul_tn_acc(tk_cu *cu, float *g, int ldg, const float *a
 {
     sgemm(cu, CUBLAS_OP_N, CUBLAS_OP_T, N, M, T, alpha, b, ldb, a, lda, 1.0f, g, ldg, "matmul_tn_acc");
 }
+
+/* ---- backward element-wise ops ---- */
+
+/* dx = r (dy w) - x r^3 mean(dy w x), r the forward's inv_rms */
+__global__ void rmsnorm_backward_k(float *dx, int lddx, const float *dy, int lddy, const float *x, int ldx,
+                                   const float *w, const float *inv_rms, int n, int accumulate)
+{
+    const float *xr = x + (size_t)blockIdx.x * ldx, *dyr = dy + (size_t)blockIdx.x * lddy;
+    float *dxr = dx + (size_t)blockIdx.x * lddx, inv = inv_rms[blockIdx.x];
+    float dot = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dot += dyr[i] * w[i] * xr[i];
+    dot = block_sum(dot);
+    float c = inv * inv * inv * dot / (float)n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float d = inv * dyr[i] * w[i] - c * xr[i];
+        dxr[i] = accumulate ? dxr[i] + d : d;
+    }
+}
+
+extern "C" void tk_cu_rmsnorm_backward(tk_cu *cu, float *dx, int lddx, const float *dy, int lddy, const float *x,
+                                       int ldx, const float *w, const float *inv_rms, int rows, int n, int accumulate)
+{
+    if (rows <= 0) return;
+    rmsnorm_backward_k<<<rows, THREADS, 0, cu->stream>>>(dx, lddx, dy, lddy, x, ldx, w, inv_rms, n, accumulate);
+    launched(cu, "rmsnorm_backward");
+}
+
+__global__ void swiglu_backward_k(float *dgate_up, const float *dact, const float *gate_up, int F)
+{
+    const float *g = gate_up + (size_t)blockIdx.x * 2 * F, *u = g + F, *da = dact + (size_t)blockIdx.x * F;
+    float *dg = dgate_up + (size_t)blockIdx.x * 2 * F, *du = dg + F;
+    for (int i = threadIdx.x; i < F; i += blockDim.x) {
+        float s = 1.0f / (1.0f + expf(-g[i]));
+        dg[i] = da[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+        du[i] = da[i] * g[i] * s;
+    }
+}
+
+extern "C" void tk_cu_swiglu_backward(tk_cu *cu, float *dgate_up, const float *dact, const float *gate_up, int T,
+                                      int F)
+{
+    if (T <= 0) return;
+    swiglu_backward_k<<<T, THREADS, 0, cu->stream>>>(dgate_up, dact, gate_up, F);
+    launched(cu, "swiglu_backward");
+}
+
+/* ---- the MoE block's row ops ---- */
+
+/* dst rows may repeat: each thread owns columns and walks the rows in order, so a row's terms add in order */
+__global__ void add_rows_k(float *const *dst, const float *const *src, const float *scale, int rows, int n)
+{
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
+        for (int i = 0; i < rows; i++) dst[i][j] += (scale ? scale[i] : 1.0f) * src[i][j];
+}
+
+extern "C" void tk_cu_add_rows(tk_cu *cu, float *const *dst, const float *const *src, const float *scale, int rows,
+                               int n)
+{
+    if (rows <= 0 || n <= 0) return;
+    float *const *d = (float *const *)staged(cu, dst, (size_t)rows * sizeof(float *));
+    const float *const *s = (const float *const *)staged(cu, src, (size_t)rows * sizeof(float *));
+    float *sc = scale ? (float *)staged(cu, scale, (size_t)rows * sizeof(float)) : NULL;
+    add_rows_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(d, s, sc, rows, n);
+    launched(cu, "add_rows");
+    unstage(cu, (void *)d), unstage(cu, (void *)s), unstage(cu, sc);
+}
+
+__global__ void scale_rows_k(float *x, int ldx, const float *scale, int n)
+{
+    float *xr = x + (size_t)blockIdx.x * ldx, s = scale[blockIdx.x];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] *= s;
+}
+
+extern "C" void tk_cu_scale_rows(tk_cu *cu, float *x, int ldx, const float *scale, int rows, int n)
+{
+    if (rows <= 0) return;
+    float *sc = (float *)staged(cu, scale, (size_t)rows * sizeof(float));
+    scale_rows_k<<<rows, THREADS, 0, cu->stream>>>(x, ldx, sc, n);
+    launched(cu, "scale_rows");
+    unstage(cu, sc);
+}
+
+__global__ void row_dot_k(float *out, const float *a, int lda, const float *b, int ldb, int n)
+{
+    const float *ar = a + (size_t)blockIdx.x * lda, *br = b + (size_t)blockIdx.x * ldb;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)ar[i] * br[i];
+    s = block_sum_double(s);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)s;
+}
+
+extern "C" void tk_cu_row_dot(tk_cu *cu, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n)
+{
+    if (rows <= 0) return;
+    row_dot_k<<<rows, THREADS, 0, cu->stream>>>(out, a, lda, b, ldb, n);
+    launched(cu, "row_dot");
+}
+
+/* ---- a vision tower's ---- */
+
+/* LayerNorm with the mean and the biased variance in double, as the CPU backend */
+__global__ void layer_norm_k(float *y, int ldy, const float *x, int ldx, const float *w, const float *b, int n,
+                             float eps)
+{
+    const float *xr = x + (size_t)blockIdx.x * ldx;
+    float *yr = y + (size_t)blockIdx.x * ldy;
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i];
+    double mean = block_sum_double(sum) / n, sq = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sq += (xr[i] - mean) * (xr[i] - mean);
+    double inv = 1.0 / sqrt(block_sum_double(sq) / n + (double)eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (float)((xr[i] - mean) * inv * w[i] + b[i]);
+}
+
+extern "C" void tk_cu_layer_norm(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, const float *b,
+                                 int rows, int n, float eps)
+{
+    if (rows <= 0) return;
+    layer_norm_k<<<rows, THREADS, 0, cu->stream>>>(y, ldy, x, ldx, w, b, n, eps);
+    launched(cu, "layer_norm");
+}
+
+enum { GELU_ERF = 0, GELU_TANH = 1, GELU_QUICK = 2 }; /* backend.h's enum tk_gelu */
+
+__global__ void gelu_k(float *y, int ldy, const float *x, int ldx, int n, int kind)
+{
+    const float *xr = x + (size_t)blockIdx.x * ldx;
+    float *yr = y + (size_t)blockIdx.x * ldy;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        double v = xr[i], g;
+        if (kind == GELU_TANH) g = 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+        else if (kind == GELU_QUICK) g = v / (1.0 + exp(-1.702 * v));
+        else g = 0.5 * v * erfc(-v * 0.7071067811865476);
+        yr[i] = (float)g;
+    }
+}
+
+extern "C" void tk_cu_gelu(tk_cu *cu, float *y, int ldy, const float *x, int ldx, int rows, int n, int kind)
+{
+    if (rows <= 0) return;
+    gelu_k<<<rows, THREADS, 0, cu->stream>>>(y, ldy, x, ldx, n, kind);
+    launched(cu, "gelu");
+}

@@ -47,6 +47,18 @@ double tk_cu_sum_squares(tk_cu *cu, const float *x, size_t n);
 void tk_cu_adamw(tk_cu *cu, float *p, float *g, float *m, float *v, size_t n, const float factors[8]);
 float tk_cu_adamw_peak(tk_cu *cu, const float *p, const float *g, const float *m, const float *v, size_t n,
                        const float factors[8]);
+/* backward element-wise ops, the MoE block's row ops, a vision tower's (the backend.h ops of the same names;
+ * scale and the row pointer lists: host arrays) */
+void tk_cu_rmsnorm_backward(tk_cu *cu, float *dx, int lddx, const float *dy, int lddy, const float *x, int ldx,
+                            const float *w, const float *inv_rms, int rows, int n, int accumulate);
+void tk_cu_swiglu_backward(tk_cu *cu, float *dgate_up, const float *dact, const float *gate_up, int T, int F);
+void tk_cu_add_rows(tk_cu *cu, float *const *dst, const float *const *src, const float *scale, int rows, int n);
+void tk_cu_scale_rows(tk_cu *cu, float *x, int ldx, const float *scale, int rows, int n);
+void tk_cu_row_dot(tk_cu *cu, float *out, const float *a, int lda, const float *b, int ldb, int rows, int n);
+void tk_cu_layer_norm(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, const float *b, int rows,
+                      int n, float eps);
+void tk_cu_gelu(tk_cu *cu, float *y, int ldy, const float *x, int ldx, int rows, int n, int kind);
+
 /* RoPE: the backend.h ops of the same names (pos and axis: host arrays) */
 void tk_cu_rope_table(tk_cu *cu, float *cos, float *sin, const int32_t *pos, int pos_dims, int rows,
                       const float *inv_freq, const int8_t *axis, int half);
