@@ -166,61 +166,36 @@ extern "C" void tk_cu_copy_rows(tk_cu *cu, float *const *dst, const float *const
     unstage(cu, (void *)d), unstage(cu, (void *)s);
 }
 
-/* ---- reductions within a block (blockDim.x a multiple of 32) ---- */
+/* ---- reductions within a block (blockDim.x a multiple of 32): each warp's, then the first warp's over them ---- */
 
-__device__ float block_sum(float v)
+struct op_sum {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct op_max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, typename Op> __device__ T block_reduce(T v, Op op, T identity)
 {
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __shared__ T part[32];
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : identity;
+        for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
         if (lane == 0) part[0] = v;
     }
     __syncthreads();
-    float total = part[0];
+    T total = part[0];
     __syncthreads(); /* the next call may write part */
     return total;
 }
 
-__device__ float block_max(float v)
-{
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)(blockDim.x >> 5) ? part[lane] : -INFINITY;
-        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) part[0] = v;
-    }
-    __syncthreads();
-    float m = part[0];
-    __syncthreads();
-    return m;
-}
-
-__device__ double block_sum_double(double v)
-{
-    __shared__ double part[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) part[0] = v;
-    }
-    __syncthreads();
-    double total = part[0];
-    __syncthreads();
-    return total;
-}
+__device__ float block_sum(float v) { return block_reduce(v, op_sum(), 0.0f); }
+__device__ float block_max(float v) { return block_reduce(v, op_max(), -INFINITY); }
+__device__ double block_sum_double(double v) { return block_reduce(v, op_sum(), 0.0); }
 
 /* ---- row-wise: one block per row ---- */
 
