@@ -24,5 +24,6 @@ def make_clients(model_path: str):
 def still_works(tc, sampler):
     assert tc.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    out = sampler.sample(types.ModelInput.from_ints([1, 2]), 2, types.SamplingParams(max_tokens=3, temperature=0.0))
+    params = types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])  # stop=[]: EOS cannot end it early
+    out = sampler.sample(types.ModelInput.from_ints([1, 2]), 2, params)
     assert [len(s.tokens) for s in out.result().sequences] == [3, 3]
