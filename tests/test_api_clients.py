@@ -385,7 +385,7 @@ def test_error_paths(service, examples):
                                             train_unembed=False)
 
     sc = service.create_sampling_client(base_model=DEFAULT_MODEL)
-    params = types.SamplingParams(max_tokens=2)
+    params = types.SamplingParams(max_tokens=2, stop=[])
     with pytest.raises(tinker.BadRequestError, match="ModelInput"):
         sc.sample([1, 2, 3], 1, params).result()
     with pytest.raises(tinker.BadRequestError, match="vocabulary"):

@@ -173,7 +173,7 @@ def test_sync_calls_inside_a_running_loop(service, tiny_llama):
 
     async def cell():
         loss = tc.forward_backward(batch(rng), "cross_entropy").result().metrics["loss:sum"]
-        tokens = sc.sample(types.ModelInput.from_ints([5, 6]), 1, types.SamplingParams(max_tokens=2)).result()
+        tokens = sc.sample(types.ModelInput.from_ints([5, 6]), 1, types.SamplingParams(max_tokens=2, stop=[])).result()
         awaited = await tc.forward(batch(rng), "cross_entropy")
         return loss, tokens, awaited
 
@@ -230,7 +230,8 @@ def test_ctrl_c_while_waiting(service):
 
 def test_sample_futures_are_stdlib_futures(service, tiny_llama):
     sc = service.create_sampling_client(base_model=tiny_llama)
-    futures = [sc.sample(types.ModelInput.from_ints([1, i]), 1, types.SamplingParams(max_tokens=2)) for i in range(6)]
+    futures = [sc.sample(types.ModelInput.from_ints([1, i]), 1, types.SamplingParams(max_tokens=2, stop=[]))
+               for i in range(6)]
     called = []
     futures[0].add_done_callback(lambda f: called.append(f))
     done, pending = concurrent.futures.wait(futures, timeout=60)

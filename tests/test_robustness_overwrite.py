@@ -57,7 +57,7 @@ def test_killed_overwrites_always_leave_a_complete_checkpoint(store, tiny_llama,
     assert sorted(c.tinker_path for c in listed) == sorted([state, sampler])
     tc.load_state_with_optimizer(state).result()
     out = sc.create_sampling_client(model_path=sampler).sample(
-        types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+        types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2, stop=[])).result()
     assert len(out.sequences[0].tokens) == 2
     # the next overwrite through the API cleans up and lands
     assert tc.save_state("ow", overwrite=True).result().path == state

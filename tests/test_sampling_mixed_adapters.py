@@ -155,7 +155,7 @@ def test_cancelling_a_sample_future_stops_it_and_frees_its_slot(sampler):
 
     long = sampler.sample(types.ModelInput.from_ints(PROMPTS[0]), 64, types.SamplingParams(**LONG))
     time.sleep(0.005)
-    short = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3))
+    short = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3, stop=[]))
     assert long.cancel() and long.cancelled()
     with pytest.raises(concurrent.futures.CancelledError):
         long.result()
@@ -187,7 +187,7 @@ def test_dropping_a_sample_future_unread_cancels_the_request(sampler):
         scoring.result()
     except InterruptedError as e:
         assert "cancelled" in str(e)
-    kept = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3))
+    kept = sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=3, stop=[]))
     gc.collect()
     assert len(kept.result().sequences[0].tokens) == 3  # a held future is never cancelled by a collection
 
@@ -212,7 +212,8 @@ def test_cancelling_the_awaiting_task_cancels_the_request(sampler):
             await task
         with pytest.raises(InterruptedError, match="cancelled"):
             await asyncio.to_thread(started["future"].result)
-        out = await sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1, types.SamplingParams(max_tokens=2))
+        out = await sampler.sample(types.ModelInput.from_ints(PROMPTS[1]), 1,
+                                   types.SamplingParams(max_tokens=2, stop=[]))
         assert len(out.sequences[0].tokens) == 2
 
     asyncio.run(main())
