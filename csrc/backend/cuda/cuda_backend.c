@@ -96,15 +96,10 @@ static void cuda_weight_put_row(tk_backend *be, const tk_weight_part *p, int col
 
 static void cuda_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
 {
-    /* one part per row range: each token's row from the part holding it */
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < table->n_parts; i++) {
-            const tk_weight_part *p = &table->part[i];
-            int r = tokens[t] - p->row0;
-            if (r < 0 || r >= p->rows) continue;
-            int32_t local = r;
-            tk_cu_embed(cu_of(be), x + (size_t)t * table->cols, p->data, p->type, table->cols, &local, 1);
-        }
+    for (int i = 0; i < table->n_parts; i++) { /* each part writes the rows of the tokens it holds */
+        const tk_weight_part *p = &table->part[i];
+        tk_cu_embed(cu_of(be), x, p->data, p->type, table->cols, p->row0, p->rows, tokens, T);
+    }
 }
 
 /* ---- row-wise and element-wise ---- */

@@ -130,9 +130,7 @@ extern "C" void *tk_cu_alloc(tk_cu *cu, size_t bytes)
 
 extern "C" void tk_cu_free(tk_cu *cu, void *p)
 {
-    if (!p) return;
-    check(cu, cudaStreamSynchronize(cu->stream), "free"); /* nothing queued may still use it */
-    check(cu, cudaFree(p), "free");
+    if (p) check(cu, cudaFree(p), "free"); /* cudaFree waits for the work queued that may still use it */
 }
 
 extern "C" void tk_cu_upload(tk_cu *cu, void *dst, const void *host, size_t bytes)
@@ -158,10 +156,7 @@ extern "C" void tk_cu_copy_rows(tk_cu *cu, float *const *dst, const float *const
     if (rows <= 0 || n <= 0) return;
     float *const *d = (float *const *)staged(cu, dst, (size_t)rows * sizeof(float *));
     const float *const *s = (const float *const *)staged(cu, src, (size_t)rows * sizeof(float *));
-    for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.x limit */
-        int chunk = rows - r0 < 65535 ? rows - r0 : 65535;
-        copy_rows_k<<<chunk, THREADS, 0, cu->stream>>>(d + r0, s + r0, n);
-    }
+    copy_rows_k<<<rows, THREADS, 0, cu->stream>>>(d, s, n);
     launched(cu, "copy_rows");
     unstage(cu, (void *)d), unstage(cu, (void *)s);
 }
@@ -340,7 +335,8 @@ extern "C" double tk_cu_sum_squares(tk_cu *cu, const float *x, size_t n)
 {
     double s = 0.0;
     check(cu, cudaMemsetAsync(cu->sum, 0, sizeof(double), cu->stream), "sum_squares");
-    if (n) sum_squares_k<<<blocks_for(n) < 1024 ? blocks_for(n) : 1024, THREADS, 0, cu->stream>>>(cu->sum, x, n);
+    unsigned blocks = blocks_for(n) < 1024 ? blocks_for(n) : 1024; /* grid-stride: a few per multiprocessor */
+    if (n) sum_squares_k<<<blocks, THREADS, 0, cu->stream>>>(cu->sum, x, n);
     launched(cu, "sum_squares");
     tk_cu_download(cu, &s, cu->sum, sizeof s);
     return s;
@@ -412,9 +408,11 @@ extern "C" float tk_cu_adamw_peak(tk_cu *cu, const float *p, const float *g, con
 
 enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30 };
 
-__global__ void embed_k(float *x, const void *table, int type, int cols, const int32_t *tokens)
+__global__ void embed_k(float *x, const void *table, int type, int cols, int row0, int rows, const int32_t *tokens)
 {
-    size_t row = (size_t)tokens[blockIdx.x];
+    int local = tokens[blockIdx.x] - row0;
+    if (local < 0 || local >= rows) return; /* another part's row */
+    size_t row = (size_t)local;
     float *out = x + (size_t)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         size_t at = row * cols + i;
@@ -424,11 +422,12 @@ __global__ void embed_k(float *x, const void *table, int type, int cols, const i
     }
 }
 
-extern "C" void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, const int32_t *tokens, int T)
+extern "C" void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, int row0, int rows,
+                            const int32_t *tokens, int T)
 {
     if (T <= 0) return;
     int32_t *t = (int32_t *)staged(cu, tokens, (size_t)T * sizeof *tokens);
-    embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, t);
+    embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, row0, rows, t);
     launched(cu, "embed");
     unstage(cu, t);
 }

@@ -78,8 +78,10 @@ void tk_cu_matmul_nn(tk_cu *cu, float *y, int ldy, const float *x, int ldx, cons
 void tk_cu_matmul_tn_acc(tk_cu *cu, float *g, int ldg, const float *a, int lda, const float *b, int ldb, int T, int M,
                          int N, float alpha);
 
-/* x[t, :cols] = row tokens[t] of a [rows, cols] table of ggml type F32 (0), F16 (1) or BF16 (30) */
-void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, const int32_t *tokens, int T);
+/* x[t, :cols] = row tokens[t] - row0 of a [rows, cols] table part of ggml type F32 (0), F16 (1) or BF16 (30), for
+ * the tokens in [row0, row0 + rows) (the others are another part's: left as they are) */
+void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, int cols, int row0, int rows,
+                 const int32_t *tokens, int T);
 
 #ifdef __cplusplus
 }
