@@ -22,7 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../../io/quant.h"
 #include "cuda_ops.h"
+#include "cuda_weights.h"
 
 typedef struct {
     tk_backend base;
@@ -71,34 +73,114 @@ static tk_status cuda_sync(tk_backend *be)
     return tk_error(failed == 2 ? TK_ERR_NOMEM : TK_ERR_INTERNAL, "%s", why);
 }
 
-/* ---- weights: F32, F16 and BF16 as the file's rows ---- */
+/* ---- base weights ----
+ * Resident form: an F32 part stays float32; a part of any other type (F16, BF16, the GGUF block types) becomes
+ * bf16 rows, each value its tk_dequantize value rounded to nearest even (weight_rounding 2^-8). weight_put_row
+ * decodes the file's row on the host (its own buffer: rows are stored from several threads at once) and uploads
+ * it (cudaMemcpyAsync from pageable memory returns once the bytes are staged, so the buffer is freed at once).
+ * matmul_w and its kin are cuda_weights.cu's: bf16 activations into cublasGemmEx with float32 accumulation. */
 
-enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30 };
+static int resident_bf16(int type) { return type != TK_GGML_F32; }
 
-static size_t element_bytes(int type)
+/* float -> bf16, to nearest even; a NaN keeps its sign and high mantissa bits (and stays a NaN) */
+static uint16_t bf16_round(float f)
 {
-    return type == GGML_F32 ? 4 : type == GGML_F16 || type == GGML_BF16 ? 2 : 0;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        uint16_t h = (uint16_t)(u >> 16);
+        return (h & 0x7f) ? h : (uint16_t)(h | 0x40);
+    }
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 static size_t cuda_weight_bytes(tk_backend *be, int type, int rows, int cols)
 {
     (void)be;
-    size_t e = element_bytes(type);
-    if (!e || rows <= 0 || cols <= 0) return 0;
+    if (rows <= 0 || cols <= 0 || !tk_quant_row_bytes(type, (size_t)cols)) return 0; /* one of the 11, whole blocks */
+    size_t e = resident_bf16(type) ? 2 : 4;
     return ((size_t)rows * (size_t)cols * e + 63) & ~(size_t)63;
 }
 
 static void cuda_weight_put_row(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src)
 {
-    size_t e = element_bytes(p->type);
-    tk_cu_upload(cu_of(be), (char *)p->data + (size_t)row * cols * e, src, (size_t)cols * e);
+    tk_cu *cu = cu_of(be);
+    if (p->type == TK_GGML_F32 || p->type == TK_GGML_BF16) { /* resident as stored */
+        size_t e = p->type == TK_GGML_F32 ? 4 : 2;
+        tk_cu_upload(cu, (char *)p->data + (size_t)row * cols * e, src, (size_t)cols * e);
+        return;
+    }
+    float *f = malloc((size_t)cols * (sizeof(float) + sizeof(uint16_t)));
+    if (!f) {
+        tk_cu_fail_nomem(cu, "weight_put_row: out of host memory");
+        return;
+    }
+    uint16_t *h = (uint16_t *)(f + cols);
+    tk_dequantize(f, src, p->type, (size_t)cols);
+    for (int i = 0; i < cols; i++) h[i] = bf16_round(f[i]);
+    tk_cu_upload(cu, (uint16_t *)p->data + (size_t)row * cols, h, (size_t)cols * sizeof *h);
+    free(f);
 }
 
+/* the parts of w as cuda_weights.h takes them */
+static int wparts(tk_cu_wpart *out, const tk_weight *w)
+{
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        out[i] = (tk_cu_wpart){resident_bf16(p->type), p->row0, p->rows, p->data};
+    }
+    return w->n_parts;
+}
+
+static void cuda_matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                          float alpha, float beta)
+{
+    tk_cu_wpart parts[TK_WEIGHT_MAX_PARTS];
+    tk_cu_matmul_w(cu_of(be), y, ldy, x, ldx, parts, wparts(parts, w), w->cols, T, alpha, beta);
+}
+
+static void cuda_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                            float alpha, float beta)
+{
+    tk_cu_wpart parts[TK_WEIGHT_MAX_PARTS];
+    tk_cu_matmul_w_t(cu_of(be), y, ldy, x, ldx, parts, wparts(parts, w), w->rows, w->cols, T, alpha, beta);
+}
+
+static void grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                    const int32_t *start, int n_groups, float alpha, float beta, int transposed)
+{
+    if (n_groups <= 0) return;
+    tk_cu_wpart *parts = malloc((size_t)n_groups * TK_CU_MAX_PARTS * sizeof *parts);
+    int *n_parts = malloc((size_t)n_groups * sizeof *n_parts);
+    if (!parts || !n_parts) tk_cu_fail_nomem(cu_of(be), "matmul_w_grouped: out of host memory");
+    else {
+        for (int g = 0; g < n_groups; g++) n_parts[g] = wparts(parts + (size_t)g * TK_CU_MAX_PARTS, &w[g]);
+        tk_cu_matmul_w_grouped(cu_of(be), y, ldy, x, ldx, parts, n_parts, w[0].rows, w[0].cols, start, n_groups,
+                               alpha, beta, transposed);
+    }
+    free(parts), free(n_parts);
+}
+
+static void cuda_matmul_w_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                  const int32_t *start, int n_groups, float alpha, float beta, int decoding)
+{
+    (void)decoding; /* one implementation serves both */
+    grouped(be, y, ldy, x, ldx, w, start, n_groups, alpha, beta, 0);
+}
+
+static void cuda_matmul_w_t_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                    const int32_t *start, int n_groups, float alpha, float beta)
+{
+    grouped(be, y, ldy, x, ldx, w, start, n_groups, alpha, beta, 1);
+}
+
+/* the rows of the resident form, decoded exactly (bf16 -> float32 is exact) */
 static void cuda_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
 {
     for (int i = 0; i < table->n_parts; i++) { /* each part writes the rows of the tokens it holds */
         const tk_weight_part *p = &table->part[i];
-        tk_cu_embed(cu_of(be), x, p->data, p->type, table->cols, p->row0, p->rows, tokens, T);
+        tk_cu_embed(cu_of(be), x, p->data, resident_bf16(p->type) ? TK_GGML_BF16 : TK_GGML_F32, table->cols, p->row0,
+                    p->rows, tokens, T);
     }
 }
 
@@ -272,8 +354,14 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .name = "cuda",
         .host_memory = 0,
         .destroy = cuda_destroy,
+        .weight_rounding = 0x1p-8f, /* bf16 base weights and activations (see "base weights") */
         .weight_bytes = cuda_weight_bytes,
         .weight_put_row = cuda_weight_put_row,
+        .matmul_w = cuda_matmul_w,
+        .matmul_w_decode = cuda_matmul_w,
+        .matmul_w_t = cuda_matmul_w_t,
+        .matmul_w_grouped = cuda_matmul_w_grouped,
+        .matmul_w_t_grouped = cuda_matmul_w_t_grouped,
         .alloc = cuda_alloc,
         .free = cuda_free,
         .upload = cuda_upload,
