@@ -14,7 +14,8 @@
 /* ---- cuBLAS, declared here and loaded at run time: this machine's CUDA toolkit has no cuBLAS headers, and the
  * GPU machines have the library (the nvidia-cublas wheel beside torch, or the toolkit's) ---- */
 typedef struct cublas_ctx *cublas_handle;
-enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_DEFAULT_MATH = 0, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16 };
+enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum { CUBLAS_DEFAULT_MATH = 0, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16 };
 /* cublasGemmEx's enum values (library_types.h's CUDA_R_32F / CUDA_R_16BF, cublas_api.h's CUBLAS_COMPUTE_32F /
  * CUBLAS_GEMM_DEFAULT), passed as the ints they are; prefixed, as cuda_runtime.h may declare the first two */
 enum { TK_BLAS_R_32F = 0, TK_BLAS_R_16BF = 14, TK_BLAS_COMPUTE_32F = 68, TK_BLAS_GEMM_DEFAULT = -1 };
