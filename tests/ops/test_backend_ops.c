@@ -790,10 +790,17 @@ static void test_matmul_tn_acc(tk_backend *be, rng_t *r)
  * bf16, and the activations multiplied with such a part to theirs, within TOL_MATMUL_ROUNDED. */
 static float g_rounding;
 
-static tol_t weight_tol(void) { return g_rounding != 0 ? TOL_MATMUL_ROUNDED : TOL_MATMUL; }
-
 /* whether a part of `type` is resident rounded (F32 parts stay float32 on every backend) */
 static int part_rounded(int type) { return g_rounding != 0 && type != TK_GGML_F32; }
+
+/* the tolerance of a weight op's results: float32 sums of exact products (TOL_MATMUL_ROUNDED) where any part
+ * rounds, else TOL_MATMUL */
+static tol_t weight_tol(const tk_weight *w)
+{
+    for (int i = 0; i < w->n_parts; i++)
+        if (part_rounded(w->part[i].type)) return TOL_MATMUL_ROUNDED;
+    return TOL_MATMUL;
+}
 
 static float float_of_bits(uint32_t u)
 {
@@ -1009,7 +1016,7 @@ static void check_wmm(tk_backend *be, rng_t *r, const char *op, wmm_fn fn, const
                 scale[i] = fabs(alpha) * s[j] + fabs(beta * y0);
             }
         fn(be, y.f, y.ld, x->f, x->ld, w, T, alpha, beta);
-        cmp_t c = compare(y.f, want, scale, T, n_out, y.ld, weight_tol());
+        cmp_t c = compare(y.f, want, scale, T, n_out, y.ld, weight_tol(w));
         worst = v ? cmp_merge(worst, c) : c;
         guard &= mat_guard_ok(&y);
         free(want), free(scale);
@@ -1017,7 +1024,7 @@ static void check_wmm(tk_backend *be, rng_t *r, const char *op, wmm_fn fn, const
     }
     char line[200];
     snprintf(line, sizeof line, "%s ldx=%d alpha,beta 1,0 -.5,1 2,.25", what, x->ld);
-    report(op, line, worst, weight_tol(), guard, guard_note(guard));
+    report(op, line, worst, weight_tol(w), guard, guard_note(guard));
 }
 
 /* Whether row t of a T-row call equals the same row computed alone (bit for bit). backend.h says of
@@ -1302,13 +1309,13 @@ static void check_grouped(tk_backend *be, rng_t *r, const test_weight *tws, cons
             }
         if (transposed) call_matmul_w_t_grouped(be, &y, &x, w, start, c->n_groups, alpha, beta);
         else call_matmul_w_grouped(be, &y, &x, w, start, c->n_groups, alpha, beta, c->decoding);
-        cmp_t cm = compare(y.f, want, scale, T, n_out, y.ld, weight_tol());
+        cmp_t cm = compare(y.f, want, scale, T, n_out, y.ld, weight_tol(&w[0]));
         worst = v ? cmp_merge(worst, cm) : cm;
         guard &= mat_guard_ok(&y) && mat_guard_ok(&x);
         free(want), free(scale);
         mat_free(&y);
     }
-    report(transposed ? "matmul_w_t_grouped" : "matmul_w_grouped", what, worst, weight_tol(), guard,
+    report(transposed ? "matmul_w_t_grouped" : "matmul_w_grouped", what, worst, weight_tol(&w[0]), guard,
            guard_note(guard));
     free(p), free(sc);
     mat_free(&x);
