@@ -1253,6 +1253,7 @@ typedef struct {
     part_spec parts[TK_WEIGHT_MAX_PARTS];
     int n_parts, K;
     int rows[12], n_groups, decoding;
+    int aligned; /* x and y row strides a multiple of 4 floats (16 bytes), as a model's: the others' are odd */
 } wgrouped;
 
 static const wgrouped WGROUPED[] = {
@@ -1273,6 +1274,12 @@ static const wgrouped WGROUPED[] = {
     {{{TK_GGML_F32, 300}}, 1, 512, {1, 0, 1, 1}, 4, 1},
     {{{TK_GGML_BF16, 300}}, 1, 512, {1, 1, 0, 1}, 4, 1},
     {{{TK_GGML_Q8_0, 256}}, 1, 512, {0, 1, 1, 1}, 4, 1},
+    /* 16-byte aligned rows (a GPU backend may batch the groups of one size in one call, where every pointer is
+     * aligned): one-row decoding groups, and a prefill's groups of repeated sizes */
+    {{{TK_GGML_BF16, 48}}, 1, 64, {1, 1, 0, 1, 1}, 5, 1, 1},
+    {{{TK_GGML_F32, 40}}, 1, 96, {1, 0, 1, 1}, 4, 1, 1},
+    {{{TK_GGML_Q4_K, 32}, {TK_GGML_Q6_K, 32}}, 2, 256, {1, 1, 0, 1}, 4, 1, 1},
+    {{{TK_GGML_Q8_0, 32}, {TK_GGML_F32, 16}}, 2, 64, {3, 3, 0, 2, 3, 2, 5}, 7, 0, 1},
 };
 
 /* y rows of group g = alpha x rows . W_g^T + beta y (and, _t, x rows . W_g) against the float64 products with
@@ -1285,7 +1292,8 @@ static void check_grouped(tk_backend *be, rng_t *r, const test_weight *tws, cons
     int T = start[c->n_groups], N = tws[0].w.rows, K = c->K, n_in = transposed ? N : K, n_out = transposed ? K : N;
     tk_weight w[12];
     for (int g = 0; g < c->n_groups; g++) w[g] = tws[g].w;
-    mat x = mat_new(T, n_in, n_in + 3);
+    int ldx = c->aligned ? (n_in + 3) / 4 * 4 + 4 : n_in + 3, ldy = c->aligned ? (n_out + 3) / 4 * 4 + 4 : n_out + 5;
+    mat x = mat_new(T, n_in, ldx);
     mat_randn(&x, r, 1);
     double *p = dvec((size_t)T * n_out), *sc = dvec((size_t)T * n_out);
     for (int g = 0; g < c->n_groups; g++)
@@ -1296,7 +1304,7 @@ static void check_grouped(tk_backend *be, rng_t *r, const test_weight *tws, cons
     int guard = 1;
     for (int v = 0; v < 3; v++) {
         float alpha = W_ALPHA_BETA[v][0], beta = W_ALPHA_BETA[v][1];
-        mat y = mat_new(T, n_out, n_out + 5);
+        mat y = mat_new(T, n_out, ldy);
         if (beta == 0) mat_fill(&y, NAN);
         else mat_randn(&y, r, 1);
         double *want = dvec((size_t)(T ? T : 1) * y.ld), *scale = dvec((size_t)(T ? T : 1) * y.ld);
@@ -1331,8 +1339,8 @@ static void test_weight_grouped(tk_backend *be, rng_t *r)
                                                                           QREF_SANE)).ok;
         char label[64], what[200];
         describe_parts(label, sizeof label, c->parts, c->n_parts);
-        size_t at = (size_t)snprintf(what, sizeof what, "%s K=%d%s, rows", label, c->K,
-                                     c->decoding ? " decoding" : "");
+        size_t at = (size_t)snprintf(what, sizeof what, "%s K=%d%s%s, rows", label, c->K,
+                                     c->decoding ? " decoding" : "", c->aligned ? " aligned" : "");
         for (int g = 0; g < c->n_groups && at < sizeof what; g++)
             at += (size_t)snprintf(what + at, sizeof what - at, " %d", c->rows[g]);
         if (ok) {

@@ -31,6 +31,10 @@ typedef struct {
      * computeType, algo): the base-weight matmuls (bf16 A and B, float32 C and arithmetic) */
     int (*gemm_ex)(cublas_handle, int, int, int, int, int, const void *, const void *, int, int, const void *, int,
                    int, const void *, void *, int, int, int, int);
+    /* cublasGemmBatchedEx: the same with device arrays of A, B and C pointers and a batch count before
+     * computeType (an MoE layer's experts of one shape in one call) */
+    int (*gemm_batched_ex)(cublas_handle, int, int, int, int, int, const void *, const void *const *, int, int,
+                           const void *const *, int, int, const void *, void *const *, int, int, int, int, int);
 } cublas_api;
 
 struct tk_cu {

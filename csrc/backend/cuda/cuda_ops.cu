@@ -418,8 +418,9 @@ static int load_cublas(tk_cu *cu)
     *(void **)&b->set_math_mode = dlsym(lib, "cublasSetMathMode");
     *(void **)&b->sgemm = dlsym(lib, "cublasSgemm_v2");
     *(void **)&b->gemm_ex = dlsym(lib, "cublasGemmEx");
+    *(void **)&b->gemm_batched_ex = dlsym(lib, "cublasGemmBatchedEx");
     if (!b->create || !b->destroy || !b->set_stream || !b->set_math_mode || !b->sgemm || !b->gemm_ex ||
-        b->create(&cu->handle) != 0) {
+        !b->gemm_batched_ex || b->create(&cu->handle) != 0) {
         snprintf(cu->blas_error, sizeof cu->blas_error, "cuBLAS was found but could not be used");
         cu->handle = NULL;
         return 0;

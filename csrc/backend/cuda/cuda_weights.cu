@@ -13,7 +13,10 @@
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda_common.cuh"
 #include "cuda_weights.h"
@@ -74,10 +77,63 @@ static void gemm(tk_cu *cu, int bf16, int op_a, int m, int n, int k, float alpha
     }
 }
 
+/* One GEMM of weight_matmuls: a group's rows through one part of its weight */
+typedef struct {
+    const void *a, *b;
+    float *c;
+    int rows_g, bf16, part_rows;
+} wjob;
+
+static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* The jobs of one shape (rows_g, bf16, part_rows: their m, n, k and types) as one call: a GEMM, or for several a
+ * cublasGemmBatchedEx over device arrays of their pointers (staged). cuBLAS cannot see the pointers in device
+ * arrays, and says they must be aligned for its fast kernels ("to avoid misaligned memory access errors"): jobs
+ * with a pointer off 16 bytes run one by one (in a model every part, row0 and row stride is a multiple of 64
+ * elements, so that is tests/ops' odd strides). */
+static void run_jobs(tk_cu *cu, const wjob *const *jobs, int n, int transposed, int cols, int ldb, int ldx, int ldy,
+                     float alpha, float beta, const char *op)
+{
+    const wjob *j = jobs[0];
+    int m = transposed ? cols : j->part_rows, k = transposed ? j->part_rows : cols, ld_b = j->bf16 ? ldb : ldx;
+    int op_a = transposed ? CUBLAS_OP_N : CUBLAS_OP_T, type = j->bf16 ? TK_BLAS_R_16BF : TK_BLAS_R_32F;
+    int aligned = 1;
+    for (int i = 0; i < n; i++) aligned &= aligned16(jobs[i]->a) && aligned16(jobs[i]->b) && aligned16(jobs[i]->c);
+    if (n == 1 || !aligned) {
+        for (int i = 0; i < n; i++)
+            gemm(cu, j->bf16, op_a, m, j->rows_g, k, alpha, jobs[i]->a, cols, jobs[i]->b, ld_b, beta, jobs[i]->c, ldy,
+                 op);
+        return;
+    }
+    /* the A, B and C arrays each 32-byte aligned (cuBLAS checks the arrays' alignment too) */
+    int stride = (n + 3) & ~3;
+    const void **host = (const void **)calloc((size_t)3 * stride, sizeof *host);
+    if (!host) {
+        check(cu, cudaErrorMemoryAllocation, op);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        host[i] = jobs[i]->a, host[stride + i] = jobs[i]->b, host[2 * stride + i] = jobs[i]->c;
+    const void **dev = (const void **)staged(cu, host, (size_t)3 * stride * sizeof *host);
+    free(host); /* staged's copy from pageable memory returns once the bytes are taken */
+    if (!dev) return;
+    int status = cu->blas.gemm_batched_ex(cu->handle, op_a, CUBLAS_OP_N, m, j->rows_g, k, &alpha, dev, type, cols,
+                                          dev + stride, type, ld_b, &beta, (void *const *)(dev + 2 * stride),
+                                          TK_BLAS_R_32F, ldy, n, TK_BLAS_COMPUTE_32F, TK_BLAS_GEMM_DEFAULT);
+    if (status != 0) {
+        char where[96];
+        snprintf(where, sizeof where, "%s (cuBLAS batched status %d)", op, status);
+        check(cu, cudaErrorLaunchFailure, where);
+    }
+    unstage(cu, (void *)dev);
+}
+
 /* Every group's rows through its weight's parts. x's rows [start[0], start[n_groups]) are converted to bf16 once
- * (when any part is bf16): n_in = cols (matmul_w) or rows (matmul_w_t) values each. A loop over the groups, a GEMM
- * per non-empty group and part: a first version; a grouped GEMM (cublasGemmGroupedBatchedEx, or one kernel over
- * a device-side group table) would spread a decoding step's one-row groups over the device in one launch. */
+ * (when any part is bf16): n_in = cols (matmul_w) or rows (matmul_w_t) values each. Then, part by part (so that
+ * matmul_w_t's later parts add to the first's result), the groups whose GEMMs have one shape (rows, part rows,
+ * type) run as one batched call: a decoding step's one-row experts are one call a part; a prefill's groups of
+ * different sizes are mostly a call each. (A grouped GEMM with per-group sizes, cublasGemmGroupedBatchedEx or
+ * a kernel over a device-side group table, would make those one call too.) */
 static void weight_matmuls(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const tk_cu_wpart *parts,
                            int parts_stride, const int *n_parts, int rows, int cols, const int32_t *start,
                            int n_groups, float alpha, float beta, int transposed, const char *op)
@@ -97,25 +153,40 @@ static void weight_matmuls(tk_cu *cu, float *y, int ldy, const float *x, int ldx
         launched(cu, op);
         xb = out;
     }
-    for (int g = 0; g < n_groups; g++) {
-        int rows_g = start[g + 1] - start[g];
-        if (rows_g <= 0) continue;
-        size_t at = (size_t)(start[g] - first);
-        const float *xg = x + (size_t)start[g] * ldx;
-        const __nv_bfloat16 *xbg = xb ? xb + at * ldb : NULL;
-        float *yg = y + (size_t)start[g] * ldy;
-        for (int i = 0; i < n_parts[g]; i++) {
+    wjob *jobs = (wjob *)malloc((size_t)n_groups * sizeof *jobs);
+    const wjob **batch = (const wjob **)malloc((size_t)n_groups * sizeof *batch);
+    char *done = (char *)malloc((size_t)n_groups);
+    if (!jobs || !batch || !done) {
+        check(cu, cudaErrorMemoryAllocation, op);
+        free(jobs), free(batch), free(done);
+        return;
+    }
+    for (int i = 0; i < TK_CU_MAX_PARTS; i++) {
+        int n = 0;
+        for (int g = 0; g < n_groups; g++) {
+            int rows_g = start[g + 1] - start[g];
+            if (rows_g <= 0 || i >= n_parts[g]) continue;
             const tk_cu_wpart *p = &parts[g * parts_stride + i];
-            if (!transposed) /* y^T [p.rows, rows_g] (+ its row0) = W_p [K, p.rows]^T x^T [K, rows_g] */
-                gemm(cu, p->bf16, CUBLAS_OP_T, p->rows, rows_g, cols, alpha, p->data, cols,
-                     p->bf16 ? (const void *)xbg : (const void *)xg, p->bf16 ? ldb : ldx, beta, yg + p->row0, ldy,
-                     op);
-            else /* y^T [K, rows_g] (+)= W_p [K, p.rows] x^T [p.rows, rows_g]: x's columns row0 .. */
-                gemm(cu, p->bf16, CUBLAS_OP_N, cols, rows_g, p->rows, alpha, p->data, cols,
-                     p->bf16 ? (const void *)(xbg + p->row0) : (const void *)(xg + p->row0), p->bf16 ? ldb : ldx,
-                     i == 0 ? beta : 1.0f, yg, ldy, op);
+            size_t at = (size_t)(start[g] - first);
+            /* matmul_w: y^T [p.rows, rows_g] (y's columns row0 ..) = W_p [K, p.rows]^T x^T [K, rows_g];
+             * matmul_w_t: y^T [K, rows_g] (+)= W_p [K, p.rows] x^T [p.rows, rows_g] (x's columns row0 ..) */
+            const void *b = p->bf16 ? (const void *)(xb + at * ldb + (transposed ? p->row0 : 0))
+                                    : (const void *)(x + (size_t)start[g] * ldx + (transposed ? p->row0 : 0));
+            float *c = y + (size_t)start[g] * ldy + (transposed ? 0 : p->row0);
+            jobs[n++] = wjob{p->data, b, c, rows_g, p->bf16, p->rows};
+        }
+        memset(done, 0, (size_t)n);
+        for (int a = 0; a < n; a++) {
+            if (done[a]) continue;
+            int nb = 0;
+            for (int b = a; b < n; b++)
+                if (!done[b] && jobs[b].rows_g == jobs[a].rows_g && jobs[b].bf16 == jobs[a].bf16 &&
+                    jobs[b].part_rows == jobs[a].part_rows)
+                    batch[nb++] = &jobs[b], done[b] = 1;
+            run_jobs(cu, batch, nb, transposed, cols, ldb, ldx, ldy, alpha, i == 0 || !transposed ? beta : 1.0f, op);
         }
     }
+    free(jobs), free(batch), free(done);
 }
 
 extern "C" void tk_cu_matmul_w(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const tk_cu_wpart *parts,
