@@ -125,18 +125,17 @@ __device__ __forceinline__ void tile_dots(float s[ROWS], const float *A, const f
     }
 }
 
-/* The online-softmax step of the warp's ROWS query rows Q [ROWS][Dh] over a key tile K, V (swizzled): row r sees
- * the tile's first nk[r] keys (0: the row is left exactly as it was). m, l: each row's running max and sum (every
- * lane holds the same), acc[r][c]: its unnormalised output element lane + 32 c. P [ROWS][BK]: the warp's
- * probabilities, shared memory. */
+/* The online-softmax step of the warp's ROWS query rows Q [ROWS][Dh] over a key tile K (swizzled), first half:
+ * row r sees the tile's first nk[r] keys (0: the row is left exactly as it was). m, l: each row's running max and
+ * sum (every lane holds the same), acc[r][c]: its unnormalised output element lane + 32 c, rescaled here to the new
+ * max. P [ROWS][BK] (shared memory) gets the rows' probabilities for tile_values. */
 template <int NC>
-__device__ void online_tile(const float *Q, const float *K, const float *V, float *P, const int nk[ROWS], float scale,
-                            int Dh, float m[ROWS], float l[ROWS], float acc[ROWS][NC])
+__device__ void tile_softmax(const float *Q, const float *K, float *P, const int nk[ROWS], float scale, int Dh,
+                             float m[ROWS], float l[ROWS], float acc[ROWS][NC])
 {
     const int lane = threadIdx.x & 31;
     float s[ROWS];
     tile_dots(s, Q, K, Dh);
-    int jmax = 0;
     UNROLL for (int r = 0; r < ROWS; r++) {
         if (nk[r] == 0) continue; /* the same for the whole warp */
         const float x = lane < nk[r] ? s[r] * scale : -INFINITY;
@@ -147,10 +146,17 @@ __device__ void online_tile(const float *Q, const float *K, const float *V, floa
         m[r] = mn;
         UNROLL for (int c = 0; c < NC; c++) acc[r][c] *= alpha;
         P[r * BK + lane] = p;
-        jmax = imax(jmax, nk[r]);
     }
-    __syncwarp();
-    /* acc[r] += sum over the visible keys j, in order, of p[r][j] v_j */
+}
+
+/* Second half: acc[r] += sum over the tile's first nk[r] keys j, in order, of P[r][j] v_j (V swizzled). The
+ * caller orders P's writes before (a barrier). */
+template <int NC>
+__device__ void tile_values(const float *V, const float *P, const int nk[ROWS], int Dh, float acc[ROWS][NC])
+{
+    const int lane = threadIdx.x & 31;
+    int jmax = 0;
+    UNROLL for (int r = 0; r < ROWS; r++) jmax = imax(jmax, nk[r]);
     for (int j = 0; j < jmax; j++) {
         float vj[NC];
         UNROLL for (int c = 0; c < NC; c++) vj[c] = lane + 32 * c < Dh ? V[swz(j, lane + 32 * c)] : 0.0f;
@@ -195,7 +201,10 @@ __global__ void attn_fwd_k(const attn_tile *tiles, const float *q, int ldq, floa
         __syncthreads();
         int nk[ROWS];
         UNROLL for (int r = 0; r < ROWS; r++) nk[r] = clamp_keys(sees[r] - k0);
-        online_tile<NC>(Qs + warp * ROWS * Dh, Ks, Vs, Ps + warp * ROWS * BK, nk, scale, Dh, m, l, acc);
+        float *Pw = Ps + warp * ROWS * BK;
+        tile_softmax<NC>(Qs + warp * ROWS * Dh, Ks, Pw, nk, scale, Dh, m, l, acc);
+        __syncwarp(); /* the warp's P rows */
+        tile_values<NC>(Vs, Pw, nk, Dh, acc);
     }
     UNROLL for (int r = 0; r < ROWS; r++) {
         if (!sees[r]) continue;
@@ -371,13 +380,14 @@ __global__ void attn_bwd_dkv_k(const attn_tile *tiles, float *dk, float *dv, con
 /* Block (key slice, kv head g's chunk of up to ROWS query heads, sequence i), one warp: the heads' online softmax
  * over keys [slice tiles_per_slice BK, ...) of both spans. One slice (part NULL): out[i, h Dh:] normalised; else
  * part[((i n_heads + h) slices + slice) (Dh + 2) ..] = m, l, then the unnormalised output (an empty slice: -inf,
- * 0, zeros). Shared: Q [ROWS][Dh], K and V swizzled [BK][Dh], P [ROWS][BK]. */
+ * 0, zeros). Shared: Q [ROWS][Dh], one swizzled [BK][Dh] tile (the keys, then the values: a small block, so that
+ * many fit on a multiprocessor), P [ROWS][BK]. */
 template <int NC>
 __global__ void attn_decode_k(const tk_cu_kv_view *views, const float *q, int ldq, float *out, int ldo, float *part,
                               int n_heads, int group, int Dh, int ld_kv, float scale, int tiles_per_slice)
 {
     extern __shared__ float smem[];
-    float *Qs = smem, *Ks = Qs + ROWS * Dh, *Vs = Ks + BK * Dh, *Ps = Vs + BK * Dh;
+    float *Qs = smem, *KVs = Qs + ROWS * Dh, *Ps = KVs + BK * Dh;
     const tk_cu_kv_view kv = views[blockIdx.z];
     const int chunks = (group + ROWS - 1) / ROWS, g = blockIdx.y / chunks, chunk = blockIdx.y % chunks;
     const int h0 = g * group + chunk * ROWS, nh = imin(ROWS, group - chunk * ROWS), col = g * Dh;
@@ -393,13 +403,16 @@ __global__ void attn_decode_k(const tk_cu_kv_view *views, const float *q, int ld
     const int lo = blockIdx.x * tiles_per_slice * BK, hi = imin(n_keys, lo + tiles_per_slice * BK);
     for (int k0 = lo; k0 < hi; k0 += BK) {
         const int n = imin(BK, hi - k0);
-        __syncthreads();
-        load_tile(Ks, kv.k0, kv.n0, kv.k1, ld_kv, col, k0, n, Dh);
-        load_tile(Vs, kv.v0, kv.n0, kv.v1, ld_kv, col, k0, n, Dh);
-        __syncthreads();
         int nk[ROWS];
         UNROLL for (int r = 0; r < ROWS; r++) nk[r] = r < nh ? n : 0;
-        online_tile<NC>(Qs, Ks, Vs, Ps, nk, scale, Dh, m, l, acc);
+        __syncthreads(); /* the last tile's values are read (the first time: Qs is written) */
+        load_tile(KVs, kv.k0, kv.n0, kv.k1, ld_kv, col, k0, n, Dh);
+        __syncthreads();
+        tile_softmax<NC>(Qs, KVs, Ps, nk, scale, Dh, m, l, acc);
+        __syncthreads(); /* the keys are read; P is written */
+        load_tile(KVs, kv.v0, kv.n0, kv.v1, ld_kv, col, k0, n, Dh);
+        __syncthreads();
+        tile_values<NC>(KVs, Ps, nk, Dh, acc);
     }
     UNROLL for (int r = 0; r < ROWS; r++) {
         if (r >= nh) continue;
@@ -487,7 +500,7 @@ static attn_tile *sequence_tiles(const int32_t *seq_start, int n_seqs, const flo
 static size_t fwd_shared(int Dh) { return ((size_t)(BQ + 2 * BK) * Dh + BQ * BK) * sizeof(float); }
 static size_t dq_shared(int Dh) { return ((size_t)(2 * BQ + 2 * BK) * Dh + BQ * BK) * sizeof(float); }
 static size_t dkv_shared(int Dh) { return ((size_t)(2 * BQ + 2 * BK) * Dh + 2 * BQ * BK + 2 * BK) * sizeof(float); }
-static size_t decode_shared(int Dh) { return ((size_t)(ROWS + 2 * BK) * Dh + ROWS * BK) * sizeof(float); }
+static size_t decode_shared(int Dh) { return ((size_t)(ROWS + BK) * Dh + ROWS * BK) * sizeof(float); }
 
 /* the forward kernel over a host tile list (staged here) */
 static void run_forward(tk_cu *cu, const attn_tile *host_tiles, int n_tiles, const float *q, int ldq, float *out,
