@@ -12,6 +12,11 @@ tk_dequantize against an independent decode; its header states what is checked a
 is compiled (gcc -O2 -march=native) and run, once plainly and once under AddressSanitizer +
 UndefinedBehaviorSanitizer (with leak detection), and must exit 0. Its output (one line per op and shape)
 is shown on failure.
+
+The CUDA backend's ops run here too, without a GPU: test_backend_ops_cuda_emulated builds them with g++ against
+tests/cuda_emu (a CPU emulation of CUDA's execution model, whose checks tests/test_cuda_emu.py proves) and runs
+the harness on that backend only, with tests/cuda_emu/fake_cublas.c standing in for cuBLAS. On a GPU machine
+test_backend_ops itself runs them on the real device (the build compiles the .cu sources with nvcc).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import native_build
 SOURCES = ["test_backend_ops.c", "harness.c", "reference.c", "quant_ref.c"]
 
 
-def run_harness(exe, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, env=env)
+def run_harness(exe, env=None, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{exe.name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.rstrip().endswith("0 failed"), proc.stdout
     return proc
@@ -59,3 +64,11 @@ def test_backend_ops_sanitized(tmp_path):
     # need detect_leaks=0).
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     run_harness(exe, env)
+
+
+def test_backend_ops_cuda_emulated(tmp_path):
+    exe = native_build.build(tmp_path / "test_backend_ops_cuda_emu", SOURCES, emulate_cuda=True)
+    env = dict(os.environ, TK_TEST_BACKENDS="cuda", TINKER_CUBLAS=str(native_build.fake_cublas(tmp_path)))
+    proc = run_harness(exe, env, timeout=900)
+    assert "skip cuda:" not in proc.stdout, proc.stdout  # the backend was made
+    assert "cuda-emu:" not in proc.stderr, proc.stderr  # no launch, barrier, pointer or copy fault

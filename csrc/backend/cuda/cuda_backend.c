@@ -11,10 +11,9 @@
  * kin), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
  * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
  *
- * A contract to settle on the GPU: matmul_nt's rows must not depend on the other rows of the call, bit for bit
- * (the prefix cache's exactness rests on it; "matmul_nt rows" in tests/ops). cuBLAS picks its algorithm by
- * shape, so its rows may round differently with T; a row-invariant kernel, or a per-backend tolerance for the
- * prefix cache, is the choice to make there.
+ * matmul_nt (and its decode and many forms) is a kernel of our own, not cuBLAS: its rows must not depend on the
+ * other rows of the call, bit for bit (the prefix cache's exactness rests on it; "matmul_nt rows" in tests/ops),
+ * and cuBLAS picks its algorithm by shape.
  */
 #ifdef TK_HAVE_CUDA
 

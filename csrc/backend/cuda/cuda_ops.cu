@@ -394,7 +394,7 @@ extern "C" void tk_cu_rope(tk_cu *cu, float *x, int ldx, int rows, int n_heads, 
     launched(cu, "rope");
 }
 
-/* ---- float32 matmuls (cuBLAS is column-major: a row-major [R, C] matrix is its column-major [C, R]) ---- */
+/* ---- float32 matmuls through cuBLAS (column-major: a row-major [R, C] matrix is its column-major [C, R]) ---- */
 
 static int load_cublas(tk_cu *cu)
 {
@@ -445,11 +445,52 @@ static void sgemm(tk_cu *cu, int ta, int tb, int m, int n, int k, float alpha, c
         check(cu, cudaErrorLaunchFailure, op);
 }
 
-/* y^T [N, T] = alpha w [N, K] . x^T [K, T] + beta y^T */
+/* ---- matmul_nt: a kernel of our own, not cuBLAS, because each row's result must not depend on the other rows of
+ * the call, bit for bit (a prompt's rows prefilled after a cached prefix must equal the same rows of a whole
+ * prefill: the prefix cache's exactness rests on it), and cuBLAS picks its algorithm (tiling, split-K) by shape.
+ * Here every output is one float32 fmaf chain over k = 0 .. K-1 in order, whatever T, N or the tile it falls in.
+ * Its shapes are LoRA's (K or N the rank) and small float32 weights; the base weights' GEMMs use cuBLAS. ---- */
+
+enum { NT_TILE = 64, NT_STEP = 16 }; /* a block: a 64 x 64 tile of y; 256 threads of 4 x 4 outputs; k in steps of 16 */
+
+__global__ void matmul_nt_k(float *y, int ldy, const float *x, int ldx, const float *w, int T, int N, int K, float alpha,
+                            float beta)
+{
+    __shared__ float xs[NT_STEP][NT_TILE + 1], ws[NT_STEP][NT_TILE + 1]; /* [k][row of the tile]: x rows, w rows */
+    int t0 = blockIdx.y * NT_TILE, n0 = blockIdx.x * NT_TILE;
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16; /* outputs (t0 + ty + 16 i, n0 + tx + 16 j) */
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += NT_STEP) {
+        for (int e = threadIdx.x; e < NT_TILE * NT_STEP; e += blockDim.x) {
+            int row = e / NT_STEP, kk = e % NT_STEP, k = k0 + kk;
+            xs[kk][row] = t0 + row < T && k < K ? x[(size_t)(t0 + row) * ldx + k] : 0.0f;
+            ws[kk][row] = n0 + row < N && k < K ? w[(size_t)(n0 + row) * K + k] : 0.0f;
+        }
+        __syncthreads();
+        int steps = min(NT_STEP, K - k0);
+        for (int kk = 0; kk < steps; kk++)
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(xs[kk][ty + 16 * i], ws[kk][tx + 16 * j], acc[i][j]);
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            int t = t0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (t >= T || n >= N) continue;
+            float *out = y + (size_t)t * ldy + n;
+            *out = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *out; /* beta 0: y is not read */
+        }
+}
+
 extern "C" void tk_cu_matmul_nt(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N,
                                 int K, float alpha, float beta)
 {
-    sgemm(cu, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, alpha, w, K, x, ldx, beta, y, ldy, "matmul_nt");
+    if (T <= 0 || N <= 0) return;
+    dim3 grid((unsigned)((N + NT_TILE - 1) / NT_TILE), (unsigned)((T + NT_TILE - 1) / NT_TILE));
+    matmul_nt_k<<<grid, THREADS, 0, cu->stream>>>(y, ldy, x, ldx, w, T, N, K, alpha, beta);
+    launched(cu, "matmul_nt");
 }
 
 /* y^T [N, T] = alpha w^T [N, K] . x^T [K, T] + beta y^T */

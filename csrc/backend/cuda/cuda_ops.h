@@ -68,7 +68,8 @@ void tk_cu_rope(tk_cu *cu, float *x, int ldx, int rows, int n_heads, int head_di
 /* ---- float32 matmuls through cuBLAS (loaded at run time: libcublas.so.13 / .12, or $TINKER_CUBLAS), in
  * float32 arithmetic (no TF32). 0 when cuBLAS could not be loaded (why: the reason). ---- */
 int tk_cu_blas_ready(tk_cu *cu, char *why, size_t why_size);
-/* y[T, N] = alpha x[T, K] w[N, K]^T + beta y   (row-major, row strides ldy, ldx; w rows contiguous) */
+/* y[T, N] = alpha x[T, K] w[N, K]^T + beta y   (row-major, row strides ldy, ldx; w rows contiguous): a kernel of
+ * our own, not cuBLAS, whose rows do not depend on the other rows of the call (backend.h's matmul_nt) */
 void tk_cu_matmul_nt(tk_cu *cu, float *y, int ldy, const float *x, int ldx, const float *w, int T, int N, int K,
                      float alpha, float beta);
 /* y[T, N] = alpha x[T, K] w[K, N] + beta y */
