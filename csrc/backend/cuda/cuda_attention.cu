@@ -510,6 +510,7 @@ static void run_forward(tk_cu *cu, const attn_tile *host_tiles, int n_tiles, con
     int nc = chunks_of(cu, head_dim, op);
     if (!nc || n_tiles == 0 || n_heads <= 0) return;
     attn_tile *tiles = (attn_tile *)staged(cu, host_tiles, (size_t)n_tiles * sizeof *host_tiles);
+    if (failed(cu)) return unstage(cu, tiles); /* the staging failed: sync reports it */
     fwd_fn fwd = FWD_KERNELS[nc - 1];
     size_t shared = fwd_shared(head_dim);
     allow_shared(cu, fwd, shared, op);
@@ -574,6 +575,7 @@ extern "C" void tk_cu_attention_backward(tk_cu *cu, float *dq, float *dk, float 
     if (!host_tiles) return check(cu, cudaErrorMemoryAllocation, "attention_backward");
     attn_tile *tiles = (attn_tile *)staged(cu, host_tiles, (size_t)n_tiles * sizeof *host_tiles);
     free(host_tiles);
+    if (failed(cu)) return unstage(cu, tiles);
     float scale = 1.0f / sqrtf((float)head_dim);
     float *D = work; /* [T, n_heads] */
     attn_bwd_rowdot_k<<<(unsigned)T, ATTN_THREADS, 0, cu->stream>>>(D, dout, out, ldo, n_heads, head_dim);
@@ -613,6 +615,7 @@ extern "C" void tk_cu_attention_decode(tk_cu *cu, float *out, int ldo, const flo
     slices = (max_tiles + tiles_per_slice - 1) / tiles_per_slice;
 
     tk_cu_kv_view *dviews = (tk_cu_kv_view *)staged(cu, views, (size_t)n * sizeof *views);
+    if (failed(cu)) return unstage(cu, dviews);
     float *part = NULL;
     if (slices > 1) {
         check(cu, cudaMallocAsync((void **)&part, (size_t)n * n_heads * slices * (head_dim + 2) * sizeof(float), cu->stream),
