@@ -23,6 +23,9 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/devsim/devsim_backend.h"
+#ifdef TK_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "core/engine.h"
 #include "core/status.h"
 #include "io/gguf.h"

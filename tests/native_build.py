@@ -99,12 +99,26 @@ def fake_cublas(directory: Path) -> Path:
     return output
 
 
+def emulated_package(dest: Path) -> Path:
+    """A copy of the tinker package in dest/tinker whose extension (_C) has the CUDA backend built against the
+    CUDA emulator, so that the whole engine runs on the emulated "GPU" (TINKER_DEVICE=cuda, with $TINKER_CUBLAS
+    naming fake_cublas()'s library): run Python with PYTHONPATH=dest. Returns dest/tinker."""
+    import sysconfig
+
+    package = dest / "tinker"
+    shutil.copytree(ROOT / "tinker", package, ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    module = package / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    build(module, [], shared=True, emulate_cuda=True, python=True)
+    return package
+
+
 def build(output: Path, test_sources: list[str], *, shared: bool = False, sanitize: bool = False,
-          isa_flags: tuple[str, ...] = (), emulate_cuda: bool = False) -> Path:
+          isa_flags: tuple[str, ...] = (), emulate_cuda: bool = False, python: bool = False) -> Path:
     """Compiles the engine sources and tests/ops/<test_sources> into `output` (an executable, or with shared=True
     a shared library), objects beside it; isa_flags (e.g. -mno-avx512f) narrow -march=native to test the
     kernels' other instruction-set paths; emulate_cuda builds the CUDA backend against tests/cuda_emu (see the
-    module's docstring). Raises BuildError with the compiler's output on failure."""
+    module's docstring); python adds csrc/python/ (the extension module itself). Raises BuildError with the
+    compiler's output on failure."""
     blas = blas_settings()
     flags = CFLAGS + list(isa_flags) + (SANITIZE if sanitize else []) + (["-fPIC"] if shared else [])
     flags += [f"-D{name}={value}" for name, value in blas["macros"]]
@@ -115,6 +129,11 @@ def build(output: Path, test_sources: list[str], *, shared: bool = False, saniti
     obj_dir = output.parent / (output.name + ".objs")
     obj_dir.mkdir(parents=True, exist_ok=True)
     sources = engine_sources() + [TESTS_C / s for s in test_sources]
+    if python:
+        import sysconfig
+
+        flags += ["-I" + sysconfig.get_paths()["include"]]
+        sources += sorted((ROOT / "csrc" / "python").glob("*.c"))
     cuda_sources = sorted((ROOT / "csrc").rglob("*.cu")) if cuda else []
     objects = [obj_dir / (str(s.relative_to(ROOT)).replace(os.sep, "_") + ".o") for s in sources + cuda_sources]
     commands = [["gcc", *flags, "-c", str(s), "-o", str(o)] for s, o in zip(sources, objects)]

@@ -111,27 +111,55 @@ def cuda_status() -> str:
                                    f"{d['memory'] / 2**30:.0f} GiB)" for d in probe["devices"])
 
 
+# The CUDA backend's ops and the engine on it have run only on tests/cuda_emu (a CPU emulation of CUDA): until
+# they pass tests/ops and tests/test_cuda_engine.py on a real GPU (issue #15), auto stays on the CPU and the GPU
+# is used only when asked for (TINKER_DEVICE=cuda).
+CUDA_VERIFIED_ON_A_GPU = False
+
+
 def engine_device() -> str:
-    """The device $TINKER_DEVICE asks for, as the engine names it: auto (the default) and cpu run on the CPU
-    (the CUDA backend's ops are not written yet, so a visible GPU is not used); cuda is refused, saying what
-    CUDA can do here; devsim is the CPU backend behind device pointers that the host cannot read (a check for
-    tests that model code reaches device memory only through the backend)."""
+    """The device $TINKER_DEVICE asks for, as the engine names it: cpu; cuda (GPU 0; the engine refuses it,
+    saying why, where this build or machine cannot run it); auto (the default): cuda where a GPU is visible and
+    the CUDA backend is verified (CUDA_VERIFIED_ON_A_GPU), else cpu; devsim, the CPU backend behind device
+    pointers that the host cannot read (a check for tests that model code reaches device memory only through
+    the backend)."""
     device = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
     if device not in _DEVICES:
         raise BadRequestError(f"TINKER_DEVICE={device!r} is not a device: use one of {', '.join(_DEVICES)}")
-    if device == "cuda":
-        raise BadRequestError(f"TINKER_DEVICE=cuda: this build of tinker has no CUDA backend yet (CUDA here: "
-                              f"{cuda_status()}); unset TINKER_DEVICE (or set it to cpu) to run on the CPU")
-    return "cpu" if device == "auto" else device
+    if device == "auto":
+        return "cuda" if CUDA_VERIFIED_ON_A_GPU and _C.cuda_probe()["devices"] else "cpu"
+    return device
+
+
+def device_description(engine: _C.Engine) -> str:
+    """The engine's device in words: 'cpu', or 'cuda (<GPU name>)'."""
+    if engine.device != "cuda":
+        return engine.device
+    devices = _C.cuda_probe()["devices"]
+    return f"cuda ({devices[0]['name']})" if devices else "cuda"
+
+
+def make_engine(device: str) -> _C.Engine:
+    asked = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
+    try:
+        return _C.Engine(device=device)
+    except ValueError as e:
+        if device != "cuda":
+            raise
+        if asked == "auto":  # a visible GPU this engine cannot use: say so and run on the CPU
+            logging.getLogger("tinker").warning("tinker: not using the GPU (%s); running on the CPU", e)
+            return _C.Engine(device="cpu")
+        raise BadRequestError(f"TINKER_DEVICE=cuda: {e} (CUDA here: {cuda_status()}); unset TINKER_DEVICE (or set "
+                              f"it to cpu) to run on the CPU") from None
 
 
 def get_engine() -> _C.Engine:
     global _engine
     with _lock:
         if _engine is None:
-            _engine = _C.Engine(device=engine_device())
-            logging.getLogger("tinker").info("tinker engine: device %s, %d threads (CUDA: %s)", _engine.device,
-                                             _engine.threads, cuda_status())
+            _engine = make_engine(engine_device())
+            logging.getLogger("tinker").info("tinker engine: device %s, %d threads (CUDA: %s)",
+                                             device_description(_engine), _engine.threads, cuda_status())
         return _engine
 
 

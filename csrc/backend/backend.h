@@ -268,6 +268,10 @@ struct tk_backend {
 };
 
 
+/* The name of the first op the table leaves NULL (a backend being written), or NULL when it has them all: the
+ * engine runs models only on a complete backend. */
+const char *tk_backend_missing_op(const tk_backend *be);
+
 static inline void tk_backend_retain(tk_backend *be) { atomic_fetch_add(&be->refcount, 1); }
 
 static inline void tk_backend_release(tk_backend *be)

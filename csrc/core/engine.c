@@ -350,8 +350,14 @@ tk_status tk_engine_create(tk_engine **out, int n_threads, tk_backend *(*create_
     tk_status s = TK_OK;
     if (e->wake_fd < 0) s = tk_error(TK_ERR_IO, "engine: cannot create the wake eventfd: %s", strerror(errno));
     if (s == TK_OK) s = tk_pool_create(&e->exec.pool, n_threads);
-    if (s == TK_OK && !(e->exec.backend = create_backend(e->exec.pool)))
-        s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
+    if (s == TK_OK) {
+        tk_error(TK_ERR_NOMEM, "out of memory"); /* the reason, unless the factory records its own */
+        if (!(e->exec.backend = create_backend(e->exec.pool))) s = tk_error_prefix(TK_ERR_UNSUPPORTED, "engine: ");
+    }
+    const char *missing = s == TK_OK ? tk_backend_missing_op(e->exec.backend) : NULL;
+    if (missing)
+        s = tk_error(TK_ERR_UNSUPPORTED, "engine: the %s backend is not complete yet (it has no %s op)",
+                     e->exec.backend->name, missing);
     e->running.engine = e;
     if (s == TK_OK && !running_grow(&e->running)) s = tk_error(TK_ERR_NOMEM, "engine: out of memory");
     if (s == TK_OK && pthread_create(&e->worker, NULL, worker_main, e) != 0)

@@ -1298,12 +1298,21 @@ static int usable_cpus(void)
     return n > 0 ? (int)n : 1;
 }
 
-/* The backend factory for a device name: "cpu", or "devsim" (the CPU backend behind device pointers, a check
- * for tests: backend/devsim). NULL for anything else. */
+/* The backend factory for a device name: "cpu", "cuda" (GPU 0, in a build with the CUDA backend), or "devsim"
+ * (the CPU backend behind device pointers, a check for tests: backend/devsim). NULL for anything else. */
+#ifdef TK_HAVE_CUDA
+#define CUDA_DEVICE " or cuda"
+#else
+#define CUDA_DEVICE "; cuda needs a build with the CUDA backend"
+#endif
+
 static tk_backend *(*backend_factory(const char *device))(tk_pool *)
 {
     if (strcmp(device, "cpu") == 0) return tk_cpu_backend_create;
     if (strcmp(device, "devsim") == 0) return tk_devsim_backend_create;
+#ifdef TK_HAVE_CUDA
+    if (strcmp(device, "cuda") == 0) return tk_cuda_backend_create;
+#endif
     return NULL;
 }
 
@@ -1314,7 +1323,7 @@ static PyObject *engine_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwa
     const char *device = "cpu";
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|is:Engine", kwlist, &n_threads, &device)) return NULL;
     tk_backend *(*factory)(tk_pool *) = backend_factory(device);
-    if (!factory) return PyErr_Format(PyExc_ValueError, "unknown device '%s' (cpu or devsim)", device);
+    if (!factory) return PyErr_Format(PyExc_ValueError, "unknown device '%s' (cpu, devsim%s)", device, CUDA_DEVICE);
     if (n_threads <= 0) n_threads = usable_cpus();
     if (n_threads > 256) n_threads = 256;
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
@@ -1493,7 +1502,7 @@ static PyObject *engine_get_device(EngineObject *self, void *closure)
 
 static PyGetSetDef engine_getset[] = {
     {"threads", (getter)engine_get_threads, NULL, "threads in the engine's compute team", NULL},
-    {"device", (getter)engine_get_device, NULL, "the device the engine computes on: 'cpu' or 'devsim'", NULL},
+    {"device", (getter)engine_get_device, NULL, "the device the engine computes on: 'cpu', 'cuda' or 'devsim'", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

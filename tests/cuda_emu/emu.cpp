@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -30,7 +31,9 @@ enum { STACK_BYTES = 256 * 1024, MAX_THREADS = 1024, DEFAULT_SHARED = 48 * 1024,
 
 struct fiber {
     fiber_state s;
-    ucontext_t ctx;
+    ucontext_t ctx;  /* starts the fiber on its stack (makecontext + setcontext: once per block) */
+    jmp_buf resume;  /* where it waits at a barrier (_setjmp / _longjmp switch without a signal-mask syscall) */
+    int started;
     int state;
     unsigned warp_mask; /* the mask of the warp barrier it waits at */
     uint64_t slot;      /* what it offers in a warp exchange */
@@ -47,9 +50,10 @@ static int g_device_set;
 
 /* the launch being run */
 static const char *g_kernel = "";
-static std::vector<fiber> g_fibers;
+static fiber g_fibers[MAX_THREADS]; /* fixed: a ucontext_t points into itself, so fibers never move */
+static unsigned g_fibers_ready;     /* how many have a stack */
 static unsigned g_threads;
-static ucontext_t g_scheduler;
+static jmp_buf g_scheduler;
 static void (*g_body)(void *);
 static void *g_body_ctx;
 static std::vector<unsigned char> g_shared;
@@ -106,14 +110,24 @@ static void fiber_main(void)
 {
     g_body(g_body_ctx);
     ((fiber *)g_cur)->state = DONE;
-    /* returning resumes uc_link: the scheduler */
+    _longjmp(g_scheduler, 1); /* never returns: its stack is reused by the next block */
 }
 
 static void yield_to_scheduler(int state)
 {
     fiber *f = (fiber *)g_cur;
     f->state = state;
-    swapcontext(&f->ctx, &g_scheduler);
+    if (!_setjmp(f->resume)) _longjmp(g_scheduler, 1);
+}
+
+/* runs fiber f until it finishes or waits */
+static void resume(fiber *f)
+{
+    g_cur = &f->s;
+    if (_setjmp(g_scheduler)) return;
+    if (f->started) _longjmp(f->resume, 1);
+    f->started = 1;
+    setcontext(&f->ctx);
 }
 
 static void launch_failure(const char *what)
@@ -210,10 +224,10 @@ static void run_block(void)
         f->s.tid = uint3{x, y, z};
         f->s.linear = i;
         f->state = READY;
-        getcontext(&f->ctx);
+        f->started = 0;
         f->ctx.uc_stack.ss_sp = f->stack;
         f->ctx.uc_stack.ss_size = STACK_BYTES;
-        f->ctx.uc_link = &g_scheduler;
+        f->ctx.uc_link = NULL;
         makecontext(&f->ctx, fiber_main, 0);
     }
     for (;;) {
@@ -221,8 +235,7 @@ static void run_block(void)
         for (unsigned i = 0; i < g_threads; i++)
             if (g_fibers[i].state == READY) {
                 any = 1;
-                g_cur = &g_fibers[i].s;
-                swapcontext(&g_scheduler, &g_fibers[i].ctx);
+                resume(&g_fibers[i]);
             }
         if (g_failed) return; /* threads left waiting are abandoned: their stacks are reused */
         int all_done = 1;
@@ -261,14 +274,12 @@ int begin_launch(const char *name, const void *kernel, dim3 grid, dim3 block, si
     g_threads = (unsigned)threads;
     g_block_dim = block;
     g_grid_dim = grid;
-    if (g_fibers.size() < g_threads) {
-        size_t old = g_fibers.size();
-        g_fibers.resize(g_threads);
-        for (size_t i = old; i < g_threads; i++) {
-            void *s = mmap(NULL, STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (s == MAP_FAILED) abort(); /* the test machine itself is out of memory */
-            g_fibers[i].stack = (char *)s;
-        }
+    for (; g_fibers_ready < g_threads; g_fibers_ready++) {
+        fiber *f = &g_fibers[g_fibers_ready];
+        void *stack = mmap(NULL, STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (stack == MAP_FAILED) abort(); /* the test machine itself is out of memory */
+        f->stack = (char *)stack;
+        getcontext(&f->ctx); /* once: makecontext reuses it for every block */
     }
     g_shared.assign(shared ? shared : 16, 0xff);
     g_failed = 0;

@@ -1829,7 +1829,8 @@ typedef struct {
 } attn_case;
 
 /* T = 1; GQA groups of 1, 2, 3, 4; an odd head_dim; sequences of different lengths packed together, one
- * longer than a 64-row query block */
+ * longer than a 64-row query block; head_dim 128 (real models': a GPU kernel's tiles then need more than 48 KB
+ * of shared memory) */
 static const attn_case ATTN_CASES[] = {
     {1, 1, 8, 0, 0, 1, {1}},
     {2, 1, 16, 3, 1, 2, {2, 3}},
@@ -1837,6 +1838,7 @@ static const attn_case ATTN_CASES[] = {
     {3, 3, 5, 1, 0, 2, {3, 17}},
     {6, 2, 32, 0, 4, 3, {7, 2, 70}},
     {4, 1, 8, 2, 2, 2, {130, 1}},
+    {4, 2, 128, 3, 1, 2, {100, 9}},
 };
 
 static attn_shape attn_shape_of(const attn_case *c)
@@ -1977,6 +1979,7 @@ static const decode_case DECODE_CASES[] = {
     {3, 4, 2, 17, 0, {1, 2, 65}, 0},
     {5, 9, 3, 32, 17, {1, 4, 9, 2, 30}, 0x15},
     {8, 16, 2, 16, 33, {1, 2, 3, 4, 5, 6, 7, 70}, 0xFF},
+    {2, 8, 2, 128, 40, {300, 1}, 0x1},
 };
 
 static void test_attention_decode(tk_backend *be, rng_t *r)

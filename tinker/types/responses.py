@@ -117,6 +117,9 @@ class SupportedModel(BaseModel):
 
 class GetServerCapabilitiesResponse(BaseModel):
     supported_models: List[SupportedModel]
+    device: Optional[str] = None
+    """The device this local engine runs models on: 'cpu', or 'cuda (<GPU name>)' (a local addition; None where
+    not filled in)."""
 
 
 def _floats(values: Any) -> List[float]:

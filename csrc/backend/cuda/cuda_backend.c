@@ -6,8 +6,9 @@
  * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
  * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward, swiglu_backward, the
  * MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, and the float32 matmuls (LoRA's) through cuBLAS
- * in float32 arithmetic. Not yet: the base-weight matmuls (matmul_w and its kin), attention (all four forms and
- * the backward), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
+ * in float32 arithmetic, and attention (attention, attention_full, attention_backward, attention_decode,
+ * attention_cached and their workspaces: cuda_attention.cu). Not yet: the base-weight matmuls (matmul_w and its
+ * kin), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
  * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
  *
  * matmul_nt (and its decode and many forms) is a kernel of our own, not cuBLAS: its rows must not depend on the
@@ -18,10 +19,12 @@
 
 #include "cuda_backend.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../../io/quant.h"
+#include "cuda_attention.h"
 #include "cuda_ops.h"
 #include "cuda_weights.h"
 
@@ -335,6 +338,88 @@ static float cuda_adamw_peak(tk_backend *be, const float *p, const float *g, con
     return tk_cu_adamw_peak(cu_of(be), p, g, m, v, n, fa);
 }
 
+/* ---- attention ---- (cuda_attention.cu) */
+
+/* tk_cu_kv_view mirrors tk_kv_view, so a host array of views passes as it is */
+_Static_assert(sizeof(tk_cu_kv_view) == sizeof(tk_kv_view) && offsetof(tk_cu_kv_view, k0) == offsetof(tk_kv_view, k0) &&
+                   offsetof(tk_cu_kv_view, v0) == offsetof(tk_kv_view, v0) &&
+                   offsetof(tk_cu_kv_view, n0) == offsetof(tk_kv_view, n0) &&
+                   offsetof(tk_cu_kv_view, k1) == offsetof(tk_kv_view, k1) &&
+                   offsetof(tk_cu_kv_view, v1) == offsetof(tk_kv_view, v1) &&
+                   offsetof(tk_cu_kv_view, n1) == offsetof(tk_kv_view, n1),
+               "tk_cu_kv_view must match tk_kv_view");
+
+static void cuda_attention(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                           int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                           float *lse, float *work)
+{
+    (void)work;
+    tk_cu_attention(cu_of(be), out, ldo, q, k, v, ldqkv, seq_start, n_seqs, n_heads, n_kv_heads, head_dim, lse, 1);
+}
+
+static void cuda_attention_full(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                                int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int head_dim, float *work)
+{
+    (void)work;
+    tk_cu_attention(cu_of(be), out, ldo, q, k, v, ldqkv, seq_start, n_seqs, n_heads, n_heads, head_dim, NULL, 0);
+}
+
+/* attention, attention_full, attention_decode and attention_cached keep their state in registers and shared
+ * memory (decoding's split-K partials in a stream-ordered allocation of their own): one float, so that callers
+ * that carve workspaces never see an empty one */
+static size_t cuda_attention_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads, int head_dim)
+{
+    (void)be, (void)n_tokens, (void)max_seq_len, (void)n_heads, (void)head_dim;
+    return 1;
+}
+
+static void cuda_attention_backward(tk_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *out, int ldo, const float *q, const float *k, const float *v,
+                                    int ldqkv, const float *lse, const int32_t *seq_start, int n_seqs, int n_heads,
+                                    int n_kv_heads, int head_dim, float *work)
+{
+    tk_cu_attention_backward(cu_of(be), dq, dk, dv, dout, out, ldo, q, k, v, ldqkv, lse, seq_start, n_seqs, n_heads,
+                             n_kv_heads, head_dim, work);
+}
+
+/* D = rowsum(dout * out) for every (token, head) */
+static size_t cuda_attention_backward_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads,
+                                                int head_dim)
+{
+    (void)be, (void)max_seq_len, (void)head_dim;
+    return tk_cu_attention_backward_workspace(n_tokens, n_heads);
+}
+
+static void cuda_attention_decode(tk_backend *be, float *out, int ldo, const float *q, int ldq,
+                                  const tk_kv_view *views, int n, int n_heads, int n_kv_heads, int head_dim, int ld_kv,
+                                  float *work)
+{
+    (void)work;
+    tk_cu_attention_decode(cu_of(be), out, ldo, q, ldq, (const tk_cu_kv_view *)views, n, n_heads, n_kv_heads,
+                           head_dim, ld_kv);
+}
+
+static size_t cuda_attention_decode_workspace(tk_backend *be, int max_keys)
+{
+    (void)be, (void)max_keys;
+    return 1;
+}
+
+static void cuda_attention_cached(tk_backend *be, float *out, int ldo, const float *q, int ldq,
+                                  const tk_kv_view *views, const int32_t *seq_start, int n_seqs, int n_heads,
+                                  int n_kv_heads, int head_dim, int ld_kv, float *work)
+{
+    (void)work;
+    tk_cu_attention_cached(cu_of(be), out, ldo, q, ldq, (const tk_cu_kv_view *)views, seq_start, n_seqs, n_heads,
+                           n_kv_heads, head_dim, ld_kv);
+}
+
+static size_t cuda_attention_cached_workspace(tk_backend *be, int max_keys, int head_dim)
+{
+    (void)be, (void)max_keys, (void)head_dim;
+    return 1;
+}
+
 /* ---- the table ---- */
 
 tk_backend *tk_cuda_backend_create(tk_pool *pool)
@@ -393,6 +478,15 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .row_dot = cuda_row_dot,
         .layer_norm = cuda_layer_norm,
         .gelu = cuda_gelu,
+        .attention = cuda_attention,
+        .attention_full = cuda_attention_full,
+        .attention_workspace = cuda_attention_workspace,
+        .attention_backward = cuda_attention_backward,
+        .attention_backward_workspace = cuda_attention_backward_workspace,
+        .attention_decode = cuda_attention_decode,
+        .attention_decode_workspace = cuda_attention_decode_workspace,
+        .attention_cached = cuda_attention_cached,
+        .attention_cached_workspace = cuda_attention_cached_workspace,
     };
     atomic_init(&be->base.refcount, 1);
     return &be->base;

@@ -61,6 +61,10 @@ static inline void check(tk_cu *cu, cudaError_t err, const char *where)
     }
 }
 
+/* A failure is pending (until sync reports it): an op whose staging copy failed must not launch (its kernel
+ * would read a null pointer) */
+static inline int failed(const tk_cu *cu) { return cu->first != cudaSuccess; }
+
 static inline void launched(tk_cu *cu, const char *op) { check(cu, cudaGetLastError(), op); }
 
 static inline unsigned blocks_for(size_t n)

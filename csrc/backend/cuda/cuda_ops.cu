@@ -99,7 +99,7 @@ extern "C" void tk_cu_copy_rows(tk_cu *cu, float *const *dst, const float *const
     if (rows <= 0 || n <= 0) return;
     float *const *d = (float *const *)staged(cu, dst, (size_t)rows * sizeof(float *));
     const float *const *s = (const float *const *)staged(cu, src, (size_t)rows * sizeof(float *));
-    copy_rows_k<<<rows, THREADS, 0, cu->stream>>>(d, s, n);
+    if (!failed(cu)) copy_rows_k<<<rows, THREADS, 0, cu->stream>>>(d, s, n);
     launched(cu, "copy_rows");
     unstage(cu, (void *)d), unstage(cu, (void *)s);
 }
@@ -211,7 +211,7 @@ extern "C" void tk_cu_gather(tk_cu *cu, float *out, const float *x, int ldx, con
 {
     if (n <= 0) return;
     int32_t *r = (int32_t *)staged(cu, row, (size_t)n * sizeof *row), *c = (int32_t *)staged(cu, col, (size_t)n * sizeof *col);
-    gather_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(out, x, ldx, r, c, n);
+    if (!failed(cu)) gather_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(out, x, ldx, r, c, n);
     launched(cu, "gather");
     unstage(cu, r), unstage(cu, c);
 }
@@ -227,7 +227,7 @@ extern "C" void tk_cu_scatter_add(tk_cu *cu, float *x, int ldx, const int32_t *r
 {
     if (n <= 0) return;
     int32_t *r = (int32_t *)staged(cu, row, (size_t)n * sizeof *row), *c = (int32_t *)staged(cu, col, (size_t)n * sizeof *col);
-    scatter_add_k<<<1, 1, 0, cu->stream>>>(x, ldx, r, c, val, n);
+    if (!failed(cu)) scatter_add_k<<<1, 1, 0, cu->stream>>>(x, ldx, r, c, val, n);
     launched(cu, "scatter_add");
     unstage(cu, r), unstage(cu, c);
 }
@@ -339,7 +339,7 @@ extern "C" void tk_cu_embed(tk_cu *cu, float *x, const void *table, int type, in
 {
     if (T <= 0) return;
     int32_t *t = (int32_t *)staged(cu, tokens, (size_t)T * sizeof *tokens);
-    embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, row0, rows, t);
+    if (!failed(cu)) embed_k<<<T, THREADS, 0, cu->stream>>>(x, table, type, cols, row0, rows, t);
     launched(cu, "embed");
     unstage(cu, t);
 }
@@ -365,7 +365,7 @@ extern "C" void tk_cu_rope_table(tk_cu *cu, float *cos_t, float *sin_t, const in
     if (rows <= 0 || half <= 0) return;
     int32_t *p = (int32_t *)staged(cu, pos, (size_t)rows * pos_dims * sizeof *pos);
     int8_t *a = axis ? (int8_t *)staged(cu, axis, (size_t)half) : NULL;
-    rope_table_k<<<blocks_for((size_t)rows * half), THREADS, 0, cu->stream>>>(cos_t, sin_t, p, pos_dims, rows,
+    if (!failed(cu)) rope_table_k<<<blocks_for((size_t)rows * half), THREADS, 0, cu->stream>>>(cos_t, sin_t, p, pos_dims, rows,
                                                                                inv_freq, a, half);
     launched(cu, "rope_table");
     unstage(cu, p), unstage(cu, a);
@@ -573,7 +573,7 @@ extern "C" void tk_cu_add_rows(tk_cu *cu, float *const *dst, const float *const 
     float *const *d = (float *const *)staged(cu, dst, (size_t)rows * sizeof(float *));
     const float *const *s = (const float *const *)staged(cu, src, (size_t)rows * sizeof(float *));
     float *sc = scale ? (float *)staged(cu, scale, (size_t)rows * sizeof(float)) : NULL;
-    add_rows_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(d, s, sc, rows, n);
+    if (!failed(cu)) add_rows_k<<<blocks_for((size_t)n), THREADS, 0, cu->stream>>>(d, s, sc, rows, n);
     launched(cu, "add_rows");
     unstage(cu, (void *)d), unstage(cu, (void *)s), unstage(cu, sc);
 }
@@ -588,7 +588,7 @@ extern "C" void tk_cu_scale_rows(tk_cu *cu, float *x, int ldx, const float *scal
 {
     if (rows <= 0) return;
     float *sc = (float *)staged(cu, scale, (size_t)rows * sizeof(float));
-    scale_rows_k<<<rows, THREADS, 0, cu->stream>>>(x, ldx, sc, n);
+    if (!failed(cu)) scale_rows_k<<<rows, THREADS, 0, cu->stream>>>(x, ldx, sc, n);
     launched(cu, "scale_rows");
     unstage(cu, sc);
 }

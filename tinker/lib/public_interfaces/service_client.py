@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 from ... import _checkpoints as ckpt
 from ... import _deprecation as deprecation
-from ..._engine import load_model, optional_str_arg, string_map_arg
+from ..._engine import device_description, get_engine, load_model, optional_str_arg, string_map_arg
 from ..._exceptions import BadRequestError, InvalidArgumentError
 from ..._futures import APIFuture, DoneFuture, background_work_done, in_background
 from ..._models import available_models
@@ -45,11 +45,11 @@ session_status: dict[str, SessionFinish | None] = {}
 def server_capabilities() -> GetServerCapabilitiesResponse:
     """The base models that load here (no downloads), with their context lengths: all of them can be
     trained and sampled; supports_images marks the vision-language ones (Qwen3-VL), is_moe the mixtures of
-    experts."""
+    experts; device, the device the engine runs them on."""
     models = [SupportedModel(model_name=m.name, max_context_length=m.max_context, trainable=True, sampleable=True,
                              supports_images=m.images, is_moe=m.moe)
               for m in available_models()]  # fmt: skip
-    return GetServerCapabilitiesResponse(supported_models=models)
+    return GetServerCapabilitiesResponse(supported_models=models, device=device_description(get_engine()))
 
 
 class ServiceClient:
