@@ -2,18 +2,22 @@
  * cuda_ops.cu behind cuda_ops.h. Buffers are device memory (host_memory 0): model/ reaches them only through
  * the table, which TINKER_DEVICE=devsim checks on any machine.
  *
- * Written so far: memory (alloc, free, upload, download, copy_rows, sync), float32 weights' storage (F32, F16,
- * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
- * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward, swiglu_backward, the
- * MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, and the float32 matmuls (LoRA's) through cuBLAS
- * in float32 arithmetic, and attention (attention, attention_full, attention_backward, attention_decode,
- * attention_cached and their workspaces: cuda_attention.cu). Not yet: the base-weight matmuls (matmul_w and its
- * kin), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
- * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
+ * Every op of the table: memory (alloc, free, upload, download, copy_rows, sync), base weights (F32 parts kept
+ * float32, every other type, the GGUF block types included, as bf16 rows; embed; matmul_w and its kin through
+ * cuBLAS: see "base weights" and cuda_weights.cu), rmsnorm, add_bias, swiglu, logsumexp, softmax_scale,
+ * zero_rows, gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward,
+ * swiglu_backward, the MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, the float32 matmuls
+ * (LoRA's), and attention (attention, attention_full, attention_backward, attention_decode, attention_cached and
+ * their workspaces: cuda_attention.cu). None of this has run on a GPU yet: tests/ops checks each op against the
+ * float64 references under the CPU emulation of CUDA (tests/cuda_emu) and where a GPU is visible.
  *
  * matmul_nt (and its decode and many forms) is a kernel of our own, not cuBLAS: its rows must not depend on the
  * other rows of the call, bit for bit (the prefix cache's exactness rests on it; "matmul_nt rows" in tests/ops),
- * and cuBLAS picks its algorithm by shape.
+ * and cuBLAS picks its algorithm by shape. matmul_w is cuBLAS's (issue #15: bf16 tensor-core GEMMs), so its rows
+ * may round differently with T (tests/ops' "matmul_w rows alone" notes say DIFF for some shapes under the
+ * emulator's cuBLAS): a resumed prefill's rows may then differ in their last bits from a whole prefill's. Open:
+ * cuBLASLt with one fixed algorithm per weight shape (no split-K or stream-K), or a tolerance in the prefix
+ * cache's contract on this backend.
  */
 #ifdef TK_HAVE_CUDA
 
