@@ -1,7 +1,8 @@
 /* cuda_weights.cu - the base-weight matmuls of the CUDA backend (see cuda_weights.h): activations rounded to
  * bf16 by a kernel into the context's scratch (struct tk_cu's wx, grown in stream order, never shrunk), then one
- * cuBLAS GEMM per weight part (per expert and part for the grouped ops): cublasGemmEx with bf16 A and B, float32
- * C and CUBLAS_COMPUTE_32F for bf16 parts, cublasSgemm on the float32 activations for F32 parts.
+ * cuBLAS GEMM per weight part (per expert and part for the grouped ops, experts of one shape batched):
+ * cublasGemmEx with bf16 A and B, float32 C and CUBLAS_COMPUTE_32F for bf16 parts, cublasSgemm on the float32
+ * activations for F32 parts (float32 arithmetic: the handle's math mode allows no TF32).
  *
  * cuBLAS is column-major: a row-major [R, C] matrix (row stride ld) is the column-major [C, R] (leading dimension
  * ld), written M' below. So y[T, N] = x[T, K] W[N, K]^T is y' [N, T] = (W' [K, N])^T x' [K, T] (op T on A), a
@@ -116,7 +117,10 @@ static void run_jobs(tk_cu *cu, const wjob *const *jobs, int n, int transposed, 
         host[i] = jobs[i]->a, host[stride + i] = jobs[i]->b, host[2 * stride + i] = jobs[i]->c;
     const void **dev = (const void **)staged(cu, host, (size_t)3 * stride * sizeof *host);
     free(host); /* staged's copy from pageable memory returns once the bytes are taken */
-    if (!dev) return;
+    if (!dev || failed(cu)) { /* the arrays may not be there: cuBLAS would follow garbage pointers */
+        unstage(cu, (void *)dev);
+        return;
+    }
     int status = cu->blas.gemm_batched_ex(cu->handle, op_a, CUBLAS_OP_N, m, j->rows_g, k, &alpha, dev, type, cols,
                                           dev + stride, type, ld_b, &beta, (void *const *)(dev + 2 * stride),
                                           TK_BLAS_R_32F, ldy, n, TK_BLAS_COMPUTE_32F, TK_BLAS_GEMM_DEFAULT);
