@@ -131,6 +131,70 @@ def run_probe(model: str, device: str, extra_env: dict, cwd: Path, timeout: int 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Every call retried until it succeeds (at most 3 tries), recording the failures: with one device allocation made
+# to fail ($TK_CUDA_EMU_FAIL_ALLOC), the call that needed it must fail cleanly and leave nothing behind.
+FAILING_PROBE = r"""
+import json, os, tinker
+from tinker import types
+model = os.environ["PROBE_MODEL"]
+failures = []
+def retried(fn):
+    for attempt in range(3):
+        try:
+            return fn()
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {e}")
+    raise RuntimeError("failed 3 times: " + " | ".join(failures))
+def datum(n):
+    tokens = [(7 * i + 3) % 300 + 5 for i in range(n)]
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (n - 1)})
+sc = tinker.ServiceClient()
+tc = retried(lambda: sc.create_lora_training_client(model, rank=8, seed=3).result())
+losses = [retried(lambda: tc.forward_backward([datum(40), datum(9)], "cross_entropy").result().metrics["loss:sum"])]
+retried(lambda: tc.optim_step(types.AdamParams(learning_rate=1e-2)).result())
+losses.append(retried(lambda: tc.forward_backward([datum(40)], "cross_entropy").result().metrics["loss:sum"]))
+retried(lambda: tc.optim_step(types.AdamParams(learning_rate=1e-2)).result())
+sampler = retried(lambda: tc.save_weights_and_get_sampling_client().result())
+prompt = types.ModelInput.from_ints([(5 * i + 1) % 300 + 5 for i in range(40)])  # 2 prefix-cache blocks and more
+results = [retried(lambda: sampler.sample(prompt, num_samples=3, sampling_params=types.SamplingParams(max_tokens=6,
+                   seed=1, stop=[]), include_prompt_logprobs=True).result()) for again in range(2)]
+print(json.dumps({"failures": failures, "losses": losses, "tokens": [[s.tokens for s in r.sequences] for r in results],
+                  "logprobs": [[s.logprobs for s in r.sequences] for r in results],
+                  "prompt": [r.prompt_logprobs for r in results]}))
+"""
+
+
+def test_out_of_gpu_memory_fails_one_call_and_leaves_nothing_behind(emulated, models, tmp_path):
+    """Out of GPU memory is a clear error, never a crash, and the engine stays usable: the emulator makes one device
+    allocation fail (the n-th of the run: engine, weights, adapter, scratch, staging copies, cuBLAS operands, decode
+    partials), for a spread of n over every phase; the call that needed it must raise a MemoryError (or a load
+    error saying what could not be allocated), and when it is retried the run must end exactly as a run without the failure did (a
+    failed forward_backward leaves no gradients, a failed optim_step no update, a
+    failed prefill nothing in the prefix cache: the prompt is sampled twice)."""
+    path = models["llama-f32"][0]
+
+    def run(**extra):
+        env = dict(os.environ, TINKER_DEVICE="cuda", PROBE_MODEL=path, TINKER_HOME=str(tmp_path / "store"),
+                   **emulated, **extra)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", FAILING_PROBE], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    clean, stderr = run(TK_CUDA_EMU_STATS="1")
+    assert clean["failures"] == []
+    allocations = int(stderr.split("cuda-emu-stats: ")[1].split()[0])
+    assert allocations > 50  # engine, weights, adapter, then each call's scratch and staging copies
+    for n in sorted({1, 2, 3, 4, 5, *np.linspace(6, allocations, 10).astype(int).tolist()}):
+        result, _ = run(TK_CUDA_EMU_FAIL_ALLOC=str(n))
+        failures = result.pop("failures")
+        assert len(failures) <= 1, (n, failures)  # none: an optional allocation (a prefix-cache block) was skipped
+        assert all(any(said in f for said in ("MemoryError", "out of memory", "cannot allocate")) for f in failures), (
+            n, failures)
+        assert result == {k: v for k, v in clean.items() if k != "failures"}, n
+
+
 def gpu_env():
     probe = _C.cuda_probe()
     if not probe["built"]:

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -281,8 +282,17 @@ void *tk_exec_join(tk_exec *exec, int (*accept)(const void *payload, void *ctx),
     return req->payload;
 }
 
+tk_status tk_exec_device_ok(tk_exec *exec)
+{
+    if (exec->device_failure == TK_OK && (exec->device_failure = exec->backend->sync(exec->backend)) != TK_OK)
+        snprintf(exec->device_error, sizeof exec->device_error, "%s", tk_last_error());
+    if (exec->device_failure != TK_OK) return tk_error(exec->device_failure, "%s", exec->device_error);
+    return TK_OK;
+}
+
 void tk_exec_finish(tk_exec *exec, void *payload, tk_status status)
 {
+    if (status == TK_OK) status = tk_exec_device_ok(exec); /* its results came from work that ran */
     struct tk_running *r = exec->running;
     for (int i = 0; r && i < r->n; i++)
         if (r->reqs[i]->payload == payload && !r->finished[i]) {
@@ -311,10 +321,11 @@ static void *worker_main(void *arg)
             tk_request *first = running.reqs[0];
             for (int i = 0; i < n; i++) payloads[i] = running.reqs[i]->payload;
             e->exec.running = first->run_batch ? &running : NULL;
+            e->exec.device_failure = TK_OK;
             s = first->run_batch ? first->run_batch(payloads, n, &e->exec) : first->run(first->payload, &e->exec);
             e->exec.running = NULL;
-            tk_status device = e->exec.backend->sync(e->exec.backend); /* a device's asynchronous failures */
-            if (s == TK_OK) s = device;
+            if (s == TK_OK) s = tk_exec_device_ok(&e->exec); /* a device's asynchronous failures */
+            else e->exec.backend->sync(e->exec.backend);        /* (the request's own error is the one to report) */
             message = s == TK_OK ? "" : tk_last_error();
         }
         for (int i = 0; i < running.n; i++) {

@@ -36,6 +36,8 @@ typedef struct {
     float *host_scratch;        /* host memory, for what model/ reads and writes itself */
     size_t host_scratch_floats;
     struct tk_running *running; /* the batch run_batch is running (NULL otherwise): see tk_exec_join */
+    tk_status device_failure;   /* the device's first failure in the running batch (tk_exec_device_ok) */
+    char device_error[256];
 } tk_exec;
 
 /* At least `floats` of device scratch (contents undefined), or NULL with an error. */
@@ -51,6 +53,12 @@ void *tk_exec_join(tk_exec *exec, int (*accept)(const void *payload, void *ctx),
  * must not touch its payload again). The batch's other requests finish when the batch function returns, with
  * its status. */
 void tk_exec_finish(tk_exec *exec, void *payload, tk_status status);
+/* Waits for the device and says whether everything queued in this batch so far ran: a device (a GPU) reports
+ * its failures at a sync, and once one is seen it stays for the rest of the batch, whose shared state (a
+ * decode's key/value caches) it may have spoilt. Checked before a result leaves the batch (tk_exec_finish, the
+ * batch's end) and before anything computed in it is kept for later (prefix-cache blocks, gradients); on failure
+ * the message is tk_last_error(). */
+tk_status tk_exec_device_ok(tk_exec *exec);
 
 typedef tk_status (*tk_request_fn)(void *payload, tk_exec *exec);
 typedef void (*tk_payload_free_fn)(void *payload);

@@ -562,10 +562,12 @@ static int plan_leads(prompt_plan *pl, int *share)
     return n_lead;
 }
 
-/* Caches prompt u's whole blocks among its first n tokens from its rows of the cohort's prompt cache. */
-static void fill_prefix(tk_prefix_cache *pc, tk_backend *be, const sample_payload *sp, int n, const cohort *co,
-                        int32_t start, int KV, size_t stride)
+/* Caches prompt u's whole blocks among its first n tokens from its rows of the cohort's prompt cache, when the
+ * device computed them (a block from a failed pass would be served to later requests). */
+static void fill_prefix(tk_exec *exec, tk_prefix_cache *pc, tk_backend *be, const sample_payload *sp, int n,
+                        const cohort *co, int32_t start, int KV, size_t stride)
 {
+    if (tk_exec_device_ok(exec) != TK_OK) return; /* the batch's requests fail with the device's error */
     size_t at = (size_t)start * (size_t)KV;
     tk_prefix_cache_insert(pc, be, prefix_key(sp->adapter), sp->prompt, n, co->prompt_k + at, co->prompt_v + at,
                            stride);
@@ -615,7 +617,7 @@ static void lead_pass(session *S, prompt_plan *pl, const int *share, const cohor
     tk_prefix_cache_count_prefill(pc, total);
     for (int u = 0; u < n; u++)
         if (pl->lead[u]) {
-            fill_prefix(pc, be, prompt_of(pl, u), pl->lead[u], co, starts[u], KV, stride);
+            fill_prefix(S->exec, pc, be, prompt_of(pl, u), pl->lead[u], co, starts[u], KV, stride);
             pl->past[u] = pl->lead[u];
         }
     tk_prefix_node *hits[n];
@@ -727,7 +729,8 @@ static tk_status admit(session *S, sample_payload **reqs, int n_req)
     if (pc) tk_prefix_cache_count_prefill(pc, total_new);
     for (int u = 0; pc && u < n_u; u++) /* every text prompt's whole blocks, for the requests to come */
         if (!has_images(reqs[first_req[u]]) && tk_prefix_cache_enabled(pc))
-            fill_prefix(pc, be, reqs[first_req[u]], reqs[first_req[u]]->prompt_len, co, starts[u], KV, prompt_stride);
+            fill_prefix(S->exec, pc, be, reqs[first_req[u]], reqs[first_req[u]]->prompt_len, co, starts[u], KV,
+                            prompt_stride);
     for (int r = 0; r < n_req; r++) /* these prompts were prefilled whole (find_prefixes) */
         if (reqs[r]->prompt_lp || reqs[r]->topk_ids)
             prompt_scores(reqs[r], h + (size_t)rows_at[uniq[r]] * D, be, logits, lse, S->logits_h, head_work, S->ch.c);

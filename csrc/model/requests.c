@@ -542,6 +542,7 @@ static tk_status train_run(void *p, tk_exec *exec)
     grads_backup backup = {0};
     if (tp->backward) TK_TRY(backup_grads(&backup, tp->adapter, be));
     tk_status s = train_groups(tp, exec);
+    if (s == TK_OK) s = tk_exec_device_ok(exec); /* a device's failure in the pass: the gradients are restored */
     if (s == TK_OK) s = check_finite_pass(tp, be, tp->backward ? "forward_backward" : "forward");
     if (tp->backward) settle_grads(&backup, tp->adapter, be, s != TK_OK);
     return s;
@@ -580,7 +581,7 @@ static int shared_pass(train_payload **tps, int n, tk_exec *exec, tk_adapter **a
         tps[i]->loss_sum = 0;
         tps[i]->pass_requests = n;
     }
-    if ((*status = run_pass(parts, n, exec)) != TK_OK) return 0;
+    if ((*status = run_pass(parts, n, exec)) != TK_OK || (*status = tk_exec_device_ok(exec)) != TK_OK) return 0;
     /* the checks of check_finite_pass, per request and per adapter */
     int bad = 0;
     for (int i = 0; i < n; i++) bad |= !isfinite(tps[i]->loss_sum);

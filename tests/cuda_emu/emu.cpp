@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <execinfo.h>
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -45,7 +46,9 @@ static std::map<uintptr_t, size_t> g_device; /* device (and page-locked host) al
 static std::map<uintptr_t, int> g_pinned;    /* which of them are host memory from cudaMallocHost */
 static std::map<const void *, int> g_max_shared;
 static size_t g_used, g_limit;
-static cudaError_t g_last = cudaSuccess, g_sticky = cudaSuccess;
+static long g_allocations, g_fail_at = -2; /* $TK_CUDA_EMU_FAIL_ALLOC: the allocation (1-based) that fails */
+static thread_local cudaError_t g_last = cudaSuccess; /* per host thread, as CUDA's */
+static cudaError_t g_sticky = cudaSuccess;             /* the context's */
 static int g_device_set;
 
 /* the launch being run */
@@ -429,11 +432,31 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes)
     return result(cudaSuccess);
 }
 
+static void print_stats(void) { fprintf(stderr, "cuda-emu-stats: %ld device allocations\n", g_allocations); }
+
+/* $TK_CUDA_EMU_FAIL_ALLOC=n makes the n-th device allocation fail as out of memory (once), so tests can reach
+ * every allocation's failure path; $TK_CUDA_EMU_STATS=1 prints the count at exit */
+static int injected_failure(void)
+{
+    if (g_fail_at == -2) {
+        const char *env = getenv("TK_CUDA_EMU_FAIL_ALLOC"), *stats = getenv("TK_CUDA_EMU_STATS");
+        g_fail_at = env && *env ? strtol(env, NULL, 10) : -1;
+        if (stats && *stats == '1') atexit(print_stats);
+    }
+    if (++g_allocations != g_fail_at) return 0;
+    if (getenv("TK_CUDA_EMU_TRACE")) { /* where the injected failure hits, for debugging a test */
+        void *frames[32];
+        backtrace_symbols_fd(frames, backtrace(frames, 32), 2);
+    }
+    return 1;
+}
+
 static cudaError_t allocate(void **ptr, size_t bytes, int pinned)
 {
     std::lock_guard<std::recursive_mutex> hold(g_lock);
     *ptr = NULL;
     if (g_sticky != cudaSuccess) return g_sticky;
+    if (!pinned && injected_failure()) return result(cudaErrorMemoryAllocation);
     if (bytes > limit()) return result(cudaErrorMemoryAllocation);
     size_t rounded = (bytes + 255) & ~(size_t)255;
     if (!pinned && g_used > limit() - rounded) return result(cudaErrorMemoryAllocation);

@@ -53,12 +53,17 @@ struct tk_cu {
 
 enum { THREADS = 256 };
 
+/* Keeps the first failure until sync reports it. A failed runtime call also leaves its error as this thread's
+ * "last error", which the next launch check (cudaGetLastError) would read as that kernel's failure: it is
+ * cleared here (a sticky error, a broken context, stays: every later call reports it). */
 static inline void check(tk_cu *cu, cudaError_t err, const char *where)
 {
-    if (err != cudaSuccess && cu->first == cudaSuccess) {
+    if (err == cudaSuccess) return;
+    if (cu->first == cudaSuccess) {
         cu->first = err;
         snprintf(cu->where, sizeof cu->where, "%s", where);
     }
+    cudaGetLastError();
 }
 
 /* A failure is pending (until sync reports it): an op whose staging copy failed must not launch (its kernel

@@ -27,6 +27,7 @@ extern "C" tk_cu *tk_cu_create(int device, char *why, size_t why_size)
     if (cu && err == cudaSuccess) err = cudaMalloc((void **)&cu->peak, sizeof(unsigned));
     if (err != cudaSuccess || !cu) {
         snprintf(why, why_size, "CUDA device %d: %s", device, err != cudaSuccess ? cudaGetErrorString(err) : "out of memory");
+        cudaGetLastError(); /* a retry on this thread must not read this failure as its own */
         if (cu) tk_cu_destroy(cu);
         return NULL;
     }

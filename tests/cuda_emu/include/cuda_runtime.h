@@ -16,7 +16,8 @@
  *   a host pointer handed to a kernel is the bug this catches (reported as an illegal address, a sticky error).
  * - cudaMemcpy* check that each side is the memory the kind says. Everything runs at the call, so streams are
  *   trivially ordered; device memory is bounded by $TK_CUDA_EMU_MEMORY bytes (default 80 GB), so running out
- *   of it can be tested.
+ *   of it can be tested, and $TK_CUDA_EMU_FAIL_ALLOC=n fails the n-th allocation (every allocation's failure
+ *   path can be reached; $TK_CUDA_EMU_STATS=1 prints how many there were).
  * Not emulated: the timing and memory model of real hardware (races between blocks or threads that the
  * barriers do not order show only on a GPU), tensor cores, inline PTX, cooperative groups; device math calls
  * the host's libm (a GPU's expf / rsqrtf may differ in the last ulps).
