@@ -5,10 +5,7 @@
 #include <string.h>
 
 #define ENTRY(name) {#name, offsetof(tk_backend, name)}
-static const struct {
-    const char *name;
-    size_t offset;
-} ENTRIES[] = {
+const tk_backend_entry tk_backend_entries[] = {
     ENTRY(destroy), ENTRY(weight_bytes), ENTRY(weight_put_row), ENTRY(matmul_w), ENTRY(matmul_w_decode),
     ENTRY(matmul_w_t), ENTRY(matmul_w_grouped), ENTRY(matmul_w_t_grouped), ENTRY(matmul_nt), ENTRY(matmul_nt_decode),
     ENTRY(matmul_nt_many), ENTRY(matmul_nn), ENTRY(matmul_tn_acc), ENTRY(alloc), ENTRY(free), ENTRY(upload),
@@ -21,14 +18,15 @@ static const struct {
     ENTRY(attention_cached), ENTRY(attention_cached_workspace),
 };
 #undef ENTRY
+const int tk_backend_n_entries = (int)(sizeof tk_backend_entries / sizeof tk_backend_entries[0]);
 
 /* Every entry is a function pointer; a NULL one is an op the backend does not have yet. */
 const char *tk_backend_missing_op(const tk_backend *be)
 {
-    for (size_t i = 0; i < sizeof ENTRIES / sizeof ENTRIES[0]; i++) {
+    for (int i = 0; i < tk_backend_n_entries; i++) {
         void (*fn)(void);
-        memcpy(&fn, (const char *)be + ENTRIES[i].offset, sizeof fn);
-        if (!fn) return ENTRIES[i].name;
+        memcpy(&fn, (const char *)be + tk_backend_entries[i].offset, sizeof fn);
+        if (!fn) return tk_backend_entries[i].name;
     }
     return NULL;
 }

@@ -268,6 +268,14 @@ struct tk_backend {
 };
 
 
+/* Every entry of the table (all function pointers): its name and offset in struct tk_backend. */
+typedef struct {
+    const char *name;
+    size_t offset;
+} tk_backend_entry;
+extern const tk_backend_entry tk_backend_entries[];
+extern const int tk_backend_n_entries;
+
 /* The name of the first op the table leaves NULL (a backend being written), or NULL when it has them all: the
  * engine runs models only on a complete backend. */
 const char *tk_backend_missing_op(const tk_backend *be);

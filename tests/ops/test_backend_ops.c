@@ -2686,40 +2686,22 @@ static const op_test OP_TESTS[] = {
     {"gelu", test_gelu, "gelu"},
 };
 
-/* The table's entries by name, for the tests' `needs` (a backend being written fills them in one by one) */
-#define FIELD(f) {#f, offsetof(tk_backend, f)}
-static const struct {
-    const char *name;
-    size_t offset;
-} TABLE_FIELDS[] = {
-    FIELD(weight_bytes), FIELD(weight_put_row), FIELD(matmul_w), FIELD(matmul_w_decode), FIELD(matmul_w_t),
-    FIELD(matmul_w_grouped), FIELD(matmul_w_t_grouped), FIELD(matmul_nt), FIELD(matmul_nt_decode),
-    FIELD(matmul_nt_many), FIELD(matmul_nn), FIELD(matmul_tn_acc), FIELD(alloc), FIELD(free), FIELD(upload),
-    FIELD(download), FIELD(copy_rows), FIELD(sync), FIELD(add_rows), FIELD(scale_rows), FIELD(row_dot),
-    FIELD(zero_rows), FIELD(gather), FIELD(scatter_add), FIELD(sum_squares), FIELD(adamw), FIELD(adamw_peak),
-    FIELD(embed), FIELD(rmsnorm), FIELD(rmsnorm_backward), FIELD(add_bias), FIELD(rope_table), FIELD(rope),
-    FIELD(swiglu), FIELD(swiglu_backward), FIELD(logsumexp), FIELD(softmax_scale), FIELD(layer_norm), FIELD(gelu),
-    FIELD(attention_full), FIELD(attention), FIELD(attention_workspace), FIELD(attention_backward),
-    FIELD(attention_backward_workspace), FIELD(attention_decode), FIELD(attention_decode_workspace),
-    FIELD(attention_cached), FIELD(attention_cached_workspace),
-};
-#undef FIELD
-
-/* The first entry of `needs` (space-separated names, memory's always) that the backend leaves NULL, or NULL */
+/* The first entry of `needs` (space-separated names of backend.h's tk_backend_entries; memory's always) that the
+ * backend leaves NULL (a backend being written fills them in one by one), or NULL */
 static const char *missing_entry(const tk_backend *be, const char *needs)
 {
     static char name[64];
     char list[512];
     snprintf(list, sizeof list, "alloc free upload download sync %s", needs);
     for (char *save = NULL, *tok = strtok_r(list, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
-        size_t i = 0, n = sizeof TABLE_FIELDS / sizeof TABLE_FIELDS[0];
-        while (i < n && strcmp(TABLE_FIELDS[i].name, tok) != 0) i++;
+        int i = 0, n = tk_backend_n_entries;
+        while (i < n && strcmp(tk_backend_entries[i].name, tok) != 0) i++;
         if (i == n) {
             fprintf(stderr, "test harness: unknown table entry '%s'\n", tok);
             exit(2);
         }
         void (*fn)(void);
-        memcpy(&fn, (const char *)be + TABLE_FIELDS[i].offset, sizeof fn);
+        memcpy(&fn, (const char *)be + tk_backend_entries[i].offset, sizeof fn);
         if (!fn) return snprintf(name, sizeof name, "%s", tok), name;
     }
     return NULL;
