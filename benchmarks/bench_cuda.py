@@ -494,6 +494,12 @@ def main():
     parser.add_argument("--layers", type=int, default=4, help="layers of Qwen3-8B's 36 in the training model")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--only", choices=["training", "decode"])
+    parser.add_argument("--batch", type=int, help="training sequences per step (default 8; --tiny 2)")
+    parser.add_argument("--seq", type=int, help="training tokens per sequence (default 2048; --tiny 64)")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default 32)")
+    parser.add_argument("--samples", type=int, nargs="+", help="decode num_samples (default 1 64; --tiny 1 8)")
+    parser.add_argument("--new-tokens", type=int, help="decode max_tokens (default 128; --tiny 16)")
+    parser.add_argument("--prompt-tokens", type=int, help="decode prompt length (default 32; --tiny 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after the warm-up")
     parser.add_argument("--reps", type=int, default=2, help="timed sample / generate calls per batch size")
     parser.add_argument("--budget", type=float, default=None,
@@ -514,6 +520,11 @@ def main():
     budget_s = args.budget or (1200.0 if args.tiny else 420.0)
     parts = [args.only] if args.only else ["training", "decode"]
     sh = shapes(args.tiny, args.layers)
+    for part, key, value in [("training", "batch", args.batch), ("training", "seq", args.seq),
+                             ("training", "rank", args.rank), ("decode", "samples", args.samples),
+                             ("decode", "new_tokens", args.new_tokens), ("decode", "prompt", args.prompt_tokens)]:
+        if value is not None:
+            sh[part][key] = value
     plan = [("env", 0.3)]
     if "training" in parts:
         plan += [("make-training", 0.8), ("train-ours", 3.0)] + ([] if args.skip_peers else [("train-peft", 2.0)])

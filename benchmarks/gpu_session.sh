@@ -126,7 +126,7 @@ write_report() {
         done
         if [[ -f "$OUT/build.log" ]]; then
             echo; echo "## build"; echo '```'
-            grep -E "error|warning:|cuda_probe|built_with|TINKER_CUDA|prebuilt" "$OUT/build.log" | grep -v "Werror" | head -30
+            grep -E "error|warning:|^cuda_probe|^cuda_status|^tinker from|prebuilt" "$OUT/build.log" | grep -v "Werror" | head -30
             echo '```'
         fi
         if [[ -f "$OUT/ops.log" ]]; then
@@ -178,6 +178,19 @@ step_env() {
         CUDA_HOME="$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)"
         export CUDA_HOME
     fi
+    # cuBLAS: the CUDA backend dlopens libcublas.so.13 (or .12, or $TINKER_CUBLAS); where the loader's cache does
+    # not know it, name the toolkit's or the pip wheel's (torch's nvidia-cublas) copy
+    if [[ -z "${TINKER_CUBLAS:-}" ]] && ! ldconfig -p 2>/dev/null | grep -qE "libcublas\.so\.1[23] "; then
+        local c
+        for c in "${CUDA_HOME:-/usr/local/cuda}"/lib64/libcublas.so.13 "${CUDA_HOME:-/usr/local/cuda}"/targets/x86_64-linux/lib/libcublas.so.13 \
+                 "$("$PY" -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib", "libcublas.so.13"))' 2>/dev/null)" \
+                 "${CUDA_HOME:-/usr/local/cuda}"/lib64/libcublas.so.12; do
+            [[ -n "$c" && -f "$c" ]] && { export TINKER_CUBLAS="$c"; break; }
+        done
+    fi
+    local cublas=${TINKER_CUBLAS:-}
+    [[ -z "$cublas" ]] && cublas="as the loader finds it: $(ldconfig -p 2>/dev/null | grep -oE 'libcublas[.]so[.]1[23] .*' | head -1)"
+    echo "cuBLAS: $cublas" | tee -a "$WORK/gpu.txt"
     run_step env "$OUT/env.log" 60 bash -c '
         command -v nvidia-smi >/dev/null && nvidia-smi
         echo "nvcc: $(command -v nvcc || echo none) CUDA_HOME=${CUDA_HOME:-unset}"; nvcc --version 2>&1 | tail -2
