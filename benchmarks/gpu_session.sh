@@ -16,7 +16,7 @@
 # back even if the call is cut short. Environment: GPU_SESSION_SECONDS (default 540: the whole script's target,
 # under the tool's 600 s), GPU_SESSION_STEPS (default "env wheels build ops engine bench": a subset or another
 # order), BENCH_ARGS (extra bench_cuda.py arguments, e.g. "--only training"). Without a GPU (here) the GPU steps
-# skip or fail fast and the script still runs to its end: OUT defaults to ./.gpu-out.
+# skip or fail fast and the script still runs to its end: OUT defaults to /tmp/gpu_session_out.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,7 +64,7 @@ fi
 
 TOTAL=${GPU_SESSION_SECONDS:-540}
 STEP_LIST=${GPU_SESSION_STEPS:-env wheels build ops engine bench}
-OUT=${OUT:-$ROOT/.gpu-out}
+OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_session.XXXXXX)
 REPORT="$OUT/report.md"
