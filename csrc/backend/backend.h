@@ -12,7 +12,9 @@
  * (GGUF F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, safetensors
  * F32/F16/BF16) in a resident form the backend chooses at load, and the ops
  * that read them (matmul_w, matmul_w_t, embed) decode each weight exactly to
- * its tk_dequantize value inside the kernel. There is no float32 copy.
+ * its tk_dequantize value inside the kernel. There is no float32 copy. A
+ * backend whose resident form rounds (CUDA: bf16) says by how much in
+ * weight_rounding.
  */
 #ifndef TK_BACKEND_H
 #define TK_BACKEND_H
@@ -77,6 +79,12 @@ struct tk_backend {
     const char *name;
     /* Device buffers are plain host memory (the CPU backend): a host view of one needs no download. */
     int host_memory;
+    /* The relative rounding of the resident base weights and of the activations multiplied with them: 0 when the
+     * weights decode exactly to their tk_dequantize values and the products run in float32 (the CPU backend),
+     * 2^-8 for bf16 (CUDA: every non-F32 part is its tk_dequantize values rounded to bf16 at load, and matmul_w
+     * and its kin round x to bf16, summing the exact products in float32; F32 parts stay float32). embed gives
+     * the resident values exactly. Tests hold the weight ops to the float64 product of the rounded operands. */
+    float weight_rounding;
     /* The engine holds one reference, and every model and adapter whose buffers the backend allocated holds
      * one, so they can free them even after the engine is gone (the backend then only frees memory). */
     atomic_int refcount;

@@ -1500,6 +1500,7 @@ tk_backend *tk_cpu_backend_create(tk_pool *pool)
     be->base = (tk_backend){
         .name = "cpu",
         .host_memory = 1,
+        .weight_rounding = 0, /* weights decode exactly, products in float32 */
         .destroy = tk_cpu_backend_free,
         .weight_bytes = cpu_weight_bytes,
         .weight_put_row = cpu_weight_put_row,

@@ -2,26 +2,35 @@
  * cuda_ops.cu behind cuda_ops.h. Buffers are device memory (host_memory 0): model/ reaches them only through
  * the table, which TINKER_DEVICE=devsim checks on any machine.
  *
- * Written so far: memory (alloc, free, upload, download, copy_rows, sync), float32 weights' storage (F32, F16,
- * BF16 kept as the file's rows) and embed, rmsnorm, add_bias, swiglu, logsumexp, softmax_scale, zero_rows,
- * gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward, swiglu_backward, the
- * MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, and the float32 matmuls (LoRA's) through cuBLAS
- * in float32 arithmetic. Not yet: the base-weight matmuls (matmul_w and its kin), attention (all four forms and
- * the backward), quantized weights; those entries are NULL, so the engine does not run on this backend yet (TINKER_DEVICE=cuda is refused) and tests/ops skips their checks here. None of this has run
- * on a GPU yet: tests/ops checks each op against the float64 references where one is visible.
+ * Every op of the table: memory (alloc, free, upload, download, copy_rows, sync), base weights (F32 parts kept
+ * float32, every other type, the GGUF block types included, as bf16 rows; embed; matmul_w and its kin through
+ * cuBLAS: see "base weights" and cuda_weights.cu), rmsnorm, add_bias, swiglu, logsumexp, softmax_scale,
+ * zero_rows, gather, scatter_add, sum_squares, adamw, adamw_peak, rope_table, rope, rmsnorm_backward,
+ * swiglu_backward, the MoE row ops (add_rows, scale_rows, row_dot), layer_norm, gelu, the float32 matmuls
+ * (LoRA's), and attention (attention, attention_full, attention_backward, attention_decode, attention_cached and
+ * their workspaces: cuda_attention.cu). None of this has run on a GPU yet: tests/ops checks each op against the
+ * float64 references under the CPU emulation of CUDA (tests/cuda_emu) and where a GPU is visible.
  *
  * matmul_nt (and its decode and many forms) is a kernel of our own, not cuBLAS: its rows must not depend on the
  * other rows of the call, bit for bit (the prefix cache's exactness rests on it; "matmul_nt rows" in tests/ops),
- * and cuBLAS picks its algorithm by shape.
+ * and cuBLAS picks its algorithm by shape. matmul_w is cuBLAS's (issue #15: bf16 tensor-core GEMMs), so its rows
+ * may round differently with T (tests/ops' "matmul_w rows alone" notes say DIFF for some shapes under the
+ * emulator's cuBLAS): a resumed prefill's rows may then differ in their last bits from a whole prefill's. Open:
+ * cuBLASLt with one fixed algorithm per weight shape (no split-K or stream-K), or a tolerance in the prefix
+ * cache's contract on this backend.
  */
 #ifdef TK_HAVE_CUDA
 
 #include "cuda_backend.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../../io/quant.h"
+#include "cuda_attention.h"
 #include "cuda_ops.h"
+#include "cuda_weights.h"
 
 typedef struct {
     tk_backend base;
@@ -70,34 +79,114 @@ static tk_status cuda_sync(tk_backend *be)
     return tk_error(failed == 2 ? TK_ERR_NOMEM : TK_ERR_INTERNAL, "%s", why);
 }
 
-/* ---- weights: F32, F16 and BF16 as the file's rows ---- */
+/* ---- base weights ----
+ * Resident form: an F32 part stays float32; a part of any other type (F16, BF16, the GGUF block types) becomes
+ * bf16 rows, each value its tk_dequantize value rounded to nearest even (weight_rounding 2^-8). weight_put_row
+ * decodes the file's row on the host (its own buffer: rows are stored from several threads at once) and uploads
+ * it (cudaMemcpyAsync from pageable memory returns once the bytes are staged, so the buffer is freed at once).
+ * matmul_w and its kin are cuda_weights.cu's: bf16 activations into cublasGemmEx with float32 accumulation. */
 
-enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30 };
+static int resident_bf16(int type) { return type != TK_GGML_F32; }
 
-static size_t element_bytes(int type)
+/* float -> bf16, to nearest even; a NaN keeps its sign and high mantissa bits (and stays a NaN) */
+static uint16_t bf16_round(float f)
 {
-    return type == GGML_F32 ? 4 : type == GGML_F16 || type == GGML_BF16 ? 2 : 0;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        uint16_t h = (uint16_t)(u >> 16);
+        return (h & 0x7f) ? h : (uint16_t)(h | 0x40);
+    }
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 static size_t cuda_weight_bytes(tk_backend *be, int type, int rows, int cols)
 {
     (void)be;
-    size_t e = element_bytes(type);
-    if (!e || rows <= 0 || cols <= 0) return 0;
+    if (rows <= 0 || cols <= 0 || !tk_quant_row_bytes(type, (size_t)cols)) return 0; /* one of the 11, whole blocks */
+    size_t e = resident_bf16(type) ? 2 : 4;
     return ((size_t)rows * (size_t)cols * e + 63) & ~(size_t)63;
 }
 
 static void cuda_weight_put_row(tk_backend *be, const tk_weight_part *p, int cols, int row, const void *src)
 {
-    size_t e = element_bytes(p->type);
-    tk_cu_upload(cu_of(be), (char *)p->data + (size_t)row * cols * e, src, (size_t)cols * e);
+    tk_cu *cu = cu_of(be);
+    if (p->type == TK_GGML_F32 || p->type == TK_GGML_BF16) { /* resident as stored */
+        size_t e = p->type == TK_GGML_F32 ? 4 : 2;
+        tk_cu_upload(cu, (char *)p->data + (size_t)row * cols * e, src, (size_t)cols * e);
+        return;
+    }
+    float *f = malloc((size_t)cols * (sizeof(float) + sizeof(uint16_t)));
+    if (!f) {
+        tk_cu_fail_nomem(cu, "weight_put_row: out of host memory");
+        return;
+    }
+    uint16_t *h = (uint16_t *)(f + cols);
+    tk_dequantize(f, src, p->type, (size_t)cols);
+    for (int i = 0; i < cols; i++) h[i] = bf16_round(f[i]);
+    tk_cu_upload(cu, (uint16_t *)p->data + (size_t)row * cols, h, (size_t)cols * sizeof *h);
+    free(f);
 }
 
+/* the parts of w as cuda_weights.h takes them */
+static int wparts(tk_cu_wpart *out, const tk_weight *w)
+{
+    for (int i = 0; i < w->n_parts; i++) {
+        const tk_weight_part *p = &w->part[i];
+        out[i] = (tk_cu_wpart){resident_bf16(p->type), p->row0, p->rows, p->data};
+    }
+    return w->n_parts;
+}
+
+static void cuda_matmul_w(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                          float alpha, float beta)
+{
+    tk_cu_wpart parts[TK_WEIGHT_MAX_PARTS];
+    tk_cu_matmul_w(cu_of(be), y, ldy, x, ldx, parts, wparts(parts, w), w->cols, T, alpha, beta);
+}
+
+static void cuda_matmul_w_t(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w, int T,
+                            float alpha, float beta)
+{
+    tk_cu_wpart parts[TK_WEIGHT_MAX_PARTS];
+    tk_cu_matmul_w_t(cu_of(be), y, ldy, x, ldx, parts, wparts(parts, w), w->rows, w->cols, T, alpha, beta);
+}
+
+static void grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                    const int32_t *start, int n_groups, float alpha, float beta, int transposed)
+{
+    if (n_groups <= 0) return;
+    tk_cu_wpart *parts = malloc((size_t)n_groups * TK_CU_MAX_PARTS * sizeof *parts);
+    int *n_parts = malloc((size_t)n_groups * sizeof *n_parts);
+    if (!parts || !n_parts) tk_cu_fail_nomem(cu_of(be), "matmul_w_grouped: out of host memory");
+    else {
+        for (int g = 0; g < n_groups; g++) n_parts[g] = wparts(parts + (size_t)g * TK_CU_MAX_PARTS, &w[g]);
+        tk_cu_matmul_w_grouped(cu_of(be), y, ldy, x, ldx, parts, n_parts, w[0].rows, w[0].cols, start, n_groups,
+                               alpha, beta, transposed);
+    }
+    free(parts), free(n_parts);
+}
+
+static void cuda_matmul_w_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                  const int32_t *start, int n_groups, float alpha, float beta, int decoding)
+{
+    (void)decoding; /* one implementation serves both */
+    grouped(be, y, ldy, x, ldx, w, start, n_groups, alpha, beta, 0);
+}
+
+static void cuda_matmul_w_t_grouped(tk_backend *be, float *y, int ldy, const float *x, int ldx, const tk_weight *w,
+                                    const int32_t *start, int n_groups, float alpha, float beta)
+{
+    grouped(be, y, ldy, x, ldx, w, start, n_groups, alpha, beta, 1);
+}
+
+/* the rows of the resident form, decoded exactly (bf16 -> float32 is exact) */
 static void cuda_embed(tk_backend *be, float *x, const tk_weight *table, const int32_t *tokens, int T)
 {
     for (int i = 0; i < table->n_parts; i++) { /* each part writes the rows of the tokens it holds */
         const tk_weight_part *p = &table->part[i];
-        tk_cu_embed(cu_of(be), x, p->data, p->type, table->cols, p->row0, p->rows, tokens, T);
+        tk_cu_embed(cu_of(be), x, p->data, resident_bf16(p->type) ? TK_GGML_BF16 : TK_GGML_F32, table->cols, p->row0,
+                    p->rows, tokens, T);
     }
 }
 
@@ -253,6 +342,88 @@ static float cuda_adamw_peak(tk_backend *be, const float *p, const float *g, con
     return tk_cu_adamw_peak(cu_of(be), p, g, m, v, n, fa);
 }
 
+/* ---- attention ---- (cuda_attention.cu) */
+
+/* tk_cu_kv_view mirrors tk_kv_view, so a host array of views passes as it is */
+_Static_assert(sizeof(tk_cu_kv_view) == sizeof(tk_kv_view) && offsetof(tk_cu_kv_view, k0) == offsetof(tk_kv_view, k0) &&
+                   offsetof(tk_cu_kv_view, v0) == offsetof(tk_kv_view, v0) &&
+                   offsetof(tk_cu_kv_view, n0) == offsetof(tk_kv_view, n0) &&
+                   offsetof(tk_cu_kv_view, k1) == offsetof(tk_kv_view, k1) &&
+                   offsetof(tk_cu_kv_view, v1) == offsetof(tk_kv_view, v1) &&
+                   offsetof(tk_cu_kv_view, n1) == offsetof(tk_kv_view, n1),
+               "tk_cu_kv_view must match tk_kv_view");
+
+static void cuda_attention(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                           int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                           float *lse, float *work)
+{
+    (void)work;
+    tk_cu_attention(cu_of(be), out, ldo, q, k, v, ldqkv, seq_start, n_seqs, n_heads, n_kv_heads, head_dim, lse, 1);
+}
+
+static void cuda_attention_full(tk_backend *be, float *out, int ldo, const float *q, const float *k, const float *v,
+                                int ldqkv, const int32_t *seq_start, int n_seqs, int n_heads, int head_dim, float *work)
+{
+    (void)work;
+    tk_cu_attention(cu_of(be), out, ldo, q, k, v, ldqkv, seq_start, n_seqs, n_heads, n_heads, head_dim, NULL, 0);
+}
+
+/* attention, attention_full, attention_decode and attention_cached keep their state in registers and shared
+ * memory (decoding's split-K partials in a stream-ordered allocation of their own): one float, so that callers
+ * that carve workspaces never see an empty one */
+static size_t cuda_attention_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads, int head_dim)
+{
+    (void)be, (void)n_tokens, (void)max_seq_len, (void)n_heads, (void)head_dim;
+    return 1;
+}
+
+static void cuda_attention_backward(tk_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *out, int ldo, const float *q, const float *k, const float *v,
+                                    int ldqkv, const float *lse, const int32_t *seq_start, int n_seqs, int n_heads,
+                                    int n_kv_heads, int head_dim, float *work)
+{
+    tk_cu_attention_backward(cu_of(be), dq, dk, dv, dout, out, ldo, q, k, v, ldqkv, lse, seq_start, n_seqs, n_heads,
+                             n_kv_heads, head_dim, work);
+}
+
+/* D = rowsum(dout * out) for every (token, head) */
+static size_t cuda_attention_backward_workspace(tk_backend *be, int n_tokens, int max_seq_len, int n_heads,
+                                                int head_dim)
+{
+    (void)be, (void)max_seq_len, (void)head_dim;
+    return tk_cu_attention_backward_workspace(n_tokens, n_heads);
+}
+
+static void cuda_attention_decode(tk_backend *be, float *out, int ldo, const float *q, int ldq,
+                                  const tk_kv_view *views, int n, int n_heads, int n_kv_heads, int head_dim, int ld_kv,
+                                  float *work)
+{
+    (void)work;
+    tk_cu_attention_decode(cu_of(be), out, ldo, q, ldq, (const tk_cu_kv_view *)views, n, n_heads, n_kv_heads,
+                           head_dim, ld_kv);
+}
+
+static size_t cuda_attention_decode_workspace(tk_backend *be, int max_keys)
+{
+    (void)be, (void)max_keys;
+    return 1;
+}
+
+static void cuda_attention_cached(tk_backend *be, float *out, int ldo, const float *q, int ldq,
+                                  const tk_kv_view *views, const int32_t *seq_start, int n_seqs, int n_heads,
+                                  int n_kv_heads, int head_dim, int ld_kv, float *work)
+{
+    (void)work;
+    tk_cu_attention_cached(cu_of(be), out, ldo, q, ldq, (const tk_cu_kv_view *)views, seq_start, n_seqs, n_heads,
+                           n_kv_heads, head_dim, ld_kv);
+}
+
+static size_t cuda_attention_cached_workspace(tk_backend *be, int max_keys, int head_dim)
+{
+    (void)be, (void)max_keys, (void)head_dim;
+    return 1;
+}
+
 /* ---- the table ---- */
 
 tk_backend *tk_cuda_backend_create(tk_pool *pool)
@@ -271,8 +442,14 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .name = "cuda",
         .host_memory = 0,
         .destroy = cuda_destroy,
+        .weight_rounding = 0x1p-8f, /* bf16 base weights and activations (see "base weights") */
         .weight_bytes = cuda_weight_bytes,
         .weight_put_row = cuda_weight_put_row,
+        .matmul_w = cuda_matmul_w,
+        .matmul_w_decode = cuda_matmul_w,
+        .matmul_w_t = cuda_matmul_w_t,
+        .matmul_w_grouped = cuda_matmul_w_grouped,
+        .matmul_w_t_grouped = cuda_matmul_w_t_grouped,
         .alloc = cuda_alloc,
         .free = cuda_free,
         .upload = cuda_upload,
@@ -305,6 +482,15 @@ tk_backend *tk_cuda_backend_create(tk_pool *pool)
         .row_dot = cuda_row_dot,
         .layer_norm = cuda_layer_norm,
         .gelu = cuda_gelu,
+        .attention = cuda_attention,
+        .attention_full = cuda_attention_full,
+        .attention_workspace = cuda_attention_workspace,
+        .attention_backward = cuda_attention_backward,
+        .attention_backward_workspace = cuda_attention_backward_workspace,
+        .attention_decode = cuda_attention_decode,
+        .attention_decode_workspace = cuda_attention_decode_workspace,
+        .attention_cached = cuda_attention_cached,
+        .attention_cached_workspace = cuda_attention_cached_workspace,
     };
     atomic_init(&be->base.refcount, 1);
     return &be->base;

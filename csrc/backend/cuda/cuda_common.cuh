@@ -14,7 +14,11 @@
 /* ---- cuBLAS, declared here and loaded at run time: this machine's CUDA toolkit has no cuBLAS headers, and the
  * GPU machines have the library (the nvidia-cublas wheel beside torch, or the toolkit's) ---- */
 typedef struct cublas_ctx *cublas_handle;
-enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_DEFAULT_MATH = 0 };
+enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum { CUBLAS_DEFAULT_MATH = 0, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16 };
+/* cublasGemmEx's enum values (library_types.h's CUDA_R_32F / CUDA_R_16BF, cublas_api.h's CUBLAS_COMPUTE_32F /
+ * CUBLAS_GEMM_DEFAULT), passed as the ints they are; prefixed, as cuda_runtime.h may declare the first two */
+enum { TK_BLAS_R_32F = 0, TK_BLAS_R_16BF = 14, TK_BLAS_COMPUTE_32F = 68, TK_BLAS_GEMM_DEFAULT = -1 };
 typedef struct {
     void *lib;
     int (*create)(cublas_handle *);
@@ -23,6 +27,14 @@ typedef struct {
     int (*set_math_mode)(cublas_handle, int);
     int (*sgemm)(cublas_handle, int, int, int, int, int, const float *, const float *, int, const float *, int,
                  const float *, float *, int);
+    /* cublasGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+     * computeType, algo): the base-weight matmuls (bf16 A and B, float32 C and arithmetic) */
+    int (*gemm_ex)(cublas_handle, int, int, int, int, int, const void *, const void *, int, int, const void *, int,
+                   int, const void *, void *, int, int, int, int);
+    /* cublasGemmBatchedEx: the same with device arrays of A, B and C pointers and a batch count before
+     * computeType (an MoE layer's experts of one shape in one call) */
+    int (*gemm_batched_ex)(cublas_handle, int, int, int, int, int, const void *, const void *const *, int, int,
+                           const void *const *, int, int, const void *, void *const *, int, int, int, int, int);
 } cublas_api;
 
 struct tk_cu {
@@ -35,6 +47,8 @@ struct tk_cu {
     char where[192];   /* what failed */
     double *sum;       /* [1] sum_squares' result */
     unsigned *peak;    /* [1] adamw_peak's result (float bits: non-negative floats order as unsigned) */
+    void *wx;          /* the bf16 copy of a base-weight matmul's activations (cuda_weights.cu; grown, never shrunk) */
+    size_t wx_bytes;
 };
 
 enum { THREADS = 256 };

@@ -42,6 +42,7 @@ extern "C" void tk_cu_destroy(tk_cu *cu)
     if (cu->blas.lib) dlclose(cu->blas.lib);
     cudaFree(cu->sum);
     cudaFree(cu->peak);
+    cudaFree(cu->wx);
     if (cu->stream) cudaStreamDestroy(cu->stream);
     free(cu);
 }
@@ -416,13 +417,17 @@ static int load_cublas(tk_cu *cu)
     *(void **)&b->set_stream = dlsym(lib, "cublasSetStream_v2");
     *(void **)&b->set_math_mode = dlsym(lib, "cublasSetMathMode");
     *(void **)&b->sgemm = dlsym(lib, "cublasSgemm_v2");
-    if (!b->create || !b->destroy || !b->set_stream || !b->set_math_mode || !b->sgemm || b->create(&cu->handle) != 0) {
+    *(void **)&b->gemm_ex = dlsym(lib, "cublasGemmEx");
+    *(void **)&b->gemm_batched_ex = dlsym(lib, "cublasGemmBatchedEx");
+    if (!b->create || !b->destroy || !b->set_stream || !b->set_math_mode || !b->sgemm || !b->gemm_ex ||
+        !b->gemm_batched_ex || b->create(&cu->handle) != 0) {
         snprintf(cu->blas_error, sizeof cu->blas_error, "cuBLAS was found but could not be used");
         cu->handle = NULL;
         return 0;
     }
     b->set_stream(cu->handle, cu->stream);
-    b->set_math_mode(cu->handle, CUBLAS_DEFAULT_MATH); /* float32 arithmetic, no TF32 */
+    /* float32 arithmetic, no TF32; reductions in the compute type (float32) whatever the output type */
+    b->set_math_mode(cu->handle, CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
     return 1;
 }
 

@@ -402,6 +402,7 @@ tk_backend *tk_devsim_backend_create(tk_pool *pool)
     be->base = (tk_backend){
         .name = "devsim",
         .host_memory = 0,
+        .weight_rounding = be->cpu->weight_rounding,
         .destroy = ds_destroy,
 #define OP(name) .name = ds_##name
         OP(weight_bytes), OP(weight_put_row), OP(matmul_w), OP(matmul_w_decode), OP(matmul_w_t),
