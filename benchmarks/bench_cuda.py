@@ -127,6 +127,20 @@ def sync():
         torch.cuda.synchronize()
 
 
+def own_gpu_memory_gib() -> float | None:
+    """This process's GPU memory as nvidia-smi sees it (None without nvidia-smi or a GPU context)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(os.getpid()) and fields[1].isdigit():
+            return int(fields[1]) / 1024
+    return None
+
+
 def worker_env(spec: dict) -> None:
     import torch
 
@@ -274,6 +288,8 @@ def worker_train_ours(spec: dict) -> None:
         return float(loss)
 
     timed_steps(step, spec, result)
+    result["gpu_memory_gib"] = own_gpu_memory_gib()
+    emit(result)
 
 
 def worker_train_peft(spec: dict) -> None:
@@ -324,7 +340,8 @@ def worker_train_peft(spec: dict) -> None:
 
     timed_steps(step, spec, result)
     if dev == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["gpu_memory_gib"] = own_gpu_memory_gib()
+        result["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         emit(result)
 
 
@@ -371,6 +388,7 @@ def worker_decode_ours(spec: dict) -> None:
         median_rate(call, spec["reps"], deadline, rates)
         result["rates"][str(n)] = statistics.median(rates)
         log(f"  ours num_samples {n}: {result['rates'][str(n)]:.1f} tok/s ({len(rates)} calls)")
+        result["gpu_memory_gib"] = own_gpu_memory_gib()
         emit(result)
 
 
@@ -403,6 +421,7 @@ def worker_decode_hf(spec: dict) -> None:
         median_rate(call, spec["reps"], deadline, rates)
         result["rates"][str(n)] = statistics.median(rates)
         log(f"  hf num_samples {n}: {result['rates'][str(n)]:.1f} tok/s ({len(rates)} calls)")
+        result["gpu_memory_gib"] = own_gpu_memory_gib()
         emit(result)
 
 
@@ -656,6 +675,12 @@ def render(report: dict, args, peak) -> str:
         lines.append(f"MFU work = (4 N + 6 N_lora + 3.5 x causal attention forward) x tok/s / peak: what LoRA "
                      f"training with frozen weights must compute (N_lora = {fl['N_lora']:.4g})")
         o, p = r.get("ours", {}), r.get("peft", {})
+        if o.get("gpu_memory_gib") or p.get("gpu_memory_gib"):
+            lines.append(f"GPU memory (nvidia-smi, at the end): ours {fmt(o.get('gpu_memory_gib'))} GiB, peft "
+                         f"{fmt(p.get('gpu_memory_gib'))} GiB (torch's peak allocation "
+                         f"{fmt(p.get('torch_max_allocated_gib'))} GiB)"
+                         + (f"; peft ran {p['microbatch']} sequences per forward (out of memory at more)"
+                            if p.get("microbatch") else ""))
         if o.get("first_loss") and p.get("first_loss"):
             lines.append(f"first-step loss (B = 0: the base model's) ours / peft - 1 = "
                          f"{o['first_loss'] / p['first_loss'] - 1:+.2e}")
@@ -678,6 +703,10 @@ def render(report: dict, args, peak) -> str:
         lines.append(f"ours: {status(d.get('ours'))}; hf: "
                      f"{'skipped' if args.skip_peers else status(d.get('hf'))}"
                      + ("" if d.get("checkpoint", {}).get("ok") else f"; checkpoint: {status(d.get('checkpoint'))}"))
+        o, h = d.get("ours", {}), d.get("hf", {})
+        if o.get("gpu_memory_gib") or h.get("gpu_memory_gib"):
+            lines.append(f"GPU memory (nvidia-smi): ours {fmt(o.get('gpu_memory_gib'))} GiB, hf "
+                         f"{fmt(h.get('gpu_memory_gib'))} GiB")
         lines.append(f"GB/s = {d['weight_bytes_per_step'] / 1e9:.2f} GB of bf16 weights read per decode step x "
                      f"steps/s (tok/s / num_samples); the prompt's prefill is inside the timed call on both sides")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY=${PYTHON:-python3}
 WHL="$ROOT/.whl"
-SITE=/tmp/site
+SITE=${GPU_SESSION_SITE:-/tmp/site}  # where the carried wheels are installed there
 WHEELS=(pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
         typing-extensions==4.16.0 gguf==0.19.0 scipy-openblas32==0.3.34.481.3)
 
@@ -66,6 +66,7 @@ TOTAL=${GPU_SESSION_SECONDS:-540}
 STEP_LIST=${GPU_SESSION_STEPS:-env wheels build ops engine bench}
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
+rm -f "$OUT"/{env,build,ops,ops_cuda,engine,bench}.log "$OUT/bench.json" "$OUT/report.md"  # (a rerun here)
 WORK=$(mktemp -d /tmp/gpu_session.XXXXXX)
 REPORT="$OUT/report.md"
 START=$SECONDS
