@@ -11,7 +11,9 @@ as a safetensors checkpoint in a temporary folder. One step = forward_backward (
 q, k, v, o, gate, up, down and the LM head. Ours: tinker.ServiceClient().create_lora_training_client(path).
 Peer: transformers' Qwen3ForCausalLM in bf16 with sdpa attention + peft LoRA on the same targets (peft's own
 defaults: adapter weights in float32), the same batch, the cross-entropy summed in float32, torch.optim.AdamW.
-Medians over --steps steps after one warm-up step (fewer when the time budget would not allow them). MFU is
+Medians over --steps steps after one warm-up step (fewer when the time budget would not allow them); ours first
+times a step on one sequence (learning rate 0), whose per-token figure stands in if the full batch does not finish
+in its time. The first step's loss (LoRA B = 0: the base model's) of ours and peft is compared too. MFU is
 printed with the formula it uses; the peak is the card's bf16 dense datasheet figure (H100 SXM / H200: 989
 TFLOP/s), and the measured 8192^3 bf16 torch matmul rate is printed beside it.
 
