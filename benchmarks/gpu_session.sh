@@ -6,7 +6,7 @@
 #   here, first (needs pip's network; idempotent):  bash benchmarks/gpu_session.sh --prepare
 #   there, through the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
-# --prepare downloads into .whl/ (git-ignored through .git/info/exclude) the Python packages the device machine
+# --prepare downloads into .whl/ (git-ignored) the Python packages the device machine
 # lacks (its image has no pydantic, scipy-openblas32 or gguf: KINDS.md's package list), as cp312 wheels, and
 # builds .whl/prebuilt/tinker/_C.cpython-312-x86_64-linux-gnu.so here with Python 3.12 (where pyenv has one) and
 # nvcc, TINKER_NATIVE=0: used there only if building there fails (say Python.h is missing).
