@@ -117,18 +117,22 @@ def cuda_status() -> str:
 CUDA_VERIFIED_ON_A_GPU = False
 
 
-def engine_device() -> str:
-    """The device $TINKER_DEVICE asks for, as the engine names it: cpu; cuda (GPU 0; the engine refuses it,
-    saying why, where this build or machine cannot run it); auto (the default): cuda where a GPU is visible and
-    the CUDA backend is verified (CUDA_VERIFIED_ON_A_GPU), else cpu; devsim, the CPU backend behind device
-    pointers that the host cannot read (a check for tests that model code reaches device memory only through
-    the backend)."""
+def requested_device() -> str:
+    """$TINKER_DEVICE, checked: auto (the default), cpu, cuda or devsim."""
     device = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
     if device not in _DEVICES:
         raise BadRequestError(f"TINKER_DEVICE={device!r} is not a device: use one of {', '.join(_DEVICES)}")
-    if device == "auto":
-        return "cuda" if CUDA_VERIFIED_ON_A_GPU and _C.cuda_probe()["devices"] else "cpu"
     return device
+
+
+def engine_device(requested: str) -> str:
+    """The device the engine is made for, as it names it: cpu; cuda (GPU 0; the engine refuses it, saying why,
+    where this build or machine cannot run it); auto: cuda where a GPU is visible and the CUDA backend is verified
+    (CUDA_VERIFIED_ON_A_GPU), else cpu; devsim, the CPU backend behind device pointers that the host cannot read
+    (a check for tests that model code reaches device memory only through the backend)."""
+    if requested == "auto":
+        return "cuda" if CUDA_VERIFIED_ON_A_GPU and _C.cuda_probe()["devices"] else "cpu"
+    return requested
 
 
 def device_description(engine: _C.Engine) -> str:
@@ -139,14 +143,14 @@ def device_description(engine: _C.Engine) -> str:
     return f"cuda ({devices[0]['name']})" if devices else "cuda"
 
 
-def make_engine(device: str) -> _C.Engine:
-    asked = os.environ.get("TINKER_DEVICE", "auto").strip().lower() or "auto"
+def make_engine(requested: str) -> _C.Engine:
+    device = engine_device(requested)
     try:
         return _C.Engine(device=device)
     except ValueError as e:
         if device != "cuda":
             raise
-        if asked == "auto":  # a visible GPU this engine cannot use: say so and run on the CPU
+        if requested == "auto":  # a visible GPU this engine cannot use: say so and run on the CPU
             logging.getLogger("tinker").warning("tinker: not using the GPU (%s); running on the CPU", e)
             return _C.Engine(device="cpu")
         raise BadRequestError(f"TINKER_DEVICE=cuda: {e} (CUDA here: {cuda_status()}); unset TINKER_DEVICE (or set "
@@ -157,7 +161,7 @@ def get_engine() -> _C.Engine:
     global _engine
     with _lock:
         if _engine is None:
-            _engine = make_engine(engine_device())
+            _engine = make_engine(requested_device())
             logging.getLogger("tinker").info("tinker engine: device %s, %d threads (CUDA: %s)",
                                              device_description(_engine), _engine.threads, cuda_status())
         return _engine

@@ -284,7 +284,7 @@ int begin_launch(const char *name, const void *kernel, dim3 grid, dim3 block, si
         f->stack = (char *)stack;
         getcontext(&f->ctx); /* once: makecontext reuses it for every block */
     }
-    g_shared.assign(shared ? shared : 16, 0xff);
+    g_shared.resize(shared ? shared : 16); /* run_block fills it before each block */
     g_failed = 0;
     return 1;
 }
